@@ -1,0 +1,243 @@
+"""The kcons event envelope: Kafka headers that make every event deduplicable and ordered.
+
+Every event kcons produces carries ``kcons-id`` (a UUIDv7, unique per event, the dedup key),
+``kcons-type``, ``kcons-aggregate-type``, ``kcons-aggregate-id``, ``kcons-version`` (the
+source row's version, monotonic per aggregate) and ``traceparent`` when the caller has one.
+The record key is the aggregate id, so one aggregate's events share a partition and stay in
+order. :func:`read_envelope` also accepts Debezium's outbox event-router shape (event id in
+the ``id`` header, key = aggregate id, value = payload).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kcons.errors import DecodeError
+
+__all__ = [
+    "HEADER_AGGREGATE_ID",
+    "HEADER_AGGREGATE_TYPE",
+    "HEADER_ID",
+    "HEADER_TRACEPARENT",
+    "HEADER_TYPE",
+    "HEADER_VERSION",
+    "Envelope",
+    "Headers",
+    "headers_to_dict",
+    "new_event_id",
+    "read_envelope",
+    "uuid7",
+]
+
+HEADER_ID = "kcons-id"
+HEADER_TYPE = "kcons-type"
+HEADER_AGGREGATE_TYPE = "kcons-aggregate-type"
+HEADER_AGGREGATE_ID = "kcons-aggregate-id"
+HEADER_VERSION = "kcons-version"
+HEADER_TRACEPARENT = "traceparent"
+KCONS_HEADERS = frozenset(
+    {HEADER_ID, HEADER_TYPE, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION, HEADER_TRACEPARENT}
+)
+
+#: Kafka headers as confluent-kafka takes and returns them (a list of pairs, or a dict).
+HeaderValue = str | bytes | None
+Headers = Sequence[tuple[str, HeaderValue]] | Mapping[str, HeaderValue]
+
+_lock = threading.Lock()
+_last_ms = 0
+_last_seq = 0
+
+
+def uuid7() -> uuid.UUID:
+    """Return a UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness.
+
+    Within one process the ids are strictly increasing: when the clock has not moved (or moved
+    back), a 12-bit sequence in ``rand_a`` is incremented, and the millisecond is borrowed
+    forward when the sequence runs out.
+    """
+    global _last_ms, _last_seq
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            _last_seq += 1
+            if _last_seq > 0xFFF:
+                _last_ms += 1
+                _last_seq = 0
+            ms = _last_ms
+        else:
+            _last_ms = ms
+            _last_seq = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+        seq = _last_seq
+    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand_b
+    return uuid.UUID(int=value)
+
+
+def new_event_id() -> str:
+    """Return a fresh event id: a UUIDv7 in canonical text form."""
+    return str(uuid7())
+
+
+def _text(value: HeaderValue) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError("a header value is not valid UTF-8") from None
+    return value
+
+
+def headers_to_dict(headers: Headers | None) -> dict[str, str | None]:
+    """Decode headers to text; for a repeated name the last value wins (Kafka semantics)."""
+    if not headers:
+        return {}
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return {name: _text(value) for name, value in pairs}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One event with its identity, aggregate, version and payload."""
+
+    type: str
+    aggregate_type: str
+    aggregate_id: str
+    payload: bytes
+    version: int | None = None
+    id: str = field(default_factory=new_event_id)
+    traceparent: str | None = None
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        type: str,
+        aggregate_type: str,
+        aggregate_id: str,
+        payload: Any,
+        *,
+        version: int | None = None,
+        traceparent: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Envelope:
+        """Build an envelope, encoding a non-bytes payload as compact JSON."""
+        if isinstance(payload, bytes):
+            data = payload
+        elif isinstance(payload, str):
+            data = payload.encode()
+        else:
+            data = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        return cls(
+            type=type,
+            aggregate_type=aggregate_type,
+            aggregate_id=str(aggregate_id),
+            payload=data,
+            version=version,
+            traceparent=traceparent,
+            extra_headers=dict(headers or {}),
+        )
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka record key: the aggregate id, so an aggregate's events stay in order."""
+        return self.aggregate_id.encode()
+
+    def headers(self) -> list[tuple[str, HeaderValue]]:
+        """The Kafka headers of this event, kcons headers first, then the caller's."""
+        out: list[tuple[str, HeaderValue]] = [
+            (HEADER_ID, self.id.encode()),
+            (HEADER_TYPE, self.type.encode()),
+            (HEADER_AGGREGATE_TYPE, self.aggregate_type.encode()),
+            (HEADER_AGGREGATE_ID, self.aggregate_id.encode()),
+        ]
+        if self.version is not None:
+            out.append((HEADER_VERSION, str(self.version).encode()))
+        if self.traceparent:
+            out.append((HEADER_TRACEPARENT, self.traceparent.encode()))
+        out.extend((k, v.encode()) for k, v in self.extra_headers.items() if k not in KCONS_HEADERS)
+        return out
+
+    def json(self) -> Any:
+        """Decode the payload as JSON (raises DecodeError if it is not)."""
+        try:
+            return json.loads(self.payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"payload is not JSON: {exc}") from None
+
+
+def _parse_version(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise DecodeError(f"{HEADER_VERSION} header is not an integer: {raw[:40]!r}") from None
+
+
+def _debezium_payload(value: bytes) -> bytes:
+    """Unwrap a JSON-converter ``{"schema": ..., "payload": ...}`` value; else return it as is."""
+    stripped = value.lstrip()
+    if not stripped.startswith(b"{") or b'"schema"' not in stripped:
+        return value
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return value
+    if isinstance(doc, dict) and set(doc) == {"schema", "payload"}:
+        inner = doc["payload"]
+        if isinstance(inner, str):
+            return inner.encode()
+        return json.dumps(inner, separators=(",", ":")).encode()
+    return value
+
+
+def read_envelope(
+    key: bytes | str | None,
+    value: bytes | None,
+    headers: Headers | None,
+    *,
+    topic: str | None = None,
+) -> Envelope | None:
+    """Read an event from a Kafka record, or return None if it carries no event id.
+
+    Understands kcons headers and Debezium's outbox event-router shape (header ``id``; the
+    aggregate type is taken from an ``aggregatetype`` header, else from a topic named
+    ``outbox.event.<aggregatetype>``). Raises DecodeError for malformed headers.
+    """
+    h = headers_to_dict(headers)
+    payload = value if value is not None else b""
+    key_text = _text(key)
+    if h.get(HEADER_ID):
+        return Envelope(
+            id=str(h[HEADER_ID]),
+            type=h.get(HEADER_TYPE) or "",
+            aggregate_type=h.get(HEADER_AGGREGATE_TYPE) or "",
+            aggregate_id=h.get(HEADER_AGGREGATE_ID) or key_text or "",
+            version=_parse_version(h.get(HEADER_VERSION)),
+            payload=payload,
+            traceparent=h.get(HEADER_TRACEPARENT),
+            extra_headers={k: v for k, v in h.items() if k not in KCONS_HEADERS and v is not None},
+        )
+    if h.get("id"):  # Debezium outbox event router
+        agg_type = h.get("aggregatetype") or h.get("aggregateType") or ""
+        if not agg_type and topic and topic.startswith("outbox.event."):
+            agg_type = topic[len("outbox.event.") :]
+        return Envelope(
+            id=str(h["id"]),
+            type=h.get("type") or h.get("eventType") or "",
+            aggregate_type=agg_type,
+            aggregate_id=key_text.strip('"') if key_text else "",
+            version=_parse_version(h.get("version")),
+            payload=_debezium_payload(payload),
+            traceparent=h.get(HEADER_TRACEPARENT),
+        )
+    return None

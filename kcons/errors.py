@@ -1,0 +1,185 @@
+"""One error hierarchy for kcons, and the one place where Kafka errors are classified.
+
+Every exception kcons raises derives from :class:`KconsError`, so callers can catch the
+whole family at once and still tell the kinds apart. Kafka errors are sorted into three
+classes by :func:`classify_kafka_error`: *retriable* (retry with a bounded tenacity policy),
+*abortable* (abort the open transaction and re-run the unit of work) and *fatal* (the
+producer is fenced or broken and must be recreated). No other module decides this.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+__all__ = [
+    "AbortableTransactionError",
+    "ConfigError",
+    "DecodeError",
+    "DeliveryError",
+    "ErrorClass",
+    "FatalKafkaError",
+    "IndefiniteOutcomeError",
+    "KafkaOperationError",
+    "KconsError",
+    "PoisonMessageError",
+    "ProducerFencedError",
+    "RetriableKafkaError",
+    "ServiceStartError",
+    "StoreError",
+    "TimeoutExceededError",
+    "classify_kafka_error",
+    "raise_for_kafka_error",
+]
+
+
+class KconsError(Exception):
+    """Root of every error kcons raises."""
+
+
+class ConfigError(KconsError, ValueError):
+    """A setting is missing or invalid; raised at start, names the setting, never its secret."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        self.setting = setting
+        self.problem = problem
+        super().__init__(f"invalid setting {setting}: {problem}")
+
+
+class ServiceStartError(KconsError):
+    """A test service (Kafka, Redis, PostgreSQL) could not be installed or started."""
+
+
+class TimeoutExceededError(KconsError, TimeoutError):
+    """A blocking step did not finish within its bound."""
+
+
+class StoreError(KconsError):
+    """A dedup, outbox, cache or lease store failed."""
+
+
+class DecodeError(KconsError):
+    """A message could not be decoded; it is a poison message and goes to the dead-letter topic."""
+
+
+class PoisonMessageError(KconsError):
+    """A message kept failing after its last attempt; it goes to the dead-letter topic."""
+
+    def __init__(self, reason: str, cause: BaseException | None = None) -> None:
+        self.reason = reason
+        super().__init__(reason)
+        if cause is not None:
+            self.__cause__ = cause
+
+
+class ErrorClass(enum.Enum):
+    """How a Kafka error must be handled."""
+
+    RETRIABLE = "retriable"
+    ABORTABLE = "abortable"
+    FATAL = "fatal"
+    FENCED = "fenced"
+    INDEFINITE = "indefinite"
+    PERMANENT = "permanent"
+
+
+class KafkaOperationError(KconsError):
+    """A Kafka client call failed; ``error_class`` says how it must be handled."""
+
+    error_class: ErrorClass = ErrorClass.PERMANENT
+
+    def __init__(self, message: str, *, code: int | None = None, name: str | None = None) -> None:
+        self.code = code
+        self.name = name
+        super().__init__(message)
+
+
+class RetriableKafkaError(KafkaOperationError):
+    """Transient: the same call may succeed if retried (bounded, with backoff)."""
+
+    error_class = ErrorClass.RETRIABLE
+
+
+class AbortableTransactionError(KafkaOperationError):
+    """The open transaction must be aborted; the unit of work may then be re-run."""
+
+    error_class = ErrorClass.ABORTABLE
+
+
+class FatalKafkaError(KafkaOperationError):
+    """The client is broken; close it and create a new one. Never retried blindly."""
+
+    error_class = ErrorClass.FATAL
+
+
+class ProducerFencedError(FatalKafkaError):
+    """Another producer with the same transactional.id took over; this one must stop."""
+
+    error_class = ErrorClass.FENCED
+
+
+class IndefiniteOutcomeError(FatalKafkaError):
+    """A commit or abort timed out: its outcome is unknown, so the producer is re-initialised."""
+
+    error_class = ErrorClass.INDEFINITE
+
+
+class DeliveryError(KafkaOperationError):
+    """A produced message was not acknowledged by the broker."""
+
+
+# Error names (confluent_kafka.KafkaError.name()) that mean this producer instance is fenced.
+_FENCED_NAMES = frozenset(
+    {
+        "_FENCED",
+        "PRODUCER_FENCED",
+        "INVALID_PRODUCER_EPOCH",
+        "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+    }
+)
+_TIMEOUT_NAMES = frozenset({"_TIMED_OUT", "REQUEST_TIMED_OUT", "_TIMED_OUT_QUEUE"})
+
+_CLASS_TO_EXC: dict[ErrorClass, type[KafkaOperationError]] = {
+    ErrorClass.RETRIABLE: RetriableKafkaError,
+    ErrorClass.ABORTABLE: AbortableTransactionError,
+    ErrorClass.FATAL: FatalKafkaError,
+    ErrorClass.FENCED: ProducerFencedError,
+    ErrorClass.INDEFINITE: IndefiniteOutcomeError,
+    ErrorClass.PERMANENT: KafkaOperationError,
+}
+
+
+def classify_kafka_error(err: Any, *, in_transaction_end: bool = False) -> ErrorClass:
+    """Return how ``err`` (a ``confluent_kafka.KafkaError``) must be handled.
+
+    ``in_transaction_end`` marks errors from ``commit_transaction``/``abort_transaction``:
+    there a timeout means the outcome is unknown, which is handled by re-initialising.
+    Fencing is checked before everything else because a fenced producer must never retry.
+    """
+    name = str(err.name())
+    if name in _FENCED_NAMES:
+        return ErrorClass.FENCED
+    if err.fatal():
+        return ErrorClass.FATAL
+    if in_transaction_end and name in _TIMEOUT_NAMES:
+        return ErrorClass.INDEFINITE
+    if err.txn_requires_abort():
+        return ErrorClass.ABORTABLE
+    if err.retriable():
+        return ErrorClass.RETRIABLE
+    return ErrorClass.PERMANENT
+
+
+def kafka_error_to_exception(err: Any, operation: str, *, in_transaction_end: bool = False) -> KafkaOperationError:
+    """Build the typed kcons exception for ``err`` raised by ``operation``."""
+    cls = classify_kafka_error(err, in_transaction_end=in_transaction_end)
+    exc_type = _CLASS_TO_EXC[cls]
+    return exc_type(f"{operation} failed: {err.str()} ({err.name()})", code=err.code(), name=err.name())
+
+
+def raise_for_kafka_error(exc: BaseException, operation: str, *, in_transaction_end: bool = False) -> None:
+    """Re-raise a ``confluent_kafka.KafkaException`` as the typed kcons exception."""
+    err = exc.args[0] if exc.args else None
+    if err is None or not hasattr(err, "txn_requires_abort"):
+        raise KafkaOperationError(f"{operation} failed: {exc}") from exc
+    raise kafka_error_to_exception(err, operation, in_transaction_end=in_transaction_end) from exc

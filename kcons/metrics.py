@@ -1,0 +1,136 @@
+"""Every Prometheus metric kcons exports, defined once, and the HTTP exposition helper.
+
+Names start with ``kcons_``; counters end in ``_total``; durations are in seconds and end in
+``_seconds``. Labels are few and bounded (never a message key or id). Each part of kcons
+adds its metrics in its own section below, and the README's metrics table lists them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import Counter as Counter
+from prometheus_client import Gauge as Gauge
+from prometheus_client import Histogram as Histogram
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LATENCY_BUCKETS", "MetricsServer", "metric_names"]
+
+#: Buckets for latencies from 0.5 ms to 30 s: transactions, round trips, batches.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+# --- producer and transactions ------------------------------------------------------------
+
+# --- processor (exactly-once consume-transform-produce) -----------------------------------
+
+# --- idempotent consumer and dedup stores --------------------------------------------------
+
+# --- outbox relay ------------------------------------------------------------------------
+
+# --- cache -------------------------------------------------------------------------------
+
+# --- raft --------------------------------------------------------------------------------
+
+
+def metric_names(registry: CollectorRegistry = REGISTRY) -> list[str]:
+    """Return the exported names of the kcons metrics in ``registry`` (for docs and tests)."""
+    names: set[str] = set()
+    for family in registry.collect():
+        if family.name.startswith("kcons_"):
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return sorted(names)
+
+
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+class MetricsServer:
+    """Serves ``/metrics`` (Prometheus text format) and ``/healthz`` over HTTP.
+
+    Binds to 127.0.0.1 unless another host is configured, so nothing listens beyond loopback
+    by default. ``/healthz`` answers 200 when every health check passes and 503 otherwise,
+    with one ``name: detail`` line per check.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        registry: CollectorRegistry = REGISTRY,
+        health_checks: Iterable[tuple[str, HealthCheck]] = (),
+    ) -> None:
+        self._registry = registry
+        self._checks = list(health_checks)
+        self._server = ThreadingHTTPServer((host, port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when started with port 0)."""
+        return int(self._server.server_address[1])
+
+    def add_health_check(self, name: str, check: HealthCheck) -> None:
+        """Register a check that returns ``(healthy, detail)``."""
+        self._checks.append((name, check))
+
+    def health(self) -> tuple[bool, list[str]]:
+        """Run every check; a check that raises counts as unhealthy."""
+        ok = True
+        lines: list[str] = []
+        for name, check in self._checks:
+            try:
+                healthy, detail = check()
+            except Exception as exc:  # a failing check must not take the endpoint down
+                healthy, detail = False, f"check raised {type(exc).__name__}"
+            ok = ok and healthy
+            lines.append(f"{name}: {'ok' if healthy else 'FAIL'} {detail}".rstrip())
+        return ok, lines
+
+    def start(self) -> MetricsServer:
+        """Serve in a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self._server.serve_forever, name="kcons-metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics and health on http://%s:%d", self._server.server_address[0], self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(outer._registry))
+                elif path == "/healthz":
+                    ok, lines = outer.health()
+                    body = ("\n".join(lines) + "\n" if lines else "ok\n").encode()
+                    self._send(200 if ok else 503, "text/plain; charset=utf-8", body)
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _send(self, status: int, ctype: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("http: " + format, *args)
+
+        return Handler

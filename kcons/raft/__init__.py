@@ -1,0 +1,1 @@
+"""A compact Raft log for kcons's metadata: relay leadership, leases, settings."""

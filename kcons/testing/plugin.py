@@ -1,0 +1,203 @@
+"""pytest fixtures for real Kafka, Redis and PostgreSQL (registered as the ``kcons`` pytest11 plugin).
+
+Installing kcons makes these fixtures available to any test suite:
+
+* ``kafka_bootstrap``, ``redis_url``, ``postgres_dsn``: session-wide servers, started on first
+  use (or taken from ``KCONS_*``); a server that fails to start fails the test, never skips it.
+* ``kafka_admin``, ``make_producer``, ``make_consumer``, ``unique_topic``: clients and topics
+  that are cleaned up after each test.
+* ``redis_client``, ``fresh_database``: a Redis client and a new PostgreSQL database per call.
+* ``kafka_cluster``: a local 3-broker KRaft cluster whose brokers can be killed and restarted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from kcons.testing import backend, start_kafka, start_postgres, start_redis
+
+__all__ = [
+    "create_topic",
+    "fresh_database",
+    "kafka_admin",
+    "kafka_bootstrap",
+    "kafka_cluster",
+    "make_consumer",
+    "make_producer",
+    "postgres_dsn",
+    "redis_client",
+    "redis_url",
+    "unique_topic",
+]
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """bootstrap.servers of a Kafka broker for the whole session."""
+    bootstrap, close = start_kafka()
+    try:
+        yield bootstrap
+    finally:
+        close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a Redis server for the whole session."""
+    url, close = start_redis()
+    try:
+        yield url
+    finally:
+        close()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """DSN of a PostgreSQL superuser connection for the whole session."""
+    dsn, close = start_postgres()
+    try:
+        yield dsn
+    finally:
+        close()
+
+
+@pytest.fixture(scope="session")
+def kafka_admin(kafka_bootstrap: str) -> Any:
+    """A confluent-kafka AdminClient for the session broker."""
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+
+def create_topic(
+    admin: Any, name: str, partitions: int = 1, replication: int = -1, config: dict[str, str] | None = None
+) -> str:
+    """Create a topic and wait until its leaders are known."""
+    import time
+
+    from confluent_kafka.cimpl import NewTopic
+
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=replication, config=config or {})],
+        operation_timeout=30,
+    )
+    futures[name].result(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        md = admin.list_topics(name, timeout=5)
+        topic = md.topics.get(name)
+        if (
+            topic is not None
+            and topic.error is None
+            and len(topic.partitions) == partitions
+            and all(p.leader >= 0 for p in topic.partitions.values())
+        ):
+            return name
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {name} has no leaders after 30s")
+
+
+@pytest.fixture
+def unique_topic(kafka_admin: Any) -> Callable[..., str]:
+    """Factory: ``unique_topic(partitions=1, config=None) -> name`` of a new topic."""
+
+    def make(partitions: int = 1, config: dict[str, str] | None = None, prefix: str = "t") -> str:
+        return create_topic(kafka_admin, f"{prefix}-{uuid.uuid4().hex[:12]}", partitions, config=config)
+
+    return make
+
+
+@pytest.fixture
+def make_producer(kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
+    """Factory: a confluent-kafka Producer with the given librdkafka overrides; flushed at teardown."""
+    from confluent_kafka import Producer
+
+    made: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        config: dict[str, Any] = {"bootstrap.servers": kafka_bootstrap, "linger.ms": 5}
+        config.update({k.replace("_", "."): v for k, v in overrides.items()})
+        producer = Producer(config)
+        made.append(producer)
+        return producer
+
+    yield make
+    for producer in made:
+        producer.flush(10)
+
+
+@pytest.fixture
+def make_consumer(kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
+    """Factory: a confluent-kafka Consumer (own group, from earliest); closed at teardown."""
+    from confluent_kafka import Consumer
+
+    made: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        config: dict[str, Any] = {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": f"g-{uuid.uuid4().hex[:12]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+        config.update({k.replace("_", "."): v for k, v in overrides.items()})
+        consumer = Consumer(config)
+        made.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in made:
+        with contextlib.suppress(RuntimeError):  # already closed by the test
+            consumer.close()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Any]:
+    """A redis-py client on the session server."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def fresh_database(postgres_dsn: str) -> Iterator[Callable[[], str]]:
+    """Factory: create a new empty PostgreSQL database and return its DSN; dropped at teardown."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"kcons_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        params = conninfo_to_dict(postgres_dsn)
+        params["dbname"] = name
+        return make_conninfo("", **params)
+
+    yield make
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        for name in created:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[Any]:
+    """A local 3-broker KRaft cluster (RF 3, min.insync.replicas 2) for failover tests."""
+    if backend() != "local":
+        pytest.skip("the 3-broker cluster needs KCONS_TEST_BACKEND=local (brokers are killed by pid)")
+    from kcons.testing.local import KafkaCluster
+
+    cluster = KafkaCluster(3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
