@@ -154,7 +154,8 @@ class KafkaSettings:
     properties: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        validate_bootstrap("KCONS_KAFKA_BOOTSTRAP", self.bootstrap_servers)
+        normalised = validate_bootstrap("KCONS_KAFKA_BOOTSTRAP", self.bootstrap_servers)
+        object.__setattr__(self, "bootstrap_servers", normalised)
         for key in self.properties:
             if not isinstance(key, str) or not key:
                 raise ConfigError("KCONS_KAFKA_CONFIG", f"property names must be strings, got {key!r}")
