@@ -36,6 +36,31 @@ LATENCY_BUCKETS = (
 # --- outbox relay ------------------------------------------------------------------------
 
 # --- cache -------------------------------------------------------------------------------
+CACHE_HITS = Counter("kcons_cache_hits_total", "ConsistentCache reads answered from Redis.", ["cache"])
+CACHE_MISSES = Counter(
+    "kcons_cache_misses_total", "ConsistentCache reads that found no value (absent or tombstone).", ["cache"]
+)
+CACHE_FILLS_REJECTED = Counter(
+    "kcons_cache_fills_rejected_total",
+    "Cache fills refused as stale: reason=version (a newer version or tombstone is stored) or lease (invalidated).",
+    ["cache", "reason"],
+)
+CACHE_LEASE_TIMEOUTS = Counter(
+    "kcons_cache_lease_wait_timeouts_total",
+    "Misses that waited for another loader too long and read through.",
+    ["cache"],
+)
+CACHE_INVALIDATIONS = Counter(
+    "kcons_cache_invalidations_total",
+    "Invalidations (tombstones or write-behind values) sent to Redis; result=applied or stale (older than stored).",
+    ["cache", "result"],
+)
+CACHE_INVALIDATION_LAG = Histogram(
+    "kcons_cache_invalidation_lag_seconds",
+    "Time from the source commit of a change event to Redis acknowledging its invalidation.",
+    ["cache"],
+    buckets=LATENCY_BUCKETS,
+)
 
 # --- raft --------------------------------------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""The Redis :class:`~kcons.cache.CacheBackend`: one registered Lua script guards every write.
+
+Key layout, Redis Cluster safe: the data key ``<prefix>:{<key>}`` holds the packed entry
+(``v<version>:<value>`` or ``t<version>:``) and the lease key ``<prefix>:{<key>}:lease`` holds the
+loader's token; the shared hash tag ``{<key>}`` puts both in one slot, so the script may touch
+both atomically. Braces and ``%`` in user keys are percent-escaped so the tag stays intact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from kcons.cache import CacheEntry, CacheWrite, WriteOp, WriteOutcome, WriteResult, decode_entry
+from kcons.errors import ConfigError, StoreError
+
+__all__ = ["RedisCacheBackend", "cache_keys"]
+
+_SCRIPT = resources.files("kcons.adapters").joinpath("cache_fill.lua").read_text(encoding="utf-8")
+_OUTCOMES = {1: WriteOutcome.APPLIED, 0: WriteOutcome.STALE, -1: WriteOutcome.LEASE_LOST}
+
+
+def _escape(key: str) -> str:
+    if "{" in key or "}" in key or "%" in key:
+        return key.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return key
+
+
+def cache_keys(prefix: str, key: str) -> tuple[str, str]:
+    """The data key and the lease key of ``key``; they share the hash tag ``{<key>}``."""
+    data = f"{prefix}:{{{_escape(key)}}}"
+    return data, data + ":lease"
+
+
+class RedisCacheBackend:
+    """Versioned entries and fill leases in Redis (standalone or Cluster), guarded by ``cache_fill.lua``.
+
+    Takes a redis-py ``Redis`` or ``RedisCluster`` client (its connection pool is reused, never
+    created per call); the client must return bytes (``decode_responses=False``).
+    """
+
+    def __init__(self, client: Any, *, prefix: str = "kcons:cache") -> None:
+        kwargs: dict[str, Any] = {}
+        get_kwargs = getattr(client, "get_connection_kwargs", None)
+        if callable(get_kwargs):
+            kwargs = get_kwargs()
+        if kwargs.get("decode_responses"):
+            raise ConfigError("KCONS_REDIS_URL", "the cache needs a Redis client with decode_responses=False")
+        self._client = client
+        self._prefix = prefix
+        self._script = client.register_script(_SCRIPT)
+        self._get = client.get
+
+    def keys(self, key: str) -> tuple[str, str]:
+        """The Redis data and lease keys of ``key``."""
+        return cache_keys(self._prefix, key)
+
+    def read(self, key: str) -> CacheEntry | None:
+        """The stored entry, or None (one GET)."""
+        raw = self._get(cache_keys(self._prefix, key)[0])
+        if raw is None:
+            return None
+        return decode_entry(raw)
+
+    def take_lease(self, key: str, token: str, ttl_ms: int) -> CacheEntry | bool:
+        """A cached value when there is one; else True if the lease was taken, False if held by another."""
+        code, raw = self._script(keys=self.keys(key), args=["lease", "", "", ttl_ms, token])
+        if code == 2:
+            return decode_entry(raw)
+        return bool(code == 1)
+
+    def release_lease(self, key: str, token: str) -> None:
+        """Drop the lease if ``token`` still holds it."""
+        self._script(keys=self.keys(key), args=["release", "", "", 0, token])
+
+    def write(self, write: CacheWrite) -> WriteResult:
+        """Apply one guarded write."""
+        return _result(self._script(keys=self.keys(write.key), args=_args(write)))
+
+    def write_many(self, writes: Sequence[CacheWrite]) -> list[WriteResult]:
+        """Apply guarded writes in one pipelined round trip, in order."""
+        pipe = self._client.pipeline(transaction=False)
+        for w in writes:
+            self._script(keys=self.keys(w.key), args=_args(w), client=pipe)
+        replies = pipe.execute(raise_on_error=True)
+        return [_result(r) for r in replies]
+
+
+def _args(w: CacheWrite) -> list[Any]:
+    if w.version < 0:
+        raise StoreError("cache versions must be non-negative integers")
+    if w.ttl_ms <= 0:
+        raise StoreError("cache writes need a positive TTL")
+    if w.op is WriteOp.FILL and not w.token:
+        raise StoreError("a fill needs its lease token")
+    return [w.op.value, str(w.version), w.value, w.ttl_ms, w.token]
+
+
+def _result(reply: Any) -> WriteResult:
+    code, raw = reply
+    stored = int(raw) if raw not in (b"", "", None) else None
+    return WriteResult(_OUTCOMES[int(code)], stored)

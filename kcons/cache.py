@@ -1,0 +1,647 @@
+"""A read-through cache that never serves a value older than an applied invalidation.
+
+Every cached value carries the version of the source row it was loaded from, and every write
+to a cache key (fill, write-through, invalidation) passes one version guard, executed
+atomically in Redis (``kcons/adapters/cache_fill.lua``):
+
+* an invalidation writes a *tombstone* with the new version; it applies only when that version
+  is newer than what is stored (value or tombstone), so out-of-order or duplicated change
+  events never move a key backwards;
+* a fill or write-through applies only when its version is newer than a stored value, or at
+  least the version of a stored tombstone (a tombstone at ``V`` says "``V`` is current").
+
+A miss takes a *lease* (as in Facebook's memcache): one loader per key at a time; the others
+wait up to ``lease_wait_s`` for its fill, then read through without filling. An invalidation
+deletes the lease, so a loader that read the row before the writer committed can never fill
+afterwards: the classic race ends with the new value or no value, never the old one.
+
+**Strategies** (:class:`Strategy`), with their guarantees:
+
+* ``VERSIONED_INVALIDATION`` (default): the writer commits the row and its outbox event in one
+  transaction; :class:`CacheInvalidator` writes a tombstone with the row's version; the next
+  reader loads the row under a lease. No read returns a version older than an invalidation
+  already applied; a read may return the previous version only during the commit-to-
+  invalidation lag. Safe under replays, eviction and invalidator crashes.
+* ``WRITE_THROUGH``: the writer commits the row, then calls :meth:`ConsistentCache.write_through`
+  with the new value and version, under the same guard. Concurrent writers cannot move the key
+  backwards. If the writer dies between commit and cache write the cache keeps the previous
+  version until an invalidation or the value TTL: run the invalidator as a backstop.
+* ``WRITE_BEHIND``: the writer commits the row and its outbox event (carrying the new value)
+  in one transaction; the invalidator writes the *value* instead of a tombstone. The loss
+  window is zero (the event is durable with the row, and offsets commit only after Redis
+  acknowledged). A key evicted by Redis memory pressure loses its version, so a replayed older
+  event can briefly set an older value until the newer one is replayed; use ``noeviction`` or
+  ``VERSIONED_INVALIDATION`` when that matters.
+
+**TTLs.** Values expire after ``value_ttl_s`` (bounds the damage of a lost invalidation).
+Tombstones expire after ``tombstone_ttl_s``, which must exceed the longest a loader or a
+write-through may take between reading/committing and writing to the cache: a fill carries a
+lease (refused once invalidated, and a lease lives at most ``lease_ttl_s``), but a lease-less
+write (write-through, write-behind replay) is guarded only by the tombstone's version, so the
+tombstone must still be there when the late write arrives. The settings enforce
+``tombstone_ttl_s > lease_ttl_s``, and :meth:`ConsistentCache.write_through` refuses writes
+older than ``tombstone_ttl_s / 2`` when told the commit time.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
+
+from kcons import metrics
+from kcons.config import check_range, env_float, env_str
+from kcons.envelope import Envelope, HeaderValue, headers_to_dict, read_envelope
+from kcons.errors import ConfigError, DecodeError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CacheBackend",
+    "CacheEntry",
+    "CacheSettings",
+    "CacheWrite",
+    "ChangeEvent",
+    "ConsistentCache",
+    "MemoryCacheBackend",
+    "Strategy",
+    "Versioned",
+    "WriteOp",
+    "WriteOutcome",
+    "WriteResult",
+    "aggregate_key",
+    "decode_change_event",
+    "guard_accepts",
+    "plan_writes",
+]
+
+
+class Strategy(enum.Enum):
+    """How source changes reach the cache (see the module docstring for the guarantees)."""
+
+    VERSIONED_INVALIDATION = "versioned-invalidation"
+    WRITE_THROUGH = "write-through"
+    WRITE_BEHIND = "write-behind"
+
+
+class WriteOp(enum.Enum):
+    """A guarded cache write: a leased fill, a lease-less set, or a tombstone."""
+
+    FILL = "fill"
+    SET = "set"
+    TOMBSTONE = "tomb"
+
+
+class WriteOutcome(enum.Enum):
+    """What the guard decided."""
+
+    APPLIED = 1
+    STALE = 0
+    LEASE_LOST = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned:
+    """A value and the version of the source row it came from."""
+
+    value: bytes
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """What Redis holds for a key: a value, or a tombstone (``value is None``), with its version."""
+
+    version: int
+    value: bytes | None
+
+    @property
+    def is_tombstone(self) -> bool:
+        """True when the key was invalidated at ``version`` and holds no value."""
+        return self.value is None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheWrite:
+    """One guarded write to one key; ``ttl_ms`` bounds how long it stays."""
+
+    op: WriteOp
+    key: str
+    version: int
+    value: bytes = b""
+    ttl_ms: int = 0
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The guard's decision and the version stored afterwards (None when the key is empty)."""
+
+    outcome: WriteOutcome
+    stored_version: int | None
+
+
+def guard_accepts(op: WriteOp, stored: CacheEntry | None, version: int) -> bool:
+    """The version guard (the Lua script implements exactly this): may ``op`` at ``version`` apply?
+
+    A tombstone needs a version newer than anything stored; a value needs one newer than a
+    stored value, or at least as new as a stored tombstone.
+    """
+    if stored is None:
+        return True
+    if op is WriteOp.TOMBSTONE:
+        return version > stored.version
+    if stored.is_tombstone:
+        return version >= stored.version
+    return version > stored.version
+
+
+def encode_entry(entry: CacheEntry) -> bytes:
+    """The packed Redis form: ``v<version>:<value>`` or ``t<version>:``."""
+    if entry.value is None:
+        return b"t%d:" % entry.version
+    return b"v%d:" % entry.version + entry.value
+
+
+def decode_entry(raw: bytes) -> CacheEntry:
+    """Parse the packed Redis form written by the script."""
+    colon = raw.index(b":", 1)
+    version = int(raw[1:colon])
+    if raw[0] == 0x76:  # 'v'
+        return CacheEntry(version, raw[colon + 1 :])
+    return CacheEntry(version, None)
+
+
+@runtime_checkable
+class CacheBackend(Protocol):
+    """Storage of versioned entries with leases; every write passes :func:`guard_accepts` atomically."""
+
+    def read(self, key: str) -> CacheEntry | None:
+        """The stored entry, or None."""
+        ...
+
+    def take_lease(self, key: str, token: str, ttl_ms: int) -> CacheEntry | bool:
+        """A cached value when there is one; else True if the lease was taken, False if held by another."""
+        ...
+
+    def release_lease(self, key: str, token: str) -> None:
+        """Drop the lease if ``token`` still holds it."""
+        ...
+
+    def write(self, write: CacheWrite) -> WriteResult:
+        """Apply one guarded write."""
+        ...
+
+    def write_many(self, writes: Sequence[CacheWrite]) -> list[WriteResult]:
+        """Apply guarded writes in one round trip, in order; returns after the store acknowledged."""
+        ...
+
+
+class MemoryCacheBackend:
+    """An in-process :class:`CacheBackend` with the same guard and lease rules (for tests and single processes)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._data: dict[str, tuple[CacheEntry, float]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+
+    def _entry(self, key: str) -> CacheEntry | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[1] <= self._clock():
+            del self._data[key]
+            return None
+        return item[0]
+
+    def _lease(self, key: str) -> str | None:
+        item = self._leases.get(key)
+        if item is None:
+            return None
+        if item[1] <= self._clock():
+            del self._leases[key]
+            return None
+        return item[0]
+
+    def read(self, key: str) -> CacheEntry | None:
+        """The stored entry, or None."""
+        with self._lock:
+            return self._entry(key)
+
+    def take_lease(self, key: str, token: str, ttl_ms: int) -> CacheEntry | bool:
+        """A cached value when there is one; else whether the lease was taken."""
+        with self._lock:
+            entry = self._entry(key)
+            if entry is not None and not entry.is_tombstone:
+                return entry
+            if self._lease(key) is not None:
+                return False
+            self._leases[key] = (token, self._clock() + ttl_ms / 1000)
+            return True
+
+    def release_lease(self, key: str, token: str) -> None:
+        """Drop the lease if ``token`` still holds it."""
+        with self._lock:
+            if self._lease(key) == token:
+                del self._leases[key]
+
+    def write(self, write: CacheWrite) -> WriteResult:
+        """Apply one guarded write."""
+        with self._lock:
+            return self._write(write)
+
+    def write_many(self, writes: Sequence[CacheWrite]) -> list[WriteResult]:
+        """Apply guarded writes in order."""
+        with self._lock:
+            return [self._write(w) for w in writes]
+
+    def _write(self, w: CacheWrite) -> WriteResult:
+        stored = self._entry(w.key)
+        stored_version = None if stored is None else stored.version
+        if w.op is WriteOp.FILL:
+            if self._lease(w.key) != w.token:
+                return WriteResult(WriteOutcome.LEASE_LOST, stored_version)
+            del self._leases[w.key]
+        if not guard_accepts(w.op, stored, w.version):
+            return WriteResult(WriteOutcome.STALE, stored_version)
+        expires = self._clock() + w.ttl_ms / 1000
+        if w.op is WriteOp.TOMBSTONE:
+            self._data[w.key] = (CacheEntry(w.version, None), expires)
+            self._leases.pop(w.key, None)
+        else:
+            self._data[w.key] = (CacheEntry(w.version, w.value), expires)
+        return WriteResult(WriteOutcome.APPLIED, w.version)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """TTLs and lease timing of a :class:`ConsistentCache`, in seconds; validated at construction."""
+
+    value_ttl_s: float = 3600.0
+    tombstone_ttl_s: float = 300.0
+    lease_ttl_s: float = 10.0
+    lease_wait_s: float = 0.25
+    lease_poll_s: float = 0.005
+    prefix: str = "kcons:cache"
+
+    def __post_init__(self) -> None:
+        check_range("KCONS_CACHE_VALUE_TTL_S", self.value_ttl_s, 0.001, 365 * 86400.0)
+        check_range("KCONS_CACHE_TOMBSTONE_TTL_S", self.tombstone_ttl_s, 0.001, 365 * 86400.0)
+        check_range("KCONS_CACHE_LEASE_TTL_S", self.lease_ttl_s, 0.001, 86400.0)
+        check_range("KCONS_CACHE_LEASE_WAIT_S", self.lease_wait_s, 0.0, 3600.0)
+        check_range("KCONS_CACHE_LEASE_POLL_S", self.lease_poll_s, 0.0001, 60.0)
+        if self.tombstone_ttl_s <= self.lease_ttl_s:
+            raise ConfigError(
+                "KCONS_CACHE_TOMBSTONE_TTL_S",
+                f"must be longer than the lease TTL ({self.lease_ttl_s}s): a tombstone must outlive the slowest "
+                "loader that may still try to fill",
+            )
+        if not self.prefix or any(c in self.prefix for c in "{} "):
+            raise ConfigError("KCONS_CACHE_PREFIX", "must be non-empty without braces or spaces")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CacheSettings:
+        """Build from ``KCONS_CACHE_*`` variables (defaults for the unset ones)."""
+        d = cls()
+        return cls(
+            value_ttl_s=env_float("KCONS_CACHE_VALUE_TTL_S", d.value_ttl_s, environ=environ),
+            tombstone_ttl_s=env_float("KCONS_CACHE_TOMBSTONE_TTL_S", d.tombstone_ttl_s, environ=environ),
+            lease_ttl_s=env_float("KCONS_CACHE_LEASE_TTL_S", d.lease_ttl_s, environ=environ),
+            lease_wait_s=env_float("KCONS_CACHE_LEASE_WAIT_S", d.lease_wait_s, environ=environ),
+            lease_poll_s=env_float("KCONS_CACHE_LEASE_POLL_S", d.lease_poll_s, environ=environ),
+            prefix=env_str("KCONS_CACHE_PREFIX", d.prefix, environ) or d.prefix,
+        )
+
+
+Loader = Callable[[str], "Versioned | None"]
+
+
+def _still_busy(result: CacheEntry | bool) -> bool:
+    return result is False
+
+
+def _gave_up(state: RetryCallState) -> CacheEntry | bool:
+    return False
+
+
+class ConsistentCache:
+    """Read-through cache over Redis whose reads never go behind an applied invalidation.
+
+    ``get`` returns the cached value on a hit (one Redis GET). On a miss it takes the key's
+    lease and loads; concurrent misses of the same key wait up to ``lease_wait_s`` for that
+    one load, then read through without filling. Fills and write-throughs pass the version
+    guard; a fill whose lease was invalidated meanwhile is refused.
+    """
+
+    def __init__(
+        self,
+        redis_client: Any = None,
+        *,
+        name: str = "default",
+        settings: CacheSettings | None = None,
+        backend: CacheBackend | None = None,
+    ) -> None:
+        self.settings = settings or CacheSettings()
+        self.name = name
+        if backend is None:
+            if redis_client is None:
+                raise ConfigError("KCONS_REDIS_URL", "ConsistentCache needs a redis client or a backend")
+            from kcons.adapters.redis_cache import RedisCacheBackend
+
+            backend = RedisCacheBackend(redis_client, prefix=self.settings.prefix)
+        self.backend: CacheBackend = backend
+        self._read = backend.read
+        self._value_ttl_ms = max(1, int(self.settings.value_ttl_s * 1000))
+        self._tomb_ttl_ms = max(1, int(self.settings.tombstone_ttl_s * 1000))
+        self._lease_ttl_ms = max(1, int(self.settings.lease_ttl_s * 1000))
+        self._hits = metrics.CACHE_HITS.labels(name)
+        self._misses = metrics.CACHE_MISSES.labels(name)
+        self._rejected_version = metrics.CACHE_FILLS_REJECTED.labels(name, "version")
+        self._rejected_lease = metrics.CACHE_FILLS_REJECTED.labels(name, "lease")
+        self._lease_timeouts = metrics.CACHE_LEASE_TIMEOUTS.labels(name)
+        self._inv_applied = metrics.CACHE_INVALIDATIONS.labels(name, "applied")
+        self._inv_stale = metrics.CACHE_INVALIDATIONS.labels(name, "stale")
+        self._lag = metrics.CACHE_INVALIDATION_LAG.labels(name)
+        self._waiter = Retrying(
+            stop=stop_after_delay(self.settings.lease_wait_s),
+            wait=wait_fixed(self.settings.lease_poll_s),
+            retry=retry_if_result(_still_busy),
+            retry_error_callback=_gave_up,
+            reraise=True,
+        )
+
+    def get(self, key: str, loader: Loader) -> Versioned | None:
+        """The value of ``key``: cached, else loaded (once per key across concurrent misses) and filled.
+
+        Never returns a version older than an invalidation applied before the call began.
+        Returns None when the loader finds no row (nothing is cached for absent rows).
+        """
+        entry = self._read(key)
+        if entry is not None and entry.value is not None:
+            self._hits.inc()
+            return Versioned(entry.value, entry.version)
+        self._misses.inc()
+        token = secrets.token_hex(8)
+        taken = self.backend.take_lease(key, token, self._lease_ttl_ms)
+        if taken is False and self.settings.lease_wait_s > 0:
+            taken = self._waiter.copy()(self.backend.take_lease, key, token, self._lease_ttl_ms)
+        if isinstance(taken, CacheEntry):
+            assert taken.value is not None
+            return Versioned(taken.value, taken.version)
+        if taken is False:  # another loader is still at it: read through, do not fill
+            self._lease_timeouts.inc()
+            return loader(key)
+        try:
+            loaded = loader(key)
+        except BaseException:
+            self.backend.release_lease(key, token)
+            raise
+        if loaded is None:
+            self.backend.release_lease(key, token)
+            return None
+        result = self.backend.write(
+            CacheWrite(WriteOp.FILL, key, loaded.version, loaded.value, self._value_ttl_ms, token)
+        )
+        if result.outcome is WriteOutcome.STALE:
+            self._rejected_version.inc()
+        elif result.outcome is WriteOutcome.LEASE_LOST:
+            self._rejected_lease.inc()
+        return loaded
+
+    def peek(self, key: str) -> CacheEntry | None:
+        """What the cache holds for ``key`` (value or tombstone), without loading."""
+        return self._read(key)
+
+    def write_through(self, key: str, value: bytes, version: int, *, committed_at: float | None = None) -> bool:
+        """Write-through after the DB commit: store ``value`` at ``version`` unless a newer one is stored.
+
+        ``committed_at`` (``time.time()`` of the commit) lets the cache refuse a write that
+        arrives so late that the tombstone guarding it may have expired; returns True if applied.
+        """
+        if committed_at is not None and time.time() - committed_at > self.settings.tombstone_ttl_s / 2:
+            log.warning("write-through for a key is too late (older than tombstone_ttl/2); invalidating instead")
+            self.invalidate(key, version)
+            return False
+        result = self.backend.write(CacheWrite(WriteOp.SET, key, version, value, self._value_ttl_ms))
+        return result.outcome is WriteOutcome.APPLIED
+
+    def invalidate(self, key: str, version: int) -> bool:
+        """Write a tombstone at ``version`` (newer versions only); returns True if applied."""
+        result = self.backend.write(CacheWrite(WriteOp.TOMBSTONE, key, version, b"", self._tomb_ttl_ms))
+        applied = result.outcome is WriteOutcome.APPLIED
+        (self._inv_applied if applied else self._inv_stale).inc()
+        return applied
+
+    def tombstone_write(self, key: str, version: int) -> CacheWrite:
+        """The guarded tombstone write for ``key`` at ``version`` (for batching)."""
+        return CacheWrite(WriteOp.TOMBSTONE, key, version, b"", self._tomb_ttl_ms)
+
+    def value_write(self, key: str, value: bytes, version: int) -> CacheWrite:
+        """The guarded lease-less value write for ``key`` at ``version`` (write-behind, for batching)."""
+        return CacheWrite(WriteOp.SET, key, version, value, self._value_ttl_ms)
+
+    def apply_writes(
+        self, writes: Sequence[CacheWrite], committed_at: Sequence[float | None] = ()
+    ) -> list[WriteResult]:
+        """Apply invalidation writes in one round trip; counts them and observes the commit-to-applied lag."""
+        if not writes:
+            return []
+        results = self.backend.write_many(writes)
+        now = time.time()
+        for i, result in enumerate(results):
+            (self._inv_applied if result.outcome is WriteOutcome.APPLIED else self._inv_stale).inc()
+            ts = committed_at[i] if i < len(committed_at) else None
+            if ts is not None:
+                self._lag.observe(max(0.0, now - ts))
+        return results
+
+
+# --- change events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """A source-row change, normalised from a kcons envelope, a Debezium change event or a Debezium outbox event.
+
+    ``version`` is the row's version after the change (for deletes: newer than the last
+    version); ``value`` is the new payload when the event carries one (write-behind);
+    ``committed_at`` is the source commit time in seconds since the epoch when known.
+    """
+
+    source: str
+    aggregate_type: str
+    aggregate_id: str
+    op: str
+    version: int
+    value: bytes | None = None
+    after: Mapping[str, Any] | None = None
+    before: Mapping[str, Any] | None = None
+    committed_at: float | None = None
+    event_id: str | None = None
+    envelope: Envelope | None = field(default=None, repr=False)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    stripped = raw.lstrip()
+    if not stripped.startswith(b"{"):
+        return None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _unwrap(doc: dict[str, Any]) -> dict[str, Any]:
+    if set(doc) == {"schema", "payload"} and isinstance(doc["payload"], dict):
+        return doc["payload"]
+    return doc
+
+
+def _int_version(raw: Any, what: str) -> int:
+    if isinstance(raw, bool) or raw is None:
+        raise DecodeError(f"{what} is missing or not an integer")
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise DecodeError(f"{what} is not an integer: {str(raw)[:40]!r}") from None
+    if value < 0:
+        raise DecodeError(f"{what} is negative")
+    return value
+
+
+def _key_text(key: bytes | str | None) -> str:
+    if key is None:
+        return ""
+    raw = key if isinstance(key, bytes) else key.encode()
+    doc = _json_object(raw)
+    if doc is not None:
+        doc = _unwrap(doc)
+        if len(doc) == 1:
+            return str(next(iter(doc.values())))
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+    text = raw.decode("utf-8", errors="replace")
+    return text.strip('"')
+
+
+def decode_change_event(
+    key: bytes | str | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, HeaderValue]] | Mapping[str, HeaderValue] | None,
+    *,
+    topic: str | None = None,
+    timestamp_ms: int | None = None,
+    version_field: str = "version",
+) -> ChangeEvent | None:
+    """Normalise a Kafka record into a :class:`ChangeEvent`; None for records that change nothing.
+
+    Understands kcons outbox envelopes (``kcons-version`` header), Debezium outbox events
+    (``id`` header, ``version`` header) and Debezium change events (``before``/``after``/``op``/
+    ``source``, optionally wrapped in ``{"schema", "payload"}``), whose version is
+    ``after[version_field]``, or ``before[version_field] + 1`` for deletes. Debezium
+    tombstones (null value), heartbeats and truncates give None. Raises DecodeError when a
+    change event has no usable version (the invalidator then dead-letters it).
+    """
+    h = headers_to_dict(headers)
+    commit_hint = h.get("kcons-committed-at")
+    env = read_envelope(key, value, headers, topic=topic)
+    if env is not None:
+        if env.version is None:
+            raise DecodeError(f"event {env.id} has no version (kcons-version or version header)")
+        committed: float | None = None
+        if commit_hint:
+            try:
+                committed = float(commit_hint)
+            except ValueError:
+                committed = None
+        if committed is None and timestamp_ms is not None and timestamp_ms > 0:
+            committed = timestamp_ms / 1000
+        return ChangeEvent(
+            source="kcons" if h.get("kcons-id") else "debezium-outbox",
+            aggregate_type=env.aggregate_type,
+            aggregate_id=env.aggregate_id,
+            op=env.type,
+            version=env.version,
+            value=env.payload,
+            committed_at=committed,
+            event_id=env.id,
+            envelope=env,
+        )
+    if value is None:
+        return None  # Debezium's delete tombstone: the preceding 'd' event carried the change
+    doc = _json_object(value)
+    if doc is None:
+        raise DecodeError("record is neither a kcons/Debezium outbox event nor a Debezium change event")
+    doc = _unwrap(doc)
+    op = doc.get("op")
+    if not isinstance(op, str) or ("after" not in doc and "before" not in doc):
+        return None  # heartbeat, schema change or other non-row record
+    before, after = doc.get("before"), doc.get("after")
+    if op == "t" or (before is None and after is None):
+        log.warning("ignoring a Debezium %r event without a row (truncate or message)", op)
+        return None
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
+    assert isinstance(source, dict)
+    if isinstance(after, dict):
+        version = _int_version(after.get(version_field), f"after.{version_field}")
+    elif isinstance(before, dict):
+        version = _int_version(before.get(version_field), f"before.{version_field} of a delete") + 1
+    else:
+        raise DecodeError("Debezium event has non-object before/after")
+    table = str(source.get("table") or "")
+    schema = source.get("schema")
+    ts = source.get("ts_ms") or doc.get("ts_ms")
+    return ChangeEvent(
+        source="debezium",
+        aggregate_type=f"{schema}.{table}" if schema and table else table,
+        aggregate_id=_key_text(key),
+        op=op,
+        version=version,
+        value=json.dumps(after, separators=(",", ":"), sort_keys=True).encode() if isinstance(after, dict) else None,
+        after=after if isinstance(after, dict) else None,
+        before=before if isinstance(before, dict) else None,
+        committed_at=float(ts) / 1000 if isinstance(ts, int | float) and ts > 0 else None,
+        event_id=f"{source.get('lsn', '')}:{table}:{_key_text(key)}" if source.get("lsn") is not None else None,
+    )
+
+
+def aggregate_key(event: ChangeEvent) -> list[str]:
+    """The default key mapping: ``"<aggregate type>:<aggregate id>"``."""
+    return [f"{event.aggregate_type}:{event.aggregate_id}"]
+
+
+KeysFor = Callable[[ChangeEvent], Iterable[str]]
+ValueFor = Callable[[ChangeEvent], "bytes | None"]
+
+
+def plan_writes(
+    cache: ConsistentCache,
+    event: ChangeEvent,
+    keys_for: KeysFor,
+    strategy: Strategy = Strategy.VERSIONED_INVALIDATION,
+    value_for: ValueFor | None = None,
+) -> list[CacheWrite]:
+    """The guarded writes one change event causes: tombstones, or new values for write-behind.
+
+    Deletes always write tombstones. For write-behind the value is ``value_for(event)`` (default:
+    the event's payload); an event without a value falls back to a tombstone.
+    """
+    writes: list[CacheWrite] = []
+    value: bytes | None = None
+    if strategy is Strategy.WRITE_BEHIND and event.op not in {"d", "delete", "deleted"}:
+        value = value_for(event) if value_for is not None else event.value
+    for key in keys_for(event):
+        if value is None:
+            writes.append(cache.tombstone_write(key, event.version))
+        else:
+            writes.append(cache.value_write(key, value, event.version))
+    return writes
