@@ -645,3 +645,83 @@ def plan_writes(
         else:
             writes.append(cache.value_write(key, value, event.version))
     return writes
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedInvalidation:
+    """One cache write caused by a change event, after Redis acknowledged it."""
+
+    key: str
+    version: int
+    outcome: WriteOutcome
+    event: ChangeEvent
+
+
+OnApplied = Callable[[Sequence[AppliedInvalidation]], None]
+
+
+class CacheInvalidator:
+    """Applies change events to a :class:`ConsistentCache` under the version guard.
+
+    Each event is decoded (:func:`decode_change_event`), mapped to keys with ``keys_for``, and
+    written as a tombstone (``VERSIONED_INVALIDATION``) or as its new value (``WRITE_BEHIND``).
+    :meth:`apply_records` returns only after Redis acknowledged every write, so a Kafka loop that
+    commits offsets afterwards never loses an invalidation; replays are harmless because the
+    guard never moves a key's version backwards. ``on_applied`` is called after each batch.
+    """
+
+    def __init__(
+        self,
+        cache: ConsistentCache,
+        keys_for: KeysFor = aggregate_key,
+        *,
+        strategy: Strategy = Strategy.VERSIONED_INVALIDATION,
+        value_for: ValueFor | None = None,
+        version_field: str = "version",
+        on_applied: OnApplied | None = None,
+    ) -> None:
+        if strategy is Strategy.WRITE_THROUGH:
+            raise ConfigError(
+                "strategy",
+                "write-through is done by the writer (ConsistentCache.write_through); the invalidator "
+                "applies VERSIONED_INVALIDATION or WRITE_BEHIND",
+            )
+        self.cache = cache
+        self.keys_for = keys_for
+        self.strategy = strategy
+        self.value_for = value_for
+        self.version_field = version_field
+        self.on_applied = on_applied
+
+    def decode(self, message: Any) -> ChangeEvent | None:
+        """Decode a confluent-kafka ``Message`` (raises DecodeError for a malformed change event)."""
+        ts_type, ts = message.timestamp() if hasattr(message, "timestamp") else (0, None)
+        return decode_change_event(
+            message.key(),
+            message.value(),
+            message.headers(),
+            topic=message.topic(),
+            timestamp_ms=ts if ts_type else None,
+            version_field=self.version_field,
+        )
+
+    def apply_events(self, events: Sequence[ChangeEvent]) -> list[AppliedInvalidation]:
+        """Write the cache changes of ``events`` in one Redis round trip; returns once acknowledged."""
+        writes: list[CacheWrite] = []
+        owners: list[ChangeEvent] = []
+        for event in events:
+            for w in plan_writes(self.cache, event, self.keys_for, self.strategy, self.value_for):
+                writes.append(w)
+                owners.append(event)
+        results = self.cache.apply_writes(writes, [e.committed_at for e in owners])
+        applied = [
+            AppliedInvalidation(w.key, w.version, r.outcome, e) for w, r, e in zip(writes, results, owners, strict=True)
+        ]
+        if applied and self.on_applied is not None:
+            self.on_applied(applied)
+        return applied
+
+    def apply_records(self, messages: Sequence[Any]) -> list[AppliedInvalidation]:
+        """Decode and apply a batch of Kafka records; records that change nothing are skipped."""
+        events = [e for e in (self.decode(m) for m in messages) if e is not None]
+        return self.apply_events(events)

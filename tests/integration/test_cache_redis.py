@@ -1,0 +1,158 @@
+"""ConsistentCache on a real Redis: the Lua guard, leases, and concurrent misses."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from typing import Any
+
+from kcons.adapters.redis_cache import RedisCacheBackend
+from kcons.cache import (
+    CacheEntry,
+    CacheSettings,
+    CacheWrite,
+    ConsistentCache,
+    Versioned,
+    WriteOp,
+    WriteOutcome,
+    guard_accepts,
+)
+
+
+def _cache(redis_client: Any, **settings: Any) -> ConsistentCache:
+    return ConsistentCache(
+        redis_client, name="test", settings=CacheSettings(prefix=f"t{uuid.uuid4().hex[:8]}", **settings)
+    )
+
+
+def test_lua_script_decides_exactly_like_the_pure_guard(redis_client: Any) -> None:
+    cache = _cache(redis_client)
+    rng = random.Random(7)
+    model: dict[str, CacheEntry] = {}
+    for i in range(600):
+        key = f"k{rng.randrange(4)}"
+        op = rng.choice([WriteOp.SET, WriteOp.TOMBSTONE])
+        version = rng.randrange(12)
+        expect = guard_accepts(op, model.get(key), version)
+        result = cache.backend.write(CacheWrite(op, key, version, b"v%d" % i, 60_000))
+        assert (result.outcome is WriteOutcome.APPLIED) == expect, (op, model.get(key), version)
+        if expect:
+            model[key] = CacheEntry(version, None if op is WriteOp.TOMBSTONE else b"v%d" % i)
+        assert cache.peek(key) == model[key] if key in model else cache.peek(key) is None
+
+
+def test_versions_beyond_float_precision_compare_exactly(redis_client: Any) -> None:
+    cache = _cache(redis_client)
+    big = 2**63 + 1
+    assert cache.invalidate("k", big)
+    assert not cache.write_through("k", b"old", big - 1)
+    assert cache.write_through("k", b"new", big)
+    assert cache.peek("k") == CacheEntry(big, b"new")
+
+
+def test_concurrent_misses_cause_one_load(redis_client: Any) -> None:
+    cache = _cache(redis_client, lease_wait_s=20.0)
+    loads = 0
+    lock = threading.Lock()
+    barrier = threading.Barrier(16)
+    results: list[Versioned | None] = []
+
+    def loader(key: str) -> Versioned:
+        nonlocal loads
+        with lock:
+            loads += 1
+        time.sleep(0.3)
+        return Versioned(b"row", 3)
+
+    def read() -> None:
+        barrier.wait()
+        got = cache.get("hot", loader)
+        with lock:
+            results.append(got)
+
+    threads = [threading.Thread(target=read) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == 1
+    assert results == [Versioned(b"row", 3)] * 16
+    assert cache.peek("hot") == CacheEntry(3, b"row")
+
+
+def test_a_fill_whose_lease_was_invalidated_is_refused(redis_client: Any) -> None:
+    cache = _cache(redis_client)
+    loading = threading.Event()
+    proceed = threading.Event()
+
+    def slow_old_loader(key: str) -> Versioned:
+        loading.set()
+        proceed.wait(10)
+        return Versioned(b"old", 1)
+
+    reader = threading.Thread(target=cache.get, args=("k", slow_old_loader))
+    reader.start()
+    assert loading.wait(10)
+    assert cache.invalidate("k", 2)  # the writer's commit of version 2 is applied while the reader loads
+    proceed.set()
+    reader.join(10)
+    assert cache.peek("k") == CacheEntry(2, None)
+    assert cache.get("k", lambda key: Versioned(b"new", 2)) == Versioned(b"new", 2)
+    assert cache.peek("k") == CacheEntry(2, b"new")
+
+
+def test_a_fill_after_the_lease_expired_and_a_new_loader_took_over_is_refused(redis_client: Any) -> None:
+    cache = _cache(redis_client, lease_ttl_s=0.2, lease_wait_s=0.0)
+    backend = cache.backend
+    assert isinstance(backend, RedisCacheBackend)
+    assert backend.take_lease("k", "first", 200) is True
+    time.sleep(0.3)
+    assert backend.take_lease("k", "second", 5000) is True
+    late = backend.write(CacheWrite(WriteOp.FILL, "k", 1, b"slow", 60_000, "first"))
+    assert late.outcome is WriteOutcome.LEASE_LOST
+    ok = backend.write(CacheWrite(WriteOp.FILL, "k", 1, b"fresh", 60_000, "second"))
+    assert ok.outcome is WriteOutcome.APPLIED and cache.peek("k") == CacheEntry(1, b"fresh")
+
+
+def test_waiters_that_time_out_read_through_without_filling(redis_client: Any) -> None:
+    cache = _cache(redis_client, lease_wait_s=0.05)
+    backend = cache.backend
+    assert backend.take_lease("k", "someone-else", 10_000) is True
+    got = cache.get("k", lambda key: Versioned(b"direct", 4))
+    assert got == Versioned(b"direct", 4)
+    assert cache.peek("k") is None
+
+
+def test_a_failing_loader_releases_the_lease(redis_client: Any) -> None:
+    cache = _cache(redis_client, lease_wait_s=0.0)
+
+    def broken(key: str) -> Versioned:
+        raise RuntimeError("db down")
+
+    try:
+        cache.get("k", broken)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("the loader's error must propagate")
+    assert cache.get("k", lambda key: Versioned(b"v", 1)) == Versioned(b"v", 1)
+    assert cache.peek("k") == CacheEntry(1, b"v")
+
+
+def test_values_and_tombstones_carry_bounded_ttls(redis_client: Any) -> None:
+    cache = _cache(redis_client, value_ttl_s=100.0, tombstone_ttl_s=50.0)
+    backend = cache.backend
+    assert isinstance(backend, RedisCacheBackend)
+    cache.write_through("a", b"x", 1)
+    cache.invalidate("b", 1)
+    assert 0 < redis_client.pttl(backend.keys("a")[0]) <= 100_000
+    assert 0 < redis_client.pttl(backend.keys("b")[0]) <= 50_000
+
+
+def test_absent_rows_are_not_cached(redis_client: Any) -> None:
+    cache = _cache(redis_client)
+    assert cache.get("missing", lambda key: None) is None
+    assert cache.peek("missing") is None
+    assert cache.get("missing", lambda key: Versioned(b"now", 1)) == Versioned(b"now", 1)
