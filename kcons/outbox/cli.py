@@ -1,0 +1,134 @@
+"""``kcons outbox``: apply the schema and run a relay replica (mounted under the ``kcons`` command)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+
+import click
+
+from kcons.config import env_str, redact
+from kcons.errors import KconsError
+from kcons.outbox.schema import DEFAULT_TABLE, install_schema, postgres_ddl
+
+log = logging.getLogger("kcons.outbox.cli")
+
+
+@click.group("outbox")
+def outbox() -> None:
+    """Transactional outbox: schema and relay."""
+
+
+@outbox.command("init")
+@click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
+@click.option("--sqlite", "sqlite_path", type=click.Path(dir_okay=False), help="Create the schema in this SQLite file.")
+@click.option("--table", default=None, help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
+@click.option("--print-sql", is_flag=True, help="Print the PostgreSQL DDL instead of applying it.")
+def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql: bool) -> None:
+    """Create the outbox table, its indexes, the fence table and the NOTIFY trigger (idempotent)."""
+    name = table or env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE) or DEFAULT_TABLE
+    try:
+        if print_sql:
+            click.echo(postgres_ddl(name))
+            return
+        if sqlite_path:
+            import sqlite3
+
+            with sqlite3.connect(sqlite_path) as db:
+                install_schema(db, name)
+            click.echo(f"outbox schema ready in {sqlite_path} (table {name})")
+            return
+        target = dsn or env_str("KCONS_POSTGRES_DSN")
+        if not target:
+            raise click.UsageError("give --dsn or set KCONS_POSTGRES_DSN (or use --sqlite PATH)")
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as conn:
+            install_schema(conn, name)
+        click.echo(f"outbox schema ready in {redact(target)} (table {name})")
+    except KconsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@outbox.command("relay")
+@click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
+@click.option("--bootstrap", help="Kafka bootstrap servers (default: $KCONS_KAFKA_BOOTSTRAP).")
+@click.option("--table", help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
+@click.option("--name", help="Relay group name: replicas with the same name elect one leader ($KCONS_OUTBOX_NAME).")
+@click.option("--topic", help="Publish every row to this topic (default: the row's topic, else outbox.event.<type>).")
+@click.option("--mode", type=click.Choice(["transactional", "idempotent"]), help="Kafka publishing mode.")
+@click.option("--batch-size", type=int, help="Rows per batch ($KCONS_OUTBOX_BATCH_SIZE, default 1000).")
+@click.option("--poll-interval", type=float, help="Polling fallback in seconds ($KCONS_OUTBOX_POLL_INTERVAL_S).")
+@click.option("--retention", type=float, help="Keep published rows this many seconds (default: delete them).")
+@click.option("--lease-ttl", type=float, help="Leader lease TTL in seconds ($KCONS_OUTBOX_LEASE_TTL_S, default 10).")
+@click.option("--metrics-port", type=int, help="Serve /metrics and /healthz on this port ($KCONS_OUTBOX_METRICS_PORT).")
+@click.option("--metrics-host", help="Address for /metrics (default 127.0.0.1).")
+def relay(
+    dsn: str | None,
+    bootstrap: str | None,
+    table: str | None,
+    name: str | None,
+    topic: str | None,
+    mode: str | None,
+    batch_size: int | None,
+    poll_interval: float | None,
+    retention: float | None,
+    lease_ttl: float | None,
+    metrics_port: int | None,
+    metrics_host: str | None,
+) -> None:
+    """Run one relay replica until SIGTERM/SIGINT (finishes its batch, releases the lease)."""
+    from kcons.metrics import MetricsServer
+    from kcons.outbox.relay import OutboxRelay, RelaySettings
+
+    try:
+        settings = RelaySettings.from_env(
+            dsn=dsn,
+            bootstrap=bootstrap,
+            table=table,
+            name=name,
+            topic=topic,
+            mode=mode,
+            batch_size=batch_size,
+            poll_interval_s=poll_interval,
+            retention_s=retention,
+            lease_ttl_s=lease_ttl,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
+    except KconsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = OutboxRelay.for_postgres(settings)
+    server = None
+    if settings.metrics_port is not None:
+        server = MetricsServer(settings.metrics_port, settings.metrics_host, health_checks=[("relay", runner.health)])
+        server.start()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping the relay", signum)
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("relay %r", settings)
+    try:
+        runner.run()
+    except KconsError as exc:
+        log.error("relay failed: %s", exc)
+        sys.exit(1)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def main() -> None:
+    """Run the ``outbox`` group on its own (``python -m kcons.outbox.cli``)."""
+    outbox()
+
+
+if __name__ == "__main__":
+    main()

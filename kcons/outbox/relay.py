@@ -1,0 +1,476 @@
+"""The outbox relay: publish committed outbox rows to Kafka, in order per aggregate, then mark them.
+
+One relay replica of an outbox leads (it holds the lease ``outbox:<name>``); the others wait.
+The leader repeats: read the lowest-positioned committed, unpublished rows (see
+:mod:`kcons.outbox.store` for why this is gap-free and keeps each aggregate's commit order),
+publish them as one batch and wait for Kafka's acknowledgement, then delete them (or mark them
+published, with retention) in a database transaction fenced by its lease token. When there is
+nothing to do it waits for the insert trigger's NOTIFY, with polling as fallback.
+
+Guarantees: at-least-once (a crash between the Kafka acknowledgement and the mark republishes
+the batch; consumers deduplicate by ``kcons-id``); no row lost; no rolled-back row published;
+per-aggregate order; a former leader whose lease was lost cannot commit a Kafka transaction
+(transactional mode: the new leader's ``init_transactions`` fences it) nor mark rows (fence
+token). Transient Kafka and database errors are retried with bounded exponential backoff
+(tenacity); when the bound is exhausted :meth:`OutboxRelay.run` raises and the process should
+exit, letting another replica lead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from kcons import metrics
+from kcons.config import KafkaSettings, check_range, env_bool, env_float, env_int, env_str, redact
+from kcons.errors import ConfigError, KafkaOperationError, StoreError, TimeoutExceededError
+from kcons.lease import Lease, LeaseBackend
+from kcons.outbox.leadership import AdvisoryLockLeaseBackend, SingleProcessLease
+from kcons.outbox.publisher import MODES, KafkaBatchPublisher, LeadershipLostError
+from kcons.outbox.rows import OutboxRow, to_record
+from kcons.outbox.schema import DEFAULT_TABLE, validate_table
+from kcons.outbox.store import OutboxStore, PostgresOutboxStore, SqliteOutboxStore
+
+__all__ = ["OutboxRelay", "RelaySettings"]
+
+log = logging.getLogger(__name__)
+
+PublishedHook = Callable[[Sequence[OutboxRow], float], None]
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Relay settings; every value is checked at construction (ConfigError names the ``KCONS_*`` setting)."""
+
+    dsn: str
+    kafka: KafkaSettings
+    table: str = DEFAULT_TABLE
+    name: str = "default"
+    topic: str | None = None
+    mode: str = "transactional"
+    batch_size: int = 1000
+    poll_interval_s: float = 1.0
+    retention_s: float | None = None
+    lease_ttl_s: float = 10.0
+    ack_timeout_s: float = 30.0
+    retry_max_s: float = 60.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    holder: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+
+    def __post_init__(self) -> None:
+        if not self.dsn:
+            raise ConfigError("KCONS_POSTGRES_DSN", "is empty")
+        validate_table(self.table)
+        if not self.name or len(self.name) > 100 or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError("KCONS_OUTBOX_NAME", f"expected 1-100 characters [A-Za-z0-9._-], got {self.name!r}")
+        if self.topic is not None and not self.topic:
+            raise ConfigError("KCONS_OUTBOX_TOPIC", "is empty")
+        if self.mode not in MODES:
+            raise ConfigError("KCONS_OUTBOX_MODE", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
+        check_range("KCONS_OUTBOX_BATCH_SIZE", self.batch_size, 1, 50000)
+        check_range("KCONS_OUTBOX_POLL_INTERVAL_S", self.poll_interval_s, 0.001, 3600.0)
+        if self.retention_s is not None:
+            check_range("KCONS_OUTBOX_RETENTION_S", self.retention_s, 0.0, 10 * 365 * 86400.0)
+        check_range("KCONS_OUTBOX_LEASE_TTL_S", self.lease_ttl_s, 1.0, 3600.0)
+        check_range("KCONS_OUTBOX_ACK_TIMEOUT_S", self.ack_timeout_s, 0.1, 3600.0)
+        check_range("KCONS_OUTBOX_RETRY_MAX_S", self.retry_max_s, 0.0, 86400.0)
+        if self.metrics_port is not None:
+            check_range("KCONS_OUTBOX_METRICS_PORT", self.metrics_port, 0, 65535)
+
+    def __repr__(self) -> str:
+        return (
+            f"RelaySettings(dsn={redact(self.dsn)!r}, kafka={self.kafka!r}, table={self.table!r}, "
+            f"name={self.name!r}, topic={self.topic!r}, mode={self.mode!r}, batch_size={self.batch_size})"
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RelaySettings:
+        """Build from ``KCONS_*`` variables; keyword ``overrides`` (e.g. from CLI flags) win when not None."""
+        env = os.environ if environ is None else environ
+        given = {k: v for k, v in overrides.items() if v is not None}
+        dsn = given.pop("dsn", None) or env_str("KCONS_POSTGRES_DSN", None, env)
+        if not dsn:
+            raise ConfigError("KCONS_POSTGRES_DSN", "is not set (expected postgresql://user@host:port/db)")
+        kafka = given.pop("kafka", None)
+        bootstrap = given.pop("bootstrap", None)
+        if kafka is None:
+            base = KafkaSettings.from_env(env) if env_str("KCONS_KAFKA_BOOTSTRAP", None, env) else None
+            if bootstrap is not None:
+                kafka = KafkaSettings(bootstrap, base.properties if base else {})
+            elif base is None:
+                raise ConfigError("KCONS_KAFKA_BOOTSTRAP", "is not set (expected host:port[,host:port...])")
+            else:
+                kafka = base
+        retention_raw = env_str("KCONS_OUTBOX_RETENTION_S", None, env)
+        port_raw = env_str("KCONS_OUTBOX_METRICS_PORT", None, env)
+        values: dict[str, Any] = {
+            "table": env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE, env),
+            "name": env_str("KCONS_OUTBOX_NAME", "default", env),
+            "topic": env_str("KCONS_OUTBOX_TOPIC", None, env),
+            "mode": env_str("KCONS_OUTBOX_MODE", "transactional", env),
+            "batch_size": env_int("KCONS_OUTBOX_BATCH_SIZE", 1000, minimum=1, environ=env),
+            "poll_interval_s": env_float("KCONS_OUTBOX_POLL_INTERVAL_S", 1.0, minimum=0.001, environ=env),
+            "retention_s": (
+                env_float("KCONS_OUTBOX_RETENTION_S", 0.0, minimum=0.0, environ=env) if retention_raw else None
+            ),
+            "lease_ttl_s": env_float("KCONS_OUTBOX_LEASE_TTL_S", 10.0, minimum=1.0, environ=env),
+            "ack_timeout_s": env_float("KCONS_OUTBOX_ACK_TIMEOUT_S", 30.0, minimum=0.1, environ=env),
+            "retry_max_s": env_float("KCONS_OUTBOX_RETRY_MAX_S", 60.0, minimum=0.0, environ=env),
+            "metrics_port": env_int("KCONS_OUTBOX_METRICS_PORT", 0, minimum=0, environ=env) if port_raw else None,
+            "metrics_host": env_str("KCONS_OUTBOX_METRICS_HOST", "127.0.0.1", env),
+        }
+        if env_bool("KCONS_OUTBOX_IDEMPOTENT", False, env):
+            values["mode"] = "idempotent"
+        values.update(given)
+        return cls(dsn=dsn, kafka=kafka, **values)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Retry database and Kafka failures, never a lost leadership (that ends the batch loop instead)."""
+    if isinstance(exc, LeadershipLostError):
+        return False
+    if isinstance(exc, KafkaOperationError | TimeoutExceededError | StoreError):
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is an optional dependency
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown | psycopg.InterfaceError)
+
+
+class OutboxRelay:
+    """Publishes an outbox to Kafka; at-least-once, per-aggregate order, one leader among replicas."""
+
+    def __init__(
+        self,
+        store: OutboxStore,
+        publisher: KafkaBatchPublisher,
+        *,
+        leases: LeaseBackend,
+        name: str = "default",
+        holder: str | None = None,
+        topic: str | None = None,
+        batch_size: int = 1000,
+        poll_interval_s: float = 1.0,
+        retention_s: float | None = None,
+        lease_ttl_s: float = 10.0,
+        retry_max_s: float = 60.0,
+        backlog_interval_s: float = 5.0,
+        on_published: PublishedHook | None = None,
+        before_commit: Callable[[Sequence[OutboxRow]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.leases = leases
+        self.name = name
+        self.holder = holder or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.topic = topic
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.retention_s = retention_s
+        self.lease_ttl_s = lease_ttl_s
+        self.retry_max_s = retry_max_s
+        self.backlog_interval_s = backlog_interval_s
+        self.on_published = on_published
+        self.before_commit = before_commit
+        self.lease_name = f"outbox:{name}"
+        self.published = 0
+        self._lease: Lease | None = None
+        self._lease_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._last_loop = time.monotonic()
+        self._last_backlog = 0.0
+        self._last_purge = 0.0
+        self._m_leader = metrics.OUTBOX_IS_LEADER.labels(name)
+        self._m_published = metrics.OUTBOX_PUBLISHED_TOTAL.labels(name)
+        self._m_latency = metrics.OUTBOX_PUBLISH_LATENCY_SECONDS.labels(name)
+        self._m_batch = metrics.OUTBOX_BATCH_SECONDS.labels(name)
+        self._m_backlog = metrics.OUTBOX_BACKLOG_ROWS.labels(name)
+        self._m_age = metrics.OUTBOX_OLDEST_AGE_SECONDS.labels(name)
+        self._m_leader.set(0)
+
+    # ----------------------------------------------------------------- construction helpers
+
+    @classmethod
+    def for_postgres(
+        cls,
+        settings: RelaySettings,
+        *,
+        leases: LeaseBackend | None = None,
+        on_published: PublishedHook | None = None,
+        before_commit: Callable[[Sequence[OutboxRow]], None] | None = None,
+    ) -> OutboxRelay:
+        """A relay for a PostgreSQL outbox; leadership by advisory lock unless ``leases`` is given (e.g. Raft)."""
+        store = PostgresOutboxStore(
+            settings.dsn,
+            settings.table,
+            application_name=f"kcons-outbox-relay:{settings.name}",
+            session_timeout_s=settings.lease_ttl_s,
+        )
+        publisher = KafkaBatchPublisher(
+            settings.kafka.client_config(),
+            mode=settings.mode,
+            transactional_id=f"kcons-outbox-{settings.table}-{settings.name}",
+            ack_timeout_s=settings.ack_timeout_s,
+        )
+        backend = leases or AdvisoryLockLeaseBackend(
+            settings.dsn, application_name=f"kcons-outbox-lease:{settings.name}"
+        )
+        return cls(
+            store,
+            publisher,
+            leases=backend,
+            name=settings.name,
+            holder=settings.holder,
+            topic=settings.topic,
+            batch_size=settings.batch_size,
+            poll_interval_s=settings.poll_interval_s,
+            retention_s=settings.retention_s,
+            lease_ttl_s=settings.lease_ttl_s,
+            retry_max_s=settings.retry_max_s,
+            on_published=on_published,
+            before_commit=before_commit,
+        )
+
+    @classmethod
+    def for_sqlite(
+        cls,
+        path: str,
+        kafka: KafkaSettings,
+        *,
+        table: str = DEFAULT_TABLE,
+        topic: str | None = None,
+        mode: str = "idempotent",
+        batch_size: int = 1000,
+        retention_s: float | None = None,
+        on_published: PublishedHook | None = None,
+    ) -> OutboxRelay:
+        """A relay for a SQLite outbox (embedded, exactly one relay per database file)."""
+        publisher = KafkaBatchPublisher(
+            kafka.client_config(), mode=mode, transactional_id=f"kcons-outbox-sqlite-{table}", ack_timeout_s=30.0
+        )
+        return cls(
+            SqliteOutboxStore(path, table),
+            publisher,
+            leases=SingleProcessLease(),
+            name=f"sqlite-{table}",
+            topic=topic,
+            batch_size=batch_size,
+            poll_interval_s=0.5,
+            retention_s=retention_s,
+            on_published=on_published,
+        )
+
+    # ------------------------------------------------------------------------ leadership
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this replica holds an unexpired lease."""
+        with self._lease_lock:
+            lease = self._lease
+        # A safety margin: stop publishing a tenth of the TTL before the server could end the session.
+        return lease is not None and time.monotonic() < lease.expires_at - self.lease_ttl_s * 0.1
+
+    def _current_lease(self) -> Lease:
+        with self._lease_lock:
+            lease = self._lease
+        if lease is None or not self.is_leader:
+            raise LeadershipLostError(f"{self.holder} no longer holds {self.lease_name}")
+        return lease
+
+    def _try_lead(self) -> bool:
+        lease = self.leases.acquire(self.lease_name, self.holder, self.lease_ttl_s)
+        if lease is None:
+            return False
+        try:
+            self.store.claim_fence(self.name, lease.token, self.holder)
+            self.publisher.reset()
+            self.publisher.start()  # transactional: init_transactions fences the previous leader's producer
+        except Exception:
+            self.leases.release(lease)
+            raise
+        with self._lease_lock:
+            self._lease = lease
+        self._m_leader.set(1)
+        metrics.OUTBOX_LEADERSHIP_CHANGES_TOTAL.labels(self.name, "gained").inc()
+        log.info("relay %s leads %s with token %d", self.holder, self.lease_name, lease.token)
+        self._renewer = threading.Thread(target=self._renew_loop, args=(lease,), name="kcons-outbox-lease", daemon=True)
+        self._renewer.start()
+        return True
+
+    def _renew_loop(self, lease: Lease) -> None:
+        interval = self.lease_ttl_s / 3
+        current: Lease | None = lease
+        while current is not None and not self._stop.wait(interval):
+            with self._lease_lock:
+                if self._lease is None or self._lease.token != lease.token:
+                    return
+            try:
+                current = self.leases.renew(current, self.lease_ttl_s)
+            except Exception as exc:  # a failing backend means the lease cannot be proven: treat as lost
+                log.warning("lease renewal raised %s", type(exc).__name__)
+                current = None
+            with self._lease_lock:
+                if self._lease is not None and self._lease.token == lease.token:
+                    self._lease = current
+        if current is None:
+            log.warning("relay %s lost %s (token %d)", self.holder, self.lease_name, lease.token)
+
+    def _step_down(self, reason: str) -> None:
+        with self._lease_lock:
+            lease, self._lease = self._lease, None
+        self._m_leader.set(0)
+        self.publisher.reset()
+        if lease is not None:
+            try:
+                self.leases.release(lease)
+            except Exception as exc:  # the lease expires on its own
+                log.debug("lease release failed: %s", type(exc).__name__)
+        metrics.OUTBOX_LEADERSHIP_CHANGES_TOTAL.labels(self.name, "lost").inc()
+        log.info("relay %s stepped down: %s", self.holder, reason)
+
+    # --------------------------------------------------------------------------- batches
+
+    def _publish_batch(self) -> int:
+        """Read, publish and mark one batch as leader; returns the number of rows published."""
+        lease = self._current_lease()
+        started = time.monotonic()
+        rows = self.store.fetch(self.batch_size)
+        if not rows:
+            return 0
+        fetched = time.monotonic()
+        if self.publisher.mode == "idempotent":
+            self.store.check_fence(self.name, lease.token)
+        records = [to_record(r, self.topic) for r in rows]
+        hook = self.before_commit
+        self.publisher.publish(
+            records,
+            still_leader=lambda: self.is_leader,
+            before_commit=(lambda: hook(rows)) if hook is not None else None,
+        )
+        acked = time.monotonic()
+        self.store.mark_published(rows, name=self.name, token=lease.token, retain=self.retention_s is not None)
+        self.published += len(rows)
+        self._m_published.inc(len(rows))
+        wait = acked - fetched
+        observe = self._m_latency.observe
+        for r in rows:
+            observe(r.age_s + wait)
+        self._m_batch.observe(time.monotonic() - started)
+        if self.on_published is not None:
+            self.on_published(rows, acked)
+        return len(rows)
+
+    def _record_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        kind = type(exc).__name__ if exc is not None else "unknown"
+        metrics.OUTBOX_ERRORS_TOTAL.labels(self.name, kind).inc()
+        log.warning("relay batch failed (%s: %s); retry %d", kind, exc, state.attempt_number)
+
+    def publish_once(self) -> int:
+        """Publish one batch with bounded retries; raises LeadershipLostError or the last error."""
+        retrying = Retrying(
+            stop=stop_after_delay(self.retry_max_s),
+            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            retry=retry_if_exception(_is_transient),
+            before_sleep=self._record_retry,
+            reraise=True,
+        )
+        return int(retrying(self._publish_batch))
+
+    # ------------------------------------------------------------------------- main loop
+
+    def run(self) -> None:
+        """Lead or stand by until :meth:`stop`; raises when a batch keeps failing past the retry bound."""
+        log.info("outbox relay %s (%s) starting", self.holder, self.lease_name)
+        try:
+            while not self._stop.is_set():
+                self._last_loop = time.monotonic()
+                if not self.is_leader:
+                    if self._lease is not None:
+                        self._step_down("lease expired or lost")
+                    if not self._try_lead():
+                        self._stop.wait(min(1.0, self.lease_ttl_s / 4))
+                        continue
+                try:
+                    n = self.publish_once()
+                except LeadershipLostError as exc:
+                    self._step_down(str(exc))
+                    continue
+                except BaseException as exc:
+                    metrics.OUTBOX_ERRORS_TOTAL.labels(self.name, "gave_up").inc()
+                    log.error("relay gives up after retrying for %.0fs: %s", self.retry_max_s, type(exc).__name__)
+                    raise
+                self._housekeeping()
+                if n < self.batch_size:
+                    self._wait_for_rows()
+        finally:
+            self._shutdown()
+
+    def _wait_for_rows(self) -> None:
+        deadline = time.monotonic() + self.poll_interval_s
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self.store.wait_for_change(min(left, 0.25)):
+                return
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now - self._last_backlog >= self.backlog_interval_s:
+            self._last_backlog = now
+            try:
+                count, age = self.store.backlog()
+            except Exception as exc:  # metrics must not stop publishing
+                log.debug("backlog sample failed: %s", type(exc).__name__)
+            else:
+                self._m_backlog.set(count)
+                self._m_age.set(age)
+        if self.retention_s is not None and now - self._last_purge >= 60.0:
+            self._last_purge = now
+            try:
+                purged = self.store.purge_published(self.retention_s)
+            except Exception as exc:  # retried at the next interval
+                log.warning("purging published rows failed: %s", type(exc).__name__)
+            else:
+                if purged:
+                    log.info("purged %d published outbox rows", purged)
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch, release the lease and return."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    def _shutdown(self) -> None:
+        if self._lease is not None:
+            self._step_down("stopping")
+        self.publisher.close()
+        self.store.close()
+        log.info("outbox relay %s stopped after publishing %d rows", self.holder, self.published)
+
+    def health(self) -> tuple[bool, str]:
+        """Healthy while the loop turns; reports the role."""
+        stalled = time.monotonic() - self._last_loop
+        limit = max(self.retry_max_s, self.poll_interval_s, self.lease_ttl_s) + 30.0
+        role = "leader" if self.is_leader else "standby"
+        return stalled < limit, f"{role}, last loop {stalled:.1f}s ago, published {self.published}"

@@ -1,0 +1,88 @@
+"""Outbox rows and how one becomes a Kafka record: pure logic, no I/O.
+
+The record key is the aggregate id (one aggregate, one partition, in order); the headers are the
+kcons envelope headers (``kcons-id``, ``kcons-type``, ...) plus the row's extra headers; the
+topic is the row's own topic, else the relay's fixed topic, else Debezium's default
+``outbox.event.<aggregatetype>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kcons.envelope import HEADER_TRACEPARENT, Envelope, HeaderValue
+
+__all__ = ["DEBEZIUM_TOPIC_PREFIX", "OutboxRecord", "OutboxRow", "decode_headers", "encode_headers", "to_record"]
+
+DEBEZIUM_TOPIC_PREFIX = "outbox.event."
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One unpublished outbox row as the relay reads it."""
+
+    position: int
+    id: str
+    aggregatetype: str
+    aggregateid: str
+    type: str
+    payload: bytes
+    topic: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    version: int | None = None
+    age_s: float = 0.0  # seconds since the row was inserted, when it was read (database clock)
+
+    def envelope(self) -> Envelope:
+        """The event this row carries."""
+        extra = dict(self.headers)
+        traceparent = extra.pop(HEADER_TRACEPARENT, None)
+        return Envelope(
+            id=self.id,
+            type=self.type,
+            aggregate_type=self.aggregatetype,
+            aggregate_id=self.aggregateid,
+            payload=self.payload,
+            version=self.version,
+            traceparent=traceparent,
+            extra_headers=extra,
+        )
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    """A Kafka record built from an outbox row."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, HeaderValue]]
+
+
+def encode_headers(event: Envelope) -> str | None:
+    """The ``headers`` column for an event: its extra headers and traceparent as a JSON object."""
+    extra: dict[str, str] = dict(event.extra_headers)
+    if event.traceparent:
+        extra[HEADER_TRACEPARENT] = event.traceparent
+    if not extra:
+        return None
+    return json.dumps(extra, separators=(",", ":"), sort_keys=True)
+
+
+def decode_headers(raw: Any) -> dict[str, str]:
+    """Read the ``headers`` column (a JSON text, a decoded dict from jsonb, or NULL)."""
+    if raw is None or raw == "":
+        return {}
+    value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if v is not None}
+
+
+def to_record(row: OutboxRow, fixed_topic: str | None = None) -> OutboxRecord:
+    """Build the Kafka record for ``row``: key = aggregate id, kcons envelope headers."""
+    topic = row.topic or fixed_topic or DEBEZIUM_TOPIC_PREFIX + row.aggregatetype
+    event = row.envelope()
+    return OutboxRecord(topic=topic, key=event.key, value=row.payload, headers=event.headers())

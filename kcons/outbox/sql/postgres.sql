@@ -1,0 +1,63 @@
+-- kcons outbox schema for PostgreSQL (>= 13). Applied by `kcons outbox init`; idempotent.
+-- {table} is replaced by the validated table name.
+--
+-- Debezium's outbox event-router columns: id, aggregatetype, aggregateid, type, payload.
+-- Relay columns:
+--   position      commit-order position: taken from an identity sequence (CACHE 1) when the row is
+--                 inserted, i.e. while the writer holds its locks on the aggregate, so for writers that
+--                 serialise on an aggregate, position order is that aggregate's commit order.
+--   txid          the writing transaction (xid8), for diagnostics and grouping a transaction's events.
+--   topic         optional per-row topic (else the relay's routing decides).
+--   headers       extra Kafka headers (JSON object of text values), traceparent included.
+--   version       the aggregate's version, monotonic per aggregate (kcons-version header).
+--   created_at    insert time (database clock), for the age metrics.
+--   published_at  set when Kafka acknowledged the row (retention mode); NULL = not yet published.
+CREATE TABLE IF NOT EXISTS {table} (
+    id            uuid        PRIMARY KEY,
+    aggregatetype text        NOT NULL,
+    aggregateid   text        NOT NULL,
+    type          text        NOT NULL,
+    payload       bytea       NOT NULL,
+    position      bigint      NOT NULL GENERATED ALWAYS AS IDENTITY (CACHE 1),
+    txid          xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    topic         text,
+    headers       jsonb,
+    version       bigint,
+    created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    published_at  timestamptz
+);
+
+-- The relay scans only unpublished rows, in position order.
+CREATE INDEX IF NOT EXISTS {table}_unpublished ON {table} (position) WHERE published_at IS NULL;
+-- Retention cleanup scans only published rows.
+CREATE INDEX IF NOT EXISTS {table}_published ON {table} (published_at) WHERE published_at IS NOT NULL;
+
+-- Fencing: the highest leadership token that ever marked rows. A relay whose token is lower
+-- (a paused former leader) cannot mark or delete rows any more.
+CREATE TABLE IF NOT EXISTS {table}_fence (
+    name       text        PRIMARY KEY,
+    token      bigint      NOT NULL,
+    holder     text        NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Fencing tokens of the advisory-lock lease backend (one row per lease name).
+CREATE TABLE IF NOT EXISTS kcons_lease_tokens (
+    name       text        PRIMARY KEY,
+    token      bigint      NOT NULL,
+    holder     text        NOT NULL,
+    granted_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Wake the relay at commit: one NOTIFY per inserting statement, delivered only if the
+-- transaction commits (PostgreSQL folds duplicates within a transaction).
+CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{table}', '');
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS {table}_notify ON {table};
+CREATE TRIGGER {table}_notify AFTER INSERT ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();

@@ -1,0 +1,403 @@
+"""Where the relay reads unpublished rows and marks published ones: PostgreSQL and SQLite.
+
+Why publishing in ``position`` order over *committed* rows is gap-free and keeps each
+aggregate's commit order (PostgreSQL):
+
+* The relay never keeps a cursor ("rows after the last position I saw"). Each batch is the
+  lowest-positioned rows with ``published_at IS NULL`` that are visible in a fresh snapshot,
+  i.e. committed. A row whose transaction is still open is invisible in that snapshot and stays
+  unpublished, so the next snapshot after its commit finds it, however low its position: the
+  sequence-gap problem cannot occur, without any sleep. A rolled-back row is never visible.
+* A transaction that is open when the snapshot is taken is in the snapshot's
+  ``pg_snapshot_xip`` list (or at or above ``pg_snapshot_xmax``). A writer draws its row's
+  position while holding the lock that serialises writers of the aggregate, so while it is open
+  no other transaction can commit a *later* row of that aggregate: every visible row of the
+  aggregate has a lower position than the open one. Publishing visible rows in position order
+  therefore yields each aggregate's commit order.
+* Ordering by transaction id (``xid8``) instead would be wrong: a transaction gets its xid at its
+  first write, possibly before it waits for an aggregate's lock, so a lower xid can commit an
+  aggregate's *later* event. Filtering on ``txid < pg_snapshot_xmin(...)`` would also publish a
+  later event of an aggregate before an earlier one whose xid is still above the horizon. The
+  ``txid`` column is kept for diagnostics: the backlog sample reports how many unpublished rows
+  belong to transactions that are still in progress according to the snapshot (always 0 for a
+  committed-only read) and the horizon age.
+
+Marking is fenced: the ``UPDATE``/``DELETE`` of published rows runs in one transaction with an
+update of the fence row that succeeds only when the relay's lease token is the highest seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from kcons.outbox.publisher import LeadershipLostError
+from kcons.outbox.rows import OutboxRow, decode_headers
+from kcons.outbox.schema import DEFAULT_TABLE, validate_table
+
+__all__ = ["OutboxStore", "PostgresOutboxStore", "SqliteOutboxStore"]
+
+log = logging.getLogger(__name__)
+
+
+class OutboxStore(Protocol):
+    """The relay's view of an outbox table."""
+
+    def fetch(self, limit: int) -> list[OutboxRow]:
+        """The lowest-positioned committed, unpublished rows, in position order."""
+        ...
+
+    def claim_fence(self, name: str, token: int, holder: str) -> None:
+        """Record ``token`` as the current leader's; raise LeadershipLostError if a higher one exists."""
+        ...
+
+    def check_fence(self, name: str, token: int) -> None:
+        """Raise LeadershipLostError if a token higher than ``token`` was recorded."""
+        ...
+
+    def mark_published(self, rows: Sequence[OutboxRow], *, name: str, token: int, retain: bool) -> None:
+        """Delete (or, with ``retain``, mark) ``rows`` in one transaction fenced by ``token``."""
+        ...
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` for new rows (LISTEN/NOTIFY or polling); True if woken early."""
+        ...
+
+    def backlog(self) -> tuple[int, float]:
+        """(unpublished committed rows, age in seconds of the oldest one or 0)."""
+        ...
+
+    def purge_published(self, older_than_s: float, limit: int = 10000) -> int:
+        """Delete up to ``limit`` rows published more than ``older_than_s`` ago; returns the count."""
+        ...
+
+    def close(self) -> None:
+        """Close connections."""
+        ...
+
+
+class PostgresOutboxStore:
+    """The outbox table on PostgreSQL via psycopg 3: one work connection and one LISTEN connection."""
+
+    def __init__(
+        self,
+        dsn: str,
+        table: str = DEFAULT_TABLE,
+        *,
+        application_name: str = "kcons-outbox-relay",
+        session_timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self._dsn = dsn
+        self.table = validate_table(table)
+        self._app = application_name
+        self._timeout_ms = max(1000, int(session_timeout_s * 1000))
+        self._connect_timeout = max(1, int(connect_timeout_s))
+        self._work: Any = None
+        self._listen: Any = None
+        self._lock = threading.Lock()
+        t = self.table
+        self._fetch_sql = (
+            f"SELECT position, id::text, aggregatetype, aggregateid, type, payload, topic, headers, version, "
+            f"extract(epoch FROM clock_timestamp() - created_at)::float8 "
+            f"FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT %s"
+        )
+        self._delete_sql = f"DELETE FROM {t} WHERE position = ANY(%s::bigint[]) AND published_at IS NULL"
+        self._mark_sql = (
+            f"UPDATE {t} SET published_at = clock_timestamp() "
+            f"WHERE position = ANY(%s::bigint[]) AND published_at IS NULL"
+        )
+        self._fence_sql = (
+            f"UPDATE {t}_fence SET token = %s, updated_at = now() WHERE name = %s AND token <= %s RETURNING token"
+        )
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(
+            self._dsn,
+            autocommit=True,
+            connect_timeout=self._connect_timeout,
+            application_name=self._app,
+            # A paused relay must not keep row or fence locks: the server ends its open transaction.
+            options=f"-c idle_in_transaction_session_timeout={self._timeout_ms}",
+        )
+
+    def _conn(self) -> Any:
+        if self._work is None or self._work.closed or self._work.broken:
+            if self._work is not None:
+                self._work.close()
+            self._work = None
+            self._work = self._connect()
+        return self._work
+
+    def _on_error(self) -> None:
+        """Forget a connection that failed, so the next call reconnects."""
+        if self._work is not None and (self._work.closed or self._work.broken):
+            self._work.close()
+            self._work = None
+
+    def fetch(self, limit: int) -> list[OutboxRow]:
+        """The lowest-positioned committed, unpublished rows (a fresh snapshot), in position order."""
+        conn = self._conn()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._fetch_sql, (limit,), prepare=True)
+                raw = cur.fetchall()
+        except Exception:
+            self._on_error()
+            raise
+        return [
+            OutboxRow(
+                position=r[0],
+                id=r[1],
+                aggregatetype=r[2],
+                aggregateid=r[3],
+                type=r[4],
+                payload=bytes(r[5]),
+                topic=r[6],
+                headers=decode_headers(r[7]),
+                version=r[8],
+                age_s=float(r[9]),
+            )
+            for r in raw
+        ]
+
+    def claim_fence(self, name: str, token: int, holder: str) -> None:
+        """Record ``token`` as the current leader's token; raise LeadershipLostError if a higher one exists."""
+        conn = self._conn()
+        try:
+            row = conn.execute(
+                f"INSERT INTO {self.table}_fence (name, token, holder) VALUES (%s, %s, %s) "
+                f"ON CONFLICT (name) DO UPDATE SET token = EXCLUDED.token, holder = EXCLUDED.holder, "
+                f"updated_at = now() WHERE {self.table}_fence.token <= EXCLUDED.token RETURNING token",
+                (name, token, holder),
+            ).fetchone()
+        except Exception:
+            self._on_error()
+            raise
+        if row is None:
+            raise LeadershipLostError(f"fence {name}: a newer leader holds a token above {token}")
+
+    def check_fence(self, name: str, token: int) -> None:
+        """Raise LeadershipLostError if a token higher than ``token`` was recorded."""
+        conn = self._conn()
+        try:
+            row = conn.execute(f"SELECT token FROM {self.table}_fence WHERE name = %s", (name,)).fetchone()
+        except Exception:
+            self._on_error()
+            raise
+        if row is not None and int(row[0]) > token:
+            raise LeadershipLostError(f"fence {name}: token {row[0]} supersedes {token}")
+
+    def mark_published(self, rows: Sequence[OutboxRow], *, name: str, token: int, retain: bool) -> None:
+        """Delete or mark ``rows`` and advance the fence in one transaction; fenced tokens change nothing."""
+        if not rows:
+            return
+        positions = [r.position for r in rows]
+        conn = self._conn()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(self._fence_sql, (token, name, token), prepare=True)
+                if cur.fetchone() is None:
+                    raise LeadershipLostError(f"fence {name}: token {token} was superseded; rows left unmarked")
+                cur.execute(self._mark_sql if retain else self._delete_sql, (positions,), prepare=True)
+        except LeadershipLostError:
+            raise
+        except Exception:
+            self._on_error()
+            raise
+
+    def _listen_conn(self) -> Any:
+        if self._listen is None or self._listen.closed or self._listen.broken:
+            if self._listen is not None:
+                self._listen.close()
+            self._listen = None
+            conn = self._connect()
+            conn.execute(f'LISTEN "{self.table}"')
+            self._listen = conn
+        return self._listen
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Wait for a NOTIFY from the insert trigger, up to ``timeout_s``; falls back to a sleep if LISTEN fails."""
+        import psycopg
+
+        try:
+            conn = self._listen_conn()
+            woke = False
+            for _ in conn.notifies(timeout=timeout_s, stop_after=1):
+                woke = True
+            if woke:  # drain what else is queued, without blocking
+                for _ in conn.notifies(timeout=0):
+                    pass
+            return woke
+        except psycopg.Error as exc:
+            log.warning("outbox LISTEN connection failed (%s); polling instead", type(exc).__name__)
+            if self._listen is not None:
+                self._listen.close()
+                self._listen = None
+            time.sleep(min(timeout_s, 1.0))
+            return False
+
+    def backlog(self) -> tuple[int, float]:
+        """(unpublished committed rows, age in seconds of the oldest one or 0)."""
+        conn = self._conn()
+        try:
+            row = conn.execute(
+                f"SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 "
+                f"FROM {self.table} WHERE published_at IS NULL"
+            ).fetchone()
+        except Exception:
+            self._on_error()
+            raise
+        assert row is not None
+        return int(row[0]), float(row[1])
+
+    def purge_published(self, older_than_s: float, limit: int = 10000) -> int:
+        """Delete up to ``limit`` rows published more than ``older_than_s`` seconds ago."""
+        conn = self._conn()
+        try:
+            cur = conn.execute(
+                f"DELETE FROM {self.table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {self.table} "
+                f"WHERE published_at < clock_timestamp() - make_interval(secs => %s) LIMIT %s))",
+                (older_than_s, limit),
+            )
+        except Exception:
+            self._on_error()
+            raise
+        return int(cur.rowcount)
+
+    def close(self) -> None:
+        """Close both connections."""
+        for conn in (self._work, self._listen):
+            if conn is not None:
+                conn.close()
+        self._work = self._listen = None
+
+
+class SqliteOutboxStore:
+    """The outbox table in a SQLite file, for the embedded single-process case.
+
+    SQLite serialises write transactions, so rowid (position) order is commit order; only
+    committed rows are visible to the relay's connection. There is no NOTIFY: the relay polls
+    ``PRAGMA data_version`` (cheap) every few milliseconds. Run one relay per database file.
+    """
+
+    def __init__(self, path: str, table: str = DEFAULT_TABLE, *, poll_s: float = 0.01) -> None:
+        self._path = path
+        self.table = validate_table(table)
+        self._poll_s = poll_s
+        self._db: sqlite3.Connection | None = None
+        self._fence: dict[str, int] = {}
+        self._data_version: int | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            # The relay owns this connection in its own thread; autocommit mode, explicit BEGIN for writes.
+            self._db = sqlite3.connect(self._path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 30000")
+        return self._db
+
+    def fetch(self, limit: int) -> list[OutboxRow]:
+        """The lowest-positioned committed, unpublished rows, in position order."""
+        now = time.time()
+        cur = self._conn().execute(
+            f"SELECT position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at "
+            f"FROM {self.table} WHERE published_at IS NULL ORDER BY position LIMIT ?",
+            (limit,),
+        )
+        return [
+            OutboxRow(
+                position=r[0],
+                id=r[1],
+                aggregatetype=r[2],
+                aggregateid=r[3],
+                type=r[4],
+                payload=bytes(r[5]),
+                topic=r[6],
+                headers=decode_headers(r[7]),
+                version=r[8],
+                age_s=max(0.0, now - float(r[9])),
+            )
+            for r in cur.fetchall()
+        ]
+
+    def claim_fence(self, name: str, token: int, holder: str) -> None:
+        """Remember ``token`` (single process: kept in memory)."""
+        if self._fence.get(name, 0) > token:
+            raise LeadershipLostError(f"fence {name}: token {self._fence[name]} supersedes {token}")
+        self._fence[name] = token
+
+    def check_fence(self, name: str, token: int) -> None:
+        """Raise LeadershipLostError if a higher token was claimed in this process."""
+        if self._fence.get(name, 0) > token:
+            raise LeadershipLostError(f"fence {name}: token {self._fence[name]} supersedes {token}")
+
+    def mark_published(self, rows: Sequence[OutboxRow], *, name: str, token: int, retain: bool) -> None:
+        """Delete or mark ``rows`` in one transaction."""
+        self.check_fence(name, token)
+        if not rows:
+            return
+        db = self._conn()
+        params = [(r.position,) for r in rows]
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if retain:
+                db.executemany(
+                    f"UPDATE {self.table} SET published_at = ((julianday('now') - 2440587.5) * 86400.0) "
+                    f"WHERE position = ? AND published_at IS NULL",
+                    params,
+                )
+            else:
+                db.executemany(f"DELETE FROM {self.table} WHERE position = ? AND published_at IS NULL", params)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Poll ``PRAGMA data_version`` until another connection commits, up to ``timeout_s``."""
+        db = self._conn()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            row = db.execute("PRAGMA data_version").fetchone()
+            version = int(row[0]) if row else 0
+            if self._data_version is not None and version != self._data_version:
+                self._data_version = version
+                return True
+            self._data_version = version
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self._poll_s, left))
+
+    def backlog(self) -> tuple[int, float]:
+        """(unpublished rows, age in seconds of the oldest one or 0)."""
+        row = (
+            self._conn()
+            .execute(f"SELECT count(*), min(created_at) FROM {self.table} WHERE published_at IS NULL")
+            .fetchone()
+        )
+        if row is None or row[1] is None:
+            return 0, 0.0
+        return int(row[0]), max(0.0, time.time() - float(row[1]))
+
+    def purge_published(self, older_than_s: float, limit: int = 10000) -> int:
+        """Delete up to ``limit`` rows published more than ``older_than_s`` seconds ago."""
+        cutoff = time.time() - older_than_s
+        cur = self._conn().execute(
+            f"DELETE FROM {self.table} WHERE position IN (SELECT position FROM {self.table} "
+            f"WHERE published_at IS NOT NULL AND published_at < ? LIMIT ?)",
+            (cutoff, limit),
+        )
+        return int(cur.rowcount)
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
