@@ -34,6 +34,31 @@ LATENCY_BUCKETS = (
 # --- idempotent consumer and dedup stores --------------------------------------------------
 
 # --- outbox relay ------------------------------------------------------------------------
+OUTBOX_BACKLOG_ROWS = Gauge(
+    "kcons_outbox_backlog_rows", "Committed outbox rows not yet published (sampled by the leader).", ["relay"]
+)
+OUTBOX_OLDEST_AGE_SECONDS = Gauge(
+    "kcons_outbox_oldest_unpublished_age_seconds", "Age of the oldest unpublished outbox row, in seconds.", ["relay"]
+)
+OUTBOX_PUBLISHED_TOTAL = Counter(
+    "kcons_outbox_published_total", "Outbox rows acknowledged by Kafka and marked or deleted.", ["relay"]
+)
+OUTBOX_PUBLISH_LATENCY_SECONDS = Histogram(
+    "kcons_outbox_publish_latency_seconds",
+    "From outbox row insert (database clock) to Kafka acknowledgement, per row.",
+    ["relay"],
+    buckets=LATENCY_BUCKETS,
+)
+OUTBOX_BATCH_SECONDS = Histogram(
+    "kcons_outbox_batch_seconds", "Time to read, publish and mark one relay batch.", ["relay"], buckets=LATENCY_BUCKETS
+)
+OUTBOX_IS_LEADER = Gauge("kcons_outbox_is_leader", "1 while this relay replica holds the outbox lease.", ["relay"])
+OUTBOX_LEADERSHIP_CHANGES_TOTAL = Counter(
+    "kcons_outbox_leadership_changes_total", "Times this replica gained or lost the outbox lease.", ["relay", "change"]
+)
+OUTBOX_ERRORS_TOTAL = Counter(
+    "kcons_outbox_errors_total", "Relay batch attempts that failed and were retried or abandoned.", ["relay", "kind"]
+)
 
 # --- cache -------------------------------------------------------------------------------
 CACHE_HITS = Counter("kcons_cache_hits_total", "ConsistentCache reads answered from Redis.", ["cache"])
