@@ -55,19 +55,30 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_delay,
+    wait_exponential,
+    wait_fixed,
+)
 
 from kcons import metrics
 from kcons.config import check_range, env_float, env_str
 from kcons.envelope import Envelope, HeaderValue, headers_to_dict, read_envelope
-from kcons.errors import ConfigError, DecodeError
+from kcons.errors import ConfigError, DecodeError, StoreError, raise_for_kafka_error
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AppliedInvalidation",
     "CacheBackend",
     "CacheEntry",
+    "CacheInvalidator",
     "CacheSettings",
+    "CacheUnavailableError",
     "CacheWrite",
     "ChangeEvent",
     "ConsistentCache",
@@ -82,6 +93,10 @@ __all__ = [
     "guard_accepts",
     "plan_writes",
 ]
+
+
+class CacheUnavailableError(StoreError):
+    """The cache store could not be reached; the invalidator retries, readers may fall back to the loader."""
 
 
 class Strategy(enum.Enum):
@@ -725,3 +740,80 @@ class CacheInvalidator:
         """Decode and apply a batch of Kafka records; records that change nothing are skipped."""
         events = [e for e in (self.decode(m) for m in messages) if e is not None]
         return self.apply_events(events)
+
+    def run(
+        self,
+        consumer_config: Mapping[str, Any],
+        topics: Sequence[str],
+        *,
+        stop: threading.Event | None = None,
+        max_batch: int = 500,
+        poll_s: float = 0.1,
+        redis_retry_s: float = 60.0,
+    ) -> None:
+        """Consume ``topics`` until ``stop`` is set; a batch's offsets are committed only after Redis acknowledged it.
+
+        ``consumer_config`` is a confluent-kafka config dict (librdkafka names, unchanged) with
+        ``group.id``; auto-commit is forced off and ``isolation.level`` defaults to
+        ``read_committed`` so aborted outbox-relay transactions are never applied. An unreachable
+        Redis is retried (bounded by ``redis_retry_s``, then the error propagates with the batch
+        uncommitted). A malformed change event is logged and skipped.
+        """
+        from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+        check_range("max_batch", max_batch, 1, 100_000)
+        if not consumer_config.get("group.id"):
+            raise ConfigError("group.id", "the invalidator needs a consumer group id")
+        config: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
+        config.update(consumer_config)
+        config["enable.auto.commit"] = False
+        config["enable.auto.offset.store"] = False
+        consumer = Consumer(config)
+        retrying = Retrying(
+            stop=stop_after_delay(redis_retry_s),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            retry=retry_if_exception_type(CacheUnavailableError),
+            reraise=True,
+        )
+        stop = stop or threading.Event()
+        try:
+            consumer.subscribe(list(topics))
+            while not stop.is_set():
+                first = consumer.poll(poll_s)
+                if first is None:
+                    continue
+                batch = [first, *consumer.consume(num_messages=max_batch - 1, timeout=0)] if max_batch > 1 else [first]
+                records = []
+                for msg in batch:
+                    err = msg.error()
+                    if err is None:
+                        records.append(msg)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        if err.fatal():
+                            raise_for_kafka_error(KafkaException(err), "invalidator consume")
+                        log.warning("invalidator consume error: %s", err.str())
+                if not records:
+                    continue
+                events = []
+                for msg in records:
+                    try:
+                        event = self.decode(msg)
+                    except DecodeError as exc:
+                        log.error(
+                            "skipping an undecodable change event at %s[%d]@%d: %s",
+                            msg.topic(), msg.partition(), msg.offset(), exc,
+                        )  # fmt: skip
+                        continue
+                    if event is not None:
+                        events.append(event)
+                retrying(self.apply_events, events)
+                last: dict[tuple[str, int], int] = {}
+                for msg in records:
+                    tp = (str(msg.topic()), int(msg.partition() or 0))
+                    last[tp] = max(last.get(tp, -1), int(msg.offset() or 0))
+                consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
+        finally:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("closing the invalidator's consumer failed: %s", exc)

@@ -12,10 +12,14 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from kcons.cache import CacheEntry, CacheWrite, WriteOp, WriteOutcome, WriteResult, decode_entry
+import redis
+
+from kcons.cache import CacheEntry, CacheUnavailableError, CacheWrite, WriteOp, WriteOutcome, WriteResult, decode_entry
 from kcons.errors import ConfigError, StoreError
 
 __all__ = ["RedisCacheBackend", "cache_keys"]
+
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 _SCRIPT = resources.files("kcons.adapters").joinpath("cache_fill.lua").read_text(encoding="utf-8")
 _OUTCOMES = {1: WriteOutcome.APPLIED, 0: WriteOutcome.STALE, -1: WriteOutcome.LEASE_LOST}
@@ -58,32 +62,48 @@ class RedisCacheBackend:
 
     def read(self, key: str) -> CacheEntry | None:
         """The stored entry, or None (one GET)."""
-        raw = self._get(cache_keys(self._prefix, key)[0])
+        try:
+            raw = self._get(cache_keys(self._prefix, key)[0])
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailableError(f"redis read failed: {type(exc).__name__}") from exc
         if raw is None:
             return None
         return decode_entry(raw)
 
     def take_lease(self, key: str, token: str, ttl_ms: int) -> CacheEntry | bool:
         """A cached value when there is one; else True if the lease was taken, False if held by another."""
-        code, raw = self._script(keys=self.keys(key), args=["lease", "", "", ttl_ms, token])
+        try:
+            code, raw = self._script(keys=self.keys(key), args=["lease", "", "", ttl_ms, token])
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailableError(f"redis lease failed: {type(exc).__name__}") from exc
         if code == 2:
             return decode_entry(raw)
         return bool(code == 1)
 
     def release_lease(self, key: str, token: str) -> None:
         """Drop the lease if ``token`` still holds it."""
-        self._script(keys=self.keys(key), args=["release", "", "", 0, token])
+        try:
+            self._script(keys=self.keys(key), args=["release", "", "", 0, token])
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailableError(f"redis lease release failed: {type(exc).__name__}") from exc
 
     def write(self, write: CacheWrite) -> WriteResult:
         """Apply one guarded write."""
-        return _result(self._script(keys=self.keys(write.key), args=_args(write)))
+        args = _args(write)
+        try:
+            return _result(self._script(keys=self.keys(write.key), args=args))
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailableError(f"redis write failed: {type(exc).__name__}") from exc
 
     def write_many(self, writes: Sequence[CacheWrite]) -> list[WriteResult]:
         """Apply guarded writes in one pipelined round trip, in order."""
         pipe = self._client.pipeline(transaction=False)
         for w in writes:
             self._script(keys=self.keys(w.key), args=_args(w), client=pipe)
-        replies = pipe.execute(raise_on_error=True)
+        try:
+            replies = pipe.execute(raise_on_error=True)
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailableError(f"redis pipeline failed: {type(exc).__name__}") from exc
         return [_result(r) for r in replies]
 
 
