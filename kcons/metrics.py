@@ -28,8 +28,38 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 # --- producer and transactions ------------------------------------------------------------
+TRANSACTIONS_COMMITTED = Counter("kcons_transactions_committed", "Kafka transactions committed by kcons producers.")
+TRANSACTIONS_ABORTED = Counter(
+    "kcons_transactions_aborted", "Kafka transactions aborted by kcons producers, by reason.", ["reason"]
+)
+TRANSACTION_DURATION = Histogram(
+    "kcons_transaction_duration_seconds",
+    "Time from begin_transaction to the end of commit or abort, by outcome.",
+    ["outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+MESSAGES_PRODUCED = Counter("kcons_messages_produced", "Messages acknowledged by the broker to kcons producers.")
+PRODUCE_ERRORS = Counter(
+    "kcons_produce_errors", "Produce and transaction errors seen by kcons producers, by error class.", ["error_class"]
+)
+PRODUCER_REINITIALISATIONS = Counter(
+    "kcons_producer_reinitialisations",
+    "Transactional producers re-created after an indefinite commit or abort outcome.",
+)
 
 # --- processor (exactly-once consume-transform-produce) -----------------------------------
+PROCESSOR_BATCH_SIZE = Histogram(
+    "kcons_processor_batch_size",
+    "Input records per committed processor transaction.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+)
+PROCESSOR_LAG = Gauge("kcons_processor_lag", "Records behind the high watermark on the partitions a processor owns.")
+PROCESSOR_RECORDS = Counter("kcons_processor_records", "Input records whose outputs and offsets were committed.")
+PROCESSOR_REWINDS = Counter(
+    "kcons_processor_rewinds",
+    "Times a processor aborted a batch and rewound to the committed offsets, by reason.",
+    ["reason"],
+)
 
 # --- idempotent consumer and dedup stores --------------------------------------------------
 

@@ -1,0 +1,166 @@
+"""Benchmark: kcons TransactionalProducer (commit every 100 ms) against the raw idempotent confluent-kafka producer.
+
+Both sides send the same number of messages of the same size to fresh topics of the same shape
+on the same broker, interleaved over ``--repeat`` rounds; the best round of each side counts
+(noise from other processes on the machine only ever slows a round down). The baseline is a
+plain ``confluent_kafka.Producer`` with ``enable.idempotence=true`` and a delivery callback that
+counts failures; kcons is :class:`kcons.producer.TransactionalProducer` with its defaults (a
+future per message, a ``kcons-id`` header per message) committing a transaction every
+``--commit-ms`` milliseconds. The last line of output is one JSON object (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kcons.producer import TransactionalProducer
+from kcons.testing import start_stack
+
+log = logging.getLogger("bench.producer")
+
+
+def _topic(admin: AdminClient, partitions: int) -> str:
+    name = f"bench-prod-{uuid.uuid4().hex[:10]}"
+    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
+    futures[name].result(timeout=60)
+    time.sleep(0.5)
+    return name
+
+
+def _common(bootstrap: str, linger_ms: int) -> dict[str, Any]:
+    return {"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "enable.idempotence": True, "acks": "all"}
+
+
+def run_baseline(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int) -> dict[str, Any]:
+    """The raw idempotent producer: produce n messages and flush."""
+    failed = [0]
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failed[0] += 1
+
+    p = Producer({**_common(bootstrap, linger_ms), "on_delivery": on_delivery})
+    p.list_topics(topic, timeout=10)
+    start = time.perf_counter()
+    for i in range(n):
+        key = str(i % 1000).encode()
+        while True:
+            try:
+                p.produce(topic, payload, key)
+                break
+            except BufferError:
+                p.poll(0.01)
+        p.poll(0)
+    left = p.flush(120)
+    elapsed = time.perf_counter() - start
+    if left or failed[0]:
+        raise RuntimeError(f"baseline lost messages: {left} unflushed, {failed[0]} failed")
+    return {"msgs": n, "seconds": round(elapsed, 3), "msgs_per_s": round(n / elapsed, 1)}
+
+
+def run_kcons(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int, commit_ms: int) -> dict[str, Any]:
+    """TransactionalProducer, one transaction per commit interval, futures checked at the end."""
+    p = TransactionalProducer(
+        {**_common(bootstrap, linger_ms), "transactional.id": f"bench-{uuid.uuid4().hex[:8]}"}
+    )
+    p.raw.list_topics(topic, timeout=10)
+    interval = commit_ms / 1000.0
+    futures = []
+    transactions = 0
+    start = time.perf_counter()
+    i = 0
+    while i < n:
+        with p.transaction():
+            txn_end = time.perf_counter() + interval
+            while i < n:
+                futures.append(p.produce(topic, payload, str(i % 1000).encode()))
+                i += 1
+                if i % 256 == 0:
+                    p.poll(0)
+                    if time.perf_counter() >= txn_end:
+                        break
+        transactions += 1
+    elapsed = time.perf_counter() - start
+    failed = sum(1 for f in futures if f.exception(0) is not None)
+    p.close()
+    if failed:
+        raise RuntimeError(f"kcons lost messages: {failed} failed")
+    return {
+        "msgs": n,
+        "seconds": round(elapsed, 3),
+        "msgs_per_s": round(n / elapsed, 1),
+        "transactions": transactions,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--sizes", default="1024,100", help="comma-separated payload sizes in bytes")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument("--commit-ms", type=int, default=100)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    with start_stack(redis=False, postgres=False) as stack:
+        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+        results: dict[int, dict[str, list[dict[str, Any]]]] = {s: {"baseline": [], "kcons": []} for s in sizes}
+        for rnd in range(args.repeat):
+            for size in sizes:
+                payload = os.urandom(size)
+                base = run_baseline(
+                    stack.kafka_bootstrap, _topic(admin, args.partitions), args.messages, payload, args.linger_ms
+                )
+                kc = run_kcons(
+                    stack.kafka_bootstrap,
+                    _topic(admin, args.partitions),
+                    args.messages,
+                    payload,
+                    args.linger_ms,
+                    args.commit_ms,
+                )
+                log.info("round %d size %d: baseline %s kcons %s", rnd, size, base, kc)
+                results[size]["baseline"].append(base)
+                results[size]["kcons"].append(kc)
+
+    def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return max(runs, key=lambda r: float(r["msgs_per_s"]))
+
+    baseline = {f"{s}B": best(results[s]["baseline"]) for s in sizes}
+    kcons = {f"{s}B": best(results[s]["kcons"]) for s in sizes}
+    ratios = {f"{s}B": round(kcons[f"{s}B"]["msgs_per_s"] / baseline[f"{s}B"]["msgs_per_s"], 3) for s in sizes}
+    first = f"{sizes[0]}B"
+    out = {
+        "name": "producer",
+        "baseline": baseline,
+        "kcons": kcons,
+        "ratio": ratios[first],
+        "ratios": ratios,
+        "unit": "msgs/s",
+        "messages": args.messages,
+        "sizes": sizes,
+        "repeat": args.repeat,
+        "partitions": args.partitions,
+        "linger_ms": args.linger_ms,
+        "commit_ms": args.commit_ms,
+        "all_rounds": results,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Exactly-once consume-transform-produce: :class:`TransactionalProcessor`.
+
+Each worker owns one read_committed consumer and one :class:`~kcons.producer.TransactionalProducer`
+(KIP-447: the input offsets are committed inside the output transaction with
+``send_offsets_to_transaction`` and the consumer's group metadata, so the broker fences a
+worker that lost its partitions). A batch is read first and only then processed inside one
+transaction, which is committed before the consumer is polled again; rebalance callbacks run
+only inside that poll, so partitions never move while a transaction is open. Revoked
+partitions' records still in the unprocessed batch are dropped (their new owner reads them
+from the committed offsets). When a transaction aborts (abortable error, failed delivery,
+handler error, timeout) or its outcome is unknown, the consumer rewinds to the committed
+offsets, which the broker returns only once no transaction on them is pending
+(``require_stable``), so nothing is skipped and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, Message, TopicPartition
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
+
+from kcons import metrics
+from kcons.envelope import Envelope
+from kcons.errors import (
+    AbortableTransactionError,
+    ConfigError,
+    FatalKafkaError,
+    IndefiniteOutcomeError,
+    KafkaOperationError,
+    RetriableKafkaError,
+    TimeoutExceededError,
+    classify_kafka_error,
+    kafka_error_to_exception,
+    raise_for_kafka_error,
+)
+from kcons.producer import HeaderList, TransactionalProducer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Handler", "Output", "ProcessorStats", "TransactionalProcessor", "check_consumer_config"]
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record the handler wants written, atomically with the consumption of its input."""
+
+    topic: str
+    value: bytes | str | None
+    key: bytes | str | None = None
+    headers: HeaderList | None = None
+    partition: int | None = None
+
+    @classmethod
+    def event(cls, topic: str, envelope: Envelope) -> Output:
+        """An event with its envelope headers, keyed by aggregate id."""
+        return cls(topic, envelope.payload, envelope.key, list(envelope.headers()))
+
+
+#: ``handler(message)`` returns the outputs for one input record: Output objects or (topic, Envelope) pairs.
+Handler = Callable[[Message], Iterable[Output | tuple[str, Envelope]]]
+
+_EARLIEST = {"earliest", "smallest", "beginning"}
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or str(value).strip().lower() in {"true", "1", "yes", "on"}
+
+
+def check_consumer_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the consumer config made safe for exactly-once, or raise ConfigError naming the property.
+
+    ``group.id`` is required; ``enable.auto.commit=true`` and ``isolation.level=read_uncommitted``
+    are rejected (offsets are committed inside the transaction, and aborted input must stay
+    invisible); both are then set explicitly, with ``enable.auto.offset.store=false``.
+    """
+    cfg = dict(config)
+    if not cfg.get("group.id"):
+        raise ConfigError("group.id", "is required: the processor commits offsets for its consumer group")
+    if "bootstrap.servers" not in cfg and "metadata.broker.list" not in cfg:
+        raise ConfigError("bootstrap.servers", "is not set")
+    if "enable.auto.commit" in cfg and _truthy(cfg["enable.auto.commit"]):
+        raise ConfigError("enable.auto.commit", "must be false: offsets are committed inside each transaction")
+    iso = cfg.get("isolation.level")
+    if iso is not None and str(iso).strip().lower() != "read_committed":
+        raise ConfigError("isolation.level", f"must be read_committed, got {iso!r}")
+    cfg["enable.auto.commit"] = False
+    cfg["enable.auto.offset.store"] = False
+    cfg["isolation.level"] = "read_committed"
+    return cfg
+
+
+@dataclass
+class ProcessorStats:
+    """Counts kept by one processor (also exported as Prometheus metrics)."""
+
+    records: int = 0
+    outputs: int = 0
+    transactions: int = 0
+    rewinds: int = 0
+
+
+class TransactionalProcessor:
+    """Reads ``input_topics``, runs ``handler`` on each record and writes its outputs exactly once.
+
+    The outputs of a batch and the consumer offsets after it commit in one Kafka transaction, so
+    a read_committed reader sees each input's outputs once, whatever crashes. Give every worker
+    process a stable ``transactional_id`` (e.g. ``"<app>-worker-<n>"``): a restarted worker then
+    fences its previous incarnation at once and the broker aborts its open transaction, instead
+    of leaving it to expire after ``transaction.timeout.ms``. A batch closes after ``batch_max``
+    records or ``batch_timeout_s`` seconds from its first record; no transaction is opened
+    without input. A handler exception aborts the batch, rewinds, and is raised from
+    :meth:`run` (nothing is skipped). SIGTERM (when :meth:`run` is called in the main thread)
+    and :meth:`stop` finish the current batch and close cleanly.
+    """
+
+    def __init__(
+        self,
+        consumer_config: Mapping[str, Any],
+        producer_config: Mapping[str, Any],
+        input_topics: Sequence[str],
+        handler: Handler,
+        *,
+        batch_max: int = 500,
+        batch_timeout_s: float = 0.1,
+        transactional_id: str | None = None,
+        poll_timeout_s: float = 0.5,
+        commit_timeout_s: float = 30.0,
+        init_timeout_s: float = 30.0,
+        rewind_timeout_s: float = 60.0,
+    ) -> None:
+        if batch_max < 1:
+            raise ConfigError("batch_max", f"must be >= 1, got {batch_max}")
+        if batch_timeout_s <= 0:
+            raise ConfigError("batch_timeout_s", f"must be > 0, got {batch_timeout_s}")
+        if poll_timeout_s <= 0:
+            raise ConfigError("poll_timeout_s", f"must be > 0, got {poll_timeout_s}")
+        if not input_topics:
+            raise ConfigError("input_topics", "at least one topic is required")
+        if isinstance(input_topics, str):
+            raise ConfigError("input_topics", "expected a list of topic names, got a string")
+        self._consumer_config = check_consumer_config(consumer_config)
+        tid = transactional_id or producer_config.get("transactional.id")
+        if not tid:
+            raise ConfigError(
+                "transactional.id", "is required: give each worker a stable id so a restart fences its zombie"
+            )
+        self.input_topics = list(input_topics)
+        self.handler = handler
+        self.batch_max = batch_max
+        self.batch_timeout_s = batch_timeout_s
+        self.poll_timeout_s = poll_timeout_s
+        self.commit_timeout_s = commit_timeout_s
+        self.rewind_timeout_s = rewind_timeout_s
+        self.stats = ProcessorStats()
+        reset = str(self._consumer_config.get("auto.offset.reset", "latest")).lower()
+        self._reset_offset = OFFSET_BEGINNING if reset in _EARLIEST else OFFSET_END
+        self._stop = threading.Event()
+        self._buffer: list[Message] = []
+        self._lag_at = 0.0
+        self._running = False
+        # The producer first: init_transactions fences an older incarnation of this worker and
+        # settles its open transaction before this consumer fetches any committed offset.
+        self.producer = TransactionalProducer(
+            producer_config,
+            transactional_id=str(tid),
+            init_timeout_s=init_timeout_s,
+            commit_timeout_s=commit_timeout_s,
+        )
+        try:
+            self.consumer = Consumer(self._consumer_config)
+        except KafkaException as exc:
+            self.producer.close(0)
+            raise ConfigError("consumer config", str(exc)) from None
+
+    # lifecycle --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current batch (thread- and signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was requested."""
+        return self._stop.is_set()
+
+    def run(self, *, max_records: int | None = None) -> ProcessorStats:
+        """Process until :meth:`stop` (or SIGTERM, or ``max_records`` committed inputs); then close.
+
+        Raises ProducerFencedError/FatalKafkaError when this worker was fenced or its producer
+        broke, and re-raises handler exceptions (after aborting and rewinding).
+        """
+        previous: Any = None
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._running = True
+        try:
+            self.consumer.subscribe(
+                self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            )
+            while not self._stop.is_set():
+                batch = self._collect_batch()
+                if batch:
+                    self._process(batch)
+                self._update_lag()
+                if max_records is not None and self.stats.records >= max_records:
+                    break
+        finally:
+            self._running = False
+            if in_main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            self.close()
+        return self.stats
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        log.info("SIGTERM: stopping after the current batch")
+        self.stop()
+
+    def close(self) -> None:
+        """Leave the group and close both clients (bounded); safe to call twice."""
+        if self.producer.closed and getattr(self, "_consumer_closed", False):
+            return
+        with contextlib.suppress(Exception):
+            if not self.producer.closed and self.producer.in_transaction:
+                self.producer.abort_transaction(reason="closed")
+        if not getattr(self, "_consumer_closed", False):
+            self._consumer_closed = True
+            with contextlib.suppress(KafkaException, RuntimeError):
+                self.consumer.close()
+        self.producer.close(self.commit_timeout_s)
+
+    # rebalancing -------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned %s", _describe(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._give_up(partitions, "revoked")
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._give_up(partitions, "lost")
+
+    def _give_up(self, partitions: list[TopicPartition], why: str) -> None:
+        """Partitions are leaving: no transaction may span the move, and their unprocessed records are dropped."""
+        log.info("%s %s", why, _describe(partitions))
+        if not self.producer.closed and self.producer.in_transaction:
+            # Unreachable by construction (the consumer is never polled with a transaction open),
+            # kept so a future change cannot silently let a transaction span a rebalance.
+            self.producer.abort_transaction(reason=why)
+            metrics.PROCESSOR_REWINDS.labels(why).inc()
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._buffer[:] = [m for m in self._buffer if (m.topic(), m.partition()) not in gone]
+
+    # the loop ---------------------------------------------------------------------------
+
+    def _collect_batch(self) -> list[Message]:
+        """Read up to ``batch_max`` records, closing the batch ``batch_timeout_s`` after its first one."""
+        buf = self._buffer = []
+        deadline: float | None = None
+        while len(buf) < self.batch_max and not self._stop.is_set():
+            if deadline is None:
+                timeout = self.poll_timeout_s
+            else:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+            try:
+                msgs = self.consumer.consume(self.batch_max - len(buf), timeout)
+            except KafkaException as exc:
+                raise_for_kafka_error(exc, "consume")
+            for msg in msgs:
+                err = msg.error()
+                if err is None:
+                    buf.append(msg)
+                elif err.name() == "_PARTITION_EOF":
+                    continue
+                elif err.fatal():
+                    raise kafka_error_to_exception(err, "consume")
+                else:
+                    log.warning("consumer error (%s): %s", classify_kafka_error(err).value, err.str())
+            if buf and deadline is None:
+                deadline = time.monotonic() + self.batch_timeout_s
+            if not msgs and not buf:
+                break  # idle: give run() a chance to update lag and check stop
+        self._buffer = []
+        return buf
+
+    def _process(self, batch: list[Message]) -> None:
+        """Run the handler on a batch and commit its outputs and offsets in one transaction."""
+        offsets: dict[tuple[str, int], int] = {}
+        produced = 0
+        producer = self.producer
+        try:
+            with producer.transaction():
+                for msg in batch:
+                    for out in self.handler(msg):
+                        if isinstance(out, Output):
+                            producer.produce(
+                                out.topic, out.value, out.key, headers=out.headers, partition=out.partition
+                            )
+                        else:
+                            topic, envelope = out
+                            producer.send(topic, envelope)
+                        produced += 1
+                    offsets[_position_key(msg)] = _offset_of(msg) + 1
+                producer.send_offsets(
+                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                    self.consumer.consumer_group_metadata(),
+                    self.commit_timeout_s,
+                )
+        except IndefiniteOutcomeError as exc:
+            # The producer was re-created; the committed offsets now say whether the batch committed.
+            log.warning("batch outcome unknown (%s); rewinding to the committed offsets", exc)
+            self._rewind("indefinite")
+            return
+        except FatalKafkaError:
+            raise
+        except (AbortableTransactionError, TimeoutExceededError, RetriableKafkaError) as exc:
+            log.warning("batch aborted (%s); rewinding to the committed offsets", exc)
+            self._rewind("aborted")
+            return
+        except Exception:
+            if not producer.closed:
+                self._rewind("handler_error")
+            raise
+        self.stats.records += len(batch)
+        self.stats.outputs += produced
+        self.stats.transactions += 1
+        metrics.PROCESSOR_RECORDS.inc(len(batch))
+        metrics.PROCESSOR_BATCH_SIZE.observe(len(batch))
+
+    def _rewind(self, reason: str) -> None:
+        """Seek every assigned partition back to its committed offset (the reset policy where there is none)."""
+        self.stats.rewinds += 1
+        metrics.PROCESSOR_REWINDS.labels(reason).inc()
+
+        def fetch() -> list[TopicPartition]:
+            assignment = self.consumer.assignment()
+            if not assignment:
+                return []
+            try:
+                return list(self.consumer.committed(assignment, timeout=min(10.0, self.rewind_timeout_s)))
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if err is not None and hasattr(err, "name") and str(err.name()) in {"_TIMED_OUT", "REQUEST_TIMED_OUT"}:
+                    raise RetriableKafkaError(f"fetching committed offsets timed out: {err.str()}") from exc
+                raise_for_kafka_error(exc, "committed")
+                raise
+
+        retrying = Retrying(
+            stop=stop_after_attempt(20) | stop_after_delay(self.rewind_timeout_s),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            retry=retry_if_exception_type(RetriableKafkaError),
+            reraise=True,
+        )
+        committed = retrying(fetch)
+        for tp in committed:
+            if tp.error is not None:
+                raise KafkaOperationError(f"cannot read the committed offset of {tp.topic}[{tp.partition}]: {tp.error}")
+            offset = tp.offset if tp.offset >= 0 else self._reset_offset
+            try:
+                self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+            except KafkaException as exc:
+                raise_for_kafka_error(exc, f"seek {tp.topic}[{tp.partition}]")
+        log.info("rewound %d partition(s) to their committed offsets (%s)", len(committed), reason)
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._lag_at < 1.0:
+            return
+        self._lag_at = now
+        try:
+            positions = self.consumer.position(self.consumer.assignment())
+            lag = 0
+            for tp in positions:
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    lag += max(0, high - tp.offset)
+            metrics.PROCESSOR_LAG.set(lag)
+        except (KafkaException, RuntimeError) as exc:
+            log.debug("lag not updated: %s", exc)
+
+
+def _position_key(msg: Message) -> tuple[str, int]:
+    topic, partition = msg.topic(), msg.partition()
+    if topic is None or partition is None:
+        raise KafkaOperationError("a consumed record has no topic or partition")
+    return topic, partition
+
+
+def _offset_of(msg: Message) -> int:
+    offset = msg.offset()
+    if offset is None or offset < 0:
+        raise KafkaOperationError(f"a consumed record of {msg.topic()} has no offset")
+    return offset
+
+
+def _describe(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

@@ -1,0 +1,801 @@
+"""Idempotent and transactional Kafka producers that wrap confluent-kafka, never replace it.
+
+:class:`IdempotentProducer` gives at-least-once delivery without broker-side duplicates
+(``enable.idempotence`` forced on, ``acks=all``). :class:`TransactionalProducer` adds Kafka
+transactions: ``with producer.transaction():`` commits everything produced inside it, or
+nothing. Both take the user's confluent-kafka config dict (librdkafka property names,
+unchanged) or an existing ``confluent_kafka.Producer``; :func:`wrap` picks the right one.
+
+Error handling follows :func:`kcons.errors.classify_kafka_error` and nothing else:
+retriable errors are retried with a bounded tenacity policy; abortable errors abort the
+transaction (:meth:`TransactionalProducer.run_in_transaction` re-runs the whole unit of
+work); fatal and fenced errors close the producer and raise
+:class:`~kcons.errors.FatalKafkaError` / :class:`~kcons.errors.ProducerFencedError`; a commit
+or abort that timed out (indefinite outcome) re-creates the producer with the same
+``transactional.id``, whose ``init_transactions`` fences the old instance and settles the
+open transaction on the broker, and raises :class:`~kcons.errors.IndefiniteOutcomeError`.
+Every blocking step has a bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
+
+from kcons import metrics
+from kcons.config import redact_config
+from kcons.envelope import HEADER_ID, Envelope
+from kcons.errors import (
+    AbortableTransactionError,
+    ConfigError,
+    DeliveryError,
+    ErrorClass,
+    FatalKafkaError,
+    IndefiniteOutcomeError,
+    KafkaOperationError,
+    RetriableKafkaError,
+    TimeoutExceededError,
+    classify_kafka_error,
+    kafka_error_to_exception,
+    raise_for_kafka_error,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DeliveryCallback",
+    "HeaderList",
+    "IdempotentProducer",
+    "TransactionalProducer",
+    "check_producer_config",
+    "fast_event_id",
+    "wrap",
+]
+
+T = TypeVar("T")
+HeaderList = list[tuple[str, bytes | str | None]]
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+#: Error names meaning "init_transactions was already done on this producer".
+_ALREADY_INITIALISED = frozenset({"_STATE", "_CONFLICT"})
+
+
+def _as_bool(setting: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(setting, f"expected true or false, got {value!r}")
+
+
+def check_producer_config(config: Mapping[str, Any], *, transactional: bool) -> dict[str, Any]:
+    """Return a copy of ``config`` made safe for the guarantee, or raise ConfigError naming the property.
+
+    Rejects ``enable.idempotence=false``, ``acks``/``request.required.acks`` other than ``all``/``-1``,
+    more than 5 in-flight requests per connection, zero retries, and (when ``transactional``) a
+    missing ``transactional.id``; a ``transactional.id`` on a non-transactional producer is rejected
+    too, since librdkafka would then refuse every produce outside a transaction. Sets
+    ``enable.idempotence=true`` and ``acks=all`` explicitly.
+    """
+    cfg = dict(config)
+    if "bootstrap.servers" not in cfg and "metadata.broker.list" not in cfg:
+        raise ConfigError("bootstrap.servers", "is not set")
+    if "enable.idempotence" in cfg and not _as_bool("enable.idempotence", cfg["enable.idempotence"]):
+        raise ConfigError("enable.idempotence", "must be true: without it retries can write duplicates")
+    for name in ("acks", "request.required.acks"):
+        if name in cfg and str(cfg[name]).strip().lower() not in {"all", "-1"}:
+            raise ConfigError(name, f"must be all (or -1) so no acknowledged write is lost, got {cfg[name]!r}")
+    inflight = cfg.get("max.in.flight.requests.per.connection", cfg.get("max.in.flight"))
+    if inflight is not None and int(inflight) > 5:
+        raise ConfigError("max.in.flight.requests.per.connection", f"must be <= 5 with idempotence, got {inflight}")
+    for name in ("retries", "message.send.max.retries"):
+        if name in cfg and int(cfg[name]) == 0:
+            raise ConfigError(name, "must be > 0: the idempotent producer relies on retries")
+    tid = cfg.get("transactional.id")
+    if transactional and not tid:
+        raise ConfigError("transactional.id", "is required for a transactional producer (stable per worker)")
+    if not transactional and tid:
+        raise ConfigError("transactional.id", "is set: use TransactionalProducer (or kcons.wrap) for it")
+    cfg["enable.idempotence"] = True
+    cfg.pop("request.required.acks", None)
+    cfg["acks"] = "all"
+    return cfg
+
+
+# --- event ids ---------------------------------------------------------------------------
+
+
+class _EventIds:
+    """UUIDv7 text ids, strictly increasing within the process, cheap enough to make one per message.
+
+    Same layout as :func:`kcons.envelope.uuid7`: 48-bit Unix milliseconds, version 7, a 12-bit
+    sequence within the millisecond, variant bits and 62 random bits. The random bits are drawn
+    once per millisecond (the sequence keeps ids of one millisecond apart), and the text around
+    the sequence is formatted once per millisecond, so an id costs one lock and one small format.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = -1
+        self._seq = 0
+        self._head = ""
+        self._tail = ""
+
+    def next(self) -> bytes:
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms > self._ms:
+                self._start(ms)
+            else:
+                self._seq += 1
+                if self._seq > 0xFFF:  # borrow the next millisecond, as uuid7 does
+                    self._start(self._ms + 1)
+            return f"{self._head}{self._seq:03x}{self._tail}".encode()
+
+    def _start(self, ms: int) -> None:
+        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        low = 0b10 << 62 | rand  # variant + 62 random bits: 16 hex digits
+        ms48 = ms & 0xFFFFFFFFFFFF
+        self._ms = ms
+        self._seq = 0
+        self._head = f"{ms48 >> 16:08x}-{ms48 & 0xFFFF:04x}-7"
+        self._tail = f"-{low >> 48:04x}-{low & 0xFFFFFFFFFFFF:012x}"
+
+
+_event_ids = _EventIds()
+
+
+def fast_event_id() -> bytes:
+    """Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""
+    return _event_ids.next()
+
+
+def _with_event_id(headers: HeaderList | None) -> HeaderList:
+    if headers is None:
+        return [(HEADER_ID, fast_event_id())]
+    for name, _ in headers:
+        if name == HEADER_ID:
+            return headers
+    return [(HEADER_ID, fast_event_id()), *headers]
+
+
+# --- producers ---------------------------------------------------------------------------
+
+
+def _retry_policy(attempts: int, max_delay_s: float) -> Retrying:
+    """Bounded retry of retriable Kafka errors only: exponential backoff from 50 ms to 1 s."""
+    return Retrying(
+        stop=stop_after_attempt(attempts) | stop_after_delay(max_delay_s),
+        wait=wait_exponential(multiplier=0.05, max=1.0),
+        retry=retry_if_exception_type(RetriableKafkaError),
+        reraise=True,
+    )
+
+
+def _kafka_exception_of(exc: BaseException) -> KafkaException | None:
+    """The KafkaException behind ``exc``.
+
+    confluent-kafka's ``poll``/``flush`` raise a fatal error as a KafkaException and then run
+    the delivery callbacks with that exception still pending, which surfaces as a SystemError
+    whose cause is the KafkaException.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KafkaException):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _close_raw(raw: Producer, timeout: float) -> None:
+    """Drop everything queued in ``raw`` and close it, waiting at most ``timeout`` seconds."""
+    with contextlib.suppress(Exception):
+        raw.purge(True, True, False)
+    with contextlib.suppress(Exception):
+        raw.poll(0)  # fail the purged messages' futures now
+    done = threading.Event()
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            raw.close()
+        done.set()
+
+    threading.Thread(target=close, name="kcons-producer-close", daemon=True).start()
+    if not done.wait(timeout):
+        log.warning("closing a Kafka producer took longer than %.1fs; left to finish in the background", timeout)
+
+
+class IdempotentProducer:
+    """At-least-once delivery without broker-side duplicates: ``enable.idempotence`` forced, ``acks=all``.
+
+    Wrapping an existing ``confluent_kafka.Producer`` cannot read its configuration back, so
+    idempotence and ``acks=all`` are then the caller's responsibility (this is assumed, not
+    verified). Every message gets a ``kcons-id`` header (UUIDv7) unless it already has one.
+    Delivery results come back as futures and, optionally, per-message callbacks.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | Producer,
+        *,
+        flush_timeout_s: float = 30.0,
+        close_timeout_s: float = 10.0,
+        event_ids: bool = True,
+    ) -> None:
+        if flush_timeout_s <= 0:
+            raise ConfigError("flush_timeout_s", f"must be > 0, got {flush_timeout_s}")
+        self.flush_timeout_s = flush_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.event_ids = event_ids
+        self._closed = False
+        self._fatal: KafkaError | None = None
+        self._user_error_cb: Callable[[KafkaError], None] | None = None
+        self._user_delivery_cb: DeliveryCallback | None = None
+        self._delivered = 0  # acknowledged since the last metrics update (kept out of the hot path)
+        self._failures_since_begin = 0
+        self._pending: set[Future[Message]] = set()
+        self._config: dict[str, Any] | None
+        if isinstance(config, Producer):
+            self._config = None
+            self.raw: Producer = config
+        else:
+            self._config = self._prepare_config(config)
+            self.raw = self._new_raw()
+
+    # configuration ----------------------------------------------------------------------
+
+    def _prepare_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = check_producer_config(config, transactional=False)
+        return self._take_callbacks(cfg)
+
+    def _take_callbacks(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        self._user_error_cb = cfg.pop("error_cb", None)
+        self._user_delivery_cb = cfg.pop("on_delivery", None) or cfg.pop("delivery.report.cb", None)
+        cfg["error_cb"] = self._on_error
+        return cfg
+
+    def _new_raw(self) -> Producer:
+        assert self._config is not None
+        try:
+            return Producer(self._config)
+        except KafkaException as exc:
+            raise ConfigError("producer config", f"{exc} (config: {redact_config(self._config)})") from None
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+            log.error("fatal Kafka producer error: %s", err.str())
+        else:
+            log.debug("Kafka producer error: %s", err.str())
+        if self._user_error_cb is not None:
+            self._user_error_cb(err)
+
+    # producing --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FatalKafkaError("the producer is closed; create a new one")
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        *,
+        headers: HeaderList | None = None,
+        partition: int | None = None,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> Future[Message]:
+        """Queue one message; the future resolves with the acknowledged message or fails with DeliveryError.
+
+        Waits (bounded by ``flush_timeout_s``) while librdkafka's local queue is full, then
+        raises TimeoutExceededError.
+        """
+        self._check_open()
+        fut: Future[Message] = Future()
+        user_cb = on_delivery or self._user_delivery_cb
+        self._pending.add(fut)
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            self._on_delivery(fut, user_cb, err, msg)
+
+        if self.event_ids:
+            headers = _with_event_id(headers)
+        try:
+            if partition is None:
+                self.raw.produce(topic, value, key, headers=headers, on_delivery=delivered)
+            else:
+                self.raw.produce(topic, value, key, partition, headers=headers, on_delivery=delivered)
+        except BufferError:
+            try:
+                self._produce_when_room(topic, value, key, headers, partition, delivered)
+            except BaseException:
+                self._pending.discard(fut)
+                raise
+        except KafkaException as exc:
+            self._pending.discard(fut)
+            self._raise_kafka(exc, "produce")
+        return fut
+
+    def _produce_when_room(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None,
+        headers: HeaderList | None,
+        partition: int | None,
+        delivered: DeliveryCallback,
+    ) -> None:
+        deadline = time.monotonic() + self.flush_timeout_s
+        kwargs: dict[str, Any] = {"headers": headers, "on_delivery": delivered}
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            self._serve(0.05, "poll")
+            try:
+                self.raw.produce(topic, value, key, **kwargs)
+                return
+            except BufferError:
+                if time.monotonic() >= deadline:
+                    metrics.PRODUCE_ERRORS.labels(ErrorClass.RETRIABLE.value).inc()
+                    raise TimeoutExceededError(
+                        f"the local produce queue stayed full for {self.flush_timeout_s}s (queue.buffering.max.*)"
+                    ) from None
+            except KafkaException as exc:
+                self._raise_kafka(exc, "produce")
+
+    def _on_delivery(
+        self, fut: Future[Message], user_cb: DeliveryCallback | None, err: KafkaError | None, msg: Message
+    ) -> None:
+        # The future leaves the pending set only once resolved: when confluent-kafka runs this callback
+        # with a fatal error already pending, every C call in here fails, and close() must fail it later.
+        if err is None:
+            self._delivered += 1
+            fut.set_result(msg)
+        else:
+            self._failures_since_begin += 1
+            cls = classify_kafka_error(err)
+            metrics.PRODUCE_ERRORS.labels(cls.value).inc()
+            if cls in (ErrorClass.FATAL, ErrorClass.FENCED):
+                self._fatal = err
+            fut.set_exception(
+                DeliveryError(
+                    f"delivery to {msg.topic()} failed: {err.str()} ({err.name()})", code=err.code(), name=err.name()
+                )
+            )
+        self._pending.discard(fut)
+        if user_cb is not None:
+            try:
+                user_cb(err, msg)
+            except Exception:  # a user callback must not break delivery of the others
+                log.exception("a delivery callback raised")
+
+    def _count_delivered(self) -> None:
+        if self._delivered:
+            n, self._delivered = self._delivered, 0
+            metrics.MESSAGES_PRODUCED.inc(n)
+
+    def send(self, topic: str, envelope: Envelope, *, on_delivery: DeliveryCallback | None = None) -> Future[Message]:
+        """Produce an event: key = aggregate id (so one aggregate stays in order), value = payload, envelope headers."""
+        return self.produce(
+            topic, envelope.payload, envelope.key, headers=list(envelope.headers()), on_delivery=on_delivery
+        )
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve delivery callbacks for up to ``timeout`` seconds; returns how many were served."""
+        self._check_open()
+        return self._serve(timeout, "poll")
+
+    def _serve(self, timeout: float, operation: str) -> int:
+        """``raw.poll`` or ``raw.flush`` with fatal errors raised as typed errors (closing the producer)."""
+        try:
+            n = int(self.raw.flush(timeout) if operation == "flush" else self.raw.poll(timeout))
+        except (KafkaException, SystemError) as exc:
+            kexc = _kafka_exception_of(exc)
+            if kexc is None:
+                raise
+            self._raise_kafka(kexc, operation)
+            raise AssertionError("unreachable") from None
+        finally:
+            self._count_delivered()
+        return n
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued message is acknowledged or failed (its future says which).
+
+        Raises TimeoutExceededError when messages remain after ``timeout`` (default ``flush_timeout_s``).
+        """
+        self._check_open()
+        bound = self.flush_timeout_s if timeout is None else timeout
+        remaining = self._serve(bound, "flush")
+        if remaining > 0:
+            raise TimeoutExceededError(f"{remaining} message(s) still unacknowledged after {bound}s")
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (bounded) and close; messages still queued after the bound are dropped and their futures fail."""
+        if self._closed:
+            return
+        bound = self.flush_timeout_s if timeout is None else timeout
+        try:
+            with contextlib.suppress(KafkaException, SystemError, RuntimeError):
+                remaining = int(self.raw.flush(bound))
+                if remaining:
+                    log.warning("closing a producer with %d unacknowledged message(s); they are dropped", remaining)
+        finally:
+            self._count_delivered()
+            self._closed = True
+            _close_raw(self.raw, self.close_timeout_s)
+            self._fail_pending("the producer was closed before the message was acknowledged")
+
+    def _fail_pending(self, reason: str) -> None:
+        """Fail the futures of messages that will never get a delivery report (closed or replaced producer)."""
+        pending, self._pending = self._pending, set()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(DeliveryError(reason))
+
+    @property
+    def closed(self) -> bool:
+        """Whether the producer was closed (explicitly or after a fatal error)."""
+        return self._closed
+
+    def __enter__(self) -> IdempotentProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return 0 if self._closed else len(self.raw)
+
+    # errors -----------------------------------------------------------------------------
+
+    def _raise_kafka(self, exc: KafkaException, operation: str, *, in_transaction_end: bool = False) -> None:
+        """Raise the typed error for ``exc``; a fatal or fenced error closes the producer first."""
+        try:
+            raise_for_kafka_error(exc, operation, in_transaction_end=in_transaction_end)
+        except KafkaOperationError as typed:
+            metrics.PRODUCE_ERRORS.labels(typed.error_class.value).inc()
+            if typed.error_class in (ErrorClass.FATAL, ErrorClass.FENCED):
+                self._close_after_fatal(typed)
+            raise
+
+    def _close_after_fatal(self, err: BaseException) -> None:
+        if not self._closed:
+            log.error("closing the producer after a fatal error: %s", err)
+            self._closed = True
+            _close_raw(self.raw, self.close_timeout_s)
+            self._fail_pending(f"the producer was closed after a fatal error: {err}")
+
+
+class TransactionalProducer(IdempotentProducer):
+    """Exactly-once writes: what is produced inside ``with producer.transaction():`` commits together or not at all.
+
+    ``init_transactions`` runs at construction (bounded by ``init_timeout_s``); it fences any
+    older producer with the same ``transactional.id`` and settles its open transaction. When
+    wrapping an existing Producer, init_transactions is called on it, which verifies that it
+    has a ``transactional.id`` (a producer that was already initialised is accepted); since its
+    config cannot be read back, an indefinite outcome then closes it unless ``producer_factory``
+    is given to build a replacement.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | Producer,
+        *,
+        transactional_id: str | None = None,
+        init_timeout_s: float = 30.0,
+        commit_timeout_s: float = 30.0,
+        flush_timeout_s: float = 30.0,
+        close_timeout_s: float = 10.0,
+        retry_attempts: int = 8,
+        event_ids: bool = True,
+        producer_factory: Callable[[], Producer] | None = None,
+    ) -> None:
+        if init_timeout_s <= 0:
+            raise ConfigError("init_timeout_s", f"must be > 0, got {init_timeout_s}")
+        if commit_timeout_s <= 0:
+            raise ConfigError("commit_timeout_s", f"must be > 0, got {commit_timeout_s}")
+        if retry_attempts < 1:
+            raise ConfigError("retry_attempts", f"must be >= 1, got {retry_attempts}")
+        self._transactional_id = transactional_id
+        self.init_timeout_s = init_timeout_s
+        self.commit_timeout_s = commit_timeout_s
+        self.retry_attempts = retry_attempts
+        self._producer_factory = producer_factory
+        self._in_txn = False
+        self._txn_started = 0.0
+        self._txn_lock = threading.Lock()
+        if isinstance(config, Producer) and transactional_id is not None:
+            raise ConfigError("transactional.id", "cannot be set on an existing Producer; configure it there")
+        super().__init__(config, flush_timeout_s=flush_timeout_s, close_timeout_s=close_timeout_s, event_ids=event_ids)
+        self._init_transactions(accept_already_initialised=self._config is None)
+
+    def _prepare_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = dict(config)
+        if self._transactional_id is not None:
+            cfg["transactional.id"] = self._transactional_id
+        cfg = check_producer_config(cfg, transactional=True)
+        return self._take_callbacks(cfg)
+
+    @property
+    def transactional_id(self) -> str | None:
+        """The ``transactional.id`` (None when wrapping a Producer whose config is unknown)."""
+        return None if self._config is None else str(self._config["transactional.id"])
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open."""
+        return self._in_txn
+
+    def _init_transactions(self, *, accept_already_initialised: bool) -> None:
+        def init() -> None:
+            try:
+                self.raw.init_transactions(self.init_timeout_s)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                name = err.name() if err is not None and hasattr(err, "name") else ""
+                if name == "_NOT_CONFIGURED":
+                    raise ConfigError(
+                        "transactional.id", "the producer has none, so it cannot run transactions"
+                    ) from None
+                if accept_already_initialised and name in _ALREADY_INITIALISED:
+                    return
+                if name in {"_TIMED_OUT", "REQUEST_TIMED_OUT"}:
+                    raise TimeoutExceededError(
+                        f"init_transactions did not finish within {self.init_timeout_s}s"
+                    ) from None
+                self._raise_kafka(exc, "init_transactions")
+
+        try:
+            _retry_policy(self.retry_attempts, self.init_timeout_s * 2)(init)
+        except BaseException:
+            if self._config is not None:
+                self._closed = True
+                _close_raw(self.raw, self.close_timeout_s)
+            raise
+
+    # transactions -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[TransactionalProducer]:
+        """Begin; on normal exit flush everything produced inside (futures resolved) and commit; on exception abort.
+
+        Raises AbortableTransactionError when the commit had to be aborted (re-run the unit of
+        work, e.g. through :meth:`run_in_transaction`), ProducerFencedError/FatalKafkaError when
+        the producer is unusable (it is closed), IndefiniteOutcomeError when the commit timed
+        out (the producer was re-created; the transaction is committed or aborted, unknown which).
+        """
+        self.begin_transaction()
+        try:
+            yield self
+        except BaseException as exc:
+            if self._in_txn:
+                self.abort_transaction(reason="exception" if isinstance(exc, Exception) else "interrupted")
+            raise
+        self.commit_transaction()
+
+    def begin_transaction(self) -> None:
+        """Open a transaction (a local call; no broker round trip)."""
+        self._check_open()
+        if self._in_txn:
+            raise KafkaOperationError("a transaction is already open on this producer (transactions do not nest)")
+        self._raise_if_fatal("begin_transaction")
+        try:
+            self.raw.begin_transaction()
+        except KafkaException as exc:
+            self._raise_kafka(exc, "begin_transaction")
+        self._in_txn = True
+        self._failures_since_begin = 0
+        self._txn_started = time.monotonic()
+
+    def send_offsets(self, offsets: list[TopicPartition], group_metadata: Any, timeout: float = 30.0) -> None:
+        """Add consumer offsets (next offset to read) to the open transaction, so they commit with its outputs.
+
+        An abortable error aborts the transaction and raises AbortableTransactionError.
+        """
+        self._check_open()
+        if not self._in_txn:
+            raise KafkaOperationError("send_offsets needs an open transaction")
+
+        def send() -> None:
+            try:
+                self.raw.send_offsets_to_transaction(offsets, group_metadata, timeout)
+            except KafkaException as exc:
+                self._raise_kafka(exc, "send_offsets_to_transaction")
+
+        try:
+            _retry_policy(self.retry_attempts, timeout)(send)
+        except AbortableTransactionError:
+            self.abort_transaction(reason="abortable_error")
+            raise
+
+    def commit_transaction(self) -> None:
+        """Flush (bounded), then commit; see :meth:`transaction` for the errors."""
+        self._check_open()
+        if not self._in_txn:
+            raise KafkaOperationError("commit_transaction needs an open transaction")
+        deadline = time.monotonic() + self.commit_timeout_s
+        try:
+            remaining = int(self.raw.flush(self.commit_timeout_s))
+        except (KafkaException, SystemError) as exc:
+            kexc = _kafka_exception_of(exc)
+            if kexc is None:
+                raise
+            self._end_failed(kexc, "flush before commit")
+            raise AssertionError("unreachable") from None
+        finally:
+            self._count_delivered()
+        if remaining > 0:
+            self.abort_transaction(reason="flush_timeout")
+            raise TimeoutExceededError(
+                f"{remaining} message(s) unacknowledged {self.commit_timeout_s}s into the commit; transaction aborted"
+            )
+        if self._failures_since_begin:
+            failed = self._failures_since_begin
+            self.abort_transaction(reason="delivery_failed")
+            raise AbortableTransactionError(f"{failed} message(s) of the transaction failed delivery; it was aborted")
+
+        def commit() -> None:
+            try:
+                self.raw.commit_transaction(max(0.001, deadline - time.monotonic()))
+            except KafkaException as exc:
+                self._end_failed(exc, "commit_transaction")
+
+        _retry_policy(self.retry_attempts, self.commit_timeout_s)(commit)
+        self._in_txn = False
+        self._serve(0, "poll")
+        metrics.TRANSACTIONS_COMMITTED.inc()
+        metrics.TRANSACTION_DURATION.labels("committed").observe(time.monotonic() - self._txn_started)
+
+    def abort_transaction(self, *, reason: str = "requested") -> None:
+        """Abort the open transaction (bounded); its messages are never visible to read_committed consumers.
+
+        A timed-out abort re-creates the producer (the broker then aborts the transaction) and
+        does not raise: the outcome of an abort is never in doubt.
+        """
+        self._check_open()
+        if not self._in_txn:
+            return
+
+        def abort() -> None:
+            try:
+                self.raw.abort_transaction(self.commit_timeout_s)
+            except KafkaException as exc:
+                self._end_failed(exc, "abort_transaction")
+
+        try:
+            _retry_policy(self.retry_attempts, self.commit_timeout_s)(abort)
+        except IndefiniteOutcomeError:
+            self._in_txn = False
+            if self._closed:
+                raise
+            log.warning("abort timed out; the producer was re-created and the broker aborts the transaction")
+        self._in_txn = False
+        self._serve(0, "poll")
+        self._fail_pending("the transaction was aborted")
+        metrics.TRANSACTIONS_ABORTED.labels(reason).inc()
+        metrics.TRANSACTION_DURATION.labels("aborted").observe(time.monotonic() - self._txn_started)
+
+    def _end_failed(self, exc: KafkaException, operation: str) -> None:
+        """Handle a failed flush/commit/abort: raise the typed error after doing what its class requires."""
+        try:
+            raise_for_kafka_error(exc, operation, in_transaction_end=True)
+        except KafkaOperationError as typed:
+            metrics.PRODUCE_ERRORS.labels(typed.error_class.value).inc()
+            cls = typed.error_class
+            if cls is ErrorClass.RETRIABLE:
+                raise
+            if cls is ErrorClass.ABORTABLE:
+                if operation != "abort_transaction":
+                    self.abort_transaction(reason="abortable_error")
+                raise
+            self._in_txn = False
+            if cls is ErrorClass.INDEFINITE:
+                metrics.TRANSACTIONS_ABORTED.labels("indefinite").inc()
+                self._reinitialise(typed)
+                raise
+            if cls in (ErrorClass.FATAL, ErrorClass.FENCED):
+                self._close_after_fatal(typed)
+                raise
+            # A permanent error at transaction end (e.g. a state error): abort so the producer stays usable.
+            self._in_txn = True
+            if operation != "abort_transaction":
+                with contextlib.suppress(KafkaOperationError):
+                    self.abort_transaction(reason="error")
+            self._in_txn = False
+            raise
+
+    def _reinitialise(self, cause: BaseException) -> None:
+        """Replace the producer after an indefinite outcome: same transactional.id, fresh init_transactions."""
+        metrics.PRODUCER_REINITIALISATIONS.inc()
+        old = self.raw
+        if self._config is None and self._producer_factory is None:
+            self._closed = True
+            _close_raw(old, self.close_timeout_s)
+            self._fail_pending(f"the producer was closed after an indefinite outcome: {cause}")
+            raise IndefiniteOutcomeError(
+                f"{cause}; the wrapped producer cannot be re-created (pass producer_factory), so it was closed"
+            ) from cause
+        log.warning("transaction outcome unknown (%s): re-creating the producer to fence the old one", cause)
+        _close_raw(old, self.close_timeout_s)
+        self._fail_pending(f"the producer was re-created after an indefinite outcome: {cause}")
+        self._fatal = None
+        self.raw = self._new_raw() if self._config is not None else self._producer_factory()  # type: ignore[misc]
+        self._init_transactions(accept_already_initialised=False)
+
+    def _raise_if_fatal(self, operation: str) -> None:
+        if self._fatal is not None:
+            typed = kafka_error_to_exception(self._fatal, operation)
+            self._close_after_fatal(typed)
+            raise typed
+
+    def run_in_transaction(self, work: Callable[[TransactionalProducer], T], *, attempts: int = 5) -> T:
+        """Run ``work(producer)`` inside a transaction and commit; on an abortable error abort and re-run it all.
+
+        At most ``attempts`` runs. Fatal and fenced errors are raised at once (the producer is
+        closed); an indefinite outcome raises IndefiniteOutcomeError rather than re-running,
+        because the first run may have committed.
+        """
+        if attempts < 1:
+            raise ConfigError("attempts", f"must be >= 1, got {attempts}")
+
+        def once() -> T:
+            with self.transaction():
+                return work(self)
+
+        retrying = Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception_type(AbortableTransactionError),
+            reraise=True,
+        )
+        return retrying(once)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Abort an open transaction (bounded), flush and close."""
+        if not self._closed and self._in_txn:
+            with contextlib.suppress(KafkaOperationError):
+                self.abort_transaction(reason="closed")
+        super().close(timeout)
+
+    def __enter__(self) -> TransactionalProducer:
+        return self
+
+
+def wrap(producer_or_config: Mapping[str, Any] | Producer, **kwargs: Any) -> IdempotentProducer | TransactionalProducer:
+    """The one-line entry point: a TransactionalProducer iff ``transactional.id`` is set, else an IdempotentProducer.
+
+    For an existing Producer, whose config cannot be read, ``init_transactions`` is tried:
+    it succeeds (or reports an already initialised producer) only when a ``transactional.id``
+    is configured.
+    """
+    if isinstance(producer_or_config, Producer):
+        try:
+            return TransactionalProducer(producer_or_config, **kwargs)
+        except ConfigError as exc:
+            if exc.setting != "transactional.id":
+                raise
+            return IdempotentProducer(producer_or_config, **_idempotent_kwargs(kwargs))
+    if producer_or_config.get("transactional.id"):
+        return TransactionalProducer(producer_or_config, **kwargs)
+    return IdempotentProducer(producer_or_config, **_idempotent_kwargs(kwargs))
+
+
+def _idempotent_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    names = ("flush_timeout_s", "close_timeout_s", "event_ids")
+    return {k: v for k, v in kwargs.items() if k in names}
