@@ -33,7 +33,8 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from kcons import metrics
@@ -221,7 +222,7 @@ class OutboxRelay:
         store = PostgresOutboxStore(
             settings.dsn,
             settings.table,
-            application_name=f"kcons-outbox-relay:{settings.name}",
+            application_name=f"kcons-outbox:{settings.name}:{settings.holder}"[:63],
             session_timeout_s=settings.lease_ttl_s,
         )
         publisher = KafkaBatchPublisher(
@@ -231,7 +232,7 @@ class OutboxRelay:
             ack_timeout_s=settings.ack_timeout_s,
         )
         backend = leases or AdvisoryLockLeaseBackend(
-            settings.dsn, application_name=f"kcons-outbox-lease:{settings.name}"
+            settings.dsn, application_name=f"kcons-outbox:{settings.name}:{settings.holder}"[:63]
         )
         return cls(
             store,
@@ -388,7 +389,7 @@ class OutboxRelay:
         """Publish one batch with bounded retries; raises LeadershipLostError or the last error."""
         retrying = Retrying(
             stop=stop_after_delay(self.retry_max_s),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
             retry=retry_if_exception(_is_transient),
             before_sleep=self._record_retry,
             reraise=True,
@@ -406,7 +407,14 @@ class OutboxRelay:
                 if not self.is_leader:
                     if self._lease is not None:
                         self._step_down("lease expired or lost")
-                    if not self._try_lead():
+                    try:
+                        led = self._try_lead()
+                    except Exception as exc:
+                        if not (_is_transient(exc) or isinstance(exc, LeadershipLostError)):
+                            raise
+                        log.warning("taking the lead failed (%s); will try again", type(exc).__name__)
+                        led = False
+                    if not led:
                         self._stop.wait(min(1.0, self.lease_ttl_s / 4))
                         continue
                 try:

@@ -1,0 +1,349 @@
+"""The outbox relay on real PostgreSQL and Kafka: nothing lost, nothing rolled back, order per aggregate, one leader."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+import pytest
+
+from kcons.config import KafkaSettings
+from kcons.envelope import Envelope, read_envelope
+from kcons.outbox import OutboxRelay, OutboxRow, RelaySettings, add, install_schema
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _running(relay: OutboxRelay) -> Iterator[OutboxRelay]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            relay.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        thread.join(60)
+        assert not thread.is_alive(), "relay did not stop"
+    assert not errors, errors
+
+
+def _relay(dsn: str, bootstrap: str, topic: str, **kw: Any) -> OutboxRelay:
+    hooks = {k: kw.pop(k) for k in ("before_commit", "on_published") if k in kw}
+    settings = RelaySettings(dsn=dsn, kafka=KafkaSettings(bootstrap), topic=topic, poll_interval_s=0.5, **kw)
+    return OutboxRelay.for_postgres(settings, **hooks)
+
+
+def _read_all(make_consumer: Callable[..., Any], topic: str, want: int, settle_s: float = 2.0) -> list[Envelope]:
+    """Read ``topic`` as a read_committed consumer until ``want`` events arrived and nothing more comes."""
+    consumer = make_consumer(isolation_level="read_committed")
+    consumer.subscribe([topic])
+    got: list[Envelope] = []
+    deadline = time.monotonic() + 60
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline:
+        msgs = consumer.consume(1000, 0.2)
+        for msg in msgs:
+            assert msg.error() is None, msg.error()
+            env = read_envelope(msg.key(), msg.value(), msg.headers())
+            assert env is not None
+            got.append(env)
+        if msgs:
+            quiet_since = time.monotonic()
+        elif len(got) >= want and time.monotonic() - quiet_since > settle_s:
+            break
+    return got
+
+
+@pytest.fixture
+def outbox_db(fresh_database: Callable[[], str]) -> str:
+    dsn = fresh_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        install_schema(conn)
+        conn.execute("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL)")
+    return dsn
+
+
+def _event(aggregate: str, version: int | None = None, **payload: Any) -> Envelope:
+    return Envelope.of("AccountChanged", "account", aggregate, payload or {"v": version}, version=version)
+
+
+def _unpublished(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM kcons_outbox WHERE published_at IS NULL").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_rolled_back_business_transaction_publishes_nothing(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic(partitions=3)
+    kept, dropped = _event("a-1", 1), _event("a-2", 1)
+    with psycopg.connect(outbox_db) as conn:
+        add(conn, dropped)
+        conn.rollback()
+        add(conn, kept)
+        conn.commit()
+    with _running(_relay(outbox_db, kafka_bootstrap, topic)) as relay:
+        _wait_for("the committed event to be published", lambda: relay.published >= 1)
+    got = _read_all(make_consumer, topic, want=1)
+    assert [e.id for e in got] == [kept.id]
+    assert _unpublished(outbox_db) == 0
+
+
+def test_transaction_that_commits_after_a_later_one_was_published_is_still_published(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic()
+    early, late = _event("slow", 1), _event("fast", 1)
+    slow = psycopg.connect(outbox_db)
+    try:
+        add(slow, early)  # lower xid and lower position, still uncommitted
+        slow_row = slow.execute("SELECT txid::text::bigint, position FROM kcons_outbox WHERE id = %s", (early.id,))
+        slow_xid, slow_pos = slow_row.fetchone() or (0, 0)
+        with psycopg.connect(outbox_db) as fast:
+            add(fast, late)
+            fast_xid, fast_pos = fast.execute(
+                "SELECT txid::text::bigint, position FROM kcons_outbox WHERE id = %s", (late.id,)
+            ).fetchone() or (0, 0)
+            fast.commit()
+        assert slow_xid < fast_xid and slow_pos < fast_pos
+        with _running(_relay(outbox_db, kafka_bootstrap, topic)) as relay:
+            _wait_for("the later transaction's event", lambda: relay.published == 1)
+            slow.commit()  # commits out of id order, after a higher position was already published
+            _wait_for("the earlier transaction's event", lambda: relay.published == 2)
+    finally:
+        slow.close()
+    got = _read_all(make_consumer, topic, want=2)
+    assert [e.id for e in got] == [late.id, early.id]
+
+
+def test_aggregate_events_follow_lock_order_even_when_xid_order_differs(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    """An older transaction that waits for the aggregate lock publishes after the younger one that held it."""
+    topic = unique_topic()
+    with psycopg.connect(outbox_db) as conn:
+        conn.execute("INSERT INTO accounts VALUES ('acc', 0)")
+        conn.commit()
+    older = psycopg.connect(outbox_db)
+    younger = psycopg.connect(outbox_db)
+    done = threading.Event()
+    older_result: list[int] = []
+
+    def bump(conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute("UPDATE accounts SET version = version + 1 WHERE id = 'acc' RETURNING version").fetchone()
+        assert row is not None
+        version = int(row[0])
+        add(conn, _event("acc", version))
+        return version
+
+    try:
+        older_xid = older.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        younger_xid = younger.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        assert older_xid is not None and younger_xid is not None and older_xid[0] < younger_xid[0]
+        assert bump(younger) == 1
+
+        def older_work() -> None:
+            older_result.append(bump(older))  # blocks until `younger` commits
+            older.commit()
+            done.set()
+
+        worker = threading.Thread(target=older_work, daemon=True)
+        worker.start()
+        _wait_for(
+            "the older transaction to wait on the aggregate lock",
+            lambda: _lock_waiters(outbox_db) >= 1,
+        )
+        younger.commit()
+        assert done.wait(30)
+        worker.join(10)
+    finally:
+        older.close()
+        younger.close()
+    assert older_result == [2]
+    with _running(_relay(outbox_db, kafka_bootstrap, topic)) as relay:
+        _wait_for("both events", lambda: relay.published == 2)
+    got = _read_all(make_consumer, topic, want=2)
+    assert [e.version for e in got] == [1, 2]
+
+
+def _lock_waiters(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_per_aggregate_order_holds_under_concurrent_writers_and_small_batches(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic(partitions=4)
+    aggregates = [f"acc-{i}" for i in range(8)]
+    with psycopg.connect(outbox_db) as conn:
+        for a in aggregates:
+            conn.execute("INSERT INTO accounts VALUES (%s, 0)", (a,))
+        conn.commit()
+    per_writer = 60
+
+    def writer(seed: int) -> None:
+        import random
+
+        rnd = random.Random(seed)
+        with psycopg.connect(outbox_db) as conn:
+            for _ in range(per_writer):
+                for a in sorted(rnd.sample(aggregates, 2)):  # sorted: no deadlocks
+                    row = conn.execute(
+                        "UPDATE accounts SET version = version + 1 WHERE id = %s RETURNING version", (a,)
+                    ).fetchone()
+                    assert row is not None
+                    add(conn, _event(a, int(row[0])))
+                conn.commit()
+
+    with _running(_relay(outbox_db, kafka_bootstrap, topic, batch_size=25)) as relay:
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        total = 4 * per_writer * 2
+        _wait_for("every event", lambda: relay.published >= total)
+    got = _read_all(make_consumer, topic, want=total)
+    assert len({e.id for e in got}) == total
+    seen: dict[str, list[int]] = {}
+    for e in got:
+        assert e.version is not None
+        seen.setdefault(e.aggregate_id, []).append(e.version)
+    for versions in seen.values():
+        assert versions == list(range(1, len(versions) + 1))
+
+
+def test_two_relays_elect_one_leader_and_publish_each_event_once(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic(partitions=2)
+    a = _relay(outbox_db, kafka_bootstrap, topic, holder="relay-a", batch_size=50)
+    b = _relay(outbox_db, kafka_bootstrap, topic, holder="relay-b", batch_size=50)
+    both_led = 0
+    with _running(a), _running(b):
+        _wait_for("a leader", lambda: a.is_leader or b.is_leader)
+        with psycopg.connect(outbox_db) as conn:
+            for i in range(300):
+                add(conn, _event(f"k{i % 7}", i))
+                if i % 10 == 9:
+                    conn.commit()
+                both_led += int(a.is_leader and b.is_leader)
+        _wait_for("every event", lambda: a.published + b.published >= 300)
+    assert both_led == 0
+    assert sorted([a.published, b.published]) == [0, 300]
+    got = _read_all(make_consumer, topic, want=300)
+    assert len(got) == 300 and len({e.id for e in got}) == 300
+
+
+def test_leader_cut_off_mid_batch_cannot_publish_after_a_new_leader_took_over(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    """The old leader's Kafka transaction is fenced by the new leader; its batch never becomes visible."""
+    topic = unique_topic()
+    events = [_event(f"k{i % 3}", i) for i in range(20)]
+    with psycopg.connect(outbox_db) as conn:
+        for e in events:
+            add(conn, e)
+        conn.commit()
+    in_commit, resume = threading.Event(), threading.Event()
+
+    def stall_first_commit(rows: Sequence[OutboxRow]) -> None:
+        if not in_commit.is_set():
+            in_commit.set()
+            assert resume.wait(60)
+
+    # A long TTL: the old leader still believes it leads when it resumes, so the Kafka fence must stop it.
+    old = _relay(outbox_db, kafka_bootstrap, topic, holder="relay-old", lease_ttl_s=60.0,
+                 before_commit=stall_first_commit)  # fmt: skip
+    new = _relay(outbox_db, kafka_bootstrap, topic, holder="relay-new", lease_ttl_s=60.0)
+    with _running(old):
+        assert in_commit.wait(60), "old leader never reached its commit"
+        with _running(new):
+            with psycopg.connect(outbox_db, autocommit=True) as admin:
+                cut = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE %s",
+                    ("kcons-outbox:default:relay-old%",),
+                ).fetchone()
+            assert cut is not None and cut[0] >= 1
+            _wait_for("the new leader to publish everything", lambda: new.published == 20)
+            assert old.is_leader  # by its own clock: only fencing can stop it now
+            resume.set()
+            _wait_for("the old leader to step down", lambda: not old.is_leader)
+    assert old.published == 0
+    got = _read_all(make_consumer, topic, want=20)
+    assert sorted(e.id for e in got) == sorted(e.id for e in events)  # each exactly once: the old batch is aborted
+    assert _unpublished(outbox_db) == 0
+
+
+def test_retention_mode_marks_rows_instead_of_deleting_them(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    topic = unique_topic()
+    with psycopg.connect(outbox_db) as conn:
+        for i in range(5):
+            add(conn, _event("r", i))
+        conn.commit()
+    with _running(_relay(outbox_db, kafka_bootstrap, topic, retention_s=3600.0)) as relay:
+        _wait_for("the events", lambda: relay.published == 5)
+    with psycopg.connect(outbox_db) as conn:
+        row = conn.execute("SELECT count(*), count(published_at) FROM kcons_outbox").fetchone()
+    assert row == (5, 5)
+
+
+def test_relay_resumes_after_its_database_connections_are_cut(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic()
+    with _running(_relay(outbox_db, kafka_bootstrap, topic, holder="relay-x", lease_ttl_s=3.0)) as relay:
+        for round_ in range(3):
+            with psycopg.connect(outbox_db) as conn:
+                for i in range(10):
+                    add(conn, _event(f"c{i % 2}", round_ * 10 + i))
+                conn.commit()
+            _wait_for("this round's events", lambda r=round_: relay.published >= (r + 1) * 10)  # type: ignore[misc]
+            with psycopg.connect(outbox_db, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+                    ("kcons-outbox:default:relay-x%",),
+                )
+    got = _read_all(make_consumer, topic, want=30)
+    assert {e.id for e in got} == {e.id for e in got} and len({e.id for e in got}) == 30
+    assert _unpublished(outbox_db) == 0
+
+
+def test_event_ids_are_unique_in_the_outbox(outbox_db: str) -> None:
+    event = _event("dup", 1)
+    with psycopg.connect(outbox_db) as conn:
+        add(conn, event)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            add(conn, Envelope(id=event.id, type="x", aggregate_type="y", aggregate_id="z", payload=b""))
+        conn.rollback()
+    assert uuid.UUID(event.id).version == 7
