@@ -58,17 +58,15 @@ from typing import Any, Protocol, runtime_checkable
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
     retry_if_result,
     stop_after_delay,
-    wait_exponential,
     wait_fixed,
 )
 
 from kcons import metrics
 from kcons.config import check_range, env_float, env_str
 from kcons.envelope import Envelope, HeaderValue, headers_to_dict, read_envelope
-from kcons.errors import ConfigError, DecodeError, StoreError, raise_for_kafka_error
+from kcons.errors import ConfigError, DecodeError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -694,7 +692,9 @@ class CacheInvalidator:
         value_for: ValueFor | None = None,
         version_field: str = "version",
         on_applied: OnApplied | None = None,
+        retry_after_s: float = 0.5,
     ) -> None:
+        check_range("retry_after_s", retry_after_s, 0.0, 3600.0)
         if strategy is Strategy.WRITE_THROUGH:
             raise ConfigError(
                 "strategy",
@@ -707,6 +707,7 @@ class CacheInvalidator:
         self.value_for = value_for
         self.version_field = version_field
         self.on_applied = on_applied
+        self.retry_after_s = retry_after_s
 
     def decode(self, message: Any) -> ChangeEvent | None:
         """Decode a confluent-kafka ``Message`` (raises DecodeError for a malformed change event)."""
@@ -741,79 +742,56 @@ class CacheInvalidator:
         events = [e for e in (self.decode(m) for m in messages) if e is not None]
         return self.apply_events(events)
 
+    def handle(self, message: Any) -> None:
+        """Apply one Kafka record (the IdempotentConsumer handler); returns once Redis acknowledged.
+
+        A malformed change event raises DecodeError (the consumer dead-letters it); an
+        unreachable Redis raises RetryLater, so the partition is rewound and paused, never
+        skipped: the offset is committed only after the invalidation is applied.
+        """
+        from kcons.consumer import RetryLater
+
+        event = self.decode(message)
+        if event is None:
+            return
+        try:
+            self.apply_events([event])
+        except CacheUnavailableError as exc:
+            raise RetryLater(self.retry_after_s, f"cache unavailable: {exc}") from exc
+
+    def consumer(self, config: Mapping[str, Any], topics: Sequence[str], *, store: Any = None, **kwargs: Any) -> Any:
+        """An :class:`~kcons.consumer.IdempotentConsumer` that feeds this invalidator.
+
+        ``config`` is a confluent-kafka consumer config (``group.id`` required);
+        ``isolation.level`` defaults to ``read_committed`` (aborted relay transactions are never
+        applied) and ``auto.offset.reset`` to ``earliest``. The dedup ``store`` defaults to an
+        in-memory one: the version guard already makes re-applying an event harmless, so the
+        store only saves Redis round trips. Other keyword arguments go to the consumer.
+        """
+        from kcons.adapters.memory import MemoryDedupStore
+        from kcons.consumer import IdempotentConsumer
+
+        merged: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
+        merged.update(config)
+        kwargs.setdefault("batch_timeout_s", 0.01)
+        return IdempotentConsumer(
+            merged, topics, self.handle, store=store if store is not None else MemoryDedupStore(), **kwargs
+        )
+
     def run(
         self,
-        consumer_config: Mapping[str, Any],
+        config: Mapping[str, Any],
         topics: Sequence[str],
         *,
         stop: threading.Event | None = None,
-        max_batch: int = 500,
-        poll_s: float = 0.1,
-        redis_retry_s: float = 60.0,
+        store: Any = None,
+        **kwargs: Any,
     ) -> None:
-        """Consume ``topics`` until ``stop`` is set; a batch's offsets are committed only after Redis acknowledged it.
-
-        ``consumer_config`` is a confluent-kafka config dict (librdkafka names, unchanged) with
-        ``group.id``; auto-commit is forced off and ``isolation.level`` defaults to
-        ``read_committed`` so aborted outbox-relay transactions are never applied. An unreachable
-        Redis is retried (bounded by ``redis_retry_s``, then the error propagates with the batch
-        uncommitted). A malformed change event is logged and skipped.
-        """
-        from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-
-        check_range("max_batch", max_batch, 1, 100_000)
-        if not consumer_config.get("group.id"):
-            raise ConfigError("group.id", "the invalidator needs a consumer group id")
-        config: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
-        config.update(consumer_config)
-        config["enable.auto.commit"] = False
-        config["enable.auto.offset.store"] = False
-        consumer = Consumer(config)
-        retrying = Retrying(
-            stop=stop_after_delay(redis_retry_s),
-            wait=wait_exponential(multiplier=0.05, max=2.0),
-            retry=retry_if_exception_type(CacheUnavailableError),
-            reraise=True,
-        )
+        """Consume ``topics`` until ``stop`` is set; offsets commit only after Redis acknowledged the invalidations."""
+        consumer = self.consumer(config, topics, store=store, **kwargs)
         stop = stop or threading.Event()
         try:
-            consumer.subscribe(list(topics))
             while not stop.is_set():
-                first = consumer.poll(poll_s)
-                if first is None:
-                    continue
-                batch = [first, *consumer.consume(num_messages=max_batch - 1, timeout=0)] if max_batch > 1 else [first]
-                records = []
-                for msg in batch:
-                    err = msg.error()
-                    if err is None:
-                        records.append(msg)
-                    elif err.code() != KafkaError._PARTITION_EOF:
-                        if err.fatal():
-                            raise_for_kafka_error(KafkaException(err), "invalidator consume")
-                        log.warning("invalidator consume error: %s", err.str())
-                if not records:
-                    continue
-                events = []
-                for msg in records:
-                    try:
-                        event = self.decode(msg)
-                    except DecodeError as exc:
-                        log.error(
-                            "skipping an undecodable change event at %s[%d]@%d: %s",
-                            msg.topic(), msg.partition(), msg.offset(), exc,
-                        )  # fmt: skip
-                        continue
-                    if event is not None:
-                        events.append(event)
-                retrying(self.apply_events, events)
-                last: dict[tuple[str, int], int] = {}
-                for msg in records:
-                    tp = (str(msg.topic()), int(msg.partition() or 0))
-                    last[tp] = max(last.get(tp, -1), int(msg.offset() or 0))
-                consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
+                consumer.poll_once()
         finally:
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("closing the invalidator's consumer failed: %s", exc)
+            consumer.close()
