@@ -38,7 +38,7 @@ from tenacity import (
 )
 
 from kcons import metrics
-from kcons.config import KafkaSettings, check_range, env_bool, env_float, env_int, env_str, redact
+from kcons.config import KafkaSettings, check_range, env_float, env_int, env_str, redact
 from kcons.errors import ConfigError, KafkaOperationError, StoreError, TimeoutExceededError
 from kcons.lease import Lease, LeaseBackend
 from kcons.outbox.leadership import AdvisoryLockLeaseBackend, SingleProcessLease
@@ -136,8 +136,9 @@ class RelaySettings:
             "metrics_port": env_int("KCONS_OUTBOX_METRICS_PORT", 0, minimum=0, environ=env) if port_raw else None,
             "metrics_host": env_str("KCONS_OUTBOX_METRICS_HOST", "127.0.0.1", env),
         }
-        if env_bool("KCONS_OUTBOX_IDEMPOTENT", False, env):
-            values["mode"] = "idempotent"
+        holder = env_str("KCONS_OUTBOX_HOLDER", None, env)
+        if holder:
+            values["holder"] = holder
         values.update(given)
         return cls(dsn=dsn, kafka=kafka, **values)
 

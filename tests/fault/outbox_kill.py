@@ -1,0 +1,366 @@
+"""Fault run: outbox relays SIGKILLed, paused and cut off from PostgreSQL while writers commit events.
+
+Concurrent writer processes commit events over many aggregates (some transactions rolled back,
+some long-running) while relay replicas (``python -m kcons.outbox.cli relay``) are SIGKILLed at
+random, the leader is SIGSTOPped past its lease TTL and resumed, and the relays' database
+connections are cut with ``pg_terminate_backend``. Afterwards a read_committed consumer reads
+the topic and the run checks: every committed event reached Kafka at least once (``lost``), no
+rolled-back event did, each aggregate's events appear in version order (``out_of_order``,
+judged on first occurrences), and an idempotent consumer (dedup by ``kcons-id``) handles each
+event exactly once (``duplicates``). Prints one JSON object last; exit status 0 only when ok.
+
+    python tests/fault/outbox_kill.py            # full: 20,000 events, 200 aggregates, >= 10 kills
+    python tests/fault/outbox_kill.py --quick    # ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from kcons.envelope import read_envelope
+from kcons.outbox import install_schema
+from kcons.testing import child_env, start_stack
+
+log = logging.getLogger("outbox_kill")
+HERE = Path(__file__).resolve().parent
+
+
+class RelaySlot:
+    """One relay replica slot: a CLI relay process, restarted after each kill."""
+
+    def __init__(self, index: int, args: list[str], env: dict[str, str], logdir: Path) -> None:
+        self.index = index
+        self.args = args
+        self.env = env
+        self.logdir = logdir
+        self.generation = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.crashes = 0
+
+    @property
+    def holder(self) -> str:
+        return f"relay-{self.index}-{self.generation}"
+
+    def start(self) -> None:
+        self.generation += 1
+        env = dict(self.env, KCONS_OUTBOX_HOLDER=self.holder)
+        out = open(self.logdir / f"{self.holder}.log", "wb")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kcons.outbox.cli", "relay", *self.args], env=env, stdout=out, stderr=out
+        )
+        out.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+            return None
+
+
+def _leader_holder(dsn: str) -> str | None:
+    """The holder of the advisory lock right now (from the session that holds it)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database() LIMIT 1"
+        ).fetchone()
+    if not row:
+        return None
+    return str(row[0]).rsplit(":", 1)[-1]
+
+
+def _cut_relay_connections(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'kcons-outbox:%' AND datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _unpublished(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM kcons_outbox").fetchone()
+    return int(row[0]) if row else -1
+
+
+def _create_database(server_dsn: str) -> str:
+    name = f"kcons_fault_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(server_dsn)
+    params["dbname"] = name
+    return make_conninfo("", **params)
+
+
+def _drop_database(server_dsn: str, dsn: str) -> None:
+    name = conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(60)
+
+
+def _read_topic(bootstrap: str, topic: str, expected: set[str], timeout: float) -> list[tuple[str, str, int]]:
+    """All (id, aggregate, version) on ``topic``, read_committed, in partition order."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"verify-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[tuple[str, str, int]] = []
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            msgs = consumer.consume(5000, 0.5)
+            for msg in msgs:
+                if msg.error() is not None:
+                    raise RuntimeError(str(msg.error()))
+                env = read_envelope(msg.key(), msg.value(), msg.headers())
+                assert env is not None and env.version is not None
+                out.append((env.id, env.aggregate_id, env.version))
+                seen.add(env.id)
+            if msgs:
+                quiet_since = time.monotonic()
+            elif expected <= seen and time.monotonic() - quiet_since > 5.0:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+class IdempotentHandler:
+    """The idempotent consumer's contract: a handler runs once per ``kcons-id``; later copies are dropped."""
+
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+        self.handled: dict[str, int] = {}
+        self.order: dict[str, list[int]] = {}
+
+    def __call__(self, event_id: str, aggregate: str, version: int) -> None:
+        if event_id in self.done:
+            return
+        self.done.add(event_id)
+        self.handled[event_id] = self.handled.get(event_id, 0) + 1
+        self.order.setdefault(aggregate, []).append(version)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rnd = random.Random(args.seed)
+    logdir = Path(args.logdir or f"/tmp/kcons-outbox-kill-{uuid.uuid4().hex[:6]}")
+    logdir.mkdir(parents=True, exist_ok=True)
+    with start_stack(redis=False) as stack:
+        dsn = _create_database(stack.postgres_dsn)
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                install_schema(conn)
+                conn.execute("CREATE TABLE accounts (id text PRIMARY KEY, version bigint NOT NULL)")
+                conn.execute(
+                    "INSERT INTO accounts SELECT format('agg-%%s', lpad(i::text, 4, '0')), 0 "
+                    "FROM generate_series(0, %s - 1) i",
+                    (args.aggregates,),
+                )
+            topic = f"outbox-kill-{uuid.uuid4().hex[:8]}"
+            _create_topic(stack.kafka_bootstrap, topic, args.partitions)
+            env = child_env(stack, {"PYTHONUNBUFFERED": "1"})
+            relay_args = [
+                "--dsn", dsn, "--bootstrap", stack.kafka_bootstrap, "--topic", topic,
+                "--lease-ttl", str(args.lease_ttl), "--batch-size", str(args.batch_size), "--poll-interval", "0.5",
+            ]  # fmt: skip
+            slots = [RelaySlot(i, relay_args, env, logdir) for i in range(args.relays)]
+            for slot in slots:
+                slot.start()
+            per_writer = -(-args.events // args.writers)
+            writers = []
+            for i in range(args.writers):
+                argv = [
+                    sys.executable, str(HERE / "_outbox_writer.py"), "--dsn", dsn, "--seed", str(args.seed * 100 + i),
+                    "--events", str(per_writer), "--aggregates", str(args.aggregates), "--duration", str(args.duration),
+                ]  # fmt: skip
+                with open(logdir / f"writer-{i}.log", "wb") as err:
+                    writers.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err))
+            kills = cuts = pauses = 0
+            started = time.monotonic()
+            while any(w.poll() is None for w in writers) or kills < args.kills:
+                time.sleep(rnd.uniform(args.fault_interval * 0.5, args.fault_interval * 1.5))
+                for slot in slots:  # a relay that exited on its own is a crash: restart it
+                    if not slot.alive():
+                        slot.crashes += 1
+                        slot.start()
+                choice = rnd.random()
+                if pauses < args.pauses and choice < 0.15:
+                    holder = _leader_holder(dsn)
+                    victim = next((s for s in slots if s.holder == holder and s.alive()), None)
+                    if victim is not None and victim.proc is not None:
+                        victim.proc.send_signal(signal.SIGSTOP)
+                        time.sleep(args.lease_ttl * 2)  # the server ends its sessions; another replica leads
+                        victim.proc.send_signal(signal.SIGCONT)
+                        pauses += 1
+                        log.info("paused and resumed leader %s", holder)
+                        continue
+                if choice < 0.35:
+                    cuts += 1
+                    log.info("cut %d relay connections", _cut_relay_connections(dsn))
+                    continue
+                holder = _leader_holder(dsn)
+                leader = next((s for s in slots if s.holder == holder), None)
+                victim = leader if leader is not None and rnd.random() < 0.7 else rnd.choice(slots)
+                if victim.alive():
+                    victim.kill()
+                    kills += 1
+                    log.info("SIGKILLed %s (leader %s)", victim.holder, holder)
+                    victim.start()
+                if time.monotonic() - started > args.max_seconds:
+                    break
+            results = []
+            for w in writers:
+                out, _ = w.communicate(timeout=300)
+                if w.returncode != 0:
+                    raise RuntimeError(f"writer failed with {w.returncode}; see {logdir}")
+                results.append(json.loads(out.decode().strip().splitlines()[-1]))
+            for slot in slots:
+                if not slot.alive():
+                    slot.start()
+            drain_deadline = time.monotonic() + args.drain_timeout
+            while _unpublished(dsn) > 0 and time.monotonic() < drain_deadline:
+                time.sleep(0.5)
+            backlog = _unpublished(dsn)
+            exit_codes = [slot.stop() for slot in slots]
+            committed = {i for r in results for i in r["committed"]}
+            rolled_back = {i for r in results for i in r["rolled_back"]}
+            unknown = {i for r in results for i in r["unknown"]}
+            records = _read_topic(stack.kafka_bootstrap, topic, committed, timeout=args.drain_timeout)
+        finally:
+            _drop_database(stack.postgres_dsn, dsn)
+    handler = IdempotentHandler()
+    copies: dict[str, int] = {}
+    for event_id, aggregate, version in records:
+        copies[event_id] = copies.get(event_id, 0) + 1
+        handler(event_id, aggregate, version)
+    delivered = set(copies)
+    lost = len(committed - delivered)
+    phantom = len(delivered & rolled_back)
+    unexpected = len(delivered - committed - rolled_back - unknown)
+    out_of_order = sum(1 for versions in handler.order.values() for a, b in itertools.pairwise(versions) if b <= a)
+    gaps = sum(1 for versions in handler.order.values() if versions != list(range(1, len(versions) + 1)))
+    duplicates = sum(1 for n in handler.handled.values() if n > 1)
+    ok = (
+        lost == 0
+        and phantom == 0
+        and unexpected == 0
+        and out_of_order == 0
+        and gaps == 0
+        and duplicates == 0
+        and backlog == 0
+        and kills >= args.kills
+        and len(committed) >= args.events
+    )
+    return {
+        "name": "outbox_kill",
+        "runs": 1,
+        "faults": kills + cuts + pauses,
+        "kills": kills,
+        "connection_cuts": cuts,
+        "pauses": pauses,
+        "relay_crashes": sum(s.crashes for s in slots),
+        "relay_exit_codes": exit_codes,
+        "sent": len(committed),
+        "aggregates": args.aggregates,
+        "rolled_back": len(rolled_back),
+        "unknown_outcome": len(unknown),
+        "long_running": sum(int(r["long"]) for r in results),
+        "lost": lost,
+        "rolled_back_published": phantom,
+        "unexpected": unexpected,
+        "kafka_records": len(records),
+        "kafka_duplicates": len(records) - len(delivered),
+        "duplicates": duplicates,
+        "out_of_order": out_of_order,
+        "version_gaps": gaps,
+        "backlog_after": backlog,
+        "seconds": round(time.monotonic() - started, 1),
+        "logs": str(logdir),
+        "ok": ok,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small run (~1 minute) for CI")
+    ap.add_argument("--events", type=int)
+    ap.add_argument("--aggregates", type=int)
+    ap.add_argument("--kills", type=int)
+    ap.add_argument("--pauses", type=int)
+    ap.add_argument("--writers", type=int, default=4)
+    ap.add_argument("--relays", type=int, default=3)
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--duration", type=float, help="seconds over which writers spread their events")
+    ap.add_argument("--fault-interval", type=float, default=2.0)
+    ap.add_argument("--lease-ttl", type=float, default=2.0)
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--drain-timeout", type=float, default=180.0)
+    ap.add_argument("--max-seconds", type=float, default=900.0)
+    ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
+    ap.add_argument("--logdir")
+    args = ap.parse_args()
+    quick = {"events": 2000, "aggregates": 40, "kills": 3, "pauses": 1, "duration": 12.0, "writers": 3}
+    full = {"events": 20000, "aggregates": 200, "kills": 12, "pauses": 2, "duration": 45.0}
+    for key, value in (quick if args.quick else full).items():
+        if key == "writers":
+            args.writers = value if args.writers == 4 else args.writers
+        elif getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:
+        args.fault_interval = min(args.fault_interval, 1.5)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    result = run(args)
+    result["seed"] = args.seed
+    print(json.dumps(result))
+    sys.exit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
