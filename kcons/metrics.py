@@ -62,6 +62,45 @@ PROCESSOR_REWINDS = Counter(
 )
 
 # --- idempotent consumer and dedup stores --------------------------------------------------
+CONSUMER_CONSUMED = Counter("kcons_consumer_consumed_total", "Messages the idempotent consumer received from Kafka.")
+CONSUMER_HANDLED = Counter(
+    "kcons_consumer_handled_total", "Messages whose handler succeeded and whose effect is recorded done."
+)
+CONSUMER_DUPLICATES = Counter(
+    "kcons_consumer_duplicates_dropped_total",
+    "Messages dropped because their id was already done (or repeated in a batch).",
+)
+CONSUMER_HANDLER_ERRORS = Counter("kcons_consumer_handler_errors_total", "Failed handler attempts (each retry counts).")
+CONSUMER_DEAD_LETTERED = Counter(
+    "kcons_consumer_dead_lettered_total", "Poison messages whose dead-letter write was acknowledged."
+)
+CONSUMER_FALLBACK_IDS = Counter(
+    "kcons_consumer_fallback_ids_total", "Messages without an event id, deduplicated by topic/partition/offset."
+)
+CONSUMER_HOLDS = Counter(
+    "kcons_consumer_partition_holds_total",
+    "Times a partition was rewound to a message not decided yet and paused (back-pressure), by reason.",
+    ["reason"],
+)
+CONSUMER_COMMIT_FAILURES = Counter("kcons_consumer_commit_failures_total", "Offset commits that failed (retried).")
+CONSUMER_PAUSED_PARTITIONS = Gauge("kcons_consumer_paused_partitions", "Partitions paused for back-pressure right now.")
+CONSUMER_BATCH_SECONDS = Histogram(
+    "kcons_consumer_batch_duration_seconds",
+    "Time to claim, handle, complete and commit one batch.",
+    buckets=LATENCY_BUCKETS,
+)
+DEDUP_STORE_SECONDS = Histogram(
+    "kcons_dedup_store_latency_seconds",
+    "Latency of one dedup store call for a whole batch, by store and operation.",
+    ["store", "op"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+def observe_dedup_store(store: str) -> dict[str, Any]:
+    """Bound histogram children of one dedup store, per operation (claim, complete, release)."""
+    return {op: DEDUP_STORE_SECONDS.labels(store=store, op=op) for op in ("claim", "complete", "release")}
+
 
 # --- outbox relay ------------------------------------------------------------------------
 OUTBOX_BACKLOG_ROWS = Gauge(

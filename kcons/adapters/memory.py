@@ -1,0 +1,105 @@
+"""In-process dedup store: a bounded LRU of ids with lease and retention TTLs.
+
+Fast and dependency-free, for a single consumer process (tests, caches of idempotent
+effects). It forgets everything when the process exits, and when it is full it evicts the
+least recently written ids first, so it bounds memory at the price of dedup memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from kcons.config import check_range
+from kcons.dedup import DEFAULT_RETENTION_S, ClaimResult, check_lease, check_retention
+from kcons.metrics import observe_dedup_store
+
+__all__ = ["MemoryDedupStore"]
+
+_IN_PROGRESS = 0
+_DONE = 1
+
+
+class MemoryDedupStore:
+    """Dedup store in a bounded LRU: claims expire after their lease, done ids after ``retention_s``.
+
+    Thread-safe. Atomic per batch because the whole batch is claimed under one lock. At most
+    ``max_entries`` ids are kept; the oldest written are evicted first.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 1_000_000,
+        retention_s: float = DEFAULT_RETENTION_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max = check_range("max_entries", int(max_entries), 1, 1 << 40)
+        self._retention = check_retention("retention_s", retention_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # id -> (state, expires_at); order = least recently written first.
+        self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._latency = observe_dedup_store("memory")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def claim(self, ids: Sequence[str], lease_s: float) -> set[str]:
+        """Claim the ids that are neither done nor held under an unexpired lease."""
+        return set(self.claim_batch(ids, lease_s).claimed)
+
+    def claim_batch(self, ids: Sequence[str], lease_s: float) -> ClaimResult:
+        """Claim new ids for ``lease_s`` seconds; report the done and busy others."""
+        lease = check_lease(lease_s)
+        started = time.perf_counter()
+        claimed: set[str] = set()
+        done: list[str] = []
+        busy: list[str] = []
+        entries = self._entries
+        with self._lock:
+            now = self._clock()
+            expires = now + lease
+            for event_id in ids:
+                entry = entries.get(event_id)
+                if entry is not None and entry[1] > now:
+                    if entry[0] == _DONE:
+                        done.append(event_id)
+                    elif event_id not in claimed:  # a repeat within the batch is not busy
+                        busy.append(event_id)
+                    continue
+                entries[event_id] = (_IN_PROGRESS, expires)
+                entries.move_to_end(event_id)
+                claimed.add(event_id)
+            self._evict()
+        self._latency["claim"].observe(time.perf_counter() - started)
+        return ClaimResult(frozenset(claimed), frozenset(done), frozenset(busy))
+
+    def complete(self, ids: Sequence[str]) -> None:
+        """Mark ids done until ``retention_s`` from now."""
+        started = time.perf_counter()
+        entries = self._entries
+        with self._lock:
+            expires = self._clock() + self._retention
+            for event_id in ids:
+                entries[event_id] = (_DONE, expires)
+                entries.move_to_end(event_id)
+            self._evict()
+        self._latency["complete"].observe(time.perf_counter() - started)
+
+    def release(self, ids: Sequence[str]) -> None:
+        """Forget in-progress claims (done ids stay done)."""
+        started = time.perf_counter()
+        with self._lock:
+            for event_id in ids:
+                entry = self._entries.get(event_id)
+                if entry is not None and entry[0] == _IN_PROGRESS:
+                    del self._entries[event_id]
+        self._latency["release"].observe(time.perf_counter() - started)
+
+    def _evict(self) -> None:
+        excess = len(self._entries) - self._max
+        for _ in range(max(0, excess)):
+            self._entries.popitem(last=False)

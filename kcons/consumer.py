@@ -1,0 +1,865 @@
+"""IdempotentConsumer: at-least-once delivery, duplicates dropped by a dedup store, poison messages dead-lettered.
+
+Each batch goes through the same steps, and the commit decision is made in one place:
+
+1. consume up to ``batch_size`` messages; read each one's event id (``kcons-id`` header, or
+   Debezium's ``id`` header; a message without one is identified by ``topic/partition/offset``);
+2. claim the ids in the dedup store, one call for the whole batch;
+3. run the handler for claimed ids only (retries under a replaceable tenacity policy); ids
+   already done are dropped as duplicates; ids another worker holds under a lease are *busy*:
+   the partition is rewound to that message and paused, so it is tried again later and never
+   skipped;
+4. record the handled ids done, write poison messages to the dead-letter topic and wait for
+   the acknowledgements;
+5. commit, per partition, the offset after the last message whose effect is done or whose
+   dead-letter write was acknowledged; partitions stopped early are rewound (seek) and paused.
+
+Guarantees: every message is handled at least once or dead-lettered (offsets never move past a
+message that is not done); a message whose id is done is never handled again while the store
+keeps it (retention TTL). With :class:`IdempotentConsumer` a crash after a handler ran but
+before its batch was recorded done can run that handler again once (at-least-once effects).
+:class:`TransactionalIdempotentConsumer` closes that gap for effects in an SQL database: the
+handler runs inside a transaction on the caller's connection and the dedup record commits in
+the same transaction, guarded by the claim's owner, so each event's effect commits exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import tenacity
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from kcons.config import redact_config
+from kcons.dedup import BatchDedupStore, ClaimLostError, ClaimResult, DedupStore, TransactionalDedupStore, check_lease
+from kcons.envelope import HEADER_ID
+from kcons.errors import (
+    ConfigError,
+    DecodeError,
+    ErrorClass,
+    KconsError,
+    PoisonMessageError,
+    StoreError,
+    classify_kafka_error,
+    kafka_error_to_exception,
+)
+from kcons.metrics import (
+    CONSUMER_BATCH_SECONDS,
+    CONSUMER_COMMIT_FAILURES,
+    CONSUMER_CONSUMED,
+    CONSUMER_DEAD_LETTERED,
+    CONSUMER_DUPLICATES,
+    CONSUMER_FALLBACK_IDS,
+    CONSUMER_HANDLED,
+    CONSUMER_HANDLER_ERRORS,
+    CONSUMER_HOLDS,
+    CONSUMER_PAUSED_PARTITIONS,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DLQ_REASON_HEADER",
+    "DLQ_SOURCE_HEADER",
+    "BatchStats",
+    "IdempotentConsumer",
+    "RetryLater",
+    "TransactionalIdempotentConsumer",
+    "default_dlq_topic",
+    "default_event_id",
+    "default_retry_policy",
+    "default_store_retry_policy",
+]
+
+DLQ_REASON_HEADER = "kcons-dlq-reason"
+DLQ_SOURCE_HEADER = "kcons-dlq-source"
+_DLQ_REASON_MAX = 1000
+
+# Client properties a dead-letter producer shares with the consumer (connection and security).
+_SHARED_PREFIXES = (
+    "bootstrap.servers", "security.protocol", "ssl.", "sasl.", "socket.", "broker.", "metadata.", "client.dns",
+    "api.version", "enable.ssl.certificate.verification", "oauthbearer", "error_cb", "logger", "log_level",
+    "client.rack", "resolve_cb", "connections.max.idle.ms", "reconnect.backoff",
+)  # fmt: skip
+
+TP = tuple[str, int]
+Handler = Callable[[Any], None]
+KeyFunction = Callable[[Any], "str | None"]
+
+
+class RetryLater(KconsError):
+    """Raised by a handler when a downstream is saturated: the message is put back and its partition paused.
+
+    The message is not retried at once and not dead-lettered: the partition is rewound to it
+    and paused for ``retry_after_s`` seconds (back-pressure), then consumed again.
+    """
+
+    def __init__(self, retry_after_s: float = 1.0, reason: str = "handler asked to retry later") -> None:
+        self.retry_after_s = max(0.0, float(retry_after_s))
+        super().__init__(reason)
+
+
+@dataclass
+class BatchStats:
+    """What one or more batches did: consumed, handled, duplicates, dead-lettered, deferred."""
+
+    consumed: int = 0
+    handled: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    deferred: int = 0
+    fallback_ids: int = 0
+
+    def add(self, other: BatchStats) -> None:
+        """Accumulate another batch's counts."""
+        self.consumed += other.consumed
+        self.handled += other.handled
+        self.duplicates += other.duplicates
+        self.dead_lettered += other.dead_lettered
+        self.deferred += other.deferred
+        self.fallback_ids += other.fallback_ids
+
+
+def default_event_id(msg: Any) -> str | None:
+    """The event id of a message: the ``kcons-id`` header, else Debezium's ``id`` header, else None.
+
+    Raises DecodeError when the id header is not UTF-8, which makes the message poison.
+    """
+    headers = msg.headers()
+    if not headers:
+        return None
+    debezium: Any = None
+    for name, value in headers:
+        if name == HEADER_ID:
+            return _decode_id(value, HEADER_ID)
+        if name == "id" and debezium is None:
+            debezium = value
+    if debezium is not None:
+        text = _decode_id(debezium, "id")
+        if text is not None and len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+            text = text[1:-1] or None  # Debezium's JSON header converter quotes strings
+        return text
+    return None
+
+
+def _decode_id(value: Any, header: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    try:
+        text = bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"header {header} is not UTF-8") from None
+    return text or None
+
+
+def default_dlq_topic(topic: str) -> str:
+    """The dead-letter topic of ``topic``: ``<topic>.dlq``."""
+    return f"{topic}.dlq"
+
+
+_NOT_RETRIED = (DecodeError, PoisonMessageError, RetryLater, ClaimLostError)
+
+
+def default_retry_policy() -> tenacity.Retrying:
+    """Three attempts with exponential backoff (0.1 s, 0.2 s, ... at most 2 s); poison errors are not retried."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(3),
+        wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+        retry=tenacity.retry_if_not_exception_type(_NOT_RETRIED),
+        reraise=True,
+    )
+
+
+def default_store_retry_policy() -> tenacity.Retrying:
+    """Retries of dedup store calls: four attempts within about a second, StoreError only."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(4),
+        wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
+        retry=tenacity.retry_if_exception_type(StoreError),
+        reraise=True,
+    )
+
+
+@dataclass
+class _Batch:
+    """Bookkeeping of one batch: what is decided per partition and what must be rewound."""
+
+    commit_to: dict[TP, int] = field(default_factory=dict)
+    held: dict[TP, tuple[int, float, str]] = field(default_factory=dict)  # offset, pause seconds, reason
+    first_offset: dict[TP, int] = field(default_factory=dict)
+    claimed: set[str] = field(default_factory=set)
+    done: list[str] = field(default_factory=list)
+    poison: list[tuple[Any, str | None, str]] = field(default_factory=list)  # msg, claimed id, reason
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    def hold(self, tp: TP, offset: int, pause_s: float, reason: str) -> None:
+        """Stop the partition at ``offset``: nothing from there on is committed; it is rewound and paused."""
+        current = self.held.get(tp)
+        if current is None or offset < current[0]:
+            self.held[tp] = (offset, pause_s, reason)
+        if tp in self.commit_to and self.commit_to[tp] > offset:
+            self.commit_to[tp] = offset
+
+
+class IdempotentConsumer:
+    """At-least-once consumer that drops duplicates by event id and dead-letters poison messages.
+
+    ``config`` is a confluent-kafka consumer config (librdkafka names, ``group.id`` required);
+    ``enable.auto.commit`` is forced off because offsets are committed only after the effects
+    are done. ``handler(msg)`` runs once per new event id (see the module docstring for the
+    exact guarantees). The dedup ``store`` should be namespaced by the same consumer group.
+    """
+
+    #: True when a failed batch leaves no effect behind (its effects run in one transaction).
+    _atomic_batch = False
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        handler: Handler,
+        *,
+        store: DedupStore,
+        dlq_topic: Callable[[str], str] | None = None,
+        retry: tenacity.Retrying | None = None,
+        key_fn: KeyFunction = default_event_id,
+        batch_size: int = 500,
+        batch_timeout_s: float = 0.2,
+        lease_s: float = 30.0,
+        pause_s: float = 1.0,
+        dlq_producer_config: Mapping[str, Any] | None = None,
+        dlq_timeout_s: float = 30.0,
+        store_retry: tenacity.Retrying | None = None,
+        consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
+        producer_factory: Callable[[dict[str, Any]], Any] = Producer,
+    ) -> None:
+        if not config.get("group.id"):
+            raise ConfigError("group.id", "the idempotent consumer needs a consumer group (group.id)")
+        if not config.get("bootstrap.servers"):
+            raise ConfigError("bootstrap.servers", "is not set")
+        if not topics or any(not isinstance(t, str) or not t for t in topics):
+            raise ConfigError("topics", f"expected a non-empty list of topic names, got {list(topics)!r}")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= 100_000:
+            raise ConfigError("batch_size", f"must be an integer in [1, 100000], got {batch_size!r}")
+        if not 0 < batch_timeout_s <= 60:
+            raise ConfigError("batch_timeout_s", f"must be in (0, 60], got {batch_timeout_s!r}")
+        if not 0 <= pause_s <= 3600:
+            raise ConfigError("pause_s", f"must be in [0, 3600], got {pause_s!r}")
+        if not 0 < dlq_timeout_s <= 3600:
+            raise ConfigError("dlq_timeout_s", f"must be in (0, 3600], got {dlq_timeout_s!r}")
+        for name, policy in (("retry", retry), ("store_retry", store_retry)):
+            if policy is not None and not isinstance(policy, tenacity.BaseRetrying):
+                raise ConfigError(name, "expected a tenacity.Retrying policy object")
+        self._lease_s = check_lease(lease_s)
+        self._config = dict(config)
+        self._config["enable.auto.commit"] = False
+        self._topics = list(topics)
+        self._handler = handler
+        self._store = store
+        self._batch_store: BatchDedupStore | None = store if isinstance(store, BatchDedupStore) else None
+        self._dlq_topic = dlq_topic or default_dlq_topic
+        self._retry = retry or default_retry_policy()
+        self._store_retry = store_retry or default_store_retry_policy()
+        self._key_fn = key_fn
+        self._batch_size = batch_size
+        self._batch_timeout_s = batch_timeout_s
+        self._pause_s = pause_s
+        self._dlq_timeout_s = dlq_timeout_s
+        self._producer_factory = producer_factory
+        self._dlq_config = self._dead_letter_config(dlq_producer_config)
+        self._producer: Any = None
+        self._paused: dict[TP, float] = {}  # partition -> monotonic time to resume
+        self._uncommitted: dict[TP, int] = {}  # offsets decided but not yet committed
+        self._unreleased: set[str] = set()  # claims whose release failed; retried
+        self._uncompleted: set[str] = set()  # handled ids whose completion failed; retried, treated as done
+        self._stopping = threading.Event()
+        self._closed = False
+        self.stats = BatchStats()
+        self.last_batch = BatchStats()
+        log.info("idempotent consumer for %s, config %s", ",".join(self._topics), redact_config(self._config))
+        self._consumer = consumer_factory(self._config)
+        self._consumer.subscribe(
+            self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    def poll_once(self) -> int:
+        """Consume one batch: claim, handle new ids, complete, dead-letter, commit. Returns messages handled."""
+        if self._closed:
+            raise KconsError("the consumer is closed")
+        self._resume_due()
+        self._retry_leftovers()
+        msgs = self._consumer.consume(self._batch_size, self._batch_timeout_s)
+        if not msgs:
+            if self._uncommitted:
+                self._commit({})
+            return 0
+        started = time.perf_counter()
+        batch = self._valid(msgs)
+        stats = self._process(batch) if batch else BatchStats()
+        CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
+        self.stats.add(stats)
+        self.last_batch = stats
+        return stats.handled
+
+    def run(self, max_messages: int | None = None, idle_timeout_s: float | None = None) -> None:
+        """Process batches until stop() or SIGTERM, ``max_messages`` decided, or ``idle_timeout_s`` without messages.
+
+        A SIGTERM handler that calls :meth:`stop` is installed only when called from the main
+        thread, and the previous handler is restored on return. The consumer stays open.
+        """
+        previous: Any = None
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            previous = signal.signal(signal.SIGTERM, lambda _sig, _frame: self.stop())
+        try:
+            decided_at_start = self._decided()
+            last_activity = time.monotonic()
+            while not self._stopping.is_set():
+                before = self.stats.consumed
+                self.poll_once()
+                now = time.monotonic()
+                if self.stats.consumed != before:
+                    last_activity = now
+                elif idle_timeout_s is not None and now - last_activity >= idle_timeout_s:
+                    return
+                if max_messages is not None and self._decided() - decided_at_start >= max_messages:
+                    return
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current batch (safe from signal handlers and other threads)."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        """Commit what is done, give back claims, flush the dead-letter producer and leave the group."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._retry_leftovers()
+            if self._uncommitted:
+                self._commit({})
+        finally:
+            try:
+                self._consumer.close()
+            finally:
+                if self._producer is not None:
+                    self._producer.flush(self._dlq_timeout_s)
+
+    def __enter__(self) -> IdempotentConsumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def paused_partitions(self) -> list[TP]:
+        """Partitions paused for back-pressure right now."""
+        return sorted(self._paused)
+
+    @property
+    def kafka_consumer(self) -> Any:
+        """The underlying confluent-kafka consumer (for metadata and assignment queries)."""
+        return self._consumer
+
+    # ------------------------------------------------------------------ one batch
+
+    def _valid(self, msgs: list[Any]) -> list[Any]:
+        out = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                out.append(msg)
+                continue
+            if err.code() == KafkaError._PARTITION_EOF:
+                continue
+            cls = classify_kafka_error(err)
+            if cls in (ErrorClass.FATAL, ErrorClass.FENCED):
+                raise kafka_error_to_exception(err, "consume")
+            log.warning("consume reported %s (%s); continuing", err.str(), err.name())
+        return out
+
+    def _process(self, msgs: list[Any]) -> BatchStats:
+        b = _Batch()
+        stats = b.stats
+        stats.consumed = len(msgs)
+        CONSUMER_CONSUMED.inc(len(msgs))
+        key_fn = self._key_fn
+        entries: list[tuple[Any, TP, str | None, str | None]] = []  # msg, tp, id, poison reason
+        first_offset = b.first_offset
+        for msg in msgs:
+            tp = (msg.topic(), msg.partition())
+            if tp not in first_offset:
+                first_offset[tp] = msg.offset()
+            try:
+                event_id = key_fn(msg)
+            except Exception as exc:  # an id that cannot be read makes the message poison
+                entries.append((msg, tp, None, _reason(exc)))
+                continue
+            if event_id is None:
+                event_id = f"{tp[0]}/{tp[1]}/{msg.offset()}"
+                stats.fallback_ids += 1
+            entries.append((msg, tp, event_id, None))
+        if stats.fallback_ids:
+            CONSUMER_FALLBACK_IDS.inc(stats.fallback_ids)
+
+        ids = list(dict.fromkeys(e[2] for e in entries if e[2] is not None))
+        try:
+            result = self._claim(ids)
+        except StoreError as exc:
+            log.warning("dedup store claim failed, pausing %d partitions: %s", len(first_offset), exc)
+            for tp, offset in first_offset.items():
+                b.hold(tp, offset, self._pause_s, "store_error")
+            stats.deferred = len(msgs)
+            self._finish(b)
+            return stats
+        claimed = b.claimed
+        claimed.update(result.claimed)
+        done_before = result.done | self._uncompleted
+
+        try:
+            with self._effects():
+                self._walk(entries, b, claimed, done_before)
+        except Exception as exc:  # the batch did not finish: rewind every partition to its first message
+            log.warning("batch effects failed, rewinding %d partitions: %s", len(first_offset), _reason(exc))
+            if self._atomic_batch:  # the transaction rolled back: nothing of the batch happened
+                b.done.clear()
+            b.commit_to.clear()
+            b.poison.clear()
+            b.held.clear()
+            for tp, offset in first_offset.items():
+                b.hold(tp, offset, self._pause_s, "effects_failed")
+            stats.handled = len(b.done)
+            stats.duplicates = 0
+            stats.deferred = len(msgs) - stats.handled
+        except BaseException:
+            self._abandon(b)
+            raise
+        self._finish(b)
+        return stats
+
+    def _walk(self, entries: list[tuple[Any, TP, str | None, str | None]], b: _Batch, claimed: set[str],
+              done_before: frozenset[str] | set[str]) -> None:  # fmt: skip
+        """Decide every message of the batch in order; a held partition skips the rest of its messages."""
+        seen: set[str] = set()
+        held = b.held
+        commit_to = b.commit_to
+        stats = b.stats
+        done = b.done
+        for msg, tp, event_id, poison in entries:
+            if tp in held:
+                stats.deferred += 1
+                continue
+            offset = msg.offset()
+            if poison is not None:
+                b.poison.append((msg, None, poison))
+                commit_to[tp] = offset + 1
+                continue
+            assert event_id is not None
+            if event_id in seen or event_id in done_before:
+                stats.duplicates += 1
+                commit_to[tp] = offset + 1
+                continue
+            if event_id not in claimed:
+                b.hold(tp, offset, self._pause_s, "busy")
+                stats.deferred += 1
+                continue
+            outcome = self._handle(msg, event_id)
+            if outcome is None:
+                done.append(event_id)
+                seen.add(event_id)
+                commit_to[tp] = offset + 1
+            elif isinstance(outcome, RetryLater):
+                b.hold(tp, offset, outcome.retry_after_s, "retry_later")
+                stats.deferred += 1
+            elif isinstance(outcome, ClaimLostError):
+                b.hold(tp, offset, self._pause_s, "claim_lost")
+                stats.deferred += 1
+            else:
+                b.poison.append((msg, event_id, outcome))
+                seen.add(event_id)
+                commit_to[tp] = offset + 1
+        stats.handled = len(done)
+
+    def _handle(self, msg: Any, event_id: str) -> RetryLater | ClaimLostError | str | None:
+        """Run the handler with retries: None when done, RetryLater/ClaimLostError to hold, else the poison reason."""
+        try:
+            self._attempt(msg, event_id)
+            return None
+        except (RetryLater, ClaimLostError) as exc:
+            return exc
+        except (DecodeError, PoisonMessageError) as exc:
+            CONSUMER_HANDLER_ERRORS.inc()
+            return _reason(exc)
+        except Exception as first:
+            CONSUMER_HANDLER_ERRORS.inc()
+            failure = first
+        # The first attempt already failed: let the tenacity policy decide about the others.
+        pending: list[BaseException] = [failure]
+
+        def attempt() -> None:
+            if pending:
+                raise pending.pop()
+            try:
+                self._attempt(msg, event_id)
+            except Exception:
+                CONSUMER_HANDLER_ERRORS.inc()
+                raise
+
+        try:
+            self._retry(attempt)
+            return None
+        except tenacity.RetryError as exc:
+            last = exc.last_attempt.exception()
+            failure = last if isinstance(last, Exception) else exc
+        except Exception as exc:
+            failure = exc
+        if isinstance(failure, (RetryLater, ClaimLostError)):
+            return failure
+        return _reason(failure)
+
+    def _finish(self, b: _Batch) -> None:
+        """Record done, dead-letter, give back claims, rewind held partitions and commit: the one commit decision."""
+        if b.done:
+            self._record_done(b.done)
+        if b.poison:
+            self._dead_letter(b)
+        leftover = b.claimed.difference(b.done)
+        if leftover:
+            self._release(leftover)
+        stats = b.stats
+        if stats.duplicates:
+            CONSUMER_DUPLICATES.inc(stats.duplicates)
+        if stats.handled:
+            CONSUMER_HANDLED.inc(stats.handled)
+        for tp, (offset, pause_s, reason) in b.held.items():
+            self._rewind(tp, offset, pause_s)
+            CONSUMER_HOLDS.labels(reason=reason).inc()
+        if b.commit_to:
+            self._commit(b.commit_to)
+
+    def _abandon(self, b: _Batch) -> None:
+        """On an interrupt mid-batch: keep what is done, give back the rest, rewind every partition."""
+        with contextlib.suppress(Exception):
+            if b.done:
+                self._record_done(b.done)
+            self._release(b.claimed.difference(b.done))
+        for tp, offset in b.first_offset.items():
+            with contextlib.suppress(Exception):
+                self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+
+    # ------------------------------------------------------------------ effects (the transactional variant overrides)
+
+    def _effects(self) -> contextlib.AbstractContextManager[Any]:
+        """The unit of work around the batch's handlers (none: each handler's effect is its own)."""
+        return contextlib.nullcontext()
+
+    def _attempt(self, msg: Any, event_id: str) -> None:
+        """One handler attempt."""
+        self._handler(msg)
+
+    def _record_done(self, ids: list[str]) -> None:
+        """Mark handled ids done in the store; on failure keep them to retry, and treat them as done meanwhile."""
+        try:
+            self._store_retry(self._store.complete, ids)
+        except StoreError as exc:
+            log.error("recording %d handled ids done failed; retrying later: %s", len(ids), exc)
+            self._uncompleted.update(ids)
+
+    # ------------------------------------------------------------------ store, dead letters, offsets
+
+    def _claim(self, ids: list[str]) -> ClaimResult:
+        if not ids:
+            return ClaimResult(frozenset())
+        if self._batch_store is not None:
+            result: ClaimResult = self._store_retry(self._batch_store.claim_batch, ids, self._lease_s)
+            return result
+        # A plain DedupStore cannot tell done from busy: treat the unclaimed as busy (never lose one).
+        claimed = self._store_retry(self._store.claim, ids, self._lease_s)
+        return ClaimResult(frozenset(claimed))
+
+    def _release(self, ids: set[str]) -> None:
+        try:
+            self._store_retry(self._store.release, list(ids))
+        except StoreError as exc:
+            log.warning("releasing %d claims failed; retrying later: %s", len(ids), exc)
+            self._unreleased.update(ids)
+
+    def _retry_leftovers(self) -> None:
+        if self._uncompleted:
+            ids = list(self._uncompleted)
+            try:
+                self._store.complete(ids)
+                self._uncompleted.difference_update(ids)
+            except StoreError as exc:
+                log.warning("recording %d ids done still fails: %s", len(ids), exc)
+        if self._unreleased:
+            ids = list(self._unreleased)
+            try:
+                self._store.release(ids)
+                self._unreleased.difference_update(ids)
+            except StoreError as exc:
+                log.warning("releasing %d claims still fails: %s", len(ids), exc)
+
+    def _dead_letter(self, b: _Batch) -> None:
+        """Write poison messages to their dead-letter topics and wait for the acknowledgements.
+
+        A message whose write is not acknowledged holds its partition at its offset, so it is
+        consumed and tried again later instead of being lost.
+        """
+        producer = self._dlq_producer()
+        failed: dict[int, str] = {}
+        acked: set[int] = set()
+        for i, (msg, _event_id, reason) in enumerate(b.poison):
+            headers = list(msg.headers() or [])
+            headers.append((DLQ_REASON_HEADER, reason.encode("utf-8", "replace")))
+            headers.append((DLQ_SOURCE_HEADER, f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()))
+
+            def on_delivery(err: Any, _m: Any, i: int = i) -> None:
+                if err is None:
+                    acked.add(i)
+                else:
+                    failed[i] = f"{err.str()} ({err.name()})"
+
+            try:
+                self._produce(producer, self._dlq_topic(msg.topic()), msg, headers, on_delivery)
+            except (KafkaException, BufferError) as exc:
+                failed[i] = str(exc)
+        remaining = producer.flush(self._dlq_timeout_s)
+        if remaining:
+            log.error("%d dead-letter writes were not acknowledged within %.1fs", remaining, self._dlq_timeout_s)
+        for i, (msg, _event_id, _reason) in enumerate(b.poison):
+            if i in acked:
+                continue
+            log.error(
+                "dead-letter write of %s/%d/%d failed (%s); the partition is rewound to it",
+                msg.topic(), msg.partition(), msg.offset(), failed.get(i, "not acknowledged"),
+            )  # fmt: skip
+            b.hold((msg.topic(), msg.partition()), msg.offset(), self._pause_s, "dead_letter_failed")
+            b.stats.deferred += 1
+        b.stats.dead_lettered = len(acked)
+        if acked:
+            CONSUMER_DEAD_LETTERED.inc(len(acked))
+
+    def _produce(self, producer: Any, topic: str, msg: Any, headers: list[Any], cb: Callable[..., None]) -> None:
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(BufferError),
+            stop=tenacity.stop_after_attempt(5),
+            wait=tenacity.wait_fixed(0.1),
+            before_sleep=lambda _state: producer.poll(0.5),
+            reraise=True,
+        ):
+            with attempt:
+                producer.produce(topic, value=msg.value(), key=msg.key(), headers=headers, on_delivery=cb)
+
+    def _dlq_producer(self) -> Any:
+        if self._producer is None:
+            self._producer = self._producer_factory(self._dlq_config)
+        return self._producer
+
+    def _dead_letter_config(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+        config = {k: v for k, v in self._config.items() if k.startswith(_SHARED_PREFIXES)}
+        config.update({"enable.idempotence": True, "acks": "all", "linger.ms": 5})
+        config.update(overrides or {})
+        return config
+
+    def _rewind(self, tp: TP, offset: int, pause_s: float) -> None:
+        part = TopicPartition(tp[0], tp[1], offset)
+        try:
+            self._consumer.seek(part)
+            if pause_s > 0:
+                self._consumer.pause([TopicPartition(tp[0], tp[1])])
+                self._paused[tp] = time.monotonic() + pause_s
+        except KafkaException as exc:
+            # The partition was revoked meanwhile: its new owner starts from the committed offset.
+            log.warning("rewinding %s[%d] to %d failed: %s", tp[0], tp[1], offset, exc)
+        CONSUMER_PAUSED_PARTITIONS.set(len(self._paused))
+
+    def _resume_due(self) -> None:
+        if not self._paused:
+            return
+        now = time.monotonic()
+        due = [tp for tp, at in self._paused.items() if at <= now]
+        if not due:
+            return
+        for tp in due:
+            del self._paused[tp]
+        try:
+            self._consumer.resume([TopicPartition(t, p) for t, p in due])
+        except KafkaException as exc:
+            log.warning("resuming %d partitions failed: %s", len(due), exc)
+        CONSUMER_PAUSED_PARTITIONS.set(len(self._paused))
+
+    def _commit(self, offsets: Mapping[TP, int]) -> None:
+        """Commit offsets synchronously (merged with earlier failed ones); failures are kept and retried."""
+        pending = dict(self._uncommitted)
+        for tp, offset in offsets.items():
+            if pending.get(tp, -1) < offset:
+                pending[tp] = offset
+        if not pending:
+            return
+        parts = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
+        try:
+            result = self._consumer.commit(offsets=parts, asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if err is not None and hasattr(err, "fatal") and classify_kafka_error(err) is ErrorClass.FATAL:
+                raise kafka_error_to_exception(err, "commit") from exc
+            CONSUMER_COMMIT_FAILURES.inc()
+            log.warning("offset commit failed, will retry: %s", exc)
+            self._uncommitted = self._still_assigned(pending)
+            return
+        failed = {(r.topic, r.partition): pending[(r.topic, r.partition)] for r in result or [] if r.error}
+        if failed:
+            CONSUMER_COMMIT_FAILURES.inc()
+            log.warning("offset commit failed for %d partitions, will retry", len(failed))
+        self._uncommitted = self._still_assigned(failed) if failed else {}
+
+    def _still_assigned(self, offsets: dict[TP, int]) -> dict[TP, int]:
+        try:
+            assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        except (KafkaException, RuntimeError):
+            return offsets
+        return {tp: o for tp, o in offsets.items() if tp in assigned}
+
+    def _decided(self) -> int:
+        s = self.stats
+        return s.handled + s.duplicates + s.dead_lettered
+
+    # ------------------------------------------------------------------ rebalance callbacks
+
+    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
+        log.info("assigned %s", _describe(partitions))
+        for tp in partitions:
+            self._paused.pop((tp.topic, tp.partition), None)  # a new assignment starts unpaused
+        CONSUMER_PAUSED_PARTITIONS.set(len(self._paused))
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        """Commit what is done for the revoked partitions and forget their pauses."""
+        log.info("revoked %s", _describe(partitions))
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        mine = {tp: o for tp, o in self._uncommitted.items() if tp in revoked}
+        if mine:
+            try:
+                consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in mine.items()], asynchronous=False)
+            except KafkaException as exc:
+                CONSUMER_COMMIT_FAILURES.inc()
+                log.warning("commit on revoke failed; the new owner will see those messages as duplicates: %s", exc)
+        self._forget(revoked)
+
+    def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
+        """Partitions were lost (session expired): nothing can be committed for them any more."""
+        log.warning("lost %s", _describe(partitions))
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
+
+    def _forget(self, partitions: set[TP]) -> None:
+        for tp in partitions:
+            self._uncommitted.pop(tp, None)
+            self._paused.pop(tp, None)
+        CONSUMER_PAUSED_PARTITIONS.set(len(self._paused))
+        # Claims are never held between batches (released or completed in _finish); the ones whose
+        # release failed are given back now so the partitions' new owner need not wait for the lease.
+        self._retry_leftovers()
+
+
+class TransactionalIdempotentConsumer(IdempotentConsumer):
+    """Exactly-once effects in an SQL database: ``handler(msg, conn)`` and the dedup record commit together.
+
+    Each batch runs in one transaction on ``conn`` (opened by the store's ``transaction``);
+    each message in a savepoint that first records its id done with ``store.complete_in``
+    (which succeeds only while this worker still owns the claim) and then runs the handler.
+    A failed attempt rolls back to the savepoint; a crash rolls back the whole batch, whose
+    claims then expire after their lease. A worker whose lease was taken over gets
+    ClaimLostError and rolls back instead of committing the effect a second time; a worker
+    taking over waits on the row lock of a transaction still open and then sees the id done.
+
+    ``connection`` is the caller's DB connection (psycopg in autocommit mode, or sqlite3 on
+    the store's file); or pass ``connect``, a factory called again when the connection breaks.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        handler: Callable[[Any, Any], None],
+        *,
+        store: TransactionalDedupStore,
+        connection: Any = None,
+        connect: Callable[[], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(store, TransactionalDedupStore):
+            raise ConfigError("store", "the transactional consumer needs a store with complete_in (an SQL store)")
+        if (connection is None) == (connect is None):
+            raise ConfigError("connection", "pass exactly one of connection= or connect=")
+        self._tx_store = store
+        self._connect = connect
+        self._conn = connection if connection is not None else connect()  # type: ignore[misc]
+        _check_autocommit(self._conn)
+        self._tx_handler = handler
+        super().__init__(config, topics, self._handler_unused, store=store, **kwargs)
+
+    _atomic_batch = True
+
+    @property
+    def connection(self) -> Any:
+        """The DB connection the handlers run on."""
+        return self._conn
+
+    @staticmethod
+    def _handler_unused(_msg: Any) -> None:
+        raise AssertionError("not called: the transactional consumer calls handler(msg, conn)")
+
+    @contextlib.contextmanager
+    def _effects(self) -> Iterator[Any]:
+        if self._connect is not None and _is_broken(self._conn):
+            log.warning("the handler connection is broken; reconnecting")
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = self._connect()
+            _check_autocommit(self._conn)
+        with self._tx_store.transaction(self._conn):
+            yield self._conn
+
+    def _attempt(self, msg: Any, event_id: str) -> None:
+        conn = self._conn
+        with self._tx_store.transaction(conn):
+            self._tx_store.complete_in(conn, [event_id])
+            self._tx_handler(msg, conn)
+
+    def _record_done(self, ids: list[str]) -> None:
+        """Nothing to do: the done records committed with the batch's transaction."""
+
+
+def _check_autocommit(conn: Any) -> None:
+    # psycopg: kcons opens the transactions, so the connection must not open one implicitly.
+    if hasattr(conn, "autocommit") and hasattr(conn, "info") and not conn.autocommit:
+        raise ConfigError("connection", "a psycopg connection must be in autocommit mode (kcons opens transactions)")
+    if getattr(conn, "in_transaction", False):
+        raise ConfigError("connection", "the connection is inside an open transaction")
+
+
+def _is_broken(conn: Any) -> bool:
+    return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False))
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _DLQ_REASON_MAX else text[: _DLQ_REASON_MAX - 3] + "..."
+
+
+def _describe(partitions: list[Any]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

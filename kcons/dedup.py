@@ -1,0 +1,151 @@
+"""The dedup-store protocol and the dedup policy shared by the consumer and its adapters.
+
+A :class:`DedupStore` answers "claim these event ids" atomically for a whole batch. A claim is
+two-phase: *in progress* under a lease (so a crashed worker's claim expires and another worker
+takes the event over), then *done*, kept for a bounded retention TTL. Ids that are done are
+duplicates and are dropped; ids that another worker holds under an unexpired lease are *busy*
+and must be retried later (never dropped: the other worker may still crash).
+
+The SQL stores also implement :class:`TransactionalDedupStore`: ``complete_in`` records *done*
+on the caller's own connection inside the caller's open transaction, and only for claims this
+store instance still owns. The effect and the dedup record then commit or roll back together,
+and a worker whose claim was taken over cannot commit a second effect: exactly-once effects.
+
+Implementations: :mod:`kcons.adapters.memory`, :mod:`kcons.adapters.redis`,
+:mod:`kcons.adapters.postgres`, :mod:`kcons.adapters.sqlite`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from kcons.config import check_range
+from kcons.errors import ConfigError, StoreError
+
+__all__ = [
+    "DEFAULT_RETENTION_S",
+    "MAX_LEASE_S",
+    "MAX_RETENTION_S",
+    "BatchDedupStore",
+    "ClaimLostError",
+    "ClaimResult",
+    "DedupStore",
+    "TransactionalDedupStore",
+    "check_lease",
+    "new_owner_token",
+    "storage_id",
+    "validate_namespace",
+]
+
+#: How long a *done* record is kept by default: one week, longer than any sane redelivery window.
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+#: Upper bound of the retention TTL (bounded TTLs: a store never grows without limit).
+MAX_RETENTION_S = 90 * 24 * 3600.0
+#: Upper bound of a claim lease.
+MAX_LEASE_S = 24 * 3600.0
+#: Ids longer than this are stored by their SHA-256 digest, so keys and rows stay bounded.
+MAX_ID_LENGTH = 200
+
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+
+class ClaimLostError(StoreError):
+    """A claim this worker held was taken over by another worker after its lease expired."""
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """Outcome of claiming a batch: ``claimed`` are now ours, ``done`` are duplicates, ``busy`` are held elsewhere.
+
+    An id that is in neither ``claimed`` nor ``done`` counts as busy: the safe answer when a
+    store cannot tell (for example a row inserted concurrently by another worker).
+    """
+
+    claimed: frozenset[str]
+    done: frozenset[str] = field(default_factory=frozenset)
+    busy: frozenset[str] = field(default_factory=frozenset)
+
+
+@runtime_checkable
+class DedupStore(Protocol):
+    """Remembers which event ids were handled, with a lease on ids being handled right now."""
+
+    def claim(self, ids: Sequence[str], lease_s: float) -> set[str]:
+        """Atomically for the batch: ids neither done nor held under an unexpired lease become ours and are returned."""
+        ...
+
+    def complete(self, ids: Sequence[str]) -> None:
+        """Mark ids done; they stay duplicates for the retention TTL."""
+        ...
+
+    def release(self, ids: Sequence[str]) -> None:
+        """Give back our in-progress claims after a failure, so the ids can be claimed again at once."""
+        ...
+
+
+@runtime_checkable
+class BatchDedupStore(DedupStore, Protocol):
+    """A store that also tells duplicates (done) from ids busy in another worker."""
+
+    def claim_batch(self, ids: Sequence[str], lease_s: float) -> ClaimResult:
+        """Like :meth:`claim`, and report which of the others are done and which are busy."""
+        ...
+
+
+@runtime_checkable
+class TransactionalDedupStore(DedupStore, Protocol):
+    """A SQL store whose *done* record can commit inside the caller's own transaction."""
+
+    def complete_in(self, conn: Any, ids: Sequence[str]) -> None:
+        """Record ids done on ``conn`` inside its open transaction; ClaimLostError if a claim is no longer ours."""
+        ...
+
+    def transaction(self, conn: Any) -> AbstractContextManager[Any]:
+        """Open a transaction on ``conn`` (a savepoint when one is already open); commit on exit, roll back on error."""
+        ...
+
+
+def new_owner_token() -> str:
+    """A random token that identifies one store instance as the holder of its claims."""
+    return uuid.uuid4().hex
+
+
+def storage_id(event_id: str) -> str:
+    """The id as stored: itself when short, else ``sha256:<hex digest>`` so keys stay bounded."""
+    if len(event_id) <= MAX_ID_LENGTH:
+        return event_id
+    return "sha256:" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def validate_namespace(setting: str, namespace: str) -> str:
+    """Check a dedup namespace (normally the consumer group id): 1-200 safe characters."""
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise ConfigError(setting, f"expected 1-200 characters of [A-Za-z0-9_.:-], got {namespace!r}")
+    return namespace
+
+
+def check_lease(lease_s: float) -> float:
+    """Validate a lease length in seconds (bounded, positive)."""
+    return check_range("lease_s", float(lease_s), 0.001, MAX_LEASE_S)
+
+
+def check_retention(setting: str, retention_s: float) -> float:
+    """Validate a retention TTL in seconds (bounded, at least one second)."""
+    return check_range(setting, float(retention_s), 1.0, MAX_RETENTION_S)
+
+
+def unique_in_order(ids: Sequence[str]) -> list[str]:
+    """The ids without repeats, first occurrence first."""
+    return list(dict.fromkeys(ids))
+
+
+def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    """Consecutive slices of at most ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

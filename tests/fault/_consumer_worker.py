@@ -1,0 +1,105 @@
+"""A consumer process for the fault run and the crash tests (started as a subprocess, killed with SIGKILL).
+
+It runs an idempotent consumer in group ``--group`` on ``--topic``. With ``--store postgres`` it
+is the transactional variant: each event's effect is a row in ``kcons_fault_effects`` inserted
+in the same transaction as the dedup record. ``--kill-on-id ID`` makes the handler SIGKILL its
+own process when it sees that event id (after the claim is taken: a crash inside the handler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+EFFECTS_DDL = """
+CREATE TABLE IF NOT EXISTS kcons_fault_effects (
+    event_id   text        NOT NULL,   -- no unique constraint: a duplicate effect would show as a second row
+    worker     text        NOT NULL,
+    topic      text        NOT NULL,
+    part       int         NOT NULL,
+    kafka_offset bigint    NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--group", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--instance", default=None, help="group.instance.id (static membership)")
+    parser.add_argument("--store", choices=("postgres", "redis"), default="postgres")
+    parser.add_argument("--lease", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--kill-on-id", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {args.instance or os.getpid()} %(message)s")
+
+    from kcons.consumer import IdempotentConsumer, TransactionalIdempotentConsumer
+
+    config: dict[str, Any] = {
+        "bootstrap.servers": os.environ["KCONS_KAFKA_BOOTSTRAP"],
+        "group.id": args.group,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+    }
+    if args.instance:
+        config["group.instance.id"] = args.instance
+    worker = args.instance or str(os.getpid())
+
+    def maybe_die(msg: Any) -> None:
+        if args.kill_on_id is not None:
+            for name, value in msg.headers() or []:
+                if name == "kcons-id" and value == args.kill_on_id.encode():
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    consumer: IdempotentConsumer
+    if args.store == "postgres":
+        import psycopg
+
+        from kcons.adapters.postgres import PostgresDedupStore
+
+        dsn = os.environ["KCONS_POSTGRES_DSN"]
+        pg_store = PostgresDedupStore(dsn, namespace=args.group)
+
+        def apply_effect(msg: Any, conn: Any) -> None:
+            maybe_die(msg)
+            conn.execute(
+                "INSERT INTO kcons_fault_effects (event_id, worker, topic, part, kafka_offset) VALUES (%s,%s,%s,%s,%s)",
+                (dict(msg.headers())["kcons-id"].decode(), worker, msg.topic(), msg.partition(), msg.offset()),
+            )
+
+        consumer = TransactionalIdempotentConsumer(
+            config, [args.topic], apply_effect, store=pg_store,
+            connect=lambda: psycopg.connect(dsn, autocommit=True),
+            lease_s=args.lease, batch_size=args.batch_size, pause_s=0.5,
+        )  # fmt: skip
+    else:
+        import redis
+
+        from kcons.adapters.redis import RedisDedupStore
+
+        client = redis.Redis.from_url(os.environ["KCONS_REDIS_URL"])
+        r_store = RedisDedupStore(client, namespace=args.group)
+
+        def record(msg: Any) -> None:
+            maybe_die(msg)
+            client.rpush(f"kcons-test-effects:{args.group}", dict(msg.headers())["kcons-id"])
+
+        consumer = IdempotentConsumer(
+            config, [args.topic], record, store=r_store, lease_s=args.lease, batch_size=args.batch_size, pause_s=0.5
+        )
+    try:
+        consumer.run()
+    finally:
+        consumer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
