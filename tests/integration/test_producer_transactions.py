@@ -1,0 +1,202 @@
+"""Transactional and idempotent producers against a real broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from kcons.envelope import HEADER_ID, Envelope, read_envelope
+from kcons.errors import AbortableTransactionError, ConfigError, ProducerFencedError, TimeoutExceededError
+from kcons.producer import IdempotentProducer, TransactionalProducer, wrap
+
+pytestmark = pytest.mark.integration
+
+
+def read_all(make_consumer: Callable[..., Any], topic: str, isolation: str, expect: int, idle_s: float = 3.0) -> list[Any]:
+    """Read a topic from the start until ``expect`` records arrived and nothing more came for ``idle_s``."""
+    consumer = make_consumer(**{"isolation.level": isolation})
+    consumer.subscribe([topic])
+    out: list[Any] = []
+    last = time.monotonic()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is None:
+            if len(out) >= expect and time.monotonic() - last > idle_s:
+                break
+            continue
+        if msg.error():
+            continue
+        out.append(msg)
+        last = time.monotonic()
+    consumer.close()
+    return out
+
+
+def txn_producer(bootstrap: str, tid: str | None = None, **extra: Any) -> TransactionalProducer:
+    return TransactionalProducer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, **extra}, transactional_id=tid or f"tx-{uuid.uuid4().hex}"
+    )
+
+
+def test_aborted_transaction_is_invisible_to_read_committed_and_visible_to_read_uncommitted(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic(partitions=2)
+    producer = txn_producer(kafka_bootstrap)
+    with producer.transaction():
+        for i in range(5):
+            producer.produce(topic, f"committed-{i}", key=str(i))
+    with pytest.raises(RuntimeError, match="unit of work failed"), producer.transaction():
+        for i in range(5):
+            producer.produce(topic, f"aborted-{i}", key=str(i))
+        producer.flush()  # the aborted records reach the log, so read_uncommitted can see them
+        raise RuntimeError("unit of work failed")
+    producer.close()
+
+    committed = sorted(m.value().decode() for m in read_all(make_consumer, topic, "read_committed", 5))
+    uncommitted = sorted(m.value().decode() for m in read_all(make_consumer, topic, "read_uncommitted", 10))
+    assert committed == [f"committed-{i}" for i in range(5)]
+    assert uncommitted == sorted([f"committed-{i}" for i in range(5)] + [f"aborted-{i}" for i in range(5)])
+
+
+def test_second_producer_with_the_same_transactional_id_fences_the_first(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic()
+    tid = f"tx-{uuid.uuid4().hex}"
+    first = txn_producer(kafka_bootstrap, tid)
+    with first.transaction():
+        first.produce(topic, b"from-first")
+    second = txn_producer(kafka_bootstrap, tid)
+    zombie_future = None
+    with pytest.raises(ProducerFencedError), first.transaction():
+        zombie_future = first.produce(topic, b"from-zombie")
+    assert first.closed
+    assert zombie_future is not None and zombie_future.exception(timeout=5) is not None
+    with second.transaction():
+        second.produce(topic, b"from-second")
+    second.close()
+    values = sorted(m.value() for m in read_all(make_consumer, topic, "read_committed", 2))
+    assert values == [b"from-first", b"from-second"]
+
+
+def test_commit_resolves_every_future_and_each_event_carries_its_envelope_headers(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic(partitions=3)
+    producer = txn_producer(kafka_bootstrap)
+    events = [Envelope.of("OrderPlaced", "order", str(i), {"n": i}, version=i) for i in range(20)]
+    with producer.transaction():
+        futures = [producer.send(topic, e) for e in events]
+        plain = producer.produce(topic, b"raw value", key=b"k")
+    assert all(f.done() and f.exception() is None for f in [*futures, plain])
+    producer.close()
+
+    got = read_all(make_consumer, topic, "read_committed", 21)
+    assert len(got) == 21
+    decoded = [read_envelope(m.key(), m.value(), m.headers(), topic=topic) for m in got]
+    ids = {e.id for e in decoded if e is not None}
+    assert len(ids) == 21  # every record has a distinct kcons-id, the raw one included
+    by_id = {e.id: e for e in decoded if e is not None}
+    for sent in events:
+        received = by_id[sent.id]
+        assert received.aggregate_id == sent.aggregate_id and received.version == sent.version
+        assert received.payload == sent.payload and received.type == "OrderPlaced"
+
+
+def test_run_in_transaction_aborts_a_failed_delivery_and_reruns_the_whole_unit(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    small = unique_topic(config={"max.message.bytes": "2000"})
+    out = unique_topic()
+    producer = txn_producer(kafka_bootstrap)
+    attempts: list[int] = []
+
+    def work(p: TransactionalProducer) -> int:
+        attempts.append(len(attempts))
+        p.produce(out, f"attempt-{len(attempts)}")
+        # The first attempt writes a record the topic refuses: the delivery fails, so the commit must abort.
+        p.produce(small, b"x" * (10_000 if len(attempts) == 1 else 10))
+        return len(attempts)
+
+    # librdkafka may need one more aborted attempt to bump the epoch after the refused record.
+    runs = producer.run_in_transaction(work, attempts=5)
+    assert runs >= 2
+    producer.close()
+    assert [m.value() for m in read_all(make_consumer, out, "read_committed", 1)] == [f"attempt-{runs}".encode()]
+    assert [len(m.value()) for m in read_all(make_consumer, small, "read_committed", 1)] == [10]
+
+
+def test_run_in_transaction_gives_up_after_its_attempts(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    small = unique_topic(config={"max.message.bytes": "2000"})
+    producer = txn_producer(kafka_bootstrap)
+    calls = []
+
+    def always_too_big(p: TransactionalProducer) -> None:
+        calls.append(1)
+        p.produce(small, b"x" * 10_000)
+
+    with pytest.raises(AbortableTransactionError):
+        producer.run_in_transaction(always_too_big, attempts=2)
+    assert len(calls) == 2
+    # The producer stays usable (librdkafka may spend one more aborted attempt on an epoch bump).
+    producer.run_in_transaction(lambda p: p.produce(small, b"ok"), attempts=3)
+    producer.close()
+    assert [m.value() for m in read_all(make_consumer, small, "read_uncommitted", 1)] == [b"ok"]
+
+
+def test_wrap_detects_whether_an_existing_producer_is_transactional(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic()
+    raw_txn = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"tx-{uuid.uuid4().hex}"})
+    raw_idem = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    wrapped_txn = wrap(raw_txn)
+    wrapped_idem = wrap(raw_idem)
+    assert isinstance(wrapped_txn, TransactionalProducer) and wrapped_txn.raw is raw_txn
+    assert type(wrapped_idem) is IdempotentProducer and wrapped_idem.raw is raw_idem
+    with wrapped_txn.transaction():
+        wrapped_txn.produce(topic, b"txn")
+    fut = wrapped_idem.produce(topic, b"idem")
+    wrapped_idem.flush()
+    assert fut.result(0).topic() == topic
+    wrapped_txn.close()
+    wrapped_idem.close()
+    got = read_all(make_consumer, topic, "read_committed", 2)
+    assert sorted(m.value() for m in got) == [b"idem", b"txn"]
+    assert all(HEADER_ID in dict(m.headers()) for m in got)
+
+
+def test_init_against_an_unreachable_cluster_fails_within_its_bound() -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutExceededError):
+        TransactionalProducer(
+            {"bootstrap.servers": "127.0.0.1:1", "transactional.id": "tx-unreachable"},
+            init_timeout_s=1.0,
+            retry_attempts=2,
+        )
+    assert time.monotonic() - start < 30  # bounded, not a timing claim about speed
+
+
+def test_flush_against_an_unreachable_cluster_raises_instead_of_hanging() -> None:
+    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:1"}, flush_timeout_s=0.5)
+    fut = producer.produce("nowhere", b"v")
+    with pytest.raises(TimeoutExceededError):
+        producer.flush()
+    producer.close(0.1)
+    assert fut.exception(timeout=5) is not None
+
+
+def test_wrapping_a_producer_without_transactional_id_as_transactional_is_rejected(kafka_bootstrap: str) -> None:
+    raw = Producer({"bootstrap.servers": kafka_bootstrap})
+    with pytest.raises(ConfigError) as info:
+        TransactionalProducer(raw)
+    assert info.value.setting == "transactional.id"

@@ -1,0 +1,113 @@
+"""Pure-logic tests of the producer: unsafe settings are refused, safe ones are forced, event ids are UUIDv7."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from kcons.errors import ConfigError
+from kcons.producer import IdempotentProducer, _kafka_exception_of, check_producer_config, fast_event_id, wrap
+
+BASE = {"bootstrap.servers": "127.0.0.1:1"}
+
+
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ({"enable.idempotence": False}, "enable.idempotence"),
+        ({"enable.idempotence": "false"}, "enable.idempotence"),
+        ({"acks": 1}, "acks"),
+        ({"acks": "0"}, "acks"),
+        ({"request.required.acks": "1"}, "request.required.acks"),
+        ({"max.in.flight.requests.per.connection": 6}, "max.in.flight.requests.per.connection"),
+        ({"retries": 0}, "retries"),
+        ({"message.send.max.retries": "0"}, "message.send.max.retries"),
+    ],
+)
+def test_unsafe_setting_is_rejected_naming_the_property(override: dict[str, Any], setting: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_producer_config({**BASE, **override}, transactional=False)
+    assert info.value.setting == setting
+
+
+def test_transactions_without_transactional_id_are_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_producer_config(BASE, transactional=True)
+    assert info.value.setting == "transactional.id"
+
+
+def test_transactional_id_on_an_idempotent_producer_is_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        IdempotentProducer({**BASE, "transactional.id": "x"})
+    assert info.value.setting == "transactional.id"
+
+
+def test_missing_bootstrap_is_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_producer_config({}, transactional=False)
+    assert info.value.setting == "bootstrap.servers"
+
+
+def test_safe_config_forces_idempotence_and_acks_all_and_keeps_the_rest() -> None:
+    cfg = check_producer_config({**BASE, "acks": -1, "linger.ms": 7, "enable.idempotence": "true"}, transactional=False)
+    assert cfg["enable.idempotence"] is True
+    assert cfg["acks"] == "all"
+    assert cfg["linger.ms"] == 7
+
+
+def test_request_required_acks_alias_is_replaced_by_acks_all() -> None:
+    cfg = check_producer_config({**BASE, "request.required.acks": "all"}, transactional=False)
+    assert "request.required.acks" not in cfg
+    assert cfg["acks"] == "all"
+
+
+def test_wrap_of_a_config_without_transactional_id_is_idempotent() -> None:
+    producer = wrap(dict(BASE))
+    try:
+        assert type(producer) is IdempotentProducer
+    finally:
+        producer.close(0.1)
+
+
+def test_produce_after_close_raises_instead_of_queueing() -> None:
+    from kcons.errors import FatalKafkaError
+
+    producer = IdempotentProducer(dict(BASE))
+    producer.close(0.1)
+    with pytest.raises(FatalKafkaError):
+        producer.produce("t", b"v")
+
+
+def test_close_fails_the_futures_of_unacknowledged_messages() -> None:
+    from kcons.errors import DeliveryError
+
+    producer = IdempotentProducer(dict(BASE), close_timeout_s=1.0)
+    fut = producer.produce("t", b"v")
+    producer.close(0.1)
+    assert isinstance(fut.exception(timeout=5), DeliveryError)
+
+
+def test_event_ids_are_uuid7_unique_and_increasing() -> None:
+    ids = [fast_event_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    for raw in (ids[0], ids[-1]):
+        parsed = uuid.UUID(raw.decode())
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed).encode() == raw
+
+
+def test_fatal_error_hidden_behind_a_system_error_is_found() -> None:
+    kexc = KafkaException(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+    try:
+        try:
+            raise kexc
+        except KafkaException as inner:
+            raise SystemError("returned a result with an exception set") from inner
+    except SystemError as outer:
+        assert _kafka_exception_of(outer) is kexc
+    assert _kafka_exception_of(ValueError("x")) is None
