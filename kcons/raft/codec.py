@@ -1,0 +1,164 @@
+"""Compact binary encoding of Raft messages, entries and snapshots (little-endian, length-prefixed).
+
+Decoding validates every length and enum and raises :class:`FrameRejectedError` on anything
+malformed, so a bad frame is dropped and counted instead of crashing the node.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kcons.raft.errors import FrameRejectedError
+from kcons.raft.messages import Entry, EntryKind, HardState, Message, MsgType, Snapshot, SnapshotMeta
+
+__all__ = [
+    "decode_entries",
+    "decode_hard_state",
+    "decode_message",
+    "decode_snapshot",
+    "encode_entries",
+    "encode_hard_state",
+    "encode_message",
+    "encode_snapshot",
+]
+
+_HEAD = struct.Struct("<BIIQQQQBQHI")  # type src dst term log_term index commit reject hint ctx_len n_entries
+_ENTRY = struct.Struct("<QQBI")  # term index kind data_len
+_HS = struct.Struct("<QQQ")
+_SNAP_META = struct.Struct("<QQH")
+_U32 = struct.Struct("<I")
+_KINDS = {k.value: k for k in EntryKind}
+_TYPES = {t.value: t for t in MsgType}
+
+
+def encode_entries(entries: tuple[Entry, ...] | list[Entry]) -> bytes:
+    """Entries one after another (no count; the caller frames them)."""
+    parts: list[bytes] = []
+    pack = _ENTRY.pack
+    for e in entries:
+        parts.append(pack(e.term, e.index, e.kind, len(e.data)))
+        parts.append(e.data)
+    return b"".join(parts)
+
+
+def decode_entries(buf: bytes | memoryview, count: int, offset: int = 0) -> tuple[list[Entry], int]:
+    """Read ``count`` entries from ``buf`` at ``offset``; returns them and the offset after them."""
+    out: list[Entry] = []
+    unpack = _ENTRY.unpack_from
+    size = _ENTRY.size
+    n = len(buf)
+    try:
+        for _ in range(count):
+            term, index, kind, length = unpack(buf, offset)
+            offset += size
+            if offset + length > n:
+                raise FrameRejectedError("entry data runs past the end")
+            out.append(Entry(term, index, _KINDS[kind], bytes(buf[offset : offset + length])))
+            offset += length
+    except (struct.error, KeyError) as exc:
+        raise FrameRejectedError(f"malformed entry: {exc}") from None
+    return out, offset
+
+
+def encode_hard_state(hs: HardState) -> bytes:
+    """24 bytes: term, vote, commit."""
+    return _HS.pack(hs.term, hs.vote, hs.commit)
+
+
+def decode_hard_state(buf: bytes | memoryview, offset: int = 0) -> HardState:
+    """Inverse of :func:`encode_hard_state`."""
+    try:
+        return HardState(*_HS.unpack_from(buf, offset))
+    except struct.error as exc:
+        raise FrameRejectedError(f"malformed hard state: {exc}") from None
+
+
+def encode_snapshot(s: Snapshot) -> bytes:
+    """Snapshot metadata, voters and data."""
+    m = s.meta
+    return b"".join(
+        [
+            _SNAP_META.pack(m.index, m.term, len(m.voters)),
+            b"".join(_U32.pack(v) for v in m.voters),
+            _U32.pack(len(s.data)),
+            s.data,
+        ]
+    )
+
+
+def decode_snapshot(buf: bytes | memoryview, offset: int = 0) -> tuple[Snapshot, int]:
+    """Inverse of :func:`encode_snapshot`; returns the snapshot and the offset after it."""
+    try:
+        index, term, nv = _SNAP_META.unpack_from(buf, offset)
+        offset += _SNAP_META.size
+        voters = tuple(_U32.unpack_from(buf, offset + 4 * i)[0] for i in range(nv))
+        offset += 4 * nv
+        (length,) = _U32.unpack_from(buf, offset)
+        offset += 4
+    except struct.error as exc:
+        raise FrameRejectedError(f"malformed snapshot: {exc}") from None
+    if offset + length > len(buf):
+        raise FrameRejectedError("snapshot data runs past the end")
+    data = bytes(buf[offset : offset + length])
+    return Snapshot(SnapshotMeta(index, term, voters), data), offset + length
+
+
+def encode_message(m: Message) -> bytes:
+    """One message as bytes."""
+    head = _HEAD.pack(
+        m.type,
+        m.src,
+        m.dst,
+        m.term,
+        m.log_term,
+        m.index,
+        m.commit,
+        1 if m.reject else 0,
+        m.hint,
+        len(m.context),
+        len(m.entries),
+    )
+    snap = b"\x01" + encode_snapshot(m.snapshot) if m.snapshot is not None else b"\x00"
+    return b"".join([head, m.context, encode_entries(m.entries), snap])
+
+
+def decode_message(buf: bytes | memoryview) -> Message:
+    """Inverse of :func:`encode_message`; raises FrameRejectedError on malformed input."""
+    try:
+        t, src, dst, term, log_term, index, commit, reject, hint, ctx_len, n_entries = _HEAD.unpack_from(buf, 0)
+    except struct.error as exc:
+        raise FrameRejectedError(f"malformed message header: {exc}") from None
+    mtype = _TYPES.get(t)
+    if mtype is None or reject > 1:
+        raise FrameRejectedError(f"unknown message type {t}")
+    offset = _HEAD.size
+    if offset + ctx_len > len(buf):
+        raise FrameRejectedError("context runs past the end")
+    context = bytes(buf[offset : offset + ctx_len])
+    offset += ctx_len
+    entries, offset = decode_entries(buf, n_entries, offset)
+    if offset >= len(buf):
+        raise FrameRejectedError("missing snapshot flag")
+    flag = buf[offset]
+    offset += 1
+    snapshot = None
+    if flag == 1:
+        snapshot, offset = decode_snapshot(buf, offset)
+    elif flag != 0:
+        raise FrameRejectedError("bad snapshot flag")
+    if offset != len(buf):
+        raise FrameRejectedError("trailing bytes after message")
+    return Message(
+        mtype,
+        src,
+        dst,
+        term,
+        log_term=log_term,
+        index=index,
+        commit=commit,
+        entries=tuple(entries),
+        reject=bool(reject),
+        hint=hint,
+        context=context,
+        snapshot=snapshot,
+    )

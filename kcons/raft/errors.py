@@ -1,0 +1,38 @@
+"""Errors of the Raft metadata log, all children of the kcons hierarchy."""
+
+from __future__ import annotations
+
+from kcons.errors import DecodeError, KconsError, StoreError
+
+__all__ = [
+    "CorruptLogError",
+    "FrameRejectedError",
+    "NotLeaderError",
+    "ProposalDroppedError",
+    "RaftError",
+]
+
+
+class RaftError(KconsError):
+    """Root of the Raft errors."""
+
+
+class NotLeaderError(RaftError):
+    """This node cannot serve the request; ``leader`` is the id it believes leads (0: unknown)."""
+
+    def __init__(self, leader: int, address: str | None = None) -> None:
+        self.leader = leader
+        self.address = address
+        super().__init__(f"not the leader (leader hint: {leader or 'unknown'})")
+
+
+class ProposalDroppedError(RaftError):
+    """The proposal cannot be accepted now (leadership transfer, pending membership change)."""
+
+
+class CorruptLogError(StoreError):
+    """The write-ahead log is damaged before its tail; recovery refuses to guess."""
+
+
+class FrameRejectedError(DecodeError):
+    """A transport frame was unauthenticated, oversized or malformed; it is dropped and counted."""
