@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kcons.envelope import HEADER_TRACEPARENT, Envelope, HeaderValue
+from kcons.envelope import (
+    HEADER_AGGREGATE_ID,
+    HEADER_AGGREGATE_TYPE,
+    HEADER_ID,
+    HEADER_TRACEPARENT,
+    HEADER_TYPE,
+    HEADER_VERSION,
+    Envelope,
+    HeaderValue,
+)
 
 __all__ = ["DEBEZIUM_TOPIC_PREFIX", "OutboxRecord", "OutboxRow", "decode_headers", "encode_headers", "to_record"]
 
@@ -82,7 +91,17 @@ def decode_headers(raw: Any) -> dict[str, str]:
 
 
 def to_record(row: OutboxRow, fixed_topic: str | None = None) -> OutboxRecord:
-    """Build the Kafka record for ``row``: key = aggregate id, kcons envelope headers."""
+    """Build the Kafka record for ``row``: key = aggregate id, the same headers as ``row.envelope().headers()``."""
     topic = row.topic or fixed_topic or DEBEZIUM_TOPIC_PREFIX + row.aggregatetype
-    event = row.envelope()
-    return OutboxRecord(topic=topic, key=event.key, value=row.payload, headers=event.headers())
+    key = row.aggregateid.encode()
+    headers: list[tuple[str, HeaderValue]] = [
+        (HEADER_ID, row.id.encode()),
+        (HEADER_TYPE, row.type.encode()),
+        (HEADER_AGGREGATE_TYPE, row.aggregatetype.encode()),
+        (HEADER_AGGREGATE_ID, key),
+    ]
+    if row.version is not None:
+        headers.append((HEADER_VERSION, str(row.version).encode()))
+    if row.headers:  # rare path: let the envelope order traceparent and extra headers
+        headers = row.envelope().headers()
+    return OutboxRecord(topic=topic, key=key, value=row.payload, headers=headers)

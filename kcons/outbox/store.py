@@ -106,13 +106,22 @@ class PostgresOutboxStore:
             f"extract(epoch FROM clock_timestamp() - created_at)::float8 "
             f"FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT %s"
         )
-        self._delete_sql = f"DELETE FROM {t} WHERE position = ANY(%s::bigint[]) AND published_at IS NULL"
-        self._mark_sql = (
-            f"UPDATE {t} SET published_at = clock_timestamp() "
-            f"WHERE position = ANY(%s::bigint[]) AND published_at IS NULL"
+        # One statement, one round trip, atomic: advance the fence, and only if that succeeded
+        # delete (or mark) the published rows. Returns (fence rows updated, rows marked).
+        fence = (
+            f"WITH fence AS (UPDATE {t}_fence SET token = %(token)s, updated_at = now() "
+            f"WHERE name = %(name)s AND token <= %(token)s RETURNING 1), "
         )
-        self._fence_sql = (
-            f"UPDATE {t}_fence SET token = %s, updated_at = now() WHERE name = %s AND token <= %s RETURNING token"
+        self._delete_sql = (
+            fence + f"done AS (DELETE FROM {t} WHERE position = ANY(%(positions)s::bigint[]) "
+            f"AND published_at IS NULL AND EXISTS (SELECT 1 FROM fence) RETURNING 1) "
+            f"SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM done)"
+        )
+        self._mark_sql = (
+            fence + f"done AS (UPDATE {t} SET published_at = clock_timestamp() "
+            f"WHERE position = ANY(%(positions)s::bigint[]) AND published_at IS NULL "
+            f"AND EXISTS (SELECT 1 FROM fence) RETURNING 1) "
+            f"SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM done)"
         )
 
     def _connect(self) -> Any:
@@ -198,19 +207,17 @@ class PostgresOutboxStore:
         """Delete or mark ``rows`` and advance the fence in one transaction; fenced tokens change nothing."""
         if not rows:
             return
-        positions = [r.position for r in rows]
+        params = {"token": token, "name": name, "positions": [r.position for r in rows]}
         conn = self._conn()
         try:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute(self._fence_sql, (token, name, token), prepare=True)
-                if cur.fetchone() is None:
-                    raise LeadershipLostError(f"fence {name}: token {token} was superseded; rows left unmarked")
-                cur.execute(self._mark_sql if retain else self._delete_sql, (positions,), prepare=True)
-        except LeadershipLostError:
-            raise
+            with conn.cursor() as cur:
+                cur.execute(self._mark_sql if retain else self._delete_sql, params, prepare=True)
+                result = cur.fetchone()
         except Exception:
             self._on_error()
             raise
+        if result is None or int(result[0]) == 0:
+            raise LeadershipLostError(f"fence {name}: token {token} was superseded; rows left unmarked")
 
     def _listen_conn(self) -> Any:
         if self._listen is None or self._listen.closed or self._listen.broken:

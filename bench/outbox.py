@@ -1,0 +1,331 @@
+"""Benchmark: the kcons outbox relay against a plain batched polling loop, in the same run.
+
+baseline: ``SELECT ... ORDER BY position LIMIT 500 FOR UPDATE SKIP LOCKED``, produce each row,
+          ``flush()``, ``DELETE`` the rows, commit; sleep when the table is empty.
+kcons:    :class:`kcons.outbox.OutboxRelay` (advisory-lock leader, LISTEN/NOTIFY wake-up,
+          gap-free committed-row batches, fenced mark), transactional mode by default.
+
+Both publish the same records (key = aggregate id, kcons envelope headers) with the same
+producer settings. Two measurements each:
+
+* saturation: a backlog of ``--backlog`` committed rows appears in one commit; events/s until
+  the table is empty (best of ``--repeats``);
+* steady: a separate writer process commits one event per transaction at ``--rate`` events/s for
+  ``--seconds``; latency from each writer commit to the Kafka acknowledgement of that event
+  (both on this host's wall clock), p50 and p99.
+
+``ratio`` = kcons events/s / baseline events/s at saturation. Prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from kcons.config import KafkaSettings
+from kcons.envelope import Envelope
+from kcons.outbox import OutboxRelay, OutboxRow, RelaySettings, add, install_schema, to_record
+from kcons.testing import start_stack
+
+log = logging.getLogger("bench.outbox")
+
+PRODUCER_SETTINGS = {"linger.ms": 2, "batch.num.messages": 10000, "compression.type": "lz4"}
+PAYLOAD = json.dumps({"amount": 1234, "currency": "EUR", "note": "x" * 60}).encode()
+
+
+# ------------------------------------------------------------------------------ writers
+
+
+def steady_writer(dsn: str, rate: float, seconds: float) -> None:
+    """Commit one event per transaction at ``rate``/s; print (id, commit wall time) pairs as JSON."""
+    out: list[tuple[str, float]] = []
+    total = int(rate * seconds)
+    with psycopg.connect(dsn) as conn:
+        start = time.monotonic()
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            event = Envelope.of("Paid", "order", f"agg-{i % 500}", PAYLOAD, version=i)
+            add(conn, event)
+            conn.commit()
+            out.append((event.id, time.time()))
+    print(json.dumps(out))
+
+
+def prefill(dsn: str, n: int) -> float:
+    """Insert ``n`` events in one transaction; return the wall time of the commit."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO kcons_outbox (id, aggregatetype, aggregateid, type, payload, version) "
+            "SELECT gen_random_uuid(), 'order', 'agg-' || (i %% 1000), 'Paid', %s, i FROM generate_series(1, %s) i",
+            (PAYLOAD, n),
+        )
+        conn.commit()
+        return time.time()
+
+
+def _count(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM kcons_outbox").fetchone()
+        return int(row[0]) if row else -1
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+class PollingLoop:
+    """The naive relay: lock a batch with SKIP LOCKED, produce, flush, delete, commit."""
+
+    def __init__(self, dsn: str, bootstrap: str, topic: str, batch: int = 500, idle_sleep_s: float = 0.05) -> None:
+        from confluent_kafka import Producer
+
+        self.dsn = dsn
+        self.topic = topic
+        self.batch = batch
+        self.idle_sleep_s = idle_sleep_s
+        self.producer = Producer(
+            {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", **PRODUCER_SETTINGS}
+        )
+        self.published = 0
+        self.acks: dict[str, float] = {}
+        self.record_acks = False
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        errors: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(err)
+
+        with psycopg.connect(self.dsn) as conn:
+            while not self._stop.is_set():
+                raw = conn.execute(
+                    "SELECT position, id::text, aggregatetype, aggregateid, type, payload, topic, headers, version "
+                    "FROM kcons_outbox ORDER BY position LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (self.batch,),
+                ).fetchall()
+                if not raw:
+                    conn.commit()
+                    self._stop.wait(self.idle_sleep_s)
+                    continue
+                rows = [
+                    OutboxRow(position=r[0], id=r[1], aggregatetype=r[2], aggregateid=r[3], type=r[4],
+                              payload=bytes(r[5]), topic=r[6], version=r[8])
+                    for r in raw
+                ]  # fmt: skip
+                for row in rows:
+                    rec = to_record(row, self.topic)
+                    self.producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers, on_delivery=delivered)
+                self.producer.flush()
+                if errors:
+                    raise RuntimeError(f"delivery failed: {errors[0]}")
+                acked = time.time()
+                positions = [r.position for r in rows]
+                conn.execute("DELETE FROM kcons_outbox WHERE position = ANY(%s::bigint[])", (positions,))
+                conn.commit()
+                self.published += len(rows)
+                if self.record_acks:
+                    for row in rows:
+                        self.acks[row.id] = acked
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# --------------------------------------------------------------------------------- runs
+
+
+class KconsRunner:
+    """The kcons relay in a thread, recording acknowledgement times."""
+
+    def __init__(self, dsn: str, bootstrap: str, topic: str, mode: str, batch: int) -> None:
+        settings = RelaySettings(
+            dsn=dsn,
+            kafka=KafkaSettings(bootstrap, PRODUCER_SETTINGS),
+            topic=topic,
+            mode=mode,
+            batch_size=batch,
+            poll_interval_s=1.0,
+            holder=f"bench-{uuid.uuid4().hex[:6]}",
+        )
+        self.acks: dict[str, float] = {}
+        self.record_acks = False
+        self.relay = OutboxRelay.for_postgres(settings, on_published=self._on_published)
+        self.thread = threading.Thread(target=self.relay.run, daemon=True)
+
+    def _on_published(self, rows: Sequence[OutboxRow], _acked_monotonic: float) -> None:
+        if self.record_acks:
+            now = time.time()
+            for row in rows:
+                self.acks[row.id] = now
+
+    @property
+    def published(self) -> int:
+        return self.relay.published
+
+    def run(self) -> None:
+        self.relay.run()
+
+    def stop(self) -> None:
+        self.relay.stop()
+
+
+def _start(runner: Any) -> threading.Thread:
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.002)
+
+
+def saturation(runner: Any, dsn: str, n: int) -> float:
+    """Events/s for draining a backlog of ``n`` rows committed at once."""
+    base = runner.published
+    committed = prefill(dsn, n)
+    _wait(lambda: runner.published >= base + n, 600, "draining the backlog")
+    return n / (time.time() - committed)
+
+
+def steady(runner: Any, dsn: str, rate: float, seconds: float) -> dict[str, float]:
+    """Commit→ack latency percentiles at a steady ``rate``."""
+    runner.acks.clear()
+    runner.record_acks = True
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--steady-writer", dsn, str(rate), str(seconds)],
+        capture_output=True, text=True, check=True, timeout=seconds * 4 + 120,
+    )  # fmt: skip
+    commits: list[tuple[str, float]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    _wait(lambda: all(i in runner.acks for i, _ in commits[-50:]), 120, "the steady events")
+    _wait(lambda: _count(dsn) == 0, 120, "the steady backlog")
+    runner.record_acks = False
+    lat = sorted((runner.acks[i] - t) * 1000 for i, t in commits if i in runner.acks)
+    missing = sum(1 for i, _ in commits if i not in runner.acks)
+    achieved = len(commits) / (commits[-1][1] - commits[0][1]) if len(commits) > 1 else 0.0
+    return {
+        "p50_ms": round(statistics.median(lat), 2),
+        "p99_ms": round(lat[int(len(lat) * 0.99) - 1], 2),
+        "max_ms": round(lat[-1], 2),
+        "events": len(commits),
+        "achieved_rate": round(achieved, 1),
+        "missing": missing,
+    }
+
+
+def _make_db(server_dsn: str) -> str:
+    name = f"kcons_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(server_dsn)
+    params["dbname"] = name
+    dsn = make_conninfo("", **params)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        install_schema(conn)
+    return dsn
+
+
+def _drop_db(server_dsn: str, dsn: str) -> None:
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
+
+
+def _topic(bootstrap: str, partitions: int) -> str:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    name = f"bench-outbox-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(60)
+    return name
+
+
+def measure(kind: str, args: argparse.Namespace, server_dsn: str, bootstrap: str) -> dict[str, Any]:
+    dsn = _make_db(server_dsn)
+    topic = _topic(bootstrap, args.partitions)
+    runner: Any
+    if kind == "baseline":
+        runner = PollingLoop(dsn, bootstrap, topic, batch=500, idle_sleep_s=args.baseline_idle_sleep)
+    else:
+        runner = KconsRunner(dsn, bootstrap, topic, args.mode, args.batch)
+    thread = _start(runner)
+    try:
+        if kind == "kcons":
+            _wait(lambda: runner.relay.is_leader, 60, "leadership")
+        saturation(runner, dsn, 2000)  # warm-up: connections, producer, topic metadata
+        rates = [saturation(runner, dsn, args.backlog) for _ in range(args.repeats)]
+        lat = steady(runner, dsn, args.rate, args.seconds)
+    finally:
+        runner.stop()
+        thread.join(60)
+        _drop_db(server_dsn, dsn)
+    result: dict[str, Any] = {"events_per_s": round(max(rates), 1), "events_per_s_runs": [round(r, 1) for r in rates]}
+    result.update(lat)
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--steady-writer":
+        steady_writer(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backlog", type=int, default=100_000, help="rows in the saturation backlog")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=1000.0, help="steady events/s for the latency run")
+    ap.add_argument("--seconds", type=float, default=15.0, help="length of the latency run")
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=2000, help="kcons relay batch size")
+    ap.add_argument("--mode", default="transactional", choices=["transactional", "idempotent"])
+    ap.add_argument("--baseline-idle-sleep", type=float, default=0.05)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.backlog, args.repeats, args.seconds = 20_000, 1, 5.0
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    with start_stack(redis=False) as stack:
+        baseline = measure("baseline", args, stack.postgres_dsn, stack.kafka_bootstrap)
+        kcons = measure("kcons", args, stack.postgres_dsn, stack.kafka_bootstrap)
+    print(
+        json.dumps(
+            {
+                "name": "outbox",
+                "baseline": baseline,
+                "kcons": kcons,
+                "ratio": round(kcons["events_per_s"] / baseline["events_per_s"], 3),
+                "unit": "events/s at saturation (latency: ms from DB commit to Kafka ack at a steady rate)",
+                "backlog": args.backlog,
+                "repeats": args.repeats,
+                "rate": args.rate,
+                "seconds": args.seconds,
+                "partitions": args.partitions,
+                "kcons_batch": args.batch,
+                "kcons_mode": args.mode,
+                "baseline_batch": 500,
+                "baseline_idle_sleep_s": args.baseline_idle_sleep,
+                "producer": PRODUCER_SETTINGS,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
