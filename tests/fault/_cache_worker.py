@@ -32,7 +32,21 @@ from typing import Any
 import psycopg
 import redis
 
-from kcons.cache import AppliedInvalidation, CacheInvalidator, CacheSettings, ChangeEvent, ConsistentCache, Versioned
+from kcons.adapters.redis_cache import RedisCacheBackend
+from kcons.cache import (
+    AppliedInvalidation,
+    CacheEntry,
+    CacheInvalidator,
+    CacheSettings,
+    CacheWrite,
+    ChangeEvent,
+    ConsistentCache,
+    Versioned,
+    WriteOp,
+    WriteOutcome,
+    WriteResult,
+    encode_entry,
+)
 from kcons.config import KafkaSettings
 from kcons.envelope import Envelope
 from kcons.outbox import OutboxRelay, RelaySettings, add
@@ -83,7 +97,12 @@ def run_relay(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]
         lease_ttl_s=5.0,
     )
     relay = OutboxRelay.for_postgres(settings)
-    threading.Thread(target=lambda: (stop.wait(), relay.stop()), daemon=True).start()
+
+    def stop_on_signal() -> None:
+        stop.wait()
+        relay.stop()
+
+    threading.Thread(target=stop_on_signal, daemon=True).start()
     relay.run()
     return {"role": "relay", "published": relay.published}
 
@@ -144,9 +163,21 @@ def run_writer(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any
     return {"role": "writer", **counts}
 
 
+class UnguardedFills(RedisCacheBackend):
+    """Negative control only: fills overwrite the key with a plain SET, skipping the lease and the version guard."""
+
+    def write(self, write: CacheWrite) -> WriteResult:
+        if write.op is not WriteOp.FILL:
+            return super().write(write)
+        self._client.set(self.keys(write.key)[0], encode_entry(CacheEntry(write.version, write.value)), px=write.ttl_ms)
+        return WriteResult(WriteOutcome.APPLIED, write.version)
+
+
 def run_reader(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]:
     client = redis.Redis.from_url(os.environ["KCONS_REDIS_URL"])
-    cache = ConsistentCache(client, name="fault", settings=cache_settings(args))
+    settings = cache_settings(args)
+    backend = UnguardedFills(client, prefix=settings.prefix) if args.unguarded_fills else None
+    cache = ConsistentCache(client, name="fault", settings=settings, backend=backend)
     floors = floor_key(args)
     rng = random.Random(args.seed)
     counts = {"reads": 0, "hits": 0, "loads": 0, "stale": 0, "mismatched": 0, "absent": 0}
@@ -156,8 +187,8 @@ def run_reader(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any
         def loader(key: str) -> Versioned | None:
             counts["loads"] += 1
             row = conn.execute("SELECT name, version FROM items WHERE id = %s", (int(key.split(":")[1]),)).fetchone()
-            if rng.random() < 0.1:  # a slow loader now and then widens the race window
-                time.sleep(rng.uniform(0.001, 0.02))
+            if rng.random() < 0.1:  # a slow loader now and then: the write and its invalidation overtake it
+                time.sleep(rng.uniform(0.02, 0.3))
             return None if row is None else Versioned(str(row[0]).encode(), int(row[1]))
 
         while not stop.is_set():
@@ -182,6 +213,11 @@ def run_reader(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any
             if got.value != b"v%d" % got.version:
                 counts["mismatched"] += 1
     client.close()
+    from prometheus_client import REGISTRY
+
+    for reason in ("version", "lease"):
+        value = REGISTRY.get_sample_value("kcons_cache_fills_rejected_total", {"cache": "fault", "reason": reason})
+        counts[f"fills_rejected_{reason}"] = int(value or 0)
     return {"role": "reader", **counts, "examples": examples}
 
 
@@ -233,6 +269,7 @@ def main() -> None:
     parser.add_argument("--relay-mode", default="transactional")
     parser.add_argument("--commit-log", default=None)
     parser.add_argument("--applied-log", default=None)
+    parser.add_argument("--unguarded-fills", action="store_true", help="negative control: break the fill guard")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{args.role} %(levelname)s %(message)s")
     stop = threading.Event()

@@ -82,7 +82,8 @@ def _create_database(admin_dsn: str) -> tuple[str, str]:
 
 
 def _create_topic(bootstrap: str, name: str, partitions: int) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=-1)])[name].result(60)
@@ -107,6 +108,10 @@ def main() -> int:
     parser.add_argument("--rate", type=float, help="writes per second (all writer threads)")
     parser.add_argument("--rows", type=int, help="rows in the items table")
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument(
+        "--negative-control", action="store_true",
+        help="readers fill without lease and guard: the run must then report stale reads (checks the checker)",
+    )  # fmt: skip
     args = parser.parse_args()
     quick = args.quick
     duration = args.duration or (15.0 if quick else 60.0)
@@ -135,7 +140,10 @@ def main() -> int:
             relay = _spawn("relay", env, common)
             invalidator = _spawn("invalidator", env, common)
             writer = _spawn("writer", env, common, "--rate", str(rate), "--threads", "4", "--seed", str(args.seed))
-            reader_procs = [_spawn("reader", env, common, "--seed", str(args.seed * 7 + i)) for i in range(readers)]
+            broken = ["--unguarded-fills"] if args.negative_control else []
+            reader_procs = [
+                _spawn("reader", env, common, "--seed", str(args.seed * 7 + i), *broken) for i in range(readers)
+            ]
             started = time.monotonic()
             kills = 0
             max_duration = duration * 4
@@ -201,11 +209,12 @@ def main() -> int:
 
     reads = sum(int(x.get("reads", 0)) for x in reader_results)
     stale_reads = sum(int(x.get("stale", 0)) + int(x.get("mismatched", 0)) for x in reader_results)
-    result = {
+    sent = int(writer_result.get("writes", 0))
+    result: dict[str, Any] = {
         "name": "cache_race",
         "runs": 1,
         "faults": kills,
-        "sent": int(writer_result.get("writes", 0)),
+        "sent": sent,
         "lost": lost,
         "stale": stale_reads + stale_after,
         "stale_reads": stale_reads,
@@ -213,6 +222,8 @@ def main() -> int:
         "reads": reads,
         "hits": sum(int(x.get("hits", 0)) for x in reader_results),
         "loads": sum(int(x.get("loads", 0)) for x in reader_results),
+        "fills_rejected_version": sum(int(x.get("fills_rejected_version", 0)) for x in reader_results),
+        "fills_rejected_lease": sum(int(x.get("fills_rejected_lease", 0)) for x in reader_results),
         "invalidations_applied_last_process": invalidator_result.get("applied"),
         "relay_published_rows": relay_result.get("published"),
         "outbox_drained": outbox_drained,
@@ -220,6 +231,7 @@ def main() -> int:
         "settings": {
             "quick": quick, "duration_s": duration, "readers": readers, "rate": rate, "rows": rows,
             "min_reads": min_reads, "min_kills": kills_wanted, "seed": args.seed,
+            "negative_control": args.negative_control,
         },
     }  # fmt: skip
     result["ok"] = (
@@ -229,7 +241,7 @@ def main() -> int:
         and outbox_drained
         and reads >= min_reads
         and kills >= kills_wanted
-        and result["sent"] > 0
+        and sent > 0
     )
     print(json.dumps(result), flush=True)
     return 0 if result["ok"] else 1
