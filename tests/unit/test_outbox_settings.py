@@ -1,0 +1,56 @@
+"""Relay settings fail at construction, naming the KCONS_* setting, and never print the DSN password."""
+
+from __future__ import annotations
+
+import pytest
+
+from kcons.config import KafkaSettings
+from kcons.errors import ConfigError
+from kcons.outbox.relay import RelaySettings
+
+BASE = {"KCONS_POSTGRES_DSN": "postgresql://u:s3cret@db:5432/app", "KCONS_KAFKA_BOOTSTRAP": "k:9092"}
+
+
+def test_defaults_from_the_environment() -> None:
+    s = RelaySettings.from_env(BASE)
+    assert (s.table, s.name, s.mode, s.batch_size, s.retention_s, s.topic) == (
+        "kcons_outbox", "default", "transactional", 1000, None, None,
+    )  # fmt: skip
+    assert s.kafka.bootstrap_servers == "k:9092"
+
+
+def test_flags_override_the_environment() -> None:
+    s = RelaySettings.from_env(BASE, bootstrap="other:9093", batch_size=50, topic="t", mode=None)
+    assert (s.kafka.bootstrap_servers, s.batch_size, s.topic, s.mode) == ("other:9093", 50, "t", "transactional")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KCONS_OUTBOX_BATCH_SIZE", "0"),
+        ("KCONS_OUTBOX_BATCH_SIZE", "many"),
+        ("KCONS_OUTBOX_MODE", "exactly-once"),
+        ("KCONS_OUTBOX_TABLE", "Bad-Name"),
+        ("KCONS_OUTBOX_NAME", "has space"),
+        ("KCONS_OUTBOX_LEASE_TTL_S", "0.1"),
+        ("KCONS_OUTBOX_RETENTION_S", "-1"),
+        ("KCONS_OUTBOX_METRICS_PORT", "70000"),
+    ],
+)
+def test_bad_values_name_their_setting(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RelaySettings.from_env({**BASE, name: value})
+    assert info.value.setting == name
+
+
+@pytest.mark.parametrize("missing", ["KCONS_POSTGRES_DSN", "KCONS_KAFKA_BOOTSTRAP"])
+def test_missing_connection_settings_are_named(missing: str) -> None:
+    env = {k: v for k, v in BASE.items() if k != missing}
+    with pytest.raises(ConfigError) as info:
+        RelaySettings.from_env(env)
+    assert info.value.setting == missing
+
+
+def test_repr_hides_the_database_password() -> None:
+    s = RelaySettings(dsn=BASE["KCONS_POSTGRES_DSN"], kafka=KafkaSettings("k:9092"))
+    assert "s3cret" not in repr(s) and "***" in repr(s)
