@@ -474,3 +474,154 @@ class SimCluster:
 def pending_output_count(history: list[tuple[str, Operation]]) -> int:
     """How many operations ended with an unknown outcome (for reporting)."""
     return sum(1 for _, op in history if op.output is UNKNOWN)
+
+
+class ScriptedCluster:
+    """Cores wired together with instant, lossless delivery except for links a test cuts."""
+
+    def __init__(self, n: int, *, pre_vote: bool = True, check_quorum: bool = True, seed: int = 0) -> None:
+        self.ids = list(range(1, n + 1))
+        self.storage = {i: MemoryStorage() for i in self.ids}
+        self.rng = random.Random(seed)
+        self.pre_vote = pre_vote
+        self.check_quorum = check_quorum
+        self.cores: dict[int, RaftCore] = {}
+        self.applied: dict[int, list[Entry]] = {i: [] for i in self.ids}
+        self.read_states: dict[int, list[bytes]] = {i: [] for i in self.ids}
+        self.cut: set[tuple[int, int]] = set()
+        self.down: set[int] = set()
+        self.sent: list[Message] = []
+        for i in self.ids:
+            self.restart(i)
+
+    def restart(self, i: int, voters: tuple[int, ...] | None = None, booting: bool = False) -> RaftCore:
+        """(Re)build node ``i`` from its storage; unless ``booting``, as if an election timeout passed."""
+        st = self.storage[i].load()
+        cfg = RaftConfig(id=i, election_tick=10, pre_vote=self.pre_vote, check_quorum=self.check_quorum)
+        core = RaftCore(
+            cfg,
+            voters or tuple(self.ids),
+            random.Random(self.rng.random()),
+            hard_state=st.hard_state,
+            snapshot=st.snapshot,
+            entries=st.entries,
+        )
+        if not booting:
+            core.ticks = cfg.election_tick  # past the boot quiet period
+        self.cores[i] = core
+        self.down.discard(i)
+        self.applied[i] = []
+        return core
+
+    def isolate(self, i: int) -> None:
+        """Cut every link to and from ``i``."""
+        for j in self.ids:
+            if j != i:
+                self.cut.add((i, j))
+                self.cut.add((j, i))
+
+    def heal(self) -> None:
+        """Restore every link."""
+        self.cut.clear()
+
+    def drain(self, max_rounds: int = 1000) -> None:
+        """Process Ready batches and deliver messages until the cluster is quiet."""
+        for _ in range(max_rounds):
+            msgs: list[Message] = []
+            for i in self.ids:
+                core = self.cores[i]
+                if i in self.down:
+                    continue
+                while core.has_ready():
+                    rd = core.ready()
+                    self.storage[i].save(rd.hard_state, rd.entries, rd.snapshot)
+                    self.applied[i].extend(rd.committed_entries)
+                    self.read_states[i].extend(rs.context for rs in rd.read_states)
+                    msgs.extend(rd.messages)
+                    core.advance(rd)
+            if not msgs:
+                return
+            for m in msgs:
+                self.sent.append(m)
+                if m.dst in self.down or (m.src, m.dst) in self.cut:
+                    continue
+                self.cores[m.dst].step(m)
+        raise AssertionError("cluster did not quiesce")
+
+    def tick_all(self, n: int = 1) -> None:
+        """Tick every live node ``n`` times, draining after each tick."""
+        for _ in range(n):
+            for i in self.ids:
+                if i not in self.down:
+                    self.cores[i].tick()
+            self.drain()
+
+    def elect(self, i: int) -> RaftCore:
+        """Make ``i`` campaign and deliver until quiet."""
+        self.cores[i].campaign(transfer=False)
+        self.drain()
+        return self.cores[i]
+
+    def leaders(self) -> list[int]:
+        """Live nodes that believe they lead."""
+        return [i for i in self.ids if i not in self.down and self.cores[i].is_leader]
+
+
+def options_for_seed(seed: int) -> SimOptions:
+    """The scenario mix of the seed sweep: cluster size, membership, pre-vote and check-quorum vary."""
+    membership = seed % 4 == 1
+    return SimOptions(
+        nodes=5 if membership or seed % 3 == 0 else 3,
+        membership=membership,
+        check_quorum=seed % 5 != 2,
+        pre_vote=seed % 7 != 3,
+    )
+
+
+def main() -> None:
+    """Sweep seeds from the command line: ``python tests/unit/raft_sim.py --seeds 10000``."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, default=1000)
+    parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="run just this seed")
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    seeds = [args.seed] if args.seed is not None else list(range(args.first, args.first + args.seeds))
+    failures = []
+    ops = unknown = faults = 0
+    start = time.monotonic()
+    for seed in seeds:
+        opts = options_for_seed(seed)
+        if args.steps:
+            opts.steps = args.steps
+        cluster = SimCluster(seed, opts)
+        try:
+            cluster.run()
+        except InvariantViolation as exc:
+            failures.append(str(exc))
+        ops += len(cluster.history)
+        unknown += pending_output_count(cluster.history)
+        faults += cluster.faults
+    print(
+        json.dumps(
+            {
+                "name": "raft_sim_sweep",
+                "runs": len(seeds),
+                "faults": faults,
+                "operations": ops,
+                "unknown_outcomes": unknown,
+                "violations": len(failures),
+                "first_failures": failures[:5],
+                "seconds": round(time.monotonic() - start, 1),
+                "ok": not failures,
+            }
+        )
+    )
+    raise SystemExit(0 if not failures else 1)
+
+
+if __name__ == "__main__":
+    main()
