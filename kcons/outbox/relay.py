@@ -153,7 +153,14 @@ def _is_transient(exc: BaseException) -> bool:
         import psycopg
     except ImportError:  # pragma: no cover - psycopg is an optional dependency
         return False
-    return isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown | psycopg.InterfaceError)
+    transient = (
+        psycopg.OperationalError,  # connection lost, server shutting down, admin termination
+        psycopg.InterfaceError,  # the connection was closed under us
+        psycopg.errors.QueryCanceled,  # statement timeout
+        psycopg.errors.SerializationFailure,
+        psycopg.errors.DeadlockDetected,
+    )
+    return isinstance(exc, transient)
 
 
 class OutboxRelay:

@@ -16,14 +16,20 @@ aggregate's commit order (PostgreSQL):
   therefore yields each aggregate's commit order.
 * Ordering by transaction id (``xid8``) instead would be wrong: a transaction gets its xid at its
   first write, possibly before it waits for an aggregate's lock, so a lower xid can commit an
-  aggregate's *later* event. Filtering on ``txid < pg_snapshot_xmin(...)`` would also publish a
-  later event of an aggregate before an earlier one whose xid is still above the horizon. The
-  ``txid`` column is kept for diagnostics: the backlog sample reports how many unpublished rows
-  belong to transactions that are still in progress according to the snapshot (always 0 for a
-  committed-only read) and the horizon age.
+  aggregate's *later* event. Reading only ``txid < pg_snapshot_xmin(pg_current_snapshot())``
+  would be gap-free too, but it would publish an aggregate's later event (low xid, committed)
+  before an earlier one whose xid is still above the horizon, and one long-running transaction
+  would stall the whole outbox. Here a long-running writer delays only its own rows (they are
+  invisible until it commits); the ``kcons_outbox_oldest_unpublished_age_seconds`` metric shows
+  rows waiting for the relay, not rows still inside open transactions. The ``txid`` column is
+  kept for diagnostics (which transaction wrote a row) and is tested to equal the writer's
+  ``pg_current_xact_id()``.
+* Position numbers come from an identity sequence with ``CACHE 1``; a cached sequence would hand
+  out positions out of order across sessions and break the argument above.
 
-Marking is fenced: the ``UPDATE``/``DELETE`` of published rows runs in one transaction with an
-update of the fence row that succeeds only when the relay's lease token is the highest seen.
+Marking is fenced: the ``DELETE`` (or ``UPDATE ... published_at``) of published rows is one
+statement together with an update of the fence row, and it changes nothing unless the relay's
+lease token is the highest the fence has seen.
 """
 
 from __future__ import annotations

@@ -347,3 +347,26 @@ def test_event_ids_are_unique_in_the_outbox(outbox_db: str) -> None:
             add(conn, Envelope(id=event.id, type="x", aggregate_type="y", aggregate_id="z", payload=b""))
         conn.rollback()
     assert uuid.UUID(event.id).version == 7
+
+
+def test_marking_with_a_superseded_token_changes_nothing(outbox_db: str) -> None:
+    from kcons.outbox import LeadershipLostError, PostgresOutboxStore
+
+    with psycopg.connect(outbox_db) as conn:
+        for i in range(3):
+            add(conn, _event("f", i))
+        conn.commit()
+    store = PostgresOutboxStore(outbox_db)
+    try:
+        store.claim_fence("default", 5, "new-leader")
+        with pytest.raises(LeadershipLostError):
+            store.claim_fence("default", 4, "old-leader")
+        rows = store.fetch(10)
+        assert [r.version for r in rows] == [0, 1, 2]
+        with pytest.raises(LeadershipLostError):
+            store.mark_published(rows, name="default", token=4, retain=False)
+        assert _unpublished(outbox_db) == 3
+        store.mark_published(rows[:2], name="default", token=5, retain=False)
+        assert [r.version for r in store.fetch(10)] == [2]
+    finally:
+        store.close()
