@@ -171,20 +171,43 @@ def _read_topic(bootstrap: str, topic: str, expected: set[str], timeout: float) 
     return out
 
 
-class IdempotentHandler:
-    """The idempotent consumer's contract: a handler runs once per ``kcons-id``; later copies are dropped."""
+Handled = tuple[dict[str, int], dict[str, list[int]]]
 
-    def __init__(self) -> None:
-        self.done: set[str] = set()
-        self.handled: dict[str, int] = {}
-        self.order: dict[str, list[int]] = {}
 
-    def __call__(self, event_id: str, aggregate: str, version: int) -> None:
-        if event_id in self.done:
-            return
-        self.done.add(event_id)
-        self.handled[event_id] = self.handled.get(event_id, 0) + 1
-        self.order.setdefault(aggregate, []).append(version)
+def _idempotent_pass(bootstrap: str, topic: str, want: int, timeout: float) -> Handled:
+    """Read ``topic`` through kcons' IdempotentConsumer: handler calls per id, versions per aggregate."""
+    from kcons.adapters.memory import MemoryDedupStore
+    from kcons.consumer import IdempotentConsumer
+
+    handled: dict[str, int] = {}
+    order: dict[str, list[int]] = {}
+
+    def handler(msg: Any) -> None:
+        env = read_envelope(msg.key(), msg.value(), msg.headers())
+        assert env is not None and env.version is not None
+        handled[env.id] = handled.get(env.id, 0) + 1
+        order.setdefault(env.aggregate_id, []).append(env.version)
+
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"idempotent-{uuid.uuid4().hex[:8]}",
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+    }
+    consumer = IdempotentConsumer(config, [topic], handler, store=MemoryDedupStore(), batch_size=2000)
+    deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            before = consumer.stats.consumed
+            consumer.poll_once()
+            if consumer.stats.consumed != before:
+                quiet_since = time.monotonic()
+            elif len(handled) >= want and time.monotonic() - quiet_since > 3.0:
+                break
+    finally:
+        consumer.close()
+    return handled, order
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,26 +295,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rolled_back = {i for r in results for i in r["rolled_back"]}
             unknown = {i for r in results for i in r["unknown"]}
             records = _read_topic(stack.kafka_bootstrap, topic, committed, timeout=args.drain_timeout)
+            handled, order = _idempotent_pass(stack.kafka_bootstrap, topic, len(committed), args.drain_timeout)
         finally:
             _drop_database(stack.postgres_dsn, dsn)
-    handler = IdempotentHandler()
     copies: dict[str, int] = {}
+    first_seen: dict[str, list[int]] = {}
     for event_id, aggregate, version in records:
         copies[event_id] = copies.get(event_id, 0) + 1
-        handler(event_id, aggregate, version)
+        if copies[event_id] == 1:
+            first_seen.setdefault(aggregate, []).append(version)
     delivered = set(copies)
     lost = len(committed - delivered)
     phantom = len(delivered & rolled_back)
     unexpected = len(delivered - committed - rolled_back - unknown)
-    out_of_order = sum(1 for versions in handler.order.values() for a, b in itertools.pairwise(versions) if b <= a)
-    gaps = sum(1 for versions in handler.order.values() if versions != list(range(1, len(versions) + 1)))
-    duplicates = sum(1 for n in handler.handled.values() if n > 1)
+    out_of_order = sum(1 for versions in order.values() for a, b in itertools.pairwise(versions) if b <= a)
+    raw_out_of_order = sum(1 for versions in first_seen.values() for a, b in itertools.pairwise(versions) if b <= a)
+    gaps = sum(1 for versions in order.values() if versions != list(range(1, len(versions) + 1)))
+    duplicates = sum(1 for n in handled.values() if n > 1)
+    not_handled = len(committed - set(handled))
     ok = (
         lost == 0
         and phantom == 0
         and unexpected == 0
         and out_of_order == 0
+        and raw_out_of_order == 0
         and gaps == 0
+        and not_handled == 0
         and duplicates == 0
         and backlog == 0
         and kills >= args.kills
@@ -317,7 +346,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kafka_records": len(records),
         "kafka_duplicates": len(records) - len(delivered),
         "duplicates": duplicates,
+        "not_handled": not_handled,
         "out_of_order": out_of_order,
+        "out_of_order_first_copies": raw_out_of_order,
         "version_gaps": gaps,
         "backlog_after": backlog,
         "seconds": round(time.monotonic() - started, 1),
