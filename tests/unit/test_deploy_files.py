@@ -710,3 +710,46 @@ def test_grafana_dashboard_panels_fit_the_grid_without_overlapping() -> None:
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
                 cells[(x, y)] = panel["title"]
+
+
+def test_compose_variables_have_a_default_or_are_documented_in_env_example() -> None:
+    text = COMPOSE.read_text().replace("$$", "")
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", (DEPLOY / ".env.example").read_text(), re.MULTILINE))
+    variables = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?][^}]*)?\}", text)
+    assert variables
+    for name, modifier in variables:
+        assert name in documented, f"${{{name}}} is used by compose.yaml but not described in .env.example"
+        if not modifier:
+            pytest.fail(f"${{{name}}} has neither a default (:-) nor a required check (:?)")
+    for secret in _compose()["secrets"].values():
+        assert secret["environment"] in documented
+
+
+def test_grafana_queries_have_balanced_brackets_and_rate_windows() -> None:
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for panel in _dashboard_panels():
+        for target in panel.get("targets", []):
+            stack: list[str] = []
+            for ch in target["expr"]:
+                if ch in "([{":
+                    stack.append(ch)
+                elif ch in pairs:
+                    assert stack and stack.pop() == pairs[ch], f"{panel['title']}: unbalanced {target['expr']}"
+            assert not stack, f"{panel['title']}: unbalanced {target['expr']}"
+            for fn in re.findall(r"\b(rate|increase|irate)\((kcons_[a-z0-9_]+)([^)]*)\)", target["expr"]):
+                assert fn[2].startswith("[$__rate_interval]"), f"{panel['title']}: {fn[0]} without a range"
+                assert fn[1].endswith(("_total", "_bucket", "_sum", "_count")), f"{fn[0]} of a gauge {fn[1]}"
+
+
+def test_raft_peer_port_admits_only_raft_pods() -> None:
+    policy = _k8s_named("NetworkPolicy", "kcons-raft")
+    raft = _k8s_named("StatefulSet", "kcons-raft")
+    labels = raft["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    port_names = {p["name"] for p in raft["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule["ports"]}
+        assert ports <= port_names, f"the policy names ports the pods do not declare: {ports - port_names}"
+        if "peer" in ports:
+            sources = [s["podSelector"]["matchLabels"] for s in rule["from"]]
+            assert sources and all(s.items() <= labels.items() for s in sources)
