@@ -157,6 +157,35 @@ CACHE_INVALIDATION_LAG = Histogram(
 )
 
 # --- raft --------------------------------------------------------------------------------
+RAFT_FRAMES_REJECTED = Counter(
+    "kcons_raft_frames_rejected_total",
+    "Transport frames dropped because they failed authentication, were oversized or malformed.",
+    ["reason"],
+)
+RAFT_PROPOSALS = Counter(
+    "kcons_raft_proposals_total",
+    "Client commands proposed by this node as leader, by outcome.",
+    ["node", "result"],
+)
+RAFT_COMMIT_SECONDS = Histogram(
+    "kcons_raft_commit_seconds",
+    "Time from a proposal at the leader to its entry being committed and applied there.",
+    ["node"],
+    buckets=LATENCY_BUCKETS,
+)
+RAFT_FSYNC_SECONDS = Histogram(
+    "kcons_raft_wal_fsync_seconds",
+    "Time to persist one Ready (WAL append and fsync) before its messages are sent.",
+    ["node"],
+    buckets=LATENCY_BUCKETS,
+)
+RAFT_TERM = Gauge("kcons_raft_term", "Current Raft term of the node.", ["node"])
+RAFT_IS_LEADER = Gauge("kcons_raft_is_leader", "1 while the node leads, else 0.", ["node"])
+RAFT_COMMIT_INDEX = Gauge("kcons_raft_commit_index", "Highest log index known committed.", ["node"])
+RAFT_APPLIED_INDEX = Gauge("kcons_raft_applied_index", "Highest log index applied to the state machine.", ["node"])
+RAFT_SNAPSHOTS = Counter(
+    "kcons_raft_snapshots_total", "Snapshots taken locally or installed from the leader.", ["node", "kind"]
+)
 
 
 def metric_names(registry: CollectorRegistry = REGISTRY) -> list[str]:

@@ -201,13 +201,20 @@ class RaftCore:
         self.vote = hs.vote
         snap_index = snapshot.meta.index if snapshot else 0
         snap_term = snapshot.meta.term if snapshot else 0
-        entries = [e for e in entries if e.index > snap_index]
-        self.log = RaftLog(snap_index, snap_term, entries)
+        entries = list(entries)
+        if snapshot is not None and entries and entries[0].index <= snap_index:
+            # Entries kept from before the snapshot (for lagging followers): the first one gives the
+            # log's offset term. Storage guarantees they agree with the snapshot at its index.
+            self.log = RaftLog(entries[0].index, entries[0].term, entries[1:])
+        else:
+            self.log = RaftLog(snap_index, snap_term, [e for e in entries if e.index > snap_index])
+        self.log.applied = snap_index
         self.log.commit_to(max(hs.commit, snap_index))
+        self.log.committed = max(self.log.committed, snap_index)
         self.snapshot = snapshot
         self._base_voters = snapshot.meta.voters if snapshot else tuple(sorted(voters))
         self.voters: tuple[int, ...] = self._base_voters
-        self.config_index = snap_index
+        self.config_index = self.log.snap_index
         self._refresh_config()
         self.role = Role.FOLLOWER
         self.leader = 0
@@ -322,19 +329,24 @@ class RaftCore:
         else:
             self._send_append(target)
 
-    def compact(self, index: int, data: bytes) -> None:
-        """Record the application's snapshot at applied ``index`` and drop the log up to it."""
-        if index <= self.log.snap_index:
+    def compact(self, index: int, data: bytes, keep: int = 0) -> None:
+        """Record the application's snapshot at applied ``index``; drop the log up to ``index - keep``.
+
+        Keeping ``keep`` entries lets followers that lag slightly catch up by entries instead of a
+        snapshot. The driver then calls ``storage.compact(core.snapshot, core.log.snap_index)``.
+        """
+        if index <= (self.snapshot.meta.index if self.snapshot else 0):
             return
         term = self.log.term(index)
         if term is None or index > self.log.applied:
             raise ValueError(f"cannot snapshot at {index}: applied is {self.log.applied}")
-        voters = self._voters_at(index)
-        self.snapshot = Snapshot(SnapshotMeta(index, term, voters), data)
-        self.log.compact(index)
-        self._base_voters = voters
-        if self.config_index < index:
-            self.config_index = index
+        self.snapshot = Snapshot(SnapshotMeta(index, term, self._voters_at(index)), data)
+        cut = index - keep
+        if cut > self.log.snap_index:
+            self._base_voters = self._voters_at(cut)
+            self.log.compact(cut)
+            if self.config_index < cut:
+                self.config_index = cut
 
     def step(self, m: Message) -> None:
         """Process one received message."""

@@ -64,8 +64,9 @@ class RaftStorage(Protocol):
         ``entries[0].index`` on) and hard state; returns only once they survive a crash."""
         ...
 
-    def compact(self, snapshot: Snapshot) -> None:
-        """Store a locally taken snapshot and drop the entries it covers."""
+    def compact(self, snapshot: Snapshot, log_offset: int | None = None) -> None:
+        """Store a locally taken snapshot; drop entries below ``log_offset`` (default: the snapshot's
+        index). Entries from ``log_offset`` on are kept so lagging followers can still be sent them."""
         ...
 
     def close(self) -> None:
@@ -74,15 +75,27 @@ class RaftStorage(Protocol):
 
 
 def _splice(entries: list[Entry], new: list[Entry], snap_index: int) -> None:
-    """Replace ``entries`` (which start after ``snap_index``) from new[0].index on with ``new``."""
+    """Replace ``entries`` from new[0].index on with ``new`` (entries at or below ``snap_index`` that
+    ``new`` would start before are simply replaced: they are covered by the snapshot)."""
     if not new:
         return
     first = new[0].index
-    keep = max(0, first - snap_index - 1)
-    if keep > len(entries):
-        raise CorruptLogError(f"log gap: entry {first} after {snap_index + len(entries)}")
-    del entries[keep:]
-    entries.extend(e for e in new if e.index > snap_index)
+    if not entries or first <= entries[0].index:
+        if not entries and first > snap_index + 1:
+            raise CorruptLogError(f"log gap: entry {first} after snapshot {snap_index}")
+        entries[:] = new
+        return
+    if first > entries[-1].index + 1:
+        raise CorruptLogError(f"log gap: entry {first} after {entries[-1].index}")
+    del entries[first - entries[0].index :]
+    entries.extend(new)
+
+
+def _kept_after_compaction(entries: list[Entry], snapshot: Snapshot, log_offset: int | None) -> list[Entry]:
+    if log_offset is None:
+        return [e for e in entries if e.index > snapshot.meta.index]
+    offset = min(log_offset, snapshot.meta.index)
+    return [e for e in entries if e.index >= offset]
 
 
 class MemoryStorage:
@@ -108,13 +121,13 @@ class MemoryStorage:
             s.hard_state = hard_state
         self.saves += 1
 
-    def compact(self, snapshot: Snapshot) -> None:
-        """Keep ``snapshot`` and the entries after it."""
+    def compact(self, snapshot: Snapshot, log_offset: int | None = None) -> None:
+        """Keep ``snapshot`` and the entries from ``log_offset`` on."""
         s = self.state
         old = s.snapshot.meta.index if s.snapshot else 0
         if snapshot.meta.index <= old:
             return
-        s.entries = [e for e in s.entries if e.index > snapshot.meta.index]
+        s.entries = _kept_after_compaction(s.entries, snapshot, log_offset)
         s.snapshot = snapshot
 
     def close(self) -> None:
@@ -229,12 +242,13 @@ class WalStorage:
         raw = state.entries
         if snap is None or not raw:
             return
-        if raw[0].index <= snap_index <= raw[-1].index and raw[snap_index - raw[0].index].term != snap.meta.term:
-            state.entries = []
+        if raw[-1].index < snap_index:
+            state.entries = []  # everything is covered by the snapshot
             return
-        state.entries = [e for e in raw if e.index > snap_index]
-        if state.entries and state.entries[0].index != snap_index + 1:
-            raise CorruptLogError(f"log starts at {state.entries[0].index}, snapshot ends at {snap_index}")
+        if raw[0].index > snap_index + 1:
+            raise CorruptLogError(f"log starts at {raw[0].index}, snapshot ends at {snap_index}")
+        if raw[0].index <= snap_index and raw[snap_index - raw[0].index].term != snap.meta.term:
+            state.entries = []
 
     def _read_snapshot(self) -> Snapshot:
         buf = self._snap_path.read_bytes()
@@ -283,13 +297,13 @@ class WalStorage:
         if self.fsync:
             os.fsync(self._file.fileno())
 
-    def compact(self, snapshot: Snapshot) -> None:
-        """Write the snapshot atomically, then rewrite the log with only the entries after it."""
+    def compact(self, snapshot: Snapshot, log_offset: int | None = None) -> None:
+        """Write the snapshot atomically, then rewrite the log with the entries from ``log_offset`` on."""
         s = self._state
         old = s.snapshot.meta.index if s.snapshot else 0
         if snapshot.meta.index <= old:
             return
-        s.entries = [e for e in s.entries if e.index > snapshot.meta.index]
+        s.entries = _kept_after_compaction(s.entries, snapshot, log_offset)
         s.snapshot = snapshot
         self._write_snapshot(snapshot)
         self._rewrite()

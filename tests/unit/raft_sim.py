@@ -259,9 +259,9 @@ class SimCluster:
                     if cmd["op"] == "put" or (cmd["op"] == "cas" and sm.get(cmd["key"]) == cmd["expected"]):
                         sm[cmd["key"]] = cmd["value"]
             data = json.dumps({"sm": sm, "applied": at}).encode()
-            core.compact(at, data)
+            core.compact(at, data, keep=self.rng.choice([0, 0, 3, 20]))
             assert core.snapshot is not None
-            self.storage[node.id].compact(core.snapshot)
+            self.storage[node.id].compact(core.snapshot, core.log.snap_index)
 
     def _check_leader(self, node: SimNode) -> None:
         core = node.core

@@ -111,3 +111,11 @@ def test_fatal_error_hidden_behind_a_system_error_is_found() -> None:
     except SystemError as outer:
         assert _kafka_exception_of(outer) is kexc
     assert _kafka_exception_of(ValueError("x")) is None
+
+
+def test_state_error_inside_a_transaction_is_abortable_and_outside_it_is_not() -> None:
+    from kcons.errors import ErrorClass, classify_kafka_error
+
+    err = KafkaError(KafkaError._STATE, "Unable to produce message")
+    assert classify_kafka_error(err, in_transaction=True) is ErrorClass.ABORTABLE
+    assert classify_kafka_error(err) is ErrorClass.PERMANENT

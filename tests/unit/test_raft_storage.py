@@ -159,3 +159,14 @@ def test_unsynced_mode_still_writes_the_same_records(tmp_path: Path) -> None:
     s.close()
     assert len(WalStorage(tmp_path).load().entries) == 2
     assert os.path.getsize(tmp_path / "raft.wal") > 0
+
+
+def test_compaction_can_keep_entries_before_the_snapshot_for_lagging_followers(make_storage) -> None:  # type: ignore[no-untyped-def]
+    s = make_storage()
+    s.save(HardState(1, 1, 10), ents(1, 10), None)
+    snap = Snapshot(SnapshotMeta(9, 1, (1, 2, 3)), b"image")
+    s.compact(snap, 6)
+    s.close()
+    st = make_storage().load()
+    assert [e.index for e in st.entries] == [6, 7, 8, 9, 10]
+    assert st.snapshot == snap
