@@ -149,12 +149,14 @@ _CLASS_TO_EXC: dict[ErrorClass, type[KafkaOperationError]] = {
 }
 
 
-def classify_kafka_error(err: Any, *, in_transaction_end: bool = False) -> ErrorClass:
+def classify_kafka_error(err: Any, *, in_transaction_end: bool = False, in_transaction: bool = False) -> ErrorClass:
     """Return how ``err`` (a ``confluent_kafka.KafkaError``) must be handled.
 
     ``in_transaction_end`` marks errors from ``commit_transaction``/``abort_transaction``:
     there a timeout means the outcome is unknown, which is handled by re-initialising.
     Fencing is checked before everything else because a fenced producer must never retry.
+    ``in_transaction`` marks errors raised while a transaction is open: there librdkafka's
+    ``_STATE`` from ``produce`` means the transaction already failed, which is abortable.
     """
     name = str(err.name())
     if name in _FENCED_NAMES:
@@ -163,6 +165,8 @@ def classify_kafka_error(err: Any, *, in_transaction_end: bool = False) -> Error
         return ErrorClass.FATAL
     if in_transaction_end and name in _TIMEOUT_NAMES:
         return ErrorClass.INDEFINITE
+    if in_transaction and name == "_STATE":
+        return ErrorClass.ABORTABLE
     if err.txn_requires_abort():
         return ErrorClass.ABORTABLE
     if err.retriable():
@@ -170,16 +174,22 @@ def classify_kafka_error(err: Any, *, in_transaction_end: bool = False) -> Error
     return ErrorClass.PERMANENT
 
 
-def kafka_error_to_exception(err: Any, operation: str, *, in_transaction_end: bool = False) -> KafkaOperationError:
+def kafka_error_to_exception(
+    err: Any, operation: str, *, in_transaction_end: bool = False, in_transaction: bool = False
+) -> KafkaOperationError:
     """Build the typed kcons exception for ``err`` raised by ``operation``."""
-    cls = classify_kafka_error(err, in_transaction_end=in_transaction_end)
+    cls = classify_kafka_error(err, in_transaction_end=in_transaction_end, in_transaction=in_transaction)
     exc_type = _CLASS_TO_EXC[cls]
     return exc_type(f"{operation} failed: {err.str()} ({err.name()})", code=err.code(), name=err.name())
 
 
-def raise_for_kafka_error(exc: BaseException, operation: str, *, in_transaction_end: bool = False) -> None:
+def raise_for_kafka_error(
+    exc: BaseException, operation: str, *, in_transaction_end: bool = False, in_transaction: bool = False
+) -> None:
     """Re-raise a ``confluent_kafka.KafkaException`` as the typed kcons exception."""
     err = exc.args[0] if exc.args else None
     if err is None or not hasattr(err, "txn_requires_abort"):
         raise KafkaOperationError(f"{operation} failed: {exc}") from exc
-    raise kafka_error_to_exception(err, operation, in_transaction_end=in_transaction_end) from exc
+    raise kafka_error_to_exception(
+        err, operation, in_transaction_end=in_transaction_end, in_transaction=in_transaction
+    ) from exc
