@@ -36,6 +36,7 @@ from kcons.errors import (
     FatalKafkaError,
     IndefiniteOutcomeError,
     KafkaOperationError,
+    ProducerFencedError,
     RetriableKafkaError,
     TimeoutExceededError,
     classify_kafka_error,
@@ -119,8 +120,12 @@ class TransactionalProcessor:
     records or ``batch_timeout_s`` seconds from its first record; no transaction is opened
     without input. A handler exception aborts the batch, rewinds, and is raised from
     :meth:`run` (nothing is skipped). SIGTERM (when :meth:`run` is called in the main thread)
-    and :meth:`stop` finish the current batch and close cleanly.
+    and :meth:`stop` finish the current batch and close cleanly. ``on_commit(stats)`` is called
+    after each committed transaction.
     """
+
+    #: Producers re-created in a row (without a commit in between) before a fatal error is raised.
+    MAX_FATAL_RECOVERIES = 3
 
     def __init__(
         self,
@@ -136,6 +141,7 @@ class TransactionalProcessor:
         commit_timeout_s: float = 30.0,
         init_timeout_s: float = 30.0,
         rewind_timeout_s: float = 60.0,
+        on_commit: Callable[[ProcessorStats], None] | None = None,
     ) -> None:
         if batch_max < 1:
             raise ConfigError("batch_max", f"must be >= 1, got {batch_max}")
@@ -161,6 +167,7 @@ class TransactionalProcessor:
         self.commit_timeout_s = commit_timeout_s
         self.rewind_timeout_s = rewind_timeout_s
         self.stats = ProcessorStats()
+        self.on_commit = on_commit
         reset = str(self._consumer_config.get("auto.offset.reset", "latest")).lower()
         self._reset_offset = OFFSET_BEGINNING if reset in _EARLIEST else OFFSET_END
         self._stop = threading.Event()
@@ -169,17 +176,24 @@ class TransactionalProcessor:
         self._running = False
         # The producer first: init_transactions fences an older incarnation of this worker and
         # settles its open transaction before this consumer fetches any committed offset.
-        self.producer = TransactionalProducer(
-            producer_config,
-            transactional_id=str(tid),
-            init_timeout_s=init_timeout_s,
-            commit_timeout_s=commit_timeout_s,
-        )
+        self._producer_config = dict(producer_config)
+        self._transactional_id = str(tid)
+        self._init_timeout_s = init_timeout_s
+        self._fatal_recoveries = 0
+        self.producer = self._new_producer()
         try:
             self.consumer = Consumer(self._consumer_config)
         except KafkaException as exc:
             self.producer.close(0)
             raise ConfigError("consumer config", str(exc)) from None
+
+    def _new_producer(self) -> TransactionalProducer:
+        return TransactionalProducer(
+            self._producer_config,
+            transactional_id=self._transactional_id,
+            init_timeout_s=self._init_timeout_s,
+            commit_timeout_s=self.commit_timeout_s,
+        )
 
     # lifecycle --------------------------------------------------------------------------
 
@@ -322,8 +336,11 @@ class TransactionalProcessor:
             log.warning("batch outcome unknown (%s); rewinding to the committed offsets", exc)
             self._rewind("indefinite")
             return
-        except FatalKafkaError:
-            raise
+        except ProducerFencedError:
+            raise  # another worker runs with this transactional.id: this one must stop
+        except FatalKafkaError as exc:
+            self._recover_from_fatal(exc)
+            return
         except (AbortableTransactionError, TimeoutExceededError, RetriableKafkaError) as exc:
             log.warning("batch aborted (%s); rewinding to the committed offsets", exc)
             self._rewind("aborted")
@@ -332,11 +349,28 @@ class TransactionalProcessor:
             if not producer.closed:
                 self._rewind("handler_error")
             raise
+        self._fatal_recoveries = 0
         self.stats.records += len(batch)
         self.stats.outputs += produced
         self.stats.transactions += 1
         metrics.PROCESSOR_RECORDS.inc(len(batch))
         metrics.PROCESSOR_BATCH_SIZE.observe(len(batch))
+        if self.on_commit is not None:
+            self.on_commit(self.stats)
+
+    def _recover_from_fatal(self, exc: FatalKafkaError) -> None:
+        """Replace a broken (not fenced) producer and rewind: its open transaction is aborted by the new one's init.
+
+        Gives up (raises) after ``MAX_FATAL_RECOVERIES`` in a row without a committed batch.
+        """
+        self._fatal_recoveries += 1
+        if self._fatal_recoveries > self.MAX_FATAL_RECOVERIES:
+            raise exc
+        log.warning("producer failed fatally (%s); re-creating it and rewinding", exc)
+        if not self.producer.closed:
+            self.producer.close(0)
+        self.producer = self._new_producer()
+        self._rewind("fatal")
 
     def _rewind(self, reason: str) -> None:
         """Seek every assigned partition back to its committed offset (the reset policy where there is none)."""

@@ -273,7 +273,8 @@ class IdempotentProducer:
         try:
             return Producer(self._config)
         except KafkaException as exc:
-            raise ConfigError("producer config", f"{exc} (config: {redact_config(self._config)})") from None
+            shown = {k: v for k, v in redact_config(self._config).items() if not callable(v)}
+            raise ConfigError("producer config", f"{exc} (config: {shown})") from None
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -467,12 +468,17 @@ class IdempotentProducer:
     def _raise_kafka(self, exc: KafkaException, operation: str, *, in_transaction_end: bool = False) -> None:
         """Raise the typed error for ``exc``; a fatal or fenced error closes the producer first."""
         try:
-            raise_for_kafka_error(exc, operation, in_transaction_end=in_transaction_end)
+            raise_for_kafka_error(
+                exc, operation, in_transaction_end=in_transaction_end, in_transaction=self._transaction_open()
+            )
         except KafkaOperationError as typed:
             metrics.PRODUCE_ERRORS.labels(typed.error_class.value).inc()
             if typed.error_class in (ErrorClass.FATAL, ErrorClass.FENCED):
                 self._close_after_fatal(typed)
             raise
+
+    def _transaction_open(self) -> bool:
+        return False
 
     def _close_after_fatal(self, err: BaseException) -> None:
         if not self._closed:
@@ -542,6 +548,9 @@ class TransactionalProducer(IdempotentProducer):
         """Whether a transaction is open."""
         return self._in_txn
 
+    def _transaction_open(self) -> bool:
+        return self._in_txn
+
     def _init_transactions(self, *, accept_already_initialised: bool) -> None:
         def init() -> None:
             try:
@@ -584,10 +593,22 @@ class TransactionalProducer(IdempotentProducer):
         try:
             yield self
         except BaseException as exc:
-            if self._in_txn:
+            if self._in_txn and not self._closed:
+                self._settle_before_abort()
                 self.abort_transaction(reason="exception" if isinstance(exc, Exception) else "interrupted")
             raise
         self.commit_transaction()
+
+    def _settle_before_abort(self) -> None:
+        """Let in-flight requests of the transaction finish (bounded) before aborting it.
+
+        Aborting while librdkafka's AddPartitionsToTxn is still in flight can end, against
+        Kafka 4 brokers, in a fatal INVALID_TXN_STATE; waiting for the queued records first
+        avoids that race. Failures here are left to the abort that follows.
+        """
+        with contextlib.suppress(KafkaException, SystemError, RuntimeError):
+            self.raw.flush(min(5.0, self.commit_timeout_s))
+        self._count_delivered()
 
     def begin_transaction(self) -> None:
         """Open a transaction (a local call; no broker round trip)."""

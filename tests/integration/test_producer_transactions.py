@@ -113,7 +113,7 @@ def test_commit_resolves_every_future_and_each_event_carries_its_envelope_header
 def test_run_in_transaction_aborts_a_failed_delivery_and_reruns_the_whole_unit(
     kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
 ) -> None:
-    small = unique_topic(config={"max.message.bytes": "2000"})
+    small = unique_topic(config={"max.message.bytes": "100000"})
     out = unique_topic()
     producer = txn_producer(kafka_bootstrap)
     attempts: list[int] = []
@@ -122,7 +122,7 @@ def test_run_in_transaction_aborts_a_failed_delivery_and_reruns_the_whole_unit(
         attempts.append(len(attempts))
         p.produce(out, f"attempt-{len(attempts)}")
         # The first attempt writes a record the topic refuses: the delivery fails, so the commit must abort.
-        p.produce(small, b"x" * (10_000 if len(attempts) == 1 else 10))
+        p.produce(small, b"x" * (300_000 if len(attempts) == 1 else 10))
         return len(attempts)
 
     # librdkafka may need one more aborted attempt to bump the epoch after the refused record.
@@ -136,13 +136,13 @@ def test_run_in_transaction_aborts_a_failed_delivery_and_reruns_the_whole_unit(
 def test_run_in_transaction_gives_up_after_its_attempts(
     kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
 ) -> None:
-    small = unique_topic(config={"max.message.bytes": "2000"})
+    small = unique_topic(config={"max.message.bytes": "100000"})
     producer = txn_producer(kafka_bootstrap)
     calls = []
 
     def always_too_big(p: TransactionalProducer) -> None:
         calls.append(1)
-        p.produce(small, b"x" * 10_000)
+        p.produce(small, b"x" * 300_000)
 
     with pytest.raises(AbortableTransactionError):
         producer.run_in_transaction(always_too_big, attempts=2)

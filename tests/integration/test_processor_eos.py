@@ -1,0 +1,277 @@
+"""TransactionalProcessor against a real broker: exactly-once through commits, kills, rebalances and errors."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+
+from kcons.processor import Output, ProcessorStats, TransactionalProcessor
+
+pytestmark = pytest.mark.integration
+
+WORKER = Path(__file__).resolve().parents[1] / "fault" / "_eos_worker.py"
+
+
+def produce_inputs(bootstrap: str, topic: str, ids: range) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    for i in ids:
+        producer.produce(topic, str(i).encode(), f"k{i % 37}".encode())
+    assert producer.flush(30) == 0
+
+
+def read_committed_values(bootstrap: str, topic: str, expect: int, idle_s: float = 3.0) -> list[bytes]:
+    """Every value in ``topic`` visible to read_committed (waits for ``expect``, then ``idle_s`` of quiet)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"verify-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    last = time.monotonic()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        msgs = consumer.consume(500, 0.2)
+        got = [m.value() for m in msgs if m.error() is None]
+        if got:
+            values.extend(got)
+            last = time.monotonic()
+        elif len(values) >= expect and time.monotonic() - last > idle_s:
+            break
+    consumer.close()
+    return values
+
+
+def count_uncommitted(bootstrap: str, topic: str, partitions: int) -> int:
+    """How many records (committed, aborted or open) the log of ``topic`` holds: high watermarks minus control records aside."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4().hex}"})
+    total = 0
+    for p in range(partitions):
+        low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        total += high - low
+    consumer.close()
+    return total
+
+
+def assert_exactly_once(values: list[bytes], n: int) -> None:
+    counts = collections.Counter(int(v) for v in values)
+    lost = [i for i in range(n) if counts[i] == 0]
+    dups = {i: c for i, c in counts.items() if c > 1}
+    unexpected = [i for i in counts if not 0 <= i < n]
+    assert (lost[:10], dups, unexpected) == ([], {}, [])
+    assert len(values) == n
+
+
+def processor(
+    bootstrap: str,
+    group: str,
+    tid: str,
+    topic_in: str,
+    handler: Callable[[Message], Any],
+    **kwargs: Any,
+) -> TransactionalProcessor:
+    return TransactionalProcessor(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        },
+        {"bootstrap.servers": bootstrap, "linger.ms": 5},
+        [topic_in],
+        handler,
+        transactional_id=tid,
+        **kwargs,
+    )
+
+
+def copy_to(topic_out: str) -> Callable[[Message], list[Output]]:
+    return lambda m: [Output(topic_out, m.value(), m.key())]
+
+
+def test_processor_commits_each_input_once_with_its_offsets(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    topic_in, topic_out = unique_topic(partitions=3), unique_topic(partitions=3)
+    produce_inputs(kafka_bootstrap, topic_in, range(1500))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, copy_to(topic_out), batch_max=200)
+    stats = proc.run(max_records=1500)
+    assert stats.records == 1500 and stats.outputs == 1500 and stats.rewinds == 0
+    assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, 1500), 1500)
+
+    # The offsets were committed in the transactions: a new consumer in the group starts at the end.
+    check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "isolation.level": "read_committed"})
+    committed = check.committed([TopicPartition(topic_in, p) for p in range(3)], timeout=10)
+    check.close()
+    assert sum(tp.offset for tp in committed) == 1500
+
+
+def test_processor_killed_mid_batch_replays_without_duplicates(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    n = 1200
+    topic_in, topic_out = unique_topic(partitions=2), unique_topic(partitions=2)
+    produce_inputs(kafka_bootstrap, topic_in, range(n))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    argv = [
+        sys.executable, str(WORKER), "--bootstrap", kafka_bootstrap, "--input", topic_in, "--output", topic_out,
+        "--group", group, "--transactional-id", f"w-{group}", "--batch-max", "300", "--batch-timeout-s", "5",
+        "--delay-ms", "4",
+    ]  # fmt: skip
+
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert first.stdout is not None
+    try:
+        for line in first.stdout:  # wait for one committed batch, then kill inside the next one
+            if line.startswith("committed"):
+                break
+        # Kill once records of the open transaction are in the log (written but not committed).
+        deadline = time.monotonic() + 30
+        while count_uncommitted(kafka_bootstrap, topic_out, 2) <= 300 + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait(10)
+    in_log = count_uncommitted(kafka_bootstrap, topic_out, 2)
+    assert in_log > 300 + 2, "the kill did not land inside an open transaction"
+
+    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        values = read_committed_values(kafka_bootstrap, topic_out, n)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(60)
+    assert second.returncode == 0
+    assert_exactly_once(values, n)
+
+
+def test_rebalancing_between_two_workers_keeps_exactly_once(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    n = 3000
+    topic_in, topic_out = unique_topic(partitions=4), unique_topic(partitions=4)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    done: dict[str, ProcessorStats] = {}
+    errors: list[BaseException] = []
+
+    def slow_copy(m: Message) -> list[Output]:
+        time.sleep(0.001)
+        return [Output(topic_out, m.value(), m.key())]
+
+    def run(name: str, proc: TransactionalProcessor) -> None:
+        try:
+            done[name] = proc.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    a = processor(kafka_bootstrap, group, f"{group}-a", topic_in, slow_copy, batch_max=50)
+    b = processor(kafka_bootstrap, group, f"{group}-b", topic_in, slow_copy, batch_max=50)
+    producer_thread = threading.Thread(target=produce_inputs, args=(kafka_bootstrap, topic_in, range(n)))
+    producer_thread.start()
+    ta = threading.Thread(target=run, args=("a", a))
+    ta.start()
+    while a.stats.records < 300:
+        time.sleep(0.05)
+    tb = threading.Thread(target=run, args=("b", b))  # B joins: partitions move from A to B mid-stream
+    tb.start()
+    while b.stats.records < 300:
+        time.sleep(0.05)
+    a.stop()  # A leaves: its partitions move back to B
+    ta.join(60)
+    producer_thread.join(60)
+    values = read_committed_values(kafka_bootstrap, topic_out, n)
+    b.stop()
+    tb.join(60)
+    assert errors == []
+    assert done["a"].records > 0 and done["b"].records > 0
+    assert done["a"].records + done["b"].records == n
+    assert_exactly_once(values, n)
+
+
+def test_handler_error_aborts_the_batch_and_a_restart_resumes_exactly_once(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    n = 500
+    topic_in, topic_out = unique_topic(partitions=1), unique_topic(partitions=1)
+    produce_inputs(kafka_bootstrap, topic_in, range(n))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    failed_once: list[int] = []
+
+    def flaky(m: Message) -> list[Output]:
+        value = int(m.value())
+        if value == 250 and not failed_once:
+            failed_once.append(value)
+            raise ValueError("handler failed on 250")
+        return [Output(topic_out, m.value(), m.key())]
+
+    first = processor(kafka_bootstrap, group, f"w-{group}", topic_in, flaky, batch_max=100)
+    with pytest.raises(ValueError, match="250"):
+        first.run()
+    assert first.stats.records == 200  # the batch holding 250 was aborted, the two before it committed
+    second = processor(kafka_bootstrap, group, f"w-{group}", topic_in, flaky, batch_max=100)
+    second.run(max_records=n - 200)
+    assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, n), n)
+
+
+def test_failed_output_delivery_aborts_rewinds_and_retries_the_batch(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    n = 400
+    topic_in = unique_topic(partitions=2)
+    topic_out = unique_topic(partitions=2, config={"max.message.bytes": "100000"})
+    produce_inputs(kafka_bootstrap, topic_in, range(n))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    oversized: list[int] = []
+
+    def sometimes_too_big(m: Message) -> list[Output]:
+        value = int(m.value())
+        if value == 123 and len(oversized) < 1:
+            oversized.append(value)  # the broker refuses this record: the whole batch must abort
+            return [Output(topic_out, m.value() + b" " * 300_000, m.key())]
+        return [Output(topic_out, m.value(), m.key())]
+
+    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, sometimes_too_big, batch_max=50)
+    stats = proc.run(max_records=n)
+    assert stats.rewinds >= 1
+    assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, n), n)
+
+
+def test_sigterm_stops_a_worker_after_its_current_batch(kafka_bootstrap: str, unique_topic: Callable[..., str]) -> None:
+    topic_in, topic_out = unique_topic(partitions=1), unique_topic(partitions=1)
+    produce_inputs(kafka_bootstrap, topic_in, range(200))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    argv = [
+        sys.executable, str(WORKER), "--bootstrap", kafka_bootstrap, "--input", topic_in, "--output", topic_out,
+        "--group", group, "--transactional-id", f"w-{group}", "--batch-max", "50",
+    ]  # fmt: skip
+    worker = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
+    assert worker.stdout is not None
+    lines = []
+    for line in worker.stdout:
+        lines.append(line.split())
+        if line.startswith("committed") and int(line.split()[1]) >= 200:
+            break
+    worker.send_signal(signal.SIGTERM)
+    rest, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0
+    assert rest.split()[:2] == ["stopped", "200"]
+    assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, 200), 200)
