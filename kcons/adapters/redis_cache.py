@@ -97,14 +97,28 @@ class RedisCacheBackend:
 
     def write_many(self, writes: Sequence[CacheWrite]) -> list[WriteResult]:
         """Apply guarded writes in one pipelined round trip, in order."""
-        pipe = self._client.pipeline(transaction=False)
-        for w in writes:
-            self._script(keys=self.keys(w.key), args=_args(w), client=pipe)
+        if len(writes) == 1:
+            return [self.write(writes[0])]
+        commands = [(*self.keys(w.key), *_args(w)) for w in writes]
         try:
-            replies = pipe.execute(raise_on_error=True)
+            try:
+                replies = self._pipelined(commands)
+            except redis.exceptions.NoScriptError:
+                # Redis lost its script cache (restart, failover, SCRIPT FLUSH): load it and run the batch
+                # again; re-applying the writes that did run is harmless because of the version guard.
+                self._client.script_load(_SCRIPT)
+                replies = self._pipelined(commands)
         except _UNAVAILABLE as exc:
             raise CacheUnavailableError(f"redis pipeline failed: {type(exc).__name__}") from exc
         return [_result(r) for r in replies]
+
+    def _pipelined(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """EVALSHA every command in one round trip (no SCRIPT EXISTS check per batch)."""
+        pipe = self._client.pipeline(transaction=False)
+        sha = self._script.sha
+        for command in commands:
+            pipe.evalsha(sha, 2, *command)
+        return list(pipe.execute(raise_on_error=True))
 
 
 def _args(w: CacheWrite) -> list[Any]:

@@ -234,8 +234,9 @@ def run_invalidator(args: argparse.Namespace, stop: threading.Event) -> dict[str
         for a in batch:
             assert isinstance(a, AppliedInvalidation)
             argv += [a.event.aggregate_id, a.version]
-        raise_floor(keys=[floors], args=argv)
-        client.incrby(f"{args.prefix}:applied", len(batch))
+        if not args.no_floors:
+            raise_floor(keys=[floors], args=argv)
+            client.incrby(f"{args.prefix}:applied", len(batch))
         counts["applied"] += len(batch)
         if args.applied_log is not None:
             now = time.time()
@@ -269,6 +270,7 @@ def main() -> None:
     parser.add_argument("--relay-mode", default="transactional")
     parser.add_argument("--commit-log", default=None)
     parser.add_argument("--applied-log", default=None)
+    parser.add_argument("--no-floors", action="store_true", help="benchmark: do not record floors")
     parser.add_argument("--unguarded-fills", action="store_true", help="negative control: break the fill guard")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"{args.role} %(levelname)s %(message)s")

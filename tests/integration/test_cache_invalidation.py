@@ -29,6 +29,8 @@ class Invalidator:
     """Runs CacheInvalidator.run in a thread and keeps its exception."""
 
     def __init__(self, inv: CacheInvalidator, bootstrap: str, topic: str, group: str, **kw: Any) -> None:
+        if kw.get("batched") is False:
+            kw.pop("batched")
         self.stop = threading.Event()
         self.error: BaseException | None = None
         config = {"bootstrap.servers": bootstrap, "group.id": group}
@@ -139,8 +141,9 @@ def _debezium_update(item_id: int, version: int) -> tuple[bytes, bytes]:
     return json.dumps({"id": item_id}).encode(), json.dumps({"schema": {}, "payload": value}).encode()
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["idempotent-consumer", "batched"])
 def test_out_of_order_and_duplicated_events_never_move_a_key_backwards(
-    redis_client: Any, kafka_bootstrap: str, unique_topic: Any, make_producer: Any
+    batched: bool, redis_client: Any, kafka_bootstrap: str, unique_topic: Any, make_producer: Any
 ) -> None:
     topic = unique_topic(partitions=1)
     cache = ConsistentCache(redis_client, name="order", settings=CacheSettings(prefix=f"o{uuid.uuid4().hex[:8]}"))
@@ -167,7 +170,9 @@ def test_out_of_order_and_duplicated_events_never_move_a_key_backwards(
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    inv = Invalidator(CacheInvalidator(cache, _item_key), kafka_bootstrap, topic, f"g-{uuid.uuid4().hex[:8]}")
+    inv = Invalidator(
+        CacheInvalidator(cache, _item_key), kafka_bootstrap, topic, f"g-{uuid.uuid4().hex[:8]}", batched=batched
+    )
     try:
         _wait_for(lambda: (e := cache.peek("item:9")) is not None and e.version == 60)
         time.sleep(0.5)  # let the rest of the topic (older versions and duplicates) arrive too
@@ -180,8 +185,9 @@ def test_out_of_order_and_duplicated_events_never_move_a_key_backwards(
     assert cache.peek("item:9") == CacheEntry(60, None)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["idempotent-consumer", "batched"])
 def test_offsets_are_committed_only_after_redis_acknowledged(
-    kafka_bootstrap: str, unique_topic: Any, make_producer: Any, make_consumer: Any
+    batched: bool, kafka_bootstrap: str, unique_topic: Any, make_producer: Any, make_consumer: Any
 ) -> None:
     from confluent_kafka import TopicPartition
 
@@ -198,7 +204,7 @@ def test_offsets_are_committed_only_after_redis_acknowledged(
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2, socket_timeout=0.5)
     cache = ConsistentCache(client, name="down")
     counting = CountingInvalidator(cache, _item_key, retry_after_s=0.2)
-    inv = Invalidator(counting, kafka_bootstrap, topic, group)
+    inv = Invalidator(counting, kafka_bootstrap, topic, group, batched=batched)
     probe = make_consumer(**{"group.id": group})
     try:
         _wait_for(lambda: counting.calls >= 3)  # consumed, failed against the dead Redis, rewound, retried
@@ -213,10 +219,50 @@ def test_offsets_are_committed_only_after_redis_acknowledged(
 
 
 class CountingInvalidator(CacheInvalidator):
-    """Counts handler calls, to see that an event is retried while Redis is down."""
+    """Counts apply attempts, to see that an event is retried while Redis is down."""
 
     calls = 0
 
-    def handle(self, message: Any) -> None:
+    def apply_events(self, events: Any) -> Any:
         self.calls += 1
-        super().handle(message)
+        return super().apply_events(events)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["idempotent-consumer", "batched"])
+def test_a_malformed_change_event_is_dead_lettered_and_the_rest_applied(
+    batched: bool, redis_client: Any, kafka_bootstrap: str, unique_topic: Any, make_producer: Any, make_consumer: Any
+) -> None:
+    topic = unique_topic(partitions=1)
+    unique_topic_name = f"{topic}.dlq"
+    from confluent_kafka.admin import AdminClient
+
+    from kcons.testing.plugin import create_topic
+
+    create_topic(AdminClient({"bootstrap.servers": kafka_bootstrap}), unique_topic_name, 1)
+    cache = ConsistentCache(redis_client, name="poison", settings=CacheSettings(prefix=f"p{uuid.uuid4().hex[:8]}"))
+    producer = make_producer()
+    bad = Envelope.of("ItemUpdated", "item", "5", {})  # no version: cannot be applied safely
+    producer.produce(topic, key=bad.key, value=bad.payload, headers=bad.headers())
+    producer.produce(topic, key=b"x", value=b"not a change event")
+    good = Envelope.of("ItemUpdated", "item", "5", {}, version=3)
+    producer.produce(topic, key=good.key, value=good.payload, headers=good.headers())
+    producer.flush(10)
+    inv = Invalidator(
+        CacheInvalidator(cache, _item_key), kafka_bootstrap, topic, f"g-{uuid.uuid4().hex[:8]}", batched=batched
+    )
+    try:
+        _wait_for(lambda: cache.peek("item:5") == CacheEntry(3, None))
+    finally:
+        inv.close()
+    assert inv.error is None
+    dlq = make_consumer()
+    dlq.subscribe([unique_topic_name])
+    got: list[Any] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        msg = dlq.poll(0.5)
+        if msg is not None and msg.error() is None:
+            got.append(msg)
+    assert [m.value() for m in got] == [bad.payload, b"not a change event"]
+    reasons = [dict(m.headers())["kcons-dlq-reason"] for m in got]
+    assert all(b"DecodeError" in r or b"version" in r for r in reasons), reasons

@@ -156,3 +156,20 @@ def test_absent_rows_are_not_cached(redis_client: Any) -> None:
     assert cache.get("missing", lambda key: None) is None
     assert cache.peek("missing") is None
     assert cache.get("missing", lambda key: Versioned(b"now", 1)) == Versioned(b"now", 1)
+
+
+def test_batched_writes_survive_redis_losing_its_script_cache() -> None:
+    import redis
+
+    from kcons.testing.local import RedisServer
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        cache = ConsistentCache(client, name="flush")
+        client.script_flush()
+        results = cache.apply_writes([cache.tombstone_write("a", 2), cache.value_write("b", b"x", 1)])
+        assert [r.outcome for r in results] == [WriteOutcome.APPLIED, WriteOutcome.APPLIED]
+        client.script_flush()
+        assert cache.invalidate("b", 2)
+        assert cache.peek("a") == CacheEntry(2, None) and cache.peek("b") == CacheEntry(2, None)
+        client.close()

@@ -1,0 +1,247 @@
+"""Benchmark: ConsistentCache hit path against a plain Redis GET, and commit-to-invalidation latency.
+
+1. **Hit path.** The same client reads the same key holding a value of ``--value-size`` bytes:
+   the baseline is ``redis.Redis.get`` of a plain key, kcons is ``ConsistentCache.get`` (one GET
+   of the packed entry, decode, metrics). Interleaved over ``--rounds`` rounds; the best round of
+   each side counts (noise from other processes only slows a round down). ``ratio`` is kcons
+   reads per second over baseline reads per second.
+2. **Commit to invalidation.** Writer threads update rows at ``--rate`` writes per second, each
+   with its change event added to the kcons outbox in the same transaction; the outbox relay
+   publishes to Kafka; ``CacheInvalidator`` (through ``IdempotentConsumer``) writes tombstones.
+   Latency per write = Redis acknowledged the tombstone - the writer's commit returned (same
+   machine clock). As a reference, a plain ``read_committed`` consumer on the same topic records
+   when each event became readable from Kafka (commit-to-consumable).
+
+The last line of output is one JSON object (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from kcons.cache import CacheSettings, ConsistentCache
+from kcons.envelope import read_envelope
+from kcons.outbox import install_schema
+from kcons.testing import child_env, start_stack
+
+log = logging.getLogger("bench.cache")
+WORKER = Path(__file__).resolve().parents[1] / "tests" / "fault" / "_cache_worker.py"
+
+
+def hit_path(redis_url: str, rounds: int, ops: int, value_size: int) -> dict[str, Any]:
+    """Reads per second of a plain GET and of ConsistentCache.get on a hit, best of ``rounds`` each."""
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    cache = ConsistentCache(client, name="bench", settings=CacheSettings(prefix=prefix))
+    value = os.urandom(value_size)
+    assert cache.write_through("item:1", value, 1)
+    plain_key = f"{prefix}:plain"
+    client.set(plain_key, b"v1:" + value)
+    get = client.get
+
+    def loader(key: str) -> Any:
+        raise AssertionError("the benchmark key must always hit")
+
+    base: list[float] = []
+    kc: list[float] = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(ops):
+            get(plain_key)
+        base.append(ops / (time.perf_counter() - started))
+        started = time.perf_counter()
+        for _ in range(ops):
+            cache.get("item:1", loader)
+        kc.append(ops / (time.perf_counter() - started))
+    client.delete(plain_key)
+    client.close()
+    return {
+        "baseline": {"reads_per_s": round(max(base)), "median_reads_per_s": round(statistics.median(base))},
+        "kcons": {"reads_per_s": round(max(kc)), "median_reads_per_s": round(statistics.median(kc))},
+        "ratio": round(max(kc) / max(base), 3),
+        "median_ratio": round(statistics.median(kc) / statistics.median(base), 3),
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 2)
+
+    return {"count": len(ordered), "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": pct(1.0)}
+
+
+def _spawn(role: str, env: dict[str, str], common: list[str], *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(WORKER), role, *common, *extra], env=env, text=True)
+
+
+def _stop(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _tail_topic(bootstrap: str, topic: str, stop: threading.Event, seen: dict[tuple[str, int], float]) -> None:
+    """The reference: when each event became readable from Kafka (read_committed)."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-tail-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    try:
+        while not stop.is_set():
+            msg = consumer.poll(0.05)
+            if msg is None or msg.error() is not None:
+                continue
+            now = time.time()
+            env = read_envelope(msg.key(), msg.value(), msg.headers())
+            if env is not None and env.version is not None:
+                seen.setdefault((env.aggregate_id, env.version), now)
+    finally:
+        consumer.close()
+
+
+def invalidation_latency(
+    stack: Any, rate: float, seconds: float, rows: int, threads: int, relay_mode: str
+) -> dict[str, Any]:
+    """Commit-to-invalidated latency through outbox, relay, Kafka and the invalidator at ``rate`` writes/s."""
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    name = f"bench_cache_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(stack.postgres_dsn)
+    params["dbname"] = name
+    dsn = make_conninfo("", **params)
+    workdir = Path(tempfile.mkdtemp(prefix="kcons-bench-cache-"))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            install_schema(conn)
+            conn.execute("CREATE TABLE items (id int PRIMARY KEY, version bigint NOT NULL, name text NOT NULL)")
+            conn.execute("INSERT INTO items SELECT g, 1, 'v1' FROM generate_series(1, %s) g", (rows,))
+        topic = f"bench-cache-{uuid.uuid4().hex[:8]}"
+        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+        admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=-1)])[topic].result(60)
+        prefix = f"benchinv{uuid.uuid4().hex[:6]}"
+        env = child_env(stack, {"KCONS_POSTGRES_DSN": dsn})
+        common = ["--topic", topic, "--prefix", prefix, "--rows", str(rows)]
+        commit_log, applied_log = workdir / "commits.json", workdir / "applied.json"
+        tail_seen: dict[tuple[str, int], float] = {}
+        tail_stop = threading.Event()
+        tail = threading.Thread(target=_tail_topic, args=(stack.kafka_bootstrap, topic, tail_stop, tail_seen))
+        tail.start()
+        relay = _spawn("relay", env, common, "--relay-mode", relay_mode)
+        invalidator = _spawn("invalidator", env, common, "--no-floors", "--applied-log", str(applied_log))
+        time.sleep(8.0)  # relay leadership and consumer group settle before the clock starts
+        writer = _spawn(
+            "writer", env, common, "--rate", str(rate), "--threads", str(threads), "--commit-log", str(commit_log)
+        )
+        time.sleep(seconds)
+        _stop(writer)
+        time.sleep(5.0)  # drain
+        _stop(invalidator)
+        _stop(relay)
+        tail_stop.set()
+        tail.join(30)
+        commits = {(str(i), int(v)): float(t) for i, v, t in json.loads(commit_log.read_text())}
+        applied: dict[tuple[str, int], float] = {}
+        for i, v, t in json.loads(applied_log.read_text()):
+            applied.setdefault((str(i), int(v)), float(t))
+        lat = [applied[k] - t for k, t in commits.items() if k in applied]
+        if os.environ.get("KCONS_BENCH_DEBUG"):
+            first = min(commits.values())
+            for k, t in sorted(commits.items(), key=lambda kv: kv[1])[:: max(1, len(commits) // 20)]:
+                print(f"t+{t - first:6.2f}s commit->applied {1000 * (applied.get(k, float('nan')) - t):8.1f} ms "
+                      f"commit->consumable {1000 * (tail_seen.get(k, float('nan')) - t):8.1f} ms", file=sys.stderr)
+        ref = [tail_seen[k] - t for k, t in commits.items() if k in tail_seen]
+        return {
+            "writes": len(commits),
+            "writes_per_s": round(len(commits) / seconds, 1),
+            "invalidated": len(lat),
+            "commit_to_invalidated": _percentiles(lat),
+            "commit_to_consumable_reference": _percentiles(ref),
+        }
+    finally:
+        with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--ops", type=int, default=20_000, help="reads per round and side")
+    parser.add_argument("--value-size", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=1000.0, help="writes per second for the latency part")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the latency part")
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=8, help="writer threads")
+    parser.add_argument("--relay-mode", choices=["transactional", "idempotent"], default="transactional")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.ops, args.seconds = 3, 3000, 5.0
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    with start_stack() as stack:
+        hits = hit_path(stack.redis_url, args.rounds, args.ops, args.value_size)
+        latency = invalidation_latency(stack, args.rate, args.seconds, args.rows, args.threads, args.relay_mode)
+    result = {
+        "name": "cache",
+        "baseline": {"hit_path": hits["baseline"], "commit_to_consumable": latency["commit_to_consumable_reference"]},
+        "kcons": {
+            "hit_path": hits["kcons"],
+            "commit_to_invalidated": latency["commit_to_invalidated"],
+            "writes": latency["writes"],
+            "writes_per_s": latency["writes_per_s"],
+            "invalidated": latency["invalidated"],
+        },
+        "ratio": hits["ratio"],
+        "median_ratio": hits["median_ratio"],
+        "unit": "reads/s (hit path); latency in ms",
+        "targets": {"ratio": ">= 0.8", "commit_to_invalidated_p99_ms": "<= 100 at 1000 writes/s"},
+        "rounds": args.rounds,
+        "ops": args.ops,
+        "value_size": args.value_size,
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "rows": args.rows,
+        "writer_threads": args.threads,
+        "relay_mode": args.relay_mode,
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
