@@ -8,6 +8,7 @@ __all__ = [
     "CorruptLogError",
     "FrameRejectedError",
     "NotLeaderError",
+    "OutcomeUnknownError",
     "ProposalDroppedError",
     "RaftError",
 ]
@@ -28,6 +29,10 @@ class NotLeaderError(RaftError):
 
 class ProposalDroppedError(RaftError):
     """The proposal cannot be accepted now (leadership transfer, pending membership change)."""
+
+
+class OutcomeUnknownError(RaftError):
+    """A command may or may not have been applied (the node stopped or its log was replaced)."""
 
 
 class CorruptLogError(StoreError):

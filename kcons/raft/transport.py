@@ -233,7 +233,7 @@ class RaftTransport:
             pid: _PeerSender(self.codec, addr, queue_limit) for pid, addr in self.peers.items() if pid != node_id
         }
         self._server: asyncio.Server | None = None
-        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._conn_writers: set[asyncio.StreamWriter] = set()
         self.rejected = 0
 
     async def start(self) -> None:
@@ -246,8 +246,9 @@ class RaftTransport:
         """Close the listener, connections and senders."""
         if self._server is not None:
             self._server.close()
+        for w in list(self._conn_writers):
+            w.close()  # the serving tasks see EOF and return on their own
         tasks = [s.task for s in self._senders.values() if s.task is not None]
-        tasks.extend(self._conn_tasks)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -266,9 +267,7 @@ class RaftTransport:
                 sender.offer(seal(KIND_RAFT, encode_message(m)))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conn_tasks.add(task)
+        self._conn_writers.add(writer)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             import socket
@@ -300,8 +299,7 @@ class RaftTransport:
             for t in pending:
                 t.cancel()
             writer.close()
-            if task is not None:
-                self._conn_tasks.discard(task)
+            self._conn_writers.discard(writer)
 
     async def _answer(self, payload: bytes, writer: asyncio.StreamWriter) -> None:
         # The payload starts with an 8-byte request id that the response echoes.

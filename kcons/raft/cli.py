@@ -1,0 +1,172 @@
+"""``kcons raft``: run a node of the metadata store, or talk to a running cluster.
+
+The cluster secret comes from ``--secret-file`` or ``KCONS_RAFT_SECRET``; nothing starts without
+one and it is never printed. ``--peers`` (or ``KCONS_RAFT_PEERS``) lists every node as
+``id=host:port``; nodes bind 127.0.0.1 unless their peer entry (or ``KCONS_RAFT_LISTEN``) says
+otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from typing import Any
+
+import click
+
+from kcons.errors import KconsError
+from kcons.raft.client import RaftClient
+
+__all__ = ["raft"]
+
+_peers_option = click.option(
+    "--peers", envvar="KCONS_RAFT_PEERS", required=True, help="id=host:port,... for every node (KCONS_RAFT_PEERS)"
+)
+_secret_option = click.option(
+    "--secret-file", type=click.Path(dir_okay=False), default=None, help="file holding the cluster secret"
+)
+
+
+def _echo(obj: Any) -> None:
+    click.echo(json.dumps(obj, sort_keys=True))
+
+
+def _client(peers: str, secret_file: str | None) -> RaftClient:
+    try:
+        return RaftClient.from_env(peers, secret_file)
+    except KconsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def raft() -> None:
+    """The Raft metadata store: serve a node, read and write keys, manage members."""
+
+
+@raft.command()
+@click.option("--id", "node_id", type=int, required=True, help="this node's id (a key of --peers)")
+@_peers_option
+@click.option("--data-dir", type=click.Path(file_okay=False), required=True, help="WAL and snapshot directory")
+@_secret_option
+@click.option("--voters", default="", help="initial voter ids (default: every peer), e.g. 1,2,3")
+@click.option("--metrics-port", type=int, default=None, help="serve /metrics and /healthz on 127.0.0.1:PORT")
+def serve(
+    node_id: int, peers: str, data_dir: str, secret_file: str | None, voters: str, metrics_port: int | None
+) -> None:
+    """Run one node until SIGTERM or SIGINT."""
+    from dataclasses import replace
+
+    from kcons.raft.node import NodeSettings, RaftNode
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = NodeSettings.from_env(node_id, peers, data_dir, secret_file)
+        if voters:
+            settings = replace(settings, voters=tuple(int(v) for v in voters.split(",") if v))
+    except (KconsError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def main() -> None:
+        node = RaftNode(settings)
+        server = None
+        if metrics_port is not None:
+            from kcons.metrics import MetricsServer
+
+            server = MetricsServer(port=metrics_port)
+            server.start()
+        await node.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await node.stop()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.stop()
+
+    asyncio.run(main())
+
+
+@raft.command()
+@click.argument("key")
+@click.option("--lease", is_flag=True, help="serve from the leader lease (no quorum round)")
+@_peers_option
+@_secret_option
+def get(key: str, lease: bool, peers: str, secret_file: str | None) -> None:
+    """Linearizable read of KEY."""
+    with _client(peers, secret_file) as c:
+        item = c.get(key, lease=lease)
+        _echo(None if item is None else {"value": item.value, "version": item.version, "revision": item.mod_revision})
+
+
+@raft.command()
+@click.argument("key")
+@click.argument("value")
+@_peers_option
+@_secret_option
+def put(key: str, value: str, peers: str, secret_file: str | None) -> None:
+    """Write VALUE at KEY; prints the new version."""
+    with _client(peers, secret_file) as c:
+        _echo({"version": c.put(key, value)})
+
+
+@raft.command()
+@click.argument("key")
+@_peers_option
+@_secret_option
+def delete(key: str, peers: str, secret_file: str | None) -> None:
+    """Delete KEY."""
+    with _client(peers, secret_file) as c:
+        _echo({"deleted": c.delete(key)})
+
+
+@raft.command()
+@click.argument("key")
+@click.argument("expected_version", type=int)
+@click.argument("value")
+@_peers_option
+@_secret_option
+def cas(key: str, expected_version: int, value: str, peers: str, secret_file: str | None) -> None:
+    """Write VALUE at KEY only if its version is EXPECTED_VERSION (0: absent). Exit 1 if refused."""
+    with _client(peers, secret_file) as c:
+        ok, version = c.cas(key, expected_version, value)
+        _echo({"ok": ok, "version": version})
+        if not ok:
+            raise SystemExit(1)
+
+
+@raft.command()
+@click.option("--add", "add", type=int, default=None, help="add this node id as a voter")
+@click.option("--remove", "remove", type=int, default=None, help="remove this voter")
+@_peers_option
+@_secret_option
+def members(add: int | None, remove: int | None, peers: str, secret_file: str | None) -> None:
+    """Show the voters and leader; or change membership one server at a time."""
+    with _client(peers, secret_file) as c:
+        if add is not None and remove is not None:
+            raise click.UsageError("one change at a time: --add or --remove")
+        if add is not None:
+            c.add_member(add)
+        elif remove is not None:
+            c.remove_member(remove)
+        m = c.members()
+        _echo({"voters": m["voters"], "leader": m["leader"]})
+
+
+@raft.command()
+@_peers_option
+@_secret_option
+def status(peers: str, secret_file: str | None) -> None:
+    """Each node's own view: role, term, leader, commit and applied index."""
+    with _client(peers, secret_file) as c:
+        out = {}
+        for node in sorted(c.peers):
+            try:
+                out[str(node)] = c.status(node)
+            except OSError as exc:
+                out[str(node)] = {"error": f"unreachable: {exc.strerror or exc}"}
+        _echo(out)

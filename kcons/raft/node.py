@@ -1,0 +1,480 @@
+"""The asyncio Raft node: drives the pure core with a WAL, the authenticated transport and the KV store.
+
+One task owns the core. Messages, proposals, reads and ticks are queued to it; each round it
+feeds them all to the core, then handles the resulting :class:`~kcons.raft.core.Ready`: persist
+(WAL append + fsync, in a worker thread so that more proposals accumulate meanwhile: group
+commit), *then* send, then apply. Proposals made while one Ready is being persisted go out in the
+next batch, so throughput grows with concurrency. Client requests arrive over the same port as
+JSON (see :meth:`RaftNode.handle_request`); only the leader serves writes and linearizable reads,
+others answer ``not_leader`` with the leader's id so clients can follow the redirect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kcons.config import env_bool, env_int, env_str
+from kcons.errors import ConfigError
+from kcons.metrics import (
+    RAFT_APPLIED_INDEX,
+    RAFT_COMMIT_INDEX,
+    RAFT_COMMIT_SECONDS,
+    RAFT_FSYNC_SECONDS,
+    RAFT_IS_LEADER,
+    RAFT_PROPOSALS,
+    RAFT_SNAPSHOTS,
+    RAFT_TERM,
+)
+from kcons.raft.core import RaftConfig, RaftCore, Ready
+from kcons.raft.errors import NotLeaderError, OutcomeUnknownError, ProposalDroppedError
+from kcons.raft.kv import KvStateMachine
+from kcons.raft.messages import EntryKind, Message
+from kcons.raft.storage import MemoryStorage, RaftStorage, WalStorage
+from kcons.raft.transport import PeerAddress, RaftTransport, load_secret, parse_peers
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NodeSettings", "RaftNode"]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Configuration of one node; ``from_env`` reads the ``KCONS_RAFT_*`` variables."""
+
+    node_id: int
+    peers: Mapping[int, PeerAddress]
+    secret: bytes = field(repr=False)
+    data_dir: Path | None = None
+    voters: tuple[int, ...] = ()
+    tick_s: float = 0.05
+    election_tick: int = 10
+    heartbeat_tick: int = 1
+    fsync: bool = True
+    snapshot_every: int = 10_000
+    snapshot_keep: int = 2_000
+    max_inflight: int = 256
+    listen: PeerAddress | None = None
+
+    def __post_init__(self) -> None:
+        if self.node_id not in self.peers:
+            raise ConfigError("--id", f"node {self.node_id} is not in the peer list")
+        if self.tick_s <= 0:
+            raise ConfigError("KCONS_RAFT_TICK_MS", "must be positive")
+        if self.election_tick <= self.heartbeat_tick:
+            raise ConfigError("KCONS_RAFT_ELECTION_TICKS", "must exceed the heartbeat interval (1 tick)")
+        for v in self.voters:
+            if v not in self.peers:
+                raise ConfigError("--voters", f"voter {v} has no address in the peer list")
+
+    @classmethod
+    def from_env(
+        cls,
+        node_id: int,
+        peers: str,
+        data_dir: str | None,
+        secret_file: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> NodeSettings:
+        """Build settings from CLI values plus ``KCONS_RAFT_*`` variables (secret, tick, fsync...)."""
+        env = os.environ if environ is None else environ
+        listen = env_str("KCONS_RAFT_LISTEN", None, env)
+        listen_addr = None
+        if listen:
+            host, _, port = listen.rpartition(":")
+            try:
+                listen_addr = PeerAddress(host, int(port))
+            except ValueError:
+                raise ConfigError("KCONS_RAFT_LISTEN", f"expected host:port, got {listen!r}") from None
+        return cls(
+            node_id=node_id,
+            peers=parse_peers(peers),
+            secret=load_secret(secret_file, env),
+            data_dir=Path(data_dir) if data_dir else None,
+            tick_s=env_int("KCONS_RAFT_TICK_MS", 50, minimum=1, maximum=10_000, environ=env) / 1000.0,
+            election_tick=env_int("KCONS_RAFT_ELECTION_TICKS", 10, minimum=3, maximum=1000, environ=env),
+            fsync=env_bool("KCONS_RAFT_FSYNC", True, env),
+            snapshot_every=env_int("KCONS_RAFT_SNAPSHOT_EVERY", 10_000, minimum=10, environ=env),
+            listen=listen_addr,
+        )
+
+
+@dataclass
+class _Waiter:
+    term: int
+    future: asyncio.Future[dict[str, Any]]
+    started: float
+
+
+class RaftNode:
+    """A Raft replica of the KV metadata store, serving peers and clients on one TCP port."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        storage: RaftStorage | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.id = settings.node_id
+        self._label = str(self.id)
+        if storage is None:
+            storage = (
+                WalStorage(settings.data_dir, fsync=settings.fsync)
+                if settings.data_dir is not None
+                else MemoryStorage()
+            )
+        self.storage = storage
+        self.sm = KvStateMachine()
+        st = self.storage.load()
+        cfg = RaftConfig(
+            id=self.id,
+            election_tick=settings.election_tick,
+            heartbeat_tick=settings.heartbeat_tick,
+            max_inflight=settings.max_inflight,
+        )
+        voters = settings.voters or tuple(sorted(settings.peers))
+        self.core = RaftCore(
+            cfg,
+            voters,
+            rng or random.Random(),
+            hard_state=st.hard_state,
+            snapshot=st.snapshot,
+            entries=st.entries,
+        )
+        if st.snapshot is not None:
+            self.sm.restore(st.snapshot.data)
+        self.transport = RaftTransport(
+            self.id, settings.peers, settings.secret, self._on_message, self.handle_request, listen=settings.listen
+        )
+        self._inbox: list[tuple[Any, ...]] = []
+        self._wake = asyncio.Event()
+        self._waiters: dict[int, _Waiter] = {}
+        self._reads: dict[bytes, asyncio.Future[int]] = {}
+        self._read_seq = 0
+        self._ready_reads: list[tuple[int, asyncio.Future[int]]] = []
+        self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._apply_signal = asyncio.Event()
+        self._last_signalled = 0
+        self._stopped = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen, connect to peers, start ticking."""
+        self._wake = asyncio.Event()
+        self._apply_signal = asyncio.Event()
+        await self.transport.start()
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"raft-{self.id}"),
+            asyncio.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
+        ]
+        log.info("raft node %d listening on %s", self.id, self.transport.listen)
+
+    async def stop(self) -> None:
+        """Stop serving; fail outstanding requests."""
+        self._stopped = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.transport.stop()
+        for w in self._waiters.values():
+            if not w.future.done():
+                w.future.set_exception(OutcomeUnknownError("node stopped"))
+        self.storage.close()
+
+    # -- inputs from other tasks ---------------------------------------------------------------
+    def _on_message(self, m: Message) -> None:
+        if m.dst != self.id:
+            return
+        self._inbox.append(("msg", m))
+        self._wake.set()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            self._inbox.append(("tick",))
+            self._wake.set()
+
+    async def propose(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Replicate ``command`` and return its result once applied; NotLeaderError off the leader."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._inbox.append(("prop", json.dumps(command, separators=(",", ":")).encode(), fut))
+        self._wake.set()
+        return await fut
+
+    async def read_barrier(self, lease: bool = False) -> None:
+        """Return once this leader's state machine reflects every write committed before the call."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._read_seq += 1
+        ctx = self._read_seq.to_bytes(8, "big")
+        self._inbox.append(("read", ctx, fut, lease))
+        self._wake.set()
+        await fut
+
+    async def change_membership(self, add: int = 0, remove: int = 0) -> dict[str, Any]:
+        """Add or remove one voter (the address must be in every node's peer list)."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._inbox.append(("conf", add, remove, fut))
+        self._wake.set()
+        return await fut
+
+    def transfer_leadership(self, target: int) -> None:
+        """Ask the leader to hand over to ``target``."""
+        self._inbox.append(("transfer", target))
+        self._wake.set()
+
+    async def wait_applied(self, index: int) -> None:
+        """Return once the state machine applied ``index``."""
+        if self.core.log.applied >= index:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._apply_waiters.append((index, fut))
+        await fut
+
+    # -- the loop that owns the core -------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            if not self._inbox:
+                await self._wake.wait()
+            self._wake.clear()
+            inbox, self._inbox = self._inbox, []
+            for item in inbox:
+                self._feed(item)
+            await self._drain_ready()
+
+    def _feed(self, item: tuple[Any, ...]) -> None:
+        core = self.core
+        kind = item[0]
+        if kind == "msg":
+            core.step(item[1])
+        elif kind == "tick":
+            core.tick()
+        elif kind == "prop":
+            fut = item[2]
+            try:
+                index, term = core.propose(item[1])
+            except (NotLeaderError, ProposalDroppedError) as exc:
+                RAFT_PROPOSALS.labels(self._label, "refused").inc()
+                if not fut.done():
+                    fut.set_exception(exc)
+                return
+            self._waiters[index] = _Waiter(term, fut, time.perf_counter())
+        elif kind == "read":
+            _, ctx, fut, lease = item
+            try:
+                core.read_index(ctx, lease=lease)
+            except NotLeaderError as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                return
+            self._reads[ctx] = fut
+        elif kind == "conf":
+            _, add, remove, fut = item
+            try:
+                index, term = core.propose_conf_change(add=add, remove=remove)
+            except (NotLeaderError, ProposalDroppedError, ValueError) as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                return
+            self._waiters[index] = _Waiter(term, fut, time.perf_counter())
+        elif kind == "transfer":
+            with contextlib.suppress(NotLeaderError):
+                core.transfer_leadership(item[1])
+
+    async def _drain_ready(self) -> None:
+        core = self.core
+        while core.has_ready():
+            rd = core.ready()
+            if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
+                t0 = time.perf_counter()
+                if self.settings.fsync and isinstance(self.storage, WalStorage):
+                    await asyncio.to_thread(self.storage.save, rd.hard_state, rd.entries, rd.snapshot)
+                else:
+                    self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
+                RAFT_FSYNC_SECONDS.labels(self._label).observe(time.perf_counter() - t0)
+            self.transport.send(rd.messages)
+            self._apply(rd)
+            core.advance(rd)
+            self._maybe_compact()
+        self._after_round()
+
+    def _apply(self, rd: Ready) -> None:
+        if rd.snapshot is not None:
+            self.sm.restore(rd.snapshot.data)
+            RAFT_SNAPSHOTS.labels(self._label, "installed").inc()
+            for idx in [i for i in self._waiters if i <= rd.snapshot.meta.index]:
+                dropped = self._waiters.pop(idx)
+                if not dropped.future.done():
+                    dropped.future.set_exception(OutcomeUnknownError("log replaced by a snapshot; outcome unknown"))
+        now = time.perf_counter()
+        for e in rd.committed_entries:
+            result: dict[str, Any] = {}
+            if e.kind is EntryKind.NORMAL:
+                result = self.sm.apply(e.index, e.data)
+            else:
+                self.sm.revision = e.index
+                if e.kind is EntryKind.CONFIG:
+                    result = {"ok": True, "voters": list(self.core.voters)}
+            w = self._waiters.pop(e.index, None)
+            if w is not None and not w.future.done():
+                if w.term == e.term:
+                    w.future.set_result(result)
+                    RAFT_PROPOSALS.labels(self._label, "committed").inc()
+                    RAFT_COMMIT_SECONDS.labels(self._label).observe(now - w.started)
+                else:
+                    w.future.set_exception(ProposalDroppedError("leadership changed; the command was not committed"))
+                    RAFT_PROPOSALS.labels(self._label, "lost").inc()
+        for rs in rd.read_states:
+            fut = self._reads.pop(rs.context, None)
+            if fut is not None:
+                self._ready_reads.append((rs.index, fut))
+
+    def _after_round(self) -> None:
+        core = self.core
+        applied = core.log.applied
+        if self._ready_reads:
+            keep = []
+            for index, fut in self._ready_reads:
+                if applied >= index:
+                    if not fut.done():
+                        fut.set_result(index)
+                else:
+                    keep.append((index, fut))
+            self._ready_reads = keep
+        if self._apply_waiters:
+            keep_a = []
+            for index, afut in self._apply_waiters:
+                if applied >= index:
+                    if not afut.done():
+                        afut.set_result(None)
+                else:
+                    keep_a.append((index, afut))
+            self._apply_waiters = keep_a
+        if not core.is_leader and self._reads:
+            for fut in self._reads.values():
+                if not fut.done():
+                    fut.set_exception(NotLeaderError(core.leader))
+            self._reads.clear()
+        RAFT_TERM.labels(self._label).set(core.term)
+        RAFT_IS_LEADER.labels(self._label).set(1 if core.is_leader else 0)
+        RAFT_COMMIT_INDEX.labels(self._label).set(core.log.committed)
+        RAFT_APPLIED_INDEX.labels(self._label).set(applied)
+        if applied != self._last_signalled:
+            self._last_signalled = applied
+            signal, self._apply_signal = self._apply_signal, asyncio.Event()
+            signal.set()
+
+    def _maybe_compact(self) -> None:
+        core = self.core
+        base = core.snapshot.meta.index if core.snapshot else 0
+        applied = core.log.applied
+        if applied - base < self.settings.snapshot_every:
+            return
+        core.compact(applied, self.sm.snapshot(), keep=self.settings.snapshot_keep)
+        assert core.snapshot is not None
+        self.storage.compact(core.snapshot, core.log.snap_index)
+        RAFT_SNAPSHOTS.labels(self._label, "taken").inc()
+
+    # -- client requests -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Role, term, leader, indexes and voters of this node."""
+        core = self.core
+        return {
+            "id": self.id,
+            "role": core.role.value,
+            "term": core.term,
+            "leader": core.leader,
+            "commit": core.log.committed,
+            "applied": core.log.applied,
+            "voters": list(core.voters),
+            "peers": {str(k): str(v) for k, v in self.settings.peers.items()},
+        }
+
+    async def handle_request(self, body: bytes) -> bytes:
+        """Serve one JSON client request; the answer is JSON with ``ok`` or ``error``."""
+        try:
+            req = json.loads(body)
+            if not isinstance(req, dict):
+                raise ValueError("request is not an object")
+            result = await self._serve(req)
+        except NotLeaderError as exc:
+            result = {"error": "not_leader", "leader": exc.leader}
+        except ProposalDroppedError as exc:
+            result = {"error": "dropped", "detail": str(exc)}
+        except OutcomeUnknownError as exc:
+            result = {"error": "unknown_outcome", "detail": str(exc)}
+        except (ValueError, KeyError, TypeError) as exc:
+            result = {"error": "bad_request", "detail": str(exc)}
+        return json.dumps(result, separators=(",", ":")).encode()
+
+    async def _serve(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, **self.status()}
+        if op == "get":
+            if not self.core.is_leader:
+                raise NotLeaderError(self.core.leader)
+            await self.read_barrier(lease=bool(req.get("lease", False)))
+            item = self.sm.get(str(req["key"]))
+            if item is None:
+                return {"ok": True, "found": False, "revision": self.sm.revision}
+            return {
+                "ok": True,
+                "found": True,
+                "value": item.value,
+                "version": item.version,
+                "mod_revision": item.revision,
+                "revision": self.sm.revision,
+            }
+        if op in ("put", "delete", "cas", "lease_acquire", "lease_renew", "lease_release"):
+            if not self.core.is_leader:
+                raise NotLeaderError(self.core.leader)
+            cmd = dict(req)
+            if op in ("lease_acquire", "lease_renew"):
+                cmd["now"] = time.time()  # leader time: lease expiry assumes loosely synchronized clocks
+            return await self.propose(cmd)
+        if op == "members":
+            return {"ok": True, "voters": list(self.core.voters), "leader": self.core.leader}
+        if op == "add_member":
+            return await self.change_membership(add=int(req["id"]))
+        if op == "remove_member":
+            return await self.change_membership(remove=int(req["id"]))
+        if op == "transfer":
+            if not self.core.is_leader:
+                raise NotLeaderError(self.core.leader)
+            self.transfer_leadership(int(req["id"]))
+            return {"ok": True}
+        if op == "watch":
+            return await self._watch(str(req.get("prefix", "")), int(req.get("after", 0)), float(req.get("wait", 10)))
+        raise ValueError(f"unknown op {op!r}")
+
+    async def _watch(self, prefix: str, after: int, wait: float) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + max(0.0, min(wait, 60.0))
+        while True:
+            events = self.sm.events_after(after, prefix)
+            if events is None:
+                return {"error": "compacted", "revision": self.sm.revision}
+            remaining = deadline - asyncio.get_running_loop().time()
+            if events or remaining <= 0:
+                return {
+                    "ok": True,
+                    "revision": self.sm.revision,
+                    "events": [
+                        {"revision": e.revision, "kind": e.kind, "key": e.key, "value": e.value, "version": e.version}
+                        for e in events
+                    ],
+                }
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._apply_signal.wait(), remaining)
