@@ -133,7 +133,7 @@ def _tail_topic(bootstrap: str, topic: str, stop: threading.Event, seen: dict[tu
 
 
 def invalidation_latency(
-    stack: Any, rate: float, seconds: float, rows: int, threads: int, relay_mode: str
+    stack: Any, rate: float, seconds: float, rows: int, threads: int, relay_mode: str, batched: bool
 ) -> dict[str, Any]:
     """Commit-to-invalidated latency through outbox, relay, Kafka and the invalidator at ``rate`` writes/s."""
     from confluent_kafka.admin import AdminClient
@@ -163,7 +163,8 @@ def invalidation_latency(
         tail = threading.Thread(target=_tail_topic, args=(stack.kafka_bootstrap, topic, tail_stop, tail_seen))
         tail.start()
         relay = _spawn("relay", env, common, "--relay-mode", relay_mode)
-        invalidator = _spawn("invalidator", env, common, "--no-floors", "--applied-log", str(applied_log))
+        mode = ["--batched"] if batched else []
+        invalidator = _spawn("invalidator", env, common, "--no-floors", "--applied-log", str(applied_log), *mode)
         time.sleep(8.0)  # relay leadership and consumer group settle before the clock starts
         writer = _spawn(
             "writer", env, common, "--rate", str(rate), "--threads", str(threads), "--commit-log", str(commit_log)
@@ -183,8 +184,11 @@ def invalidation_latency(
         if os.environ.get("KCONS_BENCH_DEBUG"):
             first = min(commits.values())
             for k, t in sorted(commits.items(), key=lambda kv: kv[1])[:: max(1, len(commits) // 20)]:
-                print(f"t+{t - first:6.2f}s commit->applied {1000 * (applied.get(k, float('nan')) - t):8.1f} ms "
-                      f"commit->consumable {1000 * (tail_seen.get(k, float('nan')) - t):8.1f} ms", file=sys.stderr)
+                print(
+                    f"t+{t - first:6.2f}s commit->applied {1000 * (applied.get(k, float('nan')) - t):8.1f} ms "
+                    f"commit->consumable {1000 * (tail_seen.get(k, float('nan')) - t):8.1f} ms",
+                    file=sys.stderr,
+                )
         ref = [tail_seen[k] - t for k, t in commits.items() if k in tail_seen]
         return {
             "writes": len(commits),
@@ -208,23 +212,32 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=8, help="writer threads")
     parser.add_argument("--relay-mode", choices=["transactional", "idempotent"], default="transactional")
+    parser.add_argument("--invalidator", choices=["both", "idempotent", "batched"], default="both")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.ops, args.seconds = 3, 3000, 5.0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    modes = {"both": [False, True], "idempotent": [False], "batched": [True]}[args.invalidator]
     with start_stack() as stack:
         hits = hit_path(stack.redis_url, args.rounds, args.ops, args.value_size)
-        latency = invalidation_latency(stack, args.rate, args.seconds, args.rows, args.threads, args.relay_mode)
+        latency = {
+            ("batched" if batched else "idempotent_consumer"): invalidation_latency(
+                stack, args.rate, args.seconds, args.rows, args.threads, args.relay_mode, batched
+            )
+            for batched in modes
+        }
+    first = next(iter(latency.values()))
     result = {
         "name": "cache",
-        "baseline": {"hit_path": hits["baseline"], "commit_to_consumable": latency["commit_to_consumable_reference"]},
+        "baseline": {"hit_path": hits["baseline"], "commit_to_consumable": first["commit_to_consumable_reference"]},
         "kcons": {
             "hit_path": hits["kcons"],
-            "commit_to_invalidated": latency["commit_to_invalidated"],
-            "writes": latency["writes"],
-            "writes_per_s": latency["writes_per_s"],
-            "invalidated": latency["invalidated"],
+            "invalidation": {
+                mode: {k: v for k, v in lat.items() if k != "commit_to_consumable_reference"}
+                | {"commit_to_consumable_same_run": lat["commit_to_consumable_reference"]}
+                for mode, lat in latency.items()
+            },
         },
         "ratio": hits["ratio"],
         "median_ratio": hits["median_ratio"],

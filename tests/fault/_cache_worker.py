@@ -250,12 +250,12 @@ def run_invalidator(args: argparse.Namespace, stop: threading.Event) -> dict[str
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 500,
     }
-    invalidator.run(config, [args.topic], stop=stop)
+    invalidator.run(config, [args.topic], stop=stop, batched=args.batched)
     client.close()
     if args.applied_log is not None:
         with open(args.applied_log, "w") as f:
             json.dump(applied_log, f)
-    return {"role": "invalidator", **counts}
+    return {"role": "invalidator", "batched": args.batched, **counts}
 
 
 def main() -> None:
@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--relay-mode", default="transactional")
     parser.add_argument("--commit-log", default=None)
     parser.add_argument("--applied-log", default=None)
+    parser.add_argument("--batched", action="store_true", help="invalidator: the batched loop")
     parser.add_argument("--no-floors", action="store_true", help="benchmark: do not record floors")
     parser.add_argument("--unguarded-fills", action="store_true", help="negative control: break the fill guard")
     args = parser.parse_args()

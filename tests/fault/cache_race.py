@@ -2,8 +2,9 @@
 
 Writer processes update rows of ``items`` (version + 1) and add each change event to the kcons
 outbox in the same transaction; the outbox relay publishes them to Kafka; one invalidator
-process (``CacheInvalidator`` through ``IdempotentConsumer``) writes versioned tombstones to
-Redis and is SIGKILLed and restarted at random. Reader processes read through ``ConsistentCache``
+process (``CacheInvalidator``) writes versioned tombstones to
+Redis and is SIGKILLed and restarted at random (restarts alternate between the IdempotentConsumer
+loop and the batched loop, so both are killed mid-work). Reader processes read through ``ConsistentCache``
 with a PostgreSQL loader (some loads are slowed down to widen the classic race window).
 
 What is checked, precisely:
@@ -146,6 +147,7 @@ def main() -> int:
             ]
             started = time.monotonic()
             kills = 0
+            modes = [1, 0]  # invalidator processes started: IdempotentConsumer loop, batched loop
             max_duration = duration * 4
             while True:
                 elapsed = time.monotonic() - started
@@ -167,7 +169,8 @@ def main() -> int:
                     invalidator.wait()
                     kills += 1
                 time.sleep(rng.uniform(0.0, 1.0))
-                invalidator = _spawn("invalidator", env, common)
+                modes[kills % 2] += 1
+                invalidator = _spawn("invalidator", env, common, *(["--batched"] if kills % 2 else []))
                 log.info("kill %d at %.1fs; %d reads so far", kills, elapsed, reads_so_far)
                 for p in (relay, writer, *reader_procs):
                     if p.poll() is not None:
@@ -226,6 +229,7 @@ def main() -> int:
         "fills_rejected_lease": sum(int(x.get("fills_rejected_lease", 0)) for x in reader_results),
         "invalidations_applied_last_process": invalidator_result.get("applied"),
         "relay_published_rows": relay_result.get("published"),
+        "invalidator_processes": {"idempotent_consumer": modes[0], "batched": modes[1]},
         "outbox_drained": outbox_drained,
         "examples": [e for x in reader_results for e in x.get("examples", [])][:5],
         "settings": {
