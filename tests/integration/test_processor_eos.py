@@ -59,7 +59,7 @@ def read_committed_values(bootstrap: str, topic: str, expect: int, idle_s: float
 
 
 def count_uncommitted(bootstrap: str, topic: str, partitions: int) -> int:
-    """How many records (committed, aborted or open) the log of ``topic`` holds: high watermarks minus control records aside."""
+    """Offsets used in ``topic``: its records, committed, aborted or still open, plus transaction markers."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4().hex}"})
     total = 0
     for p in range(partitions):

@@ -17,7 +17,9 @@ from kcons.producer import IdempotentProducer, TransactionalProducer, wrap
 pytestmark = pytest.mark.integration
 
 
-def read_all(make_consumer: Callable[..., Any], topic: str, isolation: str, expect: int, idle_s: float = 3.0) -> list[Any]:
+def read_all(
+    make_consumer: Callable[..., Any], topic: str, isolation: str, expect: int, idle_s: float = 3.0
+) -> list[Any]:
     """Read a topic from the start until ``expect`` records arrived and nothing more came for ``idle_s``."""
     consumer = make_consumer(**{"isolation.level": isolation})
     consumer.subscribe([topic])
