@@ -560,7 +560,9 @@ def decode_change_event(
 ) -> ChangeEvent | None:
     """Normalise a Kafka record into a :class:`ChangeEvent`; None for records that change nothing.
 
-    Understands kcons outbox envelopes (``kcons-version`` header), Debezium outbox events
+    Understands kcons outbox envelopes (``kcons-version`` header; the commit time is the
+    ``kcons-committed-at`` header in epoch seconds when the writer sets one, else the Kafka
+    record timestamp), Debezium outbox events
     (``id`` header, ``version`` header) and Debezium change events (``before``/``after``/``op``/
     ``source``, optionally wrapped in ``{"schema", "payload"}``), whose version is
     ``after[version_field]``, or ``before[version_field] + 1`` for deletes. Debezium

@@ -266,3 +266,71 @@ def test_a_malformed_change_event_is_dead_lettered_and_the_rest_applied(
     assert [m.value() for m in got] == [bad.payload, b"not a change event"]
     reasons = [dict(m.headers())["kcons-dlq-reason"] for m in got]
     assert all(b"DecodeError" in r or b"version" in r for r in reasons), reasons
+
+
+def test_write_through_after_commit_never_moves_a_key_back_under_concurrent_writers(
+    items_db: str, redis_client: Any
+) -> None:
+    cache = ConsistentCache(redis_client, name="wt", settings=CacheSettings(prefix=f"w{uuid.uuid4().hex[:8]}"))
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            barrier.wait()
+            with psycopg.connect(items_db) as conn:
+                for _ in range(30):
+                    with conn.transaction():
+                        row = conn.execute(
+                            "UPDATE items SET version = version + 1, name = 'v' || (version + 1) WHERE id = 1 "
+                            "RETURNING version, name"
+                        ).fetchone()
+                    assert row is not None
+                    time.sleep(random.random() * 0.002)  # commits and cache writes interleave across writers
+                    cache.write_through("item:1", str(row[1]).encode(), int(row[0]), committed_at=time.time())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    final = _load(items_db, 1)
+    assert final is not None and final.version == 1 + 6 * 30
+    assert cache.peek("item:1") == CacheEntry(final.version, final.value)
+
+
+def test_write_behind_puts_the_newest_value_from_the_outbox_events_into_the_cache(
+    redis_client: Any, kafka_bootstrap: str, unique_topic: Any, make_producer: Any
+) -> None:
+    from kcons.cache import Strategy
+
+    topic = unique_topic(partitions=1)
+    cache = ConsistentCache(redis_client, name="wb", settings=CacheSettings(prefix=f"b{uuid.uuid4().hex[:8]}"))
+    producer = make_producer()
+    for v in [1, 2, 4, 3, 4, 2]:  # a replayed and reordered stream
+        env = Envelope.of("ItemUpdated", "item", "8", {"name": f"v{v}"}, version=v)
+        producer.produce(topic, key=env.key, value=env.payload, headers=env.headers())
+    gone = Envelope.of("ItemDeleted", "item", "9", {}, version=5)
+    producer.produce(topic, key=gone.key, value=gone.payload, headers=gone.headers())
+    producer.flush(10)
+    cache.write_through("item:9", b"old", 4)
+
+    def name_of(event: ChangeEvent) -> bytes | None:
+        if event.op == "ItemDeleted":
+            return None  # no value: a tombstone
+        return str(json.loads(event.value or b"{}")["name"]).encode()
+
+    inv = Invalidator(
+        CacheInvalidator(cache, _item_key, strategy=Strategy.WRITE_BEHIND, value_for=name_of),
+        kafka_bootstrap, topic, f"g-{uuid.uuid4().hex[:8]}", batched=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: cache.peek("item:9") == CacheEntry(5, None))
+    finally:
+        inv.close()
+    assert inv.error is None
+    assert cache.peek("item:8") == CacheEntry(4, b"v4")
+    assert cache.get("item:8", lambda key: None) == Versioned(b"v4", 4)  # a hit: no load
