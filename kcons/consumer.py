@@ -38,7 +38,15 @@ import tenacity
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from kcons.config import redact_config
-from kcons.dedup import BatchDedupStore, ClaimLostError, ClaimResult, DedupStore, TransactionalDedupStore, check_lease
+from kcons.dedup import (
+    BatchDedupStore,
+    ClaimLostError,
+    ClaimResult,
+    DedupStore,
+    PipelinedDedupStore,
+    TransactionalDedupStore,
+    check_lease,
+)
 from kcons.envelope import HEADER_ID
 from kcons.errors import (
     ConfigError,
@@ -138,7 +146,12 @@ def default_event_id(msg: Any) -> str | None:
     debezium: Any = None
     for name, value in headers:
         if name == HEADER_ID:
-            return _decode_id(value, HEADER_ID)
+            if value:
+                try:
+                    return value.decode() if type(value) is bytes else _decode_id(value, HEADER_ID)
+                except UnicodeDecodeError:
+                    raise DecodeError(f"header {HEADER_ID} is not UTF-8") from None
+            return None
         if name == "id" and debezium is None:
             debezium = value
     if debezium is not None:
@@ -195,7 +208,6 @@ class _Batch:
 
     commit_to: dict[TP, int] = field(default_factory=dict)
     held: dict[TP, tuple[int, float, str]] = field(default_factory=dict)  # offset, pause seconds, reason
-    first_offset: dict[TP, int] = field(default_factory=dict)
     claimed: set[str] = field(default_factory=set)
     done: list[str] = field(default_factory=list)
     poison: list[tuple[Any, str | None, str]] = field(default_factory=list)  # msg, claimed id, reason
@@ -266,6 +278,13 @@ class IdempotentConsumer:
         self._handler = handler
         self._store = store
         self._batch_store: BatchDedupStore | None = store if isinstance(store, BatchDedupStore) else None
+        # One store call per batch: a batch's done records ride on the next batch's claim, and its
+        # offsets are committed right after that call (never before its done records are written).
+        self._pipelined: PipelinedDedupStore | None = (
+            store if isinstance(store, PipelinedDedupStore) and not self._atomic_batch else None
+        )
+        self._deferred_done: list[str] = []
+        self._deferred_offsets: dict[TP, int] = {}
         self._dlq_topic = dlq_topic or default_dlq_topic
         self._retry = retry or default_retry_policy()
         self._store_retry = store_retry or default_store_retry_policy()
@@ -301,8 +320,7 @@ class IdempotentConsumer:
         self._retry_leftovers()
         msgs = self._consumer.consume(self._batch_size, self._batch_timeout_s)
         if not msgs:
-            if self._uncommitted:
-                self._commit({})
+            self._flush()
             return 0
         started = time.perf_counter()
         batch = self._valid(msgs)
@@ -350,8 +368,7 @@ class IdempotentConsumer:
         self._closed = True
         try:
             self._retry_leftovers()
-            if self._uncommitted:
-                self._commit({})
+            self._flush()
         finally:
             try:
                 self._consumer.close()
@@ -398,117 +415,129 @@ class IdempotentConsumer:
         stats.consumed = len(msgs)
         CONSUMER_CONSUMED.inc(len(msgs))
         key_fn = self._key_fn
-        entries: list[tuple[Any, TP, str | None, str | None]] = []  # msg, tp, id, poison reason
-        first_offset = b.first_offset
+        entries: list[tuple[Any, str | None, str | None]] = []  # msg, event id, poison reason
+        append = entries.append
+        fallback = 0
         for msg in msgs:
-            tp = (msg.topic(), msg.partition())
-            if tp not in first_offset:
-                first_offset[tp] = msg.offset()
             try:
                 event_id = key_fn(msg)
             except Exception as exc:  # an id that cannot be read makes the message poison
-                entries.append((msg, tp, None, _reason(exc)))
+                append((msg, None, _reason(exc)))
                 continue
             if event_id is None:
-                event_id = f"{tp[0]}/{tp[1]}/{msg.offset()}"
-                stats.fallback_ids += 1
-            entries.append((msg, tp, event_id, None))
-        if stats.fallback_ids:
-            CONSUMER_FALLBACK_IDS.inc(stats.fallback_ids)
+                event_id = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+                fallback += 1
+            append((msg, event_id, None))
+        if fallback:
+            stats.fallback_ids = fallback
+            CONSUMER_FALLBACK_IDS.inc(fallback)
 
-        ids = list(dict.fromkeys(e[2] for e in entries if e[2] is not None))
+        ids = list(dict.fromkeys([e[1] for e in entries if e[1] is not None]))
         try:
             result = self._claim(ids)
         except StoreError as exc:
-            log.warning("dedup store claim failed, pausing %d partitions: %s", len(first_offset), exc)
-            for tp, offset in first_offset.items():
-                b.hold(tp, offset, self._pause_s, "store_error")
-            stats.deferred = len(msgs)
+            log.warning("dedup store claim failed, pausing the batch's partitions: %s", exc)
+            self._hold_all(b, msgs, "store_error")
             self._finish(b)
             return stats
-        claimed = b.claimed
-        claimed.update(result.claimed)
-        done_before = result.done | self._uncompleted
-
+        b.claimed.update(result.claimed)
         try:
             with self._effects():
-                self._walk(entries, b, claimed, done_before)
+                self._walk(entries, b, set(result.done) | self._uncompleted)
         except Exception as exc:  # the batch did not finish: rewind every partition to its first message
-            log.warning("batch effects failed, rewinding %d partitions: %s", len(first_offset), _reason(exc))
+            log.warning("batch effects failed, rewinding the batch's partitions: %s", _reason(exc))
             if self._atomic_batch:  # the transaction rolled back: nothing of the batch happened
                 b.done.clear()
             b.commit_to.clear()
             b.poison.clear()
             b.held.clear()
-            for tp, offset in first_offset.items():
-                b.hold(tp, offset, self._pause_s, "effects_failed")
+            self._hold_all(b, msgs, "effects_failed")
             stats.handled = len(b.done)
             stats.duplicates = 0
             stats.deferred = len(msgs) - stats.handled
         except BaseException:
-            self._abandon(b)
+            self._abandon(b, msgs)
             raise
         self._finish(b)
         return stats
 
-    def _walk(self, entries: list[tuple[Any, TP, str | None, str | None]], b: _Batch, claimed: set[str],
-              done_before: frozenset[str] | set[str]) -> None:  # fmt: skip
-        """Decide every message of the batch in order; a held partition skips the rest of its messages."""
-        seen: set[str] = set()
+    def _hold_all(self, b: _Batch, msgs: list[Any], reason: str) -> None:
+        """Hold every partition of the batch at its first message."""
+        for msg in msgs:
+            tp = (msg.topic(), msg.partition())
+            if tp not in b.held:
+                b.hold(tp, msg.offset(), self._pause_s, reason)
+        b.stats.deferred = len(msgs)
+
+    def _walk(self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str]) -> None:
+        """Decide every message of the batch in order; a held partition skips the rest of its messages.
+
+        ``seen`` starts with the ids already done; ids handled or dead-lettered here join it, so
+        a repeat later in the batch is a duplicate.
+        """
         held = b.held
         commit_to = b.commit_to
         stats = b.stats
         done = b.done
-        for msg, tp, event_id, poison in entries:
-            if tp in held:
+        claimed = b.claimed
+        direct = None if self._atomic_batch else self._handler
+        attempt = self._attempt
+        for msg, event_id, poison in entries:
+            tp = (msg.topic(), msg.partition())
+            if held and tp in held:
                 stats.deferred += 1
                 continue
-            offset = msg.offset()
             if poison is not None:
                 b.poison.append((msg, None, poison))
-                commit_to[tp] = offset + 1
+                commit_to[tp] = msg.offset() + 1
                 continue
-            assert event_id is not None
-            if event_id in seen or event_id in done_before:
+            if event_id in seen:
                 stats.duplicates += 1
-                commit_to[tp] = offset + 1
+                commit_to[tp] = msg.offset() + 1
                 continue
             if event_id not in claimed:
-                b.hold(tp, offset, self._pause_s, "busy")
+                b.hold(tp, msg.offset(), self._pause_s, "busy")
                 stats.deferred += 1
                 continue
-            outcome = self._handle(msg, event_id)
+            assert event_id is not None
+            try:
+                if direct is not None:
+                    direct(msg)
+                else:
+                    attempt(msg, event_id)
+            except Exception as exc:
+                outcome = self._after_failure(msg, event_id, exc)
+            else:
+                done.append(event_id)
+                seen.add(event_id)
+                commit_to[tp] = msg.offset() + 1
+                continue
             if outcome is None:
                 done.append(event_id)
                 seen.add(event_id)
-                commit_to[tp] = offset + 1
+                commit_to[tp] = msg.offset() + 1
             elif isinstance(outcome, RetryLater):
-                b.hold(tp, offset, outcome.retry_after_s, "retry_later")
+                b.hold(tp, msg.offset(), outcome.retry_after_s, "retry_later")
                 stats.deferred += 1
             elif isinstance(outcome, ClaimLostError):
-                b.hold(tp, offset, self._pause_s, "claim_lost")
+                b.hold(tp, msg.offset(), self._pause_s, "claim_lost")
                 stats.deferred += 1
             else:
                 b.poison.append((msg, event_id, outcome))
                 seen.add(event_id)
-                commit_to[tp] = offset + 1
+                commit_to[tp] = msg.offset() + 1
         stats.handled = len(done)
 
-    def _handle(self, msg: Any, event_id: str) -> RetryLater | ClaimLostError | str | None:
-        """Run the handler with retries: None when done, RetryLater/ClaimLostError to hold, else the poison reason."""
-        try:
-            self._attempt(msg, event_id)
-            return None
-        except (RetryLater, ClaimLostError) as exc:
-            return exc
-        except (DecodeError, PoisonMessageError) as exc:
-            CONSUMER_HANDLER_ERRORS.inc()
-            return _reason(exc)
-        except Exception as first:
-            CONSUMER_HANDLER_ERRORS.inc()
-            failure = first
-        # The first attempt already failed: let the tenacity policy decide about the others.
-        pending: list[BaseException] = [failure]
+    def _after_failure(self, msg: Any, event_id: str, first: Exception) -> RetryLater | ClaimLostError | str | None:
+        """The first attempt failed: retry under the policy. None when done, RetryLater/ClaimLostError to hold,
+        else the poison reason."""
+        if isinstance(first, (RetryLater, ClaimLostError)):
+            return first
+        CONSUMER_HANDLER_ERRORS.inc()
+        if isinstance(first, (DecodeError, PoisonMessageError)):
+            return _reason(first)
+        # The first attempt counts as the policy's first: it is replayed, not run again.
+        pending: list[BaseException] = [first]
 
         def attempt() -> None:
             if pending:
@@ -519,12 +548,13 @@ class IdempotentConsumer:
                 CONSUMER_HANDLER_ERRORS.inc()
                 raise
 
+        failure: BaseException
         try:
             self._retry(attempt)
             return None
         except tenacity.RetryError as exc:
             last = exc.last_attempt.exception()
-            failure = last if isinstance(last, Exception) else exc
+            failure = last if last is not None else exc
         except Exception as exc:
             failure = exc
         if isinstance(failure, (RetryLater, ClaimLostError)):
@@ -533,7 +563,7 @@ class IdempotentConsumer:
 
     def _finish(self, b: _Batch) -> None:
         """Record done, dead-letter, give back claims, rewind held partitions and commit: the one commit decision."""
-        if b.done:
+        if b.done and self._pipelined is None:
             self._record_done(b.done)
         if b.poison:
             self._dead_letter(b)
@@ -548,18 +578,47 @@ class IdempotentConsumer:
         for tp, (offset, pause_s, reason) in b.held.items():
             self._rewind(tp, offset, pause_s)
             CONSUMER_HOLDS.labels(reason=reason).inc()
-        if b.commit_to:
-            self._commit(b.commit_to)
+        if not b.commit_to:
+            return
+        if self._pipelined is not None and (b.done or self._deferred_done):
+            self._deferred_done.extend(b.done)  # recorded by the next batch's claim, or by _flush
+            deferred = self._deferred_offsets
+            for tp, offset in b.commit_to.items():
+                if deferred.get(tp, -1) < offset:
+                    deferred[tp] = offset
+        else:
+            self._commit_deferred(b.commit_to)
 
-    def _abandon(self, b: _Batch) -> None:
+    def _commit_deferred(self, extra: Mapping[TP, int] | None = None) -> None:
+        offsets = self._deferred_offsets
+        self._deferred_offsets = {}
+        for tp, offset in (extra or {}).items():
+            if offsets.get(tp, -1) < offset:
+                offsets[tp] = offset
+        if offsets or self._uncommitted:
+            self._commit(offsets)
+
+    def _flush(self) -> None:
+        """Record deferred done ids, then commit every decided offset (on idle, rebalance and close)."""
+        if self._deferred_done:
+            done, self._deferred_done = self._deferred_done, []
+            self._record_done(done)
+        if self._deferred_offsets or self._uncommitted:
+            self._commit_deferred()
+
+    def _abandon(self, b: _Batch, msgs: list[Any]) -> None:
         """On an interrupt mid-batch: keep what is done, give back the rest, rewind every partition."""
         with contextlib.suppress(Exception):
-            if b.done:
+            if b.done and not self._atomic_batch:
                 self._record_done(b.done)
-            self._release(b.claimed.difference(b.done))
-        for tp, offset in b.first_offset.items():
-            with contextlib.suppress(Exception):
-                self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+            self._release(b.claimed.difference(b.done) if not self._atomic_batch else b.claimed)
+        rewound: set[TP] = set()
+        for msg in msgs:
+            tp = (msg.topic(), msg.partition())
+            if tp not in rewound:
+                rewound.add(tp)
+                with contextlib.suppress(Exception):
+                    self._consumer.seek(TopicPartition(tp[0], tp[1], msg.offset()))
 
     # ------------------------------------------------------------------ effects (the transactional variant overrides)
 
@@ -582,10 +641,19 @@ class IdempotentConsumer:
     # ------------------------------------------------------------------ store, dead letters, offsets
 
     def _claim(self, ids: list[str]) -> ClaimResult:
+        if self._pipelined is not None and self._deferred_done:
+            result: ClaimResult = self._store_retry(
+                self._pipelined.complete_and_claim, self._deferred_done, ids, self._lease_s
+            )
+            self._deferred_done = []
+            self._commit_deferred()
+            return result
+        if self._deferred_offsets:
+            self._commit_deferred()
         if not ids:
             return ClaimResult(frozenset())
         if self._batch_store is not None:
-            result: ClaimResult = self._store_retry(self._batch_store.claim_batch, ids, self._lease_s)
+            result = self._store_retry(self._batch_store.claim_batch, ids, self._lease_s)
             return result
         # A plain DedupStore cannot tell done from busy: treat the unclaimed as busy (never lose one).
         claimed = self._store_retry(self._store.claim, ids, self._lease_s)
@@ -751,19 +819,21 @@ class IdempotentConsumer:
         """Commit what is done for the revoked partitions and forget their pauses."""
         log.info("revoked %s", _describe(partitions))
         revoked = {(tp.topic, tp.partition) for tp in partitions}
-        mine = {tp: o for tp, o in self._uncommitted.items() if tp in revoked}
-        if mine:
-            try:
-                consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in mine.items()], asynchronous=False)
-            except KafkaException as exc:
-                CONSUMER_COMMIT_FAILURES.inc()
-                log.warning("commit on revoke failed; the new owner will see those messages as duplicates: %s", exc)
+        try:
+            self._flush()
+        except KconsError as exc:
+            log.warning("commit on revoke failed; the new owner will see those messages as duplicates: %s", exc)
         self._forget(revoked)
 
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         """Partitions were lost (session expired): nothing can be committed for them any more."""
         log.warning("lost %s", _describe(partitions))
-        self._forget({(tp.topic, tp.partition) for tp in partitions})
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        if self._deferred_done:  # the effects happened: record them, but commit nothing for lost partitions
+            done, self._deferred_done = self._deferred_done, []
+            self._record_done(done)
+        self._deferred_offsets = {tp: o for tp, o in self._deferred_offsets.items() if tp not in lost}
+        self._forget(lost)
 
     def _forget(self, partitions: set[TP]) -> None:
         for tp in partitions:

@@ -36,6 +36,7 @@ __all__ = [
     "ClaimLostError",
     "ClaimResult",
     "DedupStore",
+    "PipelinedDedupStore",
     "TransactionalDedupStore",
     "check_lease",
     "new_owner_token",
@@ -95,6 +96,15 @@ class BatchDedupStore(DedupStore, Protocol):
 
     def claim_batch(self, ids: Sequence[str], lease_s: float) -> ClaimResult:
         """Like :meth:`claim`, and report which of the others are done and which are busy."""
+        ...
+
+
+@runtime_checkable
+class PipelinedDedupStore(BatchDedupStore, Protocol):
+    """A store that records one batch done and claims the next in a single call (one round trip per batch)."""
+
+    def complete_and_claim(self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float) -> ClaimResult:
+        """Mark ``done_ids`` done, then claim ``ids`` like :meth:`claim_batch`, in one call."""
         ...
 
 

@@ -59,33 +59,43 @@ class MemoryDedupStore:
         done: list[str] = []
         busy: list[str] = []
         entries = self._entries
+        get = entries.get
         with self._lock:
             now = self._clock()
-            expires = now + lease
+            lease_entry = (_IN_PROGRESS, now + lease)
             for event_id in ids:
-                entry = entries.get(event_id)
-                if entry is not None and entry[1] > now:
+                entry = get(event_id)
+                if entry is None:
+                    entries[event_id] = lease_entry  # new keys go to the end: most recent
+                    claimed.add(event_id)
+                elif entry[1] > now:
                     if entry[0] == _DONE:
                         done.append(event_id)
                     elif event_id not in claimed:  # a repeat within the batch is not busy
                         busy.append(event_id)
-                    continue
-                entries[event_id] = (_IN_PROGRESS, expires)
-                entries.move_to_end(event_id)
-                claimed.add(event_id)
+                else:  # expired: claim again, as the most recent entry
+                    entries[event_id] = lease_entry
+                    entries.move_to_end(event_id)
+                    claimed.add(event_id)
             self._evict()
         self._latency["claim"].observe(time.perf_counter() - started)
         return ClaimResult(frozenset(claimed), frozenset(done), frozenset(busy))
+
+    def complete_and_claim(self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float) -> ClaimResult:
+        """Mark ``done_ids`` done, then claim ``ids`` (the consumer's one-call-per-batch path)."""
+        if done_ids:
+            self.complete(done_ids)
+        return self.claim_batch(ids, lease_s)
 
     def complete(self, ids: Sequence[str]) -> None:
         """Mark ids done until ``retention_s`` from now."""
         started = time.perf_counter()
         entries = self._entries
         with self._lock:
-            expires = self._clock() + self._retention
+            done_entry = (_DONE, self._clock() + self._retention)
+            # Ids are completed shortly after their claim put them at the end: no reordering needed.
             for event_id in ids:
-                entries[event_id] = (_DONE, expires)
-                entries.move_to_end(event_id)
+                entries[event_id] = done_entry
             self._evict()
         self._latency["complete"].observe(time.perf_counter() - started)
 

@@ -2,12 +2,15 @@
 
 Each id is a key ``{<prefix>:<namespace>}:<id>``. The braces are a hash tag: every key of
 one namespace (the consumer group) lands in one hash slot, so a whole batch is claimed by one
-atomic script on a single node of a Redis Cluster. An in-progress key expires with its lease,
-a done key with the retention TTL; nothing is stored without a TTL.
+atomic script on a single node of a Redis Cluster. The script is registered once
+(``register_script``) and called with the namespace root as its only key and the batch's ids as
+one newline-separated argument, which keeps a 500-id call cheap to encode. An in-progress key
+expires with its lease, a done key with the retention TTL; nothing is stored without a TTL.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -15,11 +18,11 @@ from typing import Any
 
 from kcons.dedup import (
     DEFAULT_RETENTION_S,
+    MAX_ID_LENGTH,
     ClaimResult,
     check_lease,
     check_retention,
     new_owner_token,
-    storage_id,
     validate_namespace,
 )
 from kcons.errors import StoreError
@@ -52,7 +55,7 @@ class RedisDedupStore:
         validate_namespace("prefix", prefix)
         self._client = client
         self._retention_ms = int(check_retention("retention_s", retention_s) * 1000)
-        self._key_prefix = f"{{{prefix}:{namespace}}}:"
+        self._root = f"{{{prefix}:{namespace}}}"
         self._owner = owner or new_owner_token()
         self._script = client.register_script(CLAIM_SCRIPT)
         self._latency = observe_dedup_store("redis")
@@ -64,7 +67,7 @@ class RedisDedupStore:
 
     def key(self, event_id: str) -> str:
         """The Redis key of an id (hash-tagged by namespace)."""
-        return self._key_prefix + storage_id(event_id)
+        return f"{self._root}:{_stored(event_id)}"
 
     def claim(self, ids: Sequence[str], lease_s: float) -> set[str]:
         """Claim the ids that are neither done nor held under another owner's unexpired lease."""
@@ -72,18 +75,33 @@ class RedisDedupStore:
 
     def claim_batch(self, ids: Sequence[str], lease_s: float) -> ClaimResult:
         """Claim new ids for ``lease_s`` seconds in one script call; report the done and busy others."""
+        return self.complete_and_claim((), ids, lease_s)
+
+    def complete_and_claim(self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float) -> ClaimResult:
+        """Mark ``done_ids`` done, then claim ``ids``, atomically in one script call (one round trip)."""
         lease_ms = max(1, int(check_lease(lease_s) * 1000))
         unique = list(dict.fromkeys(ids))
         if not unique:
+            if done_ids:
+                self.complete(done_ids)
             return ClaimResult(frozenset())
-        codes = self._run("claim", unique, lease_ms)
+        if done_ids:
+            codes = self._run("complete_claim", unique, lease_ms, self._join(list(dict.fromkeys(done_ids))))
+        else:
+            codes = self._run("claim", unique, lease_ms)
+        if isinstance(codes, str):
+            codes = codes.encode()
+        if len(codes) != len(unique):
+            raise StoreError(f"redis dedup claim answered {len(codes)} codes for {len(unique)} ids")
+        if codes.count(b"1") == len(codes):  # the common case: every id is new
+            return ClaimResult(frozenset(unique))
         claimed: list[str] = []
         done: list[str] = []
         busy: list[str] = []
         for event_id, code in zip(unique, codes, strict=True):
-            if code == 1:
+            if code == 49:  # "1"
                 claimed.append(event_id)
-            elif code == 0:
+            elif code == 48:  # "0"
                 done.append(event_id)
             else:
                 busy.append(event_id)
@@ -99,14 +117,33 @@ class RedisDedupStore:
         if ids:
             self._run("release", list(dict.fromkeys(ids)), 0)
 
-    def _run(self, op: str, ids: list[str], ttl_ms: int) -> Any:
-        prefix = self._key_prefix
-        keys = [prefix + (i if len(i) <= 200 else storage_id(i)) for i in ids]
+    @staticmethod
+    def _join(ids: list[str]) -> str:
+        joined = "\n".join(ids)
+        if joined.count("\n") != len(ids) - 1 or max(map(len, ids)) > MAX_ID_LENGTH or min(map(len, ids)) == 0:
+            joined = "\n".join(_stored(i) for i in ids)
+        return joined
+
+    def _run(self, op: str, ids: list[str], ttl_ms: int, done: str | None = None) -> Any:
+        args: list[Any] = [op, self._owner, ttl_ms, self._join(ids)]
+        if done is not None:
+            args += [done, self._retention_ms]
         started = time.perf_counter()
         try:
-            result = self._script(keys=keys, args=[op, self._owner, ttl_ms])
+            result = self._script(keys=[self._root], args=args)
         except Exception as exc:  # redis.RedisError and connection errors
             raise StoreError(f"redis dedup {op} of {len(ids)} ids failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            self._latency[op].observe(time.perf_counter() - started)
+            self._latency["claim" if op == "complete_claim" else op].observe(time.perf_counter() - started)
         return result
+
+
+def _needs_digest(event_id: str) -> bool:
+    return len(event_id) > MAX_ID_LENGTH or "\n" in event_id or not event_id
+
+
+def _stored(event_id: str) -> str:
+    """The id as stored: itself, or its digest when it is long, empty or contains a newline (the separator)."""
+    if _needs_digest(event_id):
+        return "sha256:" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return event_id

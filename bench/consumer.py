@@ -1,0 +1,182 @@
+"""Benchmark: IdempotentConsumer (Redis and memory dedup stores) against a raw confluent-kafka consumer.
+
+All variants read the same pre-produced topic (every message carries a ``kcons-id`` header) with
+a fresh consumer group, run the same trivial handler, and commit once per batch. Throughput is
+measured from the first to the last message (group join excluded). Rounds alternate the order
+of the variants and the median of each is reported; ``ratio`` = Redis store / baseline.
+
+    python bench/consumer.py [--messages 200000] [--rounds 3] [--batch-size 500] [--partitions 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kcons.adapters.memory import MemoryDedupStore
+from kcons.adapters.redis import RedisDedupStore
+from kcons.consumer import IdempotentConsumer
+from kcons.envelope import new_event_id
+from kcons.testing import start_stack
+
+log = logging.getLogger("bench.consumer")
+
+
+def create_topic(bootstrap: str, partitions: int) -> str:
+    name = f"bench-consumer-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(60)
+    return name
+
+
+def fill(bootstrap: str, topic: str, messages: int, value_size: int) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.size": 1_000_000, "compression.type": "lz4"}
+    )
+    value = b"x" * value_size
+    for i in range(messages):
+        headers = [("kcons-id", new_event_id().encode())]
+        while True:
+            try:
+                producer.produce(topic, value=value, key=str(i % 1000).encode(), headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 10000 == 0:
+            producer.poll(0)
+    if producer.flush(120) != 0:
+        raise RuntimeError("could not produce the benchmark data")
+
+
+def consumer_config(bootstrap: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"bench-{uuid.uuid4().hex[:10]}",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+    }
+
+
+class Sink:
+    """The trivial handler every variant runs: count messages and bytes."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        self.first_at = 0.0
+        self.last_at = 0.0
+
+    def __call__(self, msg: Any) -> None:
+        if self.count == 0:
+            self.first_at = time.perf_counter()
+        self.count += 1
+        self.bytes += len(msg.value())
+
+
+def run_baseline(bootstrap: str, topic: str, messages: int, batch_size: int) -> float:
+    sink = Sink()
+    consumer = Consumer(consumer_config(bootstrap))
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + 600
+    try:
+        while sink.count < messages and time.monotonic() < deadline:
+            batch = consumer.consume(batch_size, 0.2)
+            if not batch:
+                continue
+            for msg in batch:
+                if msg.error() is None:
+                    sink(msg)
+            consumer.commit(asynchronous=False)
+        sink.last_at = time.perf_counter()
+    finally:
+        consumer.close()
+    return sink.count / (sink.last_at - sink.first_at)
+
+
+def run_kcons(bootstrap: str, topic: str, messages: int, batch_size: int, make_store: Callable[[str], Any]) -> float:
+    sink = Sink()
+    cfg = consumer_config(bootstrap)
+    consumer = IdempotentConsumer(cfg, [topic], sink, store=make_store(cfg["group.id"]), batch_size=batch_size)
+    deadline = time.monotonic() + 600
+    try:
+        while sink.count < messages and time.monotonic() < deadline:
+            consumer.poll_once()
+        sink.last_at = time.perf_counter()
+        if consumer.stats.duplicates:
+            raise RuntimeError(f"unexpected duplicates in the benchmark data: {consumer.stats}")
+    finally:
+        consumer.close()
+    return sink.count / (sink.last_at - sink.first_at)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--value-size", type=int, default=100)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import redis
+
+    with start_stack(kafka=True, redis=True, postgres=False) as stack:
+        bootstrap = stack.kafka_bootstrap
+        client = redis.Redis.from_url(stack.redis_url)
+        topic = create_topic(bootstrap, args.partitions)
+        t0 = time.perf_counter()
+        fill(bootstrap, topic, args.messages, args.value_size)
+        log.warning("produced %d messages in %.1fs", args.messages, time.perf_counter() - t0)
+        variants: dict[str, Callable[[], float]] = {
+            "baseline": lambda: run_baseline(bootstrap, topic, args.messages, args.batch_size),
+            "redis": lambda: run_kcons(
+                bootstrap, topic, args.messages, args.batch_size, lambda g: RedisDedupStore(client, namespace=g)
+            ),
+            "memory": lambda: run_kcons(
+                bootstrap, topic, args.messages, args.batch_size, lambda g: MemoryDedupStore(max_entries=1_000_000)
+            ),
+        }
+        results: dict[str, list[float]] = {name: [] for name in variants}
+        order = list(variants)
+        for r in range(args.rounds):
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                rate = variants[name]()
+                results[name].append(rate)
+                log.warning("round %d %s: %.0f msgs/s", r + 1, name, rate)
+        client.close()
+
+    median = {name: statistics.median(rates) for name, rates in results.items()}
+    out = {
+        "name": "consumer",
+        "unit": "msgs/s",
+        "baseline": {"msgs_per_s": round(median["baseline"]), "rounds": [round(x) for x in results["baseline"]]},
+        "kcons": {
+            "redis_store": {"msgs_per_s": round(median["redis"]), "rounds": [round(x) for x in results["redis"]]},
+            "memory_store": {"msgs_per_s": round(median["memory"]), "rounds": [round(x) for x in results["memory"]]},
+        },
+        "ratio": round(median["redis"] / median["baseline"], 3),
+        "ratio_memory": round(median["memory"] / median["baseline"], 3),
+        "messages": args.messages,
+        "rounds": args.rounds,
+        "batch_size": args.batch_size,
+        "partitions": args.partitions,
+        "value_size": args.value_size,
+        "handler": "count messages and bytes",
+        "commit": "synchronous, once per batch",
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

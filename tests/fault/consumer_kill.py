@@ -1,0 +1,296 @@
+"""Fault run: consumer processes are SIGKILLed at random while they apply effects to PostgreSQL.
+
+A producer writes ``--messages`` messages, of which at least ``--resend-rate`` are deliberate
+resends of an id already sent (same ``kcons-id``; half keep the key, half go to another
+partition). ``--workers`` consumer processes in one group (``tests/fault/_consumer_worker.py``,
+the transactional consumer with the PostgreSQL dedup store) insert one effect row per event in
+the same transaction as the dedup record. A killer SIGKILLs a random worker every few seconds
+(at least ``--kills`` times) and restarts it. When everything is consumed, the workers are
+stopped with SIGTERM and every id is checked: exactly one effect row each (``lost`` = ids
+without one, ``duplicates`` = extra rows), and the group's committed offsets reach the end of
+every partition.
+
+    python tests/fault/consumer_kill.py            # full: 20,000 messages, 3 workers, >= 12 kills
+    python tests/fault/consumer_kill.py --quick    # ~60 s: 3,000 messages, 2 workers, 4 kills
+
+The last line of output is one JSON object; the exit status is 0 only when ``ok`` is true.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kcons.testing import start_stack
+
+log = logging.getLogger("fault.consumer_kill")
+WORKER = Path(__file__).resolve().parent / "_consumer_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Worker:
+    """One consumer process that can be SIGKILLed and restarted."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.args = args
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
+        )  # fmt: skip
+        self.starts += 1
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self._close_log()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("%s did not stop on SIGTERM; killing it", self.name)
+                self.proc.kill()
+                self.proc.wait(10)
+        self._close_log()
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def produce(bootstrap: str, topic: str, messages: int, resend_rate: float, duration_s: float, seed: int,
+            out: dict[str, Any]) -> None:  # fmt: skip
+    """Write ``messages`` messages over about ``duration_s`` seconds; record ids and resends in ``out``."""
+    rng = random.Random(seed)
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10})
+    sent_ids: list[str] = []
+    resends = 0
+    partitions = out["partitions"]
+    started = time.monotonic()
+    for i in range(messages):
+        if sent_ids and (resends < resend_rate * messages) and rng.random() < resend_rate * 1.5:
+            event_id = rng.choice(sent_ids)
+            key = event_id.encode() if rng.random() < 0.5 else f"other-{rng.randrange(1000)}".encode()
+            resends += 1
+        else:
+            event_id = f"ev-{len(sent_ids):06d}-{uuid.uuid4().hex[:8]}"
+            sent_ids.append(event_id)
+            key = event_id.encode()
+        producer.produce(topic, value=f"payload {i}".encode(), key=key, headers=[("kcons-id", event_id.encode())])
+        if i % 200 == 0:
+            producer.poll(0)
+            behind = started + duration_s * (i / messages) - time.monotonic()
+            if behind > 0:
+                time.sleep(behind)
+    if producer.flush(60) != 0:
+        raise RuntimeError("the producer could not deliver every message")
+    out.update(ids=sent_ids, resends=resends, sent=messages, partitions=partitions)
+
+
+def effect_counts(dsn: str) -> tuple[int, int]:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(DISTINCT event_id), count(*) FROM kcons_fault_effects").fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+
+def lag(bootstrap: str, group: str, topic: str, partitions: int) -> int:
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        committed = probe.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+        total = 0
+        for tp in committed:
+            _low, high = probe.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=20)
+            total += high - max(tp.offset, 0)
+        return total
+    finally:
+        probe.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small run that finishes in about a minute")
+    parser.add_argument("--messages", type=int, default=None)
+    parser.add_argument("--resend-rate", type=float, default=0.06)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--kills", type=int, default=None)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--produce-seconds", type=float, default=None)
+    parser.add_argument("--kill-interval", type=float, nargs=2, default=None, metavar=("MIN", "MAX"))
+    parser.add_argument("--lease", type=float, default=None)
+    parser.add_argument(
+        "--static-membership", action=argparse.BooleanOptionalAction, default=None,
+        help="give workers a group.instance.id: a restarted worker gets its partitions back without a rebalance",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--drain-timeout", type=float, default=240.0)
+    args = parser.parse_args()
+    messages = args.messages or (3000 if args.quick else 20000)
+    workers_n = args.workers or (2 if args.quick else 3)
+    kills_target = args.kills if args.kills is not None else (4 if args.quick else 12)
+    produce_s = args.produce_seconds or (8.0 if args.quick else 45.0)
+    kill_min, kill_max = args.kill_interval or ((1.0, 2.0) if args.quick else (2.0, 4.0))
+    lease = args.lease or (3.0 if args.quick else 5.0)
+    static = args.static_membership if args.static_membership is not None else args.quick
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    rng = random.Random(seed)
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    with start_stack(kafka=True, redis=False, postgres=True) as stack:
+        bootstrap = stack.kafka_bootstrap
+        db = f"kcons_fault_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{db}"')
+        params = conninfo_to_dict(stack.postgres_dsn)
+        params["dbname"] = db
+        dsn = make_conninfo("", **params)
+        sys.path.insert(0, str(WORKER.parent))
+        from _consumer_worker import EFFECTS_DDL
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(EFFECTS_DDL)
+        topic = f"fault-consumer-{uuid.uuid4().hex[:8]}"
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin.create_topics([NewTopic(topic, num_partitions=args.partitions, replication_factor=1)])[topic].result(60)
+        group = f"fault-{uuid.uuid4().hex[:8]}"
+        env = dict(os.environ, KCONS_KAFKA_BOOTSTRAP=bootstrap, KCONS_POSTGRES_DSN=dsn)
+        log_dir = Path(tempfile.mkdtemp(prefix="kcons-consumer-kill-"))
+        worker_args = ["--group", group, "--topic", topic, "--store", "postgres", "--lease", str(lease)]
+        worker_args += ["--batch-size", "200"]
+        workers = [
+            Worker(f"w{i}", [*worker_args, *(["--instance", f"w{i}"] if static else [])], env, log_dir)
+            for i in range(workers_n)
+        ]
+        for w in workers:
+            w.start()
+
+        produced: dict[str, Any] = {"partitions": args.partitions}
+        errors: list[BaseException] = []
+
+        def run_producer() -> None:
+            try:
+                produce(bootstrap, topic, messages, args.resend_rate, produce_s, seed, produced)
+            except BaseException as exc:
+                errors.append(exc)
+
+        producer_thread = threading.Thread(target=run_producer, name="producer")
+        producer_thread.start()
+        started = time.monotonic()
+        kills = 0
+        effects_at_kills: list[int] = []
+        while kills < kills_target or producer_thread.is_alive():
+            time.sleep(rng.uniform(kill_min, kill_max))
+            victim = rng.choice(workers)
+            if victim.alive():
+                victim.kill()
+                kills += 1
+                effects_at_kills.append(effect_counts(dsn)[1])
+                log.info("kill %d: SIGKILLed %s (%d effects so far)", kills, victim.name, effects_at_kills[-1])
+            victim.start()
+            if kills >= kills_target and time.monotonic() - started > 4 * produce_s:
+                break
+        producer_thread.join()
+        if errors:
+            raise errors[0]
+        unique = len(produced["ids"])
+        log.info("produced %d messages (%d unique ids, %d resends); %d kills", messages, unique, produced["resends"],
+                 kills)  # fmt: skip
+
+        deadline = time.monotonic() + args.drain_timeout
+        distinct, _rows = effect_counts(dsn)
+        while distinct < unique and time.monotonic() < deadline:
+            time.sleep(1.0)
+            for w in workers:
+                if not w.alive():
+                    log.warning("%s exited (%s); restarting it", w.name, w.proc.returncode if w.proc else None)
+                    w.start()
+            distinct, _rows = effect_counts(dsn)
+        time.sleep(3.0)  # late duplicates, if any, would land now
+        exit_codes = [w.stop() for w in workers]
+        remaining = lag(bootstrap, group, topic, args.partitions)
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            counts = dict(
+                conn.execute("SELECT event_id, count(*) FROM kcons_fault_effects GROUP BY event_id").fetchall()
+            )
+        sent_ids = set(produced["ids"])
+        lost = sum(1 for i in sent_ids if i not in counts)
+        duplicates = sum(n - 1 for n in counts.values() if n > 1)
+        unknown = sum(1 for i in counts if i not in sent_ids)
+        ok = (
+            lost == 0
+            and duplicates == 0
+            and unknown == 0
+            and remaining == 0
+            and kills >= kills_target
+            and produced["resends"] >= 0.05 * messages
+        )
+        if not ok:
+            log.error("worker logs are in %s", log_dir)
+        result = {
+            "name": "consumer_kill",
+            "runs": 1,
+            "faults": kills,
+            "sent": messages,
+            "unique_ids": unique,
+            "resends": produced["resends"],
+            "lost": lost,
+            "duplicates": duplicates,
+            "unknown_effects": unknown,
+            "uncommitted_messages": remaining,
+            "workers": workers_n,
+            "worker_starts": sum(w.starts for w in workers),
+            "worker_exit_codes": exit_codes,
+            "effects_at_kills": effects_at_kills,
+            "partitions": args.partitions,
+            "lease_s": lease,
+            "static_membership": static,
+            "seed": seed,
+            "seconds": round(time.monotonic() - started, 1),
+            "ok": ok,
+        }
+    print(json.dumps(result))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
