@@ -47,7 +47,7 @@ from kcons.producer import HeaderList, TransactionalProducer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Handler", "Output", "ProcessorStats", "TransactionalProcessor", "check_consumer_config"]
+__all__ = ["Handler", "Output", "OutputLike", "ProcessorStats", "TransactionalProcessor", "check_consumer_config"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +66,10 @@ class Output:
         return cls(topic, envelope.payload, envelope.key, list(envelope.headers()))
 
 
-#: ``handler(message)`` returns the outputs for one input record: Output objects or (topic, Envelope) pairs.
-Handler = Callable[[Message], Iterable[Output | tuple[str, Envelope]]]
+#: What a handler may return for one input: Output objects or (topic, Envelope) pairs.
+OutputLike = Output | tuple[str, Envelope]
+#: ``handler(message)`` returns the outputs for one input record.
+Handler = Callable[[Message], Iterable[OutputLike]]
 
 _EARLIEST = {"earliest", "smallest", "beginning"}
 
@@ -308,15 +310,15 @@ class TransactionalProcessor:
         self._buffer = []
         return buf
 
-    def _process(self, batch: list[Message]) -> None:
-        """Run the handler on a batch and commit its outputs and offsets in one transaction."""
+    def _process(self, batch: list[Message], outputs: Sequence[Iterable[OutputLike]] | None = None) -> None:
+        """Run the handler on a batch (or take precomputed ``outputs``); commit outputs and offsets atomically."""
         offsets: dict[tuple[str, int], int] = {}
         produced = 0
         producer = self.producer
         try:
             with producer.transaction():
-                for msg in batch:
-                    for out in self.handler(msg):
+                for index, msg in enumerate(batch):
+                    for out in self.handler(msg) if outputs is None else outputs[index]:
                         if isinstance(out, Output):
                             producer.produce(
                                 out.topic, out.value, out.key, headers=out.headers, partition=out.partition

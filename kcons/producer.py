@@ -300,11 +300,12 @@ class IdempotentProducer:
         headers: HeaderList | None = None,
         partition: int | None = None,
         on_delivery: DeliveryCallback | None = None,
+        block: bool = True,
     ) -> Future[Message]:
         """Queue one message; the future resolves with the acknowledged message or fails with DeliveryError.
 
         Waits (bounded by ``flush_timeout_s``) while librdkafka's local queue is full, then
-        raises TimeoutExceededError.
+        raises TimeoutExceededError; with ``block=False`` raises BufferError at once instead.
         """
         self._check_open()
         fut: Future[Message] = Future()
@@ -322,6 +323,9 @@ class IdempotentProducer:
             else:
                 self.raw.produce(topic, value, key, partition, headers=headers, on_delivery=delivered)
         except BufferError:
+            if not block:
+                self._pending.discard(fut)
+                raise
             try:
                 self._produce_when_room(topic, value, key, headers, partition, delivered)
             except BaseException:
@@ -593,11 +597,15 @@ class TransactionalProducer(IdempotentProducer):
         try:
             yield self
         except BaseException as exc:
-            if self._in_txn and not self._closed:
-                self._settle_before_abort()
-                self.abort_transaction(reason="exception" if isinstance(exc, Exception) else "interrupted")
+            self.abort_after_error("exception" if isinstance(exc, Exception) else "interrupted")
             raise
         self.commit_transaction()
+
+    def abort_after_error(self, reason: str = "exception") -> None:
+        """Abort after a failure inside the transaction, first letting its in-flight requests finish (bounded)."""
+        if self._in_txn and not self._closed:
+            self._settle_before_abort()
+            self.abort_transaction(reason=reason)
 
     def _settle_before_abort(self) -> None:
         """Let in-flight requests of the transaction finish (bounded) before aborting it.
