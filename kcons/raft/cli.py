@@ -52,9 +52,17 @@ def raft() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), required=True, help="WAL and snapshot directory")
 @_secret_option
 @click.option("--voters", default="", help="initial voter ids (default: every peer), e.g. 1,2,3")
-@click.option("--metrics-port", type=int, default=None, help="serve /metrics and /healthz on 127.0.0.1:PORT")
+@click.option("--metrics-port", type=int, default=None, help="serve /metrics and /healthz on this port")
+@click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True,
+              help="address for /metrics and /healthz ($KCONS_METRICS_HOST)")  # fmt: skip
 def serve(
-    node_id: int, peers: str, data_dir: str, secret_file: str | None, voters: str, metrics_port: int | None
+    node_id: int,
+    peers: str,
+    data_dir: str,
+    secret_file: str | None,
+    voters: str,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run one node until SIGTERM or SIGINT."""
     from dataclasses import replace
@@ -75,7 +83,7 @@ def serve(
         if metrics_port is not None:
             from kcons.metrics import MetricsServer
 
-            server = MetricsServer(port=metrics_port)
+            server = MetricsServer(port=metrics_port, host=metrics_host)
             server.start()
         await node.start()
         stop = asyncio.Event()
