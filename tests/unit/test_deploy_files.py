@@ -12,6 +12,8 @@ dashboard queries against ``kcons/metrics.py``, and every file for literal crede
 from __future__ import annotations
 
 import copy
+import fnmatch
+import functools
 import importlib.resources
 import json
 import os
@@ -22,9 +24,10 @@ import stat
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import jsonschema
@@ -53,8 +56,6 @@ DEPLOY_ONLY_VARIABLES = {
     "KCONS_IMAGE": "compose: the image tag to build and run",
     "KCONS_TOPICS": "compose: topics the kafka-topics one-shot creates",
     "KCONS_TOPIC_PARTITIONS": "compose: partitions of those topics",
-    "KCONS_RAFT_SECRET": "compose: source of the raft_secret file (the node reads --secret-file)",
-    "KCONS_RAFT_PEERS": "Kubernetes: expanded by the shell into --peers",
 }
 
 
@@ -66,7 +67,9 @@ def _compose() -> dict[str, Any]:
     return data
 
 
+@functools.cache
 def _k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+    """Every manifest document, parsed once (tests copy before they change one)."""
     docs = []
     for path in sorted(K8S.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -124,13 +127,24 @@ def _is_kcons_image(image: str) -> bool:
 # --- command lines -----------------------------------------------------------------------------
 
 
-def _compose_kcons_commands() -> list[tuple[str, list[str]]]:
+class DeployedCommand(NamedTuple):
+    """A ``kcons`` command line as a container runs it, with its environment."""
+
+    where: str
+    argv: list[str]
+    env: dict[str, str]
+    one_shot: bool
+
+
+def _compose_kcons_commands() -> list[DeployedCommand]:
     commands = []
     for name, svc in _compose()["services"].items():
         if not _is_kcons_image(svc.get("image", "")):
             continue
         assert "entrypoint" not in svc, f"{name}: the kcons image's entrypoint is `kcons`; do not override it"
-        commands.append((f"compose service {name}", [str(a) for a in svc["command"]]))
+        env = {k: str(v) for k, v in svc.get("environment", {}).items()}
+        argv = [str(a) for a in svc["command"]]
+        commands.append(DeployedCommand(f"compose service {name}", argv, env, svc.get("restart") == "no"))
     return commands
 
 
@@ -167,7 +181,7 @@ def _container_env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def _k8s_kcons_commands(tmp: Path) -> list[tuple[str, list[str]]]:
+def _k8s_kcons_commands(tmp: Path) -> list[DeployedCommand]:
     commands = []
     for _, doc in _k8s_documents():
         if doc["kind"] not in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
@@ -178,20 +192,21 @@ def _k8s_kcons_commands(tmp: Path) -> list[tuple[str, list[str]]]:
         for c in [*spec.get("initContainers", []), *spec["containers"]]:
             if not _is_kcons_image(c["image"]):
                 continue
+            one_shot = c in spec.get("initContainers", []) or doc["kind"] == "Job"
             where = f"{doc['kind']}/{name} container {c['name']}"
             env = _container_env(c)
             command = [_k8s_expand(a, env) for a in c.get("command", [])]
             args = [_k8s_expand(a, env) for a in c.get("args", [])]
             if not command:
-                commands.append((where, args))
+                commands.append(DeployedCommand(where, args, env, one_shot))
             elif command == ["/bin/sh", "-c"]:
                 assert len(args) == 1, f"{where}: sh -c takes one script"
                 for ordinal in range(replicas):
                     argv = _argv_through_shell(args[0], env, f"{name}-{ordinal}", tmp)
-                    commands.append((f"{where} (pod {name}-{ordinal})", argv))
+                    commands.append(DeployedCommand(f"{where} (pod {name}-{ordinal})", argv, env, one_shot))
             else:
                 assert command[0] == "kcons", f"{where}: unexpected command {command}"
-                commands.append((where, command[1:] + args))
+                commands.append(DeployedCommand(where, command[1:] + args, env, one_shot))
     return commands
 
 
@@ -533,10 +548,10 @@ def test_docker_healthcheck_probes_the_metrics_port_the_services_serve() -> None
 
 def test_every_kcons_command_in_deploy_exists_in_the_cli(tmp_path: Path) -> None:
     commands = _compose_kcons_commands() + _k8s_kcons_commands(tmp_path)
-    named = {tuple(_resolve_names(argv)) for _, argv in commands}
+    named = {tuple(_resolve_names(c.argv)) for c in commands}
     assert {("outbox", "init"), ("outbox", "relay"), ("cache", "invalidator"), ("raft", "serve")} <= named
     failures = []
-    for where, argv in commands:
+    for where, argv, _, _ in commands:
         try:
             _check_command_line(where, argv)
         except AssertionError as exc:
@@ -544,12 +559,40 @@ def test_every_kcons_command_in_deploy_exists_in_the_cli(tmp_path: Path) -> None
     assert not failures, "\n".join(failures)
 
 
+def test_long_running_parts_serve_metrics_beyond_loopback_on_the_scraped_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Effective values as click resolves them from the flags and the container's environment."""
+    checked = 0
+    problems = []
+    for where, argv, env, one_shot in _compose_kcons_commands() + _k8s_kcons_commands(tmp_path):
+        if one_shot:
+            continue
+        cmd, path, rest = _resolve(argv)
+        with monkeypatch.context() as m:
+            for key in [k for k in os.environ if k.startswith("KCONS_")]:
+                m.delenv(key)
+            for key, value in env.items():
+                m.setenv(key, value)
+            with cmd.make_context(shlex.join(path), list(rest)) as ctx:
+                params = dict(ctx.params)
+        checked += 1
+        if "metrics_host" not in params:
+            problems.append(f"{where}: `{shlex.join(path)}` has no --metrics-host: its /metrics stays on 127.0.0.1")
+        elif params["metrics_host"] != "0.0.0.0":
+            problems.append(f"{where}: metrics bound to {params['metrics_host']}, Prometheus cannot reach it")
+        if params.get("metrics_port") != METRICS_PORT:
+            problems.append(f"{where}: metrics port {params.get('metrics_port')}, scraped on {METRICS_PORT}")
+    assert checked >= 6
+    assert not problems, "\n".join(problems)
+
+
 def _resolve_names(argv: list[str]) -> list[str]:
     return [a for a in argv[:2] if not a.startswith("-")]
 
 
 def test_kubernetes_raft_pods_get_ids_from_their_ordinals(tmp_path: Path) -> None:
-    raft = [(w, a) for w, a in _k8s_kcons_commands(tmp_path) if a[:2] == ["raft", "serve"]]
+    raft = [(c.where, c.argv) for c in _k8s_kcons_commands(tmp_path) if c.argv[:2] == ["raft", "serve"]]
     assert len(raft) == 3
     for where, argv in raft:
         ordinal = int(where.rsplit("-", 1)[1].rstrip(")"))
@@ -741,7 +784,7 @@ def test_grafana_queries_have_balanced_brackets_and_rate_windows() -> None:
                 assert fn[1].endswith(("_total", "_bucket", "_sum", "_count")), f"{fn[0]} of a gauge {fn[1]}"
 
 
-def test_raft_peer_port_admits_only_raft_pods() -> None:
+def test_raft_port_admits_only_kcons_pods() -> None:
     policy = _k8s_named("NetworkPolicy", "kcons-raft")
     raft = _k8s_named("StatefulSet", "kcons-raft")
     labels = raft["spec"]["template"]["metadata"]["labels"]
@@ -750,6 +793,65 @@ def test_raft_peer_port_admits_only_raft_pods() -> None:
     for rule in policy["spec"]["ingress"]:
         ports = {p["port"] for p in rule["ports"]}
         assert ports <= port_names, f"the policy names ports the pods do not declare: {ports - port_names}"
-        if "peer" in ports:
+        if "raft" in ports:
             sources = [s["podSelector"]["matchLabels"] for s in rule["from"]]
-            assert sources and all(s.items() <= labels.items() for s in sources)
+            assert sources == [{"app.kubernetes.io/part-of": "kcons"}]
+            assert sources[0].items() <= labels.items(), "the Raft nodes must reach each other"
+        else:
+            assert ports == {"metrics"}, "only the metrics port may be open to every pod"
+
+
+def _docker_context_files() -> list[str]:
+    """Repository files the build context sends, by the rules of deploy/Dockerfile.dockerignore (in order)."""
+    rules = []
+    for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            rules.append((line.startswith("!"), line.lstrip("!").rstrip("/")))
+    kept = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in (".git", ".cache")]
+        kept += [(Path(dirpath) / f).relative_to(ROOT).as_posix() for f in filenames]
+    context = []
+    for rel in sorted(kept):
+        included = True
+        for negated, pattern in rules:
+            parts = rel.split("/")
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+                included = negated
+        if included:
+            context.append(rel)
+    return context
+
+
+def test_docker_build_stage_builds_a_wheel_with_the_package_data_and_postgres_extra(tmp_path: Path) -> None:
+    context = _docker_context_files()
+    assert "pyproject.toml" in context and "kcons/cli.py" in context
+    assert not [f for f in context if "__pycache__" in f or f.startswith(("tests/", "deploy/"))]
+    sources: list[str] = []
+    for copy_args in _dockerfile("COPY"):
+        if copy_args.startswith("--from"):
+            continue
+        sources += copy_args.split()[:-1]
+    src = tmp_path / "src"
+    for rel in context:
+        if any(rel == s or rel.startswith(s.rstrip("/") + "/") for s in sources):
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--wheel-dir", str(tmp_path / "wheels"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "wheels").glob("kcons-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    package_files = {f for f in context if f.startswith("kcons/") and f.endswith((".py", ".sql", ".lua", "py.typed"))}
+    assert package_files - names == set(), "files the image would lack"
+    assert "Provides-Extra: postgres" in metadata and 'extra == "postgres"' in metadata
+    assert re.search(r"^kcons = kcons\.cli:main$", entry_points, re.MULTILINE)
