@@ -1,0 +1,243 @@
+"""Dedup stores on real Redis and PostgreSQL (and an SQLite file): claims, leases, retention, atomicity."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+from redis.crc import key_slot
+
+from kcons.adapters.postgres import PostgresDedupStore, dedup_schema_sql
+from kcons.adapters.redis import RedisDedupStore
+from kcons.adapters.sqlite import SqliteDedupStore
+from kcons.dedup import BatchDedupStore, ClaimLostError, TransactionalDedupStore
+from kcons.errors import StoreError
+
+pytestmark = pytest.mark.integration
+
+StoreFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"ns-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def pg_dsn(fresh_database: Callable[[], str]) -> str:
+    return fresh_database()
+
+
+@pytest.fixture(params=["redis", "postgres", "sqlite"])
+def make_store(request: pytest.FixtureRequest, namespace: str, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Factory of stores of one kind sharing a namespace (each call is another worker)."""
+    made: list[Any] = []
+
+    def make(**kw: Any) -> Any:
+        if request.param == "redis":
+            url = request.getfixturevalue("redis_url")
+            store: Any = RedisDedupStore(redis.Redis.from_url(url), namespace=namespace, **kw)
+        elif request.param == "postgres":
+            store = PostgresDedupStore(request.getfixturevalue("pg_dsn"), namespace=namespace, **kw)
+        else:
+            store = SqliteDedupStore(str(tmp_path / "dedup.db"), namespace=namespace, **kw)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        if hasattr(store, "close"):
+            store.close()
+
+
+def test_a_batch_claim_returns_new_ids_and_tells_done_from_busy(make_store: StoreFactory) -> None:
+    first, second = make_store(), make_store()
+    assert isinstance(first, BatchDedupStore)
+    assert first.claim(["a", "b", "c"], lease_s=30) == {"a", "b", "c"}
+    first.complete(["a"])
+    result = second.claim_batch(["a", "b", "d"], lease_s=30)
+    assert result.claimed == {"d"}
+    assert result.done == {"a"}
+    assert result.busy == {"b"}
+
+
+def test_a_released_claim_can_be_claimed_at_once_by_another_worker(make_store: StoreFactory) -> None:
+    first, second = make_store(), make_store()
+    first.claim(["x", "y"], lease_s=60)
+    second.release(["x"])  # not second's claim: nothing happens
+    assert second.claim(["x"], lease_s=60) == set()
+    first.release(["x"])
+    assert second.claim(["x", "y"], lease_s=60) == {"x"}
+
+
+def test_an_expired_lease_lets_another_worker_take_the_id_over(make_store: StoreFactory) -> None:
+    first, second = make_store(), make_store()
+    assert first.claim(["slow"], lease_s=0.3) == {"slow"}
+    assert second.claim(["slow"], lease_s=5) == set()
+    time.sleep(0.6)
+    assert second.claim(["slow"], lease_s=5) == {"slow"}
+
+
+def test_done_ids_stay_duplicates_for_the_retention_ttl_only(make_store: StoreFactory) -> None:
+    store = make_store(retention_s=1.0)
+    store.claim(["r"], lease_s=30)
+    store.complete(["r"])
+    assert store.claim_batch(["r"], lease_s=30).done == {"r"}
+    time.sleep(1.3)
+    assert store.claim(["r"], lease_s=30) == {"r"}
+
+
+def test_concurrent_claims_of_overlapping_batches_never_hand_an_id_to_two_workers(make_store: StoreFactory) -> None:
+    stores = [make_store() for _ in range(3)]
+    ids = [f"id-{i}" for i in range(600)]
+    won: dict[int, set[str]] = {}
+
+    def worker(n: int) -> None:
+        mine: set[str] = set()
+        for start in range(0, 600, 100):
+            chunk = ids[start : start + 150]
+            mine |= stores[n].claim(chunk if n % 2 == 0 else list(reversed(chunk)), lease_s=60)
+        won[n] = mine
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set().union(*won.values()) == set(ids)
+    assert sum(len(v) for v in won.values()) == len(ids)
+
+
+def test_long_and_odd_ids_are_deduplicated_like_any_other(make_store: StoreFactory) -> None:
+    store = make_store()
+    odd = ["x" * 5000, "line\nbreak", "ünïcødé", "sp ace", "{braces}"]
+    assert store.claim(odd, lease_s=30) == set(odd)
+    store.complete(odd)
+    assert store.claim_batch(odd, lease_s=30).done == set(odd)
+
+
+def test_redis_claims_a_batch_in_one_script_call_with_every_key_in_one_slot_and_bounded(
+    redis_url: str, namespace: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    store = RedisDedupStore(client, namespace=namespace, retention_s=3600)
+    ids = [f"e{i}" for i in range(500)]
+    store.claim(["warm-up"], lease_s=1)  # loads the script once
+
+    def evalsha_calls() -> int:
+        stats = client.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = evalsha_calls()
+    store.claim_batch(ids, lease_s=30)
+    store.complete_and_claim(ids, [f"n{i}" for i in range(500)], lease_s=30)
+    assert evalsha_calls() - before == 2, "one round trip per batch"
+    keys = [store.key(i) for i in ids]
+    assert len({key_slot(k.encode()) for k in keys}) == 1, "one hash slot for the whole namespace"
+    ttls = [client.pttl(k) for k in keys[:50]]
+    assert all(0 < t <= 3600 * 1000 for t in ttls)
+    leases = [client.pttl(store.key(f"n{i}")) for i in range(50)]
+    assert all(0 < t <= 30_000 for t in leases)
+    assert store.claim_batch(ids, lease_s=30).done == set(ids)
+
+
+def test_redis_errors_surface_as_store_errors(namespace: str) -> None:
+    from kcons.testing.local import free_port
+
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    store = RedisDedupStore(dead, namespace=namespace)
+    with pytest.raises(StoreError):
+        store.claim(["a"], lease_s=1)
+
+
+def test_postgres_complete_in_commits_with_the_callers_transaction_or_not_at_all(pg_dsn: str, namespace: str) -> None:
+    store = PostgresDedupStore(pg_dsn, namespace=namespace)
+    assert isinstance(store, TransactionalDedupStore)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE effects (id text)")
+        store.claim(["kept", "rolled"], lease_s=30)
+        with store.transaction(conn):
+            conn.execute("INSERT INTO effects VALUES ('kept')")
+            store.complete_in(conn, ["kept"])
+        with pytest.raises(RuntimeError), store.transaction(conn):
+            conn.execute("INSERT INTO effects VALUES ('rolled')")
+            store.complete_in(conn, ["rolled"])
+            raise RuntimeError("handler failed after writing")
+        assert conn.execute("SELECT id FROM effects").fetchall() == [("kept",)]
+    result = PostgresDedupStore(pg_dsn, namespace=namespace).claim_batch(["kept", "rolled"], lease_s=30)
+    assert result.done == {"kept"}
+    assert result.busy == {"rolled"}, "the rolled-back id is still only claimed (in progress), not done"
+
+
+def test_postgres_complete_in_fails_for_a_claim_another_worker_took_over(pg_dsn: str, namespace: str) -> None:
+    slow, fast = PostgresDedupStore(pg_dsn, namespace=namespace), PostgresDedupStore(pg_dsn, namespace=namespace)
+    slow.claim(["e"], lease_s=0.2)
+    time.sleep(0.4)
+    assert fast.claim(["e"], lease_s=30) == {"e"}
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with pytest.raises(ClaimLostError), slow.transaction(conn):
+            slow.complete_in(conn, ["e"])
+        with fast.transaction(conn):
+            fast.complete_in(conn, ["e"])
+    assert slow.claim_batch(["e"], lease_s=30).done == {"e"}
+
+
+def test_postgres_takeover_waits_for_an_open_transaction_then_sees_the_id_done(pg_dsn: str, namespace: str) -> None:
+    owner, other = PostgresDedupStore(pg_dsn, namespace=namespace), PostgresDedupStore(pg_dsn, namespace=namespace)
+    owner.claim(["t"], lease_s=0.2)
+    time.sleep(0.4)  # the lease expired, but the owner is still finishing its transaction
+    results: list[Any] = []
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with owner.transaction(conn):
+            owner.complete_in(conn, ["t"])
+            thread = threading.Thread(target=lambda: results.append(other.claim_batch(["t"], lease_s=30)))
+            thread.start()
+            thread.join(1.0)
+            assert thread.is_alive(), "the takeover waits on the row lock of the open transaction"
+        thread.join(30)
+    # The waiting claim must not take the id; its statement snapshot predates the commit, so it may
+    # still call it busy (retried later, never dropped). The next claim sees it done.
+    assert results[0].claimed == frozenset()
+    assert "t" in results[0].done | results[0].busy
+    assert other.claim_batch(["t"], lease_s=30).done == {"t"}
+
+
+def test_postgres_schema_is_shipped_and_expired_rows_are_purged(pg_dsn: str, namespace: str) -> None:
+    assert "CREATE TABLE IF NOT EXISTS my_dedup" in dedup_schema_sql("my_dedup")
+    store = PostgresDedupStore(pg_dsn, namespace=namespace, table="my_dedup", retention_s=1.0)
+    store.claim(["old"], lease_s=30)
+    store.complete(["old"])
+    time.sleep(2.2)
+    assert store.purge_expired() == 1
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM my_dedup").fetchone() == (0,)
+
+
+def test_sqlite_complete_in_commits_with_the_callers_transaction_or_not_at_all(tmp_path: Path, namespace: str) -> None:
+    path = str(tmp_path / "app.db")
+    store = SqliteDedupStore(path, namespace=namespace)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE effects (id TEXT)")
+    conn.commit()
+    store.claim(["kept", "rolled"], lease_s=30)
+    with store.transaction(conn):
+        conn.execute("INSERT INTO effects VALUES ('kept')")
+        store.complete_in(conn, ["kept"])
+    with pytest.raises(RuntimeError), store.transaction(conn):
+        conn.execute("INSERT INTO effects VALUES ('rolled')")
+        store.complete_in(conn, ["rolled"])
+        raise RuntimeError("handler failed after writing")
+    assert conn.execute("SELECT id FROM effects").fetchall() == [("kept",)]
+    other = SqliteDedupStore(path, namespace=namespace)
+    with pytest.raises(ClaimLostError), other.transaction(conn):
+        other.complete_in(conn, ["rolled"])
+    result = other.claim_batch(["kept", "rolled"], lease_s=30)
+    assert result.done == {"kept"} and result.busy == {"rolled"}
