@@ -11,6 +11,12 @@ batch. The driver's contract, which makes the algorithm safe:
 3. restore ``Ready.snapshot`` into the state machine and apply ``Ready.committed_entries`` in order,
 4. call :meth:`RaftCore.advance` with that same Ready.
 
+One relaxation is allowed (Raft thesis, section 10.2.1): the messages in ``Ready.early_messages()``
+(leader-to-follower APP, HEARTBEAT, SNAP, TIMEOUT_NOW) may be sent *before* step 1, so the leader's
+disk write overlaps the followers' replication. It is safe because the leader's term and vote were
+persisted before it could win, and the leader counts itself toward a quorum only for entries it
+has persisted (``advance`` reports them).
+
 Features: leader election with pre-vote and check-quorum (a follower that heard from a leader
 within the election timeout ignores vote requests), log replication with batching (many
 proposals per message) and pipelining (up to ``max_inflight`` unacknowledged messages per
@@ -57,6 +63,8 @@ __all__ = [
     "decode_voters",
     "encode_voters",
 ]
+
+_LEADER_MESSAGES = frozenset({MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP, MsgType.TIMEOUT_NOW})
 
 #: Vote-request context of a campaign started by leadership transfer: it overrides the leader lease.
 CAMPAIGN_TRANSFER = b"transfer"
@@ -151,6 +159,12 @@ class Ready:
     committed_entries: list[Entry] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     read_states: list[ReadState] = field(default_factory=list)
+
+    def early_messages(self) -> tuple[list[Message], list[Message]]:
+        """Split messages into (may be sent before persisting, must wait for persisting)."""
+        early = [m for m in self.messages if m.type in _LEADER_MESSAGES]
+        late = [m for m in self.messages if m.type not in _LEADER_MESSAGES]
+        return early, late
 
     def is_empty(self) -> bool:
         """True when the driver has nothing to do."""

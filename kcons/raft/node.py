@@ -127,6 +127,15 @@ class RaftNode:
         self.settings = settings
         self.id = settings.node_id
         self._label = str(self.id)
+        self._m_fsync = RAFT_FSYNC_SECONDS.labels(self._label)
+        self._m_commit = RAFT_COMMIT_SECONDS.labels(self._label)
+        self._m_committed = RAFT_PROPOSALS.labels(self._label, "committed")
+        self._m_lost = RAFT_PROPOSALS.labels(self._label, "lost")
+        self._m_refused = RAFT_PROPOSALS.labels(self._label, "refused")
+        self._m_term = RAFT_TERM.labels(self._label)
+        self._m_leader = RAFT_IS_LEADER.labels(self._label)
+        self._m_commit_index = RAFT_COMMIT_INDEX.labels(self._label)
+        self._m_applied = RAFT_APPLIED_INDEX.labels(self._label)
         if storage is None:
             storage = (
                 WalStorage(settings.data_dir, fsync=settings.fsync)
@@ -266,7 +275,7 @@ class RaftNode:
             try:
                 index, term = core.propose(item[1])
             except (NotLeaderError, ProposalDroppedError) as exc:
-                RAFT_PROPOSALS.labels(self._label, "refused").inc()
+                self._m_refused.inc()
                 if not fut.done():
                     fut.set_exception(exc)
                 return
@@ -297,14 +306,18 @@ class RaftNode:
         core = self.core
         while core.has_ready():
             rd = core.ready()
+            early, late = rd.early_messages()
+            if early:
+                self.transport.send(early)  # leader replication overlaps its own disk write
             if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
                 t0 = time.perf_counter()
                 if self.settings.fsync and isinstance(self.storage, WalStorage):
                     await asyncio.to_thread(self.storage.save, rd.hard_state, rd.entries, rd.snapshot)
                 else:
                     self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
-                RAFT_FSYNC_SECONDS.labels(self._label).observe(time.perf_counter() - t0)
-            self.transport.send(rd.messages)
+                self._m_fsync.observe(time.perf_counter() - t0)
+            if late:
+                self.transport.send(late)
             self._apply(rd)
             core.advance(rd)
             self._maybe_compact()
@@ -331,11 +344,11 @@ class RaftNode:
             if w is not None and not w.future.done():
                 if w.term == e.term:
                     w.future.set_result(result)
-                    RAFT_PROPOSALS.labels(self._label, "committed").inc()
-                    RAFT_COMMIT_SECONDS.labels(self._label).observe(now - w.started)
+                    self._m_committed.inc()
+                    self._m_commit.observe(now - w.started)
                 else:
                     w.future.set_exception(ProposalDroppedError("leadership changed; the command was not committed"))
-                    RAFT_PROPOSALS.labels(self._label, "lost").inc()
+                    self._m_lost.inc()
         for rs in rd.read_states:
             fut = self._reads.pop(rs.context, None)
             if fut is not None:
@@ -367,10 +380,10 @@ class RaftNode:
                 if not fut.done():
                     fut.set_exception(NotLeaderError(core.leader))
             self._reads.clear()
-        RAFT_TERM.labels(self._label).set(core.term)
-        RAFT_IS_LEADER.labels(self._label).set(1 if core.is_leader else 0)
-        RAFT_COMMIT_INDEX.labels(self._label).set(core.log.committed)
-        RAFT_APPLIED_INDEX.labels(self._label).set(applied)
+        self._m_term.set(core.term)
+        self._m_leader.set(1 if core.is_leader else 0)
+        self._m_commit_index.set(core.log.committed)
+        self._m_applied.set(applied)
         if applied != self._last_signalled:
             self._last_signalled = applied
             signal, self._apply_signal = self._apply_signal, asyncio.Event()

@@ -189,11 +189,14 @@ class SimCluster:
         core = node.core
         while core.has_ready():
             rd = core.ready()
+            early, late = rd.early_messages()
+            for m in early:  # leader messages may overtake the leader's own disk write
+                self._send(m)
             if self.faults_on and self.rng.random() < self.o.crash_mid_ready / 500:
                 self.crash(node.id, self.rng.randrange(50, 400))  # the unsynced Ready is lost
                 return
             self.storage[node.id].save(rd.hard_state, rd.entries, rd.snapshot)
-            for m in rd.messages:
+            for m in late:
                 self._send(m)
             if rd.snapshot is not None:
                 node.sm, node.applied = self._restore(rd.snapshot.data)

@@ -24,12 +24,16 @@ class MemoryStore:
         ]
         self.fence: dict[str, int] = {}
         self.fetches = 0
+        self.forgets = 0
         self.fail_marks = 0
         self.marked: list[int] = []
 
-    def fetch(self, limit: int) -> list[OutboxRow]:
+    def fetch(self, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
         self.fetches += 1
-        return self.rows[:limit]
+        return [r for r in self.rows if r.position not in set(exclude)][:limit]
+
+    def forget_position(self) -> None:
+        self.forgets += 1
 
     def claim_fence(self, name: str, token: int, holder: str) -> None:
         if self.fence.get(name, 0) > token:
