@@ -780,7 +780,8 @@ def test_grafana_queries_have_balanced_brackets_and_rate_windows() -> None:
                     assert stack and stack.pop() == pairs[ch], f"{panel['title']}: unbalanced {target['expr']}"
             assert not stack, f"{panel['title']}: unbalanced {target['expr']}"
             for fn in re.findall(r"\b(rate|increase|irate)\((kcons_[a-z0-9_]+)([^)]*)\)", target["expr"]):
-                assert fn[2].startswith("[$__rate_interval]"), f"{panel['title']}: {fn[0]} without a range"
+                window = re.match(r"\[(\$__rate_interval|\d+[smhd])\]", fn[2])
+                assert window, f"{panel['title']}: {fn[0]} without a range"
                 assert fn[1].endswith(("_total", "_bucket", "_sum", "_count")), f"{fn[0]} of a gauge {fn[1]}"
 
 
