@@ -309,6 +309,7 @@ class OutboxRelay:
         if lease is None:
             return False
         try:
+            self.store.forget_position()
             self.store.claim_fence(self.name, lease.token, self.holder)
             self.publisher.reset()
             self.publisher.start()  # transactional: init_transactions fences the previous leader's producer
@@ -359,6 +360,13 @@ class OutboxRelay:
 
     def _publish_batch(self) -> int:
         """Read, publish and mark one batch as leader; returns the number of rows published."""
+        try:
+            return self._publish_batch_once()
+        except BaseException:
+            self.store.forget_position()  # the batch may be unpublished: read from the lowest position again
+            raise
+
+    def _publish_batch_once(self) -> int:
         lease = self._current_lease()
         started = time.monotonic()
         rows = self.store.fetch(self.batch_size)

@@ -53,8 +53,12 @@ log = logging.getLogger(__name__)
 class OutboxStore(Protocol):
     """The relay's view of an outbox table."""
 
-    def fetch(self, limit: int) -> list[OutboxRow]:
-        """The lowest-positioned committed, unpublished rows, in position order."""
+    def fetch(self, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
+        """The lowest-positioned committed, unpublished rows not in ``exclude``, in position order."""
+        ...
+
+    def forget_position(self) -> None:
+        """Drop any read-position hint: the next fetch scans from the lowest position (after a failure)."""
         ...
 
     def claim_fence(self, name: str, token: int, holder: str) -> None:
@@ -107,11 +111,30 @@ class PostgresOutboxStore:
         self._listen: Any = None
         self._lock = threading.Lock()
         t = self.table
-        self._fetch_sql = (
-            f"SELECT position, id::text, aggregatetype, aggregateid, type, payload, topic, headers, version, "
-            f"extract(epoch FROM clock_timestamp() - created_at)::float8 "
-            f"FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT %s"
+        cols = (
+            "position, id::text, aggregatetype, aggregateid, type, payload, topic, headers, version, "
+            "extract(epoch FROM clock_timestamp() - created_at)::float8"
         )
+        self._fetch_sql = (
+            f"SELECT {cols} FROM {t} WHERE published_at IS NULL "
+            f"AND position <> ALL(%(exclude)s::bigint[]) ORDER BY position LIMIT %(limit)s"
+        )
+        # The hinted read (see the module docstring): unpublished committed rows at or below the
+        # hint can only come from transactions that were open at the previous read (txid >= its
+        # horizon); above the hint, the lowest positions. One statement, hence one snapshot, whose
+        # xmin becomes the next horizon.
+        self._hinted_sql = (
+            f"WITH snap AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin) "
+            f"SELECT u.*, snap.xmin FROM snap LEFT JOIN LATERAL ("
+            f"(SELECT {cols}, 1 AS late FROM {t} WHERE published_at IS NULL AND position <= %(hint)s "
+            f"AND txid >= %(horizon)s::xid8 AND position <> ALL(%(exclude)s::bigint[]) LIMIT %(late_limit)s) "
+            f"UNION ALL "
+            f"(SELECT {cols}, 0 AS late FROM {t} WHERE published_at IS NULL AND position > %(hint)s "
+            f"AND position <> ALL(%(exclude)s::bigint[]) ORDER BY position LIMIT %(limit)s)"
+            f") u ON true ORDER BY u.position"
+        )
+        self._snapshot_sql = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+        self._hint: tuple[int, int] | None = None  # (position, horizon xid)
         # One statement, one round trip, atomic: advance the fence, and only if that succeeded
         # delete (or mark) the published rows. Returns (fence rows updated, rows marked).
         fence = (
@@ -156,17 +179,43 @@ class PostgresOutboxStore:
             self._work.close()
             self._work = None
 
-    def fetch(self, limit: int) -> list[OutboxRow]:
-        """The lowest-positioned committed, unpublished rows (a fresh snapshot), in position order."""
+    def fetch(self, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
+        """The lowest-positioned committed, unpublished rows not in ``exclude`` (a fresh snapshot), in order.
+
+        Assumes the rows it returns get published, or that :meth:`forget_position` is called: the
+        next call starts above them, so the dead index entries of deleted rows are not rescanned.
+        """
         conn = self._conn()
+        excluded = list(exclude)
+        hint = self._hint
         try:
             with conn.cursor() as cur:
-                cur.execute(self._fetch_sql, (limit,), prepare=True)
-                raw = cur.fetchall()
+                if hint is None:
+                    # The horizon is taken *before* the read: a row invisible to the read belongs to a
+                    # transaction open at or started after this snapshot, so its txid >= this xmin.
+                    row = cur.execute(self._snapshot_sql).fetchone()
+                    horizon = int(row[0]) if row else 0
+                    cur.execute(self._fetch_sql, {"exclude": excluded, "limit": limit}, prepare=True)
+                    raw = cur.fetchall()
+                    late = 0
+                else:
+                    params = {
+                        "hint": hint[0], "horizon": str(hint[1]), "exclude": excluded,
+                        "limit": limit, "late_limit": limit + 1,
+                    }  # fmt: skip
+                    cur.execute(self._hinted_sql, params, prepare=True)
+                    got = cur.fetchall()
+                    horizon = int(got[0][11]) if got else hint[1]
+                    raw = [r for r in got if r[0] is not None]
+                    late = sum(1 for r in raw if r[10] == 1)
         except Exception:
             self._on_error()
             raise
-        return [
+        if late > limit:
+            # More late rows than one batch (a huge transaction committed late): read plainly once.
+            self._hint = None
+            return self.fetch(limit, exclude)
+        rows = [
             OutboxRow(
                 position=r[0],
                 id=r[1],
@@ -181,6 +230,17 @@ class PostgresOutboxStore:
             )
             for r in raw
         ]
+        top = rows[-1].position if rows else 0
+        if hint is not None:
+            top = max(top, hint[0])
+        # Invariant for the next read: every unpublished row at or below ``top`` that is neither in
+        # this batch nor in ``exclude`` was invisible to this read, so its txid >= ``horizon``.
+        self._hint = (top, horizon) if top else None
+        return rows
+
+    def forget_position(self) -> None:
+        """Scan from the lowest position on the next fetch (call when a fetched batch was not published)."""
+        self._hint = None
 
     def claim_fence(self, name: str, token: int, holder: str) -> None:
         """Record ``token`` as the current leader's token; raise LeadershipLostError if a higher one exists."""
@@ -315,13 +375,14 @@ class SqliteOutboxStore:
             self._db.execute("PRAGMA busy_timeout = 30000")
         return self._db
 
-    def fetch(self, limit: int) -> list[OutboxRow]:
-        """The lowest-positioned committed, unpublished rows, in position order."""
+    def fetch(self, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
+        """The lowest-positioned committed, unpublished rows not in ``exclude``, in position order."""
         now = time.time()
+        skip = set(exclude)
         cur = self._conn().execute(
             f"SELECT position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at "
             f"FROM {self.table} WHERE published_at IS NULL ORDER BY position LIMIT ?",
-            (limit,),
+            (limit + len(skip),),
         )
         return [
             OutboxRow(
@@ -337,7 +398,11 @@ class SqliteOutboxStore:
                 age_s=max(0.0, now - float(r[9])),
             )
             for r in cur.fetchall()
-        ]
+            if r[0] not in skip
+        ][:limit]
+
+    def forget_position(self) -> None:
+        """Nothing to forget: SQLite reads always start at the lowest position."""
 
     def claim_fence(self, name: str, token: int, holder: str) -> None:
         """Remember ``token`` (single process: kept in memory)."""

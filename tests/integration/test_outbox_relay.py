@@ -366,7 +366,109 @@ def test_marking_with_a_superseded_token_changes_nothing(outbox_db: str) -> None
         with pytest.raises(LeadershipLostError):
             store.mark_published(rows, name="default", token=4, retain=False)
         assert _unpublished(outbox_db) == 3
-        store.mark_published(rows[:2], name="default", token=5, retain=False)
-        assert [r.version for r in store.fetch(10)] == [2]
+        store.forget_position()  # what the relay does when a batch was not marked
+        rows = store.fetch(10)
+        assert [r.version for r in rows] == [0, 1, 2]
+        store.mark_published(rows, name="default", token=5, retain=False)
+        assert store.fetch(10) == [] and _unpublished(outbox_db) == 0
     finally:
         store.close()
+
+
+def test_hinted_reads_find_late_commits_below_the_hint_and_fall_back_when_they_overflow(outbox_db: str) -> None:
+    from kcons.outbox import PostgresOutboxStore
+
+    store = PostgresOutboxStore(outbox_db)
+    slow = psycopg.connect(outbox_db)
+    try:
+        with psycopg.connect(outbox_db) as conn:
+            for i in range(6):
+                add(conn, _event("h", i))
+            conn.commit()
+            store.claim_fence("n", 1, "me")
+            first = store.fetch(3)
+            store.mark_published(first, name="n", token=1, retain=False)
+            assert [r.version for r in store.fetch(3)] == [3, 4, 5]  # hinted: above the first batch
+            store.forget_position()  # as after a failed publish: the same rows come back
+            for i in range(5):
+                add(slow, _event("late", 100 + i))  # open: positions below what comes next
+            add(conn, _event("h", 6))
+            conn.commit()
+            batch = store.fetch(3)
+            assert [r.version for r in batch] == [3, 4, 5]
+            store.mark_published(batch, name="n", token=1, retain=False)
+            batch = store.fetch(3)
+            assert [r.version for r in batch] == [6]
+            store.mark_published(batch, name="n", token=1, retain=False)
+            slow.commit()  # five late rows below the hint: more than a batch of 3
+            batch = store.fetch(3)
+            assert [r.version for r in batch] == [100, 101, 102]
+            store.mark_published(batch, name="n", token=1, retain=False)
+            batch = store.fetch(3)
+            assert [r.version for r in batch] == [103, 104]
+            store.mark_published(batch, name="n", token=1, retain=False)
+            assert store.fetch(3) == []
+    finally:
+        slow.close()
+        store.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_interleavings_of_writers_and_reads_return_each_committed_row_once(outbox_db: str, seed: int) -> None:
+    """A model check of the hinted read against real transactions: open, insert, commit or roll back, read, mark."""
+    import random
+
+    from kcons.outbox import PostgresOutboxStore
+
+    rnd = random.Random(seed)
+    store = PostgresOutboxStore(outbox_db)
+    store.claim_fence("n", 1, "me")
+    conns = [psycopg.connect(outbox_db) for _ in range(4)]
+    pending: list[list[str]] = [[] for _ in conns]
+    committed: set[str] = set()
+    rolled_back: set[str] = set()
+    seen: list[str] = []
+
+    def read(limit: int) -> None:
+        batch = store.fetch(limit)
+        assert [r.position for r in batch] == sorted(r.position for r in batch)
+        seen.extend(r.id for r in batch)
+        if batch and rnd.random() < 0.1:
+            store.forget_position()  # a failed publish: the rows stay and must come back
+            seen[len(seen) - len(batch) :] = []
+            return
+        store.mark_published(batch, name="n", token=1, retain=False)
+
+    try:
+        for _ in range(400):
+            op = rnd.random()
+            i = rnd.randrange(len(conns))
+            if op < 0.5:
+                event = _event(f"m{i}", len(pending[i]))
+                add(conns[i], event)
+                pending[i].append(event.id)
+            elif op < 0.7 and pending[i]:
+                conns[i].commit()
+                committed.update(pending[i])
+                pending[i] = []
+            elif op < 0.75 and pending[i]:
+                conns[i].rollback()
+                rolled_back.update(pending[i])
+                pending[i] = []
+            else:
+                read(rnd.randint(1, 6))
+        for i, conn in enumerate(conns):
+            conn.commit()
+            committed.update(pending[i])
+        for _ in range(1000):
+            if len(seen) >= len(committed):
+                break
+            read(7)
+        assert store.fetch(100) == []
+    finally:
+        for conn in conns:
+            conn.close()
+        store.close()
+    assert len(seen) == len(set(seen))  # never returned twice once marked
+    assert set(seen) == committed
+    assert not set(seen) & rolled_back

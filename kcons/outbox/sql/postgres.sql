@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS {table} (
 
 -- The relay scans only unpublished rows, in position order.
 CREATE INDEX IF NOT EXISTS {table}_unpublished ON {table} (position) WHERE published_at IS NULL;
+-- After a read, the relay looks below its position hint only for rows of transactions that were
+-- still open then (txid >= that read's snapshot xmin): this index finds them without walking the
+-- dead entries of rows already deleted.
+CREATE INDEX IF NOT EXISTS {table}_unpublished_txid ON {table} (txid) WHERE published_at IS NULL;
 -- Retention cleanup scans only published rows.
 CREATE INDEX IF NOT EXISTS {table}_published ON {table} (published_at) WHERE published_at IS NOT NULL;
 
