@@ -21,9 +21,17 @@ aggregate's commit order (PostgreSQL):
   before an earlier one whose xid is still above the horizon, and one long-running transaction
   would stall the whole outbox. Here a long-running writer delays only its own rows (they are
   invisible until it commits); the ``kcons_outbox_oldest_unpublished_age_seconds`` metric shows
-  rows waiting for the relay, not rows still inside open transactions. The ``txid`` column is
-  kept for diagnostics (which transaction wrote a row) and is tested to equal the writer's
-  ``pg_current_xact_id()``.
+  rows waiting for the relay, not rows still inside open transactions.
+* Reading fast without a cursor, which is where ``txid`` and the snapshot horizon serve: after
+  a read the store keeps a hint ``(H, X)``, H the highest position returned and X the
+  ``pg_snapshot_xmin`` of the read's snapshot. Invariant: an unpublished row at or below H that
+  the read did not return was invisible to it, so its transaction was open in that snapshot or
+  began after it, so its ``txid >= X``. The next read is one statement (one snapshot) taking
+  (a) rows at or below H with ``txid >= X`` (index on ``txid``; normally only late commits) and
+  (b) the lowest rows above H (index on ``position``, starting past the dead index entries of
+  rows already deleted, which a plain ``ORDER BY position LIMIT n`` would walk every time). A
+  batch that was not published clears the hint (:meth:`PostgresOutboxStore.forget_position`);
+  more late rows than one batch fall back to a plain read.
 * Position numbers come from an identity sequence with ``CACHE 1``; a cached sequence would hand
   out positions out of order across sessions and break the argument above.
 
