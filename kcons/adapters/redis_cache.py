@@ -55,6 +55,7 @@ class RedisCacheBackend:
         self._prefix = prefix
         self._script = client.register_script(_SCRIPT)
         self._get = client.get
+        self._cluster = type(client).__name__ == "RedisCluster" or hasattr(client, "get_nodes")
 
     def keys(self, key: str) -> tuple[str, str]:
         """The Redis data and lease keys of ``key``."""
@@ -96,9 +97,10 @@ class RedisCacheBackend:
             raise CacheUnavailableError(f"redis write failed: {type(exc).__name__}") from exc
 
     def write_many(self, writes: Sequence[CacheWrite]) -> list[WriteResult]:
-        """Apply guarded writes in one pipelined round trip, in order."""
-        if len(writes) == 1:
-            return [self.write(writes[0])]
+        """Apply guarded writes in order: one pipelined round trip (standalone), one call each (cluster)."""
+        if len(writes) == 1 or self._cluster:
+            # redis-py's cluster pipelines refuse EVALSHA: on a cluster each write is its own call.
+            return [self.write(w) for w in writes]
         commands = [(*self.keys(w.key), *_args(w)) for w in writes]
         try:
             try:

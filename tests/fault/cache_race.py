@@ -115,7 +115,7 @@ def main() -> int:
     )  # fmt: skip
     args = parser.parse_args()
     quick = args.quick
-    duration = args.duration or (15.0 if quick else 60.0)
+    duration = args.duration or (10.0 if quick else 60.0)
     kills_wanted = args.kills if args.kills is not None else (3 if quick else 12)
     min_reads = args.min_reads or (3_000 if quick else 100_000)
     readers = args.readers or (1 if quick else 2)

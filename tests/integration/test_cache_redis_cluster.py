@@ -1,0 +1,114 @@
+"""ConsistentCache on a real 3-node Redis Cluster: data and lease keys share a slot, so the one script works."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kcons.cache import CacheEntry, CacheSettings, ConsistentCache, Versioned
+from kcons.testing.local import free_port
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[Any]:
+    from redis.cluster import RedisCluster
+
+    base = tempfile.mkdtemp(prefix="kcons-redis-cluster-")
+    ports = [free_port() for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(p),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{p}.conf",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                base,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    try:
+        for p in ports:
+            deadline = time.monotonic() + 20
+            while subprocess.run(["redis-cli", "-p", str(p), "ping"], capture_output=True).stdout.strip() != b"PONG":
+                assert time.monotonic() < deadline, "a cluster node did not start"
+                time.sleep(0.1)
+        create = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in ports],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        assert create.returncode == 0, create.stdout[-2000:]
+        deadline = time.monotonic() + 30
+        while (
+            b"cluster_state:ok"
+            not in subprocess.run(["redis-cli", "-p", str(ports[0]), "cluster", "info"], capture_output=True).stdout
+        ):
+            assert time.monotonic() < deadline, "the cluster did not become ok"
+            time.sleep(0.2)
+        client = RedisCluster(host="127.0.0.1", port=ports[0])
+        yield client
+        client.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_fill_invalidate_and_batched_writes_work_across_cluster_slots(redis_cluster: Any) -> None:
+    cache = ConsistentCache(redis_cluster, name="cluster", settings=CacheSettings(prefix="kc"))
+    keys = [f"user:{i}" for i in range(40)]  # spread over the three nodes
+    for k in keys:
+        assert cache.get(k, lambda key: Versioned(key.encode(), 1)) == Versioned(k.encode(), 1)
+    results = cache.apply_writes([cache.tombstone_write(k, 2) for k in keys] + [cache.tombstone_write(keys[0], 1)])
+    assert [r.outcome.name for r in results] == ["APPLIED"] * 40 + ["STALE"]
+    assert all(cache.peek(k) == CacheEntry(2, None) for k in keys)
+    assert not cache.write_through(keys[1], b"old", 1)
+    assert cache.write_through(keys[1], b"new", 2)
+    assert cache.peek(keys[1]) == CacheEntry(2, b"new")
+
+
+def test_invalidated_lease_refuses_the_fill_on_a_cluster(redis_cluster: Any) -> None:
+    cache = ConsistentCache(redis_cluster, name="cluster", settings=CacheSettings(prefix="kc2"))
+    loading, proceed = threading.Event(), threading.Event()
+
+    def slow(key: str) -> Versioned:
+        loading.set()
+        proceed.wait(10)
+        return Versioned(b"old", 1)
+
+    reader = threading.Thread(target=cache.get, args=("order:{7}", slow))
+    reader.start()
+    assert loading.wait(10)
+    assert cache.invalidate("order:{7}", 2)
+    proceed.set()
+    reader.join(10)
+    assert cache.peek("order:{7}") == CacheEntry(2, None)
