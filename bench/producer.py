@@ -70,9 +70,7 @@ def run_baseline(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: 
 
 def run_kcons(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int, commit_ms: int) -> dict[str, Any]:
     """TransactionalProducer, one transaction per commit interval, futures checked at the end."""
-    p = TransactionalProducer(
-        {**_common(bootstrap, linger_ms), "transactional.id": f"bench-{uuid.uuid4().hex[:8]}"}
-    )
+    p = TransactionalProducer({**_common(bootstrap, linger_ms), "transactional.id": f"bench-{uuid.uuid4().hex[:8]}"})
     p.raw.list_topics(topic, timeout=10)
     interval = commit_ms / 1000.0
     futures = []

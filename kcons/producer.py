@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+#: ``retry.backoff.ms`` a TransactionalProducer uses unless the config sets it (see its _prepare_config).
+TXN_RETRY_BACKOFF_MS = 10
 HeaderList = list[tuple[str, bytes | str | None]]
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
@@ -540,6 +542,10 @@ class TransactionalProducer(IdempotentProducer):
         if self._transactional_id is not None:
             cfg["transactional.id"] = self._transactional_id
         cfg = check_producer_config(cfg, transactional=True)
+        # For a few ms after each commit the coordinator answers CONCURRENT_TRANSACTIONS to the next
+        # transaction's first request; librdkafka's default 100 ms backoff would add that to every
+        # transaction (measured: ~2x throughput for 500-record transactions). Only when unset.
+        cfg.setdefault("retry.backoff.ms", TXN_RETRY_BACKOFF_MS)
         return self._take_callbacks(cfg)
 
     @property
