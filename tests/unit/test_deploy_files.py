@@ -47,6 +47,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "kcons.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "kcons.yaml"
 PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 KUBERNETES_VERSIONS = ("1.30", "1.33")
 METRICS_PORT = 9400
 
@@ -856,3 +857,55 @@ def test_docker_build_stage_builds_a_wheel_with_the_package_data_and_postgres_ex
     assert package_files - names == set(), "files the image would lack"
     assert "Provides-Extra: postgres" in metadata and 'extra == "postgres"' in metadata
     assert re.search(r"^kcons = kcons\.cli:main$", entry_points, re.MULTILINE)
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_alert_rules_query_defined_metrics_and_say_what_broke() -> None:
+    rules = _alert_rules()
+    assert len(rules) >= 5
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), "alert names must be unique"
+    defined = _exported_sample_names()
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        used = set(re.findall(r"\bkcons_[a-z0-9_]+\b", rule["expr"]))
+        assert used and used <= defined, f"{rule['alert']}: undefined metrics {sorted(used - defined)}"
+        assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+
+
+def test_prometheus_loads_the_alert_rules_compose_mounts() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    mounts = dict(v.split(":")[:2] for v in _compose()["services"]["prometheus"]["volumes"] if v.startswith("./"))
+    assert config["rule_files"] == [mounts["./prometheus/alerts.yml"]]
+
+
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def test_deploy_yaml_files_have_no_duplicate_keys() -> None:
+    files = [p for p in _deploy_files() if p.suffix in (".yaml", ".yml")]
+    assert len(files) >= 8
+    for path in files:
+        list(yaml.load_all(path.read_text(), Loader=_DuplicateKeyLoader))
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'image'"):
+        yaml.load("a:\n  image: x\n  image: y\n", Loader=_DuplicateKeyLoader)
