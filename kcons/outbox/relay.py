@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +215,9 @@ class OutboxRelay:
         self._m_backlog = metrics.OUTBOX_BACKLOG_ROWS.labels(name)
         self._m_age = metrics.OUTBOX_OLDEST_AGE_SECONDS.labels(name)
         self._m_leader.set(0)
+        self._next: tuple[list[OutboxRow], float] | None = None  # prefetched batch and when it was read
+        self._unmarked: list[OutboxRow] | None = None  # acknowledged by Kafka, not yet marked
+        self._db_worker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kcons-outbox-db")
 
     # ----------------------------------------------------------------- construction helpers
 
@@ -346,6 +350,7 @@ class OutboxRelay:
     def _step_down(self, reason: str) -> None:
         with self._lease_lock:
             lease, self._lease = self._lease, None
+        self._reset_pipeline()
         self._m_leader.set(0)
         self.publisher.reset()
         if lease is not None:
@@ -358,42 +363,73 @@ class OutboxRelay:
 
     # --------------------------------------------------------------------------- batches
 
-    def _publish_batch(self) -> int:
-        """Read, publish and mark one batch as leader; returns the number of rows published."""
+    def _step(self) -> int:
+        """One pipeline step as leader; on any failure the pipeline restarts from the database's state."""
         try:
-            return self._publish_batch_once()
+            return self._step_once()
         except BaseException:
-            self.store.forget_position()  # the batch may be unpublished: read from the lowest position again
+            self._reset_pipeline()
             raise
 
-    def _publish_batch_once(self) -> int:
+    def _reset_pipeline(self) -> None:
+        # Unmarked or prefetched rows are still unpublished in the database: the next read finds
+        # them again (a published-but-unmarked batch is then published twice: at-least-once).
+        self._next = None
+        self._unmarked = None
+        self.store.forget_position()
+
+    def _step_once(self) -> int:
         lease = self._current_lease()
         started = time.monotonic()
-        rows = self.store.fetch(self.batch_size)
+        if self._next is None:
+            rows = self.store.fetch(self.batch_size)
+            fetched = time.monotonic()
+        else:
+            rows, fetched = self._next
+            self._next = None
         if not rows:
+            self._mark_unmarked(lease)  # drain the pipeline
             return 0
-        fetched = time.monotonic()
         if self.publisher.mode == "idempotent":
             self.store.check_fence(self.name, lease.token)
         records = [to_record(r, self.topic) for r in rows]
         hook = self.before_commit
-        self.publisher.publish(
-            records,
-            still_leader=lambda: self.is_leader,
-            before_commit=(lambda: hook(rows)) if hook is not None else None,
-        )
+        # While this batch goes to Kafka, mark the previous one and read the next one (excluding
+        # this batch's rows): database round trips overlap the wait for Kafka's acknowledgement.
+        # The next batch is produced only after this one is acknowledged, so order is kept.
+        background = self._db_worker.submit(self._mark_then_fetch, lease, [r.position for r in rows])
+        try:
+            self.publisher.publish(
+                records,
+                still_leader=lambda: self.is_leader,
+                before_commit=(lambda: hook(rows)) if hook is not None else None,
+            )
+        finally:
+            futures.wait([background])  # the connection must be idle before anything else uses it
         acked = time.monotonic()
-        self.store.mark_published(rows, name=self.name, token=lease.token, retain=self.retention_s is not None)
-        self.published += len(rows)
-        self._m_published.inc(len(rows))
+        self._next = background.result()  # re-raises a failed mark or read
+        self._unmarked = rows
         wait = acked - fetched
         observe = self._m_latency.observe
         for r in rows:
             observe(r.age_s + wait)
-        self._m_batch.observe(time.monotonic() - started)
+        self._m_batch.observe(acked - started)
         if self.on_published is not None:
             self.on_published(rows, acked)
         return len(rows)
+
+    def _mark_then_fetch(self, lease: Lease, exclude: list[int]) -> tuple[list[OutboxRow], float]:
+        self._mark_unmarked(lease)
+        return self.store.fetch(self.batch_size, exclude), time.monotonic()
+
+    def _mark_unmarked(self, lease: Lease) -> None:
+        rows = self._unmarked
+        if not rows:
+            return
+        self.store.mark_published(rows, name=self.name, token=lease.token, retain=self.retention_s is not None)
+        self._unmarked = None
+        self.published += len(rows)
+        self._m_published.inc(len(rows))
 
     def _record_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -402,7 +438,8 @@ class OutboxRelay:
         log.warning("relay batch failed (%s: %s); retry %d", kind, exc, state.attempt_number)
 
     def publish_once(self) -> int:
-        """Publish one batch with bounded retries; raises LeadershipLostError or the last error."""
+        """One pipeline step with bounded retries: publish a batch (0 when there was none; then the
+        previous batch is marked). Raises LeadershipLostError or, past the retry bound, the last error."""
         retrying = Retrying(
             stop=stop_after_delay(self.retry_max_s),
             wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
@@ -410,7 +447,7 @@ class OutboxRelay:
             before_sleep=self._record_retry,
             reraise=True,
         )
-        return int(retrying(self._publish_batch))
+        return int(retrying(self._step))
 
     # ------------------------------------------------------------------------- main loop
 
@@ -443,7 +480,7 @@ class OutboxRelay:
                     log.error("relay gives up after retrying for %.0fs: %s", self.retry_max_s, type(exc).__name__)
                     raise
                 self._housekeeping()
-                if n < self.batch_size:
+                if n == 0:
                     self._wait_for_rows()
         finally:
             self._shutdown()
@@ -486,8 +523,14 @@ class OutboxRelay:
         return self._stop.is_set()
 
     def _shutdown(self) -> None:
+        if self._unmarked and self.is_leader:
+            try:  # a graceful stop marks what Kafka acknowledged, so the next leader does not repeat it
+                self._mark_unmarked(self._current_lease())
+            except Exception as exc:  # the next leader republishes the batch: duplicates, not loss
+                log.warning("marking the last batch on stop failed: %s", type(exc).__name__)
         if self._lease is not None:
             self._step_down("stopping")
+        self._db_worker.shutdown(wait=True)
         self.publisher.close()
         self.store.close()
         log.info("outbox relay %s stopped after publishing %d rows", self.holder, self.published)

@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ]  # fmt: skip
                 with open(logdir / f"writer-{i}.log", "wb") as err:
                     writers.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err))
-            kills = cuts = pauses = 0
+            kills = cuts = pauses = rounds = 0
             started = time.monotonic()
             while any(w.poll() is None for w in writers) or kills < args.kills:
                 time.sleep(rnd.uniform(args.fault_interval * 0.5, args.fault_interval * 1.5))
@@ -253,7 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         slot.crashes += 1
                         slot.start()
                 choice = rnd.random()
-                if pauses < args.pauses and choice < 0.15:
+                rounds += 1
+                if pauses < args.pauses and (choice < 0.15 or rounds % 5 == 2):
                     holder = _leader_holder(dsn)
                     victim = next((s for s in slots if s.holder == holder and s.alive()), None)
                     if victim is not None and victim.proc is not None:
@@ -263,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         pauses += 1
                         log.info("paused and resumed leader %s", holder)
                         continue
+                    log.info("no live leader to pause right now")
                 if choice < 0.35:
                     cuts += 1
                     log.info("cut %d relay connections", _cut_relay_connections(dsn))
@@ -324,6 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         and duplicates == 0
         and backlog == 0
         and kills >= args.kills
+        and pauses >= args.pauses
         and len(committed) >= args.events
     )
     return {
