@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     writers.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err))
             kills = cuts = pauses = rounds = 0
             started = time.monotonic()
-            while any(w.poll() is None for w in writers) or kills < args.kills:
+            while any(w.poll() is None for w in writers) or kills < args.kills or pauses < args.pauses:
                 time.sleep(rnd.uniform(args.fault_interval * 0.5, args.fault_interval * 1.5))
                 for slot in slots:  # a relay that exited on its own is a crash: restart it
                     if not slot.alive():
