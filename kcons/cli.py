@@ -202,6 +202,35 @@ def dev_smoke(messages: int) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--postgres", is_flag=True, help="Use PostgreSQL for the shop and its outbox instead of SQLite.")
+@click.option("--orders", default=3000, show_default=True, help="Orders to place.")
+@click.option("--rate", default=250.0, show_default=True, help="Orders per second.")
+@click.option("--products", default=20, show_default=True, help="Products (cache keys).")
+@click.option("--readers", default=2, show_default=True, help="Cache reader threads.")
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Give up after this many seconds.")
+def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, timeout_s: float) -> None:
+    """Run a small shop end to end with faults, and check nothing is lost, duplicated or stale."""
+    from kcons.demo import DemoOptions, run_demo
+
+    try:
+        opts = DemoOptions(orders=orders, rate=rate, products=products, readers=readers, postgres=postgres,
+                           timeout_s=timeout_s)  # fmt: skip
+        report = run_demo(opts, progress=lambda line: click.echo(line, err=True))
+    except KconsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"orders committed {report['orders_committed']} (rolled back {report['orders_rolled_back']}), "
+        f"published {report['published']}, duplicates dropped {report['duplicates_dropped']}, "
+        f"lost {report['lost']}, duplicate effects {report['duplicate_effects']}, stale reads {report['stale']} "
+        f"of {report['reads']}, {report['throughput_orders_per_s']} orders/s: {'OK' if report['ok'] else 'FAILED'}",
+        err=True,
+    )
+    click.echo(json.dumps(report))
+    if not report["ok"]:
+        sys.exit(1)
+
+
 @main.group()
 def cache() -> None:
     """Versioned Redis cache kept consistent by change events."""
