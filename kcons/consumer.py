@@ -25,6 +25,7 @@ the same transaction, guarded by the claim's owner, so each event's effect commi
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import signal
@@ -283,8 +284,10 @@ class IdempotentConsumer:
         self._pipelined: PipelinedDedupStore | None = (
             store if isinstance(store, PipelinedDedupStore) and not self._atomic_batch else None
         )
-        self._deferred_done: list[str] = []
-        self._deferred_offsets: dict[TP, int] = {}
+        self._deferred_done: list[str] = []  # handled, done records not written yet
+        self._deferred_offsets: dict[TP, int] = {}  # offsets of those batches: not safe to commit yet
+        self._ready_offsets: dict[TP, int] = {}  # done records written: committed with the next store call
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         self._dlq_topic = dlq_topic or default_dlq_topic
         self._retry = retry or default_retry_policy()
         self._store_retry = store_retry or default_store_retry_policy()
@@ -373,6 +376,8 @@ class IdempotentConsumer:
             try:
                 self._consumer.close()
             finally:
+                if self._committer is not None:
+                    self._committer.shutdown(wait=True)
                 if self._producer is not None:
                     self._producer.flush(self._dlq_timeout_s)
 
@@ -580,31 +585,24 @@ class IdempotentConsumer:
             CONSUMER_HOLDS.labels(reason=reason).inc()
         if not b.commit_to:
             return
-        if self._pipelined is not None and (b.done or self._deferred_done):
-            self._deferred_done.extend(b.done)  # recorded by the next batch's claim, or by _flush
-            deferred = self._deferred_offsets
-            for tp, offset in b.commit_to.items():
-                if deferred.get(tp, -1) < offset:
-                    deferred[tp] = offset
-        else:
-            self._commit_deferred(b.commit_to)
-
-    def _commit_deferred(self, extra: Mapping[TP, int] | None = None) -> None:
-        offsets = self._deferred_offsets
-        self._deferred_offsets = {}
-        for tp, offset in (extra or {}).items():
-            if offsets.get(tp, -1) < offset:
-                offsets[tp] = offset
-        if offsets or self._uncommitted:
-            self._commit(offsets)
+        if self._pipelined is None:
+            self._commit(b.commit_to)
+        elif b.done or self._deferred_done:
+            self._deferred_done.extend(b.done)  # written by the next batch's store call, or by _flush
+            self._merge(self._deferred_offsets, b.commit_to)
+        else:  # nothing of this batch waits for a done record
+            self._merge(self._ready_offsets, b.commit_to)
 
     def _flush(self) -> None:
-        """Record deferred done ids, then commit every decided offset (on idle, rebalance and close)."""
+        """Write deferred done records, then commit every decided offset (on idle, rebalance and close)."""
         if self._deferred_done:
             done, self._deferred_done = self._deferred_done, []
             self._record_done(done)
-        if self._deferred_offsets or self._uncommitted:
-            self._commit_deferred()
+        offsets = self._ready_offsets
+        self._merge(offsets, self._deferred_offsets)
+        self._ready_offsets, self._deferred_offsets = {}, {}
+        if offsets or self._uncommitted:
+            self._commit(offsets)
 
     def _abandon(self, b: _Batch, msgs: list[Any]) -> None:
         """On an interrupt mid-batch: keep what is done, give back the rest, rewind every partition."""
@@ -641,23 +639,50 @@ class IdempotentConsumer:
     # ------------------------------------------------------------------ store, dead letters, offsets
 
     def _claim(self, ids: list[str]) -> ClaimResult:
-        if self._pipelined is not None and self._deferred_done:
-            result: ClaimResult = self._store_retry(
-                self._pipelined.complete_and_claim, self._deferred_done, ids, self._lease_s
-            )
-            self._deferred_done = []
-            self._commit_deferred()
-            return result
-        if self._deferred_offsets:
-            self._commit_deferred()
+        if self._pipelined is not None:
+            return self._claim_pipelined(self._pipelined, ids)
         if not ids:
             return ClaimResult(frozenset())
         if self._batch_store is not None:
-            result = self._store_retry(self._batch_store.claim_batch, ids, self._lease_s)
+            result: ClaimResult = self._store_retry(self._batch_store.claim_batch, ids, self._lease_s)
             return result
         # A plain DedupStore cannot tell done from busy: treat the unclaimed as busy (never lose one).
         claimed = self._store_retry(self._store.claim, ids, self._lease_s)
         return ClaimResult(frozenset(claimed))
+
+    def _claim_pipelined(self, store: PipelinedDedupStore, ids: list[str]) -> ClaimResult:
+        """One store call per batch: write the previous batch's done records and claim this batch.
+
+        Offsets whose done records an earlier call wrote are committed meanwhile, on a helper
+        thread (the Kafka and store round trips overlap; no other Kafka call runs meanwhile).
+        Offsets are still committed only after their batch's done records are written.
+        """
+        ready, self._ready_offsets = self._ready_offsets, {}
+        commit = None
+        if ready or self._uncommitted:
+            if self._committer is None:
+                self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kcons-commit")
+            commit = self._committer.submit(self._commit, ready)
+        try:
+            done = self._deferred_done
+            result: ClaimResult = (
+                self._store_retry(store.complete_and_claim, done, ids, self._lease_s)
+                if done or ids
+                else ClaimResult(frozenset())
+            )
+        finally:
+            if commit is not None:
+                commit.result()
+        self._deferred_done = []
+        self._merge(self._ready_offsets, self._deferred_offsets)
+        self._deferred_offsets = {}
+        return result
+
+    @staticmethod
+    def _merge(into: dict[TP, int], offsets: Mapping[TP, int]) -> None:
+        for tp, offset in offsets.items():
+            if into.get(tp, -1) < offset:
+                into[tp] = offset
 
     def _release(self, ids: set[str]) -> None:
         try:
@@ -833,6 +858,7 @@ class IdempotentConsumer:
             done, self._deferred_done = self._deferred_done, []
             self._record_done(done)
         self._deferred_offsets = {tp: o for tp, o in self._deferred_offsets.items() if tp not in lost}
+        self._ready_offsets = {tp: o for tp, o in self._ready_offsets.items() if tp not in lost}
         self._forget(lost)
 
     def _forget(self, partitions: set[TP]) -> None:

@@ -1,0 +1,411 @@
+"""The consumer's commit decision, retries and dead-letter logic, against an in-memory stand-in for Kafka.
+
+These pin down pure decision logic (which offsets are committed, when, and what is rewound and
+paused). The same behaviours run against real Kafka, Redis and PostgreSQL in tests/integration.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import tenacity
+
+from kcons.adapters.memory import MemoryDedupStore
+from kcons.consumer import (
+    DLQ_REASON_HEADER,
+    DLQ_SOURCE_HEADER,
+    IdempotentConsumer,
+    RetryLater,
+    default_event_id,
+)
+from kcons.dedup import ClaimResult
+from kcons.errors import ConfigError, DecodeError, StoreError
+
+
+class FakeMessage:
+    def __init__(self, topic: str, partition: int, offset: int, value: bytes, headers: list[Any] | None) -> None:
+        self._t, self._p, self._o, self._v, self._h = topic, partition, offset, value, headers
+
+    def topic(self) -> str:
+        return self._t
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def value(self) -> bytes:
+        return self._v
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def headers(self) -> list[Any] | None:
+        return self._h
+
+    def error(self) -> None:
+        return None
+
+
+class FakeKafka:
+    """A log per partition, positions, pauses and a commit journal; assigns everything at the first consume."""
+
+    def __init__(self, partitions: int = 2) -> None:
+        self.logs: dict[int, list[FakeMessage]] = {p: [] for p in range(partitions)}
+        self.position = dict.fromkeys(self.logs, 0)
+        self.paused: set[int] = set()
+        self.commits: list[dict[int, int]] = []
+        self.journal: list[str] = []
+        self.config: dict[str, Any] = {}
+        self.callbacks: dict[str, Callable[..., None]] = {}
+        self.assigned = False
+
+    def add(self, partition: int, event_id: str | None, value: bytes = b"v", headers: list[Any] | None = None) -> None:
+        hs = list(headers or [])
+        if event_id is not None:
+            hs.append(("kcons-id", event_id.encode()))
+        log = self.logs[partition]
+        log.append(FakeMessage("t", partition, len(log), value, hs))
+
+    # confluent_kafka.Consumer surface
+    def __call__(self, config: dict[str, Any]) -> FakeKafka:
+        self.config = config
+        return self
+
+    def subscribe(self, topics: list[str], **callbacks: Callable[..., None]) -> None:
+        self.callbacks = callbacks
+
+    def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+        from confluent_kafka import TopicPartition
+
+        if not self.assigned:
+            self.assigned = True
+            self.callbacks["on_assign"](self, [TopicPartition("t", p) for p in self.logs])
+        out: list[FakeMessage] = []
+        for p, log in self.logs.items():
+            if p in self.paused:
+                continue
+            while self.position[p] < len(log) and len(out) < n:
+                out.append(log[self.position[p]])
+                self.position[p] += 1
+        return out
+
+    def seek(self, tp: Any) -> None:
+        self.position[tp.partition] = tp.offset
+
+    def pause(self, tps: list[Any]) -> None:
+        self.paused |= {tp.partition for tp in tps}
+
+    def resume(self, tps: list[Any]) -> None:
+        self.paused -= {tp.partition for tp in tps}
+
+    def commit(self, offsets: list[Any], asynchronous: bool) -> list[Any]:
+        self.commits.append({tp.partition: tp.offset for tp in offsets})
+        self.journal.append("commit " + ",".join(f"{tp.partition}:{tp.offset}" for tp in offsets))
+        return offsets
+
+    def assignment(self) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("t", p) for p in self.logs]
+
+    def close(self) -> None:
+        self.journal.append("close")
+
+    def committed_offsets(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for c in self.commits:
+            out.update(c)
+        return out
+
+
+class FakeProducer:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.sent: list[dict[str, Any]] = []
+        self._pending: list[Callable[..., None]] = []
+
+    def __call__(self, config: dict[str, Any]) -> FakeProducer:
+        return self
+
+    def produce(
+        self, topic: str, value: bytes, key: bytes, headers: list[Any], on_delivery: Callable[..., None]
+    ) -> None:
+        self.sent.append({"topic": topic, "value": value, "headers": headers})
+        self._pending.append(on_delivery)
+
+    def flush(self, timeout: float) -> int:
+        err = type("Err", (), {"str": lambda self: "broker down", "name": lambda self: "_TRANSPORT"})()
+        for cb in self._pending:
+            cb(err if self.fail else None, None)
+        self._pending.clear()
+        return 0
+
+    def poll(self, timeout: float) -> int:
+        return 0
+
+
+class JournalStore(MemoryDedupStore):
+    """A memory store that records its calls into the fake broker's journal (to check ordering)."""
+
+    def __init__(self, journal: list[str]) -> None:
+        super().__init__()
+        self.journal = journal
+        self.fail_claims = 0
+
+    def complete_and_claim(self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float) -> ClaimResult:
+        if self.fail_claims:
+            self.fail_claims -= 1
+            raise StoreError("store down")
+        self.journal.append(f"store done={sorted(done_ids)} claim={sorted(ids)}")
+        return super().complete_and_claim(done_ids, ids, lease_s)
+
+    def complete(self, ids: Sequence[str]) -> None:
+        self.journal.append(f"store done={sorted(ids)}")
+        super().complete(ids)
+
+
+def make(kafka: FakeKafka, handler: Callable[[Any], None], store: Any = None, **kw: Any) -> IdempotentConsumer:
+    kw.setdefault("producer_factory", FakeProducer())
+    return IdempotentConsumer(
+        {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"},
+        ["t"],
+        handler,
+        store=store if store is not None else MemoryDedupStore(),
+        consumer_factory=kafka,
+        pause_s=0,
+        store_retry=tenacity.Retrying(stop=tenacity.stop_after_attempt(1), reraise=True),
+        **kw,
+    )
+
+
+def test_default_event_id_reads_kcons_and_debezium_headers_and_rejects_bad_bytes() -> None:
+    assert default_event_id(FakeMessage("t", 0, 0, b"", [("kcons-id", b"abc")])) == "abc"
+    assert default_event_id(FakeMessage("t", 0, 0, b"", [("id", b'"dbz-1"')])) == "dbz-1"
+    assert default_event_id(FakeMessage("t", 0, 0, b"", [("id", b"dbz-2"), ("kcons-id", b"k")])) == "k"
+    assert default_event_id(FakeMessage("t", 0, 0, b"", None)) is None
+    assert default_event_id(FakeMessage("t", 0, 0, b"", [("kcons-id", b"")])) is None
+    with pytest.raises(DecodeError):
+        default_event_id(FakeMessage("t", 0, 0, b"", [("kcons-id", b"\xff")]))
+
+
+def test_bad_configuration_fails_at_construction_naming_the_setting() -> None:
+    kafka = FakeKafka()
+    with pytest.raises(ConfigError) as err:
+        IdempotentConsumer({"bootstrap.servers": "x:1"}, ["t"], print, store=MemoryDedupStore())
+    assert err.value.setting == "group.id"
+    for kw, setting in [({"batch_size": 0}, "batch_size"), ({"retry": object()}, "retry"), ({"lease_s": 0}, "lease_s")]:
+        with pytest.raises(ConfigError) as err:
+            make(kafka, print, **kw)
+        assert err.value.setting == setting
+
+
+def test_auto_commit_is_forced_off_and_the_users_config_is_otherwise_kept() -> None:
+    kafka = FakeKafka()
+    IdempotentConsumer(
+        {"bootstrap.servers": "h:1", "group.id": "g", "enable.auto.commit": True, "fetch.min.bytes": 7},
+        ["t"], print, store=MemoryDedupStore(), consumer_factory=kafka,
+    )  # fmt: skip
+    assert kafka.config["enable.auto.commit"] is False
+    assert kafka.config["fetch.min.bytes"] == 7
+
+
+def test_offsets_are_committed_only_after_their_messages_are_recorded_done() -> None:
+    kafka = FakeKafka(partitions=1)
+    store = JournalStore(kafka.journal)
+    consumer = make(kafka, lambda m: kafka.journal.append(f"handle {m.offset()}"), store=store)
+    for batch in range(4):
+        for i in range(3):
+            kafka.add(0, f"e{batch * 3 + i}")
+        consumer.poll_once()
+    consumer.close()
+    recorded: set[str] = set()
+    commits = 0
+    for entry in kafka.journal:
+        if entry.startswith("store done="):
+            recorded |= set(ast.literal_eval(entry.split("done=")[1].split(" claim=")[0]))
+        elif entry.startswith("commit 0:"):
+            upto = int(entry.split(":")[1])
+            assert {f"e{i}" for i in range(upto)} <= recorded, f"{entry} before its done records"
+            commits += 1
+    assert commits >= 2
+    assert kafka.committed_offsets() == {0: 12}
+    assert kafka.journal.index("handle 0") < kafka.journal.index(
+        "store done=['e0', 'e1', 'e2'] claim=['e3', 'e4', 'e5']"
+    )
+
+
+def test_repeats_in_a_batch_and_done_ids_are_dropped_without_running_the_handler() -> None:
+    kafka = FakeKafka(partitions=1)
+    for event_id in ["a", "b", "a", "c", "b"]:
+        kafka.add(0, event_id)
+    seen: list[int] = []
+    consumer = make(kafka, lambda m: seen.append(m.offset()))
+    consumer.poll_once()
+    kafka.add(0, "c")
+    consumer.poll_once()
+    consumer.close()
+    assert seen == [0, 1, 3]
+    assert consumer.stats.duplicates == 3
+    assert kafka.committed_offsets() == {0: 6}
+
+
+def test_a_busy_id_holds_its_partition_and_the_other_partitions_go_on() -> None:
+    kafka = FakeKafka(partitions=2)
+    kafka.add(0, "busy")
+    kafka.add(0, "after-busy")
+    kafka.add(1, "free")
+    store = MemoryDedupStore()
+    store.claim(["busy"], lease_s=60)  # another worker of the same store holds it
+    seen: list[str] = []
+    consumer = make(kafka, lambda m: seen.append(default_event_id(m) or ""), store=store)
+    consumer.poll_once()
+    consumer.poll_once()
+    assert seen == ["free"]
+    assert kafka.position[0] == 0, "rewound to the busy message"
+    store.release(["busy"])
+    consumer.poll_once()
+    consumer.close()
+    assert seen == ["free", "busy", "after-busy"]
+    assert kafka.committed_offsets() == {0: 2, 1: 1}
+
+
+def test_the_failed_first_attempt_counts_toward_the_retry_policy_then_the_message_is_dead_lettered() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "bad", b"boom", headers=[("trace", b"x")])
+    kafka.add(0, "good")
+    calls: list[int] = []
+    producer = FakeProducer()
+
+    def handler(msg: Any) -> None:
+        calls.append(msg.offset())
+        if msg.value() == b"boom":
+            raise ValueError("boom")
+
+    policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none(), reraise=True)
+    consumer = make(kafka, handler, retry=policy, producer_factory=producer)
+    consumer.poll_once()
+    consumer.close()
+    assert calls == [0, 0, 0, 1]
+    assert len(producer.sent) == 1
+    sent = producer.sent[0]
+    assert sent["topic"] == "t.dlq" and sent["value"] == b"boom"
+    headers = dict(sent["headers"])
+    assert headers["trace"] == b"x" and headers["kcons-id"] == b"bad"
+    assert headers[DLQ_SOURCE_HEADER] == b"t/0/0"
+    assert headers[DLQ_REASON_HEADER] == b"ValueError: boom"
+    assert kafka.committed_offsets() == {0: 2}
+
+
+def test_decode_errors_go_to_the_dead_letter_topic_without_retries() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, None, b"x", headers=[("kcons-id", b"\xfe")])
+    kafka.add(0, "ok", b"decode-me")
+    calls: list[bytes] = []
+
+    def handler(msg: Any) -> None:
+        calls.append(msg.value())
+        raise DecodeError("payload is not JSON")
+
+    producer = FakeProducer()
+    consumer = make(kafka, handler, producer_factory=producer)
+    consumer.poll_once()
+    consumer.close()
+    assert calls == [b"decode-me"]
+    assert [dict(s["headers"])[DLQ_REASON_HEADER].split(b":")[0] for s in producer.sent] == [b"DecodeError"] * 2
+    assert consumer.stats.dead_lettered == 2
+
+
+def test_a_failed_dead_letter_write_keeps_the_offset_and_rewinds_to_the_poison_message() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "a")
+    kafka.add(0, "poison", b"poison")
+    kafka.add(0, "c")
+
+    def handler(msg: Any) -> None:
+        if msg.value() == b"poison":
+            raise DecodeError("poison")
+
+    consumer = make(kafka, handler, producer_factory=FakeProducer(fail=True))
+    consumer.poll_once()
+    consumer.close()
+    assert kafka.committed_offsets() == {0: 1}
+    assert kafka.position[0] == 1
+    assert consumer.stats.dead_lettered == 0
+
+
+def test_retry_later_rewinds_and_pauses_only_that_partition() -> None:
+    kafka = FakeKafka(partitions=2)
+    kafka.add(0, "slow")
+    kafka.add(1, "fast")
+    refusals = [RetryLater(30.0)]
+
+    def handler(msg: Any) -> None:
+        if msg.partition() == 0 and refusals:
+            raise refusals.pop()
+
+    consumer = make(kafka, handler)
+    consumer.poll_once()
+    assert consumer.paused_partitions == [("t", 0)]
+    assert kafka.paused == {0} and kafka.position[0] == 0
+    consumer.close()
+    assert kafka.committed_offsets() == {1: 1}
+
+
+def test_a_store_outage_rewinds_every_partition_and_nothing_is_handled_or_committed() -> None:
+    kafka = FakeKafka(partitions=2)
+    kafka.add(0, "a")
+    kafka.add(1, "b")
+    store = JournalStore(kafka.journal)
+    store.fail_claims = 1
+    seen: list[str] = []
+    consumer = make(kafka, lambda m: seen.append(default_event_id(m) or ""), store=store)
+    assert consumer.poll_once() == 0
+    assert seen == [] and kafka.commits == []
+    assert kafka.position == {0: 0, 1: 0}
+    consumer.poll_once()
+    consumer.close()
+    assert sorted(seen) == ["a", "b"]
+    assert kafka.committed_offsets() == {0: 1, 1: 1}
+
+
+def test_messages_without_an_id_are_deduplicated_by_position() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, None, b"x")
+    seen: list[int] = []
+    consumer = make(kafka, lambda m: seen.append(m.offset()))
+    consumer.poll_once()
+    kafka.seek(type("TP", (), {"partition": 0, "offset": 0})())  # a redelivery of the same record
+    consumer.poll_once()
+    consumer.close()
+    assert seen == [0]
+    assert consumer.stats.fallback_ids == 2 and consumer.stats.duplicates == 1
+
+
+def test_revocation_writes_deferred_done_records_and_commits_them() -> None:
+    from confluent_kafka import TopicPartition
+
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "e")
+    store = JournalStore(kafka.journal)
+    consumer = make(kafka, lambda m: None, store=store)
+    consumer.poll_once()
+    assert kafka.commits == []
+    kafka.callbacks["on_revoke"](kafka, [TopicPartition("t", 0)])
+    assert kafka.journal.index("store done=['e']") < kafka.journal.index("commit 0:1")
+
+
+def test_run_stops_after_max_messages_and_on_stop() -> None:
+    kafka = FakeKafka(partitions=1)
+    for i in range(10):
+        kafka.add(0, f"e{i}")
+    consumer = make(kafka, lambda m: None, batch_size=3)
+    consumer.run(max_messages=5)
+    assert 5 <= consumer.stats.handled < 10
+    consumer.stop()
+    consumer.run()
+    consumer.close()
