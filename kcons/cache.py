@@ -398,8 +398,10 @@ class ConsistentCache:
     def get(self, key: str, loader: Loader) -> Versioned | None:
         """The value of ``key``: cached, else loaded (once per key across concurrent misses) and filled.
 
-        Never returns a version older than an invalidation applied before the call began.
-        Returns None when the loader finds no row (nothing is cached for absent rows).
+        Never returns a version older than an invalidation applied before the call began, given
+        a loader that reads the source of truth (the primary database, not a lagging replica).
+        Returns None when the loader finds no row (nothing is cached for absent rows). Raises
+        CacheUnavailableError when Redis cannot be reached (callers may then call the loader).
         """
         entry = self._read(key)
         if entry is not None and entry.value is not None:

@@ -104,6 +104,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small run for CI (under a minute)")
     parser.add_argument("--duration", type=float, help="seconds of load (at least; runs on until reads and kills)")
     parser.add_argument("--kills", type=int, help="minimum invalidator SIGKILLs")
+    parser.add_argument("--max-duration", type=float, help="stop the load after this many seconds regardless")
     parser.add_argument("--min-reads", type=int, help="minimum reads checked")
     parser.add_argument("--readers", type=int, help="reader processes")
     parser.add_argument("--rate", type=float, help="writes per second (all writer threads)")
@@ -148,7 +149,7 @@ def main() -> int:
             started = time.monotonic()
             kills = 0
             modes = [1, 0]  # invalidator processes started: IdempotentConsumer loop, batched loop
-            max_duration = duration * 4
+            max_duration = args.max_duration or duration * 4
             while True:
                 elapsed = time.monotonic() - started
                 reads_so_far = int(r.get(f"{prefix}:reads") or 0)
@@ -176,6 +177,7 @@ def main() -> int:
                     if p.poll() is not None:
                         raise SystemExit(f"a worker died unexpectedly (exit {p.returncode})")
 
+            load_seconds = time.monotonic() - started
             writer_result = _finish(writer)
             reader_results = [_finish(p) for p in reader_procs]
             # Quiescence: the outbox drains, then every row's last version's invalidation is applied.
@@ -233,7 +235,8 @@ def main() -> int:
         "outbox_drained": outbox_drained,
         "examples": [e for x in reader_results for e in x.get("examples", [])][:5],
         "settings": {
-            "quick": quick, "duration_s": duration, "readers": readers, "rate": rate, "rows": rows,
+            "quick": quick, "duration_s": duration, "load_seconds": round(load_seconds, 1),
+            "readers": readers, "rate": rate, "rows": rows,
             "min_reads": min_reads, "min_kills": kills_wanted, "seed": args.seed,
             "negative_control": args.negative_control,
         },
