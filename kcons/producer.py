@@ -25,7 +25,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import FINISHED as _FINISHED
+from concurrent.futures._base import PENDING as _PENDING
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DeliveryCallback",
+    "DeliveryFuture",
     "HeaderList",
     "IdempotentProducer",
     "TransactionalProducer",
@@ -173,6 +176,62 @@ def _with_event_id(headers: HeaderList | None) -> HeaderList:
         if name == HEADER_ID:
             return headers
     return [(HEADER_ID, fast_event_id()), *headers]
+
+
+# --- delivery futures --------------------------------------------------------------------
+
+_lazy_condition_lock = threading.Lock()
+
+
+class DeliveryFuture(Future[Message]):
+    """A ``concurrent.futures.Future`` that creates its Condition only when something waits on it.
+
+    One future is made per produced message and most are never waited on; the standard
+    Future builds a Condition and an RLock up front, which costs more than the produce call.
+    Here the Condition appears on first use (``result``, ``done``, ``add_done_callback``,
+    ``wait``...); until then ``set_result``/``set_exception`` just record the outcome. Both
+    paths hold one module lock while checking whether the Condition exists, so a waiter that
+    arrives concurrently either sees the outcome or is notified. Behaviour is otherwise that
+    of ``concurrent.futures.Future`` (``asyncio.wrap_future`` works on it).
+    """
+
+    def __init__(self) -> None:  # Future.__init__ is skipped on purpose: it builds the Condition
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks: list[Callable[[Future[Message]], object]] = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond: threading.Condition | None = self.__dict__.get("_lazy_condition")
+        if cond is None:
+            with _lazy_condition_lock:
+                cond = self.__dict__.get("_lazy_condition")
+                if cond is None:
+                    cond = threading.Condition()
+                    self.__dict__["_lazy_condition"] = cond
+        return cond
+
+    def set_result(self, result: Message) -> None:
+        with _lazy_condition_lock:
+            if "_lazy_condition" not in self.__dict__:
+                if self._state != _PENDING:
+                    raise InvalidStateError(f"the delivery future is already {self._state}")
+                self._result = result
+                self._state = _FINISHED
+                return
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with _lazy_condition_lock:
+            if "_lazy_condition" not in self.__dict__:
+                if self._state != _PENDING:
+                    raise InvalidStateError(f"the delivery future is already {self._state}")
+                self._exception = exception
+                self._state = _FINISHED
+                return
+        super().set_exception(exception)
 
 
 # --- producers ---------------------------------------------------------------------------
@@ -310,7 +369,7 @@ class IdempotentProducer:
         raises TimeoutExceededError; with ``block=False`` raises BufferError at once instead.
         """
         self._check_open()
-        fut: Future[Message] = Future()
+        fut: Future[Message] = DeliveryFuture()
         user_cb = on_delivery or self._user_delivery_cb
         self._pending.add(fut)
 

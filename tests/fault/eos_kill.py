@@ -163,7 +163,15 @@ def read_output(bootstrap: str, topic: str, partitions: int) -> list[tuple[bytes
     return out
 
 
-def verify(records: list[tuple[bytes | None, bytes | None]], n: int) -> dict[str, int]:
+def log_offsets(bootstrap: str, topic: str, partitions: int) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4().hex}"})
+    try:
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in range(partitions))
+    finally:
+        consumer.close()
+
+
+def verify(records: list[tuple[bytes | None, bytes | None]], n: int) -> dict[str, Any]:
     counts: collections.Counter[int] = collections.Counter()
     unexpected = 0
     out_of_order = 0
@@ -297,6 +305,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         exit_codes = [slot.stop() for slot in slots]
         records = read_output(bootstrap, topic_out, args.partitions)
         result = verify(records, args.records)
+        # Offsets used in the output log: committed records, aborted ones (killed mid-transaction) and markers.
+        result["output_log_offsets"] = log_offsets(bootstrap, topic_out, args.partitions)
 
     ok = (
         result["lost"] == 0

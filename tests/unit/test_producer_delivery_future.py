@@ -1,0 +1,88 @@
+"""DeliveryFuture behaves like concurrent.futures.Future, including waiters racing the delivery thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any
+
+import pytest
+
+from kcons.producer import DeliveryFuture
+
+
+def test_result_set_before_anyone_waits_is_returned() -> None:
+    fut = DeliveryFuture()
+    fut.set_result("msg")  # type: ignore[arg-type]
+    assert fut.done() and fut.result(0) == "msg"
+
+
+def test_exception_set_before_anyone_waits_is_raised() -> None:
+    fut = DeliveryFuture()
+    fut.set_exception(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        fut.result(0)
+
+
+def test_setting_twice_is_refused_on_both_paths() -> None:
+    fast = DeliveryFuture()
+    fast.set_result(1)  # type: ignore[arg-type]
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        fast.set_result(2)  # type: ignore[arg-type]
+    slow = DeliveryFuture()
+    assert not slow.done()  # creates the condition: the standard path from here on
+    slow.set_result(1)  # type: ignore[arg-type]
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        slow.set_exception(ValueError())
+
+
+def test_pending_result_times_out() -> None:
+    with pytest.raises(concurrent.futures.TimeoutError):
+        DeliveryFuture().result(0.01)
+
+
+def test_done_callbacks_run_whether_added_before_or_after_the_result() -> None:
+    seen: list[Any] = []
+    before = DeliveryFuture()
+    before.add_done_callback(lambda f: seen.append(("before", f.result())))
+    before.set_result("a")  # type: ignore[arg-type]
+    after = DeliveryFuture()
+    after.set_result("b")  # type: ignore[arg-type]
+    after.add_done_callback(lambda f: seen.append(("after", f.result())))
+    assert seen == [("before", "a"), ("after", "b")]
+
+
+def test_waiters_racing_the_setter_never_miss_the_result() -> None:
+    for _ in range(300):
+        futs = [DeliveryFuture() for _ in range(8)]
+        got: list[Any] = []
+        barrier = threading.Barrier(len(futs) + 1)
+
+        def wait(f: DeliveryFuture, barrier: threading.Barrier, got: list[Any]) -> None:
+            barrier.wait()
+            got.append(f.result(timeout=5))
+
+        threads = [threading.Thread(target=wait, args=(f, barrier, got)) for f in futs]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        for i, f in enumerate(futs):
+            f.set_result(i)  # type: ignore[arg-type]
+        for t in threads:
+            t.join(10)
+        assert sorted(got) == list(range(len(futs)))
+
+
+def test_concurrent_futures_wait_and_asyncio_wrap_future_work() -> None:
+    futs = [DeliveryFuture() for _ in range(3)]
+    threading.Timer(0.01, lambda: [f.set_result(i) for i, f in enumerate(futs)]).start()  # type: ignore[func-returns-value]
+    done, not_done = concurrent.futures.wait(futs, timeout=5)
+    assert len(done) == 3 and not not_done
+
+    async def awaited() -> Any:
+        fut = DeliveryFuture()
+        threading.Timer(0.01, fut.set_result, args=("x",)).start()
+        return await asyncio.wrap_future(fut)
+
+    assert asyncio.run(awaited()) == "x"
