@@ -24,6 +24,7 @@ __all__ = [
     "CheckResult",
     "KvModel",
     "Operation",
+    "VersionedKvModel",
     "check_kv_history",
     "check_linearizable",
 ]
@@ -176,7 +177,39 @@ class KvModel:
         raise ValueError(f"unknown operation {kind!r}")
 
 
-def check_kv_history(history: Iterable[tuple[Any, Operation]], init: Hashable = None) -> CheckResult:
+class VersionedKvModel:
+    """Sequential model of one key of :mod:`kcons.raft.kv` (value and version), state ``(value, version)``.
+
+    Inputs and outputs: ``("put", v)`` -> new version; ``("get",)`` -> ``(value, version)`` with
+    ``(None, 0)`` when absent; ``("cas", expected_version, v)`` -> ``(written, version_now)``;
+    ``("delete",)`` -> whether the key existed.
+    """
+
+    INIT: Hashable = (None, 0)
+
+    @staticmethod
+    def step(state: Hashable, inp: Any, out: Any) -> tuple[bool, Hashable]:
+        """Apply ``inp``; legal when ``out`` is what the store must have answered (or UNKNOWN)."""
+        assert isinstance(state, tuple)
+        value: Any = state[0]
+        version: int = state[1]
+        kind = inp[0]
+        if kind == "put":
+            return (out is UNKNOWN or out == version + 1), (inp[1], version + 1)
+        if kind == "get":
+            return (out is UNKNOWN or tuple(out) == (value, version)), state
+        if kind == "cas":
+            if version == inp[1]:
+                return (out is UNKNOWN or tuple(out) == (True, version + 1)), (inp[2], version + 1)
+            return (out is UNKNOWN or tuple(out) == (False, version)), state
+        if kind == "delete":
+            return (out is UNKNOWN or out == (value is not None)), (None, 0)
+        raise ValueError(f"unknown operation {kind!r}")
+
+
+def check_kv_history(
+    history: Iterable[tuple[Any, Operation]], init: Hashable = None, step: Step | None = None
+) -> CheckResult:
     """Check ``(key, operation)`` pairs key by key against :class:`KvModel`.
 
     Reads whose outcome is unknown constrain nothing and are dropped before the search.
@@ -188,7 +221,8 @@ def check_kv_history(history: Iterable[tuple[Any, Operation]], init: Hashable = 
             continue
         by_key[key].append(op)
         total += 1
+    model = step or KvModel.step
     for key, ops in by_key.items():
-        if not check_linearizable(ops, init, KvModel.step):
+        if not check_linearizable(ops, init, model):
             return CheckResult(False, key, total)
     return CheckResult(True, None, total)

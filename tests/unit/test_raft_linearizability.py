@@ -93,3 +93,17 @@ def test_random_sequential_histories_are_accepted_and_corrupted_ones_rejected() 
 def test_unknown_output_is_a_distinct_marker() -> None:
     assert Operation.pending(0, ("get",)).output is UNKNOWN
     assert UNKNOWN is not None
+
+
+def test_versioned_model_checks_versions_returned_by_writes() -> None:
+    from kcons.raft.linearizability import VersionedKvModel
+
+    init = VersionedKvModel.INIT
+    good = [op(0, 1, ("put", "a"), 1), op(2, 3, ("cas", 1, "b"), (True, 2)), op(4, 5, ("get",), ("b", 2))]
+    assert check_linearizable(good, init, VersionedKvModel.step)
+    duplicated = [op(0, 1, ("put", "a"), 1), op(2, 3, ("put", "b"), 3)]  # a write applied twice
+    assert not check_linearizable(duplicated, init, VersionedKvModel.step)
+    lost = [op(0, 1, ("put", "a"), 1), op(2, 3, ("get",), (None, 0))]
+    assert not check_linearizable(lost, init, VersionedKvModel.step)
+    deleted = [op(0, 1, ("put", "a"), 1), op(2, 3, ("delete",), True), op(4, 5, ("put", "c"), 1)]
+    assert check_linearizable(deleted, init, VersionedKvModel.step)
