@@ -13,6 +13,7 @@ from kcons.raft.messages import Message, MsgType
 from kcons.raft.transport import (
     KIND_RAFT,
     KIND_REQUEST,
+    KIND_RESPONSE,
     FrameCodec,
     PeerAddress,
     RaftTransport,
