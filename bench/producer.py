@@ -5,8 +5,11 @@ on the same broker, interleaved over ``--repeat`` rounds; the best round of each
 (noise from other processes on the machine only ever slows a round down). The baseline is a
 plain ``confluent_kafka.Producer`` with ``enable.idempotence=true`` and a delivery callback that
 counts failures; kcons is :class:`kcons.producer.TransactionalProducer` with its defaults (a
-future per message, a ``kcons-id`` header per message) committing a transaction every
-``--commit-ms`` milliseconds. The last line of output is one JSON object (see DESIGN.md).
+``kcons-id`` header per message) writing with ``enqueue`` (a failed delivery fails the commit)
+and committing a transaction every ``--commit-ms`` milliseconds; ``kcons_futures`` is the same
+with ``produce`` (a future per message). A third side, reported but not used in ``ratio``, is the raw
+confluent-kafka transactional producer with the same commit interval: it separates the cost of
+Kafka transactions themselves from what kcons adds. The last line of output is one JSON object (see DESIGN.md).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def run_baseline(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: 
                 break
             except BufferError:
                 p.poll(0.01)
-        p.poll(0)
+        if i % 256 == 0:
+            p.poll(0)
     left = p.flush(120)
     elapsed = time.perf_counter() - start
     if left or failed[0]:
@@ -68,8 +72,62 @@ def run_baseline(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: 
     return {"msgs": n, "seconds": round(elapsed, 3), "msgs_per_s": round(n / elapsed, 1)}
 
 
-def run_kcons(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int, commit_ms: int) -> dict[str, Any]:
-    """TransactionalProducer, one transaction per commit interval, futures checked at the end."""
+def run_raw_transactional(
+    bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int, commit_ms: int
+) -> dict[str, Any]:
+    """Reference point (not the baseline): the raw confluent-kafka transactional producer, same commit interval."""
+    failed = [0]
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failed[0] += 1
+
+    p = Producer(
+        {
+            **_common(bootstrap, linger_ms),
+            "transactional.id": f"bench-raw-{uuid.uuid4().hex[:8]}",
+            "retry.backoff.ms": 10,
+            "on_delivery": on_delivery,
+        }
+    )
+    p.init_transactions(30)
+    p.list_topics(topic, timeout=10)
+    interval = commit_ms / 1000.0
+    transactions = 0
+    start = time.perf_counter()
+    i = 0
+    while i < n:
+        p.begin_transaction()
+        txn_end = time.perf_counter() + interval
+        while i < n:
+            key = str(i % 1000).encode()
+            while True:
+                try:
+                    p.produce(topic, payload, key)
+                    break
+                except BufferError:
+                    p.poll(0.01)
+            i += 1
+            if i % 256 == 0:
+                p.poll(0)
+                if time.perf_counter() >= txn_end:
+                    break
+        p.commit_transaction(60)
+        transactions += 1
+    elapsed = time.perf_counter() - start
+    if failed[0]:
+        raise RuntimeError(f"raw transactional lost messages: {failed[0]} failed")
+    return {"msgs": n, "seconds": round(elapsed, 3), "msgs_per_s": round(n / elapsed, 1), "transactions": transactions}
+
+
+def run_kcons(
+    bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int, commit_ms: int, *, futures_mode: bool = False
+) -> dict[str, Any]:
+    """TransactionalProducer, one transaction per commit interval.
+
+    Default: ``enqueue`` (no per-message future; a failed delivery fails the commit). With
+    ``futures_mode``: ``produce``, one future per message, all checked at the end.
+    """
     p = TransactionalProducer({**_common(bootstrap, linger_ms), "transactional.id": f"bench-{uuid.uuid4().hex[:8]}"})
     p.raw.list_topics(topic, timeout=10)
     interval = commit_ms / 1000.0
@@ -81,7 +139,10 @@ def run_kcons(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int
         with p.transaction():
             txn_end = time.perf_counter() + interval
             while i < n:
-                futures.append(p.produce(topic, payload, str(i % 1000).encode()))
+                if futures_mode:
+                    futures.append(p.produce(topic, payload, str(i % 1000).encode()))
+                else:
+                    p.enqueue(topic, payload, str(i % 1000).encode())
                 i += 1
                 if i % 256 == 0:
                     p.poll(0)
@@ -115,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with start_stack(redis=False, postgres=False) as stack:
         admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-        results: dict[int, dict[str, list[dict[str, Any]]]] = {s: {"baseline": [], "kcons": []} for s in sizes}
+        results: dict[int, dict[str, list[dict[str, Any]]]] = {
+            s: {"baseline": [], "kcons": [], "kcons_futures": [], "raw_transactional": []} for s in sizes
+        }
         for rnd in range(args.repeat):
             for size in sizes:
                 payload = os.urandom(size)
@@ -130,16 +193,44 @@ def main(argv: list[str] | None = None) -> int:
                     args.linger_ms,
                     args.commit_ms,
                 )
-                log.info("round %d size %d: baseline %s kcons %s", rnd, size, base, kc)
+                kc_fut = run_kcons(
+                    stack.kafka_bootstrap,
+                    _topic(admin, args.partitions),
+                    args.messages,
+                    payload,
+                    args.linger_ms,
+                    args.commit_ms,
+                    futures_mode=True,
+                )
+                raw_txn = run_raw_transactional(
+                    stack.kafka_bootstrap,
+                    _topic(admin, args.partitions),
+                    args.messages,
+                    payload,
+                    args.linger_ms,
+                    args.commit_ms,
+                )
+                log.info(
+                    "round %d size %d: baseline %s kcons %s kcons futures %s raw txn %s",
+                    rnd, size, base, kc, kc_fut, raw_txn,
+                )  # fmt: skip
+                results[size]["kcons_futures"].append(kc_fut)
                 results[size]["baseline"].append(base)
                 results[size]["kcons"].append(kc)
+                results[size]["raw_transactional"].append(raw_txn)
 
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return max(runs, key=lambda r: float(r["msgs_per_s"]))
 
     baseline = {f"{s}B": best(results[s]["baseline"]) for s in sizes}
     kcons = {f"{s}B": best(results[s]["kcons"]) for s in sizes}
+    raw_txn = {f"{s}B": best(results[s]["raw_transactional"]) for s in sizes}
+    kc_fut = {f"{s}B": best(results[s]["kcons_futures"]) for s in sizes}
+    fut_ratios = {f"{s}B": round(kc_fut[f"{s}B"]["msgs_per_s"] / baseline[f"{s}B"]["msgs_per_s"], 3) for s in sizes}
     ratios = {f"{s}B": round(kcons[f"{s}B"]["msgs_per_s"] / baseline[f"{s}B"]["msgs_per_s"], 3) for s in sizes}
+    raw_txn_ratios = {
+        f"{s}B": round(raw_txn[f"{s}B"]["msgs_per_s"] / baseline[f"{s}B"]["msgs_per_s"], 3) for s in sizes
+    }
     first = f"{sizes[0]}B"
     out = {
         "name": "producer",
@@ -147,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         "kcons": kcons,
         "ratio": ratios[first],
         "ratios": ratios,
+        "kcons_futures": kc_fut,
+        "kcons_futures_ratios": fut_ratios,
+        "raw_transactional": raw_txn,
+        "raw_transactional_ratios": raw_txn_ratios,
         "unit": "msgs/s",
         "messages": args.messages,
         "sizes": sizes,

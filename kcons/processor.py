@@ -330,12 +330,12 @@ class TransactionalProcessor:
                 for index, msg in enumerate(batch):
                     for out in self.handler(msg) if outputs is None else outputs[index]:
                         if isinstance(out, Output):
-                            producer.produce(
+                            producer.enqueue(
                                 out.topic, out.value, out.key, headers=out.headers, partition=out.partition
                             )
                         else:
                             topic, envelope = out
-                            producer.send(topic, envelope)
+                            producer.enqueue(topic, envelope.payload, envelope.key, headers=list(envelope.headers()))
                         produced += 1
         except IndefiniteOutcomeError as exc:
             # The producer was re-created; the committed offsets now say whether the batch committed.

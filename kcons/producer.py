@@ -124,21 +124,24 @@ def check_producer_config(config: Mapping[str, Any], *, transactional: bool) -> 
 # --- event ids ---------------------------------------------------------------------------
 
 
+_HEX3 = tuple(f"{i:03x}".encode() for i in range(0x1000))
+
+
 class _EventIds:
     """UUIDv7 text ids, strictly increasing within the process, cheap enough to make one per message.
 
     Same layout as :func:`kcons.envelope.uuid7`: 48-bit Unix milliseconds, version 7, a 12-bit
     sequence within the millisecond, variant bits and 62 random bits. The random bits are drawn
     once per millisecond (the sequence keeps ids of one millisecond apart), and the text around
-    the sequence is formatted once per millisecond, so an id costs one lock and one small format.
+    the sequence is built once per millisecond, so an id costs one lock and two concatenations.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ms = -1
         self._seq = 0
-        self._head = ""
-        self._tail = ""
+        self._head = b""
+        self._tail = b""
 
     def next(self) -> bytes:
         with self._lock:
@@ -149,7 +152,7 @@ class _EventIds:
                 self._seq += 1
                 if self._seq > 0xFFF:  # borrow the next millisecond, as uuid7 does
                     self._start(self._ms + 1)
-            return f"{self._head}{self._seq:03x}{self._tail}".encode()
+            return self._head + _HEX3[self._seq] + self._tail
 
     def _start(self, ms: int) -> None:
         rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
@@ -157,8 +160,8 @@ class _EventIds:
         ms48 = ms & 0xFFFFFFFFFFFF
         self._ms = ms
         self._seq = 0
-        self._head = f"{ms48 >> 16:08x}-{ms48 & 0xFFFF:04x}-7"
-        self._tail = f"-{low >> 48:04x}-{low & 0xFFFFFFFFFFFF:012x}"
+        self._head = f"{ms48 >> 16:08x}-{ms48 & 0xFFFF:04x}-7".encode()
+        self._tail = f"-{low >> 48:04x}-{low & 0xFFFFFFFFFFFF:012x}".encode()
 
 
 _event_ids = _EventIds()
@@ -404,10 +407,12 @@ class IdempotentProducer:
         key: bytes | str | None,
         headers: HeaderList | None,
         partition: int | None,
-        delivered: DeliveryCallback,
+        delivered: DeliveryCallback | None,
     ) -> None:
         deadline = time.monotonic() + self.flush_timeout_s
-        kwargs: dict[str, Any] = {"headers": headers, "on_delivery": delivered}
+        kwargs: dict[str, Any] = {"headers": headers}
+        if delivered is not None:
+            kwargs["on_delivery"] = delivered
         if partition is not None:
             kwargs["partition"] = partition
         while True:
@@ -589,6 +594,7 @@ class TransactionalProducer(IdempotentProducer):
         self.retry_attempts = retry_attempts
         self._producer_factory = producer_factory
         self._in_txn = False
+        self._enqueued = 0  # messages queued with enqueue() in the open transaction
         self._txn_started = 0.0
         self._txn_lock = threading.Lock()
         if isinstance(config, Producer) and transactional_id is not None:
@@ -695,7 +701,39 @@ class TransactionalProducer(IdempotentProducer):
             self._raise_kafka(exc, "begin_transaction")
         self._in_txn = True
         self._failures_since_begin = 0
+        self._enqueued = 0
         self._txn_started = time.monotonic()
+
+    def enqueue(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        *,
+        headers: HeaderList | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Queue a message in the open transaction without a per-message future: the fast path for bulk writes.
+
+        Same guarantee as :meth:`produce` inside a transaction (librdkafka fails the commit when
+        any message of the transaction failed, and the commit then aborts), at a fraction of the
+        Python cost: no future, no delivery callback. Adds the ``kcons-id`` header like produce.
+        Waits (bounded) while the local queue is full.
+        """
+        if not self._in_txn:
+            raise KafkaOperationError("enqueue needs an open transaction; use produce() outside transactions")
+        if self.event_ids:
+            headers = _with_event_id(headers)
+        try:
+            if partition is None:
+                self.raw.produce(topic, value, key, headers=headers)
+            else:
+                self.raw.produce(topic, value, key, partition, headers=headers)
+        except BufferError:
+            self._produce_when_room(topic, value, key, headers, partition, None)
+        except KafkaException as exc:
+            self._raise_kafka(exc, "produce")
+        self._enqueued += 1
 
     def send_offsets(self, offsets: list[TopicPartition], group_metadata: Any, timeout: float = 30.0) -> None:
         """Add consumer offsets (next offset to read) to the open transaction, so they commit with its outputs.
@@ -753,6 +791,9 @@ class TransactionalProducer(IdempotentProducer):
         _retry_policy(self.retry_attempts, self.commit_timeout_s)(commit)
         self._in_txn = False
         self._serve(0, "poll")
+        if self._enqueued:
+            metrics.MESSAGES_PRODUCED.inc(self._enqueued)
+            self._enqueued = 0
         metrics.TRANSACTIONS_COMMITTED.inc()
         metrics.TRANSACTION_DURATION.labels("committed").observe(time.monotonic() - self._txn_started)
 

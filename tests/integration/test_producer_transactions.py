@@ -11,7 +11,13 @@ import pytest
 from confluent_kafka import Producer
 
 from kcons.envelope import HEADER_ID, Envelope, read_envelope
-from kcons.errors import AbortableTransactionError, ConfigError, ProducerFencedError, TimeoutExceededError
+from kcons.errors import (
+    AbortableTransactionError,
+    ConfigError,
+    KafkaOperationError,
+    ProducerFencedError,
+    TimeoutExceededError,
+)
 from kcons.producer import IdempotentProducer, TransactionalProducer, wrap
 
 pytestmark = pytest.mark.integration
@@ -202,3 +208,23 @@ def test_wrapping_a_producer_without_transactional_id_as_transactional_is_reject
     with pytest.raises(ConfigError) as info:
         TransactionalProducer(raw)
     assert info.value.setting == "transactional.id"
+
+
+def test_enqueued_records_commit_together_and_a_refused_one_fails_the_commit(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic(partitions=2, config={"max.message.bytes": "100000"})
+    producer = txn_producer(kafka_bootstrap)
+    with pytest.raises(KafkaOperationError):
+        producer.enqueue(topic, b"outside a transaction")
+    with producer.transaction():
+        for i in range(100):
+            producer.enqueue(topic, f"bulk-{i}", key=str(i))
+    # No futures and no callbacks: the refused record must still fail (and abort) the whole transaction.
+    with pytest.raises(AbortableTransactionError), producer.transaction():
+        producer.enqueue(topic, b"lost-with-its-transaction")
+        producer.enqueue(topic, b"x" * 300_000)
+    producer.close()
+    values = [m.value() for m in read_all(make_consumer, topic, "read_committed", 100)]
+    assert sorted(values) == sorted(f"bulk-{i}".encode() for i in range(100))
+    assert all(HEADER_ID in dict(m.headers()) for m in read_all(make_consumer, topic, "read_committed", 100))
