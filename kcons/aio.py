@@ -189,6 +189,31 @@ class AsyncTransactionalProducer(AsyncIdempotentProducer):
             raise
         await self._bridge.call(self.sync.commit_transaction)
 
+    async def enqueue_in_transaction(
+        self,
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None = None,
+        *,
+        headers: HeaderList | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Queue a record in the open transaction without a future (a failed delivery fails the commit).
+
+        Awaits (bounded by ``flush_timeout_s``) while the local queue is full.
+        """
+        deadline = time.monotonic() + self.sync.flush_timeout_s
+        while True:
+            try:
+                self.sync.enqueue(topic, value, key, headers=headers, partition=partition, block=False)
+                return
+            except BufferError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutExceededError(
+                        f"the local produce queue stayed full for {self.sync.flush_timeout_s}s"
+                    ) from None
+                await asyncio.sleep(0.01)
+
     async def send_offsets(self, offsets: list[TopicPartition], group_metadata: Any, timeout: float = 30.0) -> None:
         """Add consumer offsets to the open transaction."""
         await self._bridge.call(self.sync.send_offsets, offsets, group_metadata, timeout)

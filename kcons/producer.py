@@ -712,13 +712,14 @@ class TransactionalProducer(IdempotentProducer):
         *,
         headers: HeaderList | None = None,
         partition: int | None = None,
+        block: bool = True,
     ) -> None:
         """Queue a message in the open transaction without a per-message future: the fast path for bulk writes.
 
         Same guarantee as :meth:`produce` inside a transaction (librdkafka fails the commit when
         any message of the transaction failed, and the commit then aborts), at a fraction of the
         Python cost: no future, no delivery callback. Adds the ``kcons-id`` header like produce.
-        Waits (bounded) while the local queue is full.
+        Waits (bounded) while the local queue is full; with ``block=False`` raises BufferError instead.
         """
         if not self._in_txn:
             raise KafkaOperationError("enqueue needs an open transaction; use produce() outside transactions")
@@ -730,6 +731,8 @@ class TransactionalProducer(IdempotentProducer):
             else:
                 self.raw.produce(topic, value, key, partition, headers=headers)
         except BufferError:
+            if not block:
+                raise
             self._produce_when_room(topic, value, key, headers, partition, None)
         except KafkaException as exc:
             self._raise_kafka(exc, "produce")

@@ -55,6 +55,7 @@ def test_async_transaction_commits_on_success_and_aborts_on_exception(
         async with producer.transaction():
             pending = [producer.produce_nowait(topic, f"ok-{i}", key=str(i)) for i in range(10)]
             event = await producer.enqueue(topic, b"event", key=b"k")
+            await producer.enqueue_in_transaction(topic, b"bulk", key=b"k")
         delivered = list(await asyncio.gather(*pending, event))
         with pytest.raises(RuntimeError):
             async with producer.transaction():
@@ -67,10 +68,10 @@ def test_async_transaction_commits_on_success_and_aborts_on_exception(
 
     delivered = asyncio.run(scenario())
     assert len(delivered) == 11 and all(m.error() is None for m in delivered)
-    committed = read_values(kafka_bootstrap, topic, "read_committed", 11)
-    uncommitted = read_values(kafka_bootstrap, topic, "read_uncommitted", 21)
-    assert sorted(committed) == sorted([f"ok-{i}".encode() for i in range(10)] + [b"event"])
-    assert len(uncommitted) == 21 and sum(v.startswith(b"aborted") for v in uncommitted) == 10
+    committed = read_values(kafka_bootstrap, topic, "read_committed", 12)
+    uncommitted = read_values(kafka_bootstrap, topic, "read_uncommitted", 22)
+    assert sorted(committed) == sorted([f"ok-{i}".encode() for i in range(10)] + [b"event", b"bulk"])
+    assert len(uncommitted) == 22 and sum(v.startswith(b"aborted") for v in uncommitted) == 10
 
 
 def test_async_run_in_transaction_reruns_after_an_abortable_error(
