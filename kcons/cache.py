@@ -772,7 +772,7 @@ class CacheInvalidator:
         ``config`` is a confluent-kafka consumer config (``group.id`` required);
         ``isolation.level`` defaults to ``read_committed`` (aborted relay transactions are never
         applied) and ``auto.offset.reset`` to ``earliest``. The dedup ``store`` defaults to an
-        in-memory one: the version guard already makes re-applying an event harmless, so the
+        in-memory one (100,000 ids): the version guard already makes re-applying an event harmless, so the
         store only saves Redis round trips. Other keyword arguments go to the consumer.
         """
         from kcons.adapters.memory import MemoryDedupStore
@@ -782,7 +782,11 @@ class CacheInvalidator:
         merged.update(config)
         kwargs.setdefault("batch_timeout_s", 0.01)
         return IdempotentConsumer(
-            merged, topics, self.handle, store=store if store is not None else MemoryDedupStore(), **kwargs
+            merged,
+            topics,
+            self.handle,
+            store=store if store is not None else MemoryDedupStore(max_entries=100_000),
+            **kwargs,
         )
 
     def run(
