@@ -284,6 +284,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64, help="concurrent writers")
     parser.add_argument("--payload", type=int, default=64, help="bytes per value")
     parser.add_argument("--rate", type=float, default=1000.0, help="ops/s of the fixed-rate phase")
+    parser.add_argument(
+        "--only", choices=["pysyncobj", "kcons", "kcons-fsync"], help="measure one system (no ratio; for tuning)"
+    )
     parser.add_argument("--node", choices=["kcons", "pysyncobj"], help=argparse.SUPPRESS)
     parser.add_argument("--id", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ports", help=argparse.SUPPRESS)
@@ -297,6 +300,11 @@ def main() -> None:
         run_pysyncobj_node(args)
         return
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    if args.only:
+        fsync = args.only == "kcons-fsync"
+        out = run_cluster("pysyncobj" if args.only == "pysyncobj" else "kcons", args, fsync=fsync)
+        print(json.dumps({"name": "raft", "system": args.only, **out}))
+        return
     baseline = run_cluster("pysyncobj", args, fsync=False)
     print(f"pysyncobj: {json.dumps(baseline)}", file=sys.stderr)
     kcons_nofsync = run_cluster("kcons", args, fsync=False)

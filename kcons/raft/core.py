@@ -749,8 +749,12 @@ class RaftCore:
         self._send(Message(MsgType.SNAP, self.id, to, self.term, snapshot=snap))
 
     def _bcast_append(self) -> None:
-        for v in self.progress:
-            self._send_append(v)
+        # Only followers with entries to receive: a commit index alone travels with the next
+        # append or heartbeat (at most one tick later), which halves the messages per write.
+        last = self.log.last_index()
+        for v, pr in self.progress.items():
+            if pr.next <= last:
+                self._send_append(v)
 
     def _bcast_heartbeat(self, context: bytes) -> None:
         for v, pr in self.progress.items():

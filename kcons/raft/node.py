@@ -175,6 +175,7 @@ class RaftNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._apply_signal = asyncio.Event()
         self._last_signalled = 0
+        self._gauges_due = True
         self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -270,6 +271,7 @@ class RaftNode:
             core.step(item[1])
         elif kind == "tick":
             core.tick()
+            self._gauges_due = True
         elif kind == "prop":
             fut = item[2]
             try:
@@ -380,10 +382,12 @@ class RaftNode:
                 if not fut.done():
                     fut.set_exception(NotLeaderError(core.leader))
             self._reads.clear()
-        self._m_term.set(core.term)
-        self._m_leader.set(1 if core.is_leader else 0)
-        self._m_commit_index.set(core.log.committed)
-        self._m_applied.set(applied)
+        if self._gauges_due:
+            self._gauges_due = False  # once per tick: cheap enough to leave on under load
+            self._m_term.set(core.term)
+            self._m_leader.set(1 if core.is_leader else 0)
+            self._m_commit_index.set(core.log.committed)
+            self._m_applied.set(applied)
         if applied != self._last_signalled:
             self._last_signalled = applied
             signal, self._apply_signal = self._apply_signal, asyncio.Event()

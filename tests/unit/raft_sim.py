@@ -527,8 +527,20 @@ class ScriptedCluster:
         """Restore every link."""
         self.cut.clear()
 
-    def drain(self, max_rounds: int = 1000) -> None:
-        """Process Ready batches and deliver messages until the cluster is quiet."""
+    def drain(self, max_rounds: int = 1000, heartbeat: bool = True) -> None:
+        """Deliver until quiet; then (``heartbeat``) one leader heartbeat spreads the commit index."""
+        self._drain(max_rounds)
+        if heartbeat:
+            leaders = self.leaders()
+            for i in leaders:
+                core = self.cores[i]
+                if any(self.cores[j].log.committed < core.log.committed for j in self.ids if j not in self.down):
+                    core.heartbeat_elapsed = core.cfg.heartbeat_tick - 1
+                    core.tick()
+            if leaders:
+                self._drain(max_rounds)
+
+    def _drain(self, max_rounds: int) -> None:
         for _ in range(max_rounds):
             msgs: list[Message] = []
             for i in self.ids:
