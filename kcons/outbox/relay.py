@@ -206,8 +206,6 @@ class OutboxRelay:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._last_loop = time.monotonic()
-        self._last_backlog = 0.0
-        self._last_purge = 0.0
         self._m_leader = metrics.OUTBOX_IS_LEADER.labels(name)
         self._m_published = metrics.OUTBOX_PUBLISHED_TOTAL.labels(name)
         self._m_latency = metrics.OUTBOX_PUBLISH_LATENCY_SECONDS.labels(name)
@@ -454,6 +452,8 @@ class OutboxRelay:
     def run(self) -> None:
         """Lead or stand by until :meth:`stop`; raises when a batch keeps failing past the retry bound."""
         log.info("outbox relay %s (%s) starting", self.holder, self.lease_name)
+        housekeeper = threading.Thread(target=self._housekeeping_loop, name="kcons-outbox-housekeeping", daemon=True)
+        housekeeper.start()
         try:
             while not self._stop.is_set():
                 self._last_loop = time.monotonic()
@@ -479,10 +479,11 @@ class OutboxRelay:
                     metrics.OUTBOX_ERRORS_TOTAL.labels(self.name, "gave_up").inc()
                     log.error("relay gives up after retrying for %.0fs: %s", self.retry_max_s, type(exc).__name__)
                     raise
-                self._housekeeping()
                 if n == 0:
                     self._wait_for_rows()
         finally:
+            self._stop.set()
+            housekeeper.join(15)
             self._shutdown()
 
     def _wait_for_rows(self) -> None:
@@ -492,10 +493,12 @@ class OutboxRelay:
             if left <= 0 or self.store.wait_for_change(min(left, 0.25)):
                 return
 
-    def _housekeeping(self) -> None:
-        now = time.monotonic()
-        if now - self._last_backlog >= self.backlog_interval_s:
-            self._last_backlog = now
+    def _housekeeping_loop(self) -> None:
+        """Sample the backlog and purge expired published rows, in this thread, while leading."""
+        last_purge = 0.0
+        while not self._stop.wait(self.backlog_interval_s):
+            if not self.is_leader:
+                continue
             try:
                 count, age = self.store.backlog()
             except Exception as exc:  # metrics must not stop publishing
@@ -503,15 +506,16 @@ class OutboxRelay:
             else:
                 self._m_backlog.set(count)
                 self._m_age.set(age)
-        if self.retention_s is not None and now - self._last_purge >= 60.0:
-            self._last_purge = now
-            try:
-                purged = self.store.purge_published(self.retention_s)
-            except Exception as exc:  # retried at the next interval
-                log.warning("purging published rows failed: %s", type(exc).__name__)
-            else:
-                if purged:
-                    log.info("purged %d published outbox rows", purged)
+            now = time.monotonic()
+            if self.retention_s is not None and now - last_purge >= 60.0:
+                last_purge = now
+                try:
+                    purged = self.store.purge_published(self.retention_s)
+                except Exception as exc:  # retried at the next interval
+                    log.warning("purging published rows failed: %s", type(exc).__name__)
+                else:
+                    if purged:
+                        log.info("purged %d published outbox rows", purged)
 
     def stop(self) -> None:
         """Ask the loop to finish its current batch, release the lease and return."""

@@ -29,7 +29,7 @@ __all__ = ["DEBEZIUM_TOPIC_PREFIX", "OutboxRecord", "OutboxRow", "decode_headers
 DEBEZIUM_TOPIC_PREFIX = "outbox.event."
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OutboxRow:
     """One unpublished outbox row as the relay reads it."""
 

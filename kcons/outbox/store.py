@@ -99,7 +99,7 @@ class OutboxStore(Protocol):
 
 
 class PostgresOutboxStore:
-    """The outbox table on PostgreSQL via psycopg 3: one work connection and one LISTEN connection."""
+    """The outbox table on PostgreSQL via psycopg 3: work, LISTEN and housekeeping connections."""
 
     def __init__(
         self,
@@ -117,16 +117,14 @@ class PostgresOutboxStore:
         self._connect_timeout = max(1, int(connect_timeout_s))
         self._work: Any = None
         self._listen: Any = None
+        self._housekeeping: Any = None
         self._lock = threading.Lock()
         t = self.table
         cols = (
             "position, id::text, aggregatetype, aggregateid, type, payload, topic, headers, version, "
             "extract(epoch FROM clock_timestamp() - created_at)::float8"
         )
-        self._fetch_sql = (
-            f"SELECT {cols} FROM {t} WHERE published_at IS NULL "
-            f"AND position <> ALL(%(exclude)s::bigint[]) ORDER BY position LIMIT %(limit)s"
-        )
+        self._fetch_sql = f"SELECT {cols} FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT %(limit)s"
         # The hinted read (see the module docstring): unpublished committed rows at or below the
         # hint can only come from transactions that were open at the previous read (txid >= its
         # horizon); above the hint, the lowest positions. One statement, hence one snapshot, whose
@@ -134,11 +132,12 @@ class PostgresOutboxStore:
         self._hinted_sql = (
             f"WITH snap AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin) "
             f"SELECT u.*, snap.xmin FROM snap LEFT JOIN LATERAL ("
-            f"(SELECT {cols}, 1 AS late FROM {t} WHERE published_at IS NULL AND position <= %(hint)s "
-            f"AND txid >= %(horizon)s::xid8 AND position <> ALL(%(exclude)s::bigint[]) LIMIT %(late_limit)s) "
+            # ``position + 0``: the late rows are found through the txid index, never by walking positions.
+            f"(SELECT {cols}, 1 AS late FROM {t} WHERE published_at IS NULL AND position + 0 <= %(hint)s "
+            f"AND txid >= %(horizon)s::xid8 LIMIT %(late_limit)s) "
             f"UNION ALL "
             f"(SELECT {cols}, 0 AS late FROM {t} WHERE published_at IS NULL AND position > %(hint)s "
-            f"AND position <> ALL(%(exclude)s::bigint[]) ORDER BY position LIMIT %(limit)s)"
+            f"ORDER BY position LIMIT %(limit)s)"
             f") u ON true ORDER BY u.position"
         )
         self._snapshot_sql = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
@@ -170,7 +169,12 @@ class PostgresOutboxStore:
             connect_timeout=self._connect_timeout,
             application_name=self._app,
             # A paused relay must not keep row or fence locks: the server ends its open transaction.
-            options=f"-c idle_in_transaction_session_timeout={self._timeout_ms}",
+            # Every relay statement is built for index access (position, txid, fence key); a queue
+            # table's statistics are always stale, so the planner is kept from scans of all rows.
+            options=(
+                f"-c idle_in_transaction_session_timeout={self._timeout_ms} "
+                "-c enable_seqscan=off -c enable_bitmapscan=off -c plan_cache_mode=force_custom_plan"
+            ),
         )
 
     def _conn(self) -> Any:
@@ -194,7 +198,9 @@ class PostgresOutboxStore:
         next call starts above them, so the dead index entries of deleted rows are not rescanned.
         """
         conn = self._conn()
-        excluded = list(exclude)
+        # Rows in flight (``exclude``) lie at or below the hint; they are dropped here rather than
+        # sent as an array parameter (cheaper for large batches).
+        skip = set(exclude)
         hint = self._hint
         try:
             with conn.cursor() as cur:
@@ -203,23 +209,22 @@ class PostgresOutboxStore:
                     # transaction open at or started after this snapshot, so its txid >= this xmin.
                     row = cur.execute(self._snapshot_sql).fetchone()
                     horizon = int(row[0]) if row else 0
-                    cur.execute(self._fetch_sql, {"exclude": excluded, "limit": limit}, prepare=True)
-                    raw = cur.fetchall()
-                    late = 0
+                    cur.execute(self._fetch_sql, {"limit": limit + len(skip)}, prepare=True)
+                    raw = [r for r in cur.fetchall() if r[0] not in skip][:limit]
+                    overflow = False
                 else:
-                    params = {
-                        "hint": hint[0], "horizon": str(hint[1]), "exclude": excluded,
-                        "limit": limit, "late_limit": limit + 1,
-                    }  # fmt: skip
+                    late_limit = limit + 1 + len(skip)
+                    params = {"hint": hint[0], "horizon": str(hint[1]), "limit": limit, "late_limit": late_limit}
                     cur.execute(self._hinted_sql, params, prepare=True)
                     got = cur.fetchall()
                     horizon = int(got[0][11]) if got else hint[1]
-                    raw = [r for r in got if r[0] is not None]
-                    late = sum(1 for r in raw if r[10] == 1)
+                    # All late rows must be in hand (the late query has no order): a full LIMIT means maybe not.
+                    overflow = sum(1 for r in got if r[10] == 1) >= late_limit
+                    raw = [r for r in got if r[0] is not None and r[0] not in skip]
         except Exception:
             self._on_error()
             raise
-        if late > limit:
+        if overflow:
             # More late rows than one batch (a huge transaction committed late): read plainly once.
             self._hint = None
             return self.fetch(limit, exclude)
@@ -324,40 +329,52 @@ class PostgresOutboxStore:
             time.sleep(min(timeout_s, 1.0))
             return False
 
+    def _housekeeping_conn(self) -> Any:
+        # Backlog samples and retention purges use their own connection (and thread), so a slow
+        # count never holds up publishing; a statement timeout bounds them.
+        import psycopg
+
+        conn = self._housekeeping
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            conn = self._housekeeping = psycopg.connect(
+                self._dsn,
+                autocommit=True,
+                connect_timeout=self._connect_timeout,
+                application_name=self._app,
+                options="-c statement_timeout=10000",
+            )
+        return conn
+
     def backlog(self) -> tuple[int, float]:
         """(unpublished committed rows, age in seconds of the oldest one or 0)."""
-        conn = self._conn()
-        try:
-            row = conn.execute(
+        row = (
+            self._housekeeping_conn()
+            .execute(
                 f"SELECT count(*), coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 "
                 f"FROM {self.table} WHERE published_at IS NULL"
-            ).fetchone()
-        except Exception:
-            self._on_error()
-            raise
+            )
+            .fetchone()
+        )
         assert row is not None
         return int(row[0]), float(row[1])
 
     def purge_published(self, older_than_s: float, limit: int = 10000) -> int:
         """Delete up to ``limit`` rows published more than ``older_than_s`` seconds ago."""
-        conn = self._conn()
-        try:
-            cur = conn.execute(
-                f"DELETE FROM {self.table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {self.table} "
-                f"WHERE published_at < clock_timestamp() - make_interval(secs => %s) LIMIT %s))",
-                (older_than_s, limit),
-            )
-        except Exception:
-            self._on_error()
-            raise
+        cur = self._housekeeping_conn().execute(
+            f"DELETE FROM {self.table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {self.table} "
+            f"WHERE published_at < clock_timestamp() - make_interval(secs => %s) LIMIT %s))",
+            (older_than_s, limit),
+        )
         return int(cur.rowcount)
 
     def close(self) -> None:
-        """Close both connections."""
-        for conn in (self._work, self._listen):
+        """Close every connection."""
+        for conn in (self._work, self._listen, self._housekeeping):
             if conn is not None:
                 conn.close()
-        self._work = self._listen = None
+        self._work = self._listen = self._housekeeping = None
 
 
 class SqliteOutboxStore:
@@ -373,6 +390,7 @@ class SqliteOutboxStore:
         self.table = validate_table(table)
         self._poll_s = poll_s
         self._db: sqlite3.Connection | None = None
+        self._hk: sqlite3.Connection | None = None
         self._fence: dict[str, int] = {}
         self._data_version: int | None = None
 
@@ -461,10 +479,15 @@ class SqliteOutboxStore:
                 return False
             time.sleep(min(self._poll_s, left))
 
+    def _housekeeping_conn(self) -> sqlite3.Connection:
+        if self._hk is None:
+            self._hk = sqlite3.connect(self._path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        return self._hk
+
     def backlog(self) -> tuple[int, float]:
-        """(unpublished rows, age in seconds of the oldest one or 0)."""
+        """(unpublished rows, age in seconds of the oldest one or 0); own connection, for the housekeeping thread."""
         row = (
-            self._conn()
+            self._housekeeping_conn()
             .execute(f"SELECT count(*), min(created_at) FROM {self.table} WHERE published_at IS NULL")
             .fetchone()
         )
@@ -475,7 +498,7 @@ class SqliteOutboxStore:
     def purge_published(self, older_than_s: float, limit: int = 10000) -> int:
         """Delete up to ``limit`` rows published more than ``older_than_s`` seconds ago."""
         cutoff = time.time() - older_than_s
-        cur = self._conn().execute(
+        cur = self._housekeeping_conn().execute(
             f"DELETE FROM {self.table} WHERE position IN (SELECT position FROM {self.table} "
             f"WHERE published_at IS NOT NULL AND published_at < ? LIMIT ?)",
             (cutoff, limit),
@@ -483,7 +506,10 @@ class SqliteOutboxStore:
         return int(cur.rowcount)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        if self._hk is not None:
+            self._hk.close()
+            self._hk = None
         if self._db is not None:
             self._db.close()
             self._db = None

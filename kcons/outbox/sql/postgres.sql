@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     aggregateid   text        NOT NULL,
     type          text        NOT NULL,
     payload       bytea       NOT NULL,
-    position      bigint      NOT NULL GENERATED ALWAYS AS IDENTITY (CACHE 1),
+    position      bigint      NOT NULL GENERATED ALWAYS AS IDENTITY (CACHE 1) UNIQUE,
     txid          xid8        NOT NULL DEFAULT pg_current_xact_id(),
     topic         text,
     headers       jsonb,
@@ -27,12 +27,13 @@ CREATE TABLE IF NOT EXISTS {table} (
     published_at  timestamptz
 );
 
--- The relay scans only unpublished rows, in position order.
-CREATE INDEX IF NOT EXISTS {table}_unpublished ON {table} (position) WHERE published_at IS NULL;
--- After a read, the relay looks below its position hint only for rows of transactions that were
--- still open then (txid >= that read's snapshot xmin): this index finds them without walking the
--- dead entries of rows already deleted.
-CREATE INDEX IF NOT EXISTS {table}_unpublished_txid ON {table} (txid) WHERE published_at IS NULL;
+-- The relay reads unpublished rows in position order through the UNIQUE index on position and
+-- marks or deletes published rows by position. After a read it looks below its position hint
+-- only for rows of transactions that were still open then (txid >= that read's snapshot xmin):
+-- the txid index finds them without walking the dead entries of rows already deleted. Neither
+-- index is partial: without statistics the planner would take a partial "published_at IS NULL"
+-- index for a tiny one and read all of it.
+CREATE INDEX IF NOT EXISTS {table}_txid ON {table} (txid);
 -- Retention cleanup scans only published rows.
 CREATE INDEX IF NOT EXISTS {table}_published ON {table} (published_at) WHERE published_at IS NOT NULL;
 
