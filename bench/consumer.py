@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -173,6 +174,8 @@ def main() -> int:
         "value_size": args.value_size,
         "handler": "count messages and bytes",
         "commit": "synchronous, once per batch",
+        "load_average_1m": round(os.getloadavg()[0], 1),
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(out))
     return 0

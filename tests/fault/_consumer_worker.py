@@ -36,6 +36,10 @@ def main() -> int:
     parser.add_argument("--lease", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--kill-on-id", default=None)
+    parser.add_argument(
+        "--effect-outside-transaction", action="store_true",
+        help="negative control: commit each effect on its own connection, outside the dedup transaction",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {args.instance or os.getpid()} %(message)s")
 
@@ -67,9 +71,11 @@ def main() -> int:
         dsn = os.environ["KCONS_POSTGRES_DSN"]
         pg_store = PostgresDedupStore(dsn, namespace=args.group)
 
+        outside = psycopg.connect(dsn, autocommit=True) if args.effect_outside_transaction else None
+
         def apply_effect(msg: Any, conn: Any) -> None:
             maybe_die(msg)
-            conn.execute(
+            (outside or conn).execute(
                 "INSERT INTO kcons_fault_effects (event_id, worker, topic, part, kafka_offset) VALUES (%s,%s,%s,%s,%s)",
                 (dict(msg.headers())["kcons-id"].decode(), worker, msg.topic(), msg.partition(), msg.offset()),
             )

@@ -10,7 +10,7 @@ stopped with SIGTERM and every id is checked: exactly one effect row each (``los
 without one, ``duplicates`` = extra rows), and the group's committed offsets reach the end of
 every partition.
 
-    python tests/fault/consumer_kill.py            # full: 20,000 messages, 3 workers, >= 12 kills
+    python tests/fault/consumer_kill.py            # full: 20,000 messages over 90 s, 3 workers, >= 12 kills
     python tests/fault/consumer_kill.py --quick    # ~60 s: 3,000 messages, 2 workers, 4 kills
 
 The last line of output is one JSON object; the exit status is 0 only when ``ok`` is true.
@@ -160,12 +160,16 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--drain-timeout", type=float, default=240.0)
+    parser.add_argument(
+        "--control-unsafe", action="store_true",
+        help="negative control: workers commit effects outside the dedup transaction; the run must then fail",
+    )  # fmt: skip
     args = parser.parse_args()
     messages = args.messages or (3000 if args.quick else 20000)
     workers_n = args.workers or (2 if args.quick else 3)
     kills_target = args.kills if args.kills is not None else (4 if args.quick else 12)
-    produce_s = args.produce_seconds or (8.0 if args.quick else 45.0)
-    kill_min, kill_max = args.kill_interval or ((1.0, 2.0) if args.quick else (2.0, 4.0))
+    produce_s = args.produce_seconds or (10.0 if args.quick else 90.0)
+    kill_min, kill_max = args.kill_interval or ((1.0, 2.0) if args.quick else (2.0, 5.0))
     lease = args.lease or (3.0 if args.quick else 5.0)
     static = args.static_membership if args.static_membership is not None else args.quick
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
@@ -196,6 +200,8 @@ def main() -> int:
         log_dir = Path(tempfile.mkdtemp(prefix="kcons-consumer-kill-"))
         worker_args = ["--group", group, "--topic", topic, "--store", "postgres", "--lease", str(lease)]
         worker_args += ["--batch-size", "200"]
+        if args.control_unsafe:
+            worker_args.append("--effect-outside-transaction")
         workers = [
             Worker(f"w{i}", [*worker_args, *(["--instance", f"w{i}"] if static else [])], env, log_dir)
             for i in range(workers_n)
@@ -217,17 +223,35 @@ def main() -> int:
         started = time.monotonic()
         kills = 0
         effects_at_kills: list[int] = []
+        # A kill only counts once the group made progress since the previous one, so every kill
+        # lands while effects are being applied (not during a rebalance that is still settling).
+        last_rows = 0
+        next_kill = time.monotonic() + rng.uniform(kill_min, kill_max)
+        stalled_since = time.monotonic()
         while kills < kills_target or producer_thread.is_alive():
-            time.sleep(rng.uniform(kill_min, kill_max))
-            victim = rng.choice(workers)
-            if victim.alive():
-                victim.kill()
-                kills += 1
-                effects_at_kills.append(effect_counts(dsn)[1])
-                log.info("kill %d: SIGKILLed %s (%d effects so far)", kills, victim.name, effects_at_kills[-1])
-            victim.start()
-            if kills >= kills_target and time.monotonic() - started > 4 * produce_s:
+            time.sleep(0.2)
+            for w in workers:
+                if not w.alive():
+                    log.warning("%s exited by itself; restarting it", w.name)
+                    w.start()
+            now = time.monotonic()
+            if now < next_kill:
+                continue
+            rows = effect_counts(dsn)[1]
+            if rows == last_rows and now - stalled_since < 60:
+                continue  # wait for progress
+            if now - stalled_since >= 60:
+                log.error("no progress for 60s")
                 break
+            victim = rng.choice(workers)
+            victim.kill()
+            kills += 1
+            effects_at_kills.append(rows)
+            log.info("kill %d: SIGKILLed %s (%d effects so far)", kills, victim.name, rows)
+            victim.start()
+            last_rows = rows
+            stalled_since = now
+            next_kill = now + rng.uniform(kill_min, kill_max)
         producer_thread.join()
         if errors:
             raise errors[0]
@@ -284,6 +308,7 @@ def main() -> int:
             "partitions": args.partitions,
             "lease_s": lease,
             "static_membership": static,
+            "control_unsafe": args.control_unsafe,
             "seed": seed,
             "seconds": round(time.monotonic() - started, 1),
             "ok": ok,

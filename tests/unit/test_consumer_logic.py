@@ -409,3 +409,44 @@ def test_run_stops_after_max_messages_and_on_stop() -> None:
     consumer.stop()
     consumer.run()
     consumer.close()
+
+
+def test_the_consumer_metrics_count_consumed_duplicates_errors_dead_letters_and_store_latency() -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    names = [
+        "kcons_consumer_consumed_total",
+        "kcons_consumer_duplicates_dropped_total",
+        "kcons_consumer_handler_errors_total",
+        "kcons_consumer_dead_lettered_total",
+        "kcons_consumer_fallback_ids_total",
+        "kcons_consumer_batch_duration_seconds_count",
+    ]
+    latency = ("kcons_dedup_store_latency_seconds_count", {"store": "memory", "op": "claim"})
+    before = {n: value(n) for n in names} | {"latency": value(*latency)}
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "a")
+    kafka.add(0, "a")
+    kafka.add(0, None, b"no id")
+    kafka.add(0, "bad", b"bad")
+
+    def handler(msg: Any) -> None:
+        if msg.value() == b"bad":
+            raise DecodeError("bad")
+
+    consumer = make(kafka, handler)
+    consumer.poll_once()
+    consumer.close()
+    delta = {n: value(n) - before[n] for n in names}
+    assert delta == {
+        "kcons_consumer_consumed_total": 4,
+        "kcons_consumer_duplicates_dropped_total": 1,
+        "kcons_consumer_handler_errors_total": 1,
+        "kcons_consumer_dead_lettered_total": 1,
+        "kcons_consumer_fallback_ids_total": 1,
+        "kcons_consumer_batch_duration_seconds_count": 1,
+    }
+    assert value(*latency) - before["latency"] >= 1
