@@ -175,7 +175,7 @@ class TransactionalProcessor:
         self._stop = threading.Event()
         self._buffer: list[Message] = []
         self._lag_at = 0.0
-        self._running = False
+        self._consumer_closed = False
         # The producer first: init_transactions fences an older incarnation of this worker and
         # settles its open transaction before this consumer fetches any committed offset.
         self._producer_config = dict(producer_config)
@@ -218,7 +218,6 @@ class TransactionalProcessor:
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
             previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._running = True
         try:
             self.consumer.subscribe(
                 self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -231,7 +230,6 @@ class TransactionalProcessor:
                 if max_records is not None and self.stats.records >= max_records:
                     break
         finally:
-            self._running = False
             if in_main:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
             self.close()
@@ -243,12 +241,12 @@ class TransactionalProcessor:
 
     def close(self) -> None:
         """Leave the group and close both clients (bounded); safe to call twice."""
-        if self.producer.closed and getattr(self, "_consumer_closed", False):
+        if self.producer.closed and self._consumer_closed:
             return
         with contextlib.suppress(Exception):
             if not self.producer.closed and self.producer.in_transaction:
                 self.producer.abort_transaction(reason="closed")
-        if not getattr(self, "_consumer_closed", False):
+        if not self._consumer_closed:
             self._consumer_closed = True
             with contextlib.suppress(KafkaException, RuntimeError):
                 self.consumer.close()

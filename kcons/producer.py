@@ -175,6 +175,8 @@ def fast_event_id() -> bytes:
 def _with_event_id(headers: HeaderList | None) -> HeaderList:
     if headers is None:
         return [(HEADER_ID, fast_event_id())]
+    if isinstance(headers, Mapping):  # confluent-kafka also takes a dict
+        headers = list(headers.items())
     for name, _ in headers:
         if name == HEADER_ID:
             return headers
@@ -870,7 +872,8 @@ class TransactionalProducer(IdempotentProducer):
                 f"{cause}; the wrapped producer cannot be re-created (pass producer_factory), so it was closed"
             ) from cause
         log.warning("transaction outcome unknown (%s): re-creating the producer to fence the old one", cause)
-        _close_raw(old, self.close_timeout_s)
+        # The old instance may sit in its own commit until its timeout: let it finish in the background.
+        _close_raw(old, min(1.0, self.close_timeout_s))
         self._fail_pending(f"the producer was re-created after an indefinite outcome: {cause}")
         self._fatal = None
         self.raw = self._new_raw() if self._config is not None else self._producer_factory()  # type: ignore[misc]
