@@ -250,7 +250,7 @@ def run_invalidator(args: argparse.Namespace, stop: threading.Event) -> dict[str
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 500,
     }
-    invalidator.run(config, [args.topic], stop=stop, batched=args.batched)
+    invalidator.run(config, [args.topic], stop=stop, batched=args.batched)  # both loops are exercised
     client.close()
     if args.applied_log is not None:
         with open(args.applied_log, "w") as f:

@@ -29,8 +29,6 @@ class Invalidator:
     """Runs CacheInvalidator.run in a thread and keeps its exception."""
 
     def __init__(self, inv: CacheInvalidator, bootstrap: str, topic: str, group: str, **kw: Any) -> None:
-        if kw.get("batched") is False:
-            kw.pop("batched")
         self.stop = threading.Event()
         self.error: BaseException | None = None
         config = {"bootstrap.servers": bootstrap, "group.id": group}

@@ -152,3 +152,17 @@ def test_invalidator_applies_out_of_order_and_duplicate_events_without_going_bac
     entry = cache.peek("item:1")
     assert entry is not None and entry.version == 5 and entry.is_tombstone
     assert seen == [3, 1, 3, 5, 2, 5, 4]
+
+
+def test_key_template_formats_event_fields_and_rejects_unknown_ones() -> None:
+    from kcons.cache import key_template
+
+    env = Envelope.of("Upd", "item", "7", {}, version=4)
+    event = decode_change_event(env.key, env.payload, env.headers())
+    assert event is not None
+    assert key_template("{aggregate_type}:{aggregate_id}")(event) == ["item:7"]
+    assert key_template("v{version}/{aggregate_id}")(event) == ["v4/7"]
+    with pytest.raises(ConfigError):
+        key_template("{payload}")
+    with pytest.raises(ConfigError):
+        key_template("no fields")
