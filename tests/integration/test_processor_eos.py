@@ -112,9 +112,16 @@ def test_processor_commits_each_input_once_with_its_offsets(
     topic_in, topic_out = unique_topic(partitions=3), unique_topic(partitions=3)
     produce_inputs(kafka_bootstrap, topic_in, range(1500))
     group = f"g-{uuid.uuid4().hex[:8]}"
+    from prometheus_client import REGISTRY
+
+    records_before = REGISTRY.get_sample_value("kcons_processor_records_total") or 0.0
+    batches_before = REGISTRY.get_sample_value("kcons_processor_batch_size_count") or 0.0
     proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, copy_to(topic_out), batch_max=200)
     stats = proc.run(max_records=1500)
     assert stats.records == 1500 and stats.outputs == 1500 and stats.rewinds == 0
+    assert (REGISTRY.get_sample_value("kcons_processor_records_total") or 0.0) - records_before == 1500
+    batches = (REGISTRY.get_sample_value("kcons_processor_batch_size_count") or 0.0) - batches_before
+    assert batches == stats.transactions
     assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, 1500), 1500)
 
     # The offsets were committed in the transactions: a new consumer in the group starts at the end.

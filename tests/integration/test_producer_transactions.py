@@ -228,3 +228,38 @@ def test_enqueued_records_commit_together_and_a_refused_one_fails_the_commit(
     values = [m.value() for m in read_all(make_consumer, topic, "read_committed", 100)]
     assert sorted(values) == sorted(f"bulk-{i}".encode() for i in range(100))
     assert all(HEADER_ID in dict(m.headers()) for m in read_all(make_consumer, topic, "read_committed", 100))
+
+
+def test_commits_aborts_and_produced_messages_are_counted_in_metrics(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    topic = unique_topic()
+    before = (
+        value("kcons_transactions_committed_total"),
+        value("kcons_transactions_aborted_total", reason="exception"),
+        value("kcons_messages_produced_total"),
+        value("kcons_transaction_duration_seconds_count", outcome="committed"),
+    )
+    producer = txn_producer(kafka_bootstrap)
+    with producer.transaction():
+        producer.produce(topic, b"a")
+        producer.enqueue(topic, b"b")
+    with pytest.raises(ValueError), producer.transaction():
+        producer.produce(topic, b"c")
+        raise ValueError("abort me")
+    producer.close()
+    after = (
+        value("kcons_transactions_committed_total"),
+        value("kcons_transactions_aborted_total", reason="exception"),
+        value("kcons_messages_produced_total"),
+        value("kcons_transaction_duration_seconds_count", outcome="committed"),
+    )
+    assert after[0] - before[0] == 1
+    assert after[1] - before[1] == 1
+    assert after[2] - before[2] >= 2  # the aborted record may also have been acknowledged before the abort
+    assert after[3] - before[3] == 1
