@@ -665,6 +665,8 @@ class TransactionalProducer(IdempotentProducer):
         work, e.g. through :meth:`run_in_transaction`), ProducerFencedError/FatalKafkaError when
         the producer is unusable (it is closed), IndefiniteOutcomeError when the commit timed
         out (the producer was re-created; the transaction is committed or aborted, unknown which).
+        A message's future resolves when the broker acknowledges it, which is before the commit:
+        only a normal exit from this block means the messages are committed.
         """
         self.begin_transaction()
         try:
