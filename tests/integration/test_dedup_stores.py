@@ -150,9 +150,12 @@ def test_redis_claims_a_batch_in_one_script_call_with_every_key_in_one_slot_and_
 
 
 def test_redis_errors_surface_as_store_errors(namespace: str) -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     from kcons.testing.local import free_port
 
-    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     store = RedisDedupStore(dead, namespace=namespace)
     with pytest.raises(StoreError):
         store.claim(["a"], lease_s=1)
