@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kcons.config import redact_config
@@ -29,7 +29,7 @@ from kcons.errors import (
     kafka_error_to_exception,
     raise_for_kafka_error,
 )
-from kcons.outbox.rows import OutboxRecord
+from kcons.outbox.rows import OutboxRecord, RecordTuple
 
 __all__ = ["MODES", "KafkaBatchPublisher", "LeadershipLostError"]
 
@@ -98,7 +98,7 @@ class KafkaBatchPublisher:
                 raise_for_kafka_error(exc, "init_transactions")
         self._producer = producer
 
-    def publish(self, records: Sequence[OutboxRecord], *, still_leader: Callable[[], bool] | None = None,
+    def publish(self, records: Iterable[OutboxRecord | RecordTuple], *, still_leader: Callable[[], bool] | None = None,
                 before_commit: Callable[[], None] | None = None) -> None:  # fmt: skip
         """Publish ``records`` in order; return when all are acknowledged (committed), else raise.
 
@@ -114,8 +114,7 @@ class KafkaBatchPublisher:
             return
         try:
             producer.begin_transaction()
-            for rec in records:
-                self._produce(producer, rec, None)
+            self._produce_all(producer, records, None)
             if before_commit is not None:
                 before_commit()
             if still_leader is not None and not still_leader():
@@ -128,7 +127,7 @@ class KafkaBatchPublisher:
             self._abort_quietly()
             raise
 
-    def _publish_idempotent(self, producer: Any, records: Sequence[OutboxRecord],
+    def _publish_idempotent(self, producer: Any, records: Iterable[OutboxRecord | RecordTuple],
                             still_leader: Callable[[], bool] | None) -> None:  # fmt: skip
         if still_leader is not None and not still_leader():
             raise LeadershipLostError("lease lost before producing")
@@ -138,8 +137,7 @@ class KafkaBatchPublisher:
             if err is not None:
                 failures.append(err)
 
-        for rec in records:
-            self._produce(producer, rec, delivered)
+        self._produce_all(producer, records, delivered)
         remaining = producer.flush(self._ack_timeout_s)
         if failures:
             self.reset()
@@ -148,21 +146,36 @@ class KafkaBatchPublisher:
             self.reset()
             raise TimeoutExceededError(f"{remaining} records not acknowledged within {self._ack_timeout_s}s")
 
-    def _produce(self, producer: Any, rec: OutboxRecord, callback: Callable[[Any, Any], None] | None) -> None:
-        deadline = None
-        while True:
+    def _produce_all(self, producer: Any, records: Iterable[OutboxRecord | RecordTuple],
+                     callback: Callable[[Any, Any], None] | None) -> None:  # fmt: skip
+        produce = producer.produce
+        for rec in records:
+            topic, value, key, headers = (
+                (rec.topic, rec.value, rec.key, rec.headers) if isinstance(rec, OutboxRecord) else rec
+            )
             try:
                 if callback is None:
-                    producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers)
+                    produce(topic, value, key, headers=headers)
                 else:
-                    producer.produce(rec.topic, rec.value, rec.key, headers=rec.headers, on_delivery=callback)
+                    produce(topic, value, key, headers=headers, on_delivery=callback)
+            except BufferError:
+                self._produce_when_room(producer, (topic, value, key, headers), callback)
+
+    def _produce_when_room(self, producer: Any, rec: RecordTuple, callback: Callable[[Any, Any], None] | None) -> None:
+        """The local queue is full: serve delivery reports until there is room (bounded)."""
+        deadline = time.monotonic() + self._ack_timeout_s
+        topic, value, key, headers = rec
+        while True:
+            producer.poll(0.05)
+            try:
+                if callback is None:
+                    producer.produce(topic, value, key, headers=headers)
+                else:
+                    producer.produce(topic, value, key, headers=headers, on_delivery=callback)
                 return
-            except BufferError:  # local queue full: serve delivery reports until there is room
-                now = time.monotonic()
-                deadline = deadline or now + self._ack_timeout_s
-                if now > deadline:
+            except BufferError:
+                if time.monotonic() > deadline:
                     raise TimeoutExceededError("producer queue stayed full") from None
-                producer.poll(0.05)
 
     def _after_failure(self, exc: BaseException, operation: str) -> None:
         """Abort what can be aborted, drop a producer that cannot go on, and raise the typed error."""

@@ -9,7 +9,7 @@ topic is the row's own topic, else the relay's fixed topic, else Debezium's defa
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +24,21 @@ from kcons.envelope import (
     HeaderValue,
 )
 
-__all__ = ["DEBEZIUM_TOPIC_PREFIX", "OutboxRecord", "OutboxRow", "decode_headers", "encode_headers", "to_record"]
+__all__ = [
+    "DEBEZIUM_TOPIC_PREFIX",
+    "OutboxRecord",
+    "OutboxRow",
+    "RecordTuple",
+    "decode_headers",
+    "encode_headers",
+    "record_tuples",
+    "to_record",
+]
 
 DEBEZIUM_TOPIC_PREFIX = "outbox.event."
+
+#: (topic, value, key, headers): what the relay hands to ``Producer.produce``.
+RecordTuple = tuple[str, bytes, bytes, list[tuple[str, HeaderValue]]]
 
 
 @dataclass(slots=True)
@@ -105,3 +117,26 @@ def to_record(row: OutboxRow, fixed_topic: str | None = None) -> OutboxRecord:
     if row.headers:  # rare path: let the envelope order traceparent and extra headers
         headers = row.envelope().headers()
     return OutboxRecord(topic=topic, key=key, value=row.payload, headers=headers)
+
+
+def record_tuples(rows: Iterable[OutboxRow], fixed_topic: str | None = None) -> Iterator[RecordTuple]:
+    """The Kafka records of ``rows`` as tuples, the same as :func:`to_record` but without per-row objects.
+
+    This is the relay's hot loop: the common row (no extra headers) is built inline.
+    """
+    prefix = DEBEZIUM_TOPIC_PREFIX
+    for row in rows:
+        if row.headers:
+            rec = to_record(row, fixed_topic)
+            yield rec.topic, rec.value, rec.key, rec.headers
+            continue
+        key = row.aggregateid.encode()
+        headers: list[tuple[str, HeaderValue]] = [
+            (HEADER_ID, row.id.encode()),
+            (HEADER_TYPE, row.type.encode()),
+            (HEADER_AGGREGATE_TYPE, row.aggregatetype.encode()),
+            (HEADER_AGGREGATE_ID, key),
+        ]
+        if row.version is not None:
+            headers.append((HEADER_VERSION, str(row.version).encode()))
+        yield row.topic or fixed_topic or prefix + row.aggregatetype, row.payload, key, headers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -79,14 +79,16 @@ class MemoryPublisher:
     def start(self) -> None:
         self.starts += 1
 
-    def publish(self, records: Sequence[OutboxRecord], *, still_leader: Callable[[], bool] | None = None,
+    def publish(self, records: Iterable[Any], *, still_leader: Callable[[], bool] | None = None,
                 before_commit: Callable[[], None] | None = None) -> None:  # fmt: skip
         if self.failures:
             self.failures -= 1
             raise RetriableKafkaError("broker away")
         if still_leader is not None and not still_leader():
             raise LeadershipLostError("lease lost")
-        self.sent.extend(dict(r.headers)["kcons-id"].decode() for r in records)  # type: ignore[union-attr]
+        for rec in records:
+            headers = rec.headers if isinstance(rec, OutboxRecord) else rec[3]
+            self.sent.append(dict(headers)["kcons-id"].decode())  # type: ignore[union-attr]
 
     def reset(self) -> None:
         self.resets += 1

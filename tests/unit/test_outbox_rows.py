@@ -77,3 +77,13 @@ def test_sqlite_ddl_is_idempotent_and_creates_the_outbox_table() -> None:
     db.executescript(sqlite_ddl())
     cols = [r[1] for r in db.execute("PRAGMA table_info(kcons_outbox)")]
     assert cols[:6] == ["position", "id", "aggregatetype", "aggregateid", "type", "payload"]
+
+
+def test_relay_fast_path_builds_the_same_records_as_to_record() -> None:
+    from kcons.outbox.rows import record_tuples
+
+    rows = [_row(), _row(version=None), _row(topic="own"), _row(headers={"traceparent": "00-a-b-01", "x": "y"})]
+    for fixed in (None, "fixed"):
+        fast = list(record_tuples(rows, fixed))
+        slow = [to_record(r, fixed) for r in rows]
+        assert fast == [(r.topic, r.value, r.key, r.headers) for r in slow]
