@@ -114,7 +114,7 @@ OUTBOX_PUBLISHED_TOTAL = Counter(
 )
 OUTBOX_PUBLISH_LATENCY_SECONDS = Histogram(
     "kcons_outbox_publish_latency_seconds",
-    "From outbox row insert (database clock) to Kafka acknowledgement, per row.",
+    "From outbox row insert (database clock) to Kafka acknowledgement, per batch for its oldest row.",
     ["relay"],
     buckets=LATENCY_BUCKETS,
 )
