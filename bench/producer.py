@@ -1,15 +1,20 @@
 """Benchmark: kcons TransactionalProducer (commit every 100 ms) against the raw idempotent confluent-kafka producer.
 
-Both sides send the same number of messages of the same size to fresh topics of the same shape
-on the same broker, interleaved over ``--repeat`` rounds; the best round of each side counts
-(noise from other processes on the machine only ever slows a round down). The baseline is a
-plain ``confluent_kafka.Producer`` with ``enable.idempotence=true`` and a delivery callback that
-counts failures; kcons is :class:`kcons.producer.TransactionalProducer` with its defaults (a
-``kcons-id`` header per message) writing with ``enqueue`` (a failed delivery fails the commit)
-and committing a transaction every ``--commit-ms`` milliseconds; ``kcons_futures`` is the same
-with ``produce`` (a future per message). A third side, reported but not used in ``ratio``, is the raw
-confluent-kafka transactional producer with the same commit interval: it separates the cost of
-Kafka transactions themselves from what kcons adds. The last line of output is one JSON object (see DESIGN.md).
+Every side sends the same number of messages of the same size to a fresh topic of the same
+shape on the same broker, interleaved over ``--repeat`` rounds; the best round of each side
+counts (noise from other processes only ever slows a round down). Sides:
+
+* ``baseline``: a plain ``confluent_kafka.Producer`` with ``enable.idempotence=true`` and a
+  delivery callback that counts failures;
+* ``kcons`` (the one in ``ratio``): :class:`kcons.producer.TransactionalProducer` with its
+  defaults (a ``kcons-id`` header per message), writing with ``enqueue`` (a failed delivery
+  fails the commit) and committing every ``--commit-ms`` milliseconds;
+* ``kcons_no_ids``: the same with ``event_ids=False`` (what the per-message event id costs);
+* ``kcons_futures``: the same with ``produce`` (a future per message);
+* ``raw_transactional``: the raw confluent-kafka transactional producer, same commit interval
+  (what Kafka transactions themselves cost, apart from kcons).
+
+The last line of output is one JSON object (see DESIGN.md).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Producer
@@ -121,14 +127,24 @@ def run_raw_transactional(
 
 
 def run_kcons(
-    bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int, commit_ms: int, *, futures_mode: bool = False
+    bootstrap: str,
+    topic: str,
+    n: int,
+    payload: bytes,
+    linger_ms: int,
+    commit_ms: int,
+    *,
+    futures_mode: bool = False,
+    event_ids: bool = True,
 ) -> dict[str, Any]:
     """TransactionalProducer, one transaction per commit interval.
 
     Default: ``enqueue`` (no per-message future; a failed delivery fails the commit). With
     ``futures_mode``: ``produce``, one future per message, all checked at the end.
     """
-    p = TransactionalProducer({**_common(bootstrap, linger_ms), "transactional.id": f"bench-{uuid.uuid4().hex[:8]}"})
+    p = TransactionalProducer(
+        {**_common(bootstrap, linger_ms), "transactional.id": f"bench-{uuid.uuid4().hex[:8]}"}, event_ids=event_ids
+    )
     p.raw.list_topics(topic, timeout=10)
     interval = commit_ms / 1000.0
     futures = []
@@ -162,6 +178,9 @@ def run_kcons(
     }
 
 
+SIDES = ("baseline", "kcons", "kcons_no_ids", "kcons_futures", "raw_transactional")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=200_000)
@@ -174,74 +193,43 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     sizes = [int(s) for s in args.sizes.split(",")]
 
+    results: dict[int, dict[str, list[dict[str, Any]]]] = {s: {side: [] for side in SIDES} for s in sizes}
     with start_stack(redis=False, postgres=False) as stack:
         admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-        results: dict[int, dict[str, list[dict[str, Any]]]] = {
-            s: {"baseline": [], "kcons": [], "kcons_futures": [], "raw_transactional": []} for s in sizes
-        }
+        bootstrap, n, linger, commit = stack.kafka_bootstrap, args.messages, args.linger_ms, args.commit_ms
         for rnd in range(args.repeat):
             for size in sizes:
                 payload = os.urandom(size)
-                base = run_baseline(
-                    stack.kafka_bootstrap, _topic(admin, args.partitions), args.messages, payload, args.linger_ms
-                )
-                kc = run_kcons(
-                    stack.kafka_bootstrap,
-                    _topic(admin, args.partitions),
-                    args.messages,
-                    payload,
-                    args.linger_ms,
-                    args.commit_ms,
-                )
-                kc_fut = run_kcons(
-                    stack.kafka_bootstrap,
-                    _topic(admin, args.partitions),
-                    args.messages,
-                    payload,
-                    args.linger_ms,
-                    args.commit_ms,
-                    futures_mode=True,
-                )
-                raw_txn = run_raw_transactional(
-                    stack.kafka_bootstrap,
-                    _topic(admin, args.partitions),
-                    args.messages,
-                    payload,
-                    args.linger_ms,
-                    args.commit_ms,
-                )
-                log.info(
-                    "round %d size %d: baseline %s kcons %s kcons futures %s raw txn %s",
-                    rnd, size, base, kc, kc_fut, raw_txn,
-                )  # fmt: skip
-                results[size]["kcons_futures"].append(kc_fut)
-                results[size]["baseline"].append(base)
-                results[size]["kcons"].append(kc)
-                results[size]["raw_transactional"].append(raw_txn)
+                runs: dict[str, Callable[[str], dict[str, Any]]] = {
+                    "baseline": lambda t, p=payload: run_baseline(bootstrap, t, n, p, linger),
+                    "kcons": lambda t, p=payload: run_kcons(bootstrap, t, n, p, linger, commit),
+                    "kcons_no_ids": lambda t, p=payload: run_kcons(bootstrap, t, n, p, linger, commit, event_ids=False),
+                    "kcons_futures": lambda t, p=payload: run_kcons(
+                        bootstrap, t, n, p, linger, commit, futures_mode=True
+                    ),
+                    "raw_transactional": lambda t, p=payload: run_raw_transactional(bootstrap, t, n, p, linger, commit),
+                }
+                for side in SIDES:
+                    result = runs[side](_topic(admin, args.partitions))
+                    log.info("round %d size %d %s: %s", rnd, size, side, result)
+                    results[size][side].append(result)
 
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return max(runs, key=lambda r: float(r["msgs_per_s"]))
 
-    baseline = {f"{s}B": best(results[s]["baseline"]) for s in sizes}
-    kcons = {f"{s}B": best(results[s]["kcons"]) for s in sizes}
-    raw_txn = {f"{s}B": best(results[s]["raw_transactional"]) for s in sizes}
-    kc_fut = {f"{s}B": best(results[s]["kcons_futures"]) for s in sizes}
-    fut_ratios = {f"{s}B": round(kc_fut[f"{s}B"]["msgs_per_s"] / baseline[f"{s}B"]["msgs_per_s"], 3) for s in sizes}
-    ratios = {f"{s}B": round(kcons[f"{s}B"]["msgs_per_s"] / baseline[f"{s}B"]["msgs_per_s"], 3) for s in sizes}
-    raw_txn_ratios = {
-        f"{s}B": round(raw_txn[f"{s}B"]["msgs_per_s"] / baseline[f"{s}B"]["msgs_per_s"], 3) for s in sizes
-    }
-    first = f"{sizes[0]}B"
+    table = {side: {f"{s}B": best(results[s][side]) for s in sizes} for side in SIDES}
+    ratios = {
+        side: {f"{s}B": round(table[side][f"{s}B"]["msgs_per_s"] / table["baseline"][f"{s}B"]["msgs_per_s"], 3)
+               for s in sizes}
+        for side in SIDES if side != "baseline"
+    }  # fmt: skip
     out = {
         "name": "producer",
-        "baseline": baseline,
-        "kcons": kcons,
-        "ratio": ratios[first],
+        "baseline": table["baseline"],
+        "kcons": table["kcons"],
+        "ratio": ratios["kcons"][f"{sizes[0]}B"],
         "ratios": ratios,
-        "kcons_futures": kc_fut,
-        "kcons_futures_ratios": fut_ratios,
-        "raw_transactional": raw_txn,
-        "raw_transactional_ratios": raw_txn_ratios,
+        "other_sides": {side: table[side] for side in SIDES if side not in ("baseline", "kcons")},
         "unit": "msgs/s",
         "messages": args.messages,
         "sizes": sizes,
