@@ -3,7 +3,9 @@
 baseline: ``SELECT ... ORDER BY position LIMIT 500 FOR UPDATE SKIP LOCKED``, produce each row,
           ``flush()``, ``DELETE`` the rows, commit; sleep when the table is empty.
 kcons:    :class:`kcons.outbox.OutboxRelay` (advisory-lock leader, LISTEN/NOTIFY wake-up,
-          gap-free committed-row batches, fenced mark), transactional mode by default.
+          gap-free committed-row batches, fenced mark), transactional mode (its default).
+kcons_idempotent: the same relay in idempotent mode (no Kafka transaction per batch; weaker
+          fencing of a paused former leader), reported alongside, not used for ``ratio``.
 
 Both publish the same records (key = aggregate id, kcons envelope headers) with the same
 producer settings. Two measurements each:
@@ -261,7 +263,8 @@ def _topic(bootstrap: str, partitions: int) -> str:
 
 def measure(args: argparse.Namespace, server_dsn: str, bootstrap: str) -> dict[str, dict[str, Any]]:
     """Both relays side by side (each on its own database and topic); saturation runs alternate."""
-    dbs = {kind: _make_db(server_dsn) for kind in ("baseline", "kcons")}
+    kinds = ["baseline", "kcons"] + (["kcons_idempotent"] if args.also_idempotent else [])
+    dbs = {kind: _make_db(server_dsn) for kind in kinds}
     runners: dict[str, Any] = {
         "baseline": PollingLoop(
             dbs["baseline"], bootstrap, _topic(bootstrap, args.partitions), batch=500,
@@ -269,11 +272,16 @@ def measure(args: argparse.Namespace, server_dsn: str, bootstrap: str) -> dict[s
         ),
         "kcons": KconsRunner(dbs["kcons"], bootstrap, _topic(bootstrap, args.partitions), args.mode, args.batch),
     }  # fmt: skip
+    if args.also_idempotent:
+        runners["kcons_idempotent"] = KconsRunner(
+            dbs["kcons_idempotent"], bootstrap, _topic(bootstrap, args.partitions), "idempotent", args.batch
+        )
     threads = {kind: _start(runner) for kind, runner in runners.items()}
-    rates: dict[str, list[float]] = {"baseline": [], "kcons": []}
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     results: dict[str, dict[str, Any]] = {}
     try:
-        _wait(lambda: runners["kcons"].relay.is_leader, 60, "leadership")
+        for kind in kinds[1:]:
+            _wait(lambda k=kind: runners[k].relay.is_leader, 60, "leadership")
         for kind, runner in runners.items():
             saturation(runner, dbs[kind], 2000)  # warm-up: connections, producer, topic metadata
         for _ in range(args.repeats):
@@ -307,6 +315,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2000, help="kcons relay batch size")
     ap.add_argument("--mode", default="transactional", choices=["transactional", "idempotent"])
     ap.add_argument("--baseline-idle-sleep", type=float, default=0.05)
+    ap.add_argument(
+        "--no-idempotent", dest="also_idempotent", action="store_false",
+        help="skip the extra kcons_idempotent measurement (the relay in idempotent mode)",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args()
     if args.quick:
@@ -315,12 +327,14 @@ def main() -> None:
     with start_stack(redis=False) as stack:
         results = measure(args, stack.postgres_dsn, stack.kafka_bootstrap)
     baseline, kcons = results["baseline"], results["kcons"]
+    extra = {"kcons_idempotent": results["kcons_idempotent"]} if "kcons_idempotent" in results else {}
     print(
         json.dumps(
             {
                 "name": "outbox",
                 "baseline": baseline,
                 "kcons": kcons,
+                **extra,
                 "ratio": round(kcons["events_per_s"] / baseline["events_per_s"], 3),
                 "unit": "events/s at saturation (latency: ms from DB commit to Kafka ack at a steady rate)",
                 "backlog": args.backlog,

@@ -51,6 +51,7 @@ class RelaySlot:
         self.generation = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.crashes = 0
+        self.started_at = 0.0
 
     @property
     def holder(self) -> str:
@@ -64,6 +65,7 @@ class RelaySlot:
             [sys.executable, "-m", "kcons.outbox.cli", "relay", *self.args], env=env, stdout=out, stderr=out
         )
         out.close()
+        self.started_at = time.monotonic()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -76,6 +78,8 @@ class RelaySlot:
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
+        # A relay started a moment ago may still be importing, before its SIGTERM handler exists.
+        time.sleep(max(0.0, self.started_at + 5.0 - time.monotonic()))
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(60)
