@@ -2,9 +2,9 @@
 
 1. **Hit path.** The same client reads the same key holding a value of ``--value-size`` bytes:
    the baseline is ``redis.Redis.get`` of a plain key, kcons is ``ConsistentCache.get`` (one GET
-   of the packed entry, decode, metrics). Interleaved over ``--rounds`` rounds; the best round of
-   each side counts (noise from other processes only slows a round down). ``ratio`` is kcons
-   reads per second over baseline reads per second.
+   of the packed entry, decode, metrics). The two sides alternate in short chunks so that both
+   see the same noise from other processes; ``ratio`` is kcons reads per second over baseline
+   reads per second, over all chunks (``best_chunk_ratio`` compares the best chunk of each).
 2. **Commit to invalidation.** Writer threads update rows at ``--rate`` writes per second, each
    with its change event added to the kcons outbox in the same transaction; the outbox relay
    publishes to Kafka; ``CacheInvalidator`` (through ``IdempotentConsumer``) writes tombstones.
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,24 +58,34 @@ def hit_path(redis_url: str, rounds: int, ops: int, value_size: int) -> dict[str
     def loader(key: str) -> Any:
         raise AssertionError("the benchmark key must always hit")
 
+    # Alternate short chunks so both sides see the same noise; totals give the ratio, best chunks the peak.
+    chunk = max(100, min(1000, ops // 10))
+    chunks = max(1, ops // chunk)
     base: list[float] = []
     kc: list[float] = []
-    for _ in range(rounds):
+    base_time = kc_time = 0.0
+    for _ in range(rounds * chunks):
         started = time.perf_counter()
-        for _ in range(ops):
+        for _ in range(chunk):
             get(plain_key)
-        base.append(ops / (time.perf_counter() - started))
+        elapsed = time.perf_counter() - started
+        base_time += elapsed
+        base.append(chunk / elapsed)
         started = time.perf_counter()
-        for _ in range(ops):
+        for _ in range(chunk):
             cache.get("item:1", loader)
-        kc.append(ops / (time.perf_counter() - started))
+        elapsed = time.perf_counter() - started
+        kc_time += elapsed
+        kc.append(chunk / elapsed)
+    total = rounds * chunks * chunk
     client.delete(plain_key)
     client.close()
     return {
-        "baseline": {"reads_per_s": round(max(base)), "median_reads_per_s": round(statistics.median(base))},
-        "kcons": {"reads_per_s": round(max(kc)), "median_reads_per_s": round(statistics.median(kc))},
-        "ratio": round(max(kc) / max(base), 3),
-        "median_ratio": round(statistics.median(kc) / statistics.median(base), 3),
+        "baseline": {"reads_per_s": round(total / base_time), "best_chunk_reads_per_s": round(max(base))},
+        "kcons": {"reads_per_s": round(total / kc_time), "best_chunk_reads_per_s": round(max(kc))},
+        "ratio": round(base_time / kc_time, 3),
+        "best_chunk_ratio": round(max(kc) / max(base), 3),
+        "reads_per_side": total,
     }
 
 
@@ -240,7 +249,7 @@ def main() -> int:
             },
         },
         "ratio": hits["ratio"],
-        "median_ratio": hits["median_ratio"],
+        "best_chunk_ratio": hits["best_chunk_ratio"],
         "unit": "reads/s (hit path); latency in ms",
         "targets": {"ratio": ">= 0.8", "commit_to_invalidated_p99_ms": "<= 100 at 1000 writes/s"},
         "rounds": args.rounds,
