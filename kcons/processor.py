@@ -248,8 +248,7 @@ class TransactionalProcessor:
                 self.producer.abort_transaction(reason="closed")
         if not self._consumer_closed:
             self._consumer_closed = True
-            with contextlib.suppress(KafkaException, RuntimeError):
-                self.consumer.close()
+            _close_consumer(self.consumer, self.commit_timeout_s)
         self.producer.close(self.commit_timeout_s)
 
     # rebalancing -------------------------------------------------------------------------
@@ -424,6 +423,20 @@ class TransactionalProcessor:
             metrics.PROCESSOR_LAG.set(lag)
         except (KafkaException, RuntimeError) as exc:
             log.debug("lag not updated: %s", exc)
+
+
+def _close_consumer(consumer: Consumer, timeout: float) -> None:
+    """Leave the group and close, waiting at most ``timeout`` seconds (an unreachable cluster must not hang stop)."""
+    done = threading.Event()
+
+    def close() -> None:
+        with contextlib.suppress(KafkaException, RuntimeError):
+            consumer.close()
+        done.set()
+
+    threading.Thread(target=close, name="kcons-consumer-close", daemon=True).start()
+    if not done.wait(timeout):
+        log.warning("closing the consumer took longer than %.1fs; left to finish in the background", timeout)
 
 
 def _position_key(msg: Message) -> tuple[str, int]:
