@@ -29,9 +29,18 @@ afterwards: the classic race ends with the new value or no value, never the old 
 * ``WRITE_BEHIND``: the writer commits the row and its outbox event (carrying the new value)
   in one transaction; the invalidator writes the *value* instead of a tombstone. The loss
   window is zero (the event is durable with the row, and offsets commit only after Redis
-  acknowledged). A key evicted by Redis memory pressure loses its version, so a replayed older
-  event can briefly set an older value until the newer one is replayed; use ``noeviction`` or
-  ``VERSIONED_INVALIDATION`` when that matters.
+  acknowledged). A key whose entry expired or was evicted loses its version, so an older event
+  replayed after an invalidator crash can briefly set an older value until the newer one is
+  replayed too (replays cover only the uncommitted tail, seconds): keep TTLs far above that,
+  use ``noeviction``, or ``VERSIONED_INVALIDATION`` (tombstones carry no value) when it matters.
+
+**Invalidator loops.** :meth:`CacheInvalidator.run` consumes with a plain consumer that applies
+each polled batch in one pipelined Redis round trip (default), or through
+:class:`~kcons.consumer.IdempotentConsumer` (``batched=False``: one round trip per event, its
+dedup store and dead-letter handling). Both commit offsets only after Redis acknowledged, send
+malformed events to ``<topic>.dlq``, and retry an unreachable Redis instead of skipping.
+Commit-to-applied lag is measured from the ``kcons-committed-at`` header (epoch seconds) when
+the writer sets one, else from the Kafka record timestamp.
 
 **TTLs.** Values expire after ``value_ttl_s`` (bounds the damage of a lost invalidation).
 Tombstones expire after ``tombstone_ttl_s``, which must exceed the longest a loader or a
