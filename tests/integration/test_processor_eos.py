@@ -84,6 +84,7 @@ def processor(
     tid: str,
     topic_in: str,
     handler: Callable[[Message], Any],
+    consumer_extra: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> TransactionalProcessor:
     return TransactionalProcessor(
@@ -93,6 +94,7 @@ def processor(
             "auto.offset.reset": "earliest",
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000,
+            **(consumer_extra or {}),
         },
         {"bootstrap.servers": bootstrap, "linger.ms": 5},
         [topic_in],
@@ -171,8 +173,9 @@ def test_processor_killed_mid_batch_replays_without_duplicates(
     assert_exactly_once(values, n)
 
 
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
 def test_rebalancing_between_two_workers_keeps_exactly_once(
-    kafka_bootstrap: str, unique_topic: Callable[..., str]
+    kafka_bootstrap: str, unique_topic: Callable[..., str], strategy: str
 ) -> None:
     n = 3000
     topic_in, topic_out = unique_topic(partitions=4), unique_topic(partitions=4)
@@ -190,8 +193,9 @@ def test_rebalancing_between_two_workers_keeps_exactly_once(
         except BaseException as exc:
             errors.append(exc)
 
-    a = processor(kafka_bootstrap, group, f"{group}-a", topic_in, slow_copy, batch_max=50)
-    b = processor(kafka_bootstrap, group, f"{group}-b", topic_in, slow_copy, batch_max=50)
+    extra = {"partition.assignment.strategy": strategy}
+    a = processor(kafka_bootstrap, group, f"{group}-a", topic_in, slow_copy, batch_max=50, consumer_extra=extra)
+    b = processor(kafka_bootstrap, group, f"{group}-b", topic_in, slow_copy, batch_max=50, consumer_extra=extra)
     producer_thread = threading.Thread(target=produce_inputs, args=(kafka_bootstrap, topic_in, range(n)))
     producer_thread.start()
     ta = threading.Thread(target=run, args=("a", a))
