@@ -125,6 +125,36 @@ def relay(
             server.stop()
 
 
+@outbox.command("purge")
+@click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
+@click.option("--table", default=None, help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
+@click.option("--older-than", type=float, required=True, help="Delete rows published more than this many seconds ago.")
+def purge(dsn: str | None, table: str | None, older_than: float) -> None:
+    """Delete published rows past their retention (retention mode); unpublished rows are never touched."""
+    from kcons.outbox.store import PostgresOutboxStore
+
+    name = table or env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE) or DEFAULT_TABLE
+    target = dsn or env_str("KCONS_POSTGRES_DSN")
+    if not target:
+        raise click.UsageError("give --dsn or set KCONS_POSTGRES_DSN")
+    if older_than < 0:
+        raise click.UsageError("--older-than must be >= 0")
+    try:
+        store = PostgresOutboxStore(target, name, application_name="kcons-outbox-purge")
+    except KconsError as exc:
+        raise click.ClickException(str(exc)) from None
+    total = 0
+    try:
+        while True:
+            n = store.purge_published(older_than)
+            total += n
+            if n == 0:
+                break
+    finally:
+        store.close()
+    click.echo(f"purged {total} published rows from {name}")
+
+
 def main() -> None:
     """Run the ``outbox`` group on its own (``python -m kcons.outbox.cli``)."""
     outbox()

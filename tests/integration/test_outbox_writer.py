@@ -219,3 +219,21 @@ def test_cli_relay_publishes_serves_metrics_and_stops_on_sigterm(
         left = conn.execute("SELECT count(*) FROM kcons_outbox").fetchone()
         holders = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
     assert left == (0,) and holders == (0,)  # published, and the lease was released on the way out
+
+
+def test_cli_purge_deletes_only_published_rows_past_retention(outbox_db: str) -> None:
+    with psycopg.connect(outbox_db) as conn:
+        add_many(conn, [_event("p", v) for v in range(4)])
+        conn.commit()
+        conn.execute("UPDATE kcons_outbox SET published_at = now() - interval '1 hour' WHERE version < 2")
+        conn.execute("UPDATE kcons_outbox SET published_at = now() WHERE version = 2")
+        conn.commit()
+    run = subprocess.run(
+        [sys.executable, "-m", "kcons.outbox.cli", "purge", "--dsn", outbox_db, "--older-than", "600"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "purged 2 " in run.stdout
+    with psycopg.connect(outbox_db) as conn:
+        left = conn.execute("SELECT version, published_at IS NULL FROM kcons_outbox ORDER BY version").fetchall()
+    assert left == [(2, False), (3, True)]
