@@ -4,7 +4,9 @@ Input records (value = a sequence number, key = one of ``--keys`` keys, so each 
 increase in the input) are produced at a steady rate while ``--workers`` processor worker
 processes (``_eos_worker.py``, each with a stable ``transactional.id``) copy them to an output
 topic inside Kafka transactions. At random moments a worker is SIGKILLed and restarted with the
-same ``transactional.id``; once, mid-run, a broker is hard-killed (SIGKILL) and restarted. When
+same ``transactional.id``; a few times a worker is frozen (SIGSTOP) past its session timeout and
+resumed, so it wakes up as a zombie with a transaction open on partitions that moved; once,
+mid-run, a broker is hard-killed (SIGKILL) and restarted. When
 all input is produced and the faults are done, the run waits until the group's committed offsets
 reach the end of the input, stops the workers with SIGTERM and reads the output with a
 read_committed consumer. It checks that every input id appears exactly once (``lost``,
@@ -68,6 +70,15 @@ class WorkerSlot:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def pause(self) -> None:
+        """SIGSTOP: the worker keeps its sockets and its open transaction but answers nothing (a zombie)."""
+        if self.proc is not None and self.alive():
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.alive():
+            self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc is not None and self.alive():
@@ -240,13 +251,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         worker_kills = 0
         broker_kills = 0
+        worker_pauses = 0
         broker_kill_at = time.monotonic() + args.duration * 0.4
         next_kill = time.monotonic() + rng.uniform(args.kill_min_s, args.kill_max_s)
         kill_deadline = time.monotonic() + args.max_seconds
         while time.monotonic() < kill_deadline:
             for slot in slots:
                 slot.check()
-            faults_done = worker_kills >= args.kills and broker_kills >= args.broker_kills
+            faults_done = (
+                worker_kills >= args.kills and broker_kills >= args.broker_kills and worker_pauses >= args.pauses
+            )
             if faults_done and (produced.is_set() or producer_errors):
                 break
             now = time.monotonic()
@@ -269,6 +283,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     time.sleep(0.1)
                 log.info("restarting broker %d", node + 1)
                 cluster.restart_node(node)
+                continue
+            if worker_pauses < args.pauses and now >= next_kill and rng.random() < 0.3:
+                # A zombie: frozen past the session timeout, its partitions move to the others; when it
+                # wakes up with its transaction still open, the broker must fence it (KIP-447).
+                victim = rng.choice(slots)
+                victim.pause()
+                worker_pauses += 1
+                log.info("SIGSTOP worker %d for %.0fs (pause %d)", victim.index, args.pause_s, worker_pauses)
+                time.sleep(args.pause_s)
+                victim.resume()
+                log.info("SIGCONT worker %d", victim.index)
+                next_kill = time.monotonic() + rng.uniform(args.kill_min_s, args.kill_max_s)
                 continue
             if worker_kills < args.kills and now >= next_kill:
                 victim = rng.choice(slots)
@@ -315,12 +341,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         and result["out_of_order"] == 0
         and worker_kills >= args.kills
         and broker_kills >= args.broker_kills
+        and worker_pauses >= args.pauses
     )
     return {
         "name": "eos_kill",
         "runs": 1,
-        "faults": worker_kills + broker_kills,
+        "faults": worker_kills + broker_kills + worker_pauses,
         "worker_kills": worker_kills,
+        "worker_pauses": worker_pauses,
         "brokers": args.brokers,
         "broker_kills": broker_kills,
         "worker_starts": sum(s.starts for s in slots),
@@ -346,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--brokers", type=int, choices=[1, 3], help="3: own cluster with a broker kill (full default)")
     ap.add_argument("--broker-kills", type=int, default=1, choices=[0, 1])
     ap.add_argument("--duration", type=float, help="seconds over which the input is produced")
+    ap.add_argument("--pauses", type=int, help="worker SIGSTOP/SIGCONT (zombies) past the session timeout")
+    ap.add_argument("--pause-s", type=float, default=9.0, help="how long a paused worker stays frozen")
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--keys", type=int, default=200)
@@ -365,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         args.broker_kills = 0  # the single broker (KCONS_KAFKA_BOOTSTRAP or a fresh one) is never killed
     args.records = args.records or (2000 if quick else 20_000)
     args.kills = args.kills if args.kills is not None else (3 if quick else 12)
+    args.pauses = args.pauses if args.pauses is not None else (1 if quick else 2)
     args.duration = args.duration or (12.0 if quick else 90.0)
     args.kill_min_s = args.kill_min_s or (1.5 if quick else 3.0)
     args.kill_max_s = args.kill_max_s or (3.5 if quick else 7.0)
