@@ -1,17 +1,24 @@
 """Redis dedup store: one Lua script call per batch, Redis Cluster safe, every key with a TTL.
 
-Each id is a key ``{<prefix>:<namespace>}:<id>``. The braces are a hash tag: every key of
-one namespace (the consumer group) lands in one hash slot, so a whole batch is claimed by one
-atomic script on a single node of a Redis Cluster. The script is registered once
-(``register_script``) and called with the namespace root as its only key and the batch's ids as
-one newline-separated argument, which keeps a 500-id call cheap to encode. An in-progress key
-expires with its lease, a done key with the retention TTL; nothing is stored without a TTL.
+Each id is a key ``{<prefix>:<namespace>}:i:<id>`` holding its claim (owner, claim call, lease
+deadline on the server clock); a claim becomes *done* when its id joins the set of done ids of
+its claim call, ``{<prefix>:<namespace>}:b:<owner>|<seq>`` (one SADD per batch instead of one
+write per id). The braces are a hash tag: every key of one namespace (the consumer group)
+lands in one hash slot, so a batch is handled by one atomic script on a single node of a Redis
+Cluster. The script (``dedup_claim.lua``) is registered once (``register_script``) and called
+with the namespace root as its only key and the ids as newline-separated arguments, which keeps
+a 500-id call cheap to encode. :meth:`RedisDedupStore.complete_and_claim` records one batch done
+and claims the next in the same call: one round trip per batch. Every key has the retention
+TTL, so the store stays bounded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -25,7 +32,7 @@ from kcons.dedup import (
     new_owner_token,
     validate_namespace,
 )
-from kcons.errors import StoreError
+from kcons.errors import ConfigError, StoreError
 from kcons.metrics import observe_dedup_store
 
 __all__ = ["CLAIM_SCRIPT", "RedisDedupStore"]
@@ -35,11 +42,12 @@ CLAIM_SCRIPT = resources.files("kcons.adapters").joinpath("dedup_claim.lua").rea
 
 
 class RedisDedupStore:
-    """Dedup store on Redis: atomic per batch (one Lua script), one round trip per call.
+    """Dedup store on Redis: atomic per batch (one Lua script), one round trip per batch.
 
     ``client`` is a ``redis.Redis`` (or ``redis.RedisCluster``) the caller owns, with its own
     connection pool. ``namespace`` should be the consumer group id, so groups never share
-    dedup state. Redis errors are raised as :class:`~kcons.errors.StoreError`.
+    dedup state. Leases are checked against the Redis server's clock, so workers' clocks do not
+    matter. Redis errors are raised as :class:`~kcons.errors.StoreError`.
     """
 
     def __init__(
@@ -50,15 +58,23 @@ class RedisDedupStore:
         retention_s: float = DEFAULT_RETENTION_S,
         prefix: str = "kcons:dedup",
         owner: str | None = None,
+        max_tracked: int = 1_000_000,
     ) -> None:
         validate_namespace("namespace", namespace)
         validate_namespace("prefix", prefix)
+        if owner is not None and not _OWNER.match(owner):
+            raise ConfigError("owner", "expected 1-64 characters of [A-Za-z0-9_.:-]")
         self._client = client
         self._retention_ms = int(check_retention("retention_s", retention_s) * 1000)
         self._root = f"{{{prefix}:{namespace}}}"
         self._owner = owner or new_owner_token()
         self._script = client.register_script(CLAIM_SCRIPT)
         self._latency = observe_dedup_store("redis")
+        self._seq = 0
+        # id -> tag of the claim call that claimed it, so completes can join that claim's set.
+        self._tags: OrderedDict[str, str] = OrderedDict()
+        self._max_tracked = max_tracked
+        self._lock = threading.Lock()
 
     @property
     def owner(self) -> str:
@@ -67,7 +83,7 @@ class RedisDedupStore:
 
     def key(self, event_id: str) -> str:
         """The Redis key of an id (hash-tagged by namespace)."""
-        return f"{self._root}:{_stored(event_id)}"
+        return f"{self._root}:i:{_stored(event_id)}"
 
     def claim(self, ids: Sequence[str], lease_s: float) -> set[str]:
         """Claim the ids that are neither done nor held under another owner's unexpired lease."""
@@ -81,19 +97,20 @@ class RedisDedupStore:
         """Mark ``done_ids`` done, then claim ``ids``, atomically in one script call (one round trip)."""
         lease_ms = max(1, int(check_lease(lease_s) * 1000))
         unique = list(dict.fromkeys(ids))
-        if not unique:
-            if done_ids:
-                self.complete(done_ids)
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            groups = self._done_groups(done_ids)
+        if not unique and not groups:
             return ClaimResult(frozenset())
-        if done_ids:
-            codes = self._run("complete_claim", unique, lease_ms, self._join(list(dict.fromkeys(done_ids))))
-        else:
-            codes = self._run("claim", unique, lease_ms)
+        codes = self._run("batch", unique, lease_ms, seq, groups)
         if isinstance(codes, str):
             codes = codes.encode()
         if len(codes) != len(unique):
             raise StoreError(f"redis dedup claim answered {len(codes)} codes for {len(unique)} ids")
+        tag = f"{self._owner}|{seq}"
         if codes.count(b"1") == len(codes):  # the common case: every id is new
+            self._track(unique, tag)
             return ClaimResult(frozenset(unique))
         claimed: list[str] = []
         done: list[str] = []
@@ -105,37 +122,67 @@ class RedisDedupStore:
                 done.append(event_id)
             else:
                 busy.append(event_id)
+        self._track(claimed, tag)
         return ClaimResult(frozenset(claimed), frozenset(done), frozenset(busy))
 
     def complete(self, ids: Sequence[str]) -> None:
         """Mark ids done for the retention TTL (whoever holds them: the effect has happened)."""
         if ids:
-            self._run("complete", list(dict.fromkeys(ids)), self._retention_ms)
+            self.complete_and_claim(ids, (), 1.0)
 
     def release(self, ids: Sequence[str]) -> None:
         """Delete our own in-progress claims; done ids and other owners' claims are untouched."""
-        if ids:
-            self._run("release", list(dict.fromkeys(ids)), 0)
+        if not ids:
+            return
+        unique = list(dict.fromkeys(ids))
+        with self._lock:
+            for event_id in unique:
+                self._tags.pop(event_id, None)
+        self._run("release", unique, 1, 0, [])
+
+    def _track(self, claimed: list[str], tag: str) -> None:
+        with self._lock:
+            tags = self._tags
+            for event_id in claimed:
+                tags[event_id] = tag
+                tags.move_to_end(event_id)
+            while len(tags) > self._max_tracked:  # forgotten ids are completed as plain "d" keys
+                tags.popitem(last=False)
+
+    def _done_groups(self, done_ids: Sequence[str]) -> list[tuple[str, list[str]]]:
+        """Group ids by the claim call that claimed them ("" for unknown ones); forget them."""
+        groups: dict[str, list[str]] = {}
+        pop = self._tags.pop
+        for event_id in dict.fromkeys(done_ids):
+            groups.setdefault(pop(event_id, ""), []).append(event_id)
+        return list(groups.items())
 
     @staticmethod
     def _join(ids: list[str]) -> str:
+        if not ids:
+            return ""
         joined = "\n".join(ids)
         if joined.count("\n") != len(ids) - 1 or max(map(len, ids)) > MAX_ID_LENGTH or min(map(len, ids)) == 0:
             joined = "\n".join(_stored(i) for i in ids)
         return joined
 
-    def _run(self, op: str, ids: list[str], ttl_ms: int, done: str | None = None) -> Any:
-        args: list[Any] = [op, self._owner, ttl_ms, self._join(ids)]
-        if done is not None:
-            args += [done, self._retention_ms]
+    def _run(self, op: str, ids: list[str], lease_ms: int, seq: int, groups: list[tuple[str, list[str]]]) -> Any:
+        args: list[Any] = [op, self._owner, lease_ms, self._retention_ms, seq, self._join(ids)]
+        for tag, members in groups:
+            args += [tag, self._join(members)]
         started = time.perf_counter()
         try:
             result = self._script(keys=[self._root], args=args)
         except Exception as exc:  # redis.RedisError and connection errors
             raise StoreError(f"redis dedup {op} of {len(ids)} ids failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            self._latency["claim" if op == "complete_claim" else op].observe(time.perf_counter() - started)
+            self._latency["release" if op == "release" else "claim" if ids else "complete"].observe(
+                time.perf_counter() - started
+            )
         return result
+
+
+_OWNER = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
 
 def _needs_digest(event_id: str) -> bool:
