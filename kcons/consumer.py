@@ -14,6 +14,12 @@ Each batch goes through the same steps, and the commit decision is made in one p
 5. commit, per partition, the offset after the last message whose effect is done or whose
    dead-letter write was acknowledged; partitions stopped early are rewound (seek) and paused.
 
+With a store that can record one batch done and claim the next in a single call (Redis,
+memory: :class:`~kcons.dedup.PipelinedDedupStore`), step 4's done records ride on the next
+batch's claim, so a batch costs one store round trip; its offsets are committed after that call
+(overlapping the following one), never before the done records are written. On idle, on
+revocation and on close, pending done records are written and offsets committed at once.
+
 Guarantees: every message is handled at least once or dead-lettered (offsets never move past a
 message that is not done); a message whose id is done is never handled again while the store
 keeps it (retention TTL). With :class:`IdempotentConsumer` a crash after a handler ran but
