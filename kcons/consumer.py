@@ -236,6 +236,12 @@ class IdempotentConsumer:
     ``enable.auto.commit`` is forced off because offsets are committed only after the effects
     are done. ``handler(msg)`` runs once per new event id (see the module docstring for the
     exact guarantees). The dedup ``store`` should be namespaced by the same consumer group.
+
+    Claims are taken per batch, so ``lease_s`` should exceed the time one batch takes to
+    handle; a slower batch lets another worker take its ids over (handled twice, never lost).
+    ``pause_s`` is how long a partition stays paused after it was rewound (busy id, store
+    outage, failed dead-letter write). ``consumer_factory``/``producer_factory`` build the
+    Kafka clients (confluent-kafka by default).
     """
 
     #: True when a failed batch leaves no effect behind (its effects run in one transaction).
