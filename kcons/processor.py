@@ -176,6 +176,8 @@ class TransactionalProcessor:
         self._buffer: list[Message] = []
         self._lag_at = 0.0
         self._consumer_closed = False
+        self._revoked_in_call: set[tuple[str, int]] = set()  # partitions revoked during the current consume()
+        self._assigned_in_call: set[tuple[str, int]] = set()
         # The producer first: init_transactions fences an older incarnation of this worker and
         # settles its open transaction before this consumer fetches any committed offset.
         self._producer_config = dict(producer_config)
@@ -255,6 +257,7 @@ class TransactionalProcessor:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", _describe(partitions))
+        self._assigned_in_call.update((tp.topic, tp.partition) for tp in partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._give_up(partitions, "revoked")
@@ -271,6 +274,7 @@ class TransactionalProcessor:
             self.producer.abort_transaction(reason=why)
             metrics.PROCESSOR_REWINDS.labels(why).inc()
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._revoked_in_call.update(gone)
         self._buffer[:] = [m for m in self._buffer if (m.topic(), m.partition()) not in gone]
 
     # the loop ---------------------------------------------------------------------------
@@ -286,10 +290,14 @@ class TransactionalProcessor:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break
+            self._revoked_in_call = set()
+            self._assigned_in_call = set()
             try:
                 msgs = self.consumer.consume(self.batch_max - len(buf), timeout)
             except KafkaException as exc:
                 raise_for_kafka_error(exc, "consume")
+            if self._revoked_in_call:
+                msgs = self._after_rebalance_in_call(msgs)
             for msg in msgs:
                 err = msg.error()
                 if err is None:
@@ -306,6 +314,21 @@ class TransactionalProcessor:
                 break  # idle: give run() a chance to update lag and check stop
         self._buffer = []
         return buf
+
+    def _after_rebalance_in_call(self, msgs: list[Message]) -> list[Message]:
+        """Drop what one consume() call returned for partitions revoked during that call.
+
+        Records fetched before the revocation can come back in the same call as the rebalance
+        callback; they are not ours to process. A partition revoked and assigned again within
+        the call is rewound to its committed offset, since its old and new records are mixed.
+        """
+        gone = self._revoked_in_call
+        back = gone & self._assigned_in_call
+        kept = [m for m in msgs if (m.topic(), m.partition()) not in gone]
+        if back:
+            self._buffer[:] = [m for m in self._buffer if (m.topic(), m.partition()) not in back]
+            self._rewind("reassigned", only=back)
+        return kept
 
     def _process(self, batch: list[Message], outputs: Sequence[Iterable[OutputLike]] | None = None) -> None:
         """Run the handler on a batch (or take precomputed ``outputs``); commit outputs and offsets atomically."""
@@ -373,13 +396,15 @@ class TransactionalProcessor:
         self.producer = self._new_producer()
         self._rewind("fatal")
 
-    def _rewind(self, reason: str) -> None:
-        """Seek every assigned partition back to its committed offset (the reset policy where there is none)."""
+    def _rewind(self, reason: str, only: set[tuple[str, int]] | None = None) -> None:
+        """Seek every assigned partition (or those in ``only``) back to its committed offset (else the reset policy)."""
         self.stats.rewinds += 1
         metrics.PROCESSOR_REWINDS.labels(reason).inc()
 
         def fetch() -> list[TopicPartition]:
             assignment = self.consumer.assignment()
+            if only is not None:
+                assignment = [tp for tp in assignment if (tp.topic, tp.partition) in only]
             if not assignment:
                 return []
             try:
