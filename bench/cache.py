@@ -228,6 +228,7 @@ def main() -> int:
         args.rounds, args.ops, args.seconds = 3, 3000, 5.0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     modes = {"both": [False, True], "idempotent": [False], "batched": [True]}[args.invalidator]
+    load_before = os.getloadavg()[0]
     with start_stack() as stack:
         hits = hit_path(stack.redis_url, args.rounds, args.ops, args.value_size)
         latency = {
@@ -260,6 +261,8 @@ def main() -> int:
         "rows": args.rows,
         "writer_threads": args.threads,
         "relay_mode": args.relay_mode,
+        "cpus": os.cpu_count(),
+        "load_average_1m": {"start": round(load_before, 1), "end": round(os.getloadavg()[0], 1)},
     }
     print(json.dumps(result), flush=True)
     return 0

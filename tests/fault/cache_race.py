@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -238,7 +239,7 @@ def main() -> int:
             "quick": quick, "duration_s": duration, "load_seconds": round(load_seconds, 1),
             "readers": readers, "rate": rate, "rows": rows,
             "min_reads": min_reads, "min_kills": kills_wanted, "seed": args.seed,
-            "negative_control": args.negative_control,
+            "negative_control": args.negative_control, "load_average_1m_end": round(os.getloadavg()[0], 1),
         },
     }  # fmt: skip
     result["ok"] = (
