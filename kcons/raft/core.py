@@ -99,6 +99,7 @@ class Progress:
     recent_active: bool = False
     pending_snapshot: int = 0
     acked_tick: int = -(10**9)
+    snapshot_sent_tick: int = 0
 
     def become_probe(self) -> None:
         """Back off to one message at a time from match + 1."""
@@ -690,8 +691,12 @@ class RaftCore:
                 pr.paused = False
             elif pr.state is ProgressState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
                 pr.inflight.popleft()
-            elif pr.state is ProgressState.SNAPSHOT and pr.match < pr.pending_snapshot:
-                pr.become_probe()  # the snapshot may have been lost: offer it again
+            elif (
+                pr.state is ProgressState.SNAPSHOT
+                and pr.match < pr.pending_snapshot
+                and self.ticks - pr.snapshot_sent_tick >= self.cfg.election_tick
+            ):
+                pr.become_probe()  # no answer within an election timeout: the snapshot was lost, resend
             if pr.match < self.log.last_index():
                 self._send_append(m.src)
             if m.context:
@@ -745,6 +750,7 @@ class RaftCore:
             return
         pr.state = ProgressState.SNAPSHOT
         pr.pending_snapshot = snap.meta.index
+        pr.snapshot_sent_tick = self.ticks
         pr.inflight.clear()
         self._send(Message(MsgType.SNAP, self.id, to, self.term, snapshot=snap))
 

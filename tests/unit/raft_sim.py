@@ -23,7 +23,7 @@ from typing import Any
 from kcons.raft.core import RaftConfig, RaftCore, Role
 from kcons.raft.errors import NotLeaderError, ProposalDroppedError
 from kcons.raft.linearizability import UNKNOWN, Operation, check_kv_history
-from kcons.raft.messages import Entry, EntryKind, Message
+from kcons.raft.messages import Entry, EntryKind, Message, MsgType
 from kcons.raft.storage import MemoryStorage
 
 
@@ -492,6 +492,7 @@ class ScriptedCluster:
         self.applied: dict[int, list[Entry]] = {i: [] for i in self.ids}
         self.read_states: dict[int, list[bytes]] = {i: [] for i in self.ids}
         self.cut: set[tuple[int, int]] = set()
+        self.lose: set[MsgType] = set()
         self.down: set[int] = set()
         self.sent: list[Message] = []
         for i in self.ids:
@@ -558,7 +559,7 @@ class ScriptedCluster:
                 return
             for m in msgs:
                 self.sent.append(m)
-                if m.dst in self.down or (m.src, m.dst) in self.cut:
+                if m.dst in self.down or (m.src, m.dst) in self.cut or m.type in self.lose:
                     continue
                 self.cores[m.dst].step(m)
         raise AssertionError("cluster did not quiesce")

@@ -345,3 +345,46 @@ def test_restart_recovers_term_vote_and_log_from_storage() -> None:
     c.elect(2)
     c.drain()
     assert data_of(c.applied[2]) == [b"durable"]
+
+
+def test_lost_snapshot_is_resent_only_after_an_election_timeout() -> None:
+    c = ScriptedCluster(3)
+    leader = c.elect(1)
+    c.isolate(3)
+    for n in range(10):
+        leader.propose(b"x%d" % n)
+    c.drain()
+    leader.compact(leader.log.applied, b"img")
+    c.heal()
+    c.lose.add(MsgType.SNAP)  # snapshots vanish; heartbeats and their answers still flow
+    c.sent.clear()
+    for _ in range(5):
+        leader.tick()
+        c.drain(heartbeat=False)
+    assert len([m for m in c.sent if m.type is MsgType.SNAP]) == 1
+    for _ in range(10):
+        leader.tick()
+        c.drain(heartbeat=False)
+    assert len([m for m in c.sent if m.type is MsgType.SNAP]) == 2
+    c.lose.clear()
+    for _ in range(12):
+        leader.tick()
+        c.drain(heartbeat=False)
+    assert c.cores[3].log.committed == leader.log.committed
+
+
+def test_restart_keeps_entries_before_the_snapshot_for_lagging_followers() -> None:
+    c = ScriptedCluster(3)
+    leader = c.elect(1)
+    for n in range(30):
+        leader.propose(b"e%d" % n)
+    c.drain()
+    applied = leader.log.applied
+    leader.compact(applied, b"img", keep=10)
+    assert leader.log.snap_index == applied - 10
+    c.storage[1].compact(leader.snapshot, leader.log.snap_index)  # type: ignore[arg-type]
+    core = c.restart(1)
+    assert core.snapshot is not None and core.snapshot.meta.index == applied
+    assert core.log.snap_index == applied - 10
+    assert core.log.applied == applied
+    assert core.log.term(applied - 5) is not None  # still served from the log, no snapshot needed
