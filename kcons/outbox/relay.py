@@ -310,21 +310,22 @@ class OutboxRelay:
         lease = self.leases.acquire(self.lease_name, self.holder, self.lease_ttl_s)
         if lease is None:
             return False
+        with self._lease_lock:
+            self._lease = lease
+        # Renew from now on: fencing the previous leader (init_transactions) can take a while.
+        self._renewer = threading.Thread(target=self._renew_loop, args=(lease,), name="kcons-outbox-lease", daemon=True)
+        self._renewer.start()
         try:
             self.store.forget_position()
             self.store.claim_fence(self.name, lease.token, self.holder)
             self.publisher.reset()
             self.publisher.start()  # transactional: init_transactions fences the previous leader's producer
         except Exception:
-            self.leases.release(lease)
+            self._step_down("taking the lead failed")
             raise
-        with self._lease_lock:
-            self._lease = lease
         self._m_leader.set(1)
         metrics.OUTBOX_LEADERSHIP_CHANGES_TOTAL.labels(self.name, "gained").inc()
         log.info("relay %s leads %s with token %d", self.holder, self.lease_name, lease.token)
-        self._renewer = threading.Thread(target=self._renew_loop, args=(lease,), name="kcons-outbox-lease", daemon=True)
-        self._renewer.start()
         return True
 
     def _renew_loop(self, lease: Lease) -> None:

@@ -1,8 +1,8 @@
 """Fault-run writer: commits outbox events in business transactions (some rolled back, some long-running).
 
 Each transaction locks 1-3 aggregates in sorted order (``UPDATE accounts ... RETURNING version``),
-adds one event per aggregate carrying the new version, then commits or rolls back. Prints one JSON
-object: the ids that committed, that rolled back, and whose commit outcome is unknown.
+adds one event per aggregate carrying the new version, then commits or rolls back. Writes one JSON
+object to ``--out``: the ids that committed, that rolled back, and whose commit outcome is unknown.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, required=True, help="spread the writes over this many seconds")
     ap.add_argument("--rollback-rate", type=float, default=0.08)
     ap.add_argument("--long-rate", type=float, default=0.004)
+    ap.add_argument("--out", required=True, help="write the result JSON here (a pipe could fill up and block)")
     args = ap.parse_args()
     rnd = random.Random(args.seed)
     names = [f"agg-{i:04d}" for i in range(args.aggregates)]
@@ -63,7 +64,9 @@ def main() -> None:
                 unknown.extend(ids)
                 continue
             committed.extend(ids)
-    print(json.dumps({"committed": committed, "rolled_back": rolled_back, "unknown": unknown, "long": long_running}))
+    result = {"committed": committed, "rolled_back": rolled_back, "unknown": unknown, "long": long_running}
+    with open(args.out, "w", encoding="utf-8") as out:
+        json.dump(result, out)
 
 
 if __name__ == "__main__":

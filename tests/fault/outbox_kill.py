@@ -245,13 +245,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 argv = [
                     sys.executable, str(HERE / "_outbox_writer.py"), "--dsn", dsn, "--seed", str(args.seed * 100 + i),
                     "--events", str(per_writer), "--aggregates", str(args.aggregates), "--duration", str(args.duration),
+                    "--out", str(logdir / f"writer-{i}.json"),
                 ]  # fmt: skip
                 with open(logdir / f"writer-{i}.log", "wb") as err:
-                    writers.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err))
+                    writers.append(subprocess.Popen(argv, env=env, stdout=err, stderr=err))
             kills = cuts = pauses = rounds = 0
             started = time.monotonic()
             while any(w.poll() is None for w in writers) or kills < args.kills or pauses < args.pauses:
                 time.sleep(rnd.uniform(args.fault_interval * 0.5, args.fault_interval * 1.5))
+                if time.monotonic() - started > args.max_seconds:
+                    log.warning("fault phase hit --max-seconds; stopping faults")
+                    break
                 for slot in slots:  # a relay that exited on its own is a crash: restart it
                     if not slot.alive():
                         slot.crashes += 1
@@ -281,14 +285,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     kills += 1
                     log.info("SIGKILLed %s (leader %s)", victim.holder, holder)
                     victim.start()
-                if time.monotonic() - started > args.max_seconds:
-                    break
             results = []
-            for w in writers:
-                out, _ = w.communicate(timeout=300)
-                if w.returncode != 0:
+            for i, w in enumerate(writers):
+                if w.wait(timeout=300) != 0:
                     raise RuntimeError(f"writer failed with {w.returncode}; see {logdir}")
-                results.append(json.loads(out.decode().strip().splitlines()[-1]))
+                results.append(json.loads((logdir / f"writer-{i}.json").read_text()))
             for slot in slots:
                 if not slot.alive():
                     slot.start()
