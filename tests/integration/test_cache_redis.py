@@ -173,3 +173,37 @@ def test_batched_writes_survive_redis_losing_its_script_cache() -> None:
         assert cache.invalidate("b", 2)
         assert cache.peek("a") == CacheEntry(2, None) and cache.peek("b") == CacheEntry(2, None)
         client.close()
+
+
+def test_lua_leases_and_fills_behave_like_the_reference_backend(redis_client: Any) -> None:
+    from kcons.cache import MemoryCacheBackend
+
+    redis_backend = _cache(redis_client).backend
+    model = MemoryCacheBackend()
+    rng = random.Random(3)
+    tokens = ["a", "b", "c"]
+    seen: set[tuple[str, str]] = set()
+    for step in range(1500):
+        key = f"k{rng.randrange(3)}"
+        token = rng.choice(tokens)
+        kind = rng.choice(["lease", "fill", "fill", "set", "tomb", "release"])
+        stored = model.read(key)
+        version = rng.randrange(8) if stored is None or rng.random() < 0.5 else stored.version + rng.randrange(2)
+        if kind == "lease":
+            got, want = redis_backend.take_lease(key, token, 60_000), model.take_lease(key, token, 60_000)
+        elif kind == "release":
+            redis_backend.release_lease(key, token)
+            model.release_lease(key, token)
+            got = want = None
+        else:
+            op = {"fill": WriteOp.FILL, "set": WriteOp.SET, "tomb": WriteOp.TOMBSTONE}[kind]
+            w = CacheWrite(op, key, version, b"s%d" % step, 60_000, token if op is WriteOp.FILL else "")
+            got, want = redis_backend.write(w).outcome, model.write(w).outcome
+        assert got == want, (step, kind, key, token, version)
+        assert redis_backend.read(key) == model.read(key), (step, kind, key)
+        seen.add((kind, type(got).__name__ if kind == "lease" and not isinstance(got, bool) else str(got)))
+    for expected in [
+        ("lease", "True"), ("lease", "False"), ("lease", "CacheEntry"), ("fill", "WriteOutcome.APPLIED"),
+        ("fill", "WriteOutcome.STALE"), ("fill", "WriteOutcome.LEASE_LOST"), ("tomb", "WriteOutcome.STALE"),
+    ]:  # fmt: skip
+        assert expected in seen, (expected, seen)
