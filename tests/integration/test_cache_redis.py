@@ -207,3 +207,19 @@ def test_lua_leases_and_fills_behave_like_the_reference_backend(redis_client: An
         ("fill", "WriteOutcome.STALE"), ("fill", "WriteOutcome.LEASE_LOST"), ("tomb", "WriteOutcome.STALE"),
     ]:  # fmt: skip
         assert expected in seen, (expected, seen)
+
+
+def test_a_client_that_decodes_responses_is_refused_at_construction(redis_url: str) -> None:
+    import redis
+
+    from kcons.errors import ConfigError
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        ConsistentCache(client)
+    except ConfigError as exc:
+        assert exc.setting == "KCONS_REDIS_URL"
+    else:
+        raise AssertionError("a str-decoding client must be refused")
+    finally:
+        client.close()
