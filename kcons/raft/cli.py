@@ -77,6 +77,8 @@ def serve(
     except (KconsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
+    failure: list[BaseException] = []
+
     async def main() -> None:
         node = RaftNode(settings)
         server = None
@@ -84,19 +86,38 @@ def serve(
             from kcons.metrics import MetricsServer
 
             server = MetricsServer(port=metrics_port, host=metrics_host)
+
+            def health() -> tuple[bool, str]:
+                st = node.status()
+                if node.failure is not None:
+                    return False, f"stopped: {type(node.failure).__name__}"
+                return True, f"{st['role']} term={st['term']} leader={st['leader']} applied={st['applied']}"
+
+            server.add_health_check("raft", health)
             server.start()
         await node.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait())
+        failed = asyncio.create_task(node.wait_failed())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (stopped, failed):
+            t.cancel()
         await node.stop()
         if server is not None:
             with contextlib.suppress(Exception):
                 server.stop()
+        if node.failure is not None:
+            failure.append(node.failure)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except KconsError as exc:  # e.g. a WAL damaged before its tail: refuse to guess
+        raise click.ClickException(str(exc)) from None
+    if failure:
+        raise SystemExit(3)
 
 
 @raft.command()

@@ -177,12 +177,15 @@ class RaftNode:
         self._last_signalled = 0
         self._gauges_due = True
         self._stopped = False
+        self._failed = asyncio.Event()
+        self.failure: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Listen, connect to peers, start ticking."""
         self._wake = asyncio.Event()
         self._apply_signal = asyncio.Event()
+        self._failed = asyncio.Event()
         await self.transport.start()
         self._tasks = [
             asyncio.create_task(self._run(), name=f"raft-{self.id}"),
@@ -219,6 +222,8 @@ class RaftNode:
 
     async def propose(self, command: dict[str, Any]) -> dict[str, Any]:
         """Replicate ``command`` and return its result once applied; NotLeaderError off the leader."""
+        if self.failure is not None:
+            raise OutcomeUnknownError("node failed; restart it")
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._inbox.append(("prop", json.dumps(command, separators=(",", ":")).encode(), fut))
         self._wake.set()
@@ -255,14 +260,34 @@ class RaftNode:
 
     # -- the loop that owns the core -------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
-            if not self._inbox:
-                await self._wake.wait()
-            self._wake.clear()
-            inbox, self._inbox = self._inbox, []
-            for item in inbox:
-                self._feed(item)
-            await self._drain_ready()
+        try:
+            while True:
+                if not self._inbox:
+                    await self._wake.wait()
+                self._wake.clear()
+                inbox, self._inbox = self._inbox, []
+                for item in inbox:
+                    self._feed(item)
+                await self._drain_ready()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Fail-stop: after a storage error (or a broken invariant) the node must not answer
+            # anything it cannot back with its disk. It stops; a restart recovers from the WAL.
+            log.critical("raft node %d stopped: %s: %s", self.id, type(exc).__name__, exc)
+            self.failure = exc
+            for w in self._waiters.values():
+                if not w.future.done():
+                    w.future.set_exception(OutcomeUnknownError(f"node failed: {type(exc).__name__}"))
+            for fut in self._reads.values():
+                if not fut.done():
+                    fut.set_exception(NotLeaderError(0))
+            self._failed.set()
+
+    async def wait_failed(self) -> BaseException | None:
+        """Return the error that stopped the node's loop (waits until one happens)."""
+        await self._failed.wait()
+        return self.failure
 
     def _feed(self, item: tuple[Any, ...]) -> None:
         core = self.core
