@@ -98,26 +98,28 @@ def client_loop(
 def fault_loop(
     cluster: LocalRaftCluster, stop: threading.Event, rng: random.Random, interval: float, counts: dict[str, int]
 ) -> None:
-    while not stop.wait(interval * rng.uniform(0.5, 1.0)):
+    next_at = time.monotonic()
+    while True:
+        next_at += interval  # a fixed schedule: the faults' own pauses do not thin them out
+        if stop.wait(max(0.0, next_at - time.monotonic())):
+            return
         leader = cluster.leader()
         r = rng.random()
         if r < 0.35 and leader is not None:
             victim = leader
             kind = "kill_leader"
-        elif r < 0.65:
-            victim = rng.choice(sorted(cluster.addresses))
-            kind = "kill_random"
-        elif leader is not None:
+        elif r >= 0.65 and leader is not None:
             cluster.pause(leader)
             counts["pause_leader"] = counts.get("pause_leader", 0) + 1
-            stop.wait(rng.uniform(0.8, 2.0))  # longer than an election timeout (0.5-1 s)
+            stop.wait(min(interval * 0.8, rng.uniform(0.8, 2.0)))  # beyond an election timeout (0.5-1 s)
             cluster.resume(leader)
             continue
         else:
-            continue
+            victim = rng.choice(sorted(cluster.addresses))
+            kind = "kill_random"
         cluster.kill(victim)
         counts[kind] = counts.get(kind, 0) + 1
-        stop.wait(rng.uniform(0.3, 1.5))
+        stop.wait(min(interval * 0.8, rng.uniform(0.3, 1.5)))
         cluster.start_node(victim)
 
 
