@@ -459,6 +459,9 @@ class RaftNode:
             result = {"error": "unknown_outcome", "detail": str(exc)}
         except (ValueError, KeyError, TypeError) as exc:
             result = {"error": "bad_request", "detail": str(exc)}
+        except Exception as exc:  # a request must always get an answer; the client may retry
+            log.exception("raft node %d: request failed", self.id)
+            result = {"error": "unknown_outcome", "detail": type(exc).__name__}
         return json.dumps(result, separators=(",", ":")).encode()
 
     async def _serve(self, req: dict[str, Any]) -> dict[str, Any]:
