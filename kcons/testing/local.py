@@ -243,7 +243,7 @@ class KafkaCluster:
             "-cp", f"{self._jars}/*", main_class, *args,
         ]  # fmt: skip
 
-    def start(self, timeout: float = 90.0) -> KafkaCluster:
+    def start(self, timeout: float = 180.0) -> KafkaCluster:
         """Format storage, start every node and wait until all brokers answer metadata."""
         self._jars = ensure_kafka_jars()
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ class KafkaCluster:
 
         def fmt(i: int) -> None:
             props = self.base_dir / f"node{i + 1}" / "server.properties"
-            argv = self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(props))
+            argv = self._java("kafka.tools.StorageTool", "format", f"--cluster-id={self.cluster_id}", "-c", str(props))
             res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
             if res.returncode != 0:
                 raise ServiceStartError(f"kafka storage format failed:\n{(res.stdout + res.stderr)[-3000:]}")
@@ -277,7 +277,7 @@ class KafkaCluster:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 90.0, expected: int | None = None) -> None:
+    def wait_ready(self, timeout: float = 180.0, expected: int | None = None) -> None:
         """Wait until ``expected`` (default: all) brokers are in the cluster metadata."""
         from confluent_kafka.admin import AdminClient
 
@@ -305,7 +305,7 @@ class KafkaCluster:
         """Stop node ``i`` cleanly (controlled shutdown)."""
         self.nodes[i].stop(timeout=60)
 
-    def restart_node(self, i: int, timeout: float = 90.0) -> None:
+    def restart_node(self, i: int, timeout: float = 180.0) -> None:
         """Start node ``i`` again on the same ports and data, and wait until it rejoined."""
         if self.nodes[i].alive():
             raise ServiceStartError(f"kafka node {i + 1} is still running")
@@ -336,10 +336,16 @@ class KafkaCluster:
 
 
 def _kafka_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding, never starting with '-'.
+
+    A leading '-' would be read as an option by command-line tools (Kafka's own generator avoids it too).
+    """
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 class RedisServer:

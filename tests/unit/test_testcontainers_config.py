@@ -35,3 +35,11 @@ def test_backend_defaults_to_local_and_rejects_unknown_names() -> None:
     with pytest.raises(ConfigError) as info:
         backend({"KCONS_TEST_BACKEND": "docker"})
     assert info.value.setting == "KCONS_TEST_BACKEND"
+
+
+def test_local_kafka_cluster_ids_never_start_with_a_dash() -> None:
+    from kcons.testing.local import _kafka_cluster_id
+
+    ids = [_kafka_cluster_id() for _ in range(5000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids)
