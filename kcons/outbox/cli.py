@@ -54,6 +54,10 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
 
 @outbox.command("relay")
 @click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
+@click.option(
+    "--sqlite", "sqlite_path", type=click.Path(dir_okay=False, exists=True),
+    help="Relay a SQLite outbox instead (embedded case: exactly one relay per file, no leader election).",
+)  # fmt: skip
 @click.option("--bootstrap", help="Kafka bootstrap servers (default: $KCONS_KAFKA_BOOTSTRAP).")
 @click.option("--table", help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
 @click.option("--name", help="Relay group name: replicas with the same name elect one leader ($KCONS_OUTBOX_NAME).")
@@ -67,6 +71,7 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
 @click.option("--metrics-host", help="Address for /metrics (default 127.0.0.1).")
 def relay(
     dsn: str | None,
+    sqlite_path: str | None,
     bootstrap: str | None,
     table: str | None,
     name: str | None,
@@ -85,7 +90,7 @@ def relay(
 
     try:
         settings = RelaySettings.from_env(
-            dsn=dsn,
+            dsn=dsn or ("sqlite" if sqlite_path else None),
             bootstrap=bootstrap,
             table=table,
             name=name,
@@ -102,7 +107,18 @@ def relay(
         raise click.ClickException(str(exc)) from None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner = OutboxRelay.for_postgres(settings)
+    if sqlite_path:
+        runner = OutboxRelay.for_sqlite(
+            sqlite_path,
+            settings.kafka,
+            table=settings.table,
+            topic=settings.topic,
+            mode=settings.mode if mode else "idempotent",
+            batch_size=settings.batch_size,
+            retention_s=settings.retention_s,
+        )
+    else:
+        runner = OutboxRelay.for_postgres(settings)
     server = None
     if settings.metrics_port is not None:
         server = MetricsServer(settings.metrics_port, settings.metrics_host, health_checks=[("relay", runner.health)])
@@ -117,8 +133,8 @@ def relay(
     log.info("relay %r", settings)
     try:
         runner.run()
-    except KconsError as exc:
-        log.error("relay failed: %s", exc)
+    except Exception as exc:  # retries exhausted: exit non-zero so the supervisor restarts it
+        log.error("relay failed after its retries: %s: %s", type(exc).__name__, exc)
         sys.exit(1)
     finally:
         if server is not None:

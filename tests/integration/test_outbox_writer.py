@@ -237,3 +237,39 @@ def test_cli_purge_deletes_only_published_rows_past_retention(outbox_db: str) ->
     with psycopg.connect(outbox_db) as conn:
         left = conn.execute("SELECT version, published_at IS NULL FROM kcons_outbox ORDER BY version").fetchall()
     assert left == [(2, False), (3, True)]
+
+
+def test_cli_relays_a_sqlite_outbox(
+    tmp_path: Path, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic()
+    path = str(tmp_path / "cli.db")
+    init = subprocess.run(
+        [sys.executable, "-m", "kcons.outbox.cli", "init", "--sqlite", path], capture_output=True, text=True, timeout=60
+    )
+    assert init.returncode == 0, init.stderr
+    events = [_event("sq", v) for v in range(5)]
+    with sqlite3.connect(path) as db:
+        add_many(db, events)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kcons.outbox.cli", "relay", "--sqlite", path, "--bootstrap", kafka_bootstrap,
+         "--topic", topic],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        consumer = make_consumer()
+        consumer.subscribe([topic])
+        got: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(got) < 5 and time.monotonic() < deadline:
+            for msg in consumer.consume(100, 0.5):
+                env = read_envelope(msg.key(), msg.value(), msg.headers())
+                assert env is not None
+                got.append(env.id)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # a graceful stop marks what Kafka acknowledged
+        out, _ = proc.communicate(timeout=60)
+    assert got == [e.id for e in events]
+    assert proc.returncode == 0, out.decode()[-2000:]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM kcons_outbox").fetchone() == (0,)
