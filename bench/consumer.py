@@ -104,10 +104,12 @@ def run_baseline(bootstrap: str, topic: str, messages: int, batch_size: int) -> 
     return sink.count / (sink.last_at - sink.first_at)
 
 
-def run_kcons(bootstrap: str, topic: str, messages: int, batch_size: int, make_store: Callable[[str], Any]) -> float:
+def run_kcons(
+    bootstrap: str, topic: str, messages: int, batch_size: int, make_store: Callable[[str], Any], **kw: Any
+) -> float:
     sink = Sink()
     cfg = consumer_config(bootstrap)
-    consumer = IdempotentConsumer(cfg, [topic], sink, store=make_store(cfg["group.id"]), batch_size=batch_size)
+    consumer = IdempotentConsumer(cfg, [topic], sink, store=make_store(cfg["group.id"]), batch_size=batch_size, **kw)
     deadline = time.monotonic() + 600
     try:
         while sink.count < messages and time.monotonic() < deadline:

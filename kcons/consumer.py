@@ -240,7 +240,9 @@ class IdempotentConsumer:
     Claims are taken per batch, so ``lease_s`` should exceed the time one batch takes to
     handle; a slower batch lets another worker take its ids over (handled twice, never lost).
     ``pause_s`` is how long a partition stays paused after it was rewound (busy id, store
-    outage, failed dead-letter write). ``consumer_factory``/``producer_factory`` build the
+    outage, failed dead-letter write). ``overlap_commit`` runs the offset commit of recorded
+    batches on a helper thread during the next store round trip (default: on, unless the store
+    says it is ``in_process``). ``consumer_factory``/``producer_factory`` build the
     Kafka clients (confluent-kafka by default).
     """
 
@@ -264,6 +266,7 @@ class IdempotentConsumer:
         dlq_producer_config: Mapping[str, Any] | None = None,
         dlq_timeout_s: float = 30.0,
         store_retry: tenacity.Retrying | None = None,
+        overlap_commit: bool | None = None,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
     ) -> None:
@@ -300,6 +303,9 @@ class IdempotentConsumer:
         self._deferred_offsets: dict[TP, int] = {}  # offsets of those batches: not safe to commit yet
         self._ready_offsets: dict[TP, int] = {}  # done records written: committed with the next store call
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        # Overlapping the offset commit with the store round trip pays off for a networked store
+        # only; for an in-process store the thread hand-off costs more than it hides.
+        self._overlap_commit = overlap_commit if overlap_commit is not None else not getattr(store, "in_process", False)
         self._dlq_topic = dlq_topic or default_dlq_topic
         self._retry = retry or default_retry_policy()
         self._store_retry = store_retry or default_store_retry_policy()
@@ -671,7 +677,10 @@ class IdempotentConsumer:
         """
         ready, self._ready_offsets = self._ready_offsets, {}
         commit = None
-        if ready or self._uncommitted:
+        if not self._overlap_commit:
+            if ready or self._uncommitted:
+                self._commit(ready)
+        elif ready or self._uncommitted:
             if self._committer is None:
                 self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kcons-commit")
             commit = self._committer.submit(self._commit, ready)

@@ -29,6 +29,9 @@ class MemoryDedupStore:
     ``max_entries`` ids are kept; the oldest written are evicted first.
     """
 
+    #: Calls are in-process and fast: the consumer does not overlap them with its offset commits.
+    in_process = True
+
     def __init__(
         self,
         max_entries: int = 1_000_000,
