@@ -4,8 +4,15 @@ One relay replica of an outbox leads (it holds the lease ``outbox:<name>``); the
 The leader repeats: read the lowest-positioned committed, unpublished rows (see
 :mod:`kcons.outbox.store` for why this is gap-free and keeps each aggregate's commit order),
 publish them as one batch and wait for Kafka's acknowledgement, then delete them (or mark them
-published, with retention) in a database transaction fenced by its lease token. When there is
-nothing to do it waits for the insert trigger's NOTIFY, with polling as fallback.
+published, with retention) in one statement fenced by its lease token. The database work is
+pipelined with Kafka: while batch *k* is being acknowledged, a worker thread marks batch *k-1*
+and reads batch *k+1* (excluding *k*'s rows); *k+1* is produced only after *k* is acknowledged,
+so the order holds, and any failure drops the pipeline and re-reads from the database. When
+there is nothing to do it waits for the insert trigger's NOTIFY, with polling as fallback.
+
+A long-running writer transaction holds back only its own rows (invisible until it commits);
+rows of other transactions keep flowing, and its rows are published when it commits, however
+low their positions.
 
 Guarantees: at-least-once (a crash between the Kafka acknowledgement and the mark republishes
 the batch; consumers deduplicate by ``kcons-id``); no row lost; no rolled-back row published;
