@@ -57,7 +57,7 @@ def test_commit_that_times_out_reinitialises_the_producer_and_it_keeps_working(k
         for node in kafka_cluster.nodes:
             node.resume()
 
-    resumer = threading.Timer(6.0, resume_all)
+    resumer = threading.Timer(4.0, resume_all)
     try:
         with pytest.raises(IndefiniteOutcomeError), producer.transaction():
             producer.produce(topic, b"maybe")
