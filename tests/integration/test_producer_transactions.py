@@ -263,3 +263,24 @@ def test_commits_aborts_and_produced_messages_are_counted_in_metrics(
     assert after[1] - before[1] == 1
     assert after[2] - before[2] >= 2  # the aborted record may also have been acknowledged before the abort
     assert after[3] - before[3] == 1
+
+
+def test_idempotent_producer_resolves_futures_and_calls_the_configured_delivery_callback(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    topic = unique_topic(partitions=3)
+    from_config: list[Any] = []
+    per_message: list[Any] = []
+    producer = wrap(
+        {"bootstrap.servers": kafka_bootstrap, "acks": "-1", "on_delivery": lambda err, msg: from_config.append(err)}
+    )
+    assert type(producer) is IdempotentProducer
+    futures = [producer.produce(topic, f"v{i}", key=f"k{i % 5}") for i in range(50)]
+    special = producer.produce(topic, b"special", on_delivery=lambda err, msg: per_message.append(err))
+    producer.flush()
+    producer.close()
+    offsets = {(f.result(0).partition(), f.result(0).offset()) for f in [*futures, special]}
+    assert len(offsets) == 51  # every future resolved to its own log position
+    assert from_config == [None] * 50 and per_message == [None]
+    got = read_all(make_consumer, topic, "read_uncommitted", 51)
+    assert len(got) == 51 and len({dict(m.headers())[HEADER_ID] for m in got}) == 51
