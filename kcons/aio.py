@@ -75,15 +75,17 @@ class AsyncIdempotentProducer:
         return cls(producer)
 
     def _poll_loop(self) -> None:
+        """Serve delivery reports until closed; survives the swap of a re-created producer."""
         while not self._stop_polling.is_set() and not self.sync.closed:
             try:
                 self.sync.poll(self._poll_interval_s)
             except KafkaOperationError as exc:  # fatal: the producer closed itself; surfaced on next use
                 self._poll_error = exc
-                return
-            except Exception as exc:
-                log.debug("delivery poll stopped: %s", exc)
-                return
+                if self.sync.closed:
+                    return
+            except Exception as exc:  # e.g. the old instance being closed while it is replaced
+                log.debug("delivery poll failed (%s); retrying", exc)
+                self._stop_polling.wait(self._poll_interval_s)
 
     def _check(self) -> None:
         if self._poll_error is not None and self.sync.closed:
