@@ -10,7 +10,10 @@ partitions' records still in the unprocessed batch are dropped (their new owner 
 from the committed offsets). When a transaction aborts (abortable error, failed delivery,
 handler error, timeout) or its outcome is unknown, the consumer rewinds to the committed
 offsets, which the broker returns only once no transaction on them is pending
-(``require_stable``), so nothing is skipped and nothing is written twice.
+(``require_stable``), so nothing is skipped and nothing is written twice. A producer that fails
+fatally without being fenced is re-created with the same ``transactional.id`` (whose
+``init_transactions`` aborts what the broken one left open) a bounded number of times in a
+row; a fenced one stops the worker, since another process owns its ``transactional.id``.
 """
 
 from __future__ import annotations
