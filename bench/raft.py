@@ -251,7 +251,7 @@ def run_cluster(system: str, args: argparse.Namespace, fsync: bool) -> dict[str,
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
         result: dict[str, Any] | None = None
         try:
-            deadline = time.monotonic() + 60 + 3 * args.duration
+            deadline = time.monotonic() + 180 + 4 * args.duration
             lines: list[str] = []
             readers = []
 
