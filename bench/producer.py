@@ -1,8 +1,8 @@
 """Benchmark: kcons TransactionalProducer (commit every 100 ms) against the raw idempotent confluent-kafka producer.
 
 Every side sends the same number of messages of the same size to a fresh topic of the same
-shape on the same broker, interleaved over ``--repeat`` rounds; the best round of each side
-counts (noise from other processes only ever slows a round down). Sides:
+shape on the same broker, interleaved over ``--repeat`` rounds in a rotating order; the best
+round of each side counts (noise from other processes only ever slows a round down). Sides:
 
 * ``baseline``: a plain ``confluent_kafka.Producer`` with ``enable.idempotence=true`` and a
   delivery callback that counts failures;
@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     "raw_transactional": lambda t, p=payload: run_raw_transactional(bootstrap, t, n, p, linger, commit),
                 }
-                for side in SIDES:
+                # Rotate the order every round so that no side always runs right after the same neighbour.
+                shift = (rnd * 2 + sizes.index(size)) % len(SIDES)
+                for side in SIDES[shift:] + SIDES[:shift]:
                     result = runs[side](_topic(admin, args.partitions))
                     log.info("round %d size %d %s: %s", rnd, size, side, result)
                     results[size][side].append(result)
