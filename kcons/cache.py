@@ -66,7 +66,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import click
 from tenacity import (
@@ -84,6 +84,9 @@ from kcons import metrics
 from kcons.config import check_range, env_float, env_str
 from kcons.envelope import Envelope, HeaderValue, headers_to_dict, read_envelope
 from kcons.errors import ConfigError, DecodeError, StoreError
+
+if TYPE_CHECKING:
+    from kcons.consumer import IdempotentConsumer
 
 log = logging.getLogger(__name__)
 
@@ -779,7 +782,9 @@ class CacheInvalidator:
         except CacheUnavailableError as exc:
             raise RetryLater(self.retry_after_s, f"cache unavailable: {exc}") from exc
 
-    def consumer(self, config: Mapping[str, Any], topics: Sequence[str], *, store: Any = None, **kwargs: Any) -> Any:
+    def consumer(
+        self, config: Mapping[str, Any], topics: Sequence[str], *, store: Any = None, **kwargs: Any
+    ) -> IdempotentConsumer:
         """An :class:`~kcons.consumer.IdempotentConsumer` that feeds this invalidator.
 
         ``config`` is a confluent-kafka consumer config (``group.id`` required);
