@@ -168,7 +168,7 @@ def _read_topic(bootstrap: str, topic: str, expected: set[str], timeout: float) 
                 seen.add(env.id)
             if msgs:
                 quiet_since = time.monotonic()
-            elif expected <= seen and time.monotonic() - quiet_since > 5.0:
+            elif expected <= seen and time.monotonic() - quiet_since > 3.0:
                 break
     finally:
         consumer.close()
@@ -207,7 +207,7 @@ def _idempotent_pass(bootstrap: str, topic: str, want: int, timeout: float) -> H
             consumer.poll_once()
             if consumer.stats.consumed != before:
                 quiet_since = time.monotonic()
-            elif len(handled) >= want and time.monotonic() - quiet_since > 3.0:
+            elif len(handled) >= want and time.monotonic() - quiet_since > 2.0:
                 break
     finally:
         consumer.close()
@@ -384,7 +384,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--logdir")
     args = ap.parse_args()
-    quick = {"events": 2000, "aggregates": 40, "kills": 3, "pauses": 1, "duration": 12.0, "writers": 3}
+    quick = {"events": 2000, "aggregates": 40, "kills": 3, "pauses": 1, "duration": 10.0, "writers": 3}
     full = {"events": 20000, "aggregates": 200, "kills": 12, "pauses": 2, "duration": 45.0}
     for key, value in (quick if args.quick else full).items():
         if key == "writers":
