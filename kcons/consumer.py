@@ -438,10 +438,21 @@ class IdempotentConsumer:
         stats.consumed = len(msgs)
         CONSUMER_CONSUMED.inc(len(msgs))
         key_fn = self._key_fn
+        fast = key_fn is default_event_id
         entries: list[tuple[Any, str | None, str | None]] = []  # msg, event id, poison reason
         append = entries.append
         fallback = 0
         for msg in msgs:
+            if fast:  # inline the common case of default_event_id: kcons-id is the first header
+                headers = msg.headers()
+                if headers:
+                    name, value = headers[0]
+                    if name == HEADER_ID and type(value) is bytes and value:
+                        try:
+                            append((msg, value.decode(), None))
+                            continue
+                        except UnicodeDecodeError:
+                            pass  # default_event_id below raises the DecodeError
             try:
                 event_id = key_fn(msg)
             except Exception as exc:  # an id that cannot be read makes the message poison
