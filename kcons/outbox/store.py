@@ -209,13 +209,13 @@ class PostgresOutboxStore:
                     # transaction open at or started after this snapshot, so its txid >= this xmin.
                     row = cur.execute(self._snapshot_sql).fetchone()
                     horizon = int(row[0]) if row else 0
-                    cur.execute(self._fetch_sql, {"limit": limit + len(skip)}, prepare=True)
+                    cur.execute(self._fetch_sql, {"limit": limit + len(skip)}, prepare=True, binary=True)
                     raw = [r for r in cur.fetchall() if r[0] not in skip][:limit]
                     overflow = False
                 else:
                     late_limit = limit + 1 + len(skip)
                     params = {"hint": hint[0], "horizon": str(hint[1]), "limit": limit, "late_limit": late_limit}
-                    cur.execute(self._hinted_sql, params, prepare=True)
+                    cur.execute(self._hinted_sql, params, prepare=True, binary=True)
                     got = cur.fetchall()
                     horizon = int(got[0][11]) if got else hint[1]
                     # All late rows must be in hand (the late query has no order): a full LIMIT means maybe not.
