@@ -129,6 +129,8 @@ class KafkaBatchPublisher:
 
     def _publish_idempotent(self, producer: Any, records: Iterable[OutboxRecord | RecordTuple],
                             still_leader: Callable[[], bool] | None) -> None:  # fmt: skip
+        from confluent_kafka import KafkaException
+
         if still_leader is not None and not still_leader():
             raise LeadershipLostError("lease lost before producing")
         failures: list[Any] = []
@@ -137,8 +139,12 @@ class KafkaBatchPublisher:
             if err is not None:
                 failures.append(err)
 
-        self._produce_all(producer, records, delivered)
-        remaining = producer.flush(self._ack_timeout_s)
+        try:
+            self._produce_all(producer, records, delivered)
+            remaining = producer.flush(self._ack_timeout_s)
+        except KafkaException as exc:
+            self.reset()
+            raise_for_kafka_error(exc, "produce")
         if failures:
             self.reset()
             raise kafka_error_to_exception(failures[0], "produce")
