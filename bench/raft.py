@@ -66,8 +66,11 @@ def summarize(latencies: list[float], seconds: float) -> dict[str, Any]:
 
 
 def run_kcons_node(args: argparse.Namespace) -> None:
+    from kcons.raft.errors import RaftError
     from kcons.raft.node import NodeSettings, RaftNode
     from kcons.raft.transport import PeerAddress
+
+    errors = [0]
 
     ports = [int(p) for p in args.ports.split(",")]
     peers = {i + 1: PeerAddress("127.0.0.1", p) for i, p in enumerate(ports)}
@@ -100,7 +103,12 @@ def run_kcons_node(args: argparse.Namespace) -> None:
                 n = 0
                 while time.perf_counter() < stop_at:
                     t0 = time.perf_counter()
-                    await node.propose({"op": "put", "key": f"c{c}-{n % 100}", "value": value})
+                    try:
+                        await node.propose({"op": "put", "key": f"c{c}-{n % 100}", "value": value})
+                    except RaftError:
+                        errors[0] += 1  # leadership moved under load: counted, not timed
+                        await asyncio.sleep(0.01)
+                        continue
                     lat.append(time.perf_counter() - t0)
                     n += 1
 
@@ -116,7 +124,11 @@ def run_kcons_node(args: argparse.Namespace) -> None:
 
             async def one(n: int) -> None:
                 t0 = time.perf_counter()
-                await node.propose({"op": "put", "key": f"r-{n % 1000}", "value": value})
+                try:
+                    await node.propose({"op": "put", "key": f"r-{n % 1000}", "value": value})
+                except RaftError:
+                    errors[0] += 1
+                    return
                 lat.append(time.perf_counter() - t0)
 
             for n in range(total):
@@ -130,7 +142,8 @@ def run_kcons_node(args: argparse.Namespace) -> None:
         await closed_loop(1.0)  # warm-up
         lat, secs = await closed_loop(args.duration)
         rlat, rsecs = await open_loop(args.rate, args.duration)
-        print(json.dumps({"throughput": summarize(lat, secs), "at_rate": summarize(rlat, rsecs)}), flush=True)
+        out = {"throughput": summarize(lat, secs), "at_rate": summarize(rlat, rsecs), "errors": errors[0]}
+        print(json.dumps(out), flush=True)
         await asyncio.sleep(3600)
 
     asyncio.run(main())
@@ -147,6 +160,7 @@ def run_pysyncobj_node(args: argparse.Namespace) -> None:
     me = f"127.0.0.1:{ports[args.id - 1]}"
     others = [f"127.0.0.1:{p}" for i, p in enumerate(ports) if i != args.id - 1]
     d = ReplDict()
+    errors = [0]
     obj = SyncObj(me, others, consumers=[d], conf=SyncObjConf(dynamicMembershipChange=False))
     value = "v" * args.payload
     deadline = time.monotonic() + 30
@@ -170,7 +184,10 @@ def run_pysyncobj_node(args: argparse.Namespace) -> None:
             def cb(result: Any, err: Any) -> None:
                 now = time.perf_counter()
                 with lock:
-                    lat.append(now - t0)
+                    if err:
+                        errors[0] += 1
+                    else:
+                        lat.append(now - t0)
                 if now < stop_at:
                     issue(c, n + 1)
                 else:
@@ -202,7 +219,10 @@ def run_pysyncobj_node(args: argparse.Namespace) -> None:
 
             def cb(result: Any, err: Any, t0: float = t0) -> None:
                 with lock:
-                    lat.append(time.perf_counter() - t0)
+                    if err:
+                        errors[0] += 1
+                    else:
+                        lat.append(time.perf_counter() - t0)
                     remaining[0] -= 1
                     if remaining[0] == 0:
                         done.set()
@@ -214,7 +234,8 @@ def run_pysyncobj_node(args: argparse.Namespace) -> None:
     closed_loop(1.0)
     lat, secs = closed_loop(args.duration)
     rlat, rsecs = open_loop(args.rate, args.duration)
-    print(json.dumps({"throughput": summarize(lat, secs), "at_rate": summarize(rlat, rsecs)}), flush=True)
+    out = {"throughput": summarize(lat, secs), "at_rate": summarize(rlat, rsecs), "errors": errors[0]}
+    print(json.dumps(out), flush=True)
     time.sleep(3600)
 
 
