@@ -174,9 +174,19 @@ class RaftClient:
         raise RequestRefusedError(f"{err}: {answer.get('detail', '')}")
 
     # -- the store ---------------------------------------------------------------------------
-    def get(self, key: str, lease: bool = False) -> KvResult | None:
-        """The value at ``key`` (linearizable; ``lease=True`` trusts the leader lease)."""
-        a = self.request({"op": "get", "key": key, "lease": lease})
+    def get(self, key: str, lease: bool = False, at_node: int | None = None) -> KvResult | None:
+        """The value at ``key`` (linearizable; ``lease=True`` trusts the leader lease).
+
+        ``at_node`` reads at that node even if it follows (it forwards a ReadIndex request to the
+        leader and answers from its own state once caught up): still linearizable, no redirect.
+        """
+        if at_node is not None:
+            with self._lock:
+                a = self.call_node(at_node, {"op": "get", "key": key, "lease": lease, "follower": True})
+            if a.get("error"):
+                raise RequestRefusedError(f"{a['error']}: node {at_node} cannot serve the read now")
+        else:
+            a = self.request({"op": "get", "key": key, "lease": lease})
         if not a.get("found"):
             return None
         return KvResult(a["value"], int(a["version"]), int(a["mod_revision"]))

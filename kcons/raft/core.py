@@ -194,6 +194,7 @@ class _PendingRead:
     index: int
     context: bytes
     acks: set[int]
+    origin: int
 
 
 class RaftCore:
@@ -245,7 +246,7 @@ class RaftCore:
         self._msgs: list[Message] = []
         self._read_states: list[ReadState] = []
         self._pending_reads: deque[_PendingRead] = deque()
-        self._waiting_reads: list[bytes] = []
+        self._waiting_reads: list[tuple[bytes, int, bool]] = []
         self._unsent_read: bytes | None = None
         self._needs_bcast = False
         self._received_snapshot: Snapshot | None = None
@@ -321,14 +322,24 @@ class RaftCore:
 
         ReadIndex (default): the leader records its commit index and confirms with a heartbeat
         round that a quorum still follows it. ``lease=True`` skips the round when the leader
-        lease is valid (see the module docstring for its clock assumption).
+        lease is valid (see the module docstring for its clock assumption). On a follower that
+        knows its leader the request is forwarded; the leader answers with the index to wait for.
+        If the request or its answer is lost, no ReadState appears: the caller times out.
         """
         if not self.is_leader:
+            if self.role is Role.FOLLOWER and self.leader:
+                self._send(
+                    Message(MsgType.READ_INDEX, self.id, self.leader, self.term, hint=int(lease), context=context)
+                )
+                return
             raise NotLeaderError(self.leader)
+        self._leader_read(context, self.id, lease)
+
+    def _leader_read(self, context: bytes, origin: int, lease: bool) -> None:
         if self.log.term(self.log.committed) != self.term:
-            self._waiting_reads.append(context)  # served once this term commits its first entry
+            self._waiting_reads.append((context, origin, lease))  # served once this term commits an entry
             return
-        self._start_read(context, lease)
+        self._start_read(context, lease, origin)
 
     def transfer_leadership(self, target: int) -> None:
         """Hand leadership to voter ``target`` once its log is up to date (TimeoutNow)."""
@@ -589,6 +600,8 @@ class RaftCore:
             self._handle_snapshot(m)
         elif m.type is MsgType.TIMEOUT_NOW:
             self.campaign(transfer=True)
+        elif m.type is MsgType.READ_INDEX_RESP and m.src == self.leader:
+            self._read_states.append(ReadState(m.index, m.context))
 
     def _handle_append(self, m: Message) -> None:
         if m.index < self.log.committed:
@@ -658,6 +671,9 @@ class RaftCore:
     def _step_leader(self, m: Message) -> None:
         pr = self.progress.get(m.src)
         if pr is None:
+            return
+        if m.type is MsgType.READ_INDEX:
+            self._leader_read(m.context, m.src, bool(m.hint))
             return
         if m.type is MsgType.APP_RESP:
             pr.recent_active = True
@@ -786,8 +802,8 @@ class RaftCore:
         self.log.commit_to(idx)
         if first_commit_in_term and self._waiting_reads:
             waiting, self._waiting_reads = self._waiting_reads, []
-            for ctx in waiting:
-                self._start_read(ctx, False)
+            for ctx, origin, _lease in waiting:
+                self._start_read(ctx, False, origin)
         if self.id not in self.voters and self.log.committed >= self.config_index:
             # Removed by a committed change: hand over by stepping down.
             self._become_follower(self.term, 0)
@@ -814,12 +830,18 @@ class RaftCore:
         fresh = {self.id} | {v for v, pr in self.progress.items() if pr.acked_tick > horizon}
         return has_quorum(self.voters, fresh)
 
-    def _start_read(self, context: bytes, lease: bool) -> None:
+    def _start_read(self, context: bytes, lease: bool, origin: int) -> None:
         if len(self.voters) == 1 or (lease and self._lease_valid()):
-            self._read_states.append(ReadState(self.log.committed, context))
+            self._release_read(self.log.committed, context, origin)
             return
-        self._pending_reads.append(_PendingRead(self.log.committed, context, {self.id}))
+        self._pending_reads.append(_PendingRead(self.log.committed, context, {self.id}, origin))
         self._unsent_read = context
+
+    def _release_read(self, index: int, context: bytes, origin: int) -> None:
+        if origin == self.id:
+            self._read_states.append(ReadState(index, context))
+        else:
+            self._send(Message(MsgType.READ_INDEX_RESP, self.id, origin, self.term, index=index, context=context))
 
     def _ack_read(self, src: int, context: bytes) -> None:
         target = None
@@ -834,7 +856,7 @@ class RaftCore:
         # A quorum confirmed leadership after every earlier read was registered: release them all.
         for _ in range(target + 1):
             done = self._pending_reads.popleft()
-            self._read_states.append(ReadState(done.index, done.context))
+            self._release_read(done.index, done.context, done.origin)
 
     # -- membership --------------------------------------------------------------------------
     def _voters_at(self, index: int) -> tuple[int, ...]:

@@ -94,6 +94,8 @@ class MsgType(enum.IntEnum):
     HEARTBEAT_RESP = 8
     SNAP = 9
     TIMEOUT_NOW = 10
+    READ_INDEX = 11
+    READ_INDEX_RESP = 12
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,6 +176,7 @@ class RaftNode:
         self._apply_signal = asyncio.Event()
         self._last_signalled = 0
         self._gauges_due = True
+        self._read_epoch = (0, 0)
         self._stopped = False
         self._failed = asyncio.Event()
         self.failure: BaseException | None = None
@@ -230,13 +231,23 @@ class RaftNode:
         return await fut
 
     async def read_barrier(self, lease: bool = False) -> None:
-        """Return once this leader's state machine reflects every write committed before the call."""
+        """Return once this node's state machine reflects every write committed before the call.
+
+        On the leader this is ReadIndex (or a lease read); on a follower the request is forwarded
+        to the leader and the follower waits until it applied the index the leader confirmed.
+        Raises NotLeaderError when no leader confirms within two election timeouts.
+        """
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._read_seq += 1
         ctx = self._read_seq.to_bytes(8, "big")
         self._inbox.append(("read", ctx, fut, lease))
         self._wake.set()
-        await fut
+        bound = 2 * self.settings.election_tick * self.settings.tick_s
+        try:
+            await asyncio.wait_for(fut, bound)
+        except TimeoutError:
+            self._reads.pop(ctx, None)
+            raise NotLeaderError(self.core.leader) from None
 
     async def change_membership(self, add: int = 0, remove: int = 0) -> dict[str, Any]:
         """Add or remove one voter (the address must be in every node's peer list)."""
@@ -402,7 +413,13 @@ class RaftNode:
                 else:
                     keep_a.append((index, afut))
             self._apply_waiters = keep_a
-        if not core.is_leader and self._reads:
+        epoch = (core.term, core.leader)
+        if epoch != self._read_epoch:
+            self._read_epoch = epoch
+            fail_reads = True  # requests registered with a former leader will never be confirmed
+        else:
+            fail_reads = core.leader == 0
+        if fail_reads and self._reads:
             for fut in self._reads.values():
                 if not fut.done():
                     fut.set_exception(NotLeaderError(core.leader))
@@ -469,7 +486,7 @@ class RaftNode:
         if op == "status":
             return {"ok": True, **self.status()}
         if op == "get":
-            if not self.core.is_leader:
+            if not self.core.is_leader and not req.get("follower"):
                 raise NotLeaderError(self.core.leader)
             await self.read_barrier(lease=bool(req.get("lease", False)))
             item = self.sm.get(str(req["key"]))

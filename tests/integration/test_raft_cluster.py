@@ -45,6 +45,10 @@ def test_writes_replicate_and_reads_see_the_latest_value(cluster: LocalRaftClust
         assert c.delete("config/a") is True
         assert c.get("config/a") is None
         assert c.get("config/new", lease=True) is not None
+        leader = cluster.leader()
+        follower = next(i for i in cluster.addresses if i != leader)
+        item = c.get("config/new", at_node=follower)  # forwarded ReadIndex, served by the follower
+        assert item is not None and item.value == "x"
 
 
 def test_acknowledged_writes_survive_failover_compaction_catch_up_and_full_restart(tmp_path: Path) -> None:

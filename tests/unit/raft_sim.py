@@ -350,6 +350,13 @@ class SimCluster:
         r = self.rng.random()
         value = f"{c.id}.{c.seq}"
         deadline = self.now + self.o.op_timeout
+        if r < 0.4 and self.rng.random() < 0.3:
+            # A read at any node: followers forward it to their leader (ReadIndex).
+            target = self.rng.choice(self.ids)
+            node = self.nodes.get(target)
+            if node is None:
+                c.idle_until = self.now + 5
+                return
         try:
             if r < 0.4:
                 self.read_ctx += 1

@@ -388,3 +388,33 @@ def test_restart_keeps_entries_before_the_snapshot_for_lagging_followers() -> No
     assert core.log.snap_index == applied - 10
     assert core.log.applied == applied
     assert core.log.term(applied - 5) is not None  # still served from the log, no snapshot needed
+
+
+def test_follower_read_index_is_forwarded_and_answered_after_a_quorum_round() -> None:
+    c = ScriptedCluster(3)
+    c.elect(1)
+    c.drain()
+    c.sent.clear()
+    c.cores[2].read_index(b"f1")
+    c.drain()
+    assert c.read_states[2] == [b"f1"]
+    types = [m.type for m in c.sent]
+    assert MsgType.READ_INDEX in types and MsgType.READ_INDEX_RESP in types and MsgType.HEARTBEAT in types
+
+
+def test_follower_read_is_not_answered_by_a_leader_that_lost_its_quorum() -> None:
+    c = ScriptedCluster(3)
+    c.elect(1)
+    c.drain()
+    c.cut.update({(1, 3), (3, 1)})  # the leader keeps only follower 2, which asks it for a read
+    c.cut.update({(2, 3), (3, 2)})
+    c.cut.update({(1, 2)})  # ... and the leader's heartbeats to 2 are lost: no quorum round completes
+    c.cores[2].read_index(b"f2")
+    c.drain()
+    assert c.read_states[2] == []
+
+
+def test_follower_without_a_leader_refuses_reads() -> None:
+    c = ScriptedCluster(3)
+    with pytest.raises(NotLeaderError):
+        c.cores[2].read_index(b"x")
