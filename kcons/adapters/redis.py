@@ -18,7 +18,7 @@ import hashlib
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -58,7 +58,7 @@ class RedisDedupStore:
         retention_s: float = DEFAULT_RETENTION_S,
         prefix: str = "kcons:dedup",
         owner: str | None = None,
-        max_tracked: int = 1_000_000,
+        max_tracked: int = 64,
     ) -> None:
         validate_namespace("namespace", namespace)
         validate_namespace("prefix", prefix)
@@ -71,9 +71,9 @@ class RedisDedupStore:
         self._script = client.register_script(CLAIM_SCRIPT)
         self._latency = observe_dedup_store("redis")
         self._seq = 0
-        # id -> tag of the claim call that claimed it, so completes can join that claim's set.
-        self._tags: OrderedDict[str, str] = OrderedDict()
-        self._max_tracked = max_tracked
+        # The ids of the last ``max_tracked`` claim calls, by tag, so a complete can add its ids to
+        # their claim's set; ids claimed longer ago are completed as plain "d" keys.
+        self._claims: deque[tuple[str, frozenset[str]]] = deque(maxlen=max(1, max_tracked))
         self._lock = threading.Lock()
 
     @property
@@ -100,7 +100,7 @@ class RedisDedupStore:
         with self._lock:
             self._seq += 1
             seq = self._seq
-            groups = self._done_groups(done_ids)
+            groups = self._take(done_ids)
         if not unique and not groups:
             return ClaimResult(frozenset())
         codes = self._run("batch", unique, lease_ms, seq, groups)
@@ -110,8 +110,9 @@ class RedisDedupStore:
             raise StoreError(f"redis dedup claim answered {len(codes)} codes for {len(unique)} ids")
         tag = f"{self._owner}|{seq}"
         if codes.count(b"1") == len(codes):  # the common case: every id is new
-            self._track(unique, tag)
-            return ClaimResult(frozenset(unique))
+            claimed_all = frozenset(unique)
+            self._track(claimed_all, tag)
+            return ClaimResult(claimed_all)
         claimed: list[str] = []
         done: list[str] = []
         busy: list[str] = []
@@ -122,8 +123,9 @@ class RedisDedupStore:
                 done.append(event_id)
             else:
                 busy.append(event_id)
-        self._track(claimed, tag)
-        return ClaimResult(frozenset(claimed), frozenset(done), frozenset(busy))
+        result = ClaimResult(frozenset(claimed), frozenset(done), frozenset(busy))
+        self._track(result.claimed, tag)
+        return result
 
     def complete(self, ids: Sequence[str]) -> None:
         """Mark ids done for the retention TTL (whoever holds them: the effect has happened)."""
@@ -136,26 +138,34 @@ class RedisDedupStore:
             return
         unique = list(dict.fromkeys(ids))
         with self._lock:
-            for event_id in unique:
-                self._tags.pop(event_id, None)
+            self._take(unique)
         self._run("release", unique, 1, 0, [])
 
-    def _track(self, claimed: list[str], tag: str) -> None:
-        with self._lock:
-            tags = self._tags
-            for event_id in claimed:
-                tags[event_id] = tag
-                tags.move_to_end(event_id)
-            while len(tags) > self._max_tracked:  # forgotten ids are completed as plain "d" keys
-                tags.popitem(last=False)
+    def _track(self, claimed: frozenset[str], tag: str) -> None:
+        if claimed:
+            with self._lock:
+                self._claims.append((tag, claimed))
 
-    def _done_groups(self, done_ids: Sequence[str]) -> list[tuple[str, list[str]]]:
-        """Group ids by the claim call that claimed them ("" for unknown ones); forget them."""
-        groups: dict[str, list[str]] = {}
-        pop = self._tags.pop
-        for event_id in dict.fromkeys(done_ids):
-            groups.setdefault(pop(event_id, ""), []).append(event_id)
-        return list(groups.items())
+    def _take(self, ids: Sequence[str]) -> list[tuple[str, list[str]]]:
+        """Remove ids from the tracked claims; group them by claim call, newest first ("" for unknown ones).
+
+        Called with the lock held.
+        """
+        rest = set(ids)
+        groups: list[tuple[str, list[str]]] = []
+        claims = self._claims
+        for i in range(len(claims) - 1, -1, -1):
+            if not rest:
+                break
+            tag, claimed = claims[i]
+            mine = claimed & rest
+            if mine:
+                groups.append((tag, list(mine)))
+                claims[i] = (tag, claimed - mine)
+                rest -= mine
+        if rest:
+            groups.append(("", list(rest)))
+        return groups
 
     @staticmethod
     def _join(ids: list[str]) -> str:

@@ -244,3 +244,14 @@ def test_sqlite_complete_in_commits_with_the_callers_transaction_or_not_at_all(t
         other.complete_in(conn, ["rolled"])
     result = other.claim_batch(["kept", "rolled"], lease_s=30)
     assert result.done == {"kept"} and result.busy == {"rolled"}
+
+
+def test_completing_an_id_this_worker_never_claimed_or_claimed_long_ago_still_marks_it_done(
+    make_store: StoreFactory,
+) -> None:
+    worker, other = make_store(), make_store()
+    worker.claim(["old"], lease_s=60)
+    for i in range(70):  # many claim calls later: the Redis store no longer tracks "old"'s claim
+        worker.claim([f"filler-{i}"], lease_s=60)
+    worker.complete(["old", "never-claimed"])
+    assert other.claim_batch(["old", "never-claimed"], lease_s=60).done == {"old", "never-claimed"}
