@@ -12,8 +12,8 @@ producer settings. Two measurements each:
 
 * saturation: a backlog of ``--backlog`` committed rows appears in one commit; events/s until
   the table is empty (median of ``--repeats`` runs, baseline and kcons alternating);
-* steady: a separate writer process commits one event per transaction at ``--rate`` events/s for
-  ``--seconds``; latency from each writer commit to the Kafka acknowledgement of that event
+* steady: ``--writers`` separate writer processes commit one event per transaction, together
+  ``--rate`` events/s for ``--seconds``; latency from each writer commit to the Kafka acknowledgement of that event
   (both on this host's wall clock), p50 and p99.
 
 ``ratio`` = kcons events/s / baseline events/s at saturation. Prints one JSON object last.
@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -51,8 +52,8 @@ PAYLOAD = json.dumps({"amount": 1234, "currency": "EUR", "note": "x" * 60}).enco
 # ------------------------------------------------------------------------------ writers
 
 
-def steady_writer(dsn: str, rate: float, seconds: float) -> None:
-    """Commit one event per transaction at ``rate``/s; print (id, commit wall time) pairs as JSON."""
+def steady_writer(dsn: str, rate: float, seconds: float, out_path: str) -> None:
+    """Commit one event per transaction at ``rate``/s; write (id, commit wall time) pairs as JSON to ``out_path``."""
     out: list[tuple[str, float]] = []
     total = int(rate * seconds)
     with psycopg.connect(dsn) as conn:
@@ -66,7 +67,8 @@ def steady_writer(dsn: str, rate: float, seconds: float) -> None:
             add(conn, event)
             conn.commit()
             out.append((event.id, time.time()))
-    print(json.dumps(out))
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump(out, f)
 
 
 def prefill(dsn: str, n: int) -> float:
@@ -210,15 +212,22 @@ def saturation(runner: Any, dsn: str, n: int) -> float:
     return n / (time.time() - committed)
 
 
-def steady(runner: Any, dsn: str, rate: float, seconds: float) -> dict[str, float]:
-    """Commit→ack latency percentiles at a steady ``rate``."""
+def steady(runner: Any, dsn: str, rate: float, seconds: float, writers: int) -> dict[str, float]:
+    """Commit→ack latency percentiles at a steady ``rate`` (spread over ``writers`` processes)."""
     runner.acks.clear()
     runner.record_acks = True
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--steady-writer", dsn, str(rate), str(seconds)],
-        capture_output=True, text=True, check=True, timeout=seconds * 4 + 120,
-    )  # fmt: skip
-    commits: list[tuple[str, float]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="kcons-bench-") as tmp:
+        outs = [os.path.join(tmp, f"writer-{i}.json") for i in range(writers)]
+        argv = [sys.executable, os.path.abspath(__file__), "--steady-writer", dsn, str(rate / writers), str(seconds)]
+        procs = [subprocess.Popen([*argv, out]) for out in outs]
+        for proc in procs:
+            if proc.wait(timeout=seconds * 4 + 120) != 0:
+                raise RuntimeError(f"steady writer failed with {proc.returncode}")
+        commits: list[tuple[str, float]] = []
+        for out in outs:
+            with open(out, encoding="utf-8") as f:
+                commits.extend((i, t) for i, t in json.load(f))
+    commits.sort(key=lambda c: c[1])
     _wait(lambda: all(i in runner.acks for i, _ in commits[-50:]), 120, "the steady events")
     _wait(lambda: _count(dsn) == 0, 120, "the steady backlog")
     runner.record_acks = False
@@ -288,7 +297,7 @@ def measure(args: argparse.Namespace, server_dsn: str, bootstrap: str) -> dict[s
             for kind, runner in runners.items():
                 rates[kind].append(saturation(runner, dbs[kind], args.backlog))
         for kind, runner in runners.items():
-            lat = steady(runner, dbs[kind], args.rate, args.seconds)
+            lat = steady(runner, dbs[kind], args.rate, args.seconds, args.writers)
             results[kind] = {
                 "events_per_s": round(statistics.median(rates[kind]), 1),
                 "events_per_s_runs": [round(r, 1) for r in rates[kind]],
@@ -303,14 +312,15 @@ def measure(args: argparse.Namespace, server_dsn: str, bootstrap: str) -> dict[s
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--steady-writer":
-        steady_writer(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--steady-writer":
+        steady_writer(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backlog", type=int, default=100_000, help="rows in the saturation backlog")
     ap.add_argument("--repeats", type=int, default=3, help="alternating saturation runs; the median is reported")
     ap.add_argument("--rate", type=float, default=1000.0, help="steady events/s for the latency run")
     ap.add_argument("--seconds", type=float, default=15.0, help="length of the latency run")
+    ap.add_argument("--writers", type=int, default=2, help="writer processes sharing the steady rate")
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2000, help="kcons relay batch size")
     ap.add_argument("--mode", default="transactional", choices=["transactional", "idempotent"])
@@ -341,6 +351,7 @@ def main() -> None:
                 "repeats": args.repeats,
                 "rate": args.rate,
                 "seconds": args.seconds,
+                "writers": args.writers,
                 "partitions": args.partitions,
                 "kcons_batch": args.batch,
                 "kcons_mode": args.mode,
