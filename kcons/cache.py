@@ -993,9 +993,19 @@ def cache_cli() -> None:
 
 
 @cache_cli.command("invalidator")
-@click.option("--topic", "topics", multiple=True, required=True, help="Change-event topic (repeatable).")
-@click.option("--group", required=True, help="Kafka consumer group of the invalidator replicas.")
-@click.option("--keys", "keys_spec", help="module:function mapping a ChangeEvent to its cache keys.")
+@click.option(
+    "--topic", "topics", multiple=True, help="Change-event topic (repeatable; or comma-separated $KCONS_CACHE_TOPICS)."
+)
+@click.option(
+    "--group",
+    envvar="KCONS_CACHE_GROUP",
+    default="kcons-cache-invalidator",
+    show_default=True,
+    help="Kafka consumer group of the invalidator replicas ($KCONS_CACHE_GROUP).",
+)
+@click.option(
+    "--keys", "keys_spec", envvar="KCONS_CACHE_KEYS", help="module:function mapping a ChangeEvent to its cache keys."
+)
 @click.option("--key-template", "template", default="{aggregate_type}:{aggregate_id}", show_default=True)
 @click.option(
     "--strategy",
@@ -1010,9 +1020,9 @@ def cache_cli() -> None:
     is_flag=True,
     help="Use the IdempotentConsumer loop (one round trip per event).",
 )
-@click.option("--name", default="default", show_default=True, help="Cache name (metrics label).")
-@click.option("--metrics-port", type=int, help="Serve /metrics and /healthz on this port.")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--name", envvar="KCONS_CACHE_NAME", default="default", show_default=True, help="Cache name.")
+@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", type=int, help="Serve /metrics and /healthz on this port.")
+@click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True)
 def invalidator_command(
     topics: tuple[str, ...],
     group: str,
@@ -1026,13 +1036,19 @@ def invalidator_command(
     metrics_host: str,
 ) -> None:
     """Apply change events to the cache until SIGTERM; settings from KCONS_KAFKA_*, KCONS_REDIS_*, KCONS_CACHE_*."""
+    import os
+
     import redis
 
     from kcons.config import KafkaSettings, RedisSettings, redact
     from kcons.errors import KconsError
     from kcons.metrics import MetricsServer
 
+    if not topics:
+        topics = tuple(t.strip() for t in os.environ.get("KCONS_CACHE_TOPICS", "").split(",") if t.strip())
     try:
+        if not topics:
+            raise ConfigError("KCONS_CACHE_TOPICS", "no change-event topic given (--topic or KCONS_CACHE_TOPICS)")
         kafka = KafkaSettings.from_env()
         redis_settings = RedisSettings.from_env()
         settings = CacheSettings.from_env()

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from kcons import __version__
-from kcons.errors import ConfigError, KconsError
+from kcons.errors import KconsError
 
 log = logging.getLogger("kcons.cli")
 
@@ -231,94 +231,13 @@ def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, 
         sys.exit(1)
 
 
-@main.group()
-def cache() -> None:
-    """Versioned Redis cache kept consistent by change events."""
-
-
-def _load_callable(spec: str, setting: str) -> Any:
-    """Import ``package.module:function`` for a user hook given on the command line."""
-    import importlib
-
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(setting, f"expected module:function, got {spec!r}")
-    try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(setting, f"cannot import {spec!r}: {exc}") from None
-    if not callable(target):
-        raise ConfigError(setting, f"{spec!r} is not callable")
-    return target
-
-
-@cache.command("invalidator")
-@click.option("--bootstrap", envvar="KCONS_KAFKA_BOOTSTRAP", help="Kafka bootstrap servers ($KCONS_KAFKA_BOOTSTRAP).")
-@click.option("--redis-url", envvar="KCONS_REDIS_URL", help="Redis URL ($KCONS_REDIS_URL).")
-@click.option("--topics", envvar="KCONS_CACHE_TOPICS", help="Comma-separated change-event topics.")
-@click.option("--group", envvar="KCONS_CACHE_GROUP", default="kcons-cache-invalidator", show_default=True,
-              help="Consumer group ($KCONS_CACHE_GROUP).")  # fmt: skip
-@click.option("--cache-name", envvar="KCONS_CACHE_NAME", default="default", show_default=True,
-              help="Cache namespace shared with the readers ($KCONS_CACHE_NAME).")  # fmt: skip
-@click.option("--keys", "keys_spec", envvar="KCONS_CACHE_KEYS", default=None,
-              help="module:function mapping a ChangeEvent to cache keys (default: aggregate id).")  # fmt: skip
-@click.option("--write-behind", is_flag=True, help="Write new values instead of tombstones (payload = value).")
-@click.option("--batched", is_flag=True, help="One pipelined Redis round trip per polled batch.")
-@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", type=int, default=None,
-              help="Serve /metrics and /healthz on this port ($KCONS_METRICS_PORT).")  # fmt: skip
-@click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True,
-              help="Address for /metrics ($KCONS_METRICS_HOST).")  # fmt: skip
-def cache_invalidator(
-    bootstrap: str | None, redis_url: str | None, topics: str | None, group: str, cache_name: str,
-    keys_spec: str | None, write_behind: bool, batched: bool, metrics_port: int | None, metrics_host: str,
-) -> None:  # fmt: skip
-    """Apply change events to the Redis cache under the version guard until SIGTERM."""
-    import threading
-
-    import redis
-
-    from kcons.cache import CacheInvalidator, ConsistentCache, Strategy, aggregate_key
-    from kcons.config import KafkaSettings, RedisSettings
-    from kcons.metrics import MetricsServer
-
-    try:
-        if not bootstrap:
-            raise ConfigError("KCONS_KAFKA_BOOTSTRAP", "is not set")
-        if not redis_url:
-            raise ConfigError("KCONS_REDIS_URL", "is not set")
-        topic_list = [t.strip() for t in (topics or "").split(",") if t.strip()]
-        if not topic_list:
-            raise ConfigError("KCONS_CACHE_TOPICS", "is not set (comma-separated topics)")
-        kafka = KafkaSettings(bootstrap)
-        redis_settings = RedisSettings(redis_url)
-        keys_for = _load_callable(keys_spec, "KCONS_CACHE_KEYS") if keys_spec else aggregate_key
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    client = redis.Redis.from_url(redis_settings.url, socket_timeout=redis_settings.socket_timeout_s)
-    strategy = Strategy.WRITE_BEHIND if write_behind else Strategy.VERSIONED_INVALIDATION
-    invalidator = CacheInvalidator(ConsistentCache(client, name=cache_name), keys_for, strategy=strategy)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    server = None
-    if metrics_port is not None:
-        server = MetricsServer(metrics_port, metrics_host)
-        server.add_health_check("redis", lambda: (bool(client.ping()), "ping"))
-        server.start()
-    log.info("invalidating cache %r from %s", cache_name, ",".join(topic_list))
-    try:
-        invalidator.run(kafka.client_config(**{"group.id": group}), topic_list, stop=stop, batched=batched)
-    finally:
-        if server is not None:
-            server.stop()
-        client.close()
-
-
 def _mount_subcommands() -> None:
     """Attach the command groups that live next to the parts they drive."""
+    from kcons.cache import cache_cli
     from kcons.outbox.cli import outbox
     from kcons.raft.cli import raft
 
+    main.add_command(cache_cli)
     main.add_command(outbox)
     main.add_command(raft)
 
