@@ -10,7 +10,8 @@ from types import FrameType
 import click
 
 from kcons.config import env_str, redact
-from kcons.errors import KconsError
+from kcons.errors import ConfigError, KconsError
+from kcons.lease import LeaseBackend
 from kcons.outbox.schema import DEFAULT_TABLE, install_schema, postgres_ddl
 
 log = logging.getLogger("kcons.outbox.cli")
@@ -69,6 +70,15 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
 @click.option("--lease-ttl", type=float, help="Leader lease TTL in seconds ($KCONS_OUTBOX_LEASE_TTL_S, default 10).")
 @click.option("--metrics-port", type=int, help="Serve /metrics and /healthz on this port ($KCONS_OUTBOX_METRICS_PORT).")
 @click.option("--metrics-host", help="Address for /metrics (default 127.0.0.1).")
+@click.option(
+    "--lease-backend", type=click.Choice(["advisory", "raft"]),
+    help="Leadership: PostgreSQL advisory lock (default) or a Raft lease ($KCONS_OUTBOX_LEASE_BACKEND).",
+)  # fmt: skip
+@click.option("--raft-peers", help="Raft nodes id=host:port,... for --lease-backend raft ($KCONS_RAFT_PEERS).")
+@click.option(
+    "--raft-secret-file", type=click.Path(dir_okay=False, exists=True),
+    help="Raft cluster secret (default: $KCONS_RAFT_SECRET).",
+)  # fmt: skip
 def relay(
     dsn: str | None,
     sqlite_path: str | None,
@@ -83,6 +93,9 @@ def relay(
     lease_ttl: float | None,
     metrics_port: int | None,
     metrics_host: str | None,
+    lease_backend: str | None,
+    raft_peers: str | None,
+    raft_secret_file: str | None,
 ) -> None:
     """Run one relay replica until SIGTERM/SIGINT (finishes its batch, releases the lease)."""
     from kcons.metrics import MetricsServer
@@ -118,7 +131,11 @@ def relay(
             retention_s=settings.retention_s,
         )
     else:
-        runner = OutboxRelay.for_postgres(settings)
+        try:
+            leases = _lease_backend(lease_backend, raft_peers, raft_secret_file)
+        except KconsError as exc:
+            raise click.ClickException(str(exc)) from None
+        runner = OutboxRelay.for_postgres(settings, leases=leases)
     server = None
     if settings.metrics_port is not None:
         server = MetricsServer(settings.metrics_port, settings.metrics_host, health_checks=[("relay", runner.health)])
@@ -139,6 +156,23 @@ def relay(
     finally:
         if server is not None:
             server.stop()
+
+
+def _lease_backend(choice: str | None, raft_peers: str | None, raft_secret_file: str | None) -> LeaseBackend | None:
+    """None for the default advisory-lock backend, else a Raft lease backend from flags or ``KCONS_*``."""
+    name = choice or env_str("KCONS_OUTBOX_LEASE_BACKEND", "advisory") or "advisory"
+    if name == "advisory":
+        return None
+    if name != "raft":
+        raise ConfigError("KCONS_OUTBOX_LEASE_BACKEND", f"expected advisory or raft, got {name!r}")
+    from kcons.adapters.raft import RaftLeaseBackend
+    from kcons.raft.client import RaftClient
+    from kcons.raft.transport import load_secret
+
+    peers = raft_peers or env_str("KCONS_RAFT_PEERS")
+    if not peers:
+        raise ConfigError("KCONS_RAFT_PEERS", "is required with the raft lease backend (id=host:port,...)")
+    return RaftLeaseBackend(RaftClient(peers, load_secret(raft_secret_file)))
 
 
 @outbox.command("purge")

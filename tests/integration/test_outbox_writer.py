@@ -273,3 +273,41 @@ def test_cli_relays_a_sqlite_outbox(
     assert proc.returncode == 0, out.decode()[-2000:]
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM kcons_outbox").fetchone() == (0,)
+
+
+def test_cli_relay_takes_its_lease_from_raft(
+    tmp_path: Path, outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    from kcons.raft.cluster import LocalRaftCluster
+
+    secret = b"outbox-cli-raft-secret-0123456789"
+    topic = unique_topic()
+    with psycopg.connect(outbox_db) as conn:
+        add_many(conn, [_event("raft", v) for v in range(4)])
+        conn.commit()
+    with LocalRaftCluster(3, tmp_path / "raft", secret) as cluster:
+        cluster.wait_for_leader()
+        env = dict(os.environ, KCONS_RAFT_SECRET=secret.decode())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kcons.outbox.cli", "relay", "--dsn", outbox_db, "--bootstrap", kafka_bootstrap,
+             "--topic", topic, "--lease-backend", "raft", "--raft-peers", cluster.peers_spec, "--name", "via-raft"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            left: tuple[Any, ...] | None = None
+            while time.monotonic() < deadline:
+                with psycopg.connect(outbox_db) as conn:
+                    left = conn.execute("SELECT count(*) FROM kcons_outbox").fetchone()
+                    advisory = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+                    fence = conn.execute("SELECT token FROM kcons_outbox_fence WHERE name = 'via-raft'").fetchone()
+                if left == (0,):
+                    break
+                time.sleep(0.2)
+            assert left == (0,)
+            assert advisory == (0,)  # leadership did not come from PostgreSQL
+            assert fence is not None and fence[0] >= 1  # the Raft grant's token fenced the marks
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()[-2000:]
