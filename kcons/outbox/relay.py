@@ -10,6 +10,10 @@ and reads batch *k+1* (excluding *k*'s rows); *k+1* is produced only after *k* i
 so the order holds, and any failure drops the pipeline and re-reads from the database. When
 there is nothing to do it waits for the insert trigger's NOTIFY, with polling as fallback.
 
+Fencing tokens come from the lease backend (advisory-lock grants count 1, 2, 3...; Raft grants
+use log indexes) and the fence row per relay name keeps the highest one seen, so switching a
+running outbox to another lease backend needs a new relay name (or the fence row deleted).
+
 A long-running writer transaction holds back only its own rows (invisible until it commits);
 rows of other transactions keep flowing, and its rows are published when it commits, however
 low their positions.
