@@ -123,12 +123,13 @@ def serve(
 @raft.command()
 @click.argument("key")
 @click.option("--lease", is_flag=True, help="serve from the leader lease (no quorum round)")
+@click.option("--node", "at_node", type=int, default=None, help="read at this node, even a follower (ReadIndex)")
 @_peers_option
 @_secret_option
-def get(key: str, lease: bool, peers: str, secret_file: str | None) -> None:
+def get(key: str, lease: bool, at_node: int | None, peers: str, secret_file: str | None) -> None:
     """Linearizable read of KEY."""
     with _client(peers, secret_file) as c:
-        item = c.get(key, lease=lease)
+        item = c.get(key, lease=lease, at_node=at_node)
         _echo(None if item is None else {"value": item.value, "version": item.version, "revision": item.mod_revision})
 
 

@@ -210,6 +210,7 @@ def test_cli_put_get_cas_and_members(cluster: LocalRaftCluster) -> None:
     code, out = run("put", "cli/key", "v1")
     assert code == 0 and json.loads(out) == {"version": 1}
     assert json.loads(run("get", "cli/key")[1])["value"] == "v1"
+    assert json.loads(run("get", "cli/key", "--node", "1")[1])["value"] == "v1"  # any node, via ReadIndex
     code, out = run("cas", "cli/key", "1", "v2")
     assert code == 0 and json.loads(out) == {"ok": True, "version": 2}
     code, out = run("cas", "cli/key", "1", "v3")
