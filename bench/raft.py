@@ -161,7 +161,8 @@ def run_pysyncobj_node(args: argparse.Namespace) -> None:
     others = [f"127.0.0.1:{p}" for i, p in enumerate(ports) if i != args.id - 1]
     d = ReplDict()
     errors = [0]
-    obj = SyncObj(me, others, consumers=[d], conf=SyncObjConf(dynamicMembershipChange=False))
+    conf = SyncObjConf(dynamicMembershipChange=False, appendEntriesPeriod=args.pysyncobj_period)
+    obj = SyncObj(me, others, consumers=[d], conf=conf)
     value = "v" * args.payload
     deadline = time.monotonic() + 30
     while not obj._isLeader():
@@ -266,6 +267,8 @@ def run_cluster(system: str, args: argparse.Namespace, fsync: bool) -> dict[str,
                 str(args.payload),
                 "--rate",
                 str(args.rate),
+                "--pysyncobj-period",
+                str(args.pysyncobj_period),
             ]
             if fsync:
                 cmd.append("--fsync")
@@ -306,6 +309,12 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=64, help="bytes per value")
     parser.add_argument("--rate", type=float, default=1000.0, help="ops/s of the fixed-rate phase")
     parser.add_argument(
+        "--pysyncobj-period",
+        type=float,
+        default=0.1,
+        help="PySyncObj appendEntriesPeriod (its default 0.1 s bounds its commit latency)",
+    )
+    parser.add_argument(
         "--only", choices=["pysyncobj", "kcons", "kcons-fsync"], help="measure one system (no ratio; for tuning)"
     )
     parser.add_argument("--node", choices=["kcons", "pysyncobj"], help=argparse.SUPPRESS)
@@ -338,7 +347,11 @@ def main() -> None:
         json.dumps(
             {
                 "name": "raft",
-                "baseline": {"system": "pysyncobj (no journal, no fsync)", **baseline},
+                "baseline": {
+                    "system": "pysyncobj (no journal, no fsync)",
+                    "append_entries_period_s": args.pysyncobj_period,
+                    **baseline,
+                },
                 "kcons": {"fsync": False, **kcons_nofsync},
                 "kcons_fsync": {"fsync": True, **kcons_fsync},
                 "ratio": round(ours / base_ops, 2) if base_ops else None,

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["KvItem", "KvStateMachine", "LeaseRecord", "WatchEvent"]
 
+_decode = json.JSONDecoder().decode
 
-@dataclass(frozen=True)
-class KvItem:
+
+class KvItem(NamedTuple):
     """A stored value with its version and the revision that wrote it."""
 
     value: str
@@ -33,8 +33,7 @@ class KvItem:
     revision: int
 
 
-@dataclass(frozen=True)
-class LeaseRecord:
+class LeaseRecord(NamedTuple):
     """Who holds a lease, with which fencing token, until which leader time."""
 
     holder: str
@@ -42,8 +41,7 @@ class LeaseRecord:
     expires_at: float
 
 
-@dataclass(frozen=True)
-class WatchEvent:
+class WatchEvent(NamedTuple):
     """One change, in revision order."""
 
     revision: int
@@ -86,10 +84,10 @@ class KvStateMachine:
         """Apply the command at log ``index``; returns its result (also for rejected commands)."""
         self.revision = index
         try:
-            cmd = json.loads(data)
+            cmd = _decode(data.decode())
             if not isinstance(cmd, dict):
                 raise ValueError("command is not an object")
-        except ValueError:
+        except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
             return {"error": "bad_command"}
         client = cmd.get("client")
         seq = cmd.get("seq")

@@ -370,6 +370,7 @@ class RaftNode:
                 if not dropped.future.done():
                     dropped.future.set_exception(OutcomeUnknownError("log replaced by a snapshot; outcome unknown"))
         now = time.perf_counter()
+        committed = 0
         for e in rd.committed_entries:
             result: dict[str, Any] = {}
             if e.kind is EntryKind.NORMAL:
@@ -382,11 +383,13 @@ class RaftNode:
             if w is not None and not w.future.done():
                 if w.term == e.term:
                     w.future.set_result(result)
-                    self._m_committed.inc()
+                    committed += 1
                     self._m_commit.observe(now - w.started)
                 else:
                     w.future.set_exception(ProposalDroppedError("leadership changed; the command was not committed"))
                     self._m_lost.inc()
+        if committed:
+            self._m_committed.inc(committed)
         for rs in rd.read_states:
             fut = self._reads.pop(rs.context, None)
             if fut is not None:
