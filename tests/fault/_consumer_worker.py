@@ -27,6 +27,19 @@ CREATE TABLE IF NOT EXISTS kcons_fault_effects (
 """
 
 
+class CrashAtCommit:
+    """A real confluent-kafka consumer whose offset commit kills the process instead (fault injection)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def commit(self, *args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--group", required=True)
@@ -36,6 +49,10 @@ def main() -> int:
     parser.add_argument("--lease", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--kill-on-id", default=None)
+    parser.add_argument(
+        "--crash-at-commit", action="store_true",
+        help="SIGKILL this process when it first commits offsets: after the effects, before the commit",
+    )  # fmt: skip
     parser.add_argument(
         "--effect-outside-transaction", action="store_true",
         help="negative control: commit each effect on its own connection, outside the dedup transaction",
@@ -62,6 +79,12 @@ def main() -> int:
                 if name == "kcons-id" and value == args.kill_on_id.encode():
                     os.kill(os.getpid(), signal.SIGKILL)
 
+    from confluent_kafka import Consumer
+
+    def kafka_consumer(cfg: dict[str, Any]) -> Any:
+        real = Consumer(cfg)
+        return CrashAtCommit(real) if args.crash_at_commit else real
+
     consumer: IdempotentConsumer
     if args.store == "postgres":
         import psycopg
@@ -83,7 +106,7 @@ def main() -> int:
         consumer = TransactionalIdempotentConsumer(
             config, [args.topic], apply_effect, store=pg_store,
             connect=lambda: psycopg.connect(dsn, autocommit=True),
-            lease_s=args.lease, batch_size=args.batch_size, pause_s=0.5,
+            lease_s=args.lease, batch_size=args.batch_size, pause_s=0.5, consumer_factory=kafka_consumer,
         )  # fmt: skip
     else:
         import redis
@@ -98,8 +121,9 @@ def main() -> int:
             client.rpush(f"kcons-test-effects:{args.group}", dict(msg.headers())["kcons-id"])
 
         consumer = IdempotentConsumer(
-            config, [args.topic], record, store=r_store, lease_s=args.lease, batch_size=args.batch_size, pause_s=0.5
-        )
+            config, [args.topic], record, store=r_store, lease_s=args.lease, batch_size=args.batch_size,
+            pause_s=0.5, consumer_factory=kafka_consumer,
+        )  # fmt: skip
     try:
         consumer.run()
     finally:

@@ -34,6 +34,7 @@ from kcons.errors import DecodeError
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "fault"))
 
 
 def produce(producer: Any, topic: str, events: list[tuple[str | None, bytes]], **kw: Any) -> None:
@@ -126,38 +127,49 @@ def test_a_message_redelivered_after_a_crash_between_effect_and_commit_is_droppe
     unique_topic: Callable[..., str],
     make_producer: Callable[..., Any],
     redis_url: str,
+    redis_client: Any,
     pg_dsn: str,
     group: str,
     store_kind: str,
 ) -> None:
-    """A crash after the effects and their done records but before the offset commit leaves the committed
-    offset behind the handled messages. We reproduce exactly that state by moving the group's committed
-    offset back after a clean run; the redelivered messages must be dropped, not handled again."""
+    """A worker process applies the effects and records them done, then is SIGKILLed at its offset commit."""
     topic = unique_topic()
-    produce(make_producer(), topic, [(f"id-{i}", b"v") for i in range(10)])
+    ids = [f"id-{i}" for i in range(10)]
+    produce(make_producer(), topic, [(i, b"v") for i in ids])
+    env = dict(os.environ, KCONS_KAFKA_BOOTSTRAP=kafka_bootstrap, KCONS_REDIS_URL=redis_url, KCONS_POSTGRES_DSN=pg_dsn)
+    if store_kind == "postgres":
+        from _consumer_worker import EFFECTS_DDL
 
-    def store() -> DedupStore:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(EFFECTS_DDL)
+    worker = subprocess.run(
+        [sys.executable, str(ROOT / "tests/fault/_consumer_worker.py"), "--group", group, "--topic", topic,
+         "--store", store_kind, "--batch-size", "10", "--crash-at-commit"],
+        env=env, timeout=120, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert worker.returncode == -signal.SIGKILL, worker.stderr[-2000:]
+    assert committed(kafka_bootstrap, group, topic) == [-1001], "the crash came before any offset commit"
+
+    def effects() -> list[str]:
         if store_kind == "redis":
-            return RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
-        return PostgresDedupStore(pg_dsn, namespace=group)
+            return [v.decode() for v in redis_client.lrange(f"kcons-test-effects:{group}", 0, -1)]
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            return [r[0] for r in conn.execute("SELECT event_id FROM kcons_fault_effects").fetchall()]
 
-    effects: list[bytes] = []
-    cfg = config(kafka_bootstrap, group)
-    with IdempotentConsumer(cfg, [topic], lambda m: effects.append(m.value()), store=store()) as first:
-        drive(first, lambda: first.stats.handled >= 10)
-    assert committed(kafka_bootstrap, group, topic) == [10]
-
-    from confluent_kafka import Consumer
-
-    rewinder = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
-    rewinder.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
-    rewinder.close()
-    assert committed(kafka_bootstrap, group, topic) == [0]
-
-    with IdempotentConsumer(cfg, [topic], lambda m: effects.append(m.value()), store=store()) as second:
+    assert sorted(effects()) == sorted(ids), "every effect was applied once before the crash"
+    store: DedupStore = (
+        RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
+        if store_kind == "redis"
+        else PostgresDedupStore(pg_dsn, namespace=group)
+    )
+    handled: list[bytes] = []
+    with IdempotentConsumer(
+        config(kafka_bootstrap, group), [topic], lambda m: handled.append(m.value()), store=store
+    ) as second:
         drive(second, lambda: second.stats.duplicates >= 10)
         assert second.stats.handled == 0
-    assert len(effects) == 10
+    assert handled == []
+    assert sorted(effects()) == sorted(ids)
     assert committed(kafka_bootstrap, group, topic) == [10]
 
 
