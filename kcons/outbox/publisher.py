@@ -16,7 +16,9 @@ Either way a failed batch is re-published whole on retry, so Kafka may hold dupl
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -209,12 +211,31 @@ class KafkaBatchPublisher:
             self.reset()
 
     @staticmethod
-    def _close_quietly(producer: Any) -> None:
+    def _close_quietly(producer: Any, wait_s: float = 2.0) -> None:
+        """Drop queued messages and close the client (in a thread: a dead broker must not block us)."""
         try:
             producer.purge()
             producer.flush(0)
         except Exception as exc:  # closing a broken producer is best effort
-            log.debug("closing producer: %s", type(exc).__name__)
+            log.debug("purging producer: %s", type(exc).__name__)
+        closer = getattr(producer, "close", None)
+        if closer is None:  # older confluent-kafka: the handle goes with the object
+            return
+
+        def close() -> None:
+            # A fenced producer's close() warns that its abort failed: expected here, so logged.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    closer()
+                except Exception as exc:  # best effort
+                    log.debug("closing producer: %s", type(exc).__name__)
+            for w in caught:
+                log.debug("closing producer: %s", w.message)
+
+        thread = threading.Thread(target=close, name="kcons-outbox-producer-close", daemon=True)
+        thread.start()
+        thread.join(wait_s)
 
     def reset(self) -> None:
         """Drop the producer without waiting; the next publish creates (and in transactional mode re-inits) one."""
@@ -230,3 +251,4 @@ class KafkaBatchPublisher:
                 producer.flush(timeout)
             except Exception as exc:  # closing is best effort
                 log.debug("flush on close: %s", type(exc).__name__)
+            self._close_quietly(producer)
