@@ -323,6 +323,7 @@ class IdempotentConsumer:
         self._uncompleted: set[str] = set()  # handled ids whose completion failed; retried, treated as done
         self._stopping = threading.Event()
         self._closed = False
+        self._store_failing_since: float | None = None
         self.stats = BatchStats()
         self.last_batch = BatchStats()
         log.info("idempotent consumer for %s, config %s", ",".join(self._topics), redact_config(self._config))
@@ -405,6 +406,20 @@ class IdempotentConsumer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def health(self, store_outage_s: float = 30.0) -> tuple[bool, str]:
+        """``(healthy, detail)`` for :class:`~kcons.metrics.MetricsServer` health checks.
+
+        Unhealthy when closed, or when the dedup store has failed for longer than
+        ``store_outage_s`` (the consumer then keeps its partitions paused and makes no progress).
+        """
+        failing = 0.0 if self._store_failing_since is None else time.monotonic() - self._store_failing_since
+        healthy = not self._closed and (self._store_failing_since is None or failing < store_outage_s)
+        detail = (
+            f"closed={self._closed} paused_partitions={len(self._paused)} "
+            f"uncommitted_partitions={len(self._uncommitted)} store_failing_s={failing:.0f}"
+        )
+        return healthy, detail
+
     @property
     def paused_partitions(self) -> list[TP]:
         """Partitions paused for back-pressure right now."""
@@ -470,10 +485,13 @@ class IdempotentConsumer:
         try:
             result = self._claim(ids)
         except StoreError as exc:
+            if self._store_failing_since is None:
+                self._store_failing_since = time.monotonic()
             log.warning("dedup store claim failed, pausing the batch's partitions: %s", exc)
             self._hold_all(b, msgs, "store_error")
             self._finish(b)
             return stats
+        self._store_failing_since = None
         b.claimed.update(result.claimed)
         try:
             with self._effects():

@@ -450,3 +450,21 @@ def test_the_consumer_metrics_count_consumed_duplicates_errors_dead_letters_and_
         "kcons_consumer_batch_duration_seconds_count": 1,
     }
     assert value(*latency) - before["latency"] >= 1
+
+
+def test_health_turns_bad_while_the_dedup_store_stays_down_and_recovers_with_it() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "a")
+    store = JournalStore(kafka.journal)
+    store.fail_claims = 2
+    consumer = make(kafka, lambda m: None, store=store)
+    assert consumer.health()[0]
+    consumer.poll_once()
+    assert consumer.health(store_outage_s=30)[0], "a short outage is tolerated"
+    healthy, detail = consumer.health(store_outage_s=0)
+    assert not healthy and "store_failing_s" in detail
+    consumer.poll_once()
+    consumer.poll_once()
+    assert consumer.health(store_outage_s=0)[0]
+    consumer.close()
+    assert not consumer.health()[0]
