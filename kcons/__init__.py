@@ -9,13 +9,21 @@ __version__ = "0.1.0"
 
 from kcons.adapters.memory import MemoryDedupStore
 from kcons.adapters.postgres import PostgresDedupStore
+from kcons.adapters.raft import RaftLeaseBackend
 from kcons.adapters.redis import RedisDedupStore
 from kcons.adapters.sqlite import SqliteDedupStore
 from kcons.aio import AsyncIdempotentProducer, AsyncTransactionalProcessor, AsyncTransactionalProducer
-from kcons.cache import CacheInvalidator, ChangeEvent, ConsistentCache, Strategy, Versioned
+from kcons.cache import CacheInvalidator, CacheSettings, ChangeEvent, ConsistentCache, Strategy, Versioned
 from kcons.config import KafkaSettings, PostgresSettings, RedisSettings, Settings
-from kcons.consumer import IdempotentConsumer, RetryLater, TransactionalIdempotentConsumer
-from kcons.dedup import ClaimLostError, DedupStore, TransactionalDedupStore
+from kcons.consumer import (
+    DLQ_REASON_HEADER,
+    DLQ_SOURCE_HEADER,
+    BatchStats,
+    IdempotentConsumer,
+    RetryLater,
+    TransactionalIdempotentConsumer,
+)
+from kcons.dedup import ClaimLostError, ClaimResult, DedupStore, TransactionalDedupStore
 from kcons.envelope import Envelope, new_event_id, read_envelope, uuid7
 from kcons.errors import (
     AbortableTransactionError,
@@ -37,22 +45,29 @@ from kcons.errors import (
 from kcons.lease import Lease, LeaseBackend
 from kcons.metrics import MetricsServer
 from kcons.outbox import OutboxRelay, RelaySettings
-from kcons.processor import Output, TransactionalProcessor
-from kcons.producer import IdempotentProducer, TransactionalProducer, wrap
+from kcons.processor import Output, ProcessorStats, TransactionalProcessor
+from kcons.producer import DeliveryFuture, IdempotentProducer, TransactionalProducer, wrap
+from kcons.raft.client import RaftClient
 
 __all__ = [
+    "DLQ_REASON_HEADER",
+    "DLQ_SOURCE_HEADER",
     "AbortableTransactionError",
     "AsyncIdempotentProducer",
     "AsyncTransactionalProcessor",
     "AsyncTransactionalProducer",
+    "BatchStats",
     "CacheInvalidator",
+    "CacheSettings",
     "ChangeEvent",
     "ClaimLostError",
+    "ClaimResult",
     "ConfigError",
     "ConsistentCache",
     "DecodeError",
     "DedupStore",
     "DeliveryError",
+    "DeliveryFuture",
     "Envelope",
     "ErrorClass",
     "FatalKafkaError",
@@ -71,7 +86,10 @@ __all__ = [
     "PoisonMessageError",
     "PostgresDedupStore",
     "PostgresSettings",
+    "ProcessorStats",
     "ProducerFencedError",
+    "RaftClient",
+    "RaftLeaseBackend",
     "RedisDedupStore",
     "RedisSettings",
     "RelaySettings",
