@@ -13,9 +13,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
@@ -43,6 +44,25 @@ def free_ports(n: int) -> list[int]:
 
 class _NoLeaderYet(Exception):
     pass
+
+
+_T = TypeVar("_T")
+
+
+def _poll(probe: Callable[[], _T], timeout: float, failure: str) -> _T:
+    """Call ``probe`` every 0.1 s until it stops raising _NoLeaderYet; ServiceStartError(failure) after ``timeout``."""
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception_type(_NoLeaderYet),
+            wait=wait_fixed(0.1),
+            stop=stop_after_delay(timeout),
+            reraise=True,
+        ):
+            with attempt:
+                return probe()
+    except _NoLeaderYet:
+        raise ServiceStartError(failure) from None
+    raise AssertionError("unreachable")
 
 
 class LocalRaftCluster:
@@ -144,18 +164,7 @@ class LocalRaftCluster:
                 raise _NoLeaderYet()
             return leader
 
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception_type(_NoLeaderYet),
-                wait=wait_fixed(0.1),
-                stop=stop_after_delay(timeout),
-                reraise=True,
-            ):
-                with attempt:
-                    return probe()
-        except _NoLeaderYet:
-            raise ServiceStartError(f"no Raft leader within {timeout}s; see logs in {self.base}") from None
-        raise AssertionError("unreachable")
+        return _poll(probe, timeout, f"no Raft leader within {timeout}s; see logs in {self.base}")
 
     def wait_for_node(self, i: int, min_applied: int = 0, timeout: float = 30.0) -> dict[str, object]:
         """Block until node ``i`` answers and has applied ``min_applied``; returns its status."""
@@ -171,18 +180,7 @@ class LocalRaftCluster:
                 raise _NoLeaderYet()
             return st
 
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception_type(_NoLeaderYet),
-                wait=wait_fixed(0.1),
-                stop=stop_after_delay(timeout),
-                reraise=True,
-            ):
-                with attempt:
-                    return probe()
-        except _NoLeaderYet:
-            raise ServiceStartError(f"node {i} did not reach applied >= {min_applied} in {timeout}s") from None
-        raise AssertionError("unreachable")
+        return _poll(probe, timeout, f"node {i} did not reach applied >= {min_applied} in {timeout}s")
 
     def alive(self, i: int) -> bool:
         """True while node ``i``'s process runs."""
