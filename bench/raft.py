@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,19 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kcons.raft.cluster import free_ports
+
 SECRET = b"bench-secret-0123456789"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def percentile(values: list[float], q: float) -> float:

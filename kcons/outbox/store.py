@@ -98,6 +98,22 @@ class OutboxStore(Protocol):
         ...
 
 
+def _row(r: Sequence[Any], age_s: float) -> OutboxRow:
+    """Build an OutboxRow from a selected result row (the column order both stores select in)."""
+    return OutboxRow(
+        position=r[0],
+        id=r[1],
+        aggregatetype=r[2],
+        aggregateid=r[3],
+        type=r[4],
+        payload=bytes(r[5]),
+        topic=r[6],
+        headers=decode_headers(r[7]),
+        version=r[8],
+        age_s=age_s,
+    )
+
+
 class PostgresOutboxStore:
     """The outbox table on PostgreSQL via psycopg 3: work, LISTEN and housekeeping connections."""
 
@@ -228,21 +244,7 @@ class PostgresOutboxStore:
             # More late rows than one batch (a huge transaction committed late): read plainly once.
             self._hint = None
             return self.fetch(limit, exclude)
-        rows = [
-            OutboxRow(
-                position=r[0],
-                id=r[1],
-                aggregatetype=r[2],
-                aggregateid=r[3],
-                type=r[4],
-                payload=bytes(r[5]),
-                topic=r[6],
-                headers=decode_headers(r[7]),
-                version=r[8],
-                age_s=float(r[9]),
-            )
-            for r in raw
-        ]
+        rows = [_row(r, float(r[9])) for r in raw]
         top = rows[-1].position if rows else 0
         if hint is not None:
             top = max(top, hint[0])
@@ -410,22 +412,7 @@ class SqliteOutboxStore:
             f"FROM {self.table} WHERE published_at IS NULL ORDER BY position LIMIT ?",
             (limit + len(skip),),
         )
-        return [
-            OutboxRow(
-                position=r[0],
-                id=r[1],
-                aggregatetype=r[2],
-                aggregateid=r[3],
-                type=r[4],
-                payload=bytes(r[5]),
-                topic=r[6],
-                headers=decode_headers(r[7]),
-                version=r[8],
-                age_s=max(0.0, now - float(r[9])),
-            )
-            for r in cur.fetchall()
-            if r[0] not in skip
-        ][:limit]
+        return [_row(r, max(0.0, now - float(r[9]))) for r in cur.fetchall() if r[0] not in skip][:limit]
 
     def forget_position(self) -> None:
         """Nothing to forget: SQLite reads always start at the lowest position."""
