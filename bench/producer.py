@@ -12,7 +12,11 @@ round of each side counts (noise from other processes only ever slows a round do
 * ``kcons_no_ids``: the same with ``event_ids=False`` (what the per-message event id costs);
 * ``kcons_futures``: the same with ``produce`` (a future per message);
 * ``raw_transactional``: the raw confluent-kafka transactional producer, same commit interval
-  (what Kafka transactions themselves cost, apart from kcons).
+  (what Kafka transactions themselves cost, apart from kcons);
+* ``baseline_id_header``: the baseline plus one ``kcons-id`` header per message (what one
+  header per record costs librdkafka and the broker, apart from kcons).
+
+A warm-up run of the baseline per size precedes the first round and is not measured.
 
 The last line of output is one JSON object (see DESIGN.md).
 """
@@ -32,7 +36,7 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kcons.producer import TransactionalProducer
+from kcons.producer import TransactionalProducer, fast_event_id
 from kcons.testing import start_stack
 
 log = logging.getLogger("bench.producer")
@@ -50,8 +54,14 @@ def _common(bootstrap: str, linger_ms: int) -> dict[str, Any]:
     return {"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "enable.idempotence": True, "acks": "all"}
 
 
-def run_baseline(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int) -> dict[str, Any]:
-    """The raw idempotent producer: produce n messages and flush."""
+def run_baseline(
+    bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int, *, id_header: bool = False
+) -> dict[str, Any]:
+    """The raw idempotent producer: produce n messages and flush.
+
+    With ``id_header`` every message also gets a ``kcons-id`` header (a UUIDv7 from the same
+    generator kcons uses): what the per-event header costs librdkafka and the broker, apart from kcons.
+    """
     failed = [0]
 
     def on_delivery(err: Any, _msg: Any) -> None:
@@ -65,7 +75,10 @@ def run_baseline(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: 
         key = str(i % 1000).encode()
         while True:
             try:
-                p.produce(topic, payload, key)
+                if id_header:
+                    p.produce(topic, payload, key, headers={"kcons-id": fast_event_id()})
+                else:
+                    p.produce(topic, payload, key)
                 break
             except BufferError:
                 p.poll(0.01)
@@ -178,22 +191,27 @@ def run_kcons(
     }
 
 
-SIDES = ("baseline", "kcons", "kcons_no_ids", "kcons_futures", "raw_transactional")
+SIDES = ("baseline", "kcons", "kcons_no_ids", "kcons_futures", "raw_transactional", "baseline_id_header")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--sizes", default="1024,100", help="comma-separated payload sizes in bytes")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured baseline runs per size before round 0")
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--commit-ms", type=int, default=100)
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help="comma-separated sides to run (baseline and kcons always run)"
+    )
     args = parser.parse_args(argv)
+    sides = tuple(s for s in SIDES if s in {"baseline", "kcons", *args.sides.split(",")})
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    results: dict[int, dict[str, list[dict[str, Any]]]] = {s: {side: [] for side in SIDES} for s in sizes}
+    results: dict[int, dict[str, list[dict[str, Any]]]] = {s: {side: [] for side in sides} for s in sizes}
     with start_stack(redis=False, postgres=False) as stack:
         admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
         bootstrap, n, linger, commit = stack.kafka_bootstrap, args.messages, args.linger_ms, args.commit_ms
@@ -208,10 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                         bootstrap, t, n, p, linger, commit, futures_mode=True
                     ),
                     "raw_transactional": lambda t, p=payload: run_raw_transactional(bootstrap, t, n, p, linger, commit),
+                    "baseline_id_header": lambda t, p=payload: run_baseline(bootstrap, t, n, p, linger, id_header=True),
                 }
+                if rnd == 0:
+                    for _ in range(args.warmup):  # the broker's JIT and page cache warm up; not measured
+                        run_baseline(bootstrap, _topic(admin, args.partitions), n, payload, linger)
                 # Rotate the order every round so that no side always runs right after the same neighbour.
-                shift = (rnd * 2 + sizes.index(size)) % len(SIDES)
-                for side in SIDES[shift:] + SIDES[:shift]:
+                shift = (rnd * 2 + sizes.index(size)) % len(sides)
+                for side in sides[shift:] + sides[:shift]:
                     result = runs[side](_topic(admin, args.partitions))
                     log.info("round %d size %d %s: %s", rnd, size, side, result)
                     results[size][side].append(result)
@@ -219,19 +241,25 @@ def main(argv: list[str] | None = None) -> int:
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return max(runs, key=lambda r: float(r["msgs_per_s"]))
 
-    table = {side: {f"{s}B": best(results[s][side]) for s in sizes} for side in SIDES}
+    table = {side: {f"{s}B": best(results[s][side]) for s in sizes} for side in sides}
     ratios = {
         side: {f"{s}B": round(table[side][f"{s}B"]["msgs_per_s"] / table["baseline"][f"{s}B"]["msgs_per_s"], 3)
                for s in sizes}
-        for side in SIDES if side != "baseline"
+        for side in sides if side != "baseline"
     }  # fmt: skip
+    same_shape = None
+    if "baseline_id_header" in sides:
+        rate = {side: {s: table[side][f"{s}B"]["msgs_per_s"] for s in sizes} for side in sides}
+        same_shape = {f"{s}B": round(rate["kcons"][s] / rate["baseline_id_header"][s], 3) for s in sizes}
     out = {
         "name": "producer",
         "baseline": table["baseline"],
         "kcons": table["kcons"],
         "ratio": ratios["kcons"][f"{sizes[0]}B"],
         "ratios": ratios,
-        "other_sides": {side: table[side] for side in SIDES if side not in ("baseline", "kcons")},
+        # kcons against raw records of the same shape (one kcons-id header each): kcons's own cost.
+        "ratio_vs_baseline_id_header": same_shape,
+        "other_sides": {side: table[side] for side in sides if side not in ("baseline", "kcons")},
         "unit": "msgs/s",
         "messages": args.messages,
         "sizes": sizes,

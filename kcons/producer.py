@@ -20,6 +20,7 @@ Every blocking step has a bound.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -67,7 +68,10 @@ __all__ = [
 T = TypeVar("T")
 #: ``retry.backoff.ms`` a TransactionalProducer uses unless the config sets it (see its _prepare_config).
 TXN_RETRY_BACKOFF_MS = 10
-HeaderList = list[tuple[str, bytes | str | None]]
+#: librdkafka's RD_KAFKA_PARTITION_UA: let the partitioner choose (by key).
+_UNASSIGNED = -1
+#: Message headers as confluent-kafka takes them: a list of (name, value) pairs or a dict.
+HeaderList = list[tuple[str, bytes | str | None]] | dict[str, bytes | str | None]
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -128,55 +132,59 @@ _HEX3 = tuple(f"{i:03x}".encode() for i in range(0x1000))
 
 
 class _EventIds:
-    """UUIDv7 text ids, strictly increasing within the process, cheap enough to make one per message.
+    """UUIDv7 text ids, unique within the process and increasing within each thread, cheap enough for every message.
 
     Same layout as :func:`kcons.envelope.uuid7`: 48-bit Unix milliseconds, version 7, a 12-bit
     sequence within the millisecond, variant bits and 62 random bits. The random bits are drawn
     once per millisecond (the sequence keeps ids of one millisecond apart), and the text around
-    the sequence is built once per millisecond, so an id costs one lock and two concatenations.
+    the sequence is built once per millisecond. The fast path takes no lock: the millisecond's
+    text and its sequence counter live in one immutable tuple swapped as a whole, and
+    ``next()`` on an ``itertools.count`` is atomic, so two threads never draw the same
+    sequence number of one millisecond. Only the start of a new millisecond takes the lock.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._ms = -1
-        self._seq = 0
-        self._head = b""
-        self._tail = b""
+        self._state: tuple[int, bytes, bytes, itertools.count[int]] = (-1, b"", b"", itertools.count(0x1000))
 
     def next(self) -> bytes:
-        with self._lock:
-            ms = time.time_ns() // 1_000_000
-            if ms > self._ms:
-                self._start(ms)
-            else:
-                self._seq += 1
-                if self._seq > 0xFFF:  # borrow the next millisecond, as uuid7 does
-                    self._start(self._ms + 1)
-            return self._head + _HEX3[self._seq] + self._tail
+        ms, head, tail, seq = self._state
+        now = time.time_ns() // 1_000_000
+        n = next(seq)
+        if now > ms or n > 0xFFF:
+            return self._next_millisecond(now)
+        return head + _HEX3[n] + tail
 
-    def _start(self, ms: int) -> None:
-        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-        low = 0b10 << 62 | rand  # variant + 62 random bits: 16 hex digits
-        ms48 = ms & 0xFFFFFFFFFFFF
-        self._ms = ms
-        self._seq = 0
-        self._head = f"{ms48 >> 16:08x}-{ms48 & 0xFFFF:04x}-7".encode()
-        self._tail = f"-{low >> 48:04x}-{low & 0xFFFFFFFFFFFF:012x}".encode()
+    def _next_millisecond(self, now: int) -> bytes:
+        with self._lock:
+            ms, head, tail, seq = self._state
+            if now <= ms:  # another thread moved on already, or the clock went back: stay in order
+                n = next(seq)
+                if n <= 0xFFF:
+                    return head + _HEX3[n] + tail
+                now = ms + 1  # the sequence ran out: borrow the next millisecond, as uuid7 does
+            rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+            low = 0b10 << 62 | rand  # variant + 62 random bits: 16 hex digits
+            ms48 = now & 0xFFFFFFFFFFFF
+            head = f"{ms48 >> 16:08x}-{ms48 & 0xFFFF:04x}-7".encode()
+            tail = f"-{low >> 48:04x}-{low & 0xFFFFFFFFFFFF:012x}".encode()
+            self._state = (now, head, tail, itertools.count(1))
+            return head + _HEX3[0] + tail
 
 
 _event_ids = _EventIds()
-
-
-def fast_event_id() -> bytes:
-    """Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""
-    return _event_ids.next()
+fast_event_id = _event_ids.next
+"""Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""
 
 
 def _with_event_id(headers: HeaderList | None) -> HeaderList:
+    """Add a ``kcons-id`` unless the caller set one; a dict when there was nothing (cheapest for confluent-kafka)."""
     if headers is None:
-        return [(HEADER_ID, fast_event_id())]
-    if isinstance(headers, Mapping):  # confluent-kafka also takes a dict
-        headers = list(headers.items())
+        return {HEADER_ID: fast_event_id()}
+    if isinstance(headers, dict):
+        if HEADER_ID in headers:
+            return headers
+        return {HEADER_ID: fast_event_id(), **headers}
     for name, _ in headers:
         if name == HEADER_ID:
             return headers
@@ -316,6 +324,13 @@ class IdempotentProducer:
         self._pending: set[Future[Message]] = set()
         self._config: dict[str, Any] | None
         if isinstance(config, Producer):
+            if type(config).produce is not Producer.produce:
+                # A SerializingProducer (or another subclass) takes produce() arguments in another
+                # order and serializes them itself; kcons passes bytes straight to librdkafka.
+                raise TypeError(
+                    f"kcons wraps a plain confluent_kafka.Producer, not {type(config).__name__}: "
+                    "serialize values before producing through kcons"
+                )
             self._config = None
             self.raw: Producer = config
         else:
@@ -384,10 +399,10 @@ class IdempotentProducer:
         if self.event_ids:
             headers = _with_event_id(headers)
         try:
-            if partition is None:
-                self.raw.produce(topic, value, key, headers=headers, on_delivery=delivered)
-            else:
-                self.raw.produce(topic, value, key, partition, headers=headers, on_delivery=delivered)
+            part = _UNASSIGNED if partition is None else partition
+            # Positional (see enqueue); the callback goes in the first callback slot: a None there
+            # would make confluent-kafka ignore on_delivery.
+            self.raw.produce(topic, value, key, part, delivered, None, 0, headers)
         except BufferError:
             if not block:
                 self._pending.discard(fut)
@@ -728,12 +743,11 @@ class TransactionalProducer(IdempotentProducer):
         if not self._in_txn:
             raise KafkaOperationError("enqueue needs an open transaction; use produce() outside transactions")
         if self.event_ids:
-            headers = _with_event_id(headers)
+            headers = {HEADER_ID: fast_event_id()} if headers is None else _with_event_id(headers)
         try:
-            if partition is None:
-                self.raw.produce(topic, value, key, headers=headers)
-            else:
-                self.raw.produce(topic, value, key, partition, headers=headers)
+            # All positional (partition, callback, on_delivery, timestamp, headers): confluent-kafka
+            # resolves keyword arguments by building a str per keyword name on every call.
+            self.raw.produce(topic, value, key, _UNASSIGNED if partition is None else partition, None, None, 0, headers)
         except BufferError:
             if not block:
                 raise
