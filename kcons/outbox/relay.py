@@ -399,7 +399,9 @@ class OutboxRelay:
             self._next = None
             if len(rows) < self.batch_size:
                 # The prefetch was read before the previous batch went out; rows that committed
-                # meanwhile join this batch now instead of one step later (latency at low rates).
+                # meanwhile (and during the pause between transactions) join this batch now
+                # instead of one step later (latency at low rates).
+                self.publisher.wait_txn_gap()
                 in_flight = [r.position for r in rows] + [r.position for r in self._unmarked or ()]
                 more = self.store.fetch(self.batch_size - len(rows), in_flight)
                 if more:
