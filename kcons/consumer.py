@@ -240,10 +240,12 @@ class IdempotentConsumer:
     Claims are taken per batch, so ``lease_s`` should exceed the time one batch takes to
     handle; a slower batch lets another worker take its ids over (handled twice, never lost).
     ``pause_s`` is how long a partition stays paused after it was rewound (busy id, store
-    outage, failed dead-letter write). ``overlap_commit`` runs the offset commit of recorded
-    batches on a helper thread during the next store round trip (default: on, unless the store
-    says it is ``in_process``). ``consumer_factory``/``producer_factory`` build the
-    Kafka clients (confluent-kafka by default).
+    outage, failed dead-letter write). With ``async_commit`` (the default) the offsets of a
+    finished batch are committed without waiting for the broker (a failed commit is merged
+    into the next; idle, revocation and close commit synchronously). With
+    ``async_commit=False`` the commit waits, and ``overlap_commit`` runs it on a helper thread
+    during the next store round trip (default: on, unless the store says it is ``in_process``).
+    ``consumer_factory``/``producer_factory`` build the Kafka clients (confluent-kafka by default).
     """
 
     #: True when a failed batch leaves no effect behind (its effects run in one transaction).
@@ -267,6 +269,7 @@ class IdempotentConsumer:
         dlq_timeout_s: float = 30.0,
         store_retry: tenacity.Retrying | None = None,
         overlap_commit: bool | None = None,
+        async_commit: bool = True,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
     ) -> None:
@@ -290,6 +293,11 @@ class IdempotentConsumer:
         self._lease_s = check_lease(lease_s)
         self._config = dict(config)
         self._config["enable.auto.commit"] = False
+        self._user_on_commit: Callable[[Any, list[Any]], None] | None = self._config.get("on_commit")
+        self._config["on_commit"] = self._on_commit
+        self._async_commit = async_commit
+        self._sent: dict[TP, int] = {}  # highest offset sent in an asynchronous commit, per partition
+        self._unsettled: dict[TP, int] = {}  # sent asynchronously since the last synchronous commit
         self._topics = list(topics)
         self._handler = handler
         self._store = store
@@ -305,7 +313,10 @@ class IdempotentConsumer:
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         # Overlapping the offset commit with the store round trip pays off for a networked store
         # only; for an in-process store the thread hand-off costs more than it hides.
-        self._overlap_commit = overlap_commit if overlap_commit is not None else not getattr(store, "in_process", False)
+        if overlap_commit is None:
+            overlap_commit = not getattr(store, "in_process", False)
+        # An asynchronous commit returns at once: nothing is left to overlap.
+        self._overlap_commit = overlap_commit and not async_commit
         self._dlq_topic = dlq_topic or default_dlq_topic
         self._retry = retry or default_retry_policy()
         self._store_retry = store_retry or default_store_retry_policy()
@@ -647,9 +658,12 @@ class IdempotentConsumer:
             self._record_done(done)
         offsets = self._ready_offsets
         self._merge(offsets, self._deferred_offsets)
-        self._ready_offsets, self._deferred_offsets = {}, {}
+        # Asynchronous commits still unanswered are repeated here and waited for, so that idle,
+        # revocation and close leave the group's offsets settled.
+        self._merge(offsets, self._unsettled)
+        self._ready_offsets, self._deferred_offsets, self._unsettled = {}, {}, {}
         if offsets or self._uncommitted:
-            self._commit(offsets)
+            self._commit(offsets, sync=True)
 
     def _abandon(self, b: _Batch, msgs: list[Any]) -> None:
         """On an interrupt mid-batch: keep what is done, give back the rest, rewind every partition."""
@@ -846,8 +860,15 @@ class IdempotentConsumer:
             log.warning("resuming %d partitions failed: %s", len(due), exc)
         CONSUMER_PAUSED_PARTITIONS.set(len(self._paused))
 
-    def _commit(self, offsets: Mapping[TP, int]) -> None:
-        """Commit offsets synchronously (merged with earlier failed ones); failures are kept and retried."""
+    def _commit(self, offsets: Mapping[TP, int], *, sync: bool = False) -> None:
+        """Commit offsets (merged with earlier failed ones); failures are kept and retried.
+
+        Between batches the commit is asynchronous (unless ``async_commit=False``): it is sent
+        only after the offsets' effects are done, and its outcome arrives through
+        :meth:`_on_commit`; a failed one is merged into the next commit. A lost commit only
+        means redelivery, which the dedup store turns into dropped duplicates. On idle,
+        revocation and close (``sync``) the commit waits for the broker.
+        """
         pending = dict(self._uncommitted)
         for tp, offset in offsets.items():
             if pending.get(tp, -1) < offset:
@@ -856,6 +877,12 @@ class IdempotentConsumer:
             return
         parts = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
         try:
+            if self._async_commit and not sync:
+                self._consumer.commit(offsets=parts, asynchronous=True)
+                self._merge(self._sent, pending)
+                self._merge(self._unsettled, pending)
+                self._uncommitted = {}
+                return
             result = self._consumer.commit(offsets=parts, asynchronous=False)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
@@ -870,6 +897,26 @@ class IdempotentConsumer:
             CONSUMER_COMMIT_FAILURES.inc()
             log.warning("offset commit failed for %d partitions, will retry", len(failed))
         self._uncommitted = self._still_assigned(failed) if failed else {}
+
+    def _on_commit(self, err: Any, partitions: list[Any]) -> None:
+        """librdkafka's commit result (served in consume): keep failed offsets for the next commit.
+
+        A failure is dropped when a higher offset of the partition was sent since: that commit
+        supersedes it (and is retried itself if it fails).
+        """
+        if err is not None and err.code() == KafkaError._NO_OFFSET:
+            err = None
+        failed: dict[TP, int] = {}
+        for tp in partitions or []:
+            key = (tp.topic, tp.partition)
+            if tp.offset >= 0 and (err is not None or tp.error is not None) and tp.offset >= self._sent.get(key, -1):
+                failed[key] = tp.offset
+        if failed:
+            CONSUMER_COMMIT_FAILURES.inc()
+            log.warning("offset commit failed for %d partitions, will retry: %s", len(failed), err)
+            self._merge(self._uncommitted, self._still_assigned(failed))
+        if self._user_on_commit is not None:
+            self._user_on_commit(err, partitions)
 
     def _still_assigned(self, offsets: dict[TP, int]) -> dict[TP, int]:
         try:
@@ -914,6 +961,8 @@ class IdempotentConsumer:
     def _forget(self, partitions: set[TP]) -> None:
         for tp in partitions:
             self._uncommitted.pop(tp, None)
+            self._sent.pop(tp, None)
+            self._unsettled.pop(tp, None)
             self._paused.pop(tp, None)
         CONSUMER_PAUSED_PARTITIONS.set(len(self._paused))
         # Claims are never held between batches (released or completed in _finish); the ones whose

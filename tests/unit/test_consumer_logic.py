@@ -468,3 +468,67 @@ def test_health_turns_bad_while_the_dedup_store_stays_down_and_recovers_with_it(
     assert consumer.health(store_outage_s=0)[0]
     consumer.close()
     assert not consumer.health()[0]
+
+
+class OneCallPerStep:
+    """A batch store without the pipelined call: every batch's offsets are committed right after it."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryDedupStore()
+
+    def claim(self, ids: Sequence[str], lease_s: float) -> set[str]:
+        return self.inner.claim(ids, lease_s)
+
+    def claim_batch(self, ids: Sequence[str], lease_s: float) -> ClaimResult:
+        return self.inner.claim_batch(ids, lease_s)
+
+    def complete(self, ids: Sequence[str]) -> None:
+        self.inner.complete(ids)
+
+    def release(self, ids: Sequence[str]) -> None:
+        self.inner.release(ids)
+
+
+def test_a_failed_asynchronous_commit_is_retried_unless_a_newer_commit_supersedes_it() -> None:
+    from confluent_kafka import KafkaError, TopicPartition
+
+    kafka = FakeKafka(partitions=2)
+    for i in range(3):
+        kafka.add(0, f"a{i}")
+    kafka.add(1, "b0")
+    consumer = make(kafka, lambda _m: None, store=OneCallPerStep(), batch_size=10)
+    assert consumer.poll_once() == 4
+    assert kafka.commits[-1] == {0: 3, 1: 1}
+    on_commit = kafka.config["on_commit"]
+    # The broker reports that commit failed: both offsets go into the next commit.
+    on_commit(KafkaError(KafkaError.REQUEST_TIMED_OUT), [TopicPartition("t", 0, 3), TopicPartition("t", 1, 1)])
+    kafka.add(0, "a3")
+    assert consumer.poll_once() == 1
+    assert kafka.commits[-1] == {0: 4, 1: 1}
+    # An older failure arriving after a newer commit was sent is superseded, not retried.
+    on_commit(KafkaError(KafkaError.REQUEST_TIMED_OUT), [TopicPartition("t", 0, 3)])
+    kafka.add(1, "b1")
+    assert consumer.poll_once() == 1
+    assert kafka.commits[-1] == {1: 2}
+    consumer.close()
+
+
+def test_idle_and_close_commit_synchronously_and_sync_mode_never_commits_asynchronously() -> None:
+    for async_commit in (True, False):
+        kafka = FakeKafka(partitions=1)
+        modes: list[bool] = []
+        original = kafka.commit
+
+        def commit(offsets: list[Any], asynchronous: bool, original: Any = original, modes: list[bool] = modes) -> Any:
+            modes.append(asynchronous)
+            return original(offsets, asynchronous)
+
+        kafka.commit = commit  # type: ignore[method-assign]
+        kafka.add(0, "x")
+        consumer = make(kafka, lambda _m: None, store=OneCallPerStep(), async_commit=async_commit)
+        consumer.poll_once()
+        kafka.add(0, "y")
+        consumer.poll_once()
+        consumer.close()
+        assert modes and modes[-1] is False  # close settles synchronously
+        assert any(modes) is async_commit
