@@ -93,6 +93,9 @@ class MemoryPublisher:
     def reset(self) -> None:
         self.resets += 1
 
+    def wait_txn_gap(self) -> None:
+        """No broker here: nothing to wait for between transactions."""
+
     def close(self, timeout: float = 5.0) -> None:
         pass
 
