@@ -47,6 +47,7 @@ class LeadershipLostError(KafkaOperationError):
 
 
 _FORCED = {"enable.idempotence": True, "acks": "all"}
+_UNASSIGNED = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner picks by key
 
 
 class KafkaBatchPublisher:
@@ -185,28 +186,24 @@ class KafkaBatchPublisher:
                      callback: Callable[[Any, Any], None] | None) -> None:  # fmt: skip
         produce = producer.produce
         for rec in records:
-            topic, value, key, headers = (
-                (rec.topic, rec.value, rec.key, rec.headers) if isinstance(rec, OutboxRecord) else rec
-            )
+            if isinstance(rec, OutboxRecord):
+                rec = (rec.topic, rec.value, rec.key, rec.headers, rec.timestamp_ms)
+            topic, value, key, headers, timestamp_ms = rec
             try:
-                if callback is None:
-                    produce(topic, value, key, headers=headers)
-                else:
-                    produce(topic, value, key, headers=headers, on_delivery=callback)
+                # Positional (partition, callback, on_delivery, timestamp, headers): cheaper than
+                # keywords in confluent-kafka; the callback must sit in the first callback slot.
+                produce(topic, value, key, _UNASSIGNED, callback, None, timestamp_ms, headers)
             except BufferError:
-                self._produce_when_room(producer, (topic, value, key, headers), callback)
+                self._produce_when_room(producer, rec, callback)
 
     def _produce_when_room(self, producer: Any, rec: RecordTuple, callback: Callable[[Any, Any], None] | None) -> None:
         """The local queue is full: serve delivery reports until there is room (bounded)."""
         deadline = time.monotonic() + self._ack_timeout_s
-        topic, value, key, headers = rec
+        topic, value, key, headers, timestamp_ms = rec
         while True:
             producer.poll(0.05)
             try:
-                if callback is None:
-                    producer.produce(topic, value, key, headers=headers)
-                else:
-                    producer.produce(topic, value, key, headers=headers, on_delivery=callback)
+                producer.produce(topic, value, key, _UNASSIGNED, callback, None, timestamp_ms, headers)
                 return
             except BufferError:
                 if time.monotonic() > deadline:

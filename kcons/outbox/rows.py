@@ -37,8 +37,8 @@ __all__ = [
 
 DEBEZIUM_TOPIC_PREFIX = "outbox.event."
 
-#: (topic, value, key, headers): what the relay hands to ``Producer.produce``.
-RecordTuple = tuple[str, bytes, bytes, list[tuple[str, HeaderValue]]]
+#: (topic, value, key, headers, timestamp in epoch ms or 0): what the relay hands to ``Producer.produce``.
+RecordTuple = tuple[str, bytes, bytes, list[tuple[str, HeaderValue]], int]
 
 
 @dataclass(slots=True)
@@ -55,6 +55,10 @@ class OutboxRow:
     headers: Mapping[str, str] = field(default_factory=dict)
     version: int | None = None
     age_s: float = 0.0  # seconds since the row was inserted, when it was read (database clock)
+    #: Insert time in epoch milliseconds on the relay's clock (read time minus ``age_s``), 0 if
+    #: unknown. It becomes the Kafka record timestamp, so lag measured from the record's
+    #: timestamp (e.g. the cache invalidation lag) includes the time the event waited in the outbox.
+    created_ms: int = 0
 
     def envelope(self) -> Envelope:
         """The event this row carries."""
@@ -80,6 +84,7 @@ class OutboxRecord:
     key: bytes
     value: bytes
     headers: list[tuple[str, HeaderValue]]
+    timestamp_ms: int = 0  # 0: the producer stamps the produce time
 
 
 def encode_headers(event: Envelope) -> str | None:
@@ -116,7 +121,7 @@ def to_record(row: OutboxRow, fixed_topic: str | None = None) -> OutboxRecord:
         headers.append((HEADER_VERSION, str(row.version).encode()))
     if row.headers:  # rare path: let the envelope order traceparent and extra headers
         headers = row.envelope().headers()
-    return OutboxRecord(topic=topic, key=key, value=row.payload, headers=headers)
+    return OutboxRecord(topic=topic, key=key, value=row.payload, headers=headers, timestamp_ms=row.created_ms)
 
 
 def record_tuples(rows: Iterable[OutboxRow], fixed_topic: str | None = None) -> Iterator[RecordTuple]:
@@ -128,7 +133,7 @@ def record_tuples(rows: Iterable[OutboxRow], fixed_topic: str | None = None) -> 
     for row in rows:
         if row.headers:
             rec = to_record(row, fixed_topic)
-            yield rec.topic, rec.value, rec.key, rec.headers
+            yield rec.topic, rec.value, rec.key, rec.headers, rec.timestamp_ms
             continue
         key = row.aggregateid.encode()
         headers: list[tuple[str, HeaderValue]] = [
@@ -139,4 +144,4 @@ def record_tuples(rows: Iterable[OutboxRow], fixed_topic: str | None = None) -> 
         ]
         if row.version is not None:
             headers.append((HEADER_VERSION, str(row.version).encode()))
-        yield row.topic or fixed_topic or prefix + row.aggregatetype, row.payload, key, headers
+        yield row.topic or fixed_topic or prefix + row.aggregatetype, row.payload, key, headers, row.created_ms

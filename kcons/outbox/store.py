@@ -98,8 +98,12 @@ class OutboxStore(Protocol):
         ...
 
 
-def _row(r: Sequence[Any], age_s: float) -> OutboxRow:
-    """Build an OutboxRow from a selected result row (the column order both stores select in)."""
+def _row(r: Sequence[Any], age_s: float, read_at: float) -> OutboxRow:
+    """Build an OutboxRow from a selected result row (the column order both stores select in).
+
+    ``read_at`` is ``time.time()`` when the rows were read: with the row's age (database clock)
+    it gives the insert time on this host's clock, without trusting the two clocks to agree.
+    """
     return OutboxRow(
         position=r[0],
         id=r[1],
@@ -111,6 +115,7 @@ def _row(r: Sequence[Any], age_s: float) -> OutboxRow:
         headers=decode_headers(r[7]),
         version=r[8],
         age_s=age_s,
+        created_ms=int((read_at - age_s) * 1000),
     )
 
 
@@ -244,7 +249,8 @@ class PostgresOutboxStore:
             # More late rows than one batch (a huge transaction committed late): read plainly once.
             self._hint = None
             return self.fetch(limit, exclude)
-        rows = [_row(r, float(r[9])) for r in raw]
+        read_at = time.time()
+        rows = [_row(r, float(r[9]), read_at) for r in raw]
         top = rows[-1].position if rows else 0
         if hint is not None:
             top = max(top, hint[0])
@@ -412,7 +418,7 @@ class SqliteOutboxStore:
             f"FROM {self.table} WHERE published_at IS NULL ORDER BY position LIMIT ?",
             (limit + len(skip),),
         )
-        return [_row(r, max(0.0, now - float(r[9]))) for r in cur.fetchall() if r[0] not in skip][:limit]
+        return [_row(r, max(0.0, now - float(r[9])), now) for r in cur.fetchall() if r[0] not in skip][:limit]
 
     def forget_position(self) -> None:
         """Nothing to forget: SQLite reads always start at the lowest position."""

@@ -112,6 +112,33 @@ def test_rolled_back_business_transaction_publishes_nothing(
     assert _unpublished(outbox_db) == 0
 
 
+def test_published_record_carries_the_row_insert_time_as_its_timestamp(
+    outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
+) -> None:
+    from confluent_kafka import TIMESTAMP_CREATE_TIME
+
+    topic = unique_topic(partitions=1)
+    before_ms = int(time.time() * 1000)
+    with psycopg.connect(outbox_db) as conn:
+        add(conn, _event("a-1", 1))
+        conn.commit()
+    time.sleep(1.5)  # the event waits in the outbox: its timestamp must be the insert, not the publish
+    with _running(_relay(outbox_db, kafka_bootstrap, topic)) as relay:
+        _wait_for("the event to be published", lambda: relay.published >= 1)
+    published_ms = int(time.time() * 1000)
+    consumer = make_consumer()
+    consumer.subscribe([topic])
+    msg = None
+    deadline = time.monotonic() + 30
+    while msg is None and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+    assert msg is not None and msg.error() is None
+    kind, ts = msg.timestamp()
+    assert kind == TIMESTAMP_CREATE_TIME
+    # Insert time within clock-reading slack (the age comes from PostgreSQL, the rest from this host).
+    assert before_ms - 50 <= ts <= before_ms + 1000, (before_ms, ts, published_ms)
+
+
 def test_transaction_that_commits_after_a_later_one_was_published_is_still_published(
     outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any]
 ) -> None:

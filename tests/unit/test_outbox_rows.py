@@ -86,4 +86,4 @@ def test_relay_fast_path_builds_the_same_records_as_to_record() -> None:
     for fixed in (None, "fixed"):
         fast = list(record_tuples(rows, fixed))
         slow = [to_record(r, fixed) for r in rows]
-        assert fast == [(r.topic, r.value, r.key, r.headers) for r in slow]
+        assert fast == [(r.topic, r.value, r.key, r.headers, r.timestamp_ms) for r in slow]
