@@ -40,7 +40,8 @@ each polled batch in one pipelined Redis round trip (default), or through
 dedup store and dead-letter handling). Both commit offsets only after Redis acknowledged, send
 malformed events to ``<topic>.dlq``, and retry an unreachable Redis instead of skipping.
 Commit-to-applied lag is measured from the ``kcons-committed-at`` header (epoch seconds) when
-the writer sets one, else from the Kafka record timestamp.
+the writer sets one, else from the Kafka record timestamp (the kcons outbox relay stamps each
+record with its outbox row's insert time, so the time spent in the outbox counts).
 
 **TTLs.** Values expire after ``value_ttl_s`` (bounds the damage of a lost invalidation).
 Tombstones expire after ``tombstone_ttl_s``, which must exceed the longest a loader or a
