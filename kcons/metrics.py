@@ -53,7 +53,11 @@ PROCESSOR_BATCH_SIZE = Histogram(
     "Input records per committed processor transaction.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
 )
-PROCESSOR_LAG = Gauge("kcons_processor_lag", "Records behind the high watermark on the partitions a processor owns.")
+PROCESSOR_LAG = Gauge(
+    "kcons_processor_lag",
+    "Records behind the high watermark, per input partition a processor owns.",
+    ["group", "topic", "partition"],
+)
 PROCESSOR_RECORDS = Counter("kcons_processor_records", "Input records whose outputs and offsets were committed.")
 PROCESSOR_REWINDS = Counter(
     "kcons_processor_rewinds",

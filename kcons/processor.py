@@ -178,6 +178,8 @@ class TransactionalProcessor:
         self._stop = threading.Event()
         self._buffer: list[Message] = []
         self._lag_at = 0.0
+        self._group = str(self._consumer_config["group.id"])
+        self._lag_series: set[tuple[str, int]] = set()  # partitions with a kcons_processor_lag series
         self._consumer_closed = False
         self._revoked_in_call: set[tuple[str, int]] = set()  # partitions revoked during the current consume()
         self._assigned_in_call: set[tuple[str, int]] = set()
@@ -254,6 +256,8 @@ class TransactionalProcessor:
         if not self._consumer_closed:
             self._consumer_closed = True
             _close_consumer(self.consumer, self.commit_timeout_s)
+            self._drop_lag_series(self._lag_series)
+            self._lag_series = set()
         self.producer.close(self.commit_timeout_s)
 
     # rebalancing -------------------------------------------------------------------------
@@ -443,14 +447,23 @@ class TransactionalProcessor:
         self._lag_at = now
         try:
             positions = self.consumer.position(self.consumer.assignment())
-            lag = 0
+            owned: set[tuple[str, int]] = set()
             for tp in positions:
                 _low, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=True)
                 if high >= 0 and tp.offset >= 0:
-                    lag += max(0, high - tp.offset)
-            metrics.PROCESSOR_LAG.set(lag)
+                    owned.add((tp.topic, tp.partition))
+                    metrics.PROCESSOR_LAG.labels(self._group, tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
         except (KafkaException, RuntimeError) as exc:
             log.debug("lag not updated: %s", exc)
+            return
+        self._drop_lag_series(self._lag_series - owned)
+        self._lag_series = owned
+
+    def _drop_lag_series(self, partitions: set[tuple[str, int]]) -> None:
+        """Remove the lag series of partitions this processor no longer owns (another worker reports them)."""
+        for topic, partition in partitions:
+            with contextlib.suppress(KeyError):
+                metrics.PROCESSOR_LAG.remove(self._group, topic, str(partition))
 
 
 def _close_consumer(consumer: Consumer, timeout: float) -> None:

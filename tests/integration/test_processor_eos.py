@@ -126,11 +126,57 @@ def test_processor_commits_each_input_once_with_its_offsets(
     assert batches == stats.transactions
     assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, 1500), 1500)
 
+    def lag_series() -> dict[str, float]:
+        return {
+            sample.labels["partition"]: sample.value
+            for metric in REGISTRY.collect()
+            if metric.name == "kcons_processor_lag"
+            for sample in metric.samples
+            if sample.labels["group"] == group and sample.labels["topic"] == topic_in
+        }
+
+    assert lag_series() == {}  # run() closed the processor: it owns no partition, its series are gone
+
     # The offsets were committed in the transactions: a new consumer in the group starts at the end.
     check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "isolation.level": "read_committed"})
     committed = check.committed([TopicPartition(topic_in, p) for p in range(3)], timeout=10)
     check.close()
     assert sum(tp.offset for tp in committed) == 1500
+
+
+def test_processor_lag_is_reported_per_owned_partition_and_dropped_on_close(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    topic_in, topic_out = unique_topic(partitions=3), unique_topic(partitions=3)
+    produce_inputs(kafka_bootstrap, topic_in, range(600))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, copy_to(topic_out), batch_max=100)
+
+    def lag_series() -> dict[str, float]:
+        return {
+            sample.labels["partition"]: sample.value
+            for metric in REGISTRY.collect()
+            if metric.name == "kcons_processor_lag"
+            for sample in metric.samples
+            if sample.labels["group"] == group and sample.labels["topic"] == topic_in
+        }
+
+    worker = threading.Thread(target=proc.run)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and lag_series() != {"0": 0.0, "1": 0.0, "2": 0.0}:
+            time.sleep(0.2)
+        assert proc.stats.records == 600
+        assert lag_series() == {"0": 0.0, "1": 0.0, "2": 0.0}  # caught up, one series per owned partition
+    finally:
+        proc.stop()
+        worker.join(60)
+    assert lag_series() == {}
 
 
 def test_processor_killed_mid_batch_replays_without_duplicates(
