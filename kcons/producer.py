@@ -357,6 +357,18 @@ class IdempotentProducer:
             shown = {k: v for k, v in redact_config(self._config).items() if not callable(v)}
             raise ConfigError("producer config", f"{exc} (config: {shown})") from None
 
+    def _kafka_exception_behind(self, exc: BaseException) -> KafkaException | None:
+        """The Kafka error behind a failed ``poll``/``flush``: in the exception chain, else the fatal one reported.
+
+        When a fatal error is raised while delivery callbacks run, confluent-kafka can also lose
+        the exception and raise a bare SystemError ("returned NULL without setting an
+        exception"); the fatal error reached :meth:`_on_error` first, so it names the cause.
+        """
+        kexc = _kafka_exception_of(exc)
+        if kexc is None and self._fatal is not None:
+            kexc = KafkaException(self._fatal)
+        return kexc
+
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self._fatal = err
@@ -493,7 +505,7 @@ class IdempotentProducer:
         try:
             n = int(self.raw.flush(timeout) if operation == "flush" else self.raw.poll(timeout))
         except (KafkaException, SystemError) as exc:
-            kexc = _kafka_exception_of(exc)
+            kexc = self._kafka_exception_behind(exc)
             if kexc is None:
                 raise
             self._raise_kafka(kexc, operation)
@@ -786,7 +798,7 @@ class TransactionalProducer(IdempotentProducer):
         try:
             remaining = int(self.raw.flush(self.commit_timeout_s))
         except (KafkaException, SystemError) as exc:
-            kexc = _kafka_exception_of(exc)
+            kexc = self._kafka_exception_behind(exc)
             if kexc is None:
                 raise
             self._end_failed(kexc, "flush before commit")

@@ -120,6 +120,17 @@ def test_event_ids_from_many_threads_are_unique_and_increase_within_each_thread(
         assert out == sorted(out)
 
 
+def test_a_bare_system_error_from_flush_is_read_as_the_fatal_error_reported_before_it() -> None:
+    producer = IdempotentProducer(dict(BASE), close_timeout_s=1.0)
+    bare = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an exception")
+    assert producer._kafka_exception_behind(bare) is None  # nothing reported: the SystemError stays as it is
+    fenced = KafkaError(KafkaError._FENCED, "fenced by a newer instance", fatal=True)
+    producer._on_error(fenced)
+    behind = producer._kafka_exception_behind(bare)
+    assert behind is not None and behind.args[0].code() == KafkaError._FENCED
+    producer.close(0.1)
+
+
 def test_a_serializing_producer_is_rejected_by_name() -> None:
     from confluent_kafka import SerializingProducer
 
