@@ -83,7 +83,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DLQ_REASON_HEADER",
     "DLQ_SOURCE_HEADER",
+    "BatchHandler",
     "BatchStats",
+    "Handler",
     "IdempotentConsumer",
     "RetryLater",
     "TransactionalIdempotentConsumer",
@@ -106,6 +108,8 @@ _SHARED_PREFIXES = (
 
 TP = tuple[str, int]
 Handler = Callable[[Any], None]
+#: ``batch_handler(messages)``: the effects of a batch's new messages, in consumption order.
+BatchHandler = Callable[[list[Any]], None]
 KeyFunction = Callable[[Any], "str | None"]
 
 
@@ -235,7 +239,11 @@ class IdempotentConsumer:
     ``config`` is a confluent-kafka consumer config (librdkafka names, ``group.id`` required);
     ``enable.auto.commit`` is forced off because offsets are committed only after the effects
     are done. ``handler(msg)`` runs once per new event id (see the module docstring for the
-    exact guarantees). The dedup ``store`` should be namespaced by the same consumer group.
+    exact guarantees). Or pass ``batch_handler(messages)`` instead (``handler=None``): it gets
+    each batch's new messages at once, in order, so an effect that costs a round trip (Redis,
+    an HTTP API, a bulk insert) costs one per batch; a batch it fails on is retried one
+    message at a time (``batch_handler([msg])``) under the same retry and dead-letter rules.
+    The dedup ``store`` should be namespaced by the same consumer group.
 
     Claims are taken per batch, so ``lease_s`` should exceed the time one batch takes to
     handle; a slower batch lets another worker take its ids over (handled twice, never lost).
@@ -255,9 +263,10 @@ class IdempotentConsumer:
         self,
         config: Mapping[str, Any],
         topics: Sequence[str],
-        handler: Handler,
+        handler: Handler | None,
         *,
         store: DedupStore,
+        batch_handler: BatchHandler | None = None,
         dlq_topic: Callable[[str], str] | None = None,
         retry: tenacity.Retrying | None = None,
         key_fn: KeyFunction = default_event_id,
@@ -275,6 +284,10 @@ class IdempotentConsumer:
     ) -> None:
         if not config.get("group.id"):
             raise ConfigError("group.id", "the idempotent consumer needs a consumer group (group.id)")
+        if (handler is None) == (batch_handler is None):
+            raise ConfigError("handler", "pass exactly one of handler (per message) or batch_handler (per batch)")
+        if batch_handler is not None and self._atomic_batch:
+            raise ConfigError("batch_handler", "the transactional consumer runs handler(msg, conn) per message")
         if not config.get("bootstrap.servers"):
             raise ConfigError("bootstrap.servers", "is not set")
         if not topics or any(not isinstance(t, str) or not t for t in topics):
@@ -299,7 +312,9 @@ class IdempotentConsumer:
         self._sent: dict[TP, int] = {}  # highest offset sent in an asynchronous commit, per partition
         self._unsettled: dict[TP, int] = {}  # sent asynchronously since the last synchronous commit
         self._topics = list(topics)
-        self._handler = handler
+        self._batch_handler = batch_handler
+        # Per message: the handler, or the batch handler on one message (how a failed batch is retried).
+        self._handler: Handler = handler if handler is not None else _one_at_a_time(batch_handler)  # type: ignore[arg-type]
         self._store = store
         self._batch_store: BatchDedupStore | None = store if isinstance(store, BatchDedupStore) else None
         # One store call per batch: a batch's done records ride on the next batch's claim, and its
@@ -506,7 +521,11 @@ class IdempotentConsumer:
         b.claimed.update(result.claimed)
         try:
             with self._effects():
-                self._walk(entries, b, set(result.done) | self._uncompleted)
+                seen = set(result.done) | self._uncompleted
+                if self._batch_handler is None:
+                    self._walk(entries, b, seen, None if self._atomic_batch else self._handler)
+                else:
+                    self._walk_batched(entries, b, seen, self._batch_handler)
         except Exception as exc:  # the batch did not finish: rewind every partition to its first message
             log.warning("batch effects failed, rewinding the batch's partitions: %s", _reason(exc))
             if self._atomic_batch:  # the transaction rolled back: nothing of the batch happened
@@ -532,18 +551,41 @@ class IdempotentConsumer:
                 b.hold(tp, msg.offset(), self._pause_s, reason)
         b.stats.deferred = len(msgs)
 
-    def _walk(self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str]) -> None:
+    def _walk_batched(
+        self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str], handler: BatchHandler
+    ) -> None:
+        """Run ``handler`` once on the batch's new messages, then decide the batch as :meth:`_walk` does.
+
+        When the batch handler raises, the batch is decided one message at a time instead (the
+        handler on single-message lists, with the retry policy, holds and dead letters of
+        :meth:`_walk`), so one bad message costs the batch's speed, never its neighbours.
+        """
+        fresh = _fresh_messages(entries, seen, b.claimed)
+        if fresh:
+            try:
+                handler(fresh)
+            except Exception as exc:
+                if not isinstance(exc, (RetryLater, ClaimLostError)):
+                    CONSUMER_HANDLER_ERRORS.inc()
+                log.info("batch handler failed on %d messages (%s); one at a time now", len(fresh), _reason(exc))
+                self._walk(entries, b, seen, self._handler)
+                return
+        self._walk(entries, b, seen, _already_done)
+
+    def _walk(
+        self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str], direct: Handler | None
+    ) -> None:
         """Decide every message of the batch in order; a held partition skips the rest of its messages.
 
         ``seen`` starts with the ids already done; ids handled or dead-lettered here join it, so
-        a repeat later in the batch is a duplicate.
+        a repeat later in the batch is a duplicate. ``direct`` runs a new message's first
+        attempt (None: :meth:`_attempt`); failures are retried through :meth:`_attempt`.
         """
         held = b.held
         commit_to = b.commit_to
         stats = b.stats
         done = b.done
         claimed = b.claimed
-        direct = None if self._atomic_batch else self._handler
         attempt = self._attempt
         for msg, event_id, poison in entries:
             tp = (msg.topic(), msg.partition())
@@ -1037,6 +1079,44 @@ class TransactionalIdempotentConsumer(IdempotentConsumer):
 
     def _record_done(self, ids: list[str]) -> None:
         """Nothing to do: the done records committed with the batch's transaction."""
+
+
+def _fresh_messages(
+    entries: list[tuple[Any, str | None, str | None]], seen: set[str], claimed: set[str]
+) -> list[Any]:
+    """The messages :meth:`IdempotentConsumer._walk` hands to a handler that never fails, in order.
+
+    Skipped as there: poison messages, ids already seen (done, or earlier in the batch), and
+    every message of a partition from its first id another worker holds (busy) on.
+    """
+    out: list[Any] = []
+    busy: set[TP] = set()
+    seen = set(seen)
+    for msg, event_id, poison in entries:
+        if poison is not None or event_id is None:
+            continue
+        tp = (msg.topic(), msg.partition())
+        if busy and tp in busy:
+            continue
+        if event_id in seen:
+            continue
+        if event_id not in claimed:
+            busy.add(tp)
+            continue
+        seen.add(event_id)
+        out.append(msg)
+    return out
+
+
+def _already_done(_msg: Any) -> None:
+    """The per-message step after a successful batch handler: its effect is done."""
+
+
+def _one_at_a_time(batch_handler: BatchHandler) -> Handler:
+    def handle(msg: Any) -> None:
+        batch_handler([msg])
+
+    return handle
 
 
 def _check_autocommit(conn: Any) -> None:

@@ -149,7 +149,7 @@ def run_writer(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any
                     delay = next_at - time.monotonic()
                     if delay > 0:
                         stop.wait(delay)
-                    else:
+                    elif delay < -1.0:  # more than a second behind: give up catching up
                         next_at = time.monotonic()
 
     threads = [threading.Thread(target=body, args=(args.seed * 1000 + i,)) for i in range(args.threads)]

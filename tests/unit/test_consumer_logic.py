@@ -532,3 +532,99 @@ def test_idle_and_close_commit_synchronously_and_sync_mode_never_commits_asynchr
         consumer.close()
         assert modes and modes[-1] is False  # close settles synchronously
         assert any(modes) is async_commit
+
+
+def make_batched(kafka: FakeKafka, batch_handler: Callable[[list[Any]], None], **kw: Any) -> IdempotentConsumer:
+    kw.setdefault("producer_factory", FakeProducer())
+    return IdempotentConsumer(
+        {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"},
+        ["t"],
+        None,
+        batch_handler=batch_handler,
+        store=kw.pop("store", None) or MemoryDedupStore(),
+        consumer_factory=kafka,
+        pause_s=0,
+        store_retry=tenacity.Retrying(stop=tenacity.stop_after_attempt(1), reraise=True),
+        **kw,
+    )
+
+
+def test_a_batch_handler_gets_each_batchs_new_messages_once_in_order_without_duplicates() -> None:
+    kafka = FakeKafka(partitions=1)
+    for event_id in ["a", "b", "a", "c", "b"]:
+        kafka.add(0, event_id)
+    batches: list[list[str]] = []
+    consumer = make_batched(kafka, lambda msgs: batches.append([default_event_id(m) or "" for m in msgs]))
+    consumer.poll_once()
+    kafka.add(0, "c")
+    kafka.add(0, "d")
+    consumer.poll_once()
+    consumer.close()
+    assert batches == [["a", "b", "c"], ["d"]]
+    assert consumer.stats.duplicates == 3 and consumer.stats.handled == 4
+    assert kafka.committed_offsets() == {0: 7}
+
+
+def test_a_failed_batch_is_handled_one_message_at_a_time_and_only_the_bad_one_is_dead_lettered() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "good-1")
+    kafka.add(0, "bad", b"boom")
+    kafka.add(0, "good-2")
+    calls: list[list[int]] = []
+    producer = FakeProducer()
+
+    def batch_handler(msgs: list[Any]) -> None:
+        calls.append([m.offset() for m in msgs])
+        if any(m.value() == b"boom" for m in msgs):
+            raise ValueError("boom")
+
+    policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
+    consumer = make_batched(kafka, batch_handler, retry=policy, producer_factory=producer)
+    consumer.poll_once()
+    consumer.close()
+    # The whole batch once, then one message at a time: the bad one twice (the retry policy), then dead-lettered.
+    assert calls == [[0, 1, 2], [0], [1], [1], [2]]
+    assert [dict(s["headers"])["kcons-id"] for s in producer.sent] == [b"bad"]
+    assert consumer.stats.handled == 2 and consumer.stats.dead_lettered == 1
+    assert kafka.committed_offsets() == {0: 3}
+
+
+def test_a_batch_handler_never_gets_messages_behind_a_busy_id_and_retry_later_rewinds_the_batch() -> None:
+    kafka = FakeKafka(partitions=2)
+    kafka.add(0, "busy")
+    kafka.add(0, "after-busy")
+    kafka.add(1, "free-1")
+    kafka.add(1, "free-2")
+    store = MemoryDedupStore()
+    store.claim(["busy"], lease_s=60)  # another worker holds it
+    down = [True]
+    batches: list[list[str]] = []
+
+    def batch_handler(msgs: list[Any]) -> None:
+        if down[0]:
+            raise RetryLater(0, "downstream saturated")
+        batches.append([default_event_id(m) or "" for m in msgs])
+
+    consumer = make_batched(kafka, batch_handler, store=store)
+    consumer.poll_once()  # the batch fails, then its one-at-a-time retry asks to retry later: nothing is done
+    assert batches == [] and kafka.committed_offsets().get(1, 0) == 0
+    assert kafka.position[1] == 0, "rewound to the first message of the partition"
+    down[0] = False
+    consumer.poll_once()
+    assert batches == [["free-1", "free-2"]]
+    store.release(["busy"])
+    consumer.poll_once()
+    consumer.close()
+    assert batches == [["free-1", "free-2"], ["busy", "after-busy"]]
+    assert kafka.committed_offsets() == {0: 2, 1: 2}
+
+
+def test_exactly_one_of_handler_and_batch_handler_is_accepted() -> None:
+    kafka = FakeKafka()
+    for handler, batch_handler in [(None, None), (print, print)]:
+        with pytest.raises(ConfigError) as err:
+            IdempotentConsumer(
+                {"bootstrap.servers": "h:1", "group.id": "g"}, ["t"], handler,
+                batch_handler=batch_handler, store=MemoryDedupStore(), consumer_factory=kafka,
+            )  # fmt: skip
+        assert err.value.setting == "handler"
