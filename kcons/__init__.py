@@ -18,6 +18,7 @@ from kcons.config import KafkaSettings, PostgresSettings, RedisSettings, Setting
 from kcons.consumer import (
     DLQ_REASON_HEADER,
     DLQ_SOURCE_HEADER,
+    BatchHandler,
     BatchStats,
     IdempotentConsumer,
     RetryLater,
@@ -56,6 +57,7 @@ __all__ = [
     "AsyncIdempotentProducer",
     "AsyncTransactionalProcessor",
     "AsyncTransactionalProducer",
+    "BatchHandler",
     "BatchStats",
     "CacheInvalidator",
     "CacheSettings",

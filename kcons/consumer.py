@@ -459,6 +459,11 @@ class IdempotentConsumer:
     # ------------------------------------------------------------------ one batch
 
     def _valid(self, msgs: list[Any]) -> list[Any]:
+        for msg in msgs:
+            if msg.error() is not None:
+                break
+        else:
+            return msgs  # the common case: no error, no copy
         out = []
         for msg in msgs:
             err = msg.error()
@@ -483,8 +488,9 @@ class IdempotentConsumer:
         entries: list[tuple[Any, str | None, str | None]] = []  # msg, event id, poison reason
         append = entries.append
         fallback = 0
-        for msg in msgs:
-            if fast:  # inline the common case of default_event_id: kcons-id is the first header
+        if fast:  # inline the common case of default_event_id: kcons-id is the first header
+            slow: list[int] = []  # positions of the messages default_event_id must read
+            for msg in msgs:
                 headers = msg.headers()
                 if headers:
                     name, value = headers[0]
@@ -493,16 +499,19 @@ class IdempotentConsumer:
                             append((msg, value.decode(), None))
                             continue
                         except UnicodeDecodeError:
-                            pass  # default_event_id below raises the DecodeError
-            try:
-                event_id = key_fn(msg)
-            except Exception as exc:  # an id that cannot be read makes the message poison
-                append((msg, None, _reason(exc)))
-                continue
-            if event_id is None:
-                event_id = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-                fallback += 1
-            append((msg, event_id, None))
+                            pass  # default_event_id raises the DecodeError
+                slow.append(len(entries))
+                append((msg, None, None))
+            if slow:
+                for i in slow:
+                    msg = entries[i][0]
+                    entries[i], missing = self._entry(msg, key_fn)
+                    fallback += missing
+        else:
+            for msg in msgs:
+                entry, missing = self._entry(msg, key_fn)
+                append(entry)
+                fallback += missing
         if fallback:
             stats.fallback_ids = fallback
             CONSUMER_FALLBACK_IDS.inc(fallback)
@@ -520,12 +529,19 @@ class IdempotentConsumer:
         self._store_failing_since = None
         b.claimed.update(result.claimed)
         try:
+            # Every message new (distinct ids, all claimed, none poison): the hot path, without
+            # per-message decisions.
+            all_new = len(result.claimed) == len(entries) and not self._uncompleted
             with self._effects():
                 seen = set(result.done) | self._uncompleted
-                if self._batch_handler is None:
-                    self._walk(entries, b, seen, None if self._atomic_batch else self._handler)
+                if self._batch_handler is not None:
+                    self._walk_batched(entries, b, seen, self._batch_handler, all_new)
+                elif self._atomic_batch:
+                    self._walk(entries, b, seen, None)
+                elif all_new:
+                    self._walk_all_new(entries, b, seen, self._handler)
                 else:
-                    self._walk_batched(entries, b, seen, self._batch_handler)
+                    self._walk(entries, b, seen, self._handler)
         except Exception as exc:  # the batch did not finish: rewind every partition to its first message
             log.warning("batch effects failed, rewinding the batch's partitions: %s", _reason(exc))
             if self._atomic_batch:  # the transaction rolled back: nothing of the batch happened
@@ -543,6 +559,17 @@ class IdempotentConsumer:
         self._finish(b)
         return stats
 
+    @staticmethod
+    def _entry(msg: Any, key_fn: KeyFunction) -> tuple[tuple[Any, str | None, str | None], int]:
+        """``(msg, event id, poison reason)`` by ``key_fn``, and 1 when the id fell back to the message's position."""
+        try:
+            event_id = key_fn(msg)
+        except Exception as exc:  # an id that cannot be read makes the message poison
+            return (msg, None, _reason(exc)), 0
+        if event_id is None:
+            return (msg, f"{msg.topic()}/{msg.partition()}/{msg.offset()}", None), 1
+        return (msg, event_id, None), 0
+
     def _hold_all(self, b: _Batch, msgs: list[Any], reason: str) -> None:
         """Hold every partition of the batch at its first message."""
         for msg in msgs:
@@ -552,7 +579,12 @@ class IdempotentConsumer:
         b.stats.deferred = len(msgs)
 
     def _walk_batched(
-        self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str], handler: BatchHandler
+        self,
+        entries: list[tuple[Any, str | None, str | None]],
+        b: _Batch,
+        seen: set[str],
+        handler: BatchHandler,
+        all_new: bool,
     ) -> None:
         """Run ``handler`` once on the batch's new messages, then decide the batch as :meth:`_walk` does.
 
@@ -560,7 +592,7 @@ class IdempotentConsumer:
         handler on single-message lists, with the retry policy, holds and dead letters of
         :meth:`_walk`), so one bad message costs the batch's speed, never its neighbours.
         """
-        fresh = _fresh_messages(entries, seen, b.claimed)
+        fresh = [e[0] for e in entries] if all_new else _fresh_messages(entries, seen, b.claimed)
         if fresh:
             try:
                 handler(fresh)
@@ -570,16 +602,47 @@ class IdempotentConsumer:
                 log.info("batch handler failed on %d messages (%s); one at a time now", len(fresh), _reason(exc))
                 self._walk(entries, b, seen, self._handler)
                 return
-        self._walk(entries, b, seen, _already_done)
+        if all_new:
+            self._walk_all_new(entries, b, seen, _already_done)
+        else:
+            self._walk(entries, b, seen, _already_done)
+
+    def _walk_all_new(
+        self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str], direct: Handler
+    ) -> None:
+        """:meth:`_walk` for a batch of new messages only: run each, record it done.
+
+        At the first failure the rest of the batch (the failed message first, its attempt
+        counted) goes through :meth:`_walk`.
+        """
+        done = b.done
+        commit_to = b.commit_to
+        for msg, event_id, _ in entries:
+            try:
+                direct(msg)
+            except Exception as exc:
+                handled = len(done)
+                seen.update(done)
+                self._walk(entries[handled:], b, seen, direct, first_error=exc)
+                return
+            done.append(event_id)  # type: ignore[arg-type]  # all new: every id is set
+            commit_to[(msg.topic(), msg.partition())] = msg.offset() + 1
+        b.stats.handled = len(done)
 
     def _walk(
-        self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str], direct: Handler | None
+        self,
+        entries: list[tuple[Any, str | None, str | None]],
+        b: _Batch,
+        seen: set[str],
+        direct: Handler | None,
+        first_error: Exception | None = None,
     ) -> None:
         """Decide every message of the batch in order; a held partition skips the rest of its messages.
 
         ``seen`` starts with the ids already done; ids handled or dead-lettered here join it, so
         a repeat later in the batch is a duplicate. ``direct`` runs a new message's first
         attempt (None: :meth:`_attempt`); failures are retried through :meth:`_attempt`.
+        ``first_error``: the first message's first attempt already ran and raised this.
         """
         held = b.held
         commit_to = b.commit_to
@@ -605,18 +668,22 @@ class IdempotentConsumer:
                 stats.deferred += 1
                 continue
             assert event_id is not None
-            try:
-                if direct is not None:
-                    direct(msg)
-                else:
-                    attempt(msg, event_id)
-            except Exception as exc:
-                outcome = self._after_failure(msg, event_id, exc)
+            if first_error is not None:
+                outcome = self._after_failure(msg, event_id, first_error)
+                first_error = None
             else:
-                done.append(event_id)
-                seen.add(event_id)
-                commit_to[tp] = msg.offset() + 1
-                continue
+                try:
+                    if direct is not None:
+                        direct(msg)
+                    else:
+                        attempt(msg, event_id)
+                except Exception as exc:
+                    outcome = self._after_failure(msg, event_id, exc)
+                else:
+                    done.append(event_id)
+                    seen.add(event_id)
+                    commit_to[tp] = msg.offset() + 1
+                    continue
             if outcome is None:
                 done.append(event_id)
                 seen.add(event_id)

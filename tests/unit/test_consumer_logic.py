@@ -628,3 +628,24 @@ def test_exactly_one_of_handler_and_batch_handler_is_accepted() -> None:
                 batch_handler=batch_handler, store=MemoryDedupStore(), consumer_factory=kafka,
             )  # fmt: skip
         assert err.value.setting == "handler"
+
+
+def test_a_failure_mid_batch_keeps_what_was_done_before_it_and_counts_its_first_attempt() -> None:
+    kafka = FakeKafka(partitions=1)
+    for event_id, value in [("a", b"ok"), ("b", b"boom"), ("c", b"ok")]:
+        kafka.add(0, event_id, value)
+    calls: list[int] = []
+    producer = FakeProducer()
+
+    def handler(msg: Any) -> None:
+        calls.append(msg.offset())
+        if msg.value() == b"boom":
+            raise ValueError("boom")
+
+    policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
+    consumer = make(kafka, handler, retry=policy, producer_factory=producer)
+    consumer.poll_once()
+    consumer.close()
+    assert calls == [0, 1, 1, 2]
+    assert [dict(s["headers"])["kcons-id"] for s in producer.sent] == [b"b"]
+    assert consumer.stats.handled == 2 and kafka.committed_offsets() == {0: 3}
