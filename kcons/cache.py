@@ -816,7 +816,7 @@ class CacheInvalidator:
 
         merged: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
         merged.update(config)
-        kwargs.setdefault("batch_timeout_s", 0.01)
+        kwargs.setdefault("batch_timeout_s", 0.05)
         return IdempotentConsumer(
             merged,
             topics,

@@ -247,6 +247,9 @@ class IdempotentConsumer:
 
     Claims are taken per batch, so ``lease_s`` should exceed the time one batch takes to
     handle; a slower batch lets another worker take its ids over (handled twice, never lost).
+    A batch is up to ``batch_size`` messages: after waiting up to ``batch_timeout_s`` for the
+    first one, whatever is already fetched (never waiting for more), so latency stays at one
+    batch's handling time and batches grow by themselves under load.
     ``pause_s`` is how long a partition stays paused after it was rewound (busy id, store
     outage, failed dead-letter write). With ``async_commit`` (the default) the offsets of a
     finished batch are committed without waiting for the broker (a failed commit is merged
@@ -366,7 +369,15 @@ class IdempotentConsumer:
             raise KconsError("the consumer is closed")
         self._resume_due()
         self._retry_leftovers()
-        msgs = self._consumer.consume(self._batch_size, self._batch_timeout_s)
+        # Wait for the first message only, then take what is already fetched: a batch never waits
+        # to fill up (latency), and grows by itself while the previous one was being handled.
+        first = self._consumer.poll(self._batch_timeout_s)
+        if first is None:
+            msgs: list[Any] = []
+        elif self._batch_size > 1:
+            msgs = [first, *self._consumer.consume(self._batch_size - 1, 0)]
+        else:
+            msgs = [first]
         if not msgs:
             self._flush()
             return 0

@@ -94,6 +94,10 @@ class FakeKafka:
                 self.position[p] += 1
         return out
 
+    def poll(self, timeout: float) -> FakeMessage | None:
+        got = self.consume(1, timeout)
+        return got[0] if got else None
+
     def seek(self, tp: Any) -> None:
         self.position[tp.partition] = tp.offset
 
