@@ -68,7 +68,8 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
 @click.option("--poll-interval", type=float, help="Polling fallback in seconds ($KCONS_OUTBOX_POLL_INTERVAL_S).")
 @click.option("--retention", type=float, help="Keep published rows this many seconds (default: delete them).")
 @click.option("--lease-ttl", type=float, help="Leader lease TTL in seconds ($KCONS_OUTBOX_LEASE_TTL_S, default 10).")
-@click.option("--metrics-port", type=int, help="Serve /metrics and /healthz on this port ($KCONS_OUTBOX_METRICS_PORT).")
+@click.option("--metrics-port", type=int, help="Serve /metrics and /healthz on this port "
+              "($KCONS_OUTBOX_METRICS_PORT, else $KCONS_METRICS_PORT).")
 @click.option("--metrics-host", help="Address for /metrics (default 127.0.0.1).")
 @click.option(
     "--lease-backend", type=click.Choice(["advisory", "raft"]),

@@ -131,7 +131,15 @@ class RelaySettings:
             else:
                 kafka = base
         retention_raw = env_str("KCONS_OUTBOX_RETENTION_S", None, env)
-        port_raw = env_str("KCONS_OUTBOX_METRICS_PORT", None, env)
+        # The relay's own names win; KCONS_METRICS_PORT/HOST are what every kcons service reads.
+        port_name, host_name = (
+            own if env_str(own, None, env) else shared
+            for own, shared in (
+                ("KCONS_OUTBOX_METRICS_PORT", "KCONS_METRICS_PORT"),
+                ("KCONS_OUTBOX_METRICS_HOST", "KCONS_METRICS_HOST"),
+            )
+        )
+        port_raw = env_str(port_name, None, env)
         values: dict[str, Any] = {
             "table": env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE, env),
             "name": env_str("KCONS_OUTBOX_NAME", "default", env),
@@ -145,8 +153,8 @@ class RelaySettings:
             "lease_ttl_s": env_float("KCONS_OUTBOX_LEASE_TTL_S", 10.0, minimum=1.0, environ=env),
             "ack_timeout_s": env_float("KCONS_OUTBOX_ACK_TIMEOUT_S", 30.0, minimum=0.1, environ=env),
             "retry_max_s": env_float("KCONS_OUTBOX_RETRY_MAX_S", 60.0, minimum=0.0, environ=env),
-            "metrics_port": env_int("KCONS_OUTBOX_METRICS_PORT", 0, minimum=0, environ=env) if port_raw else None,
-            "metrics_host": env_str("KCONS_OUTBOX_METRICS_HOST", "127.0.0.1", env),
+            "metrics_port": env_int(port_name, 0, minimum=0, maximum=65535, environ=env) if port_raw else None,
+            "metrics_host": env_str(host_name, "127.0.0.1", env),
         }
         holder = env_str("KCONS_OUTBOX_HOLDER", None, env)
         if holder:

@@ -35,6 +35,7 @@ def test_flags_override_the_environment() -> None:
         ("KCONS_OUTBOX_LEASE_TTL_S", "0.1"),
         ("KCONS_OUTBOX_RETENTION_S", "-1"),
         ("KCONS_OUTBOX_METRICS_PORT", "70000"),
+        ("KCONS_METRICS_PORT", "70000"),
     ],
 )
 def test_bad_values_name_their_setting(name: str, value: str) -> None:
@@ -54,3 +55,11 @@ def test_missing_connection_settings_are_named(missing: str) -> None:
 def test_repr_hides_the_database_password() -> None:
     s = RelaySettings(dsn=BASE["KCONS_POSTGRES_DSN"], kafka=KafkaSettings("k:9092"))
     assert "s3cret" not in repr(s) and "***" in repr(s)
+
+
+def test_the_relay_reads_the_shared_metrics_address_unless_its_own_is_set() -> None:
+    shared = RelaySettings.from_env({**BASE, "KCONS_METRICS_PORT": "9400", "KCONS_METRICS_HOST": "0.0.0.0"})
+    assert (shared.metrics_port, shared.metrics_host) == (9400, "0.0.0.0")
+    own = RelaySettings.from_env({**BASE, "KCONS_METRICS_PORT": "9400", "KCONS_OUTBOX_METRICS_PORT": "9401"})
+    assert (own.metrics_port, own.metrics_host) == (9401, "127.0.0.1")
+    assert RelaySettings.from_env(BASE).metrics_port is None
