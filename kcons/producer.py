@@ -131,49 +131,61 @@ def check_producer_config(config: Mapping[str, Any], *, transactional: bool) -> 
 _HEX3 = tuple(f"{i:03x}".encode() for i in range(0x1000))
 
 
-class _EventIds:
-    """UUIDv7 text ids, unique within the process and increasing within each thread, cheap enough for every message.
+def _event_id_source() -> Callable[[], bytes]:
+    """Build the generator of UUIDv7 text ids: unique within the process, increasing within each thread.
 
     Same layout as :func:`kcons.envelope.uuid7`: 48-bit Unix milliseconds, version 7, a 12-bit
     sequence within the millisecond, variant bits and 62 random bits. The random bits are drawn
-    once per millisecond (the sequence keeps ids of one millisecond apart), and the text around
-    the sequence is built once per millisecond. The fast path takes no lock: the millisecond's
-    text and its sequence counter live in one immutable tuple swapped as a whole, and
-    ``next()`` on an ``itertools.count`` is atomic, so two threads never draw the same
-    sequence number of one millisecond. Only the start of a new millisecond takes the lock.
+    once per millisecond (the sequence keeps ids of one millisecond apart), and so is the text
+    around the sequence. Each millisecond gets a C-level iterator over its 4096 ids (``map``
+    of ``bytes.join`` over ``zip``), so that drawing one id costs one clock read and one
+    ``next()``: about half of what building the text per call in Python cost. The fast path
+    takes no lock: the millisecond's end (in ns) and its iterator live in one immutable tuple
+    swapped as a whole, and ``next()`` on that iterator runs in C under the GIL, so two
+    threads never draw the same id. Only the start of a new millisecond takes the lock; when
+    the 4096 ids of one millisecond are used up, the next millisecond is borrowed, as in uuid7.
     """
+    lock = threading.Lock()
+    join = b"".join
+    repeat = itertools.repeat
+    # (end of the millisecond in ns since the epoch, the millisecond, the iterator over its remaining ids)
+    state: tuple[int, int, Iterator[bytes]] = (0, -1, iter(()))
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state: tuple[int, bytes, bytes, itertools.count[int]] = (-1, b"", b"", itertools.count(0x1000))
-
-    def next(self) -> bytes:
-        ms, head, tail, seq = self._state
-        now = time.time_ns() // 1_000_000
-        n = next(seq)
-        if now > ms or n > 0xFFF:
-            return self._next_millisecond(now)
-        return head + _HEX3[n] + tail
-
-    def _next_millisecond(self, now: int) -> bytes:
-        with self._lock:
-            ms, head, tail, seq = self._state
-            if now <= ms:  # another thread moved on already, or the clock went back: stay in order
-                n = next(seq)
-                if n <= 0xFFF:
-                    return head + _HEX3[n] + tail
-                now = ms + 1  # the sequence ran out: borrow the next millisecond, as uuid7 does
+    def new_millisecond(now_ns: int) -> bytes:
+        nonlocal state
+        with lock:
+            end, ms, ids = state
+            if now_ns < end:  # another thread moved on already, or the clock went back: stay in order
+                first = next(ids, None)
+                if first is not None:
+                    return first
+                now = ms + 1  # the sequence ran out: borrow the next millisecond
+            else:
+                now = max(now_ns // 1_000_000, ms + 1)
             rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
             low = 0b10 << 62 | rand  # variant + 62 random bits: 16 hex digits
             ms48 = now & 0xFFFFFFFFFFFF
             head = f"{ms48 >> 16:08x}-{ms48 & 0xFFFF:04x}-7".encode()
             tail = f"-{low >> 48:04x}-{low & 0xFFFFFFFFFFFF:012x}".encode()
-            self._state = (now, head, tail, itertools.count(1))
-            return head + _HEX3[0] + tail
+            ids = map(join, zip(repeat(head), _HEX3, repeat(tail), strict=False))
+            first = next(ids)
+            state = ((now + 1) * 1_000_000, now, ids)
+            return first
+
+    def fast_event_id(_time_ns: Callable[[], int] = time.time_ns, _next: Any = next) -> bytes:
+        """Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""
+        end, _, ids = state
+        now_ns = _time_ns()
+        if now_ns < end:
+            event_id: bytes | None = _next(ids, None)
+            if event_id is not None:
+                return event_id
+        return new_millisecond(now_ns)
+
+    return fast_event_id
 
 
-_event_ids = _EventIds()
-fast_event_id = _event_ids.next
+fast_event_id = _event_id_source()
 """Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""
 
 

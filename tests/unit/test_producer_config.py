@@ -120,6 +120,36 @@ def test_event_ids_from_many_threads_are_unique_and_increase_within_each_thread(
         assert out == sorted(out)
 
 
+def test_event_ids_follow_the_clock_borrow_ahead_when_it_stands_still_and_stay_in_order_when_it_goes_back() -> None:
+    from kcons.producer import _event_id_source
+
+    gen = _event_id_source()
+    now = [1_700_000_000_123_456_789]
+
+    def clock() -> int:
+        return now[0]
+
+    def ms_of(raw: bytes) -> int:
+        return uuid.UUID(raw.decode()).int >> 80
+
+    first = gen(clock)
+    assert ms_of(first) == now[0] // 1_000_000
+    same_ms = [gen(clock) for _ in range(5000)]  # more than the 4096 sequence numbers of one millisecond
+    assert ms_of(same_ms[4094]) == now[0] // 1_000_000
+    assert ms_of(same_ms[-1]) == now[0] // 1_000_000 + 1  # borrowed the next millisecond
+    now[0] -= 5_000_000  # the clock goes back 5 ms
+    back = [gen(clock) for _ in range(10)]
+    now[0] += 20_000_000  # and then well ahead
+    ahead = gen(clock)
+    assert ms_of(ahead) == now[0] // 1_000_000
+    everything = [first, *same_ms, *back, ahead]
+    assert everything == sorted(everything)
+    assert len(set(everything)) == len(everything)
+    for raw in everything[::997]:
+        parsed = uuid.UUID(raw.decode())
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed).encode() == raw
+
+
 def test_a_bare_system_error_from_flush_is_read_as_the_fatal_error_reported_before_it() -> None:
     producer = IdempotentProducer(dict(BASE), close_timeout_s=1.0)
     bare = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an exception")
