@@ -7,7 +7,15 @@ sends the commit after the batch's effects and goes on (its ``async_commit``), s
 waiting for every commit (the raw consumer with ``asynchronous=False``, kcons with
 ``async_commit=False``). Throughput is measured from the first to the last message (group
 join excluded). Rounds alternate the order of the variants and the median of each is
-reported; ``ratio`` = Redis store / baseline.
+reported; ``ratio`` = Redis store / baseline. ``cpu_us_per_msg`` is this process's CPU time
+(Python and librdkafka's threads) per message over the whole run, the steadier measure of cost.
+
+Every variant gets ``fetch.queue.backoff.ms=--fetch-queue-backoff-ms`` (10 by default;
+``-1`` keeps librdkafka's 1,000 ms). librdkafka compares the *whole* consumer queue with
+``queued.min.messages`` before fetching a partition, and at its default backoff a raw consumer
+that drained the prefetched messages then received nothing for 200-750 ms (seen on this
+benchmark's topic in about one run of three: 149k msgs/s against 0.5-1.1 M without the stall),
+which measured librdkafka's backoff instead of the consumers.
 
     python bench/consumer.py [--messages 200000] [--rounds 3] [--batch-size 500] [--partitions 4]
 """
@@ -18,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import sys
 import time
@@ -63,8 +72,13 @@ def fill(bootstrap: str, topic: str, messages: int, value_size: int) -> None:
         raise RuntimeError("could not produce the benchmark data")
 
 
+#: Consumer settings every variant shares (set from the command line).
+SHARED_CONFIG: dict[str, Any] = {}
+
+
 def consumer_config(bootstrap: str) -> dict[str, Any]:
     return {
+        **SHARED_CONFIG,
         "bootstrap.servers": bootstrap,
         "group.id": f"bench-{uuid.uuid4().hex[:10]}",
         "auto.offset.reset": "earliest",
@@ -134,7 +148,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--value-size", type=int, default=100)
+    parser.add_argument("--fetch-queue-backoff-ms", type=int, default=10, help="-1: librdkafka's default")
     args = parser.parse_args()
+    if args.fetch_queue_backoff_ms >= 0:
+        SHARED_CONFIG["fetch.queue.backoff.ms"] = args.fetch_queue_backoff_ms
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import redis
 
@@ -167,17 +184,27 @@ def main() -> int:
             ),
         }
         results: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}
         order = list(variants)
         for r in range(args.rounds):
             for name in order[r % len(order) :] + order[: r % len(order)]:
+                before = resource.getrusage(resource.RUSAGE_SELF)
                 rate = variants[name]()
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                 results[name].append(rate)
-                log.warning("round %d %s: %.0f msgs/s", r + 1, name, rate)
+                cpu[name].append(used / args.messages * 1e6)
+                log.warning("round %d %s: %.0f msgs/s, %.2f us CPU/msg", r + 1, name, rate, cpu[name][-1])
         client.close()
 
     median = {name: statistics.median(rates) for name, rates in results.items()}
+
     def side(name: str) -> dict[str, Any]:
-        return {"msgs_per_s": round(median[name]), "rounds": [round(x) for x in results[name]]}
+        return {
+            "msgs_per_s": round(median[name]),
+            "rounds": [round(x) for x in results[name]],
+            "cpu_us_per_msg": round(statistics.median(cpu[name]), 2),
+        }
 
     def ratio(name: str, base: str) -> float:
         return round(median[name] / median[base], 3)
@@ -201,6 +228,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "partitions": args.partitions,
         "value_size": args.value_size,
+        "shared_consumer_config": SHARED_CONFIG,
         "handler": "count messages and bytes",
         "commit": "once per batch; ratio: both sides send it without waiting; sync_commit: both wait",
         "load_average_1m": round(os.getloadavg()[0], 1),
