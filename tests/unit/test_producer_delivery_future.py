@@ -86,3 +86,30 @@ def test_concurrent_futures_wait_and_asyncio_wrap_future_work() -> None:
         return await asyncio.wrap_future(fut)
 
     assert asyncio.run(awaited()) == "x"
+
+
+def test_the_future_is_its_own_delivery_callback_and_hands_the_report_over_once() -> None:
+    reports: list[tuple[Any, Any, Any]] = []
+
+    def deliver(fut: DeliveryFuture, err: Any, msg: Any) -> None:
+        reports.append((fut, err, msg))
+        fut.set_result(msg)
+
+    fut = DeliveryFuture(deliver)
+    fut(None, "msg")  # type: ignore[arg-type]
+    fut(None, "again")  # type: ignore[arg-type]  # a second report is ignored
+    assert reports == [(fut, None, "msg")] and fut.result(0) == "msg"
+    assert fut._deliver is None, "the producer is released once delivered"
+
+
+def test_waiter_and_callback_lists_appear_on_first_use_only() -> None:
+    fut = DeliveryFuture()
+    assert "_lazy_waiters" not in fut.__dict__ and "_lazy_done_callbacks" not in fut.__dict__
+    seen: list[Any] = []
+    fut.add_done_callback(lambda f: seen.append(f.result()))
+    other = DeliveryFuture()
+    threading.Timer(0.05, lambda: fut.set_result("a")).start()  # type: ignore[arg-type]
+    threading.Timer(0.1, lambda: other.set_result("b")).start()  # type: ignore[arg-type]
+    done = [f.result() for f in concurrent.futures.as_completed([fut, other], timeout=5)]
+    assert done == ["a", "b"] and seen == ["a"]
+    assert fut._waiters == [] and other._waiters == [], "as_completed removed its waiters"
