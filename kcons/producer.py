@@ -404,9 +404,34 @@ class IdempotentProducer:
         exception"); the fatal error reached :meth:`_on_error` first, so it names the cause.
         """
         kexc = _kafka_exception_of(exc)
+        if kexc is None and self._fatal is None and isinstance(exc, SystemError):
+            kexc = self._probe_fatal()
         if kexc is None and self._fatal is not None:
             kexc = KafkaException(self._fatal)
         return kexc
+
+    def _probe_fatal(self) -> KafkaException | None:
+        """After a bare SystemError with no error reported yet: ask librdkafka whether the producer failed.
+
+        Serves the error queue once (the fatal error's report may still be queued, behind the
+        callback that lost the exception); in a transaction, ``begin_transaction`` is then
+        asked too: librdkafka answers it with the fatal or abortable error the transaction is
+        in, and with a harmless "in transaction" state error otherwise (it begins nothing).
+        """
+        with contextlib.suppress(KafkaException, SystemError, RuntimeError):
+            self.raw.poll(0)
+        if self._fatal is not None or not self._transaction_open():
+            return None
+        try:
+            self.raw.begin_transaction()
+        except KafkaException as probe:
+            err = probe.args[0] if probe.args else None
+            if isinstance(err, KafkaError) and (err.fatal() or err.txn_requires_abort()):
+                log.warning("a bare SystemError from confluent-kafka; the transaction is in error: %s", err.str())
+                return probe
+        except (SystemError, RuntimeError):
+            return None
+        return None
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
