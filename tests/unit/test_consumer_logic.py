@@ -187,6 +187,17 @@ def make(kafka: FakeKafka, handler: Callable[[Any], None], store: Any = None, **
     )
 
 
+def failing_on_boom(calls: list[int]) -> Callable[[Any], None]:
+    """A handler that records each attempt's offset and fails on the value b"boom"."""
+
+    def handler(msg: Any) -> None:
+        calls.append(msg.offset())
+        if msg.value() == b"boom":
+            raise ValueError("boom")
+
+    return handler
+
+
 def test_default_event_id_reads_kcons_and_debezium_headers_and_rejects_bad_bytes() -> None:
     assert default_event_id(FakeMessage("t", 0, 0, b"", [("kcons-id", b"abc")])) == "abc"
     assert default_event_id(FakeMessage("t", 0, 0, b"", [("id", b'"dbz-1"')])) == "dbz-1"
@@ -284,11 +295,7 @@ def test_the_failed_first_attempt_counts_toward_the_retry_policy_then_the_messag
     kafka.add(0, "good")
     calls: list[int] = []
     producer = FakeProducer()
-
-    def handler(msg: Any) -> None:
-        calls.append(msg.offset())
-        if msg.value() == b"boom":
-            raise ValueError("boom")
+    handler = failing_on_boom(calls)
 
     policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none(), reraise=True)
     consumer = make(kafka, handler, retry=policy, producer_factory=producer)
@@ -640,11 +647,7 @@ def test_a_failure_mid_batch_keeps_what_was_done_before_it_and_counts_its_first_
         kafka.add(0, event_id, value)
     calls: list[int] = []
     producer = FakeProducer()
-
-    def handler(msg: Any) -> None:
-        calls.append(msg.offset())
-        if msg.value() == b"boom":
-            raise ValueError("boom")
+    handler = failing_on_boom(calls)
 
     policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
     consumer = make(kafka, handler, retry=policy, producer_factory=producer)
