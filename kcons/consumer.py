@@ -351,6 +351,7 @@ class IdempotentConsumer:
         self._unreleased: set[str] = set()  # claims whose release failed; retried
         self._uncompleted: set[str] = set()  # handled ids whose completion failed; retried, treated as done
         self._stopping = threading.Event()
+        self._rebalances = 0  # revocations and losses seen (a batch read across one is filtered)
         self._closed = False
         self._store_failing_since: float | None = None
         self.stats = BatchStats()
@@ -375,7 +376,10 @@ class IdempotentConsumer:
         if first is None:
             msgs: list[Any] = []
         elif self._batch_size > 1:
+            rebalances = self._rebalances
             msgs = [first, *self._consumer.consume(self._batch_size - 1, 0)]
+            if self._rebalances != rebalances:  # revoked between the two calls: drop what is no longer ours
+                msgs = self._still_ours(msgs)
         else:
             msgs = [first]
         if not msgs:
@@ -601,15 +605,26 @@ class IdempotentConsumer:
 
         When the batch handler raises, the batch is decided one message at a time instead (the
         handler on single-message lists, with the retry policy, holds and dead letters of
-        :meth:`_walk`), so one bad message costs the batch's speed, never its neighbours.
+        :meth:`_walk`), so one bad message costs the batch's speed, never its neighbours; the
+        messages the failed call had already applied are applied again (at-least-once). A
+        RetryLater or ClaimLostError from the batch holds every partition at its first new
+        message instead (back-pressure: nothing is retried at once).
         """
         fresh = [e[0] for e in entries] if all_new else _fresh_messages(entries, seen, b.claimed)
         if fresh:
             try:
                 handler(fresh)
+            except (RetryLater, ClaimLostError) as exc:
+                pause_s = exc.retry_after_s if isinstance(exc, RetryLater) else self._pause_s
+                reason = "retry_later" if isinstance(exc, RetryLater) else "claim_lost"
+                for msg in fresh:
+                    tp = (msg.topic(), msg.partition())
+                    if tp not in b.held:
+                        b.hold(tp, msg.offset(), pause_s, reason)
+                self._walk(entries, b, seen, self._handler)  # decides what precedes the holds
+                return
             except Exception as exc:
-                if not isinstance(exc, (RetryLater, ClaimLostError)):
-                    CONSUMER_HANDLER_ERRORS.inc()
+                CONSUMER_HANDLER_ERRORS.inc()
                 log.info("batch handler failed on %d messages (%s); one at a time now", len(fresh), _reason(exc))
                 self._walk(entries, b, seen, self._handler)
                 return
@@ -1060,6 +1075,7 @@ class IdempotentConsumer:
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Commit what is done for the revoked partitions and forget their pauses."""
         log.info("revoked %s", _describe(partitions))
+        self._rebalances += 1
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         try:
             self._flush()
@@ -1070,6 +1086,7 @@ class IdempotentConsumer:
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         """Partitions were lost (session expired): nothing can be committed for them any more."""
         log.warning("lost %s", _describe(partitions))
+        self._rebalances += 1
         lost = {(tp.topic, tp.partition) for tp in partitions}
         if self._deferred_done:  # the effects happened: record them, but commit nothing for lost partitions
             done, self._deferred_done = self._deferred_done, []
@@ -1077,6 +1094,14 @@ class IdempotentConsumer:
         self._deferred_offsets = {tp: o for tp, o in self._deferred_offsets.items() if tp not in lost}
         self._ready_offsets = {tp: o for tp, o in self._ready_offsets.items() if tp not in lost}
         self._forget(lost)
+
+    def _still_ours(self, msgs: list[Any]) -> list[Any]:
+        """The messages of partitions still assigned (the others' new owner reads them from the committed offset)."""
+        try:
+            assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        except (KafkaException, RuntimeError):
+            return msgs  # unknown assignment: keep them all (a revoked one is a duplicate at worst)
+        return [m for m in msgs if m.error() is not None or (m.topic(), m.partition()) in assigned]
 
     def _forget(self, partitions: set[TP]) -> None:
         for tp in partitions:

@@ -240,6 +240,10 @@ class DeliveryFuture(Future[Message]):
         if deliver is not None:
             deliver(self, err, msg)
 
+    def release(self) -> None:
+        """Drop the link to the producer (it failed this future without a report, or closed)."""
+        self._deliver = None
+
     @property
     def _waiters(self) -> list[Any]:  # type: ignore[override]
         return self._lazy_list("_lazy_waiters")
@@ -396,7 +400,7 @@ class IdempotentProducer:
             shown = {k: v for k, v in redact_config(self._config).items() if not callable(v)}
             raise ConfigError("producer config", f"{exc} (config: {shown})") from None
 
-    def _kafka_exception_behind(self, exc: BaseException) -> KafkaException | None:
+    def _kafka_exception_behind(self, exc: BaseException, *, probe: bool = False) -> KafkaException | None:
         """The Kafka error behind a failed ``poll``/``flush``: in the exception chain, else the fatal one reported.
 
         When a fatal error is raised while delivery callbacks run, confluent-kafka can also lose
@@ -404,7 +408,7 @@ class IdempotentProducer:
         exception"); the fatal error reached :meth:`_on_error` first, so it names the cause.
         """
         kexc = _kafka_exception_of(exc)
-        if kexc is None and self._fatal is None and isinstance(exc, SystemError):
+        if kexc is None and self._fatal is None and probe and isinstance(exc, SystemError):
             kexc = self._probe_fatal()
         if kexc is None and self._fatal is not None:
             kexc = KafkaException(self._fatal)
@@ -417,6 +421,8 @@ class IdempotentProducer:
         callback that lost the exception); in a transaction, ``begin_transaction`` is then
         asked too: librdkafka answers it with the fatal or abortable error the transaction is
         in, and with a harmless "in transaction" state error otherwise (it begins nothing).
+        Only the thread that runs the transaction probes (from its commit's flush), so
+        librdkafka is in that transaction; should the probe begin one anyway, it is aborted.
         """
         with contextlib.suppress(KafkaException, SystemError, RuntimeError):
             self.raw.poll(0)
@@ -424,6 +430,9 @@ class IdempotentProducer:
             return None
         try:
             self.raw.begin_transaction()
+            with contextlib.suppress(KafkaException, SystemError, RuntimeError):
+                self.raw.abort_transaction(5.0)  # nothing was produced in it
+            return None
         except KafkaException as probe:
             err = probe.args[0] if probe.args else None
             if isinstance(err, KafkaError) and (err.fatal() or err.txn_requires_abort()):
@@ -531,18 +540,17 @@ class IdempotentProducer:
         # with a fatal error already pending, every C call in here fails, and close() must fail it later.
         if err is None:
             self._delivered += 1
-            fut.set_result(msg)
+            with contextlib.suppress(InvalidStateError):  # cancelled by its caller (e.g. asyncio)
+                fut.set_result(msg)
         else:
             self._failures_since_begin += 1
             cls = classify_kafka_error(err)
             metrics.PRODUCE_ERRORS.labels(cls.value).inc()
             if cls in (ErrorClass.FATAL, ErrorClass.FENCED):
                 self._fatal = err
-            fut.set_exception(
-                DeliveryError(
-                    f"delivery to {msg.topic()} failed: {err.str()} ({err.name()})", code=err.code(), name=err.name()
-                )
-            )
+            reason = f"delivery to {msg.topic()} failed: {err.str()} ({err.name()})"
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(DeliveryError(reason, code=err.code(), name=err.name()))
         self._pending.discard(fut)
         if user_cb is not None:
             try:
@@ -611,8 +619,11 @@ class IdempotentProducer:
         """Fail the futures of messages that will never get a delivery report (closed or replaced producer)."""
         pending, self._pending = self._pending, set()
         for fut in pending:
+            if isinstance(fut, DeliveryFuture):
+                fut.release()
             if not fut.done():
-                fut.set_exception(DeliveryError(reason))
+                with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                    fut.set_exception(DeliveryError(reason))
 
     @property
     def closed(self) -> bool:
@@ -864,7 +875,7 @@ class TransactionalProducer(IdempotentProducer):
         try:
             remaining = int(self.raw.flush(self.commit_timeout_s))
         except (KafkaException, SystemError) as exc:
-            kexc = self._kafka_exception_behind(exc)
+            kexc = self._kafka_exception_behind(exc, probe=True)
             if kexc is None:
                 raise
             self._end_failed(kexc, "flush before commit")

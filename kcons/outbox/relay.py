@@ -131,15 +131,7 @@ class RelaySettings:
             else:
                 kafka = base
         retention_raw = env_str("KCONS_OUTBOX_RETENTION_S", None, env)
-        # The relay's own names win; KCONS_METRICS_PORT/HOST are what every kcons service reads.
-        port_name, host_name = (
-            own if env_str(own, None, env) else shared
-            for own, shared in (
-                ("KCONS_OUTBOX_METRICS_PORT", "KCONS_METRICS_PORT"),
-                ("KCONS_OUTBOX_METRICS_HOST", "KCONS_METRICS_HOST"),
-            )
-        )
-        port_raw = env_str(port_name, None, env)
+        metrics_port, metrics_host = _metrics_address(env)
         values: dict[str, Any] = {
             "table": env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE, env),
             "name": env_str("KCONS_OUTBOX_NAME", "default", env),
@@ -153,14 +145,27 @@ class RelaySettings:
             "lease_ttl_s": env_float("KCONS_OUTBOX_LEASE_TTL_S", 10.0, minimum=1.0, environ=env),
             "ack_timeout_s": env_float("KCONS_OUTBOX_ACK_TIMEOUT_S", 30.0, minimum=0.1, environ=env),
             "retry_max_s": env_float("KCONS_OUTBOX_RETRY_MAX_S", 60.0, minimum=0.0, environ=env),
-            "metrics_port": env_int(port_name, 0, minimum=0, maximum=65535, environ=env) if port_raw else None,
-            "metrics_host": env_str(host_name, "127.0.0.1", env),
+            "metrics_port": metrics_port,
+            "metrics_host": metrics_host,
         }
         holder = env_str("KCONS_OUTBOX_HOLDER", None, env)
         if holder:
             values["holder"] = holder
         values.update(given)
         return cls(dsn=dsn, kafka=kafka, **values)
+
+
+def _metrics_address(env: Mapping[str, str] | None) -> tuple[int | None, str]:
+    """The relay's /metrics port (None: off) and host.
+
+    ``KCONS_OUTBOX_METRICS_PORT``/``_HOST`` when that port is set (0: any free port); else the
+    ``KCONS_METRICS_PORT``/``_HOST`` that every kcons service reads, where 0 or unset means off.
+    """
+    if env_str("KCONS_OUTBOX_METRICS_PORT", None, env) is not None:
+        port = env_int("KCONS_OUTBOX_METRICS_PORT", 0, minimum=0, maximum=65535, environ=env)
+        return port, env_str("KCONS_OUTBOX_METRICS_HOST", None, env) or "127.0.0.1"
+    shared = env_int("KCONS_METRICS_PORT", 0, minimum=0, maximum=65535, environ=env)
+    return (shared or None), env_str("KCONS_METRICS_HOST", None, env) or "127.0.0.1"
 
 
 def _is_transient(exc: BaseException) -> bool:

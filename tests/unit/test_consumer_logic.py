@@ -609,16 +609,18 @@ def test_a_batch_handler_never_gets_messages_behind_a_busy_id_and_retry_later_re
     store = MemoryDedupStore()
     store.claim(["busy"], lease_s=60)  # another worker holds it
     down = [True]
+    calls = [0]
     batches: list[list[str]] = []
 
     def batch_handler(msgs: list[Any]) -> None:
+        calls[0] += 1
         if down[0]:
             raise RetryLater(0, "downstream saturated")
         batches.append([default_event_id(m) or "" for m in msgs])
 
     consumer = make_batched(kafka, batch_handler, store=store)
-    consumer.poll_once()  # the batch fails, then its one-at-a-time retry asks to retry later: nothing is done
-    assert batches == [] and kafka.committed_offsets().get(1, 0) == 0
+    consumer.poll_once()  # the batch asks to retry later: held whole, not retried message by message
+    assert calls == [1] and batches == [] and kafka.committed_offsets().get(1, 0) == 0
     assert kafka.position[1] == 0, "rewound to the first message of the partition"
     down[0] = False
     consumer.poll_once()
@@ -656,3 +658,37 @@ def test_a_failure_mid_batch_keeps_what_was_done_before_it_and_counts_its_first_
     assert calls == [0, 1, 1, 2]
     assert [dict(s["headers"])["kcons-id"] for s in producer.sent] == [b"b"]
     assert consumer.stats.handled == 2 and kafka.committed_offsets() == {0: 3}
+
+
+def test_messages_of_a_partition_revoked_between_poll_and_consume_are_not_handled() -> None:
+    from confluent_kafka import TopicPartition
+
+    class RevokingKafka(FakeKafka):
+        """Revokes partition 1 while the second read of a batch runs."""
+
+        def __init__(self) -> None:
+            super().__init__(partitions=2)
+            self.revoke_next_consume = False
+
+        def consume(self, n: int, timeout: float) -> list[FakeMessage]:
+            out = super().consume(n, timeout)
+            if self.revoke_next_consume and n > 1:
+                self.revoke_next_consume = False
+                self.callbacks["on_revoke"](self, [TopicPartition("t", 1)])
+                del self.logs[1]
+            return out
+
+        def poll(self, timeout: float) -> FakeMessage | None:
+            got = super().consume(1, timeout)
+            self.revoke_next_consume = True
+            return got[0] if got else None
+
+    kafka = RevokingKafka()
+    kafka.add(0, "a")
+    kafka.add(1, "b")
+    seen: list[str] = []
+    consumer = make(kafka, lambda m: seen.append(default_event_id(m) or ""))
+    consumer.poll_once()
+    consumer.close()
+    assert seen == ["a"], "the revoked partition's message is left to its new owner"
+    assert kafka.committed_offsets() == {0: 1}

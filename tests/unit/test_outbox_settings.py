@@ -60,6 +60,9 @@ def test_repr_hides_the_database_password() -> None:
 def test_the_relay_reads_the_shared_metrics_address_unless_its_own_is_set() -> None:
     shared = RelaySettings.from_env({**BASE, "KCONS_METRICS_PORT": "9400", "KCONS_METRICS_HOST": "0.0.0.0"})
     assert (shared.metrics_port, shared.metrics_host) == (9400, "0.0.0.0")
-    own = RelaySettings.from_env({**BASE, "KCONS_METRICS_PORT": "9400", "KCONS_OUTBOX_METRICS_PORT": "9401"})
-    assert (own.metrics_port, own.metrics_host) == (9401, "127.0.0.1")
+    own = RelaySettings.from_env(
+        {**BASE, "KCONS_METRICS_PORT": "9400", "KCONS_METRICS_HOST": "0.0.0.0", "KCONS_OUTBOX_METRICS_PORT": "9401"}
+    )
+    assert (own.metrics_port, own.metrics_host) == (9401, "127.0.0.1"), "host and port come from one source"
     assert RelaySettings.from_env(BASE).metrics_port is None
+    assert RelaySettings.from_env({**BASE, "KCONS_METRICS_PORT": "0"}).metrics_port is None, "0 is off, as elsewhere"

@@ -113,3 +113,20 @@ def test_waiter_and_callback_lists_appear_on_first_use_only() -> None:
     done = [f.result() for f in concurrent.futures.as_completed([fut, other], timeout=5)]
     assert done == ["a", "b"] and seen == ["a"]
     assert fut._waiters == [] and other._waiters == [], "as_completed removed its waiters"
+
+
+def test_a_cancelled_future_does_not_break_the_delivery_of_the_others() -> None:
+    from confluent_kafka import KafkaError
+
+    from kcons.producer import IdempotentProducer
+
+    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
+    cancelled, failed_cancelled, kept = DeliveryFuture(), DeliveryFuture(), DeliveryFuture()
+    assert cancelled.cancel() and failed_cancelled.cancel()
+    producer._on_delivery(cancelled, None, "msg")  # type: ignore[arg-type]
+    err = KafkaError(KafkaError._MSG_TIMED_OUT, "timed out")
+    msg = type("Msg", (), {"topic": lambda self: "t"})()
+    producer._on_delivery(failed_cancelled, err, msg)
+    producer._on_delivery(kept, None, "msg")  # type: ignore[arg-type]
+    assert cancelled.cancelled() and failed_cancelled.cancelled() and kept.result(0) == "msg"
+    producer.close(0.1)
