@@ -242,7 +242,9 @@ class IdempotentConsumer:
     exact guarantees). Or pass ``batch_handler(messages)`` instead (``handler=None``): it gets
     each batch's new messages at once, in order, so an effect that costs a round trip (Redis,
     an HTTP API, a bulk insert) costs one per batch; a batch it fails on is retried one
-    message at a time (``batch_handler([msg])``) under the same retry and dead-letter rules.
+    message at a time (``batch_handler([msg])``) under the same retry and dead-letter rules,
+    so the messages it applied before failing are applied again (effects must tolerate that,
+    as with any at-least-once handler).
     The dedup ``store`` should be namespaced by the same consumer group.
 
     Claims are taken per batch, so ``lease_s`` should exceed the time one batch takes to
