@@ -617,13 +617,9 @@ class IdempotentConsumer:
             try:
                 handler(fresh)
             except (RetryLater, ClaimLostError) as exc:
-                pause_s = exc.retry_after_s if isinstance(exc, RetryLater) else self._pause_s
-                reason = "retry_later" if isinstance(exc, RetryLater) else "claim_lost"
-                for msg in fresh:
-                    tp = (msg.topic(), msg.partition())
-                    if tp not in b.held:
-                        b.hold(tp, msg.offset(), pause_s, reason)
-                self._walk(entries, b, seen, self._handler)  # decides what precedes the holds
+                # Every new message answers the same: each partition is held at its first new
+                # message, and what precedes it (duplicates, poison messages) is decided as usual.
+                self._walk(entries, b, seen, _raising(exc))
                 return
             except Exception as exc:
                 CONSUMER_HANDLER_ERRORS.inc()
@@ -1215,6 +1211,15 @@ def _fresh_messages(
 
 def _already_done(_msg: Any) -> None:
     """The per-message step after a successful batch handler: its effect is done."""
+
+
+def _raising(exc: Exception) -> Handler:
+    """A handler that answers every message with ``exc`` (the batch handler's answer for all of them)."""
+
+    def handle(_msg: Any) -> None:
+        raise exc
+
+    return handle
 
 
 def _one_at_a_time(batch_handler: BatchHandler) -> Handler:

@@ -692,3 +692,20 @@ def test_messages_of_a_partition_revoked_between_poll_and_consume_are_not_handle
     consumer.close()
     assert seen == ["a"], "the revoked partition's message is left to its new owner"
     assert kafka.committed_offsets() == {0: 1}
+
+
+def test_a_batch_retry_later_still_dead_letters_the_poison_message_before_the_hold() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, None, headers=[("kcons-id", b"\xff")])  # an id that is not UTF-8: poison
+    kafka.add(0, "fresh")
+    producer = FakeProducer()
+
+    def batch_handler(msgs: list[Any]) -> None:
+        raise RetryLater(0, "downstream saturated")
+
+    consumer = make_batched(kafka, batch_handler, producer_factory=producer)
+    consumer.poll_once()
+    assert len(producer.sent) == 1, "the poison message ahead of the held one is dead-lettered"
+    assert kafka.position[0] == 1 and kafka.committed_offsets().get(0, 0) <= 1
+    consumer.close()
+    assert kafka.committed_offsets() == {0: 1}
