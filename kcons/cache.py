@@ -767,21 +767,13 @@ class CacheInvalidator:
         return self.apply_events(events)
 
     def handle(self, message: Any) -> None:
-        """Apply one Kafka record (the IdempotentConsumer handler); returns once Redis acknowledged.
+        """Apply one Kafka record (a per-message IdempotentConsumer handler); returns once Redis acknowledged.
 
         A malformed change event raises DecodeError (the consumer dead-letters it); an
         unreachable Redis raises RetryLater, so the partition is rewound and paused, never
         skipped: the offset is committed only after the invalidation is applied.
         """
-        from kcons.consumer import RetryLater
-
-        event = self.decode(message)
-        if event is None:
-            return
-        try:
-            self.apply_events([event])
-        except CacheUnavailableError as exc:
-            raise RetryLater(self.retry_after_s, f"cache unavailable: {exc}") from exc
+        self.handle_batch([message])
 
     def handle_batch(self, messages: list[Any]) -> None:
         """Apply a batch of Kafka records in one Redis round trip (the IdempotentConsumer batch handler).

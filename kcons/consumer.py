@@ -107,6 +107,8 @@ _SHARED_PREFIXES = (
 )  # fmt: skip
 
 TP = tuple[str, int]
+#: One consumed message as a batch decides it: (message, event id, poison reason).
+_Entry = tuple[Any, str | None, str | None]
 Handler = Callable[[Any], None]
 #: ``batch_handler(messages)``: the effects of a batch's new messages, in consumption order.
 BatchHandler = Callable[[list[Any]], None]
@@ -502,7 +504,7 @@ class IdempotentConsumer:
         CONSUMER_CONSUMED.inc(len(msgs))
         key_fn = self._key_fn
         fast = key_fn is default_event_id
-        entries: list[tuple[Any, str | None, str | None]] = []  # msg, event id, poison reason
+        entries: list[_Entry] = []  # msg, event id, poison reason
         append = entries.append
         fallback = 0
         if fast:  # inline the common case of default_event_id: kcons-id is the first header
@@ -577,7 +579,7 @@ class IdempotentConsumer:
         return stats
 
     @staticmethod
-    def _entry(msg: Any, key_fn: KeyFunction) -> tuple[tuple[Any, str | None, str | None], int]:
+    def _entry(msg: Any, key_fn: KeyFunction) -> tuple[_Entry, int]:
         """``(msg, event id, poison reason)`` by ``key_fn``, and 1 when the id fell back to the message's position."""
         try:
             event_id = key_fn(msg)
@@ -597,7 +599,7 @@ class IdempotentConsumer:
 
     def _walk_batched(
         self,
-        entries: list[tuple[Any, str | None, str | None]],
+        entries: list[_Entry],
         b: _Batch,
         seen: set[str],
         handler: BatchHandler,
@@ -632,7 +634,7 @@ class IdempotentConsumer:
             self._walk(entries, b, seen, _already_done)
 
     def _walk_all_new(
-        self, entries: list[tuple[Any, str | None, str | None]], b: _Batch, seen: set[str], direct: Handler
+        self, entries: list[_Entry], b: _Batch, seen: set[str], direct: Handler
     ) -> None:
         """:meth:`_walk` for a batch of new messages only: run each, record it done.
 
@@ -655,7 +657,7 @@ class IdempotentConsumer:
 
     def _walk(
         self,
-        entries: list[tuple[Any, str | None, str | None]],
+        entries: list[_Entry],
         b: _Batch,
         seen: set[str],
         direct: Handler | None,
@@ -1183,7 +1185,7 @@ class TransactionalIdempotentConsumer(IdempotentConsumer):
 
 
 def _fresh_messages(
-    entries: list[tuple[Any, str | None, str | None]], seen: set[str], claimed: set[str]
+    entries: list[_Entry], seen: set[str], claimed: set[str]
 ) -> list[Any]:
     """The messages :meth:`IdempotentConsumer._walk` hands to a handler that never fails, in order.
 

@@ -364,7 +364,7 @@ class IdempotentProducer:
         self._user_delivery_cb: DeliveryCallback | None = None
         self._delivered = 0  # acknowledged since the last metrics update (kept out of the hot path)
         self._failures_since_begin = 0
-        self._pending: set[Future[Message]] = set()
+        self._pending: set[DeliveryFuture] = set()
         self._config: dict[str, Any] | None
         if isinstance(config, Producer):
             if type(config).produce is not Producer.produce:
@@ -475,8 +475,7 @@ class IdempotentProducer:
         """
         self._check_open()
         user_cb = on_delivery or self._user_delivery_cb
-        delivered = DeliveryFuture(self._on_delivery if user_cb is None else partial(self._on_delivery_to, user_cb))
-        fut: Future[Message] = delivered
+        fut = DeliveryFuture(self._on_delivery if user_cb is None else partial(self._on_delivery, user_cb=user_cb))
         self._pending.add(fut)
         if self.event_ids:
             headers = {HEADER_ID: fast_event_id()} if headers is None else _with_event_id(headers)
@@ -484,13 +483,13 @@ class IdempotentProducer:
             part = _UNASSIGNED if partition is None else partition
             # Positional (see enqueue); the callback goes in the first callback slot: a None there
             # would make confluent-kafka ignore on_delivery.
-            self.raw.produce(topic, value, key, part, delivered, None, 0, headers)
+            self.raw.produce(topic, value, key, part, fut, None, 0, headers)
         except BufferError:
             if not block:
                 self._pending.discard(fut)
                 raise
             try:
-                self._produce_when_room(topic, value, key, headers, partition, delivered)
+                self._produce_when_room(topic, value, key, headers, partition, fut)
             except BaseException:
                 self._pending.discard(fut)
                 raise
@@ -527,11 +526,6 @@ class IdempotentProducer:
                     ) from None
             except KafkaException as exc:
                 self._raise_kafka(exc, "produce")
-
-    def _on_delivery_to(
-        self, user_cb: DeliveryCallback, fut: Future[Message], err: KafkaError | None, msg: Message
-    ) -> None:
-        self._on_delivery(fut, err, msg, user_cb)
 
     def _on_delivery(
         self, fut: Future[Message], err: KafkaError | None, msg: Message, user_cb: DeliveryCallback | None = None
@@ -619,8 +613,7 @@ class IdempotentProducer:
         """Fail the futures of messages that will never get a delivery report (closed or replaced producer)."""
         pending, self._pending = self._pending, set()
         for fut in pending:
-            if isinstance(fut, DeliveryFuture):
-                fut.release()
+            fut.release()
             if not fut.done():
                 with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
                     fut.set_exception(DeliveryError(reason))
