@@ -31,18 +31,21 @@ the same transaction, guarded by the claim's owner, so each event's effect commi
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import logging
+import operator
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import tenacity
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from kcons.config import redact_config
 from kcons.dedup import (
@@ -478,10 +481,8 @@ class IdempotentConsumer:
     # ------------------------------------------------------------------ one batch
 
     def _valid(self, msgs: list[Any]) -> list[Any]:
-        for msg in msgs:
-            if msg.error() is not None:
-                break
-        else:
+        errors = list(map(_access(msgs).error, msgs))
+        if errors.count(None) == len(errors):
             return msgs  # the common case: no error, no copy
         out = []
         for msg in msgs:
@@ -503,39 +504,22 @@ class IdempotentConsumer:
         stats.consumed = len(msgs)
         CONSUMER_CONSUMED.inc(len(msgs))
         key_fn = self._key_fn
-        fast = key_fn is default_event_id
-        entries: list[_Entry] = []  # msg, event id, poison reason
-        append = entries.append
-        fallback = 0
-        if fast:  # inline the common case of default_event_id: kcons-id is the first header
-            slow: list[int] = []  # positions of the messages default_event_id must read
-            for msg in msgs:
-                headers = msg.headers()
-                if headers:
-                    name, value = headers[0]
-                    if name == HEADER_ID and type(value) is bytes and value:
-                        try:
-                            append((msg, value.decode(), None))
-                            continue
-                        except UnicodeDecodeError:
-                            pass  # default_event_id raises the DecodeError
-                slow.append(len(entries))
-                append((msg, None, None))
-            if slow:
-                for i in slow:
-                    msg = entries[i][0]
-                    entries[i], missing = self._entry(msg, key_fn)
-                    fallback += missing
-        else:
+        # The common case, read in C: every message's first header is a kcons-id.
+        header_ids = _header_ids(msgs) if key_fn is default_event_id else None
+        entries: list[_Entry] | None = None  # msg, event id, poison reason (built when needed)
+        if header_ids is None:
+            entries = []
+            fallback = 0
             for msg in msgs:
                 entry, missing = self._entry(msg, key_fn)
-                append(entry)
+                entries.append(entry)
                 fallback += missing
-        if fallback:
-            stats.fallback_ids = fallback
-            CONSUMER_FALLBACK_IDS.inc(fallback)
-
-        ids = list(dict.fromkeys([e[1] for e in entries if e[1] is not None]))
+            if fallback:
+                stats.fallback_ids = fallback
+                CONSUMER_FALLBACK_IDS.inc(fallback)
+            ids = list(dict.fromkeys([e[1] for e in entries if e[1] is not None]))
+        else:
+            ids = list(dict.fromkeys(header_ids))
         try:
             result = self._claim(ids)
         except StoreError as exc:
@@ -548,19 +532,20 @@ class IdempotentConsumer:
         self._store_failing_since = None
         b.claimed.update(result.claimed)
         try:
-            # Every message new (distinct ids, all claimed, none poison): the hot path, without
-            # per-message decisions.
-            all_new = len(result.claimed) == len(entries) and not self._uncompleted
             with self._effects():
                 seen = set(result.done) | self._uncompleted
-                if self._batch_handler is not None:
-                    self._walk_batched(entries, b, seen, self._batch_handler, all_new)
-                elif self._atomic_batch:
-                    self._walk(entries, b, seen, None)
-                elif all_new:
-                    self._walk_all_new(entries, b, seen, self._handler)
+                if len(result.claimed) == len(msgs) and not self._uncompleted and not self._atomic_batch:
+                    # Every message new (distinct ids, all claimed, none poison), so ``ids`` is
+                    # the batch's ids in order: the hot path, without per-message decisions.
+                    self._run_all_new(msgs, ids, b, seen)
                 else:
-                    self._walk(entries, b, seen, self._handler)
+                    if entries is None:
+                        assert header_ids is not None
+                        entries = _new_entries(msgs, header_ids)
+                    if self._batch_handler is not None:
+                        self._walk_batched(entries, b, seen, self._batch_handler)
+                    else:
+                        self._walk(entries, b, seen, None if self._atomic_batch else self._handler)
         except Exception as exc:  # the batch did not finish: rewind every partition to its first message
             log.warning("batch effects failed, rewinding the batch's partitions: %s", _reason(exc))
             if self._atomic_batch:  # the transaction rolled back: nothing of the batch happened
@@ -603,7 +588,6 @@ class IdempotentConsumer:
         b: _Batch,
         seen: set[str],
         handler: BatchHandler,
-        all_new: bool,
     ) -> None:
         """Run ``handler`` once on the batch's new messages, then decide the batch as :meth:`_walk` does.
 
@@ -614,7 +598,7 @@ class IdempotentConsumer:
         RetryLater or ClaimLostError from the batch holds every partition at its first new
         message instead (back-pressure: nothing is retried at once).
         """
-        fresh = [e[0] for e in entries] if all_new else _fresh_messages(entries, seen, b.claimed)
+        fresh = _fresh_messages(entries, seen, b.claimed)
         if fresh:
             try:
                 handler(fresh)
@@ -628,32 +612,44 @@ class IdempotentConsumer:
                 log.info("batch handler failed on %d messages (%s); one at a time now", len(fresh), _reason(exc))
                 self._walk(entries, b, seen, self._handler)
                 return
-        if all_new:
-            self._walk_all_new(entries, b, seen, _already_done)
-        else:
-            self._walk(entries, b, seen, _already_done)
+        self._walk(entries, b, seen, _already_done)
 
-    def _walk_all_new(
-        self, entries: list[_Entry], b: _Batch, seen: set[str], direct: Handler
-    ) -> None:
-        """:meth:`_walk` for a batch of new messages only: run each, record it done.
+    def _run_all_new(self, msgs: list[Any], ids: list[str], b: _Batch, seen: set[str]) -> None:
+        """Decide a batch whose messages are all new (``ids[i]`` is ``msgs[i]``'s id): handle, record done.
 
-        At the first failure the rest of the batch (the failed message first, its attempt
-        counted) goes through :meth:`_walk`.
+        The handler runs from C (``map``), and the ids and offsets are recorded per batch. At the
+        first failure the messages before it are done and the rest (the failed one first, its
+        attempt counted) go through :meth:`_walk`; a failed batch handler sends the whole batch
+        there, as :meth:`_walk_batched` does.
         """
-        done = b.done
-        commit_to = b.commit_to
-        for msg, event_id, _ in entries:
+        batch_handler = self._batch_handler
+        if batch_handler is not None:
             try:
-                direct(msg)
-            except Exception as exc:
-                handled = len(done)
-                seen.update(done)
-                self._walk(entries[handled:], b, seen, direct, first_error=exc)
+                batch_handler(msgs)
+            except (RetryLater, ClaimLostError) as exc:
+                self._walk(_new_entries(msgs, ids), b, seen, _raising(exc))
                 return
-            done.append(event_id)  # type: ignore[arg-type]  # all new: every id is set
-            commit_to[(msg.topic(), msg.partition())] = msg.offset() + 1
-        b.stats.handled = len(done)
+            except Exception as exc:
+                CONSUMER_HANDLER_ERRORS.inc()
+                log.info("batch handler failed on %d messages (%s); one at a time now", len(msgs), _reason(exc))
+                self._walk(_new_entries(msgs, ids), b, seen, self._handler)
+                return
+        else:
+            rest = iter(msgs)
+            try:
+                collections.deque(map(self._handler, rest), maxlen=0)
+            except BaseException as exc:
+                failed = len(msgs) - sum(1 for _ in rest) - 1  # ``rest`` stopped after the failed message
+                b.done.extend(ids[:failed])
+                b.commit_to.update(_end_offsets(msgs[:failed]))
+                if not isinstance(exc, Exception):
+                    raise
+                seen.update(ids[:failed])
+                self._walk(_new_entries(msgs[failed:], ids[failed:]), b, seen, self._handler, first_error=exc)
+                return
+        b.done.extend(ids)
+        b.commit_to.update(_end_offsets(msgs))
+        b.stats.handled = len(b.done)
 
     def _walk(
         self,
@@ -1184,9 +1180,63 @@ class TransactionalIdempotentConsumer(IdempotentConsumer):
         """Nothing to do: the done records committed with the batch's transaction."""
 
 
-def _fresh_messages(
-    entries: list[_Entry], seen: set[str], claimed: set[str]
-) -> list[Any]:
+class _Access:
+    """Message accessors for C-level loops: the Message type's own methods (fast), or by name (any object)."""
+
+    def __init__(self, get: Callable[[str], Callable[[Any], Any]]) -> None:
+        self.error = get("error")
+        self.headers = get("headers")
+        self.topic = get("topic")
+        self.partition = get("partition")
+        self.offset = get("offset")
+
+
+_NATIVE = _Access(lambda name: getattr(Message, name))
+_BY_NAME = _Access(operator.methodcaller)
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+
+
+def _access(msgs: list[Any]) -> _Access:
+    """The fast accessors when every message is a confluent-kafka Message, else the generic ones."""
+    return _NATIVE if list(map(type, msgs)).count(Message) == len(msgs) else _BY_NAME
+
+
+def _header_ids(msgs: list[Any]) -> list[str] | None:
+    """Every message's id when each one's first header is a non-empty UTF-8 ``kcons-id``, else None.
+
+    The common case of :func:`default_event_id` (kcons producers write that header first), read
+    with C-level loops; None sends the batch through :func:`default_event_id` per message.
+    """
+    try:
+        firsts = list(map(_FIRST, map(_access(msgs).headers, msgs)))  # TypeError/IndexError: no headers
+        if list(map(_FIRST, firsts)).count(HEADER_ID) != len(firsts):
+            return None
+        ids: list[str] = list(map(bytes.decode, map(_SECOND, firsts)))  # TypeError: not bytes
+    except (TypeError, IndexError, UnicodeDecodeError):
+        return None
+    return None if "" in ids else ids
+
+
+def _end_offsets(msgs: list[Any]) -> dict[TP, int]:
+    """Per partition, the offset after its last message in ``msgs`` (messages are in order per partition)."""
+    get = _access(msgs)
+    topics = set(map(get.topic, msgs))
+    if len(topics) == 1:  # one topic: index the last message of each partition by partition alone
+        (topic,) = topics
+        last = dict(zip(map(get.partition, msgs), range(len(msgs)), strict=True))
+        return {(topic, partition): msgs[i].offset() + 1 for partition, i in last.items()}
+    ends = dict(
+        zip(zip(map(get.topic, msgs), map(get.partition, msgs), strict=True), map(get.offset, msgs), strict=True)
+    )
+    return {tp: offset + 1 for tp, offset in ends.items()}
+
+
+def _new_entries(msgs: list[Any], ids: list[str]) -> list[_Entry]:
+    return list(zip(msgs, ids, repeat(None)))
+
+
+def _fresh_messages(entries: list[_Entry], seen: set[str], claimed: set[str]) -> list[Any]:
     """The messages :meth:`IdempotentConsumer._walk` hands to a handler that never fails, in order.
 
     Skipped as there: poison messages, ids already seen (done, or earlier in the batch), and

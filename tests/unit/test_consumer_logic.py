@@ -709,3 +709,42 @@ def test_a_batch_retry_later_still_dead_letters_the_poison_message_before_the_ho
     assert kafka.position[0] == 1 and kafka.committed_offsets().get(0, 0) <= 1
     consumer.close()
     assert kafka.committed_offsets() == {0: 1}
+
+
+def test_an_interrupt_mid_batch_records_the_messages_handled_before_it_done() -> None:
+    kafka = FakeKafka(partitions=2)
+    for i in range(6):
+        kafka.add(i % 2, f"id-{i}", b"stop" if i == 3 else b"ok")
+    handled: list[str] = []
+
+    def handler(msg: Any) -> None:
+        if msg.value() == b"stop":
+            raise KeyboardInterrupt
+        handled.append(dict(msg.headers())["kcons-id"].decode())
+
+    store = MemoryDedupStore()
+    consumer = make(kafka, handler, store=store)
+    with pytest.raises(KeyboardInterrupt):
+        consumer.poll_once()
+    assert handled, "the batch reached the interrupting message"
+    # What ran before the interrupt is done in the store; the rest is claimable again at once.
+    result = store.claim_batch([f"id-{i}" for i in range(6)], lease_s=30)
+    assert result.done == set(handled)
+    assert result.claimed == {f"id-{i}" for i in range(6)} - set(handled)
+
+
+def test_the_batch_fast_path_falls_back_per_message_for_other_headers_and_many_topics() -> None:
+    from kcons.consumer import _end_offsets, _header_ids
+
+    a = FakeMessage("a", 0, 5, b"", [("kcons-id", b"x")])
+    b = FakeMessage("a", 1, 7, b"", [("kcons-id", b"y")])
+    c = FakeMessage("b", 0, 9, b"", [("kcons-id", b"z")])
+    later = FakeMessage("a", 0, 6, b"", [("kcons-id", b"w")])
+    assert _header_ids([a, b]) == ["x", "y"]
+    assert _header_ids([a, FakeMessage("a", 0, 1, b"", [("other", b"1"), ("kcons-id", b"q")])]) is None
+    assert _header_ids([a, FakeMessage("a", 0, 1, b"", None)]) is None
+    assert _header_ids([a, FakeMessage("a", 0, 1, b"", [("kcons-id", b"")])]) is None
+    assert _header_ids([a, FakeMessage("a", 0, 1, b"", [("kcons-id", "text")])]) is None
+    assert _header_ids([a, FakeMessage("a", 0, 1, b"", [("kcons-id", b"\xff")])]) is None
+    assert _end_offsets([a, b, later]) == {("a", 0): 7, ("a", 1): 8}
+    assert _end_offsets([a, c, later]) == {("a", 0): 7, ("b", 0): 10}
