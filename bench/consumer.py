@@ -7,8 +7,10 @@ sends the commit after the batch's effects and goes on (its ``async_commit``), s
 waiting for every commit (the raw consumer with ``asynchronous=False``, kcons with
 ``async_commit=False``). Throughput is measured from the first to the last message (group
 join excluded). Rounds alternate the order of the variants and the median of each is
-reported; ``ratio`` = Redis store / baseline. ``cpu_us_per_msg`` is this process's CPU time
-(Python and librdkafka's threads) per message over the whole run, the steadier measure of cost.
+reported; ``ratio`` = Redis store / baseline. ``baseline_read_id`` is the baseline that also
+reads each message's ``kcons-id`` header (what the id alone costs, apart from kcons).
+``cpu_us_per_msg`` is this process's CPU time (Python and librdkafka's threads) per message over
+the whole run, the steadier measure of cost.
 
 Every variant gets ``fetch.queue.backoff.ms=--fetch-queue-backoff-ms`` (10 by default;
 ``-1`` keeps librdkafka's 1,000 ms). librdkafka compares the *whole* consumer queue with
@@ -102,9 +104,15 @@ class Sink:
         self.bytes += len(msg.value())
 
 
-def run_baseline(bootstrap: str, topic: str, messages: int, batch_size: int, *, asynchronous: bool = False) -> float:
-    """The raw consumer: consume a batch, run the handler, commit the batch (waiting for it unless ``asynchronous``)."""
+def run_baseline(
+    bootstrap: str, topic: str, messages: int, batch_size: int, *, asynchronous: bool = False, read_id: bool = False
+) -> float:
+    """The raw consumer: consume a batch, run the handler, commit the batch (waiting for it unless ``asynchronous``).
+
+    ``read_id``: also read each message's ``kcons-id`` header, the least any dedup must do.
+    """
     sink = Sink()
+    ids: list[bytes] = []
     consumer = Consumer(consumer_config(bootstrap))
     consumer.subscribe([topic])
     deadline = time.monotonic() + 600
@@ -115,7 +123,10 @@ def run_baseline(bootstrap: str, topic: str, messages: int, batch_size: int, *, 
                 continue
             for msg in batch:
                 if msg.error() is None:
+                    if read_id:
+                        ids.append(dict(msg.headers())["kcons-id"])
                     sink(msg)
+            ids.clear()
             consumer.commit(asynchronous=asynchronous)
         sink.last_at = time.perf_counter()
     finally:
@@ -166,6 +177,9 @@ def main() -> int:
             "baseline": lambda: run_baseline(bootstrap, topic, args.messages, args.batch_size),
             "baseline_async_commit": lambda: run_baseline(
                 bootstrap, topic, args.messages, args.batch_size, asynchronous=True
+            ),
+            "baseline_read_id": lambda: run_baseline(
+                bootstrap, topic, args.messages, args.batch_size, asynchronous=True, read_id=True
             ),
             "redis": lambda: run_kcons(
                 bootstrap, topic, args.messages, args.batch_size, lambda g: RedisDedupStore(client, namespace=g)
@@ -218,6 +232,13 @@ def main() -> int:
         "kcons": {"redis_store": side("redis"), "memory_store": side("memory")},
         "ratio": ratio("redis", "baseline_async_commit"),
         "ratio_memory": ratio("memory", "baseline_async_commit"),
+        # The raw consumer that also reads every message's kcons-id header (the least a dedup
+        # needs; librdkafka parses headers on first access): what the id alone costs, apart from kcons.
+        "baseline_read_id": side("baseline_read_id"),
+        "ratio_vs_baseline_read_id": {
+            "redis_store": ratio("redis", "baseline_read_id"),
+            "memory_store": ratio("memory", "baseline_read_id"),
+        },
         "sync_commit": {
             "baseline": side("baseline"),
             "kcons_memory_store": side("memory_sync_commit"),
