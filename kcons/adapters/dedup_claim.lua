@@ -3,110 +3,316 @@
 -- KEYS[1]: the namespace root "{<prefix>:<namespace>}". The braces are a hash tag: every key
 --          the script touches starts with KEYS[1], so all of them live in KEYS[1]'s hash slot
 --          and the script runs on one node of a Redis Cluster.
---   <root>:i:<id>   one key per id, "<owner>|<seq>|<lease deadline ms>": the claim by <owner>'s
---                   claim call number <seq>, in progress until the deadline (server clock);
---                   or "d": done. TTL = the retention.
---   <root>:b:<owner>|<seq>   set of the ids of that claim call that are done. TTL = the retention.
--- A claimed id becomes done by joining its claim's set (one SADD per batch instead of one write
--- per id). Every key has a TTL, so the store stays bounded.
+--   <root>:h:<bucket>  hash of the ids written while floor(now / width) was <bucket> (server
+--                      clock, ms): field = id, value "<tag>:<index>" (claimed by the claim call
+--                      <tag>, as its <index>th id, 0-based) or "d" (done); plus one field
+--                      "\n<tag>" = "<owner>|<lease deadline ms>" per claim call that wrote there
+--                      (no id contains "\n"). Expires at (bucket + 1) * width + lease + retention
+--                      (the longest lease written in it): a claim completed within its lease stays
+--                      findable for at least the retention after its completion.
+--   <root>:r           sorted set of the buckets, scored by their expiry: the live buckets, which
+--                      a lookup reads (one variadic HMGET each).
+--   <root>:b:<tag>     bitmap of the claim call: bit <index> is set when that id is done (bit 0 is
+--                      the high bit of byte 0). Expires a retention after its last update.
+-- A claim call's ids are marked done with one bitmap write, however many they are. Ids completed
+-- after their lease deadline, or whose claim the caller no longer tracks, are written "d" in the
+-- current bucket (one field each: rare). Every key has a TTL, so the store stays bounded.
 --
--- ARGV[1]: "batch" or "release"; ARGV[2]: the caller's owner token (no "|");
--- ARGV[3]: lease in ms; ARGV[4]: retention in ms; ARGV[5]: seq of this claim call;
+-- ARGV[1]: "batch" or "release"; ARGV[2]: the caller's owner token; ARGV[3]: lease in ms;
+-- ARGV[4]: retention in ms; ARGV[5]: tag of this claim call (unique in the namespace, no ":");
 -- ARGV[6]: ids to claim (batch) or release, separated by "\n" (the client hashes ids that
---          contain "\n", are empty or are long);
--- ARGV[7], ARGV[8], ...: pairs (tag "<owner>|<seq>", ids) of ids to record done before the
---          claim; an empty tag marks ids whose claim is unknown: they are written "d".
+--          contain "\n", are empty or are long); ARGV[7]: bucket width in ms;
+-- ARGV[8], ARGV[9], ...: groups of four, ids to record done before the claim: (tag of their claim
+--          call, its lease deadline, bitmap of their indices, ids separated by "\n" or ""); an
+--          empty tag marks ids whose claim is unknown: they are written "d". A group whose
+--          deadline has passed is written "d" too, which needs its ids: when one comes without
+--          them, nothing is written and the answer is "L" and the numbers of such groups (1 = the
+--          first group), comma-separated; the client sends the call again with their ids.
 --
--- batch answers one character per id to claim: "1" claimed by the caller (new, its own claim
--- again, or another owner's expired claim), "0" done (a duplicate), "2" busy (another owner's
--- unexpired claim). release deletes the caller's own claims that are not done; answers a count.
+-- batch answers "<deadline>|" and one character per id to claim: "1" claimed by the caller (new,
+-- its own claim again, or another owner's expired claim), "0" done (a duplicate), "2" busy
+-- (another owner's unexpired claim); "" when there are no ids to claim. release deletes the
+-- caller's own claims that are not done and answers their count.
 
 local root = KEYS[1]
 local op = ARGV[1]
 local owner = ARGV[2]
 local lease = tonumber(ARGV[3])
 local retention = tonumber(ARGV[4])
+local width = tonumber(ARGV[7])
+local CHUNK = 4000 -- arguments of one variadic call: well below Lua's unpack limit
 
-local function parse(value)
-  return string.match(value, "^([^|]+)|([^|]+)|(%d+)$")
-end
-
-local function done_in(tag, id)
-  return redis.call("SISMEMBER", root .. ":b:" .. tag, id) == 1
-end
-
-if op == "release" then
-  local n = 0
-  for id in string.gmatch(ARGV[6], "[^\n]+") do
-    local key = root .. ":i:" .. id
-    local value = redis.call("GET", key)
-    if value then
-      local o, s = parse(value)
-      if o == owner and not done_in(o .. "|" .. s, id) then
-        redis.call("DEL", key)
-        n = n + 1
-      end
-    end
-  end
-  return n
-end
-
-if op ~= "batch" then
+if op ~= "batch" and op ~= "release" then
   return redis.error_reply("kcons dedup: unknown operation " .. tostring(op))
 end
 
-for g = 7, #ARGV, 2 do
-  local tag = ARGV[g]
-  if tag == "" then
-    for id in string.gmatch(ARGV[g + 1], "[^\n]+") do
-      redis.call("SET", root .. ":i:" .. id, "d", "PX", retention)
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local bucket = string.format("%.0f", math.floor(now / width))
+local current = root .. ":h:" .. bucket
+local registry = root .. ":r"
+
+local function num(x)
+  return string.format("%.0f", x)
+end
+
+-- The "\n"-separated ids of s (plain find: much cheaper than a pattern per character).
+local function split(s)
+  local ids, n, p = {}, 0, 1
+  if s == "" then
+    return ids, 0
+  end
+  local find, sub = string.find, string.sub
+  while true do
+    local q = find(s, "\n", p, true)
+    if not q then
+      break
     end
-  else
-    local set = root .. ":b:" .. tag
-    local members = {}
-    for id in string.gmatch(ARGV[g + 1], "[^\n]+") do
-      members[#members + 1] = id
-      if #members == 1000 then
-        redis.call("SADD", set, unpack(members))
-        members = {}
+    n = n + 1
+    ids[n] = sub(s, p, q - 1)
+    p = q + 1
+  end
+  n = n + 1
+  ids[n] = sub(s, p)
+  return ids, n
+end
+
+-- Make key expire no sooner than at (ms): gives a TTL to a key that has none, never shortens one.
+local function expire_no_sooner(key, at)
+  local left = redis.call("PTTL", key)
+  if left < 0 or now + left < at then
+    redis.call("PEXPIREAT", key, num(at))
+  end
+end
+
+-- The current bucket was just written: it and its registry entry outlive what it holds.
+local function touch_current()
+  local at = (math.floor(now / width) + 1) * width + lease + retention
+  local score = redis.call("ZSCORE", registry, bucket)
+  if not score or tonumber(score) < at then
+    redis.call("ZADD", registry, num(at), bucket)
+    expire_no_sooner(registry, at)
+  end
+  expire_no_sooner(current, at)
+end
+
+-- HSET key with the flat field/value list, CHUNK arguments per call.
+local function hset(key, args, n)
+  for c = 1, n, CHUNK do
+    redis.call("HSET", key, unpack(args, c, math.min(n, c + CHUNK - 1)))
+  end
+end
+
+-- The keys of the live buckets, newest first.
+local function live_buckets()
+  local entries = redis.call("ZRANGE", registry, 0, -1, "WITHSCORES")
+  local numbers, stale = {}, false
+  for i = 1, #entries, 2 do
+    if tonumber(entries[i + 1]) > now then
+      numbers[#numbers + 1] = tonumber(entries[i])
+    else
+      stale = true
+    end
+  end
+  if stale then
+    redis.call("ZREMRANGEBYSCORE", registry, "-inf", num(now))
+  end
+  table.sort(numbers, function(a, b)
+    return a > b
+  end)
+  local keys = {}
+  for i, b in ipairs(numbers) do
+    keys[i] = root .. ":h:" .. num(b)
+  end
+  return keys
+end
+
+-- found[i] = {key1, value1, key2, value2, ...} for the ids present in a live bucket (newest first);
+-- nil when no id is present anywhere (the common case: a batch of new ids).
+local function lookup(ids, n)
+  local found
+  for _, key in ipairs(live_buckets()) do
+    for c = 1, n, CHUNK do
+      local got = redis.call("HMGET", key, unpack(ids, c, math.min(n, c + CHUNK - 1)))
+      for j = 1, #got do
+        if got[j] then
+          found = found or {}
+          local i = c + j - 1
+          local f = found[i]
+          if not f then
+            f = {}
+            found[i] = f
+          end
+          f[#f + 1] = key
+          f[#f + 1] = got[j]
+        end
       end
     end
-    if #members > 0 then
-      redis.call("SADD", set, unpack(members))
+  end
+  return found
+end
+
+local function parse(value)
+  return string.match(value, "^([^:]+):(%d+)$")
+end
+
+-- Whether the id at index of claim call tag is done (its bit set); bitmaps read once per call.
+local bitmaps = {}
+local function done_bit(tag, index)
+  local bits = bitmaps[tag]
+  if bits == nil then
+    bits = redis.call("GET", root .. ":b:" .. tag) or ""
+    bitmaps[tag] = bits
+  end
+  local i = tonumber(index)
+  local byte = string.byte(bits, math.floor(i / 8) + 1)
+  return byte ~= nil and bit.band(byte, bit.rshift(128, i % 8)) ~= 0
+end
+
+-- The owner and lease deadline of claim call tag, from the bucket its ids were written to.
+local function claim_of(key, tag)
+  local meta = redis.call("HGET", key, "\n" .. tag)
+  local o, deadline = string.match(meta or "", "^(.*)|(%d+)$")
+  return o, tonumber(deadline) or 0 -- no record (evicted?): an expired claim, never a done one
+end
+
+-- What a found id is: "0" done, "1" ours to claim (our own claim, or an expired one), "2" busy.
+-- f is {key1, value1, key2, value2, ...}, newest bucket first; the newest claim decides.
+local function state(f)
+  local newest
+  for k = 2, #f, 2 do
+    local value = f[k]
+    if value == "d" then
+      return "0"
     end
-    redis.call("PEXPIRE", set, retention)
+    local tag, index = parse(value)
+    if tag == nil then
+      return "2" -- unknown value: busy is the safe answer
+    end
+    if done_bit(tag, index) then
+      return "0"
+    end
+    if newest == nil then
+      local o, deadline = claim_of(f[k - 1], tag)
+      newest = (o == owner or deadline <= now) and "1" or "2"
+    end
+  end
+  return newest
+end
+
+if op == "release" then
+  local ids, n = split(ARGV[6])
+  local released = 0
+  for i, f in pairs(lookup(ids, n) or {}) do
+    local mine = false
+    for k = 2, #f, 2 do
+      local tag, index = parse(f[k])
+      if tag == nil or done_bit(tag, index) then
+        mine = false
+        break
+      end
+      mine = mine or claim_of(f[k - 1], tag) == owner
+    end
+    if mine then
+      for k = 1, #f, 2 do
+        redis.call("HDEL", f[k], ids[i])
+      end
+      released = released + 1
+    end
+  end
+  return released
+end
+
+-- Record done ids first. A group past its deadline is written "d", which needs its ids.
+local late = {}
+for g = 8, #ARGV, 4 do
+  if ARGV[g] ~= "" and tonumber(ARGV[g + 1]) < now and ARGV[g + 3] == "" then
+    late[#late + 1] = (g - 4) / 4
+  end
+end
+if #late > 0 then
+  return "L" .. table.concat(late, ",")
+end
+for g = 8, #ARGV, 4 do
+  local tag = ARGV[g]
+  if tag ~= "" and tonumber(ARGV[g + 1]) >= now then
+    local key = root .. ":b:" .. tag
+    if not redis.call("SET", key, ARGV[g + 2], "NX", "PX", retention) then
+      local scratch = root .. ":t"
+      redis.call("SET", scratch, ARGV[g + 2], "PX", 60000)
+      redis.call("BITOP", "OR", key, key, scratch)
+      redis.call("DEL", scratch)
+      redis.call("PEXPIRE", key, retention)
+    end
+  else
+    -- Unknown claim, or completed after its lease (its bucket may expire too soon): "d".
+    local list, count = split(ARGV[g + 3])
+    local args = {}
+    for i = 1, count do
+      args[2 * i - 1] = list[i]
+      args[2 * i] = "d"
+    end
+    if count > 0 then
+      hset(current, args, 2 * count)
+      touch_current()
+    end
   end
 end
 
 if ARGV[6] == "" then
   return ""
 end
-local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local mine = owner .. "|" .. ARGV[5] .. "|" .. string.format("%.0f", now + lease)
-local out = {}
-local n = 0
-for id in string.gmatch(ARGV[6], "[^\n]+") do
-  local key = root .. ":i:" .. id
-  local code = "1"
-  if not redis.call("SET", key, mine, "NX", "PX", retention) then
-    local value = redis.call("GET", key)
-    if value == "d" then
-      code = "0"
-    else
-      local o, s, deadline = parse(value)
-      if o == nil then
-        code = "2"
-      elseif done_in(o .. "|" .. s, id) then
-        code = "0"
-      elseif o == owner or tonumber(deadline) <= now then
-        redis.call("SET", key, mine, "PX", retention)
-      else
-        code = "2"
+local ids, n = split(ARGV[6])
+local deadline = num(now + lease)
+local head = ARGV[5] .. ":"
+-- Index strings from digit pairs: formatting a number per id would cost more than the HSET.
+local digits = {}
+for k = 0, 99 do
+  digits[k] = string.format("%02d", k)
+end
+local function value(i)
+  if i < 10000 then
+    return head .. digits[math.floor(i / 100)] .. digits[i % 100]
+  end
+  return head .. num(i)
+end
+local found = lookup(ids, n)
+local args = {}
+local m = 0
+local out
+if found == nil then
+  for i = 1, n do
+    args[2 * i - 1] = ids[i]
+    args[2 * i] = value(i - 1)
+  end
+  m = 2 * n
+else
+  out = {}
+  for i = 1, n do
+    local f = found[i]
+    local code = "1"
+    if f ~= nil then
+      code = state(f)
+      if code == "1" then
+        for k = 1, #f, 2 do
+          if f[k] ~= current then
+            redis.call("HDEL", f[k], ids[i])
+          end
+        end
       end
     end
+    if code == "1" then
+      args[m + 1] = ids[i]
+      args[m + 2] = value(i - 1)
+      m = m + 2
+    end
+    out[i] = code
   end
-  n = n + 1
-  out[n] = code
 end
-return table.concat(out)
+if m > 0 then
+  args[m + 1] = "\n" .. ARGV[5]
+  args[m + 2] = owner .. "|" .. deadline
+  hset(current, args, m + 2)
+  touch_current()
+end
+return deadline .. "|" .. (out and table.concat(out) or string.rep("1", n))

@@ -1,27 +1,43 @@
 """Redis dedup store: one Lua script call per batch, Redis Cluster safe, every key with a TTL.
 
-Each id is a key ``{<prefix>:<namespace>}:i:<id>`` holding its claim (owner, claim call, lease
-deadline on the server clock); a claim becomes *done* when its id joins the set of done ids of
-its claim call, ``{<prefix>:<namespace>}:b:<owner>|<seq>`` (one SADD per batch instead of one
-write per id). The braces are a hash tag: every key of one namespace (the consumer group)
-lands in one hash slot, so a batch is handled by one atomic script on a single node of a Redis
-Cluster. The script (``dedup_claim.lua``) is registered once (``register_script``) and called
-with the namespace root as its only key and the ids as newline-separated arguments, which keeps
-a 500-id call cheap to encode. :meth:`RedisDedupStore.complete_and_claim` records one batch done
-and claims the next in the same call: one round trip per batch. Every key has the retention
-TTL, so the store stays bounded.
+Ids are fields of a few time-bucketed hashes ``{<prefix>:<namespace>}:h:<bucket>`` (the bucket
+is the server time at the write divided by ``retention / BUCKETS_PER_RETENTION``); a field holds
+its claim (owner, claim call, index in that call, lease deadline on the server clock) or ``d``
+(done). A lookup reads every live bucket with one variadic HMGET, and new ids are written with
+one variadic HSET, so a batch costs a few Redis commands rather than one or two per id. A claim
+becomes *done* when its bit is set in its claim call's bitmap
+``{<prefix>:<namespace>}:b:<owner>|<seq>``: the client sends, per claim call, the bitmap of the
+ids it completed (exact per id), and the script ORs it in. Ids whose claim the client no longer
+tracks, or completed after their lease deadline, are written ``d`` one field each (rare).
+
+The braces are a hash tag: every key of one namespace (the consumer group) lands in one hash
+slot, so a batch is handled by one atomic script on a single node of a Redis Cluster. The script
+(``dedup_claim.lua``) is registered once (``register_script``) and called with the namespace root
+as its only key and the ids as newline-separated arguments, which keeps a 500-id call cheap to
+encode. :meth:`RedisDedupStore.complete_and_claim` records one batch done and claims the next in
+the same call: one round trip per batch. Needs Redis 4.0 or later (variadic HSET).
+
+Retention: a done id stays a duplicate for at least ``retention_s`` after its completion and is
+forgotten at most ``retention_s + retention_s / BUCKETS_PER_RETENTION + lease`` after it
+(``lease`` the longest lease of the claims written in the same bucket); after that its claim
+still counts as in progress until its lease deadline, if that is later. Every key has a TTL
+within that bound, so the store stays bounded.
+
+The key layout changed after kcons 0.1.0 (it was one key per id): keys of the old layout are not
+read, so dedup state written by 0.1.0 is forgotten on upgrade (pre-1.0: no migration).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from kcons.dedup import (
     DEFAULT_RETENTION_S,
@@ -35,10 +51,57 @@ from kcons.dedup import (
 from kcons.errors import ConfigError, StoreError
 from kcons.metrics import observe_dedup_store
 
-__all__ = ["CLAIM_SCRIPT", "RedisDedupStore"]
+__all__ = ["BUCKETS_PER_RETENTION", "CLAIM_SCRIPT", "RedisDedupStore"]
 
 #: The Lua script that claims, completes or releases a batch (shipped as ``dedup_claim.lua``).
 CLAIM_SCRIPT = resources.files("kcons.adapters").joinpath("dedup_claim.lua").read_text(encoding="utf-8")
+
+#: Buckets per retention: a lookup reads about this many hashes plus one; a done id may be kept
+#: up to ``retention / BUCKETS_PER_RETENTION`` (plus a lease) longer than the retention.
+BUCKETS_PER_RETENTION = 4
+
+# Claim codes to the bits of a claim call's bitmap: "1" (claimed) is a set bit, "0"/"2" are not.
+_CLAIMED_BITS = bytes.maketrans(b"2", b"0")
+
+
+class _Done(NamedTuple):
+    """Ids to record done: of one tracked claim call (its tag, lease deadline, bitmap), or of none (tag "")."""
+
+    tag: str
+    deadline: bytes
+    bitmap: bytes
+    ids: Collection[str]
+    with_ids: bool  # send the ids (written "d" one by one); a tracked claim's bitmap is enough in time
+
+
+class _Claim:
+    """One tracked claim call: its tag, lease deadline (server clock), ids and answer codes."""
+
+    __slots__ = ("claimed", "codes", "deadline", "ids", "intact", "tag")
+
+    def __init__(self, tag: str, deadline: bytes, ids: list[str], codes: bytes, claimed: frozenset[str]) -> None:
+        self.tag = tag
+        self.deadline = deadline
+        self.ids = ids
+        self.codes = codes
+        self.claimed = claimed  # the claimed ids not completed or released yet
+        self.intact = True  # no id of the call was completed or released yet
+
+    def bitmap(self, completed: frozenset[str]) -> bytes:
+        """The bitmap of the indices of ``completed`` (a subset of the claimed ids), bit 0 first."""
+        if self.intact and len(completed) == len(self.claimed):
+            return _bits(self.codes.translate(_CLAIMED_BITS))
+        chars = bytearray(b"0" * len(self.ids))
+        index = {event_id: i for i, event_id in enumerate(self.ids)}
+        for event_id in completed:
+            chars[index[event_id]] = 49  # "1"
+        return _bits(bytes(chars))
+
+
+def _bits(chars: bytes) -> bytes:
+    """Redis bitmap of a string of "0"/"1" characters: character i is bit i (the high bit of byte 0 first)."""
+    pad = -len(chars) % 8
+    return int(chars + b"0" * pad, 2).to_bytes((len(chars) + pad) // 8, "big") if chars else b""
 
 
 class RedisDedupStore:
@@ -47,7 +110,8 @@ class RedisDedupStore:
     ``client`` is a ``redis.Redis`` (or ``redis.RedisCluster``) the caller owns, with its own
     connection pool. ``namespace`` should be the consumer group id, so groups never share
     dedup state. Leases are checked against the Redis server's clock, so workers' clocks do not
-    matter. Redis errors are raised as :class:`~kcons.errors.StoreError`.
+    matter. Redis errors are raised as :class:`~kcons.errors.StoreError`. Workers sharing a
+    namespace should use the same ``retention_s`` (it sets the bucket width).
     """
 
     def __init__(
@@ -66,14 +130,18 @@ class RedisDedupStore:
             raise ConfigError("owner", "expected 1-64 characters of [A-Za-z0-9_.:-]")
         self._client = client
         self._retention_ms = int(check_retention("retention_s", retention_s) * 1000)
+        self._width_ms = max(1, self._retention_ms // BUCKETS_PER_RETENTION)
         self._root = f"{{{prefix}:{namespace}}}"
         self._owner = owner or new_owner_token()
         self._script = client.register_script(CLAIM_SCRIPT)
         self._latency = observe_dedup_store("redis")
+        # A claim call's tag: a random prefix of this instance and a counter, unique in the
+        # namespace (a restarted worker with a fixed owner never reuses a tag of its previous life).
+        self._nonce = secrets.token_hex(6)
         self._seq = 0
-        # The ids of the last ``max_tracked`` claim calls, by tag, so a complete can add its ids to
-        # their claim's set; ids claimed longer ago are completed as plain "d" keys.
-        self._claims: deque[tuple[str, frozenset[str]]] = deque(maxlen=max(1, max_tracked))
+        # The last ``max_tracked`` claim calls, so a complete can set their ids' bits in their
+        # bitmaps; ids claimed longer ago are completed as plain "d" fields.
+        self._claims: deque[_Claim] = deque(maxlen=max(1, max_tracked))
         self._lock = threading.Lock()
 
     @property
@@ -81,9 +149,44 @@ class RedisDedupStore:
         """The token that marks this instance's claims."""
         return self._owner
 
-    def key(self, event_id: str) -> str:
-        """The Redis key of an id (hash-tagged by namespace)."""
-        return f"{self._root}:i:{_stored(event_id)}"
+    @property
+    def root(self) -> str:
+        """The hash-tagged prefix of every key of this namespace (``{<prefix>:<namespace>}``)."""
+        return self._root
+
+    @property
+    def bucket_s(self) -> float:
+        """The width of a time bucket: how much longer than the retention (plus a lease) a done id may be kept."""
+        return self._width_ms / 1000
+
+    def describe(self, event_id: str) -> tuple[str, str | None, int | None]:
+        """What the store holds for one id, for tests and debugging (not atomic, several reads).
+
+        ``("done", None, None)``, ``("claimed", owner, lease deadline in ms on the server clock)``
+        (in progress, or expired when the deadline has passed) or ``("absent", None, None)``.
+        """
+        stored = _stored(event_id)
+        client = self._client
+        now_s, _now_us = client.time()
+        live = [int(b) for b, at in client.zrange(f"{self._root}:r", 0, -1, withscores=True) if at > now_s * 1000]
+        claims: list[tuple[str, str, str]] = []
+        for bucket in sorted(live, reverse=True):
+            key = f"{self._root}:h:{bucket}"
+            value = client.hget(key, stored)
+            if value is None:
+                continue
+            if value == b"d":
+                return ("done", None, None)
+            tag, _, index = value.decode().partition(":")
+            if client.getbit(f"{self._root}:b:{tag}", int(index)):
+                return ("done", None, None)
+            claims.append((key, tag, index))
+        if not claims:
+            return ("absent", None, None)
+        key, tag, _ = claims[0]
+        meta = (client.hget(key, "\n" + tag) or b"|0").decode()
+        owner, _, deadline = meta.rpartition("|")
+        return ("claimed", owner, int(deadline))
 
     def claim(self, ids: Sequence[str], lease_s: float) -> set[str]:
         """Claim the ids that are neither done nor held under another owner's unexpired lease."""
@@ -99,19 +202,27 @@ class RedisDedupStore:
         unique = list(dict.fromkeys(ids))
         with self._lock:
             self._seq += 1
-            seq = self._seq
-            groups = self._take(done_ids)
+            tag = f"{self._nonce}{self._seq:x}"
+            groups = self._take(done_ids, bitmaps=True)
         if not unique and not groups:
             return ClaimResult(frozenset())
-        codes = self._run("batch", unique, lease_ms, seq, groups)
-        if isinstance(codes, str):
-            codes = codes.encode()
+        reply = self._run("batch", unique, lease_ms, tag, groups)
+        if isinstance(reply, str):
+            reply = reply.encode()
+        if reply[:1] == b"L":  # the rare case: groups completed after their lease are written "d", by id
+            for number in reply[1:].split(b","):
+                groups[int(number) - 1] = groups[int(number) - 1]._replace(with_ids=True)
+            reply = self._run("batch", unique, lease_ms, tag, groups)
+            if isinstance(reply, str):
+                reply = reply.encode()
+        deadline, _, codes = reply.partition(b"|")
         if len(codes) != len(unique):
             raise StoreError(f"redis dedup claim answered {len(codes)} codes for {len(unique)} ids")
-        tag = f"{self._owner}|{seq}"
+        if not unique:
+            return ClaimResult(frozenset())
         if codes.count(b"1") == len(codes):  # the common case: every id is new
             claimed_all = frozenset(unique)
-            self._track(claimed_all, tag)
+            self._track(_Claim(tag, deadline, unique, codes, claimed_all))
             return ClaimResult(claimed_all)
         claimed: list[str] = []
         done: list[str] = []
@@ -124,7 +235,8 @@ class RedisDedupStore:
             else:
                 busy.append(event_id)
         result = ClaimResult(frozenset(claimed), frozenset(done), frozenset(busy))
-        self._track(result.claimed, tag)
+        if claimed:
+            self._track(_Claim(tag, deadline, unique, codes, result.claimed))
         return result
 
     def complete(self, ids: Sequence[str]) -> None:
@@ -138,37 +250,38 @@ class RedisDedupStore:
             return
         unique = list(dict.fromkeys(ids))
         with self._lock:
-            self._take(unique)
-        self._run("release", unique, 1, 0, [])
+            self._take(unique, bitmaps=False)
+        self._run("release", unique, 1, "", [])
 
-    def _track(self, claimed: frozenset[str], tag: str) -> None:
-        if claimed:
-            with self._lock:
-                self._claims.append((tag, claimed))
+    def _track(self, claim: _Claim) -> None:
+        with self._lock:
+            self._claims.append(claim)
 
-    def _take(self, ids: Sequence[str]) -> list[tuple[str, list[str]]]:
-        """Remove ids from the tracked claims; group them by claim call, newest first ("" for unknown ones).
+    def _take(self, ids: Sequence[str], *, bitmaps: bool) -> list[_Done]:
+        """Remove ids from the tracked claims; group them by claim call, newest first (for a complete).
 
-        Called with the lock held.
+        Ids of no tracked claim come last, with an empty tag. Called with the lock held.
         """
         rest = set(ids)
-        groups: list[tuple[str, list[str]]] = []
+        groups: list[_Done] = []
         claims = self._claims
         for i in range(len(claims) - 1, -1, -1):
             if not rest:
                 break
-            tag, claimed = claims[i]
-            mine = claimed & rest
+            claim = claims[i]
+            mine = claim.claimed & rest
             if mine:
-                groups.append((tag, list(mine)))
-                claims[i] = (tag, claimed - mine)
+                if bitmaps:
+                    groups.append(_Done(claim.tag, claim.deadline, claim.bitmap(mine), mine, False))
+                claim.claimed -= mine
+                claim.intact = False
                 rest -= mine
         if rest:
-            groups.append(("", list(rest)))
+            groups.append(_Done("", b"", b"", rest, True))
         return groups
 
     @staticmethod
-    def _join(ids: list[str]) -> str:
+    def _join(ids: Collection[str]) -> str:
         if not ids:
             return ""
         joined = "\n".join(ids)
@@ -176,10 +289,10 @@ class RedisDedupStore:
             joined = "\n".join(_stored(i) for i in ids)
         return joined
 
-    def _run(self, op: str, ids: list[str], lease_ms: int, seq: int, groups: list[tuple[str, list[str]]]) -> Any:
-        args: list[Any] = [op, self._owner, lease_ms, self._retention_ms, seq, self._join(ids)]
-        for tag, members in groups:
-            args += [tag, self._join(members)]
+    def _run(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> Any:
+        args: list[Any] = [op, self._owner, lease_ms, self._retention_ms, tag, self._join(ids), self._width_ms]
+        for done in groups:
+            args += [done.tag, done.deadline, done.bitmap, self._join(done.ids) if done.with_ids else ""]
         started = time.perf_counter()
         try:
             result = self._script(keys=[self._root], args=args)

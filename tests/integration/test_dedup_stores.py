@@ -140,12 +140,13 @@ def test_redis_claims_a_batch_in_one_script_call_with_every_key_in_one_slot_and_
     store.claim_batch(ids, lease_s=30)
     store.complete_and_claim(ids, [f"n{i}" for i in range(500)], lease_s=30)
     assert evalsha_calls() - before == 2, "one round trip per batch"
-    keys = [store.key(i) for i in ids]
-    done_sets = [k.decode() for k in client.scan_iter(match=f"{{kcons:dedup:{namespace}}}:b:*")]
-    assert done_sets, "the batch was recorded done in its claim's set"
-    assert len({key_slot(k.encode()) for k in keys + done_sets}) == 1, "one hash slot for the whole namespace"
-    ttls = [client.pttl(k) for k in keys[:50] + done_sets]
-    assert all(0 < t <= 3600 * 1000 for t in ttls), "every key expires within the retention"
+    keys = [k.decode() for k in client.scan_iter(match=f"{store.root}:*")]
+    assert any(":b:" in k for k in keys), "the batch was recorded done in its claim call's bitmap"
+    assert any(":h:" in k for k in keys), "the ids are fields of a bucket hash"
+    assert len({key_slot(k.encode()) for k in keys}) == 1, "one hash slot for the whole namespace"
+    bound_ms = (3600 + store.bucket_s + 30) * 1000
+    ttls = [client.pttl(k) for k in keys]
+    assert all(0 < t <= bound_ms for t in ttls), "every key expires within the documented bound"
     assert store.claim_batch(ids, lease_s=30).done == set(ids)
 
 
@@ -255,3 +256,139 @@ def test_completing_an_id_this_worker_never_claimed_or_claimed_long_ago_still_ma
         worker.claim([f"filler-{i}"], lease_s=60)
     worker.complete(["old", "never-claimed"])
     assert other.claim_batch(["old", "never-claimed"], lease_s=60).done == {"old", "never-claimed"}
+
+
+def _redis_store(redis_url: str, namespace: str, **kw: Any) -> RedisDedupStore:
+    return RedisDedupStore(redis.Redis.from_url(redis_url), namespace=namespace, **kw)
+
+
+def test_redis_a_claim_whose_release_failed_is_not_turned_done_by_completing_its_siblings(
+    redis_url: str, namespace: str
+) -> None:
+    worker = _redis_store(redis_url, namespace)
+    other = _redis_store(redis_url, namespace)
+    assert worker.claim(["a", "b", "c"], lease_s=0.5) == {"a", "b", "c"}
+    script = worker._script
+
+    def failing(keys: list[str], args: list[Any]) -> Any:
+        if args[0] == "release":
+            raise redis.ConnectionError("connection lost")
+        return script(keys=keys, args=args)
+
+    worker._script = failing
+    with pytest.raises(StoreError):
+        worker.release(["b"])
+    worker.complete(["a", "c"])
+    result = other.claim_batch(["a", "b", "c"], lease_s=30)
+    assert result.done == {"a", "c"}
+    assert result.busy == {"b"}, "b is still only claimed (in progress), never done"
+    time.sleep(0.7)
+    assert other.claim(["b"], lease_s=30) == {"b"}, "once its lease expires, b is redelivered work"
+
+
+def test_redis_takeover_of_an_expired_claim_written_in_an_older_bucket(redis_url: str, namespace: str) -> None:
+    slow = _redis_store(redis_url, namespace, retention_s=1.0)
+    fast = _redis_store(redis_url, namespace, retention_s=1.0)
+    assert slow.bucket_s <= 0.5
+    assert slow.claim(["t"], lease_s=0.3) == {"t"}
+    time.sleep(0.7)  # the lease expired, and the current bucket is a newer one
+    assert fast.claim(["t"], lease_s=30) == {"t"}
+    holders = [k for k in fast._client.scan_iter(match=f"{fast.root}:h:*") if fast._client.hexists(k, "t")]
+    assert len(holders) == 1, "the takeover moved the claim to the current bucket"
+    assert slow.claim_batch(["t"], lease_s=30).busy == {"t"}
+    fast.complete(["t"])
+    assert slow.claim_batch(["t"], lease_s=30).done == {"t"}
+
+
+def test_redis_a_claim_completed_after_its_lease_is_still_recorded_done(redis_url: str, namespace: str) -> None:
+    worker = _redis_store(redis_url, namespace)
+    other = _redis_store(redis_url, namespace)
+    assert worker.claim(["late", "sibling"], lease_s=0.2) == {"late", "sibling"}
+    time.sleep(0.4)
+    worker.complete(["late"])  # its bucket's TTL was set for a completion within the lease
+    result = other.claim_batch(["late", "sibling"], lease_s=30)
+    assert result.done == {"late"}
+    assert result.claimed == {"sibling"}
+
+
+def test_redis_ids_in_two_buckets_are_all_found(redis_url: str, namespace: str) -> None:
+    store = _redis_store(redis_url, namespace, retention_s=1.0)
+    other = _redis_store(redis_url, namespace, retention_s=1.0)
+    first = [f"a{i}" for i in range(300)]
+    second = [f"b{i}" for i in range(300)]
+    assert store.claim(first, lease_s=30) == set(first)
+    store.complete(first[:200])
+    time.sleep(store.bucket_s + 0.05)
+    result = store.complete_and_claim(first[200:], second + first[:10], lease_s=30)
+    assert result.claimed == set(second)
+    assert result.done == set(first[:10])
+    buckets = list(store._client.scan_iter(match=f"{store.root}:h:*"))
+    assert len(buckets) == 2
+    seen = other.claim_batch(first + second, lease_s=30)
+    assert seen.done == set(first)
+    assert seen.busy == set(second)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A 3-node Redis Cluster (no replicas) of local redis-server processes."""
+    import shutil
+    import subprocess
+
+    from kcons.testing.local import free_port
+
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        pytest.skip("redis-server and redis-cli are needed for the Redis Cluster test")
+    base = tmp_path_factory.mktemp("redis-cluster")
+    ports = [free_port() for _ in range(3)]
+
+    def node(port: int) -> list[str]:
+        return [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                "--cluster-config-file", f"nodes-{port}.conf", "--save", "", "--appendonly", "no",
+                "--dir", str(base), "--daemonize", "no", "--loglevel", "warning"]  # fmt: skip
+
+    procs = [subprocess.Popen(node(p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+    try:
+        for p in ports:
+            client = redis.Redis(port=p, socket_connect_timeout=1)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        nodes = [f"127.0.0.1:{p}" for p in ports]
+        subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, timeout=60)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while redis.Redis(port=ports[0]).cluster("info").get("cluster_state") != "ok":
+            assert time.monotonic() < deadline, "the Redis Cluster did not become ready"
+            time.sleep(0.2)
+        cluster = redis.RedisCluster(host="127.0.0.1", port=ports[0])
+        yield cluster
+        cluster.close()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(10)
+
+
+def test_redis_store_works_on_a_3_node_redis_cluster(redis_cluster: Any, namespace: str) -> None:
+    first = RedisDedupStore(redis_cluster, namespace=namespace, retention_s=3600)
+    second = RedisDedupStore(redis_cluster, namespace=namespace, retention_s=3600)
+    ids = [f"c{i}" for i in range(1000)]
+    assert first.claim(ids[:600], lease_s=30) == set(ids[:600])
+    result = second.complete_and_claim([], ids, lease_s=30)
+    assert result.claimed == set(ids[600:]) and result.busy == set(ids[:600])
+    first.complete(ids[:600])
+    second.release(ids[600:])
+    again = second.claim_batch(ids, lease_s=30)
+    assert again.done == set(ids[:600]) and again.claimed == set(ids[600:])
+    node = redis_cluster.get_node_from_key(first.root)
+    keys = list(redis_cluster.scan_iter(match=f"{first.root}:*", target_nodes=node))
+    assert keys and {key_slot(k) for k in keys} == {key_slot(first.root.encode())}
