@@ -12,6 +12,7 @@ every partition.
 
     python tests/fault/consumer_kill.py            # full: 20,000 messages over 90 s, 3 workers, >= 12 kills
     python tests/fault/consumer_kill.py --quick    # ~60 s: 3,000 messages, 2 workers, 4 kills
+    python tests/fault/consumer_kill.py --store redis   # the IdempotentConsumer with the Redis store
 
 The last line of output is one JSON object; the exit status is 0 only when ``ok`` is true.
 """
@@ -121,13 +122,28 @@ def produce(bootstrap: str, topic: str, messages: int, resend_rate: float, durat
     out.update(ids=sent_ids, resends=resends, sent=messages, partitions=partitions)
 
 
-def effect_counts(dsn: str) -> tuple[int, int]:
+def effects(dsn: str, redis_url: str | None, group: str) -> dict[str, int]:
+    """Effect count per event id: rows in PostgreSQL, or entries of the Redis effect list (``--store redis``)."""
+    if redis_url is not None:
+        import redis
+
+        counts: dict[str, int] = {}
+        client = redis.Redis.from_url(redis_url)
+        try:
+            for raw in client.lrange(f"kcons-test-effects:{group}", 0, -1):
+                counts[raw.decode()] = counts.get(raw.decode(), 0) + 1
+        finally:
+            client.close()
+        return counts
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT count(DISTINCT event_id), count(*) FROM kcons_fault_effects").fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1])
+        return dict(conn.execute("SELECT event_id, count(*) FROM kcons_fault_effects GROUP BY event_id").fetchall())
+
+
+def effect_counts(dsn: str, redis_url: str | None, group: str) -> tuple[int, int]:
+    counts = effects(dsn, redis_url, group)
+    return len(counts), sum(counts.values())
 
 
 def lag(bootstrap: str, group: str, topic: str, partitions: int) -> int:
@@ -159,6 +175,11 @@ def main() -> int:
         help="give workers a group.instance.id: a restarted worker gets its partitions back without a rebalance",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--store", choices=("postgres", "redis"), default="postgres",
+        help="postgres: the transactional consumer (effect and dedup record in one transaction); redis: the "
+        "IdempotentConsumer with the Redis store, effects appended to a Redis list",
+    )  # fmt: skip
     parser.add_argument("--drain-timeout", type=float, default=240.0)
     parser.add_argument(
         "--control-unsafe", action="store_true",
@@ -179,7 +200,8 @@ def main() -> int:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    with start_stack(kafka=True, redis=False, postgres=True) as stack:
+    with start_stack(kafka=True, redis=args.store == "redis", postgres=True) as stack:
+        redis_url = stack.redis_url if args.store == "redis" else None
         bootstrap = stack.kafka_bootstrap
         db = f"kcons_fault_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
@@ -197,8 +219,10 @@ def main() -> int:
         admin.create_topics([NewTopic(topic, num_partitions=args.partitions, replication_factor=1)])[topic].result(60)
         group = f"fault-{uuid.uuid4().hex[:8]}"
         env = dict(os.environ, KCONS_KAFKA_BOOTSTRAP=bootstrap, KCONS_POSTGRES_DSN=dsn)
+        if redis_url is not None:
+            env["KCONS_REDIS_URL"] = redis_url
         log_dir = Path(tempfile.mkdtemp(prefix="kcons-consumer-kill-"))
-        worker_args = ["--group", group, "--topic", topic, "--store", "postgres", "--lease", str(lease)]
+        worker_args = ["--group", group, "--topic", topic, "--store", args.store, "--lease", str(lease)]
         worker_args += ["--batch-size", "200"]
         if args.control_unsafe:
             worker_args.append("--effect-outside-transaction")
@@ -237,7 +261,7 @@ def main() -> int:
             now = time.monotonic()
             if now < next_kill:
                 continue
-            rows = effect_counts(dsn)[1]
+            rows = effect_counts(dsn, redis_url, group)[1]
             if rows == last_rows and now - stalled_since < 60:
                 continue  # wait for progress
             if now - stalled_since >= 60:
@@ -260,22 +284,19 @@ def main() -> int:
                  kills)  # fmt: skip
 
         deadline = time.monotonic() + args.drain_timeout
-        distinct, _rows = effect_counts(dsn)
+        distinct, _rows = effect_counts(dsn, redis_url, group)
         while distinct < unique and time.monotonic() < deadline:
             time.sleep(1.0)
             for w in workers:
                 if not w.alive():
                     log.warning("%s exited (%s); restarting it", w.name, w.proc.returncode if w.proc else None)
                     w.start()
-            distinct, _rows = effect_counts(dsn)
+            distinct, _rows = effect_counts(dsn, redis_url, group)
         time.sleep(3.0)  # late duplicates, if any, would land now
         exit_codes = [w.stop() for w in workers]
         remaining = lag(bootstrap, group, topic, args.partitions)
 
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            counts = dict(
-                conn.execute("SELECT event_id, count(*) FROM kcons_fault_effects GROUP BY event_id").fetchall()
-            )
+        counts = effects(dsn, redis_url, group)
         sent_ids = set(produced["ids"])
         lost = sum(1 for i in sent_ids if i not in counts)
         duplicates = sum(n - 1 for n in counts.values() if n > 1)
@@ -309,6 +330,7 @@ def main() -> int:
             "lease_s": lease,
             "static_membership": static,
             "control_unsafe": args.control_unsafe,
+            "store": args.store,
             "seed": seed,
             "seconds": round(time.monotonic() - started, 1),
             "ok": ok,
