@@ -190,10 +190,10 @@ def test_a_crash_inside_the_handler_leaves_a_claim_that_expires_after_its_lease_
         env=env, timeout=120, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert worker.returncode == -signal.SIGKILL, worker.stderr[-2000:]
-    owner, seq, deadline_ms = redis_client.get(f"{{kcons:dedup:{group}}}:i:fatal").split(b"|")
-    assert not redis_client.sismember(f"{{kcons:dedup:{group}}}:b:{owner.decode()}|{seq.decode()}", "fatal")
+    state, owner, deadline_ms = RedisDedupStore(redis_client, namespace=group).describe("fatal")
+    assert state == "claimed" and owner and deadline_ms is not None, "claimed, not done"
     seconds, micros = redis_client.time()
-    assert 0 < int(deadline_ms) - (seconds * 1000 + micros // 1000) <= 10_000, "in progress under its lease"
+    assert 0 < deadline_ms - (seconds * 1000 + micros // 1000) <= 10_000, "in progress under its lease"
     assert redis_client.lrange(f"kcons-test-effects:{group}", 0, -1) == [b"before"]
 
     handled: list[str] = []

@@ -329,55 +329,6 @@ def test_redis_ids_in_two_buckets_are_all_found(redis_url: str, namespace: str) 
     assert seen.busy == set(second)
 
 
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A 3-node Redis Cluster (no replicas) of local redis-server processes."""
-    import shutil
-    import subprocess
-
-    from kcons.testing.local import free_port
-
-    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if binary is None or cli is None:
-        pytest.skip("redis-server and redis-cli are needed for the Redis Cluster test")
-    base = tmp_path_factory.mktemp("redis-cluster")
-    ports = [free_port() for _ in range(3)]
-
-    def node(port: int) -> list[str]:
-        return [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                "--cluster-config-file", f"nodes-{port}.conf", "--save", "", "--appendonly", "no",
-                "--dir", str(base), "--daemonize", "no", "--loglevel", "warning"]  # fmt: skip
-
-    procs = [subprocess.Popen(node(p), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
-    try:
-        for p in ports:
-            client = redis.Redis(port=p, socket_connect_timeout=1)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-        nodes = [f"127.0.0.1:{p}" for p in ports]
-        subprocess.run([cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, stdout=subprocess.DEVNULL, timeout=60)  # fmt: skip
-        deadline = time.monotonic() + 30
-        while redis.Redis(port=ports[0]).cluster("info").get("cluster_state") != "ok":
-            assert time.monotonic() < deadline, "the Redis Cluster did not become ready"
-            time.sleep(0.2)
-        cluster = redis.RedisCluster(host="127.0.0.1", port=ports[0])
-        yield cluster
-        cluster.close()
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(10)
-
-
 def test_redis_store_works_on_a_3_node_redis_cluster(redis_cluster: Any, namespace: str) -> None:
     first = RedisDedupStore(redis_cluster, namespace=namespace, retention_s=3600)
     second = RedisDedupStore(redis_cluster, namespace=namespace, retention_s=3600)
