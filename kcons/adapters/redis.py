@@ -206,15 +206,11 @@ class RedisDedupStore:
             groups = self._take(done_ids, bitmaps=True)
         if not unique and not groups:
             return ClaimResult(frozenset())
-        reply = self._run("batch", unique, lease_ms, tag, groups)
-        if isinstance(reply, str):
-            reply = reply.encode()
+        reply = self._batch(unique, lease_ms, tag, groups)
         if reply[:1] == b"L":  # the rare case: groups completed after their lease are written "d", by id
             for number in reply[1:].split(b","):
                 groups[int(number) - 1] = groups[int(number) - 1]._replace(with_ids=True)
-            reply = self._run("batch", unique, lease_ms, tag, groups)
-            if isinstance(reply, str):
-                reply = reply.encode()
+            reply = self._batch(unique, lease_ms, tag, groups)
         deadline, _, codes = reply.partition(b"|")
         if len(codes) != len(unique):
             raise StoreError(f"redis dedup claim answered {len(codes)} codes for {len(unique)} ids")
@@ -288,6 +284,11 @@ class RedisDedupStore:
         if joined.count("\n") != len(ids) - 1 or max(map(len, ids)) > MAX_ID_LENGTH or min(map(len, ids)) == 0:
             joined = "\n".join(_stored(i) for i in ids)
         return joined
+
+    def _batch(self, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> bytes:
+        """One "batch" script call; its reply as bytes (the client may or may not decode replies)."""
+        reply = self._run("batch", ids, lease_ms, tag, groups)
+        return reply.encode() if isinstance(reply, str) else bytes(reply)
 
     def _run(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> Any:
         args: list[Any] = [op, self._owner, lease_ms, self._retention_ms, tag, self._join(ids), self._width_ms]
