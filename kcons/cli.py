@@ -233,7 +233,7 @@ def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, 
 
 def _mount_subcommands() -> None:
     """Attach the command groups that live next to the parts they drive."""
-    from kcons.cache import cache_cli
+    from kcons.cache.cli import cache_cli
     from kcons.outbox.cli import outbox
     from kcons.raft.cli import raft
 

@@ -32,7 +32,6 @@ from typing import Any
 import psycopg
 import redis
 
-from kcons.adapters.redis_cache import RedisCacheBackend
 from kcons.cache import (
     AppliedInvalidation,
     CacheEntry,
@@ -47,6 +46,7 @@ from kcons.cache import (
     WriteResult,
     encode_entry,
 )
+from kcons.cache.redis import RedisCacheBackend
 from kcons.config import KafkaSettings
 from kcons.envelope import Envelope
 from kcons.outbox import OutboxRelay, RelaySettings, add

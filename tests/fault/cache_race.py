@@ -42,8 +42,8 @@ import psycopg
 import redis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from kcons.adapters.redis_cache import RedisCacheBackend
 from kcons.cache import CacheSettings
+from kcons.cache.redis import RedisCacheBackend
 from kcons.outbox import install_schema
 from kcons.testing import child_env, start_stack
 

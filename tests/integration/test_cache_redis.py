@@ -8,7 +8,6 @@ import time
 import uuid
 from typing import Any
 
-from kcons.adapters.redis_cache import RedisCacheBackend
 from kcons.cache import (
     CacheEntry,
     CacheSettings,
@@ -19,6 +18,7 @@ from kcons.cache import (
     WriteOutcome,
     guard_accepts,
 )
+from kcons.cache.redis import RedisCacheBackend
 
 
 def _cache(redis_client: Any, **settings: Any) -> ConsistentCache:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kcons.adapters.redis_cache import cache_keys
 from kcons.cache import CacheEntry, CacheSettings, WriteOp, decode_entry, encode_entry, guard_accepts
+from kcons.cache.redis import cache_keys
 from kcons.errors import ConfigError
 
 

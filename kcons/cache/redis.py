@@ -1,4 +1,4 @@
-"""The Redis :class:`~kcons.cache.CacheBackend`: one registered Lua script guards every write.
+"""The Redis :class:`~kcons.cache.model.CacheBackend`: one registered Lua script guards every write.
 
 Key layout, Redis Cluster safe: the data key ``<prefix>:{<key>}`` holds the packed entry
 (``v<version>:<value>`` or ``t<version>:``) and the lease key ``<prefix>:{<key>}:lease`` holds the
@@ -14,14 +14,22 @@ from typing import Any
 
 import redis
 
-from kcons.cache import CacheEntry, CacheUnavailableError, CacheWrite, WriteOp, WriteOutcome, WriteResult, decode_entry
+from kcons.cache.model import (
+    CacheEntry,
+    CacheUnavailableError,
+    CacheWrite,
+    WriteOp,
+    WriteOutcome,
+    WriteResult,
+    decode_entry,
+)
 from kcons.errors import ConfigError, StoreError
 
 __all__ = ["RedisCacheBackend", "cache_keys"]
 
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
-_SCRIPT = resources.files("kcons.adapters").joinpath("cache_fill.lua").read_text(encoding="utf-8")
+_SCRIPT = resources.files("kcons.cache").joinpath("cache_fill.lua").read_text(encoding="utf-8")
 _OUTCOMES = {1: WriteOutcome.APPLIED, 0: WriteOutcome.STALE, -1: WriteOutcome.LEASE_LOST}
 
 

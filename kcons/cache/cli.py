@@ -1,0 +1,172 @@
+"""``kcons cache``: run the invalidator, inspect entries (the only click code of the cache)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from kcons.cache.cache import CacheSettings, ConsistentCache
+from kcons.cache.events import KeysFor, key_template
+from kcons.cache.invalidator import CacheInvalidator
+from kcons.cache.model import Strategy
+from kcons.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["cache_cli", "invalidator_command", "peek_command"]
+
+
+def _import_function(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError("--keys", f"expected module:function, got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("--keys", f"cannot import {spec!r}: {exc}") from None
+    if not callable(target):
+        raise ConfigError("--keys", f"{spec!r} is not callable")
+    return target
+
+
+@click.group("cache")
+def cache_cli() -> None:
+    """Versioned Redis cache: run the invalidator, inspect entries."""
+
+
+@cache_cli.command("invalidator")
+@click.option(
+    "--topic", "topics", multiple=True, help="Change-event topic (repeatable; or comma-separated $KCONS_CACHE_TOPICS)."
+)
+@click.option(
+    "--group",
+    envvar="KCONS_CACHE_GROUP",
+    default="kcons-cache-invalidator",
+    show_default=True,
+    help="Kafka consumer group of the invalidator replicas ($KCONS_CACHE_GROUP).",
+)
+@click.option(
+    "--keys", "keys_spec", envvar="KCONS_CACHE_KEYS", help="module:function mapping a ChangeEvent to its cache keys."
+)
+@click.option("--key-template", "template", default="{aggregate_type}:{aggregate_id}", show_default=True)
+@click.option(
+    "--strategy",
+    type=click.Choice([Strategy.VERSIONED_INVALIDATION.value, Strategy.WRITE_BEHIND.value]),
+    default=Strategy.VERSIONED_INVALIDATION.value,
+    show_default=True,
+)
+@click.option("--version-field", default="version", show_default=True, help="Debezium row column holding the version.")
+@click.option(
+    "--idempotent-consumer",
+    "per_event",
+    is_flag=True,
+    help="Use the IdempotentConsumer loop (one round trip per event).",
+)
+@click.option("--name", envvar="KCONS_CACHE_NAME", default="default", show_default=True, help="Cache name.")
+@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", type=int, help="Serve /metrics and /healthz on this port.")
+@click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True)
+def invalidator_command(
+    topics: tuple[str, ...],
+    group: str,
+    keys_spec: str | None,
+    template: str,
+    strategy: str,
+    version_field: str,
+    per_event: bool,
+    name: str,
+    metrics_port: int | None,
+    metrics_host: str,
+) -> None:
+    """Apply change events to the cache until SIGTERM; settings from KCONS_KAFKA_*, KCONS_REDIS_*, KCONS_CACHE_*."""
+    import os
+
+    import redis
+
+    from kcons.config import KafkaSettings, RedisSettings, redact
+    from kcons.errors import KconsError
+    from kcons.metrics import MetricsServer
+
+    if not topics:
+        topics = tuple(t.strip() for t in os.environ.get("KCONS_CACHE_TOPICS", "").split(",") if t.strip())
+    try:
+        if not topics:
+            raise ConfigError("KCONS_CACHE_TOPICS", "no change-event topic given (--topic or KCONS_CACHE_TOPICS)")
+        kafka = KafkaSettings.from_env()
+        redis_settings = RedisSettings.from_env()
+        settings = CacheSettings.from_env()
+        keys_for: KeysFor = _import_function(keys_spec) if keys_spec else key_template(template)
+    except KconsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    client = redis.Redis.from_url(redis_settings.url, socket_timeout=redis_settings.socket_timeout_s)
+    cache = ConsistentCache(client, name=name, settings=settings)
+    inv = CacheInvalidator(cache, keys_for, strategy=Strategy(strategy), version_field=version_field)
+    stop = threading.Event()
+
+    def health() -> tuple[bool, str]:
+        return (not stop.is_set(), f"redis {redact(redis_settings.url)}")
+
+    server = (
+        MetricsServer(metrics_port, metrics_host, health_checks=[("invalidator", health)]) if metrics_port else None
+    )
+    if server is not None:
+        server.start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info(
+        "cache invalidator on %s (group %s, %s)",
+        ",".join(topics),
+        group,
+        "idempotent-consumer" if per_event else "batched",
+    )
+    try:
+        inv.run(kafka.client_config(**{"group.id": group}), list(topics), stop=stop, batched=not per_event)
+    except KconsError as exc:
+        log.error("invalidator failed: %s", exc)
+        sys.exit(1)
+    finally:
+        if server is not None:
+            server.stop()
+        client.close()
+
+
+@cache_cli.command("peek")
+@click.argument("key")
+@click.option("--prefix", default=None, help="Key prefix (default: $KCONS_CACHE_PREFIX or kcons:cache).")
+def peek_command(key: str, prefix: str | None) -> None:
+    """Print what Redis holds for KEY: its version and whether it is a value or a tombstone."""
+    import redis
+
+    from kcons.cache.redis import RedisCacheBackend
+    from kcons.config import RedisSettings
+    from kcons.errors import KconsError
+
+    try:
+        redis_settings = RedisSettings.from_env()
+        settings = CacheSettings.from_env()
+    except KconsError as exc:
+        raise click.ClickException(str(exc)) from None
+    client = redis.Redis.from_url(redis_settings.url, socket_timeout=redis_settings.socket_timeout_s)
+    try:
+        entry = RedisCacheBackend(client, prefix=prefix or settings.prefix).read(key)
+    finally:
+        client.close()
+    if entry is None:
+        click.echo(json.dumps({"key": key, "present": False}))
+    else:
+        click.echo(
+            json.dumps(
+                {"key": key, "present": True, "version": entry.version, "tombstone": entry.is_tombstone,
+                 "bytes": 0 if entry.value is None else len(entry.value)}
+            )
+        )  # fmt: skip

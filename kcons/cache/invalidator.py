@@ -1,0 +1,338 @@
+"""The :class:`CacheInvalidator`: applies change events to a :class:`~kcons.cache.ConsistentCache`.
+
+**Invalidator loops.** :meth:`CacheInvalidator.run` consumes with a plain consumer that applies
+each polled batch in one pipelined Redis round trip (default), or through
+:class:`~kcons.consumer.IdempotentConsumer` (``batched=False``: one round trip per event, its
+dedup store and dead-letter handling). Both commit offsets only after Redis acknowledged, send
+malformed events to ``<topic>.dlq``, and retry an unreachable Redis instead of skipping.
+Commit-to-applied lag is measured from the ``kcons-committed-at`` header (epoch seconds) when
+the writer sets one, else from the Kafka record timestamp (the kcons outbox relay stamps each
+record with its outbox row's insert time, so the time spent in the outbox counts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_exponential
+
+from kcons.cache.cache import ConsistentCache
+from kcons.cache.events import ChangeEvent, KeysFor, ValueFor, aggregate_key, decode_change_event
+from kcons.cache.model import CacheUnavailableError, CacheWrite, Strategy, WriteOutcome
+from kcons.config import check_range
+from kcons.errors import ConfigError, DecodeError
+
+if TYPE_CHECKING:
+    from kcons.consumer import IdempotentConsumer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AppliedInvalidation", "CacheInvalidator", "OnApplied", "plan_writes"]
+
+
+def plan_writes(
+    cache: ConsistentCache,
+    event: ChangeEvent,
+    keys_for: KeysFor,
+    strategy: Strategy = Strategy.VERSIONED_INVALIDATION,
+    value_for: ValueFor | None = None,
+) -> list[CacheWrite]:
+    """The guarded writes one change event causes: tombstones, or new values for write-behind.
+
+    Deletes always write tombstones. For write-behind the value is ``value_for(event)`` (default:
+    the event's payload); an event without a value falls back to a tombstone.
+    """
+    writes: list[CacheWrite] = []
+    value: bytes | None = None
+    if strategy is Strategy.WRITE_BEHIND and event.op not in {"d", "delete", "deleted"}:
+        value = value_for(event) if value_for is not None else event.value
+    for key in keys_for(event):
+        if value is None:
+            writes.append(cache.tombstone_write(key, event.version))
+        else:
+            writes.append(cache.value_write(key, value, event.version))
+    return writes
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedInvalidation:
+    """One cache write caused by a change event, after Redis acknowledged it."""
+
+    key: str
+    version: int
+    outcome: WriteOutcome
+    event: ChangeEvent
+
+
+OnApplied = Callable[[Sequence[AppliedInvalidation]], None]
+
+
+class CacheInvalidator:
+    """Applies change events to a :class:`ConsistentCache` under the version guard.
+
+    Each event is decoded (:func:`decode_change_event`), mapped to keys with ``keys_for``, and
+    written as a tombstone (``VERSIONED_INVALIDATION``) or as its new value (``WRITE_BEHIND``).
+    :meth:`apply_records` returns only after Redis acknowledged every write, so a Kafka loop that
+    commits offsets afterwards never loses an invalidation; replays are harmless because the
+    guard never moves a key's version backwards. ``on_applied`` is called after each batch.
+    """
+
+    def __init__(
+        self,
+        cache: ConsistentCache,
+        keys_for: KeysFor = aggregate_key,
+        *,
+        strategy: Strategy = Strategy.VERSIONED_INVALIDATION,
+        value_for: ValueFor | None = None,
+        version_field: str = "version",
+        on_applied: OnApplied | None = None,
+        retry_after_s: float = 0.5,
+    ) -> None:
+        check_range("retry_after_s", retry_after_s, 0.0, 3600.0)
+        if strategy is Strategy.WRITE_THROUGH:
+            raise ConfigError(
+                "strategy",
+                "write-through is done by the writer (ConsistentCache.write_through); the invalidator "
+                "applies VERSIONED_INVALIDATION or WRITE_BEHIND",
+            )
+        self.cache = cache
+        self.keys_for = keys_for
+        self.strategy = strategy
+        self.value_for = value_for
+        self.version_field = version_field
+        self.on_applied = on_applied
+        self.retry_after_s = retry_after_s
+
+    def decode(self, message: Any) -> ChangeEvent | None:
+        """Decode a confluent-kafka ``Message`` (raises DecodeError for a malformed change event)."""
+        ts_type, ts = message.timestamp() if hasattr(message, "timestamp") else (0, None)
+        return decode_change_event(
+            message.key(),
+            message.value(),
+            message.headers(),
+            topic=message.topic(),
+            timestamp_ms=ts if ts_type else None,
+            version_field=self.version_field,
+        )
+
+    def apply_events(self, events: Sequence[ChangeEvent]) -> list[AppliedInvalidation]:
+        """Write the cache changes of ``events`` in one Redis round trip; returns once acknowledged."""
+        writes: list[CacheWrite] = []
+        owners: list[ChangeEvent] = []
+        for event in events:
+            for w in plan_writes(self.cache, event, self.keys_for, self.strategy, self.value_for):
+                writes.append(w)
+                owners.append(event)
+        results = self.cache.apply_writes(writes, [e.committed_at for e in owners])
+        applied = [
+            AppliedInvalidation(w.key, w.version, r.outcome, e) for w, r, e in zip(writes, results, owners, strict=True)
+        ]
+        if applied and self.on_applied is not None:
+            self.on_applied(applied)
+        return applied
+
+    def apply_records(self, messages: Sequence[Any]) -> list[AppliedInvalidation]:
+        """Decode and apply a batch of Kafka records; records that change nothing are skipped."""
+        events = [e for e in (self.decode(m) for m in messages) if e is not None]
+        return self.apply_events(events)
+
+    def handle(self, message: Any) -> None:
+        """Apply one Kafka record (a per-message IdempotentConsumer handler); returns once Redis acknowledged.
+
+        A malformed change event raises DecodeError (the consumer dead-letters it); an
+        unreachable Redis raises RetryLater, so the partition is rewound and paused, never
+        skipped: the offset is committed only after the invalidation is applied.
+        """
+        self.handle_batch([message])
+
+    def handle_batch(self, messages: list[Any]) -> None:
+        """Apply a batch of Kafka records in one Redis round trip (the IdempotentConsumer batch handler).
+
+        Raises like :meth:`handle`: DecodeError for a malformed change event (the consumer then
+        retries the batch one record at a time and dead-letters that record), RetryLater when
+        Redis is unreachable (the batch is rewound, never skipped).
+        """
+        from kcons.consumer import RetryLater
+
+        events = [e for e in (self.decode(m) for m in messages) if e is not None]
+        if not events:
+            return
+        try:
+            self.apply_events(events)
+        except CacheUnavailableError as exc:
+            raise RetryLater(self.retry_after_s, f"cache unavailable: {exc}") from exc
+
+    def consumer(
+        self, config: Mapping[str, Any], topics: Sequence[str], *, store: Any = None, **kwargs: Any
+    ) -> IdempotentConsumer:
+        """An :class:`~kcons.consumer.IdempotentConsumer` that feeds this invalidator.
+
+        ``config`` is a confluent-kafka consumer config (``group.id`` required);
+        ``isolation.level`` defaults to ``read_committed`` (aborted relay transactions are never
+        applied) and ``auto.offset.reset`` to ``earliest``. The dedup ``store`` defaults to an
+        in-memory one (100,000 ids): the version guard already makes re-applying an event harmless, so the
+        store only saves Redis round trips. Other keyword arguments go to the consumer.
+        """
+        from kcons.adapters.memory import MemoryDedupStore
+        from kcons.consumer import IdempotentConsumer
+
+        merged: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
+        merged.update(config)
+        kwargs.setdefault("batch_timeout_s", 0.05)
+        return IdempotentConsumer(
+            merged,
+            topics,
+            None,
+            batch_handler=self.handle_batch,
+            store=store if store is not None else MemoryDedupStore(max_entries=100_000),
+            **kwargs,
+        )
+
+    def run(
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        *,
+        stop: threading.Event | None = None,
+        batched: bool = True,
+        store: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Consume ``topics`` until ``stop`` is set; offsets commit only after Redis acknowledged the invalidations.
+
+        By default through :meth:`run_batched` (one pipelined Redis round trip per polled batch);
+        with ``batched=False`` through :meth:`consumer` (IdempotentConsumer with
+        :meth:`handle_batch`: one Redis round trip per consumed batch too, plus its dedup store
+        and its retry and dead-letter handling). Both give the same guarantees; the batched loop
+        skips the dedup store, since replays are harmless under the version guard.
+        """
+        if batched:
+            self.run_batched(config, topics, stop=stop, **kwargs)
+            return
+        consumer = self.consumer(config, topics, store=store, **kwargs)
+        stop = stop or threading.Event()
+        try:
+            while not stop.is_set():
+                consumer.poll_once()
+        finally:
+            consumer.close()
+
+    def run_batched(
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        *,
+        stop: threading.Event | None = None,
+        max_batch: int = 1000,
+        poll_s: float = 0.05,
+        redis_retry_s: float = 300.0,
+        dlq_topic: Callable[[str], str] = lambda topic: f"{topic}.dlq",
+        dlq_timeout_s: float = 30.0,
+    ) -> None:
+        """The high-throughput loop: each polled batch is applied in one pipelined Redis round trip.
+
+        Same guarantees as the IdempotentConsumer path: a batch's offsets are committed only
+        after Redis acknowledged all of its writes (and the dead-letter topic acknowledged its
+        malformed events, with ``kcons-dlq-reason``/``kcons-dlq-source`` headers). An unreachable
+        Redis is retried with backoff for up to ``redis_retry_s``, then the error propagates with
+        the batch uncommitted (the next process replays it). No dedup store is needed: replays
+        are harmless under the version guard.
+        """
+        from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+        from kcons.errors import kafka_error_to_exception
+
+        check_range("max_batch", max_batch, 1, 100_000)
+        if not config.get("group.id"):
+            raise ConfigError("group.id", "the invalidator needs a consumer group (group.id)")
+        merged: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
+        merged.update(config)
+        merged["enable.auto.commit"] = False
+        stop = stop or threading.Event()
+        retrying = Retrying(
+            stop=stop_after_delay(redis_retry_s) | stop_when_event_set(stop),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            retry=retry_if_exception_type(CacheUnavailableError),
+            reraise=True,
+        )
+        dlq: Any = None
+        consumer = Consumer(merged)
+        try:
+            consumer.subscribe(list(topics))
+            while not stop.is_set():
+                first = consumer.poll(poll_s)
+                if first is None:
+                    continue
+                batch = [first, *consumer.consume(max_batch - 1, 0)] if max_batch > 1 else [first]
+                records: list[Any] = []
+                for msg in batch:
+                    err = msg.error()
+                    if err is None:
+                        records.append(msg)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        if err.fatal():
+                            raise kafka_error_to_exception(err, "invalidator consume")
+                        log.warning("invalidator consume reported %s", err.str())
+                if not records:
+                    continue
+                events: list[ChangeEvent] = []
+                poison: list[tuple[Any, str]] = []
+                for msg in records:
+                    try:
+                        event = self.decode(msg)
+                    except DecodeError as exc:
+                        poison.append((msg, f"DecodeError: {exc}"[:1000]))
+                        continue
+                    if event is not None:
+                        events.append(event)
+                retrying(self.apply_events, events)
+                if poison:
+                    if dlq is None:
+                        shared = ("bootstrap.servers", "security.", "ssl.", "sasl.", "client.id")
+                        dlq_config = {k: v for k, v in merged.items() if k.startswith(shared)}
+                        dlq_config.update({"enable.idempotence": True, "acks": "all", "linger.ms": 5})
+                        dlq = Producer(dlq_config)
+                    _dead_letter(dlq, poison, dlq_topic, dlq_timeout_s)
+                last: dict[tuple[str, int], int] = {}
+                for msg in records:
+                    tp = (str(msg.topic()), int(msg.partition() or 0))
+                    last[tp] = max(last.get(tp, -1), int(msg.offset() or 0))
+                offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+                consumer.commit(offsets=offsets, asynchronous=True)
+        finally:
+            try:
+                consumer.close()  # commits nothing more: offsets were committed batch by batch
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("closing the invalidator's consumer failed: %s", exc)
+            if dlq is not None:
+                dlq.flush(5)
+
+
+def _dead_letter(
+    producer: Any, poison: Sequence[tuple[Any, str]], topic_of: Callable[[str], str], timeout: float
+) -> None:
+    """Write malformed change events to their dead-letter topics; raise unless all were acknowledged."""
+    from kcons.errors import DeliveryError
+
+    failures: list[str] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failures.append(str(err.str()))
+
+    for msg, reason in poison:
+        headers = list(msg.headers() or [])
+        headers.append(("kcons-dlq-reason", reason.encode("utf-8", "replace")))
+        headers.append(("kcons-dlq-source", f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()))
+        producer.produce(
+            topic_of(str(msg.topic())), key=msg.key(), value=msg.value(), headers=headers, on_delivery=delivered
+        )
+    remaining = producer.flush(timeout)
+    if remaining or failures:
+        raise DeliveryError(f"{remaining + len(failures)} dead-letter writes were not acknowledged")
+    log.error("dead-lettered %d malformed change events", len(poison))
+
