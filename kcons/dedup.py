@@ -17,7 +17,6 @@ Implementations: :mod:`kcons.adapters.memory`, :mod:`kcons.adapters.redis`,
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from kcons.config import check_range
 from kcons.errors import ConfigError, StoreError
+from kcons.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported: the stores check ids against it
+from kcons.ids import storage_id
 
 __all__ = [
     "DEFAULT_RETENTION_S",
@@ -50,8 +51,6 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600.0
 MAX_RETENTION_S = 90 * 24 * 3600.0
 #: Upper bound of a claim lease.
 MAX_LEASE_S = 24 * 3600.0
-#: Ids longer than this are stored by their SHA-256 digest, so keys and rows stay bounded.
-MAX_ID_LENGTH = 200
 
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
@@ -124,13 +123,6 @@ class TransactionalDedupStore(DedupStore, Protocol):
 def new_owner_token() -> str:
     """A random token that identifies one store instance as the holder of its claims."""
     return uuid.uuid4().hex
-
-
-def storage_id(event_id: str) -> str:
-    """The id as stored: itself when short, else ``sha256:<hex digest>`` so keys stay bounded."""
-    if len(event_id) <= MAX_ID_LENGTH:
-        return event_id
-    return "sha256:" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def validate_namespace(setting: str, namespace: str) -> str:

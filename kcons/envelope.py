@@ -11,15 +11,12 @@ the ``id`` header, key = aggregate id, value = payload).
 from __future__ import annotations
 
 import json
-import os
-import threading
-import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kcons.errors import DecodeError
+from kcons.ids import new_event_id, uuid7
 
 __all__ = [
     "HEADER_AGGREGATE_ID",
@@ -49,41 +46,6 @@ KCONS_HEADERS = frozenset(
 #: Kafka headers as confluent-kafka takes and returns them (a list of pairs, or a dict).
 HeaderValue = str | bytes | None
 Headers = Sequence[tuple[str, HeaderValue]] | Mapping[str, HeaderValue]
-
-_lock = threading.Lock()
-_last_ms = 0
-_last_seq = 0
-
-
-def uuid7() -> uuid.UUID:
-    """Return a UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness.
-
-    Within one process the ids are strictly increasing: when the clock has not moved (or moved
-    back), a 12-bit sequence in ``rand_a`` is incremented, and the millisecond is borrowed
-    forward when the sequence runs out.
-    """
-    global _last_ms, _last_seq
-    with _lock:
-        ms = time.time_ns() // 1_000_000
-        if ms <= _last_ms:
-            _last_seq += 1
-            if _last_seq > 0xFFF:
-                _last_ms += 1
-                _last_seq = 0
-            ms = _last_ms
-        else:
-            _last_ms = ms
-            _last_seq = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
-        seq = _last_seq
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand_b
-    return uuid.UUID(int=value)
-
-
-def new_event_id() -> str:
-    """Return a fresh event id: a UUIDv7 in canonical text form."""
-    return str(uuid7())
-
 
 def _text(value: HeaderValue) -> str | None:
     if value is None:

@@ -46,6 +46,7 @@ from kcons.errors import (
     kafka_error_to_exception,
     raise_for_kafka_error,
 )
+from kcons.kafka.client import check_consumer_config
 from kcons.producer import HeaderList, TransactionalProducer
 
 log = logging.getLogger(__name__)
@@ -75,33 +76,6 @@ OutputLike = Output | tuple[str, Envelope]
 Handler = Callable[[Message], Iterable[OutputLike]]
 
 _EARLIEST = {"earliest", "smallest", "beginning"}
-
-
-def _truthy(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in {"true", "1", "yes", "on"}
-
-
-def check_consumer_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Return the consumer config made safe for exactly-once, or raise ConfigError naming the property.
-
-    ``group.id`` is required; ``enable.auto.commit=true`` and ``isolation.level=read_uncommitted``
-    are rejected (offsets are committed inside the transaction, and aborted input must stay
-    invisible); both are then set explicitly, with ``enable.auto.offset.store=false``.
-    """
-    cfg = dict(config)
-    if not cfg.get("group.id"):
-        raise ConfigError("group.id", "is required: the processor commits offsets for its consumer group")
-    if "bootstrap.servers" not in cfg and "metadata.broker.list" not in cfg:
-        raise ConfigError("bootstrap.servers", "is not set")
-    if "enable.auto.commit" in cfg and _truthy(cfg["enable.auto.commit"]):
-        raise ConfigError("enable.auto.commit", "must be false: offsets are committed inside each transaction")
-    iso = cfg.get("isolation.level")
-    if iso is not None and str(iso).strip().lower() != "read_committed":
-        raise ConfigError("isolation.level", f"must be read_committed, got {iso!r}")
-    cfg["enable.auto.commit"] = False
-    cfg["enable.auto.offset.store"] = False
-    cfg["isolation.level"] = "read_committed"
-    return cfg
 
 
 @dataclass

@@ -20,9 +20,7 @@ Every blocking step has a bound.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -52,6 +50,8 @@ from kcons.errors import (
     kafka_error_to_exception,
     raise_for_kafka_error,
 )
+from kcons.ids import fast_event_id
+from kcons.kafka.client import check_producer_config
 
 log = logging.getLogger(__name__)
 
@@ -75,119 +75,8 @@ _UNASSIGNED = -1
 HeaderList = list[tuple[str, bytes | str | None]] | dict[str, bytes | str | None]
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
 #: Error names meaning "init_transactions was already done on this producer".
 _ALREADY_INITIALISED = frozenset({"_STATE", "_CONFLICT"})
-
-
-def _as_bool(setting: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(setting, f"expected true or false, got {value!r}")
-
-
-def check_producer_config(config: Mapping[str, Any], *, transactional: bool) -> dict[str, Any]:
-    """Return a copy of ``config`` made safe for the guarantee, or raise ConfigError naming the property.
-
-    Rejects ``enable.idempotence=false``, ``acks``/``request.required.acks`` other than ``all``/``-1``,
-    more than 5 in-flight requests per connection, zero retries, and (when ``transactional``) a
-    missing ``transactional.id``; a ``transactional.id`` on a non-transactional producer is rejected
-    too, since librdkafka would then refuse every produce outside a transaction. Sets
-    ``enable.idempotence=true`` and ``acks=all`` explicitly.
-    """
-    cfg = dict(config)
-    if "bootstrap.servers" not in cfg and "metadata.broker.list" not in cfg:
-        raise ConfigError("bootstrap.servers", "is not set")
-    if "enable.idempotence" in cfg and not _as_bool("enable.idempotence", cfg["enable.idempotence"]):
-        raise ConfigError("enable.idempotence", "must be true: without it retries can write duplicates")
-    for name in ("acks", "request.required.acks"):
-        if name in cfg and str(cfg[name]).strip().lower() not in {"all", "-1"}:
-            raise ConfigError(name, f"must be all (or -1) so no acknowledged write is lost, got {cfg[name]!r}")
-    inflight = cfg.get("max.in.flight.requests.per.connection", cfg.get("max.in.flight"))
-    if inflight is not None and int(inflight) > 5:
-        raise ConfigError("max.in.flight.requests.per.connection", f"must be <= 5 with idempotence, got {inflight}")
-    for name in ("retries", "message.send.max.retries"):
-        if name in cfg and int(cfg[name]) == 0:
-            raise ConfigError(name, "must be > 0: the idempotent producer relies on retries")
-    tid = cfg.get("transactional.id")
-    if transactional and not tid:
-        raise ConfigError("transactional.id", "is required for a transactional producer (stable per worker)")
-    if not transactional and tid:
-        raise ConfigError("transactional.id", "is set: use TransactionalProducer (or kcons.wrap) for it")
-    cfg["enable.idempotence"] = True
-    cfg.pop("request.required.acks", None)
-    cfg["acks"] = "all"
-    return cfg
-
-
-# --- event ids ---------------------------------------------------------------------------
-
-
-_HEX3 = tuple(f"{i:03x}".encode() for i in range(0x1000))
-
-
-def _event_id_source() -> Callable[[], bytes]:
-    """Build the generator of UUIDv7 text ids: unique within the process, increasing within each thread.
-
-    Same layout as :func:`kcons.envelope.uuid7`: 48-bit Unix milliseconds, version 7, a 12-bit
-    sequence within the millisecond, variant bits and 62 random bits. The random bits are drawn
-    once per millisecond (the sequence keeps ids of one millisecond apart), and so is the text
-    around the sequence. Each millisecond gets a C-level iterator over its 4096 ids (``map``
-    of ``bytes.join`` over ``zip``), so that drawing one id costs one clock read and one
-    ``next()``: about half of what building the text per call in Python cost. The fast path
-    takes no lock: the millisecond's end (in ns) and its iterator live in one immutable tuple
-    swapped as a whole, and ``next()`` on that iterator runs in C under the GIL, so two
-    threads never draw the same id. Only the start of a new millisecond takes the lock; when
-    the 4096 ids of one millisecond are used up, the next millisecond is borrowed, as in uuid7.
-    """
-    lock = threading.Lock()
-    join = b"".join
-    repeat = itertools.repeat
-    # (end of the millisecond in ns since the epoch, the millisecond, the iterator over its remaining ids)
-    state: tuple[int, int, Iterator[bytes]] = (0, -1, iter(()))
-
-    def new_millisecond(now_ns: int) -> bytes:
-        nonlocal state
-        with lock:
-            end, ms, ids = state
-            if now_ns < end:  # another thread moved on already, or the clock went back: stay in order
-                first = next(ids, None)
-                if first is not None:
-                    return first
-                now = ms + 1  # the sequence ran out: borrow the next millisecond
-            else:
-                now = max(now_ns // 1_000_000, ms + 1)
-            rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-            low = 0b10 << 62 | rand  # variant + 62 random bits: 16 hex digits
-            ms48 = now & 0xFFFFFFFFFFFF
-            head = f"{ms48 >> 16:08x}-{ms48 & 0xFFFF:04x}-7".encode()
-            tail = f"-{low >> 48:04x}-{low & 0xFFFFFFFFFFFF:012x}".encode()
-            ids = map(join, zip(repeat(head), _HEX3, repeat(tail), strict=False))
-            first = next(ids)
-            state = ((now + 1) * 1_000_000, now, ids)
-            return first
-
-    def fast_event_id(_time_ns: Callable[[], int] = time.time_ns, _next: Any = next) -> bytes:
-        """Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""
-        end, _, ids = state
-        now_ns = _time_ns()
-        if now_ns < end:
-            event_id: bytes | None = _next(ids, None)
-            if event_id is not None:
-                return event_id
-        return new_millisecond(now_ns)
-
-    return fast_event_id
-
-
-fast_event_id = _event_id_source()
-"""Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""
 
 
 def _with_event_id(headers: HeaderList | None) -> HeaderList:

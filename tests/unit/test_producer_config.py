@@ -121,7 +121,7 @@ def test_event_ids_from_many_threads_are_unique_and_increase_within_each_thread(
 
 
 def test_event_ids_follow_the_clock_borrow_ahead_when_it_stands_still_and_stay_in_order_when_it_goes_back() -> None:
-    from kcons.producer import _event_id_source
+    from kcons.ids import _event_id_source
 
     gen = _event_id_source()
     now = [1_700_000_000_123_456_789]

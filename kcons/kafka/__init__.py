@@ -1,0 +1,31 @@
+"""kcons' Kafka layer: the only code of the package (besides ``kcons.testing``) that imports confluent-kafka.
+
+``client`` checks client configs and closes clients with a time bound; ``messages`` holds the one
+rule for consumed messages' errors and fast batch accessors; ``loop`` is the one batch source;
+``dlq`` the one dead-letter writer. The confluent-kafka types other kcons modules need are
+re-exported here, so they import them through this package.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+__all__ = [
+    "OFFSET_BEGINNING",
+    "OFFSET_END",
+    "Consumer",
+    "KafkaError",
+    "KafkaException",
+    "Message",
+    "Producer",
+    "TopicPartition",
+]
