@@ -23,14 +23,12 @@ if any guarantee failed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
 import logging
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -41,13 +39,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kcons.envelope import Envelope
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["DemoOptions", "Worker", "open_worker", "run_demo"]
 
 ORDERS_TOPIC = "kcons-demo-{run}.orders"
 STOCK_TOPIC = "kcons-demo-{run}.stock"
@@ -180,41 +178,75 @@ class _Database:
 # --------------------------------------------------------------------------- child processes
 
 
-def _relay_main(args: argparse.Namespace) -> None:
+class Worker(Protocol):
+    """A demo child process's main object: ``run`` works until ``stop``, then closes what it opened."""
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+WORKER_ROLES = ("relay", "consumer")
+WORKER_KINDS = ("sqlite", "postgres")
+
+
+def open_worker(role: str, kind: str, db_location: str, bootstrap: str, run: str) -> Worker:
+    """The relay or the inventory consumer of demo run ``run``; the caller runs it and wires signals."""
+    if role == "relay":
+        return _open_relay(kind, db_location, bootstrap)
+    return _open_consumer(kind, db_location, bootstrap, run)
+
+
+class _ClosingWorker:
+    """A consumer as a :class:`Worker`: ``run`` closes it (commits, leaves the group) on return."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+
+    def run(self) -> None:
+        try:
+            self._consumer.run()
+        finally:
+            self._consumer.close()
+
+    def stop(self) -> None:
+        self._consumer.stop()
+
+
+def _open_relay(kind: str, db_location: str, bootstrap: str) -> Worker:
     from kcons.config import KafkaSettings
     from kcons.outbox import OutboxRelay, RelaySettings
 
-    kafka = KafkaSettings(args.bootstrap)
-    if args.kind == "sqlite":
-        relay = OutboxRelay.for_sqlite(args.db, kafka, mode="transactional", batch_size=500)
+    kafka = KafkaSettings(bootstrap)
+    if kind == "sqlite":
+        relay = OutboxRelay.for_sqlite(db_location, kafka, mode="transactional", batch_size=500)
     else:
         settings = RelaySettings(
-            dsn=args.db, kafka=kafka, name="kcons-demo", poll_interval_s=0.05, lease_ttl_s=3.0, batch_size=500
+            dsn=db_location, kafka=kafka, name="kcons-demo", poll_interval_s=0.05, lease_ttl_s=3.0, batch_size=500
         )
         relay = OutboxRelay.for_postgres(settings)
-    signal.signal(signal.SIGTERM, lambda *_: relay.stop())
-    relay.run()
+    return relay
 
 
-def _consumer_main(args: argparse.Namespace) -> None:
+def _open_consumer(kind: str, db_location: str, bootstrap: str, run: str) -> Worker:
     from kcons.consumer import TransactionalIdempotentConsumer
     from kcons.outbox import add
 
-    db = _Database(args.db if args.kind == "postgres" else None, Path(args.db).parent)
-    group = f"kcons-demo-{args.run}-inventory"
+    db = _Database(db_location if kind == "postgres" else None, Path(db_location).parent)
+    group = f"kcons-demo-{run}-inventory"
     store: Any
-    if args.kind == "sqlite":
+    if kind == "sqlite":
         from kcons.adapters.sqlite import SqliteDedupStore
 
-        store = SqliteDedupStore(args.db, group)
+        store = SqliteDedupStore(db_location, group)
         conn = db.connect()
     else:
         import psycopg
 
         from kcons.adapters.postgres import PostgresDedupStore
 
-        store = PostgresDedupStore(args.db, group)
-        conn = psycopg.connect(args.db, autocommit=True)
+        store = PostgresDedupStore(db_location, group)
+        conn = psycopg.connect(db_location, autocommit=True)
 
     def handle(msg: Any, tx: Any) -> None:
         order = json.loads(msg.value())
@@ -225,11 +257,11 @@ def _consumer_main(args: argparse.Namespace) -> None:
         tx.execute(db.q("INSERT INTO demo_applied (order_id) VALUES (?)"), (order["id"],))
         stock, version = int(row[0]), int(row[1])
         event = Envelope.of("stock.changed", "stock", order["sku"], {"stock": stock}, version=version)
-        add(tx, event, topic=STOCK_TOPIC.format(run=args.run))
+        add(tx, event, topic=STOCK_TOPIC.format(run=run))
 
     consumer = TransactionalIdempotentConsumer(
         {
-            "bootstrap.servers": args.bootstrap,
+            "bootstrap.servers": bootstrap,
             "group.id": group,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
@@ -238,7 +270,7 @@ def _consumer_main(args: argparse.Namespace) -> None:
             "group.instance.id": f"{group}-1",
             "session.timeout.ms": 10000,
         },
-        [ORDERS_TOPIC.format(run=args.run)],
+        [ORDERS_TOPIC.format(run=run)],
         handle,
         store=store,
         connection=conn,
@@ -246,11 +278,7 @@ def _consumer_main(args: argparse.Namespace) -> None:
         batch_size=200,
         batch_timeout_s=0.05,
     )
-    signal.signal(signal.SIGTERM, lambda *_: consumer.stop())
-    try:
-        consumer.run()
-    finally:
-        consumer.close()
+    return _ClosingWorker(consumer)
 
 
 class _Child:
@@ -258,7 +286,7 @@ class _Child:
 
     def __init__(self, role: str, db: _Database, bootstrap: str, logdir: Path, run: str) -> None:
         self.role = role
-        self.argv = [sys.executable, "-m", "kcons.demo", role, "--kind", db.kind, "--db", db.location,
+        self.argv = [sys.executable, "-m", "kcons.cli", "demo-worker", role, "--kind", db.kind, "--db", db.location,
                      "--bootstrap", bootstrap, "--run", run]  # fmt: skip
         self.log_path = logdir / f"{role}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -266,7 +294,8 @@ class _Child:
 
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -612,21 +641,3 @@ def _report(
         and stock_mismatch == 0 and report["stale"] == 0 and len(committed) > 0
     )  # fmt: skip
     return report
-
-
-def _worker_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kcons.demo", description="kcons demo worker processes")
-    parser.add_argument("role", choices=["relay", "consumer"])
-    parser.add_argument("--kind", choices=["sqlite", "postgres"], required=True)
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--run", required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.role} %(levelname)s %(name)s: %(message)s")
-    (_relay_main if args.role == "relay" else _consumer_main)(args)
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(_worker_cli(sys.argv[1:]))

@@ -11,7 +11,7 @@ Parts, one concept per module:
 * :mod:`kcons.raft.node` -- the asyncio driver; :mod:`kcons.raft.client` -- the blocking client;
 * :mod:`kcons.raft.linearizability` -- the history checker used by the tests and the fault run;
 * :mod:`kcons.raft.cluster` -- local node processes for tests, fault runs and demos;
-* :mod:`kcons.raft.cli` -- ``kcons raft serve|get|put|delete|cas|members|status``.
+* :mod:`kcons.cli.raft` -- ``kcons raft serve|get|put|delete|cas|members|status``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fault run: outbox relays SIGKILLed, paused and cut off from PostgreSQL while writers commit events.
 
 Concurrent writer processes commit events over many aggregates (some transactions rolled back,
-some long-running) while relay replicas (``python -m kcons.outbox.cli relay``) are SIGKILLed at
+some long-running) while relay replicas (``python -m kcons.cli outbox relay``) are SIGKILLed at
 random, the leader is SIGSTOPped past its lease TTL and resumed, and the relays' database
 connections are cut with ``pg_terminate_backend``. Afterwards a read_committed consumer reads
 the topic and the run checks: every committed event reached Kafka at least once (``lost``), no
@@ -62,7 +62,7 @@ class RelaySlot:
         env = dict(self.env, KCONS_OUTBOX_HOLDER=self.holder)
         out = open(self.logdir / f"{self.holder}.log", "wb")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kcons.outbox.cli", "relay", *self.args], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "kcons.cli", "outbox", "relay", *self.args], env=env, stdout=out, stderr=out
         )
         out.close()
         self.started_at = time.monotonic()

@@ -181,7 +181,7 @@ def test_cli_relay_publishes_serves_metrics_and_stops_on_sigterm(
     dsn = fresh_database()
     topic = unique_topic()
     init = subprocess.run(
-        [sys.executable, "-m", "kcons.outbox.cli", "init", "--dsn", dsn], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "kcons.cli", "outbox", "init", "--dsn", dsn], capture_output=True, text=True, timeout=60
     )
     assert init.returncode == 0, init.stderr
     with psycopg.connect(dsn) as conn:
@@ -189,7 +189,7 @@ def test_cli_relay_publishes_serves_metrics_and_stops_on_sigterm(
         conn.commit()
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kcons.outbox.cli", "relay", "--dsn", dsn, "--bootstrap", kafka_bootstrap,
+        [sys.executable, "-m", "kcons.cli", "outbox", "relay", "--dsn", dsn, "--bootstrap", kafka_bootstrap,
          "--topic", topic, "--metrics-port", str(port), "--name", "cli-test"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
     )  # fmt: skip
@@ -229,7 +229,7 @@ def test_cli_purge_deletes_only_published_rows_past_retention(outbox_db: str) ->
         conn.execute("UPDATE kcons_outbox SET published_at = now() WHERE version = 2")
         conn.commit()
     run = subprocess.run(
-        [sys.executable, "-m", "kcons.outbox.cli", "purge", "--dsn", outbox_db, "--older-than", "600"],
+        [sys.executable, "-m", "kcons.cli", "outbox", "purge", "--dsn", outbox_db, "--older-than", "600"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
@@ -245,14 +245,17 @@ def test_cli_relays_a_sqlite_outbox(
     topic = unique_topic()
     path = str(tmp_path / "cli.db")
     init = subprocess.run(
-        [sys.executable, "-m", "kcons.outbox.cli", "init", "--sqlite", path], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "kcons.cli", "outbox", "init", "--sqlite", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert init.returncode == 0, init.stderr
     events = [_event("sq", v) for v in range(5)]
     with sqlite3.connect(path) as db:
         add_many(db, events)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kcons.outbox.cli", "relay", "--sqlite", path, "--bootstrap", kafka_bootstrap,
+        [sys.executable, "-m", "kcons.cli", "outbox", "relay", "--sqlite", path, "--bootstrap", kafka_bootstrap,
          "--topic", topic],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -289,7 +292,7 @@ def test_cli_relay_takes_its_lease_from_raft(
         cluster.wait_for_leader()
         env = dict(os.environ, KCONS_RAFT_SECRET=secret.decode())
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kcons.outbox.cli", "relay", "--dsn", outbox_db, "--bootstrap", kafka_bootstrap,
+            [sys.executable, "-m", "kcons.cli", "outbox", "relay", "--dsn", outbox_db, "--bootstrap", kafka_bootstrap,
              "--topic", topic, "--lease-backend", "raft", "--raft-peers", cluster.peers_spec, "--name", "via-raft"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip

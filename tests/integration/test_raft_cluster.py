@@ -198,7 +198,7 @@ def test_membership_changes_one_server_at_a_time(tmp_path: Path) -> None:
 def test_cli_put_get_cas_and_members(cluster: LocalRaftCluster) -> None:
     from click.testing import CliRunner
 
-    from kcons.raft.cli import raft
+    from kcons.cli.raft import raft
 
     env = {"KCONS_RAFT_SECRET": SECRET.decode(), "KCONS_RAFT_PEERS": cluster.peers_spec}
     runner = CliRunner()

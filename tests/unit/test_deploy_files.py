@@ -829,7 +829,7 @@ def _docker_context_files() -> list[str]:
 
 def test_docker_build_stage_builds_a_wheel_with_the_package_data_and_postgres_extra(tmp_path: Path) -> None:
     context = _docker_context_files()
-    assert "pyproject.toml" in context and "kcons/cli.py" in context
+    assert "pyproject.toml" in context and "kcons/cli/__init__.py" in context
     assert not [f for f in context if "__pycache__" in f or f.startswith(("tests/", "deploy/"))]
     sources: list[str] = []
     for copy_args in _dockerfile("COPY"):

@@ -1,4 +1,4 @@
-"""The ``kcons`` command: version, a local development stack, and (later) the relay and Raft node."""
+"""``kcons dev``: a local Kafka (KRaft), Redis and PostgreSQL for development, recorded in a state file."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from typing import Any
 
 import click
 
-from kcons import __version__
 from kcons.errors import KconsError
 
-log = logging.getLogger("kcons.cli")
+log = logging.getLogger(__name__)
+
+__all__ = ["dev"]
 
 
 def _state_file() -> Path:
@@ -52,25 +53,6 @@ def _alive(pid: int) -> bool:
 
 
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-@click.version_option(__version__, prog_name="kcons")
-def main(verbose: int) -> None:
-    """kcons: nothing lost, nothing duplicated, nothing stale, for Kafka and Redis."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-@main.command()
-def version() -> None:
-    """Print the kcons version and the librdkafka it runs on."""
-    import confluent_kafka
-
-    ck: Any = confluent_kafka.version()
-    ck_version = ck if isinstance(ck, str) else ck[0]
-    click.echo(f"kcons {__version__} (confluent-kafka {ck_version}, librdkafka {confluent_kafka.libversion()[0]})")
-
-
-@main.group()
 def dev() -> None:
     """A local Kafka (KRaft), Redis and PostgreSQL for development, on 127.0.0.1."""
 
@@ -200,50 +182,3 @@ def dev_smoke(messages: int) -> None:
     click.echo(json.dumps(result))
     if not result["ok"]:
         sys.exit(1)
-
-
-@main.command()
-@click.option("--postgres", is_flag=True, help="Use PostgreSQL for the shop and its outbox instead of SQLite.")
-@click.option("--orders", default=3000, show_default=True, help="Orders to place.")
-@click.option("--rate", default=250.0, show_default=True, help="Orders per second.")
-@click.option("--products", default=20, show_default=True, help="Products (cache keys).")
-@click.option("--readers", default=2, show_default=True, help="Cache reader threads.")
-@click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Give up after this many seconds.")
-def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, timeout_s: float) -> None:
-    """Run a small shop end to end with faults, and check nothing is lost, duplicated or stale."""
-    from kcons.demo import DemoOptions, run_demo
-
-    try:
-        opts = DemoOptions(orders=orders, rate=rate, products=products, readers=readers, postgres=postgres,
-                           timeout_s=timeout_s)  # fmt: skip
-        report = run_demo(opts, progress=lambda line: click.echo(line, err=True))
-    except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(
-        f"orders committed {report['orders_committed']} (rolled back {report['orders_rolled_back']}), "
-        f"published {report['published']}, duplicates dropped {report['duplicates_dropped']}, "
-        f"lost {report['lost']}, duplicate effects {report['duplicate_effects']}, stale reads {report['stale']} "
-        f"of {report['reads']}, {report['throughput_orders_per_s']} orders/s: {'OK' if report['ok'] else 'FAILED'}",
-        err=True,
-    )
-    click.echo(json.dumps(report))
-    if not report["ok"]:
-        sys.exit(1)
-
-
-def _mount_subcommands() -> None:
-    """Attach the command groups that live next to the parts they drive."""
-    from kcons.cache.cli import cache_cli
-    from kcons.outbox.cli import outbox
-    from kcons.raft.cli import raft
-
-    main.add_command(cache_cli)
-    main.add_command(outbox)
-    main.add_command(raft)
-
-
-_mount_subcommands()
-
-
-if __name__ == "__main__":
-    main()

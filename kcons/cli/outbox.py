@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-from types import FrameType
 
 import click
 
+from kcons.cli.signals import stop_on_signals
 from kcons.config import env_str, redact
 from kcons.errors import ConfigError, KconsError
 from kcons.lease import LeaseBackend
 from kcons.outbox.schema import DEFAULT_TABLE, install_schema, postgres_ddl
 
-log = logging.getLogger("kcons.outbox.cli")
+log = logging.getLogger(__name__)
 
 
 @click.group("outbox")
@@ -142,15 +141,10 @@ def relay(
         server = MetricsServer(settings.metrics_port, settings.metrics_host, health_checks=[("relay", runner.health)])
         server.start()
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping the relay", signum)
-        runner.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     log.info("relay %r", settings)
     try:
-        runner.run()
+        with stop_on_signals(runner):
+            runner.run()
     except Exception as exc:  # retries exhausted: exit non-zero so the supervisor restarts it
         log.error("relay failed after its retries: %s: %s", type(exc).__name__, exc)
         sys.exit(1)
@@ -205,11 +199,3 @@ def purge(dsn: str | None, table: str | None, older_than: float) -> None:
         store.close()
     click.echo(f"purged {total} published rows from {name}")
 
-
-def main() -> None:
-    """Run the ``outbox`` group on its own (``python -m kcons.outbox.cli``)."""
-    outbox()
-
-
-if __name__ == "__main__":
-    main()

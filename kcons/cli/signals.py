@@ -1,0 +1,58 @@
+"""SIGTERM/SIGINT -> ``stop()``: the one place kcons installs signal handlers.
+
+Library classes (consumers, processors, relays, invalidators) only offer a ``stop()`` that is
+safe to call from a signal handler; a program decides which signals stop what. A library user's
+own program does the same in one line::
+
+    with stop_on_signals(consumer):
+        consumer.run()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
+from typing import Any, Protocol, TypeAlias
+
+__all__ = ["Stoppable", "stop_on_signals"]
+
+log = logging.getLogger(__name__)
+
+_Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class Stoppable(Protocol):
+    """Anything with a ``stop()`` that asks it to finish its current step and return."""
+
+    def stop(self) -> None: ...
+
+
+@contextlib.contextmanager
+def stop_on_signals(
+    *stoppables: Stoppable, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+) -> Iterator[None]:
+    """While the block runs, each of ``signals`` calls ``stop()`` on every stoppable, in order.
+
+    The handlers in place before are restored on exit, whatever the block raised. A previous
+    handler that was not installed from Python (``signal.getsignal`` gives ``None``) cannot be
+    put back as it was; the default action (``SIG_DFL``) is restored in its place. Must be entered
+    in the main thread, as :func:`signal.signal` requires.
+    """
+    wanted = list(dict.fromkeys(signals))
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        for stoppable in stoppables:
+            stoppable.stop()
+
+    previous: list[tuple[signal.Signals, _Handler]] = []
+    try:
+        for sig in wanted:
+            previous.append((sig, signal.signal(sig, on_signal)))
+        yield
+    finally:
+        for sig, handler in reversed(previous):
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
