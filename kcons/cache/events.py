@@ -60,6 +60,27 @@ def _unwrap(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+#: Debezium ops that carry a row (create, update, delete, snapshot read) and ops that carry none.
+_ROW_OPS = frozenset({"c", "u", "d", "r"})
+_ROWLESS_OPS = frozenset({"t", "m"})  # truncate, logical-decoding message
+
+
+def _unwrap_value(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The change event inside a JSON-converter ``{"schema", "payload"}`` value (strict: no other keys)."""
+    if "schema" not in doc or "payload" not in doc:
+        return doc
+    extra = sorted(set(doc) - {"schema", "payload"})
+    if extra:
+        names = ", ".join(repr(k[:40]) for k in extra[:5])
+        raise DecodeError(f"a schema/payload value has other keys too ({names}): not a JSON-converter record")
+    payload = doc["payload"]
+    if payload is None:
+        return None  # a tombstone written with a schema
+    if not isinstance(payload, dict):
+        raise DecodeError(f"the payload of a schema/payload value is a {type(payload).__name__}, not an object")
+    return payload
+
+
 def _int_version(raw: Any, what: str) -> int:
     if isinstance(raw, bool) or raw is None:
         raise DecodeError(f"{what} is missing or not an integer")
@@ -103,8 +124,11 @@ def decode_change_event(
     (``id`` header, ``version`` header) and Debezium change events (``before``/``after``/``op``/
     ``source``, optionally wrapped in ``{"schema", "payload"}``), whose version is
     ``after[version_field]``, or ``before[version_field] + 1`` for deletes. Debezium
-    tombstones (null value), heartbeats and truncates give None. Raises DecodeError when a
-    change event has no usable version (the invalidator then dead-letters it).
+    tombstones (null value), heartbeats, schema changes, truncates and messages give None.
+    Raises DecodeError (the invalidator then dead-letters the record, never skips it) for a
+    change event that cannot be applied: no usable or a negative version, an ``op`` that is
+    missing, null, not a string or unknown, a row op without a row, a ``{"schema",
+    "payload"}`` wrapper with other keys or a non-object payload, or a value that is not JSON.
     """
     h = headers_to_dict(headers)
     commit_hint = h.get("kcons-committed-at")
@@ -112,6 +136,8 @@ def decode_change_event(
     if env is not None:
         if env.version is None:
             raise DecodeError(f"event {env.id} has no version (kcons-version or version header)")
+        if env.version < 0:
+            raise DecodeError(f"event {env.id} has a negative version ({env.version}): versions start at 0")
         committed: float | None = None
         if commit_hint:
             try:
@@ -136,14 +162,22 @@ def decode_change_event(
     doc = _json_object(value)
     if doc is None:
         raise DecodeError("record is neither a kcons/Debezium outbox event nor a Debezium change event")
-    doc = _unwrap(doc)
-    op = doc.get("op")
-    if not isinstance(op, str) or ("after" not in doc and "before" not in doc):
-        return None  # heartbeat, schema change or other non-row record
-    before, after = doc.get("before"), doc.get("after")
-    if op == "t" or (before is None and after is None):
-        log.warning("ignoring a Debezium %r event without a row (truncate or message)", op)
+    unwrapped = _unwrap_value(doc)
+    if unwrapped is None:
         return None
+    doc = unwrapped
+    if "op" not in doc and "before" not in doc and "after" not in doc:
+        return None  # heartbeat, schema change or transaction marker: no row changed
+    op = doc.get("op")
+    if not isinstance(op, str) or op not in _ROW_OPS | _ROWLESS_OPS:
+        shown = repr(op[:10]) if isinstance(op, str) else ("missing" if "op" not in doc else type(op).__name__)
+        raise DecodeError(f"Debezium change event has no valid op (c, u, d, r, t or m): {shown}")
+    before, after = doc.get("before"), doc.get("after")
+    if op in _ROWLESS_OPS:
+        log.warning("ignoring a Debezium %r event: it changes no row (truncate or message)", op)
+        return None
+    if before is None and after is None:
+        raise DecodeError(f"Debezium {op!r} event carries neither before nor after")
     source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
     assert isinstance(source, dict)
     if isinstance(after, dict):

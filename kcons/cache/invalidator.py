@@ -3,8 +3,10 @@
 **Invalidator loops.** :meth:`CacheInvalidator.run` consumes with a plain consumer that applies
 each polled batch in one pipelined Redis round trip (default), or through
 :class:`~kcons.consumer.IdempotentConsumer` (``batched=False``: one round trip per event, its
-dedup store and dead-letter handling). Both commit offsets only after Redis acknowledged, send
-malformed events to ``<topic>.dlq``, and retry an unreachable Redis instead of skipping.
+dedup store and dead-letter handling). Both commit offsets only after Redis acknowledged and
+retry an unreachable Redis instead of skipping. Both follow the one poison rule: a record that
+cannot be decoded or applied goes to ``<topic>.dlq`` with its reason in ``kcons-dlq-reason``,
+the rest of its batch is applied, and the invalidator keeps running.
 Commit-to-applied lag is measured from the ``kcons-committed-at`` header (epoch seconds) when
 the writer sets one, else from the Kafka record timestamp (the kcons outbox relay stamps each
 record with its outbox row's insert time, so the time spent in the outbox counts).
@@ -24,7 +26,7 @@ from kcons.cache.cache import ConsistentCache
 from kcons.cache.events import ChangeEvent, KeysFor, ValueFor, aggregate_key, decode_change_event
 from kcons.cache.model import CacheUnavailableError, CacheWrite, Strategy, WriteOutcome
 from kcons.config import check_range
-from kcons.errors import ConfigError, DecodeError
+from kcons.errors import ConfigError, DecodeError, PoisonMessageError, StoreError
 
 if TYPE_CHECKING:
     from kcons.consumer import IdempotentConsumer
@@ -119,14 +121,25 @@ class CacheInvalidator:
             version_field=self.version_field,
         )
 
+    def writes_of(self, event: ChangeEvent) -> list[CacheWrite]:
+        """The guarded writes of one event; PoisonMessageError when ``keys_for``/``value_for`` cannot map it."""
+        try:
+            writes = plan_writes(self.cache, event, self.keys_for, self.strategy, self.value_for)
+            for w in writes:
+                if not isinstance(w.key, str) or not isinstance(w.value, bytes):
+                    raise TypeError("keys_for must give str keys and value_for bytes values")
+        except Exception as exc:
+            raise PoisonMessageError(f"cannot map the event to cache writes: {type(exc).__name__}: {exc}", exc) from exc
+        return writes
+
     def apply_events(self, events: Sequence[ChangeEvent]) -> list[AppliedInvalidation]:
-        """Write the cache changes of ``events`` in one Redis round trip; returns once acknowledged."""
-        writes: list[CacheWrite] = []
-        owners: list[ChangeEvent] = []
-        for event in events:
-            for w in plan_writes(self.cache, event, self.keys_for, self.strategy, self.value_for):
-                writes.append(w)
-                owners.append(event)
+        """Write the cache changes of ``events`` in one Redis round trip; returns once acknowledged.
+
+        Raises PoisonMessageError when an event cannot be mapped to cache writes (nothing is written).
+        """
+        planned = [(e, self.writes_of(e)) for e in events]
+        writes = [w for _, ws in planned for w in ws]
+        owners = [e for e, ws in planned for _ in ws]
         results = self.cache.apply_writes(writes, [e.committed_at for e in owners])
         applied = [
             AppliedInvalidation(w.key, w.version, r.outcome, e) for w, r, e in zip(writes, results, owners, strict=True)
@@ -135,36 +148,43 @@ class CacheInvalidator:
             self.on_applied(applied)
         return applied
 
+    def decode_all(self, messages: Sequence[Any]) -> list[ChangeEvent]:
+        """The change events of ``messages``, without records that change nothing; DecodeError on a bad one."""
+        return [e for e in map(self.decode, messages) if e is not None]
+
     def apply_records(self, messages: Sequence[Any]) -> list[AppliedInvalidation]:
         """Decode and apply a batch of Kafka records; records that change nothing are skipped."""
-        events = [e for e in (self.decode(m) for m in messages) if e is not None]
-        return self.apply_events(events)
+        return self.apply_events(self.decode_all(messages))
 
     def handle(self, message: Any) -> None:
         """Apply one Kafka record (a per-message IdempotentConsumer handler); returns once Redis acknowledged.
 
-        A malformed change event raises DecodeError (the consumer dead-letters it); an
-        unreachable Redis raises RetryLater, so the partition is rewound and paused, never
-        skipped: the offset is committed only after the invalidation is applied.
+        A record that cannot be decoded or applied raises DecodeError/PoisonMessageError (the
+        consumer dead-letters it); an unreachable Redis raises RetryLater, so the partition is
+        rewound and paused, never skipped: the offset is committed only after the invalidation
+        is applied.
         """
         self.handle_batch([message])
 
     def handle_batch(self, messages: list[Any]) -> None:
         """Apply a batch of Kafka records in one Redis round trip (the IdempotentConsumer batch handler).
 
-        Raises like :meth:`handle`: DecodeError for a malformed change event (the consumer then
-        retries the batch one record at a time and dead-letters that record), RetryLater when
-        Redis is unreachable (the batch is rewound, never skipped).
+        Raises like :meth:`handle`: DecodeError or PoisonMessageError for a record that cannot be
+        decoded, mapped to keys or written (the consumer then retries the batch one record at a
+        time, so only that record is dead-lettered and the rest is applied), RetryLater when Redis
+        is unreachable (the batch is rewound, never skipped).
         """
         from kcons.consumer import RetryLater
 
-        events = [e for e in (self.decode(m) for m in messages) if e is not None]
+        events = self.decode_all(messages)
         if not events:
             return
         try:
             self.apply_events(events)
         except CacheUnavailableError as exc:
             raise RetryLater(self.retry_after_s, f"cache unavailable: {exc}") from exc
+        except StoreError as exc:
+            raise PoisonMessageError(f"the cache refused the write: {exc}", exc) from exc
 
     def consumer(
         self, config: Mapping[str, Any], topics: Sequence[str], *, store: Any = None, **kwargs: Any
@@ -236,8 +256,11 @@ class CacheInvalidator:
         """The high-throughput loop: each polled batch is applied in one pipelined Redis round trip.
 
         Same guarantees as the IdempotentConsumer path: a batch's offsets are committed only
-        after Redis acknowledged all of its writes (and the dead-letter topic acknowledged its
-        malformed events, with ``kcons-dlq-reason``/``kcons-dlq-source`` headers). An unreachable
+        after Redis acknowledged all of its writes and the dead-letter topic acknowledged its
+        poison records (``kcons-dlq-reason``/``kcons-dlq-source`` headers). A record is poison when
+        it cannot be decoded (DecodeError), mapped to keys (PoisonMessageError) or written (a
+        StoreError other than an unreachable Redis); the rest of its batch is applied and the
+        loop goes on. An unreachable
         Redis is retried with backoff for up to ``redis_retry_s``, then the error propagates with
         the batch uncommitted (the next process replays it). No dedup store is needed: replays
         are harmless under the version guard.
@@ -279,23 +302,36 @@ class CacheInvalidator:
                         log.warning("invalidator consume reported %s", err.str())
                 if not records:
                     continue
-                events: list[ChangeEvent] = []
+                good: list[tuple[Any, ChangeEvent]] = []
                 poison: list[tuple[Any, str]] = []
                 for msg in records:
                     try:
                         event = self.decode(msg)
-                    except DecodeError as exc:
-                        poison.append((msg, f"DecodeError: {exc}"[:1000]))
-                        continue
-                    if event is not None:
-                        events.append(event)
-                retrying(self.apply_events, events)
+                        if event is not None:
+                            self.writes_of(event)
+                            good.append((msg, event))
+                    except (DecodeError, PoisonMessageError) as exc:
+                        poison.append((msg, _reason(exc)))
+                try:
+                    retrying(self.apply_events, [event for _, event in good])
+                except CacheUnavailableError:
+                    raise
+                except (StoreError, PoisonMessageError):
+                    # One record's write was refused: apply them one by one, so only that one is poison.
+                    for msg, event in good:
+                        try:
+                            retrying(self.apply_events, [event])
+                        except CacheUnavailableError:
+                            raise
+                        except (StoreError, PoisonMessageError) as exc:
+                            poison.append((msg, _reason(exc)))
                 if poison:
                     if dlq is None:
                         shared = ("bootstrap.servers", "security.", "ssl.", "sasl.", "client.id")
                         dlq_config = {k: v for k, v in merged.items() if k.startswith(shared)}
                         dlq_config.update({"enable.idempotence": True, "acks": "all", "linger.ms": 5})
                         dlq = Producer(dlq_config)
+                    poison.sort(key=lambda item: (str(item[0].topic()), item[0].partition(), item[0].offset()))
                     _dead_letter(dlq, poison, dlq_topic, dlq_timeout_s)
                 last: dict[tuple[str, int], int] = {}
                 for msg in records:
@@ -310,6 +346,11 @@ class CacheInvalidator:
                 log.warning("closing the invalidator's consumer failed: %s", exc)
             if dlq is not None:
                 dlq.flush(5)
+
+
+def _reason(exc: BaseException) -> str:
+    """The ``kcons-dlq-reason`` of a record that cannot be decoded or applied."""
+    return f"{type(exc).__name__}: {exc}"[:1000]
 
 
 def _dead_letter(

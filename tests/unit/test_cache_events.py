@@ -89,6 +89,54 @@ def test_debezium_tombstones_heartbeats_and_truncates_change_nothing() -> None:
     assert decode_change_event(None, json.dumps(_debezium("t", None, None)).encode(), None) is None
 
 
+def test_negative_kcons_version_is_a_decode_error() -> None:
+    env = Envelope.of("T", "item", "7", {}, version=1)
+    headers = [(k, b"-1" if k == "kcons-version" else v) for k, v in env.headers()]
+    with pytest.raises(DecodeError, match="negative version"):
+        decode_change_event(env.key, env.payload, headers)
+
+
+@pytest.mark.parametrize(
+    "op_fields",
+    [{"op": None}, {"op": 1}, {"op": 2.5}, {"op": ["u"]}, {}, {"op": "x"}, {"op": ""}],
+    ids=["null", "int", "float", "list", "missing", "unknown", "empty"],
+)
+def test_debezium_row_event_without_a_valid_op_is_a_decode_error(op_fields: dict[str, object]) -> None:
+    doc = _debezium("u", {"id": 3, "version": 4}, {"id": 3, "version": 5})
+    del doc["op"]
+    doc.update(op_fields)
+    with pytest.raises(DecodeError, match="op"):
+        decode_change_event(b'{"id":3}', json.dumps(doc).encode(), None)
+
+
+def test_debezium_op_without_a_row_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match="op"):
+        decode_change_event(b"k", json.dumps({"op": None, "ts_ms": 1}).encode(), None)
+    with pytest.raises(DecodeError, match="neither before nor after"):
+        decode_change_event(b"k", json.dumps(_debezium("u", None, None)).encode(), None)
+
+
+def test_schema_payload_wrapper_with_another_key_is_a_decode_error() -> None:
+    inner = _debezium("u", {"id": 3, "version": 4}, {"id": 3, "version": 5})
+    value = json.dumps({"schema": {"type": "struct"}, "payload": inner, "extra": 1}).encode()
+    with pytest.raises(DecodeError, match="other keys"):
+        decode_change_event(b'{"id":3}', value, None)
+
+
+def test_schema_payload_wrapper_around_a_non_object_is_a_decode_error() -> None:
+    value = json.dumps({"schema": {"type": "string"}, "payload": "u"}).encode()
+    with pytest.raises(DecodeError, match="not an object"):
+        decode_change_event(b"k", value, None)
+
+
+def test_debezium_schema_changes_and_messages_change_nothing() -> None:
+    ddl = {"source": {"table": "items"}, "ddl": "ALTER TABLE items ADD c int", "tableChanges": []}
+    assert decode_change_event(b"k", json.dumps(ddl).encode(), None) is None
+    message = {"op": "m", "ts_ms": 1, "message": {"prefix": "p", "content": "eA=="}}
+    assert decode_change_event(b"k", json.dumps(message).encode(), None) is None
+    assert decode_change_event(b"k", json.dumps({"schema": None, "payload": None}).encode(), None) is None
+
+
 def test_debezium_outbox_event_uses_its_id_and_version_headers() -> None:
     headers = [("id", b"0190b6c4-0000-7000-8000-000000000001"), ("version", b"3"), ("type", b"Upd")]
     event = decode_change_event(b"42", b'{"a":1}', headers, topic="outbox.event.order")
