@@ -1,7 +1,7 @@
 """The ``kcons`` command: the one place that parses a command line or installs a signal handler.
 
 Each sub-command group lives in a module of its own (:mod:`kcons.cli.dev`, :mod:`kcons.cli.demo`,
-:mod:`kcons.cli.outbox`, :mod:`kcons.cli.raft`, the cache group) and is mounted on :func:`main`
+:mod:`kcons.cli.outbox`, :mod:`kcons.cli.raft`, :mod:`kcons.cli.cache`) and is mounted on :func:`main`
 here. Library classes never install signal handlers: the commands wire SIGTERM/SIGINT to the
 objects they run with :func:`kcons.cli.signals.stop_on_signals`.
 """
@@ -40,7 +40,7 @@ def version() -> None:
 
 def _mount_subcommands() -> None:
     """Attach the command groups, each defined in its own module of this package."""
-    from kcons.cache.cli import cache_cli
+    from kcons.cli.cache import cache_cli
     from kcons.cli.demo import demo, demo_worker
     from kcons.cli.dev import dev
     from kcons.cli.outbox import outbox

@@ -13,7 +13,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from kcons.cache.cli import cache_cli
+from kcons.cli.cache import cache_cli
 from kcons.envelope import Envelope
 
 
@@ -24,7 +24,7 @@ def test_invalidator_command_applies_events_and_stops_on_sigterm(
     prefix = f"cli{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, KCONS_KAFKA_BOOTSTRAP=kafka_bootstrap, KCONS_REDIS_URL=redis_url, KCONS_CACHE_PREFIX=prefix)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from kcons.cache.cli import cache_cli; cache_cli()", "invalidator", "--topic", topic,
+        [sys.executable, "-c", "from kcons.cli.cache import cache_cli; cache_cli()", "invalidator", "--topic", topic,
          "--group", f"g-{prefix}", "--key-template", "{aggregate_type}/{aggregate_id}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

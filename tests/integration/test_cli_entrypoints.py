@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from kcons.cache import ConsistentCache
+from kcons.cache import CacheSettings, ConsistentCache
 from kcons.envelope import Envelope
 
 
@@ -23,7 +23,7 @@ def test_cache_invalidator_command_tombstones_changed_keys_and_stops_on_sigterm(
     topic = unique_topic(partitions=2)
     name = f"cli-{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(redis_url)
-    cache = ConsistentCache(client, name=name)
+    cache = ConsistentCache(client, name=name, settings=CacheSettings(prefix=f"kcons:{name}"))  # rerunnable
     for i in range(20):
         assert cache.write_through(f"product:{i}", b"old", 1)
 
@@ -34,6 +34,7 @@ def test_cache_invalidator_command_tombstones_changed_keys_and_stops_on_sigterm(
         "KCONS_CACHE_TOPICS": topic,
         "KCONS_CACHE_GROUP": f"g-{name}",
         "KCONS_CACHE_NAME": name,
+        "KCONS_CACHE_PREFIX": f"kcons:{name}",
     }
     proc = subprocess.Popen([sys.executable, "-m", "kcons.cli", "cache", "invalidator"], env=env)
     try:

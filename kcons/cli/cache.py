@@ -1,13 +1,13 @@
-"""``kcons cache``: run the invalidator, inspect entries (the only click code of the cache)."""
+"""``kcons cache``: run the cache invalidator until SIGTERM/SIGINT, inspect a cache entry."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import logging
-import signal
 import sys
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import click
@@ -16,6 +16,7 @@ from kcons.cache.cache import CacheSettings, ConsistentCache
 from kcons.cache.events import KeysFor, key_template
 from kcons.cache.invalidator import CacheInvalidator
 from kcons.cache.model import Strategy
+from kcons.cli.signals import stop_on_signals
 from kcons.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,6 @@ def invalidator_command(
     )
     if server is not None:
         server.start()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     log.info(
         "cache invalidator on %s (group %s, %s)",
         ",".join(topics),
@@ -130,7 +129,8 @@ def invalidator_command(
         "idempotent-consumer" if per_event else "batched",
     )
     try:
-        inv.run(kafka.client_config(**{"group.id": group}), list(topics), stop=stop, batched=not per_event)
+        with stop_on_signals(SimpleNamespace(stop=stop.set)):
+            inv.run(kafka.client_config(**{"group.id": group}), list(topics), stop=stop, batched=not per_event)
     except KconsError as exc:
         log.error("invalidator failed: %s", exc)
         sys.exit(1)
