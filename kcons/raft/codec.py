@@ -1,7 +1,12 @@
 """Compact binary encoding of Raft messages, entries and snapshots (little-endian, length-prefixed).
 
 Decoding validates every length and enum and raises :class:`FrameRejectedError` on anything
-malformed, so a bad frame is dropped and counted instead of crashing the node.
+malformed, so a bad frame is dropped and counted instead of crashing the node. Numbers are
+range-checked too (reason ``range``): terms and indexes stay below :data:`MAX_TERM` (2**62, so
+``term + 1`` and index arithmetic never overflow the u64 fields), node ids are positive, and an
+append's entries must follow its ``index`` one by one, with terms between its ``log_term`` and
+its ``term``. A message that passes decodes into something the core can step without tripping
+an invariant.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from kcons.raft.errors import FrameRejectedError
 from kcons.raft.messages import Entry, EntryKind, HardState, Message, MsgType, Snapshot, SnapshotMeta
 
 __all__ = [
+    "MAX_TERM",
     "decode_entries",
     "decode_hard_state",
     "decode_message",
@@ -29,6 +35,13 @@ _SNAP_META = struct.Struct("<QQH")
 _U32 = struct.Struct("<I")
 _KINDS = {k.value: k for k in EntryKind}
 _TYPES = {t.value: t for t in MsgType}
+MAX_TERM = 1 << 62  # also the bound on indexes and commit marks
+_MAX_CONTEXT = 1024
+_MAX_VOTERS = 1024
+
+
+def _range(message: str) -> FrameRejectedError:
+    return FrameRejectedError(message, reason="range")
 
 
 def encode_entries(entries: tuple[Entry, ...] | list[Entry]) -> bytes:
@@ -50,6 +63,8 @@ def decode_entries(buf: bytes | memoryview, count: int, offset: int = 0) -> tupl
     try:
         for _ in range(count):
             term, index, kind, length = unpack(buf, offset)
+            if term > MAX_TERM or index > MAX_TERM or index == 0:
+                raise _range(f"entry term {term} or index {index} out of range")
             offset += size
             if offset + length > n:
                 raise FrameRejectedError("entry data runs past the end")
@@ -99,6 +114,8 @@ def decode_snapshot(buf: bytes | memoryview, offset: int = 0) -> tuple[Snapshot,
         raise FrameRejectedError(f"malformed snapshot: {exc}") from None
     if offset + length > len(buf):
         raise FrameRejectedError("snapshot data runs past the end")
+    if index > MAX_TERM or term > MAX_TERM or not 0 < nv <= _MAX_VOTERS or 0 in voters:
+        raise _range(f"snapshot index {index}, term {term} or voters out of range")
     data = bytes(buf[offset : offset + length])
     return Snapshot(SnapshotMeta(index, term, voters), data), offset + length
 
@@ -131,6 +148,10 @@ def decode_message(buf: bytes | memoryview) -> Message:
     mtype = _TYPES.get(t)
     if mtype is None or reject > 1:
         raise FrameRejectedError(f"unknown message type {t}")
+    if max(term, log_term, index, commit, hint) > MAX_TERM or src == 0 or dst == 0 or ctx_len > _MAX_CONTEXT:
+        raise _range("term, index, commit, hint, node id or context length out of range")
+    if n_entries and mtype is not MsgType.APP:
+        raise _range(f"{mtype.name} carries entries")
     offset = _HEAD.size
     if offset + ctx_len > len(buf):
         raise FrameRejectedError("context runs past the end")
@@ -148,6 +169,10 @@ def decode_message(buf: bytes | memoryview) -> Message:
         raise FrameRejectedError("bad snapshot flag")
     if offset != len(buf):
         raise FrameRejectedError("trailing bytes after message")
+    if entries:
+        _check_append(term, log_term, index, entries)
+    if snapshot is not None and (mtype is not MsgType.SNAP or snapshot.meta.term > term):
+        raise _range("snapshot out of place or from a future term")
     return Message(
         mtype,
         src,
@@ -162,3 +187,14 @@ def decode_message(buf: bytes | memoryview) -> Message:
         context=context,
         snapshot=snapshot,
     )
+
+
+def _check_append(term: int, log_term: int, prev_index: int, entries: list[Entry]) -> None:
+    """Entries of an append follow ``prev_index`` one by one with terms in [log_term, term], non-decreasing."""
+    last_term = log_term
+    for n, e in enumerate(entries, start=1):
+        if e.index != prev_index + n:
+            raise _range(f"entry {e.index} does not follow {prev_index + n - 1}")
+        if e.term < last_term or e.term > term:
+            raise _range(f"entry {e.index} has term {e.term} outside [{last_term}, {term}]")
+        last_term = e.term

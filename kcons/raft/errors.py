@@ -40,4 +40,12 @@ class CorruptLogError(StoreError):
 
 
 class FrameRejectedError(DecodeError):
-    """A transport frame was unauthenticated, oversized or malformed; it is dropped and counted."""
+    """A transport frame was unauthenticated, replayed, oversized, out of range or malformed.
+
+    It is dropped and counted in ``kcons_raft_frames_rejected_total{reason}`` with ``reason``
+    (``auth``, ``replay``, ``handshake``, ``oversized``, ``range``, ``malformed``, ...).
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason

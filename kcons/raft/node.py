@@ -35,10 +35,11 @@ from kcons.metrics import (
     RAFT_SNAPSHOTS,
     RAFT_TERM,
 )
+from kcons.raft.codec import MAX_TERM
 from kcons.raft.core import RaftConfig, RaftCore, Ready
 from kcons.raft.errors import NotLeaderError, OutcomeUnknownError, ProposalDroppedError
 from kcons.raft.kv import KvStateMachine
-from kcons.raft.messages import EntryKind, Message
+from kcons.raft.messages import EntryKind, Message, MsgType
 from kcons.raft.storage import MemoryStorage, RaftStorage, WalStorage
 from kcons.raft.transport import PeerAddress, RaftTransport, load_secret, parse_peers
 
@@ -64,6 +65,7 @@ class NodeSettings:
     snapshot_keep: int = 2_000
     max_inflight: int = 256
     listen: PeerAddress | None = None
+    rejoin_empty: bool = False
 
     def __post_init__(self) -> None:
         if self.node_id not in self.peers:
@@ -138,7 +140,7 @@ class RaftNode:
         self._m_applied = RAFT_APPLIED_INDEX.labels(self._label)
         if storage is None:
             storage = (
-                WalStorage(settings.data_dir, fsync=settings.fsync)
+                WalStorage(settings.data_dir, fsync=settings.fsync, allow_empty=settings.rejoin_empty)
                 if settings.data_dir is not None
                 else MemoryStorage()
             )
@@ -180,6 +182,9 @@ class RaftNode:
         self._stopped = False
         self._failed = asyncio.Event()
         self.failure: BaseException | None = None
+        # A member restarted without its state neither votes nor campaigns until the cluster has
+        # removed and re-added it: its old votes are forgotten, so it could vote twice in a term.
+        self.rejoining = settings.rejoin_empty and st.hard_state.term == 0 and not st.entries and st.snapshot is None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -192,6 +197,8 @@ class RaftNode:
             asyncio.create_task(self._run(), name=f"raft-{self.id}"),
             asyncio.create_task(self._ticker(), name=f"raft-tick-{self.id}"),
         ]
+        if self.rejoining:
+            self._tasks.append(asyncio.create_task(self._rejoin(), name=f"raft-rejoin-{self.id}"))
         log.info("raft node %d listening on %s", self.id, self.transport.listen)
 
     async def stop(self) -> None:
@@ -208,9 +215,36 @@ class RaftNode:
                 w.future.set_exception(OutcomeUnknownError("node stopped"))
         self.storage.close()
 
+    async def _rejoin(self) -> None:
+        """Have the cluster remove this member (if still listed) and add it back, then vote again."""
+        from kcons.raft.client import RaftClient
+
+        others = {i: a for i, a in self.settings.peers.items() if i != self.id}
+        log.warning("raft node %d started without its state: rejoining (remove, then re-add)", self.id)
+        delay = 0.2
+        while self.rejoining:
+            client = RaftClient(others, self.settings.secret, timeout=10.0, request_timeout=2.0)
+            try:
+                await asyncio.to_thread(self._remove_and_add, client)
+                self.rejoining = False
+                log.warning("raft node %d: removed and re-added; voting again", self.id)
+            except Exception as exc:  # keep trying: the node stays a silent follower meanwhile
+                log.warning("raft node %d: rejoin attempt failed (%s); retrying", self.id, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                client.close()
+
+    def _remove_and_add(self, client: Any) -> None:
+        if self.id in client.members()["voters"]:
+            client.remove_member(self.id)
+        client.add_member(self.id)
+
     # -- inputs from other tasks ---------------------------------------------------------------
     def _on_message(self, m: Message) -> None:
         if m.dst != self.id:
+            return
+        if self.rejoining and m.type in (MsgType.VOTE, MsgType.PRE_VOTE, MsgType.TIMEOUT_NOW):
             return
         self._inbox.append(("msg", m))
         self._wake.set()
@@ -306,7 +340,8 @@ class RaftNode:
         if kind == "msg":
             core.step(item[1])
         elif kind == "tick":
-            core.tick()
+            if not self.rejoining:
+                core.tick()
             self._gauges_due = True
         elif kind == "prop":
             fut = item[2]
@@ -508,22 +543,36 @@ class RaftNode:
                 raise NotLeaderError(self.core.leader)
             cmd = dict(req)
             if op in ("lease_acquire", "lease_renew"):
+                ttl = float(req["ttl"])
+                if not 0 < ttl <= 86_400:  # also refuses nan: a lease must expire
+                    raise ValueError("ttl must be a number of seconds in (0, 86400]")
                 cmd["now"] = time.time()  # leader time: lease expiry assumes loosely synchronized clocks
             return await self.propose(cmd)
         if op == "members":
             return {"ok": True, "voters": list(self.core.voters), "leader": self.core.leader}
         if op == "add_member":
-            return await self.change_membership(add=int(req["id"]))
+            return await self.change_membership(add=self._peer_id(req))
         if op == "remove_member":
-            return await self.change_membership(remove=int(req["id"]))
+            return await self.change_membership(remove=self._peer_id(req))
         if op == "transfer":
+            target = self._peer_id(req)
             if not self.core.is_leader:
                 raise NotLeaderError(self.core.leader)
-            self.transfer_leadership(int(req["id"]))
+            self.transfer_leadership(target)
             return {"ok": True}
         if op == "watch":
-            return await self._watch(str(req.get("prefix", "")), int(req.get("after", 0)), float(req.get("wait", 10)))
+            after = int(req.get("after", 0))
+            if not 0 <= after <= MAX_TERM:
+                raise ValueError("after is out of range")
+            return await self._watch(str(req.get("prefix", "")), after, float(req.get("wait", 10)))
         raise ValueError(f"unknown op {op!r}")
+
+    def _peer_id(self, req: dict[str, Any]) -> int:
+        """The request's node id; it must have an address in the peer list (ValueError otherwise)."""
+        node = req["id"]
+        if not isinstance(node, int) or isinstance(node, bool) or node not in self.settings.peers:
+            raise ValueError(f"node id {node!r} is not in the peer list")
+        return node
 
     async def _watch(self, prefix: str, after: int, wait: float) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + max(0.0, min(wait, 60.0))

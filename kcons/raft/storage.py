@@ -1,14 +1,24 @@
 """Raft's stable storage: the protocol, an in-memory variant for tests, and a write-ahead log on disk.
 
-:class:`WalStorage` keeps one append-only file of records ``[length u32][crc32 u32][payload]``
-and one snapshot file. ``save`` returns only after ``fsync`` (unless constructed with
-``fsync=False``, which benchmarks use to compare with systems that do not sync), so the core's
-contract "persist, then reply" holds across power loss. Recovery replays the records; a torn
-tail (a last record cut short, or whose checksum fails with nothing valid after it, or zero fill)
-is truncated away, while a damaged record *followed by* a valid one is corruption in the middle
-and recovery refuses with :class:`CorruptLogError` rather than silently dropping acknowledged
-entries. Snapshots and log rewrites are atomic: write a temporary file, fsync it, rename it over
-the old one, fsync the directory.
+:class:`WalStorage` keeps one append-only file and one snapshot file. The WAL (format 2) starts
+with the 8-byte magic ``KRWAL\x00\x02\n``, then records ``[length u32][crc32(payload) u32]
+[crc32(length, payload crc) u32][payload]``: the header has its own checksum, so a damaged
+length can never be mistaken for the end of the log. Each ``save`` writes exactly one record, so
+a crash can leave at most one incomplete record, the last one. ``save`` returns only after
+``fsync`` (unless constructed with ``fsync=False``, which benchmarks use to compare with systems
+that do not sync), so the core's contract "persist, then reply" holds across power loss.
+
+Recovery replays the records. Only a torn tail is truncated: a damaged or incomplete record
+after which no valid record follows (a crash during the last append, or zero fill). Damage
+anywhere else raises :class:`CorruptLogError` naming the file and byte offset, and the file is
+left exactly as it was. A WAL in the previous format (no magic, checksum over the payload only)
+is read with the same rule, then rewritten in format 2; the original is kept as ``raft.wal.v1``.
+
+A directory that once held this node's state carries a ``raft.member`` marker: if the WAL is
+then missing or empty the node would restart at term 0 with no vote and could vote twice in one
+term, so recovery refuses unless ``allow_empty`` is set (the CLI's ``--rejoin-empty``).
+Snapshots and log rewrites are atomic: write a temporary file, fsync it, rename it over the old
+one, fsync the directory.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,10 +47,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MemoryStorage", "PersistentState", "RaftStorage", "WalStorage"]
 
-_REC = struct.Struct("<II")  # payload length, crc32(payload)
-_REC_HS = 1
-_REC_ENTRIES = 2
-_MAX_RECORD = 1 << 30
+_WAL_MAGIC = b"KRWAL\x00\x02\n"  # format 2
+_REC = struct.Struct("<II")  # payload length, crc32(payload): format 1's header, and format 2's first 8 bytes
+_REC2 = struct.Struct("<III")  # payload length, crc32(payload), header checksum
+_HEAD_CRC_MASK = 0x5A17C3E1  # so that an all-zero header never checks
+_REC_HS = 1  # format 1 only
+_REC_ENTRIES = 2  # format 1 only
+_REC_BATCH = 3  # one save: hard-state flag [+ hard state], entry count, entries
 _SNAP_MAGIC = b"KRSN1"
 
 
@@ -142,73 +156,159 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _head_crc(length: int, payload_crc: int) -> int:
+    return zlib.crc32(_REC.pack(length, payload_crc)) ^ _HEAD_CRC_MASK
+
+
 def _record(payload: bytes) -> bytes:
-    return _REC.pack(len(payload), zlib.crc32(payload)) + payload
+    crc = zlib.crc32(payload)
+    return _REC2.pack(len(payload), crc, _head_crc(len(payload), crc)) + payload
 
 
-def _valid_record_at(buf: bytes, offset: int) -> bool:
+def _batch_payload(hard_state: HardState | None, entries: list[Entry]) -> bytes:
+    """One save as one record: optional hard state, then the entries."""
+    hs = b"\x01" + encode_hard_state(hard_state) if hard_state is not None else b"\x00"
+    return b"".join([bytes([_REC_BATCH]), hs, struct.pack("<I", len(entries)), encode_entries(entries)])
+
+
+def _v2_record_at(buf: bytes, offset: int) -> int | None:
+    """The end of a complete, valid format-2 record at ``offset``, else None."""
+    if offset + _REC2.size > len(buf):
+        return None
+    length, crc, hcrc = _REC2.unpack_from(buf, offset)
+    if hcrc != _head_crc(length, crc) or length == 0:
+        return None
+    end: int = offset + _REC2.size + length
+    if end > len(buf) or zlib.crc32(buf[offset + _REC2.size : end]) != crc:
+        return None
+    return end
+
+
+def _v1_record_at(buf: bytes, offset: int) -> int | None:
+    """The end of a complete, valid format-1 record at ``offset``, else None."""
     if offset + _REC.size > len(buf):
-        return False
+        return None
     length, crc = _REC.unpack_from(buf, offset)
     end: int = offset + _REC.size + length
-    return bool(length > 0) and end <= len(buf) and zlib.crc32(buf[offset + _REC.size : end]) == crc
+    if length == 0 or end > len(buf) or zlib.crc32(buf[offset + _REC.size : end]) != crc:
+        return None
+    return end
 
 
 class WalStorage:
     """A write-ahead log plus an atomic snapshot file in ``directory``; fsync before returning."""
 
-    def __init__(self, directory: str | os.PathLike[str], fsync: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike[str], fsync: bool = True, allow_empty: bool = False) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
+        self.allow_empty = allow_empty
         self._wal_path = self.dir / "raft.wal"
         self._snap_path = self.dir / "raft.snap"
+        self._marker = self.dir / "raft.member"
         self.truncated_bytes = 0
+        self.started_empty = False
+        self._upgrade = False
         self._state = self._recover()
-        self._file = open(self._wal_path, "ab")  # noqa: SIM115 - held open for appends
+        if self._upgrade or not self._wal_path.exists() or self._wal_path.stat().st_size == 0:
+            self._rewrite_file()  # a new WAL, or the old format rewritten in format 2
+        else:
+            self._file = open(self._wal_path, "ab")  # noqa: SIM115 - held open for appends
+        if not self._marker.exists():
+            self._atomic_write(self._marker, b"this directory holds a Raft member's state; see --rejoin-empty\n")
 
     # -- recovery ----------------------------------------------------------------------------
     def _recover(self) -> PersistentState:
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink()  # an interrupted atomic write; the previous file is intact
         state = PersistentState()
+        wal_missing = not self._wal_path.exists() or self._wal_path.stat().st_size == 0
+        if wal_missing and (self._marker.exists() or self._snap_path.exists()):
+            if not self.allow_empty:
+                raise CorruptLogError(
+                    f"{self._wal_path} is missing or empty but {self.dir} held a Raft member's state: "
+                    "restarting without it could vote twice in one term; restore the file, or start "
+                    "with --rejoin-empty to rejoin as a new member (it is removed and re-added)"
+                )
+            log.warning("raft WAL %s is missing or empty: rejoining with empty state as asked", self._wal_path)
+            for path in (self._snap_path,):
+                if path.exists():
+                    path.rename(path.with_name(path.name + ".before-rejoin"))
+            self.started_empty = True
+            return state
         if self._snap_path.exists():
             state.snapshot = self._read_snapshot()
         snap_index = state.snapshot.meta.index if state.snapshot else 0
-        if not self._wal_path.exists():
+        if wal_missing:
+            self.started_empty = state.snapshot is None
             return state
         buf = self._wal_path.read_bytes()
-        offset = 0
-        good = 0
-        while offset < len(buf):
-            if offset + _REC.size > len(buf):
-                break  # torn header at the tail
-            length, crc = _REC.unpack_from(buf, offset)
-            start = offset + _REC.size
-            end = start + length
-            if length == 0 or length > _MAX_RECORD or end > len(buf) or zlib.crc32(buf[start:end]) != crc:
-                if length and end <= len(buf) and _valid_record_at(buf, end):
-                    raise CorruptLogError(
-                        f"{self._wal_path}: damaged record at byte {offset} is followed by valid records"
-                    )
-                break
-            self._apply_record(state, buf[start:end])
-            offset = end
-            good = end
+        if buf.startswith(_WAL_MAGIC):
+            good = self._scan(state, buf, len(_WAL_MAGIC), _v2_record_at, _REC2.size)
+        elif buf.startswith(_WAL_MAGIC[:5]):
+            raise CorruptLogError(f"{self._wal_path}: unknown WAL format version {buf[5:8]!r} at byte 5")
+        else:
+            good = self._scan(state, buf, 0, _v1_record_at, _REC.size)
+            self._upgrade = True
         self._drop_covered(state, snap_index)
         if good < len(buf):
             self.truncated_bytes = len(buf) - good
             log.warning("raft WAL %s: truncating a torn tail of %d bytes", self._wal_path, self.truncated_bytes)
+            if self._upgrade:
+                return state  # the original is kept as raft.wal.v1 when the new file is written
             with open(self._wal_path, "r+b") as f:
                 f.truncate(good)
                 f.flush()
                 os.fsync(f.fileno())
         return state
 
-    def _apply_record(self, state: PersistentState, payload: bytes) -> None:
+    def _scan(
+        self,
+        state: PersistentState,
+        buf: bytes,
+        offset: int,
+        record_at: Callable[[bytes, int], int | None],
+        head: int,
+    ) -> int:
+        """Apply every valid record from ``offset``; returns where the torn tail (if any) starts."""
+        while offset < len(buf):
+            end = record_at(buf, offset)
+            if end is None:
+                # Damaged or incomplete. Only the last record may be: a valid record after it
+                # means acknowledged data follows, and guessing would lose it. A format-2 header
+                # that checks bounds the record, so only what lies after it is searched.
+                search_from = offset + 1
+                if head == _REC2.size and offset + head <= len(buf):
+                    length, crc, hcrc = _REC2.unpack_from(buf, offset)
+                    if hcrc == _head_crc(length, crc):
+                        search_from = offset + head + length
+                for later in range(search_from, len(buf) - head + 1):
+                    if record_at(buf, later) is not None:
+                        raise CorruptLogError(
+                            f"{self._wal_path}: damaged record at byte {offset} is followed by a valid "
+                            f"record at byte {later}; refusing to start (the file is left as it was)"
+                        )
+                return offset
+            self._apply_record(state, buf[offset + head : end], offset)
+            offset = end
+        return offset
+
+    def _apply_record(self, state: PersistentState, payload: bytes, offset: int) -> None:
         kind = payload[0]
         try:
-            if kind == _REC_HS:
+            if kind == _REC_BATCH:
+                pos = 2
+                if payload[1] == 1:
+                    state.hard_state = decode_hard_state(payload, 2)
+                    pos = 2 + 24
+                elif payload[1] != 0:
+                    raise FrameRejectedError("bad hard-state flag")
+                (count,) = struct.unpack_from("<I", payload, pos)
+                entries, end = decode_entries(payload, count, pos + 4)
+                if end != len(payload):
+                    raise FrameRejectedError("trailing bytes")
+                self._splice_recovered(state.entries, entries)
+            elif kind == _REC_HS:
                 state.hard_state = decode_hard_state(payload, 1)
             elif kind == _REC_ENTRIES:
                 (count,) = struct.unpack_from("<I", payload, 1)
@@ -217,9 +317,11 @@ class WalStorage:
                     raise FrameRejectedError("trailing bytes")
                 self._splice_recovered(state.entries, entries)
             else:
-                raise CorruptLogError(f"{self._wal_path}: unknown record kind {kind}")
-        except (FrameRejectedError, struct.error) as exc:
-            raise CorruptLogError(f"{self._wal_path}: record passes its checksum but does not decode: {exc}") from None
+                raise CorruptLogError(f"{self._wal_path}: unknown record kind {kind} at byte {offset}")
+        except (FrameRejectedError, struct.error, IndexError) as exc:
+            raise CorruptLogError(
+                f"{self._wal_path}: record at byte {offset} passes its checksum but does not decode: {exc}"
+            ) from None
 
     @staticmethod
     def _splice_recovered(raw: list[Entry], new: list[Entry]) -> None:
@@ -284,15 +386,11 @@ class WalStorage:
             self._rewrite()
             return
         _splice(s.entries, entries, s.snapshot.meta.index if s.snapshot else 0)
-        parts: list[bytes] = []
-        if entries:
-            parts.append(_record(bytes([_REC_ENTRIES]) + struct.pack("<I", len(entries)) + encode_entries(entries)))
         if hard_state is not None:
             s.hard_state = hard_state
-            parts.append(_record(bytes([_REC_HS]) + encode_hard_state(hard_state)))
-        if not parts:
+        elif not entries:
             return
-        self._file.write(b"".join(parts))
+        self._file.write(_record(_batch_payload(hard_state, entries)))
         self._file.flush()
         if self.fsync:
             os.fsync(self._file.fileno())
@@ -329,10 +427,17 @@ class WalStorage:
         self._atomic_write(self._snap_path, _SNAP_MAGIC + _REC.pack(len(body), zlib.crc32(body)) + body)
 
     def _rewrite(self) -> None:
-        s = self._state
-        parts = [_record(bytes([_REC_HS]) + encode_hard_state(s.hard_state))]
-        if s.entries:
-            parts.append(_record(bytes([_REC_ENTRIES]) + struct.pack("<I", len(s.entries)) + encode_entries(s.entries)))
         self._file.close()
-        self._atomic_write(self._wal_path, b"".join(parts))
+        self._rewrite_file()
+
+    def _rewrite_file(self) -> None:
+        """Write the whole state as a fresh format-2 WAL (atomically) and reopen it for appends."""
+        s = self._state
+        if self._upgrade and self._wal_path.exists():
+            backup = self._wal_path.with_name(self._wal_path.name + ".v1")
+            if not backup.exists():
+                os.link(self._wal_path, backup)
+            log.info("raft WAL %s: upgraded to format 2; the original is kept as %s", self._wal_path, backup)
+            self._upgrade = False
+        self._atomic_write(self._wal_path, _WAL_MAGIC + _record(_batch_payload(s.hard_state, s.entries)))
         self._file = open(self._wal_path, "ab")  # noqa: SIM115 - held open for appends

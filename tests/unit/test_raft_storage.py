@@ -170,3 +170,90 @@ def test_compaction_can_keep_entries_before_the_snapshot_for_lagging_followers(m
     st = make_storage().load()
     assert [e.index for e in st.entries] == [6, 7, 8, 9, 10]
     assert st.snapshot == snap
+
+
+def _three_records(tmp_path: Path) -> tuple[Path, list[int]]:
+    """A WAL with three appended records; returns its path and the byte offset of each record."""
+    s = WalStorage(tmp_path)
+    wal = tmp_path / "raft.wal"
+    starts = []
+    for first, last in ((1, 2), (3, 4), (5, 6)):
+        starts.append(wal.stat().st_size)
+        s.save(HardState(1, 1, last), ents(first, last), None)
+    s.close()
+    return wal, starts
+
+
+def test_a_flipped_length_bit_in_a_middle_record_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    wal, starts = _three_records(tmp_path)
+    raw = bytearray(wal.read_bytes())
+    raw[starts[1] + 3] ^= 0x10  # the length's high byte: the record now "ends" past the end of the file
+    wal.write_bytes(bytes(raw))
+    with pytest.raises(CorruptLogError) as err:
+        WalStorage(tmp_path)
+    assert str(wal) in str(err.value)
+    assert f"byte {starts[1]}" in str(err.value)
+    assert wal.read_bytes() == bytes(raw)  # the evidence is kept as it was
+
+
+def test_zeroed_bytes_over_a_middle_record_are_refused_not_read_as_a_torn_tail(tmp_path: Path) -> None:
+    wal, starts = _three_records(tmp_path)
+    raw = bytearray(wal.read_bytes())
+    raw[starts[1] : starts[2]] = bytes(starts[2] - starts[1])
+    wal.write_bytes(bytes(raw))
+    with pytest.raises(CorruptLogError) as err:
+        WalStorage(tmp_path)
+    assert f"byte {starts[1]}" in str(err.value)
+    assert wal.read_bytes() == bytes(raw)
+
+
+def test_a_flipped_low_length_bit_in_a_middle_record_is_refused(tmp_path: Path) -> None:
+    wal, starts = _three_records(tmp_path)
+    raw = bytearray(wal.read_bytes())
+    raw[starts[1]] ^= 0x01
+    wal.write_bytes(bytes(raw))
+    with pytest.raises(CorruptLogError):
+        WalStorage(tmp_path)
+    assert wal.read_bytes() == bytes(raw)
+
+
+def test_zero_fill_after_the_last_record_is_a_torn_tail(tmp_path: Path) -> None:
+    wal, _ = _three_records(tmp_path)
+    good = wal.read_bytes()
+    wal.write_bytes(good + bytes(100))  # the file grew but the data never reached the disk
+    st = WalStorage(tmp_path).load()
+    assert [e.index for e in st.entries] == [1, 2, 3, 4, 5, 6]
+    assert wal.read_bytes() == good
+
+
+def test_a_member_whose_wal_was_deleted_or_emptied_refuses_to_start(tmp_path: Path) -> None:
+    wal, _ = _three_records(tmp_path)
+    wal.unlink()
+    with pytest.raises(CorruptLogError, match="rejoin-empty"):
+        WalStorage(tmp_path)
+    wal.write_bytes(b"")
+    with pytest.raises(CorruptLogError, match="rejoin-empty"):
+        WalStorage(tmp_path)
+    st = WalStorage(tmp_path, allow_empty=True).load()  # the operator's explicit choice
+    assert st.hard_state == HardState() and st.entries == []
+
+
+def test_a_wal_in_the_previous_format_is_read_and_upgraded_with_a_backup(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from kcons.raft.codec import encode_entries, encode_hard_state
+
+    def v1(payload: bytes) -> bytes:
+        return struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+
+    old = v1(b"\x02" + struct.pack("<I", 3) + encode_entries(ents(1, 3))) + v1(b"\x01" + encode_hard_state(HardState(2, 1, 3)))
+    (tmp_path / "raft.wal").write_bytes(old)
+    s = WalStorage(tmp_path)
+    assert [e.index for e in s.load().entries] == [1, 2, 3]
+    assert s.load().hard_state == HardState(2, 1, 3)
+    s.save(None, ents(4, 4), None)
+    s.close()
+    assert (tmp_path / "raft.wal.v1").read_bytes() == old
+    st = WalStorage(tmp_path).load()
+    assert [e.index for e in st.entries] == [1, 2, 3, 4]

@@ -1,0 +1,96 @@
+"""Hostile but authenticated input: out-of-range numbers and crafted appends are dropped, never fatal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from kcons.raft.cluster import free_ports
+from kcons.raft.codec import decode_message, encode_message
+from kcons.raft.errors import FrameRejectedError
+from kcons.raft.messages import Entry, Message, MsgType, Snapshot, SnapshotMeta
+from kcons.raft.node import NodeSettings, RaftNode
+from kcons.raft.transport import PeerAddress
+
+SECRET = b"hostile-unit-secret-0123456789"
+TOP = (1 << 64) - 1
+
+HOSTILE = [
+    Message(MsgType.HEARTBEAT, 2, 1, TOP),  # a term nobody can add one to
+    Message(MsgType.VOTE, 2, 1, TOP, log_term=TOP, index=TOP),
+    Message(MsgType.APP, 2, 1, 1, index=0, log_term=0, entries=(Entry(1, 5),)),  # a gap: index 1 expected
+    Message(MsgType.APP, 2, 1, 1, index=0, log_term=0, entries=(Entry(1, 1), Entry(1, 3))),  # not contiguous
+    Message(MsgType.APP, 2, 1, 1, index=0, log_term=0, entries=(Entry(9, 1),)),  # entry from a future term
+    Message(MsgType.APP, 2, 1, 3, index=TOP - 1, log_term=1, commit=TOP),
+    Message(MsgType.SNAP, 2, 1, 2, snapshot=Snapshot(SnapshotMeta(TOP, 1, (1, 2, 3)))),
+]
+
+
+@pytest.mark.parametrize("m", HOSTILE, ids=lambda m: f"{m.type.name}-{m.term}")
+def test_out_of_range_or_inconsistent_messages_are_rejected_by_the_codec(m: Message) -> None:
+    with pytest.raises(FrameRejectedError) as err:
+        decode_message(encode_message(m))
+    assert err.value.reason == "range"
+
+
+async def _send_as_peer(addr: PeerAddress, messages: list[Message]) -> None:
+    from kcons.raft.transport import connect_peer
+
+    writer = await connect_peer(addr, SECRET, 2, 1)
+    for m in messages:
+        writer.send(encode_message(m))
+    await writer.drain()
+    await writer.close()
+
+
+def test_hostile_authenticated_messages_never_stop_the_node() -> None:
+    async def scenario() -> tuple[BaseException | None, dict[str, object]]:
+        ports = free_ports(3)
+        peers = {i + 1: PeerAddress("127.0.0.1", p) for i, p in enumerate(ports)}
+        node = RaftNode(NodeSettings(1, peers, SECRET, tick_s=0.01, election_tick=5))
+        await node.start()
+        try:
+            await _send_as_peer(peers[1], HOSTILE)
+            await asyncio.sleep(0.5)  # many election timeouts: a term of 2**64-1 would overflow here
+            out = json.loads(await node.handle_request(b'{"op":"status"}'))
+            return node.failure, out
+        finally:
+            await node.stop()
+
+    failure, status = asyncio.run(scenario())
+    assert failure is None
+    assert status["ok"] is True
+    assert isinstance(status["term"], int) and status["term"] < 1000
+
+
+def test_membership_requests_for_unknown_or_huge_ids_are_refused_not_fatal() -> None:
+    async def scenario() -> tuple[BaseException | None, list[dict[str, object]]]:
+        (port,) = free_ports(1)
+        node = RaftNode(NodeSettings(1, {1: PeerAddress("127.0.0.1", port)}, SECRET, tick_s=0.01))
+        await node.start()
+        try:
+            for _ in range(300):
+                if node.core.is_leader:
+                    break
+                await asyncio.sleep(0.01)
+            answers = []
+            for req in (
+                {"op": "add_member", "id": 1 << 40},
+                {"op": "add_member", "id": 7},
+                {"op": "remove_member", "id": -1},
+                {"op": "transfer", "id": 1 << 70},
+                {"op": "watch", "after": 1 << 70, "wait": 0},
+            ):
+                answers.append(json.loads(await node.handle_request(json.dumps(req).encode())))
+            await asyncio.sleep(0.05)
+            answers.append(json.loads(await node.handle_request(b'{"op":"put","key":"k","value":"v"}')))
+            return node.failure, answers
+        finally:
+            await node.stop()
+
+    failure, answers = asyncio.run(scenario())
+    assert failure is None
+    assert [a.get("error") for a in answers[:4]] == ["bad_request"] * 4
+    assert answers[-1].get("ok") is True
