@@ -55,6 +55,9 @@ def raft() -> None:
 @click.option("--metrics-port", type=int, default=None, help="serve /metrics and /healthz on this port")
 @click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True,
               help="address for /metrics and /healthz ($KCONS_METRICS_HOST)")  # fmt: skip
+@click.option("--rejoin-empty", is_flag=True,
+              help="start although this member's WAL is missing or empty: the cluster removes and re-adds it, "
+                   "and it neither votes nor campaigns until then")  # fmt: skip
 def serve(
     node_id: int,
     peers: str,
@@ -63,8 +66,13 @@ def serve(
     voters: str,
     metrics_port: int | None,
     metrics_host: str,
+    rejoin_empty: bool,
 ) -> None:
-    """Run one node until SIGTERM or SIGINT."""
+    """Run one node until SIGTERM or SIGINT.
+
+    A node that once held state refuses to start when its WAL is missing or empty (it could vote
+    twice in one term); ``--rejoin-empty`` is the operator's explicit way back in.
+    """
     from dataclasses import replace
 
     from kcons.raft.node import NodeSettings, RaftNode
@@ -74,6 +82,8 @@ def serve(
         settings = NodeSettings.from_env(node_id, peers, data_dir, secret_file)
         if voters:
             settings = replace(settings, voters=tuple(int(v) for v in voters.split(",") if v))
+        if rejoin_empty:
+            settings = replace(settings, rejoin_empty=True)
     except (KconsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -107,8 +107,8 @@ class LocalRaftCluster:
         env["KCONS_RAFT_TICK_MS"] = str(self.tick_ms)
         return env
 
-    def start_node(self, i: int) -> None:
-        """Start (or restart) node ``i`` on its data directory."""
+    def start_node(self, i: int, extra_args: tuple[str, ...] = ()) -> None:
+        """Start (or restart) node ``i`` on its data directory (``extra_args`` go to ``serve``)."""
         data = self.base / f"node{i}"
         data.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -127,6 +127,7 @@ class LocalRaftCluster:
             cmd += ["--voters", ",".join(map(str, self.voters))]
         if i in self.metrics_ports:
             cmd += ["--metrics-port", str(self.metrics_ports[i])]
+        cmd += list(extra_args)
         logf = open(self.base / f"node{i}.log", "ab")  # noqa: SIM115 - kept open for the child's life
         self._logs[i] = logf
         self.procs[i] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=self._environ())

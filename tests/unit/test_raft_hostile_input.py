@@ -36,13 +36,13 @@ def test_out_of_range_or_inconsistent_messages_are_rejected_by_the_codec(m: Mess
 
 
 async def _send_as_peer(addr: PeerAddress, messages: list[Message]) -> None:
-    from kcons.raft.transport import connect_peer
+    from kcons.raft.transport import KIND_RAFT, FrameCodec
 
-    writer = await connect_peer(addr, SECRET, 2, 1)
-    for m in messages:
-        writer.send(encode_message(m))
-    await writer.drain()
-    await writer.close()
+    for m in messages:  # one connection each: a rejected frame closes its connection
+        _, writer = await asyncio.open_connection(addr.host, addr.port)
+        writer.write(FrameCodec(SECRET).seal(KIND_RAFT, encode_message(m)))
+        await writer.drain()
+        writer.close()
 
 
 def test_hostile_authenticated_messages_never_stop_the_node() -> None:

@@ -247,7 +247,8 @@ def test_a_wal_in_the_previous_format_is_read_and_upgraded_with_a_backup(tmp_pat
     def v1(payload: bytes) -> bytes:
         return struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
 
-    old = v1(b"\x02" + struct.pack("<I", 3) + encode_entries(ents(1, 3))) + v1(b"\x01" + encode_hard_state(HardState(2, 1, 3)))
+    entries = v1(b"\x02" + struct.pack("<I", 3) + encode_entries(ents(1, 3)))
+    old = entries + v1(b"\x01" + encode_hard_state(HardState(2, 1, 3)))
     (tmp_path / "raft.wal").write_bytes(old)
     s = WalStorage(tmp_path)
     assert [e.index for e in s.load().entries] == [1, 2, 3]
