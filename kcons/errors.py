@@ -22,6 +22,7 @@ __all__ = [
     "IndefiniteOutcomeError",
     "KafkaOperationError",
     "KconsError",
+    "LeadershipLostError",
     "PoisonMessageError",
     "ProducerFencedError",
     "RetriableKafkaError",
@@ -114,6 +115,12 @@ class FatalKafkaError(KafkaOperationError):
 
 class ProducerFencedError(FatalKafkaError):
     """Another producer with the same transactional.id took over; this one must stop."""
+
+    error_class = ErrorClass.FENCED
+
+
+class LeadershipLostError(KafkaOperationError):
+    """This relay is no longer the leader (lease lost, fenced token, or fenced producer); it must stop publishing."""
 
     error_class = ErrorClass.FENCED
 

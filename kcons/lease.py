@@ -1,7 +1,8 @@
 """The lease-backend protocol: exclusive, expiring leadership with fencing tokens.
 
 The outbox relay takes its leadership through this protocol. Implementations: PostgreSQL
-advisory locks (``kcons.outbox``), and a Raft lease (``kcons.adapters.raft``). A fencing
+advisory locks (``kcons.adapters.postgres.leadership``), a Raft lease (``kcons.adapters.raft``)
+and the single-process lease (``kcons.adapters.memory``). A fencing
 token strictly increases with every new grant of a lease name, so a resource that remembers
 the highest token it has seen can refuse a paused former holder.
 """

@@ -1,8 +1,10 @@
-"""In-process dedup store: a bounded LRU of ids with lease and retention TTLs.
+"""In-process adapters: a dedup store and a lease backend for one process.
 
-Fast and dependency-free, for a single consumer process (tests, caches of idempotent
-effects). It forgets everything when the process exits, and when it is full it evicts the
-least recently written ids first, so it bounds memory at the price of dedup memory.
+:class:`MemoryDedupStore` is a bounded LRU of ids with lease and retention TTLs. Fast and
+dependency-free, for a single consumer process (tests, caches of idempotent effects). It forgets
+everything when the process exits, and when it is full it evicts the least recently written ids
+first, so it bounds memory at the price of dedup memory. :class:`SingleProcessLease` is the lease
+backend of a relay that is the only one of its outbox (the SQLite case).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from itertools import islice
 
 from kcons.config import check_range
 from kcons.dedup import DEFAULT_RETENTION_S, ClaimResult, check_lease, check_retention
+from kcons.lease import Lease
 from kcons.metrics import observe_dedup_store
 
-__all__ = ["MemoryDedupStore"]
+__all__ = ["MemoryDedupStore", "SingleProcessLease"]
 
 _IN_PROGRESS = 0
 _DONE = 1
@@ -122,3 +125,24 @@ class MemoryDedupStore:
         if excess > 0:  # the least recently written, in one pass over the front
             for event_id in list(islice(self._entries, excess)):
                 del self._entries[event_id]
+
+
+class SingleProcessLease:
+    """A lease backend for exactly one relay process (the SQLite case): always granted, never lost."""
+
+    def __init__(self) -> None:
+        self._token = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, name: str, holder: str, ttl_s: float) -> Lease | None:
+        """Grant the lease with the next token."""
+        with self._lock:
+            self._token += 1
+            return Lease(name=name, holder=holder, token=self._token, expires_at=time.monotonic() + ttl_s)
+
+    def renew(self, lease: Lease, ttl_s: float) -> Lease | None:
+        """Extend the lease."""
+        return Lease(name=lease.name, holder=lease.holder, token=lease.token, expires_at=time.monotonic() + ttl_s)
+
+    def release(self, lease: Lease) -> None:
+        """Nothing to release."""

@@ -176,7 +176,7 @@ def _lease_backend(choice: str | None, raft_peers: str | None, raft_secret_file:
 @click.option("--older-than", type=float, required=True, help="Delete rows published more than this many seconds ago.")
 def purge(dsn: str | None, table: str | None, older_than: float) -> None:
     """Delete published rows past their retention (retention mode); unpublished rows are never touched."""
-    from kcons.outbox.store import PostgresOutboxStore
+    from kcons.adapters.postgres import PostgresOutboxStore
 
     name = table or env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE) or DEFAULT_TABLE
     target = dsn or env_str("KCONS_POSTGRES_DSN")

@@ -26,6 +26,7 @@ from kcons.config import redact_config
 from kcons.errors import (
     ErrorClass,
     KafkaOperationError,
+    LeadershipLostError,
     ProducerFencedError,
     TimeoutExceededError,
     kafka_error_to_exception,
@@ -38,12 +39,6 @@ __all__ = ["MODES", "KafkaBatchPublisher", "LeadershipLostError"]
 log = logging.getLogger(__name__)
 
 MODES = ("transactional", "idempotent")
-
-
-class LeadershipLostError(KafkaOperationError):
-    """This relay is no longer the leader (lease lost, fenced token, or fenced producer); it must stop publishing."""
-
-    error_class = ErrorClass.FENCED
 
 
 _FORCED = {"enable.idempotence": True, "acks": "all"}

@@ -2,7 +2,7 @@
 
 One relay replica of an outbox leads (it holds the lease ``outbox:<name>``); the others wait.
 The leader repeats: read the lowest-positioned committed, unpublished rows (see
-:mod:`kcons.outbox.store` for why this is gap-free and keeps each aggregate's commit order),
+:mod:`kcons.adapters.postgres.outbox` for why this is gap-free and keeps each aggregate's commit order),
 publish them as one batch and wait for Kafka's acknowledgement, then delete them (or mark them
 published, with retention) in one statement fenced by its lease token. The database work is
 pipelined with Kafka: while batch *k* is being acknowledged, a worker thread marks batch *k-1*
@@ -51,13 +51,12 @@ from tenacity import (
 
 from kcons import metrics
 from kcons.config import KafkaSettings, check_range, env_float, env_int, env_str, redact
-from kcons.errors import ConfigError, KafkaOperationError, StoreError, TimeoutExceededError
+from kcons.errors import ConfigError, KafkaOperationError, LeadershipLostError, StoreError, TimeoutExceededError
 from kcons.lease import Lease, LeaseBackend
-from kcons.outbox.leadership import AdvisoryLockLeaseBackend, SingleProcessLease
-from kcons.outbox.publisher import MODES, KafkaBatchPublisher, LeadershipLostError
+from kcons.outbox.publisher import MODES, KafkaBatchPublisher
 from kcons.outbox.rows import OutboxRow, record_tuples
 from kcons.outbox.schema import DEFAULT_TABLE, validate_table
-from kcons.outbox.store import OutboxStore, PostgresOutboxStore, SqliteOutboxStore
+from kcons.outbox.store import OutboxStore
 
 __all__ = ["OutboxRelay", "RelaySettings"]
 
@@ -253,6 +252,8 @@ class OutboxRelay:
         before_commit: Callable[[Sequence[OutboxRow]], None] | None = None,
     ) -> OutboxRelay:
         """A relay for a PostgreSQL outbox; leadership by advisory lock unless ``leases`` is given (e.g. Raft)."""
+        from kcons.adapters.postgres import AdvisoryLockLeaseBackend, PostgresOutboxStore
+
         store = PostgresOutboxStore(
             settings.dsn,
             settings.table,
@@ -298,6 +299,9 @@ class OutboxRelay:
         on_published: PublishedHook | None = None,
     ) -> OutboxRelay:
         """A relay for a SQLite outbox (embedded, exactly one relay per database file)."""
+        from kcons.adapters.memory import SingleProcessLease
+        from kcons.adapters.sqlite import SqliteOutboxStore
+
         publisher = KafkaBatchPublisher(
             kafka.client_config(), mode=mode, transactional_id=f"kcons-outbox-sqlite-{table}", ack_timeout_s=30.0
         )

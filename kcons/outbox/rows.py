@@ -9,7 +9,7 @@ topic is the row's own topic, else the relay's fixed topic, else Debezium's defa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "decode_headers",
     "encode_headers",
     "record_tuples",
+    "row_from_select",
     "to_record",
 ]
 
@@ -145,3 +146,24 @@ def record_tuples(rows: Iterable[OutboxRow], fixed_topic: str | None = None) -> 
         if row.version is not None:
             headers.append((HEADER_VERSION, str(row.version).encode()))
         yield row.topic or fixed_topic or prefix + row.aggregatetype, row.payload, key, headers, row.created_ms
+
+
+def row_from_select(r: Sequence[Any], age_s: float, read_at: float) -> OutboxRow:
+    """Build an OutboxRow from a selected result row (the column order every outbox store selects in).
+
+    ``read_at`` is ``time.time()`` when the rows were read: with the row's age (database clock)
+    it gives the insert time on this host's clock, without trusting the two clocks to agree.
+    """
+    return OutboxRow(
+        position=r[0],
+        id=r[1],
+        aggregatetype=r[2],
+        aggregateid=r[3],
+        type=r[4],
+        payload=bytes(r[5]),
+        topic=r[6],
+        headers=decode_headers(r[7]),
+        version=r[8],
+        age_s=age_s,
+        created_ms=int((read_at - age_s) * 1000),
+    )

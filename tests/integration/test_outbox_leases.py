@@ -8,8 +8,8 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
+from kcons.adapters.postgres import AdvisoryLockLeaseBackend
 from kcons.lease import LeaseBackend
-from kcons.outbox.leadership import AdvisoryLockLeaseBackend
 
 pytestmark = pytest.mark.integration
 

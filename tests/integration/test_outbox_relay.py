@@ -377,7 +377,8 @@ def test_event_ids_are_unique_in_the_outbox(outbox_db: str) -> None:
 
 
 def test_marking_with_a_superseded_token_changes_nothing(outbox_db: str) -> None:
-    from kcons.outbox import LeadershipLostError, PostgresOutboxStore
+    from kcons.adapters.postgres import PostgresOutboxStore
+    from kcons.errors import LeadershipLostError
 
     with psycopg.connect(outbox_db) as conn:
         for i in range(3):
@@ -403,7 +404,7 @@ def test_marking_with_a_superseded_token_changes_nothing(outbox_db: str) -> None
 
 
 def test_hinted_reads_find_late_commits_below_the_hint_and_fall_back_when_they_overflow(outbox_db: str) -> None:
-    from kcons.outbox import PostgresOutboxStore
+    from kcons.adapters.postgres import PostgresOutboxStore
 
     store = PostgresOutboxStore(outbox_db)
     slow = psycopg.connect(outbox_db)
@@ -445,7 +446,7 @@ def test_random_interleavings_of_writers_and_reads_return_each_committed_row_onc
     """A model check of the hinted read against real transactions: open, insert, commit or roll back, read, mark."""
     import random
 
-    from kcons.outbox import PostgresOutboxStore
+    from kcons.adapters.postgres import PostgresOutboxStore
 
     rnd = random.Random(seed)
     store = PostgresOutboxStore(outbox_db)

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from kcons.errors import RetriableKafkaError
+from kcons.errors import LeadershipLostError, RetriableKafkaError
 from kcons.lease import Lease
-from kcons.outbox.publisher import LeadershipLostError
 from kcons.outbox.relay import OutboxRelay
 from kcons.outbox.rows import OutboxRecord, OutboxRow
 

@@ -1,4 +1,4 @@
-"""Relay leadership: a PostgreSQL advisory-lock lease backend, and the single-process lease.
+"""Relay leadership on PostgreSQL: a lease backend on a session-level advisory lock.
 
 :class:`AdvisoryLockLeaseBackend` implements :class:`kcons.lease.LeaseBackend`. A lease is a
 session-level advisory lock held by a dedicated connection; it is exclusive for as long as that
@@ -20,7 +20,7 @@ from typing import Any
 from kcons.config import redact
 from kcons.lease import Lease
 
-__all__ = ["AdvisoryLockLeaseBackend", "SingleProcessLease", "advisory_key"]
+__all__ = ["AdvisoryLockLeaseBackend", "advisory_key"]
 
 log = logging.getLogger(__name__)
 
@@ -157,24 +157,3 @@ class AdvisoryLockLeaseBackend:
             self._conns.clear()
         for conn in conns:
             conn.close()
-
-
-class SingleProcessLease:
-    """A lease backend for exactly one relay process (the SQLite case): always granted, never lost."""
-
-    def __init__(self) -> None:
-        self._token = 0
-        self._lock = threading.Lock()
-
-    def acquire(self, name: str, holder: str, ttl_s: float) -> Lease | None:
-        """Grant the lease with the next token."""
-        with self._lock:
-            self._token += 1
-            return Lease(name=name, holder=holder, token=self._token, expires_at=time.monotonic() + ttl_s)
-
-    def renew(self, lease: Lease, ttl_s: float) -> Lease | None:
-        """Extend the lease."""
-        return Lease(name=lease.name, holder=lease.holder, token=lease.token, expires_at=time.monotonic() + ttl_s)
-
-    def release(self, lease: Lease) -> None:
-        """Nothing to release."""

@@ -54,7 +54,7 @@ from kcons.metrics import observe_dedup_store
 __all__ = ["BUCKETS_PER_RETENTION", "CLAIM_SCRIPT", "RedisDedupStore"]
 
 #: The Lua script that claims, completes or releases a batch (shipped as ``dedup_claim.lua``).
-CLAIM_SCRIPT = resources.files("kcons.adapters").joinpath("dedup_claim.lua").read_text(encoding="utf-8")
+CLAIM_SCRIPT = resources.files("kcons.adapters.redis").joinpath("dedup_claim.lua").read_text(encoding="utf-8")
 
 #: Buckets per retention: a lookup reads about this many hashes plus one; a done id may be kept
 #: up to ``retention / BUCKETS_PER_RETENTION`` (plus a lease) longer than the retention.

@@ -1,0 +1,140 @@
+"""The outbox table in a SQLite file: the relay's store for the embedded single-process case."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+
+from kcons.errors import LeadershipLostError
+from kcons.outbox.rows import OutboxRow, row_from_select
+from kcons.outbox.schema import DEFAULT_TABLE, validate_table
+
+__all__ = ["SqliteOutboxStore"]
+
+log = logging.getLogger(__name__)
+
+
+class SqliteOutboxStore:
+    """The outbox table in a SQLite file, for the embedded single-process case.
+
+    SQLite serialises write transactions, so rowid (position) order is commit order; only
+    committed rows are visible to the relay's connection. There is no NOTIFY: the relay polls
+    ``PRAGMA data_version`` (cheap) every few milliseconds. Run one relay per database file.
+    """
+
+    def __init__(self, path: str, table: str = DEFAULT_TABLE, *, poll_s: float = 0.01) -> None:
+        self._path = path
+        self.table = validate_table(table)
+        self._poll_s = poll_s
+        self._db: sqlite3.Connection | None = None
+        self._hk: sqlite3.Connection | None = None
+        self._fence: dict[str, int] = {}
+        self._data_version: int | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            # The relay owns this connection in its own thread; autocommit mode, explicit BEGIN for writes.
+            self._db = sqlite3.connect(self._path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 30000")
+        return self._db
+
+    def fetch(self, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
+        """The lowest-positioned committed, unpublished rows not in ``exclude``, in position order."""
+        now = time.time()
+        skip = set(exclude)
+        cur = self._conn().execute(
+            f"SELECT position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at "
+            f"FROM {self.table} WHERE published_at IS NULL ORDER BY position LIMIT ?",
+            (limit + len(skip),),
+        )
+        rows = [row_from_select(r, max(0.0, now - float(r[9])), now) for r in cur.fetchall() if r[0] not in skip]
+        return rows[:limit]
+
+    def forget_position(self) -> None:
+        """Nothing to forget: SQLite reads always start at the lowest position."""
+
+    def claim_fence(self, name: str, token: int, holder: str) -> None:
+        """Remember ``token`` (single process: kept in memory)."""
+        if self._fence.get(name, 0) > token:
+            raise LeadershipLostError(f"fence {name}: token {self._fence[name]} supersedes {token}")
+        self._fence[name] = token
+
+    def check_fence(self, name: str, token: int) -> None:
+        """Raise LeadershipLostError if a higher token was claimed in this process."""
+        if self._fence.get(name, 0) > token:
+            raise LeadershipLostError(f"fence {name}: token {self._fence[name]} supersedes {token}")
+
+    def mark_published(self, rows: Sequence[OutboxRow], *, name: str, token: int, retain: bool) -> None:
+        """Delete or mark ``rows`` in one transaction."""
+        self.check_fence(name, token)
+        if not rows:
+            return
+        db = self._conn()
+        params = [(r.position,) for r in rows]
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if retain:
+                db.executemany(
+                    f"UPDATE {self.table} SET published_at = ((julianday('now') - 2440587.5) * 86400.0) "
+                    f"WHERE position = ? AND published_at IS NULL",
+                    params,
+                )
+            else:
+                db.executemany(f"DELETE FROM {self.table} WHERE position = ? AND published_at IS NULL", params)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def wait_for_change(self, timeout_s: float) -> bool:
+        """Poll ``PRAGMA data_version`` until another connection commits, up to ``timeout_s``."""
+        db = self._conn()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            row = db.execute("PRAGMA data_version").fetchone()
+            version = int(row[0]) if row else 0
+            if self._data_version is not None and version != self._data_version:
+                self._data_version = version
+                return True
+            self._data_version = version
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self._poll_s, left))
+
+    def _housekeeping_conn(self) -> sqlite3.Connection:
+        if self._hk is None:
+            self._hk = sqlite3.connect(self._path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        return self._hk
+
+    def backlog(self) -> tuple[int, float]:
+        """(unpublished rows, age in seconds of the oldest one or 0); own connection, for the housekeeping thread."""
+        row = (
+            self._housekeeping_conn()
+            .execute(f"SELECT count(*), min(created_at) FROM {self.table} WHERE published_at IS NULL")
+            .fetchone()
+        )
+        if row is None or row[1] is None:
+            return 0, 0.0
+        return int(row[0]), max(0.0, time.time() - float(row[1]))
+
+    def purge_published(self, older_than_s: float, limit: int = 10000) -> int:
+        """Delete up to ``limit`` rows published more than ``older_than_s`` seconds ago."""
+        cutoff = time.time() - older_than_s
+        cur = self._housekeeping_conn().execute(
+            f"DELETE FROM {self.table} WHERE position IN (SELECT position FROM {self.table} "
+            f"WHERE published_at IS NOT NULL AND published_at < ? LIMIT ?)",
+            (cutoff, limit),
+        )
+        return int(cur.rowcount)
+
+    def close(self) -> None:
+        """Close the connections."""
+        if self._hk is not None:
+            self._hk.close()
+            self._hk = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
