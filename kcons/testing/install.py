@@ -1,19 +1,27 @@
 """Installs what the local test services need: Kafka's jars (Maven), Redis and PostgreSQL (apt).
 
-The Kafka broker is pinned by ``deploy/local/kafka/pom.xml``; its jars are resolved with
-``mvn dependency:copy-dependencies`` into a cache folder (git-ignored ``.cache/`` in the
-repository, else ``~/.cache/kcons``) keyed by the pom's hash and reused when complete.
-Debian's ``redis-server`` and ``postgresql`` are installed when missing, as root only.
+The Kafka broker is pinned by ``kcons/testing/kafka/pom.xml`` (package data, so it ships in
+the wheel) and every jar it resolves to is checked against ``kafka/jars.sha256``. The jars are
+resolved with ``mvn dependency:copy-dependencies`` into a per-user cache folder
+(``KCONS_CACHE_DIR``, else ``$XDG_CACHE_HOME/kcons``, else ``~/.cache/kcons``), keyed by the
+hash of the pom and the checksums, and reused when complete: never into a source checkout.
 
-Run ``python -m kcons.testing.install`` (or ``kcons dev setup``) to do all of it.
+Debian's ``redis-server``, ``postgresql``, a Java runtime and Maven are installed only when
+asked: ``install_system_packages=True`` (``kcons dev setup --install-system-packages``) or a
+``yes`` typed at an interactive prompt. Otherwise a missing package fails with the exact
+command to run.
+
+Run ``python -m kcons.testing.install [--install-system-packages]`` (or ``kcons dev setup``).
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,57 +33,71 @@ from kcons.errors import ServiceStartError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "cache_dir",
     "ensure_all",
     "ensure_debian_packages",
     "ensure_kafka_jars",
     "find_kafka_pom",
+    "missing_packages",
     "postgres_bin_dir",
 ]
 
-_POM_RELATIVE = Path("deploy/local/kafka/pom.xml")
+_PACKAGE_DATA = Path(__file__).resolve().parent / "kafka"
 _COMPLETE_MARKER = ".complete"
 
 
-def _repo_root() -> Path | None:
-    """The source checkout this package runs from, if any (editable installs, the repo itself)."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / _POM_RELATIVE).is_file():
-            return parent
-    cwd = Path.cwd()
-    for parent in (cwd, *cwd.parents):
-        if (parent / _POM_RELATIVE).is_file():
-            return parent
-    return None
-
-
 def find_kafka_pom() -> Path:
-    """Locate the pinned Kafka pom: ``KCONS_KAFKA_POM``, else the checkout's ``deploy/local/kafka``."""
+    """The pinned Kafka pom: ``KCONS_KAFKA_POM``, else the one shipped inside the package."""
     env = os.environ.get("KCONS_KAFKA_POM")
-    if env:
-        pom = Path(env)
-        if not pom.is_file():
-            raise ServiceStartError(f"KCONS_KAFKA_POM points at {pom}, which is not a file")
-        return pom
-    root = _repo_root()
-    if root is None:
+    pom = Path(env) if env else _PACKAGE_DATA / "pom.xml"
+    if not pom.is_file():
+        setting = "KCONS_KAFKA_POM points at" if env else "the installed kcons package lacks"
         raise ServiceStartError(
-            "cannot find deploy/local/kafka/pom.xml: set KCONS_KAFKA_POM to the pom, KCONS_KAFKA_JARS "
+            f"{setting} {pom}, which is not a file: set KCONS_KAFKA_POM to the pom, KCONS_KAFKA_JARS "
             "to a folder of Kafka jars, or KCONS_KAFKA_BOOTSTRAP to a running broker"
         )
-    return root / _POM_RELATIVE
+    return pom
 
 
-def _cache_base() -> Path:
-    root = _repo_root()
-    if root is not None and os.access(root, os.W_OK):
-        return root / ".cache"
+def _checksums(pom: Path) -> dict[str, str]:
+    """Expected SHA-256 per jar name, from ``jars.sha256`` beside the pom (empty if there is none)."""
+    manifest = pom.with_name("jars.sha256")
+    if not manifest.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for line in manifest.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            digest, name = line.split(maxsplit=1)
+            out[name.lstrip("*")] = digest
+    return out
+
+
+def cache_dir() -> Path:
+    """The per-user cache: ``KCONS_CACHE_DIR``, else ``$XDG_CACHE_HOME/kcons``, else ``~/.cache/kcons``."""
+    env = os.environ.get("KCONS_CACHE_DIR")
+    if env:
+        return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "kcons"
 
 
+def _verify_jars(folder: Path, expected: dict[str, str]) -> None:
+    """Fail unless the folder holds exactly the expected jars with the expected contents."""
+    if not expected:
+        return
+    present = {p.name for p in folder.glob("*.jar")}
+    missing = sorted(set(expected) - present)
+    extra = sorted(present - set(expected))
+    if missing or extra:
+        raise ServiceStartError(f"resolved Kafka jars differ from jars.sha256: missing {missing}, unexpected {extra}")
+    for name, digest in expected.items():
+        actual = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        if actual != digest:
+            raise ServiceStartError(f"{folder / name} has SHA-256 {actual}, jars.sha256 pins {digest}")
+
+
 def ensure_kafka_jars() -> Path:
-    """Return a folder holding the broker's jars, resolving them with Maven when needed."""
+    """Return a folder holding the broker's jars, resolving and checking them with Maven when needed."""
     env = os.environ.get("KCONS_KAFKA_JARS")
     if env:
         folder = Path(env)
@@ -83,25 +105,33 @@ def ensure_kafka_jars() -> Path:
             raise ServiceStartError(f"KCONS_KAFKA_JARS={folder} holds no kafka_2.13-*.jar")
         return folder
     pom = find_kafka_pom()
-    digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
-    target = _cache_base() / f"kafka-jars-{digest}"
+    expected = _checksums(pom)
+    key = hashlib.sha256(pom.read_bytes() + repr(sorted(expected.items())).encode()).hexdigest()[:12]
+    target = cache_dir() / f"kafka-jars-{key}"
     if (target / _COMPLETE_MARKER).is_file():
         return target
     mvn = shutil.which("mvn")
     if mvn is None:
-        raise ServiceStartError("Maven (mvn) is not installed; it is needed to resolve the Kafka jars")
+        raise ServiceStartError(
+            f"Maven (mvn) is not installed; it is needed to resolve the Kafka jars: {_install_hint(['maven'])}"
+        )
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     started = time.monotonic()
     log.info("resolving Kafka jars from %s into %s", pom, target)
     cmd = [
-        mvn, "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
+        mvn, "-B", "-q", "--strict-checksums", "-f", str(pom), "dependency:copy-dependencies",
         f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise ServiceStartError(f"mvn could not resolve the Kafka jars (exit {proc.returncode}):\n{tail}")
+    try:
+        _verify_jars(staging, expected)
+    except ServiceStartError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (staging / _COMPLETE_MARKER).write_text(f"resolved in {time.monotonic() - started:.1f}s\n")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
@@ -122,7 +152,8 @@ def postgres_bin_dir() -> Path | None:
     return Path(initdb).resolve().parent if initdb else None
 
 
-def _missing_packages() -> list[str]:
+def missing_packages() -> list[str]:
+    """The Debian packages the local backend needs that are not installed."""
     missing = []
     if shutil.which("redis-server") is None:
         missing.append("redis-server")
@@ -135,36 +166,60 @@ def _missing_packages() -> list[str]:
     return missing
 
 
-def ensure_debian_packages() -> list[str]:
-    """Install Redis, PostgreSQL, Java and Maven from Debian's packages when missing."""
-    missing = _missing_packages()
+def _install_command(packages: list[str]) -> list[list[str]]:
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    return [
+        [*sudo, "apt-get", "update", "-qq"],
+        [*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+    ]
+
+
+def _install_hint(packages: list[str]) -> str:
+    return " && ".join(shlex.join(cmd) for cmd in _install_command(packages))
+
+
+def _confirm(packages: list[str]) -> bool:
+    """Ask on the terminal whether to install; False without a terminal."""
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write(f"kcons needs {', '.join(packages)}; run `{_install_hint(packages)}` now? [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def ensure_debian_packages(install: bool | None = None) -> list[str]:
+    """Make sure Redis, PostgreSQL, Java and Maven are installed; returns what was installed.
+
+    ``install=True`` installs missing packages with apt-get; ``None`` asks on an interactive
+    terminal; ``False`` (or no terminal, or a "no") fails with the exact command to run.
+    """
+    missing = missing_packages()
     if not missing:
         return []
-    if os.geteuid() != 0:
+    allowed = install if install is not None else _confirm(missing)
+    if not allowed:
         raise ServiceStartError(
-            f"missing packages {', '.join(missing)}: install them (apt-get install {' '.join(missing)}) "
-            "or point KCONS_KAFKA_BOOTSTRAP, KCONS_REDIS_URL and KCONS_POSTGRES_DSN at running servers"
+            f"missing packages {', '.join(missing)}: install them with `{_install_hint(missing)}` "
+            "(or `kcons dev setup --install-system-packages`), or point KCONS_KAFKA_BOOTSTRAP, "
+            "KCONS_REDIS_URL and KCONS_POSTGRES_DSN at running servers"
         )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     log.info("installing %s with apt-get", " ".join(missing))
-    for cmd in (
-        ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-    ):
+    for cmd in _install_command(missing):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200, check=False)
         if proc.returncode != 0:
             raise ServiceStartError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    still = _missing_packages()
+    still = missing_packages()
     if still:
         raise ServiceStartError(f"apt-get ran but {', '.join(still)} are still missing")
     return missing
 
 
-def ensure_all() -> dict[str, float]:
+def ensure_all(install_system_packages: bool | None = None) -> dict[str, float]:
     """Install everything the local backend needs; returns seconds spent per step."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    ensure_debian_packages()
+    ensure_debian_packages(install_system_packages)
     timings["packages_s"] = round(time.monotonic() - t0, 2)
     t1 = time.monotonic()
     ensure_kafka_jars()
@@ -172,11 +227,20 @@ def ensure_all() -> dict[str, float]:
     return timings
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m kcons.testing.install``."""
+    parser = argparse.ArgumentParser(prog="python -m kcons.testing.install", description=__doc__.splitlines()[0])
+    parser.add_argument("--install-system-packages", action="store_true",
+                        help="install missing Debian packages with apt-get without asking")  # fmt: skip
+    parser.add_argument("--kafka-jars-only", action="store_true",
+                        help="only resolve the Kafka jars and print their folder")  # fmt: skip
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        timings = ensure_all()
+        if args.kafka_jars_only:
+            sys.stdout.write(f"{ensure_kafka_jars()}\n")
+            return 0
+        timings = ensure_all(True if args.install_system_packages else None)
     except ServiceStartError as exc:
         log.error("setup failed: %s", exc)
         return 1

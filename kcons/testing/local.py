@@ -31,7 +31,7 @@ from kcons.testing.install import ensure_kafka_jars, postgres_bin_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KafkaCluster", "ManagedProcess", "PostgresServer", "RedisServer", "free_port"]
+__all__ = ["KafkaCluster", "ManagedProcess", "PostgresServer", "RedisServer", "broker_settings", "free_port"]
 
 _LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -170,6 +170,35 @@ logger.state.level=ERROR
 """
 
 
+def broker_settings(size: int) -> dict[str, str]:
+    """Broker settings for tests, beyond listeners and storage: internal topics sized for ``size`` nodes.
+
+    One node: replication factor 1 and ``min.isr`` 1 for the offsets and transaction-state
+    topics, which transactions need on a single broker. More: replication factor 3 and
+    ``min.insync.replicas`` 2. Both backends (local processes, containers) use these.
+    """
+    rf = 1 if size == 1 else 3
+    min_isr = 1 if size == 1 else 2
+    return {
+        "num.partitions": "1",
+        "default.replication.factor": str(rf),
+        "min.insync.replicas": str(min_isr),
+        "offsets.topic.replication.factor": str(rf),
+        "offsets.topic.num.partitions": "10",
+        "transaction.state.log.replication.factor": str(rf),
+        "transaction.state.log.min.isr": str(min_isr),
+        "transaction.state.log.num.partitions": "10",
+        "group.initial.rebalance.delay.ms": "0",
+        "auto.create.topics.enable": "true",
+        "unclean.leader.election.enable": "false",
+        "log.segment.bytes": str(64 * 1024 * 1024),
+        "transaction.abort.timed.out.transaction.cleanup.interval.ms": "5000",
+        "transaction.remove.expired.transaction.cleanup.interval.ms": "60000",
+        "controlled.shutdown.enable": "true",
+        "replica.lag.time.max.ms": "10000",
+    }
+
+
 class KafkaCluster:
     """A KRaft Apache Kafka cluster of 1 or 3 combined broker/controller nodes on 127.0.0.1.
 
@@ -199,8 +228,6 @@ class KafkaCluster:
         return ",".join(f"127.0.0.1:{p}" for p in self.broker_ports)
 
     def _properties(self, i: int) -> str:
-        rf = 1 if self.size == 1 else 3
-        min_isr = 1 if self.size == 1 else 2
         voters = ",".join(f"{n + 1}@127.0.0.1:{p}" for n, p in enumerate(self.controller_ports))
         props = {
             "process.roles": "broker,controller",
@@ -212,22 +239,7 @@ class KafkaCluster:
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.base_dir / f"node{i + 1}" / "data"),
-            "num.partitions": "1",
-            "default.replication.factor": str(rf),
-            "min.insync.replicas": str(min_isr),
-            "offsets.topic.replication.factor": str(rf),
-            "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": str(rf),
-            "transaction.state.log.min.isr": str(min_isr),
-            "transaction.state.log.num.partitions": "10",
-            "group.initial.rebalance.delay.ms": "0",
-            "auto.create.topics.enable": "true",
-            "unclean.leader.election.enable": "false",
-            "log.segment.bytes": str(64 * 1024 * 1024),
-            "transaction.abort.timed.out.transaction.cleanup.interval.ms": "5000",
-            "transaction.remove.expired.transaction.cleanup.interval.ms": "60000",
-            "controlled.shutdown.enable": "true",
-            "replica.lag.time.max.ms": "10000",
+            **broker_settings(self.size),
         }
         props.update(self.extra_config)
         return "".join(f"{k}={v}\n" for k, v in props.items())

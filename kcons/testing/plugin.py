@@ -1,13 +1,20 @@
 """pytest fixtures for real Kafka, Redis and PostgreSQL (registered as the ``kcons`` pytest11 plugin).
 
-Installing kcons makes these fixtures available to any test suite:
+Installing kcons makes these fixtures available to any test suite. Each one is named with a
+``kcons_`` prefix and depends only on other ``kcons_`` fixtures, so a suite's own fixtures
+never change what kcons' fixtures use; the short names are aliases kept for convenience
+(a suite that defines its own ``redis_url``, say, simply hides that alias):
 
-* ``kafka_bootstrap``, ``redis_url``, ``postgres_dsn``: session-wide servers, started on first
-  use (or taken from ``KCONS_*``); a server that fails to start fails the test, never skips it.
-* ``kafka_admin``, ``make_producer``, ``make_consumer``, ``unique_topic``: clients and topics
-  that are cleaned up after each test.
-* ``redis_client``, ``fresh_database``: a Redis client and a new PostgreSQL database per call.
-* ``kafka_cluster``: a local 3-broker KRaft cluster whose brokers can be killed and restarted.
+* ``kcons_kafka_bootstrap``, ``kcons_redis_url``, ``kcons_postgres_dsn`` (aliases
+  ``kafka_bootstrap``, ``redis_url``, ``postgres_dsn``): session-wide servers, started on first
+  use by the backend ``KCONS_TEST_BACKEND`` names (``local`` processes or ``testcontainers``),
+  or taken from ``KCONS_*``; a server that fails to start fails the test, never skips it.
+* ``kcons_kafka_admin``, ``kcons_make_producer``, ``kcons_make_consumer``, ``kcons_unique_topic``
+  (aliases without the prefix): clients and topics cleaned up after each test.
+* ``kcons_redis_client``, ``kcons_fresh_database`` (aliases ``redis_client``, ``fresh_database``):
+  a Redis client and a new PostgreSQL database per call.
+* ``kcons_kafka_cluster`` (alias ``kafka_cluster``): a local 3-broker KRaft cluster whose brokers
+  can be killed and restarted (local backend only).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -27,6 +34,16 @@ __all__ = [
     "kafka_admin",
     "kafka_bootstrap",
     "kafka_cluster",
+    "kcons_fresh_database",
+    "kcons_kafka_admin",
+    "kcons_kafka_bootstrap",
+    "kcons_kafka_cluster",
+    "kcons_make_consumer",
+    "kcons_make_producer",
+    "kcons_postgres_dsn",
+    "kcons_redis_client",
+    "kcons_redis_url",
+    "kcons_unique_topic",
     "make_consumer",
     "make_producer",
     "postgres_dsn",
@@ -37,7 +54,7 @@ __all__ = [
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
+def kcons_kafka_bootstrap() -> Iterator[str]:
     """bootstrap.servers of a Kafka broker for the whole session."""
     bootstrap, close = start_kafka()
     try:
@@ -47,7 +64,7 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def kcons_redis_url() -> Iterator[str]:
     """URL of a Redis server for the whole session."""
     url, close = start_redis()
     try:
@@ -57,7 +74,7 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_dsn() -> Iterator[str]:
+def kcons_postgres_dsn() -> Iterator[str]:
     """DSN of a PostgreSQL superuser connection for the whole session."""
     dsn, close = start_postgres()
     try:
@@ -67,11 +84,11 @@ def postgres_dsn() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def kafka_admin(kafka_bootstrap: str) -> Any:
+def kcons_kafka_admin(kcons_kafka_bootstrap: str) -> Any:
     """A confluent-kafka AdminClient for the session broker."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": kafka_bootstrap})
+    return AdminClient({"bootstrap.servers": kcons_kafka_bootstrap})
 
 
 def create_topic(
@@ -103,24 +120,24 @@ def create_topic(
 
 
 @pytest.fixture
-def unique_topic(kafka_admin: Any) -> Callable[..., str]:
+def kcons_unique_topic(kcons_kafka_admin: Any) -> Callable[..., str]:
     """Factory: ``unique_topic(partitions=1, config=None) -> name`` of a new topic."""
 
     def make(partitions: int = 1, config: dict[str, str] | None = None, prefix: str = "t") -> str:
-        return create_topic(kafka_admin, f"{prefix}-{uuid.uuid4().hex[:12]}", partitions, config=config)
+        return create_topic(kcons_kafka_admin, f"{prefix}-{uuid.uuid4().hex[:12]}", partitions, config=config)
 
     return make
 
 
 @pytest.fixture
-def make_producer(kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
+def kcons_make_producer(kcons_kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
     """Factory: a confluent-kafka Producer with the given librdkafka overrides; flushed at teardown."""
     from confluent_kafka import Producer
 
     made: list[Any] = []
 
     def make(**overrides: Any) -> Any:
-        config: dict[str, Any] = {"bootstrap.servers": kafka_bootstrap, "linger.ms": 5}
+        config: dict[str, Any] = {"bootstrap.servers": kcons_kafka_bootstrap, "linger.ms": 5}
         config.update({k.replace("_", "."): v for k, v in overrides.items()})
         producer = Producer(config)
         made.append(producer)
@@ -132,7 +149,7 @@ def make_producer(kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def make_consumer(kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
+def kcons_make_consumer(kcons_kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
     """Factory: a confluent-kafka Consumer (own group, from earliest); closed at teardown."""
     from confluent_kafka import Consumer
 
@@ -140,7 +157,7 @@ def make_consumer(kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
 
     def make(**overrides: Any) -> Any:
         config: dict[str, Any] = {
-            "bootstrap.servers": kafka_bootstrap,
+            "bootstrap.servers": kcons_kafka_bootstrap,
             "group.id": f"g-{uuid.uuid4().hex[:12]}",
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -157,17 +174,17 @@ def make_consumer(kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def redis_client(redis_url: str) -> Iterator[Any]:
+def kcons_redis_client(kcons_redis_url: str) -> Iterator[Any]:
     """A redis-py client on the session server."""
     import redis
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(kcons_redis_url)
     yield client
     client.close()
 
 
 @pytest.fixture
-def fresh_database(postgres_dsn: str) -> Iterator[Callable[[], str]]:
+def kcons_fresh_database(kcons_postgres_dsn: str) -> Iterator[Callable[[], str]]:
     """Factory: create a new empty PostgreSQL database and return its DSN; dropped at teardown."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -176,21 +193,21 @@ def fresh_database(postgres_dsn: str) -> Iterator[Callable[[], str]]:
 
     def make() -> str:
         name = f"kcons_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        with psycopg.connect(kcons_postgres_dsn, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         created.append(name)
-        params = conninfo_to_dict(postgres_dsn)
+        params = conninfo_to_dict(kcons_postgres_dsn)
         params["dbname"] = name
         return make_conninfo("", **params)
 
     yield make
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+    with psycopg.connect(kcons_postgres_dsn, autocommit=True) as conn:
         for name in created:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
-def kafka_cluster() -> Iterator[Any]:
+def kcons_kafka_cluster() -> Iterator[Any]:
     """A local 3-broker KRaft cluster (RF 3, min.insync.replicas 2) for failover tests."""
     if backend() != "local":
         pytest.skip("the 3-broker cluster needs KCONS_TEST_BACKEND=local (brokers are killed by pid)")
@@ -201,3 +218,29 @@ def kafka_cluster() -> Iterator[Any]:
         yield cluster
     finally:
         cluster.close()
+
+
+# The short names: aliases of the kcons_ fixtures above (a suite's own fixture of the same name hides them).
+
+
+def _alias(name: str, scope: Literal["session", "function"]) -> Any:
+    """A fixture called ``name`` that returns the value of ``kcons_<name>``."""
+
+    @pytest.fixture(scope=scope, name=name)
+    def alias(request: pytest.FixtureRequest) -> Any:
+        return request.getfixturevalue(f"kcons_{name}")
+
+    alias.__doc__ = f"Alias of ``kcons_{name}``."
+    return alias
+
+
+kafka_bootstrap = _alias("kafka_bootstrap", "session")
+redis_url = _alias("redis_url", "session")
+postgres_dsn = _alias("postgres_dsn", "session")
+kafka_admin = _alias("kafka_admin", "session")
+kafka_cluster = _alias("kafka_cluster", "session")
+unique_topic = _alias("unique_topic", "function")
+make_producer = _alias("make_producer", "function")
+make_consumer = _alias("make_consumer", "function")
+redis_client = _alias("redis_client", "function")
+fresh_database = _alias("fresh_database", "function")
