@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shlex
 import shutil
-import signal
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import click
 
 from kcons.errors import KconsError
+from kcons.testing.procs import ProcessRecord, delete_marked_dir, mark_dir, records_of, stop_groups
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,27 @@ def _load_state() -> dict[str, Any] | None:
     return data
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _records(state: dict[str, Any]) -> list[ProcessRecord]:
+    """The recorded processes of a state file that still are the ones recorded.
+
+    State files written before start times were recorded hold bare ids: such an id counts only
+    while its command line names one of the stack's recorded folders.
+    """
+    if "procs" in state:
+        return [ProcessRecord.from_json(p) for p in state["procs"]]
+    dirs = [str(d) for d in state.get("dirs", [])]
+    legacy = records_of(int(p) for p in state.get("pids", []))
+    return [r for r in legacy if any(d and d in arg for d in dirs for arg in r.cmdline)]
+
+
+def _pids(state: dict[str, Any]) -> list[int]:
+    return [int(p["pid"]) for p in state["procs"]] if "procs" in state else [int(p) for p in state.get("pids", [])]
+
+
+def _running(state: dict[str, Any]) -> dict[int, bool]:
+    """Each recorded pid and whether the recorded process (not a reuse of its id) still runs."""
+    live = {r.pid for r in _records(state) if r.is_running()}
+    return {pid: pid in live for pid in _pids(state)}
 
 
 @click.group()
@@ -58,12 +71,15 @@ def dev() -> None:
 
 
 @dev.command("setup")
-def dev_setup() -> None:
-    """Install what the local stack needs (Debian packages, Kafka jars via Maven)."""
+@click.option("--install-system-packages", is_flag=True,
+              help="Install missing Debian packages (redis-server, postgresql, Java, Maven) with apt-get "
+                   "without asking; otherwise kcons asks on a terminal, or prints the command and fails.")  # fmt: skip
+def dev_setup(install_system_packages: bool) -> None:
+    """Install what the local stack needs (Debian packages when allowed, Kafka jars via Maven)."""
     from kcons.testing.install import ensure_all
 
     try:
-        timings = ensure_all()
+        timings = ensure_all(True if install_system_packages else None)
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"setup": "ok", **timings}))
@@ -78,7 +94,7 @@ def dev_up(brokers: str) -> None:
     from kcons.testing.install import ensure_all
 
     state = _load_state()
-    if state and all(_alive(p) for p in state["pids"]):
+    if state and all(_running(state).values()):
         click.echo(f"already running (state in {_state_file()}); `kcons dev down` first to restart")
         return
     if state:
@@ -95,10 +111,13 @@ def dev_up(brokers: str) -> None:
     procs = [*kafka.nodes, redis_srv.process, pg.process]
     for svc in (kafka, redis_srv, pg):
         local._LIVE.discard(svc)  # keep them running after this command exits
+    owner = uuid.uuid4().hex
+    for folder in (kafka.base_dir, redis_srv.base_dir, pg.base_dir):
+        mark_dir(folder, owner)
     new_state = {
-        "id": uuid.uuid4().hex,
+        "id": owner,
         "started_at": time.time(),
-        "pids": [p.pid for p in procs if p is not None],
+        "procs": [r.to_json() for r in records_of(p.pid for p in procs if p is not None)],
         "dirs": [str(kafka.base_dir), str(redis_srv.base_dir), str(pg.base_dir)],
         "env": {
             "KCONS_KAFKA_BOOTSTRAP": kafka.bootstrap,
@@ -120,7 +139,7 @@ def dev_env() -> None:
     state = _load_state()
     if not state:
         raise click.ClickException("no local stack is running: run `kcons dev up` first")
-    dead = [p for p in state["pids"] if not _alive(p)]
+    dead = [pid for pid, up in _running(state).items() if not up]
     if dead:
         raise click.ClickException(f"the local stack is not healthy (processes {dead} exited): "
                                    "run `kcons dev down && kcons dev up`")  # fmt: skip
@@ -134,27 +153,26 @@ def dev_status() -> None:
     if not state:
         click.echo("not running")
         sys.exit(1)
-    alive = {p: _alive(p) for p in state["pids"]}
+    alive = _running(state)
     click.echo(json.dumps({"running": all(alive.values()), "pids": alive, **state["env"]}))
     sys.exit(0 if all(alive.values()) else 1)
 
 
 def _teardown(state: dict[str, Any]) -> None:
-    for pid in state["pids"]:
-        if _alive(pid):
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-    deadline = time.monotonic() + 10
-    for pid in state["pids"]:
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-    for d in state["dirs"]:
-        shutil.rmtree(d, ignore_errors=True)
+    """Stop the recorded process groups that still are ours and delete the folders marked as ours."""
+    skipped = stop_groups(_records(state))
+    if skipped:
+        log.warning("not signalled (the id now names another process or none): %s", skipped)
+    for folder in state.get("dirs", []):
+        path = Path(folder)
+        if "procs" in state:
+            owned = delete_marked_dir(path, str(state.get("id")))
+        else:  # legacy state: only kcons' own temporary folders
+            owned = path.parent == Path(tempfile.gettempdir()) and path.name.startswith("kcons-")
+            if owned:
+                shutil.rmtree(path, ignore_errors=True)
+        if not owned and path.exists():
+            log.warning("left %s in place: it is not marked as this stack's folder", path)
     _state_file().unlink(missing_ok=True)
 
 
