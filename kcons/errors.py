@@ -1,10 +1,23 @@
-"""One error hierarchy for kcons, and the one place where Kafka errors are classified.
+"""The kcons error hierarchy, and the classification of a failed Kafka client call.
 
-Every exception kcons raises derives from :class:`KconsError`, so callers can catch the
-whole family at once and still tell the kinds apart. Kafka errors are sorted into three
-classes by :func:`classify_kafka_error`: *retriable* (retry with a bounded tenacity policy),
-*abortable* (abort the open transaction and re-run the unit of work) and *fatal* (the
-producer is fenced or broken and must be recreated). No other module decides this.
+What kcons raises because an operation failed (a setting, a store, a decode, a Kafka call, a
+lost lease, a time bound) derives from :class:`KconsError`, so callers can catch the whole
+family at once and still tell the kinds apart by subclass. :class:`ConfigError` is also a
+``ValueError`` and :class:`TimeoutExceededError` a ``TimeoutError``, so code written against
+the builtin kinds keeps working. Calling an API wrongly (an argument of the wrong type or out of
+range for a low-level helper, a step out of order in a state machine) still raises the builtin
+``ValueError``, ``TypeError`` or ``RuntimeError`` where it is detected; settings a user writes
+are checked by :mod:`kcons.config` and fail with ``ConfigError`` naming the setting. The Raft
+errors (:mod:`kcons.raft.errors`) are children of ``KconsError`` too.
+
+:func:`classify_kafka_error` decides how a failed *call* (produce, flush, commit, a transaction
+step) must be handled, as one :class:`ErrorClass`: retriable (retry, bounded), abortable (abort
+the transaction and re-run the unit of work), fenced (another instance took over: stop, never
+retry), fatal (the client is broken: recreate it), indefinite (a transaction end timed out, its
+outcome is unknown) or permanent (report it). :func:`kafka_error_to_exception` and
+:func:`raise_for_kafka_error` turn that class into the matching exception type. What an error
+or end-of-partition event *inside a consumed batch* means is decided once, in
+:func:`kcons.kafka.messages.check_consumed`, which classifies with this module.
 """
 
 from __future__ import annotations
