@@ -120,7 +120,7 @@ def run_kcons(bootstrap: str, topic_in: str, n: int, batch: int, batch_timeout_s
         {"bootstrap.servers": bootstrap, "linger.ms": 5},
         [topic_in],
         handler,
-        batch_max=batch,
+        batch_size=batch,
         batch_timeout_s=batch_timeout_s,
         transactional_id=f"{group}-worker",
         on_commit=on_commit,

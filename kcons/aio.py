@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -250,19 +249,23 @@ class AsyncTransactionalProcessor:
     the outputs, the offsets and the commit go through the synchronous
     :class:`~kcons.processor.TransactionalProcessor` logic on a worker thread. A handler
     exception rewinds to the committed offsets (no transaction was open) and is raised from
-    :meth:`run`. Same arguments as the synchronous processor.
+    :meth:`run`. Same arguments as the synchronous processor (``input_topics=`` is a deprecated
+    name of ``topics=``); no signal handler is installed: call :meth:`stop` from yours, e.g.
+    ``loop.add_signal_handler(signal.SIGTERM, processor.stop)``.
     """
 
     def __init__(
         self,
         consumer_config: Mapping[str, Any],
         producer_config: Mapping[str, Any],
-        input_topics: Sequence[str],
-        handler: AsyncHandler,
+        topics: Sequence[str] | None = None,
+        handler: AsyncHandler | None = None,
         **kwargs: Any,
     ) -> None:
+        if handler is None:
+            raise ConfigError("handler", "is required: it maps each input record to its outputs")
         self.handler = handler
-        self.core = TransactionalProcessor(consumer_config, producer_config, input_topics, _no_sync_handler, **kwargs)
+        self.core = TransactionalProcessor(consumer_config, producer_config, topics, _no_sync_handler, **kwargs)
         self._bridge = _Bridge("kcons-aio-processor")
 
     @classmethod
@@ -270,12 +273,12 @@ class AsyncTransactionalProcessor:
         cls,
         consumer_config: Mapping[str, Any],
         producer_config: Mapping[str, Any],
-        input_topics: Sequence[str],
-        handler: AsyncHandler,
+        topics: Sequence[str] | None = None,
+        handler: AsyncHandler | None = None,
         **kwargs: Any,
     ) -> AsyncTransactionalProcessor:
         """Build the processor (init_transactions is blocking) off the event loop."""
-        return await asyncio.to_thread(cls, consumer_config, producer_config, input_topics, handler, **kwargs)
+        return await asyncio.to_thread(cls, consumer_config, producer_config, topics, handler, **kwargs)
 
     @property
     def stats(self) -> ProcessorStats:
@@ -287,20 +290,10 @@ class AsyncTransactionalProcessor:
         self.core.stop()
 
     async def run(self, *, max_records: int | None = None) -> ProcessorStats:
-        """Process until :meth:`stop`, SIGTERM (main thread's loop only) or ``max_records``; then close."""
-        loop = asyncio.get_running_loop()
-        handles_signal = threading.current_thread() is threading.main_thread()
-        if handles_signal:
-            loop.add_signal_handler(signal.SIGTERM, self.stop)
+        """Process until :meth:`stop` or ``max_records``; then close."""
         core = self.core
         try:
-            await self._bridge.call(
-                core.consumer.subscribe,
-                core.input_topics,
-                on_assign=core._on_assign,
-                on_revoke=core._on_revoke,
-                on_lost=core._on_lost,
-            )
+            await self._bridge.call(core.subscribe)
             while not core.stopping:
                 batch = await self._bridge.call(core._collect_batch)
                 if batch:
@@ -314,8 +307,6 @@ class AsyncTransactionalProcessor:
                 if max_records is not None and core.stats.records >= max_records:
                     break
         finally:
-            if handles_signal:
-                loop.remove_signal_handler(signal.SIGTERM)
             await self._bridge.call(core.close)
             self._bridge.shutdown()
         return core.stats

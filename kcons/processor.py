@@ -14,21 +14,26 @@ offsets, which the broker returns only once no transaction on them is pending
 fatally without being fenced is re-created with the same ``transactional.id`` (whose
 ``init_transactions`` aborts what the broken one left open) a bounded number of times in a
 row; a fenced one stops the worker, since another process owns its ``transactional.id``.
+
+A processor in a consumer group without committed offsets starts at the *beginning* of its
+input (``auto.offset.reset=earliest``, as Kafka Streams does), so records written before the
+first worker started are processed too; set ``auto.offset.reset`` yourself to change that. It
+reads through the one Kafka layer (:mod:`kcons.kafka`: the batch source, the consumed-message
+rule, the config checks and the bounded close) and installs no signal handler: a program stops
+it with ``with stop_on_signals(processor): processor.run()`` (:mod:`kcons.cli.signals`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, Message, TopicPartition
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
 from kcons import metrics
@@ -42,11 +47,11 @@ from kcons.errors import (
     ProducerFencedError,
     RetriableKafkaError,
     TimeoutExceededError,
-    classify_kafka_error,
-    kafka_error_to_exception,
     raise_for_kafka_error,
 )
-from kcons.kafka.client import check_consumer_config
+from kcons.kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, Message, TopicPartition
+from kcons.kafka.client import check_consumer_config, close_bounded
+from kcons.kafka.loop import BatchSource
 from kcons.producer import HeaderList, TransactionalProducer
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,18 @@ Handler = Callable[[Message], Iterable[OutputLike]]
 
 _EARLIEST = {"earliest", "smallest", "beginning"}
 
+_T = TypeVar("_T")
+
+
+def _renamed(name: str, value: _T | None, old_name: str, old_value: _T | None, default: _T) -> _T:
+    """A renamed argument's value: ``name=``, else the deprecated ``old_name=`` (with a warning), else the default."""
+    if old_value is None:
+        return default if value is None else value
+    warnings.warn(f"{old_name}= is deprecated; use {name}=", DeprecationWarning, stacklevel=3)
+    if value is not None:
+        raise ConfigError(name, f"given twice: as {name}= and as the deprecated {old_name}=")
+    return old_value
+
 
 @dataclass
 class ProcessorStats:
@@ -89,18 +106,20 @@ class ProcessorStats:
 
 
 class TransactionalProcessor:
-    """Reads ``input_topics``, runs ``handler`` on each record and writes its outputs exactly once.
+    """Reads ``topics``, runs ``handler`` on each record and writes its outputs exactly once.
 
     The outputs of a batch and the consumer offsets after it commit in one Kafka transaction, so
     a read_committed reader sees each input's outputs once, whatever crashes. Give every worker
     process a stable ``transactional_id`` (e.g. ``"<app>-worker-<n>"``): a restarted worker then
     fences its previous incarnation at once and the broker aborts its open transaction, instead
-    of leaving it to expire after ``transaction.timeout.ms``. A batch closes after ``batch_max``
+    of leaving it to expire after ``transaction.timeout.ms``. A batch closes after ``batch_size``
     records or ``batch_timeout_s`` seconds from its first record; no transaction is opened
-    without input. A handler exception aborts the batch, rewinds, and is raised from
-    :meth:`run` (nothing is skipped). SIGTERM (when :meth:`run` is called in the main thread)
-    and :meth:`stop` finish the current batch and close cleanly. ``on_commit(stats)`` is called
-    after each committed transaction.
+    without input. A new consumer group starts at the earliest offset unless the consumer config
+    sets ``auto.offset.reset``. A handler exception aborts the batch, rewinds, and is raised from
+    :meth:`run` (nothing is skipped). :meth:`stop` (thread- and signal-safe; no signal handler
+    is installed for you) finishes the current batch and closes cleanly. ``on_commit(stats)`` is
+    called after each committed transaction. ``input_topics=`` and ``batch_max=`` are deprecated
+    names of ``topics=`` and ``batch_size=``.
     """
 
     #: Producers re-created in a row (without a commit in between) before a fatal error is raised.
@@ -110,10 +129,10 @@ class TransactionalProcessor:
         self,
         consumer_config: Mapping[str, Any],
         producer_config: Mapping[str, Any],
-        input_topics: Sequence[str],
-        handler: Handler,
+        topics: Sequence[str] | None = None,
+        handler: Handler | None = None,
         *,
-        batch_max: int = 500,
+        batch_size: int | None = None,
         batch_timeout_s: float = 0.1,
         transactional_id: str | None = None,
         poll_timeout_s: float = 0.5,
@@ -121,33 +140,40 @@ class TransactionalProcessor:
         init_timeout_s: float = 30.0,
         rewind_timeout_s: float = 60.0,
         on_commit: Callable[[ProcessorStats], None] | None = None,
+        input_topics: Sequence[str] | None = None,
+        batch_max: int | None = None,
     ) -> None:
-        if batch_max < 1:
-            raise ConfigError("batch_max", f"must be >= 1, got {batch_max}")
+        topics = _renamed("topics", topics, "input_topics", input_topics, None)
+        batch_size = _renamed("batch_size", batch_size, "batch_max", batch_max, 500)
+        if handler is None:
+            raise ConfigError("handler", "is required: it maps each input record to its outputs")
+        if batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
         if batch_timeout_s <= 0:
             raise ConfigError("batch_timeout_s", f"must be > 0, got {batch_timeout_s}")
         if poll_timeout_s <= 0:
             raise ConfigError("poll_timeout_s", f"must be > 0, got {poll_timeout_s}")
-        if not input_topics:
-            raise ConfigError("input_topics", "at least one topic is required")
-        if isinstance(input_topics, str):
-            raise ConfigError("input_topics", "expected a list of topic names, got a string")
+        if isinstance(topics, str):
+            raise ConfigError("topics", f"expected a list of topic names, got the string {topics[:60]!r}")
+        if not topics:
+            raise ConfigError("topics", "at least one topic is required")
         self._consumer_config = check_consumer_config(consumer_config)
+        self._consumer_config.setdefault("auto.offset.reset", "earliest")
         tid = transactional_id or producer_config.get("transactional.id")
         if not tid:
             raise ConfigError(
                 "transactional.id", "is required: give each worker a stable id so a restart fences its zombie"
             )
-        self.input_topics = list(input_topics)
+        self.topics = list(topics)
         self.handler = handler
-        self.batch_max = batch_max
+        self.batch_size = batch_size
         self.batch_timeout_s = batch_timeout_s
         self.poll_timeout_s = poll_timeout_s
         self.commit_timeout_s = commit_timeout_s
         self.rewind_timeout_s = rewind_timeout_s
         self.stats = ProcessorStats()
         self.on_commit = on_commit
-        reset = str(self._consumer_config.get("auto.offset.reset", "latest")).lower()
+        reset = str(self._consumer_config["auto.offset.reset"]).lower()
         self._reset_offset = OFFSET_BEGINNING if reset in _EARLIEST else OFFSET_END
         self._stop = threading.Event()
         self._buffer: list[Message] = []
@@ -155,7 +181,7 @@ class TransactionalProcessor:
         self._group = str(self._consumer_config["group.id"])
         self._lag_series: set[tuple[str, int]] = set()  # partitions with a kcons_processor_lag series
         self._consumer_closed = False
-        self._revoked_in_call: set[tuple[str, int]] = set()  # partitions revoked during the current consume()
+        self._revoked_in_call: set[tuple[str, int]] = set()  # partitions revoked during the current read
         self._assigned_in_call: set[tuple[str, int]] = set()
         # The producer first: init_transactions fences an older incarnation of this worker and
         # settles its open transaction before this consumer fetches any committed offset.
@@ -169,6 +195,7 @@ class TransactionalProcessor:
         except KafkaException as exc:
             self.producer.close(0)
             raise ConfigError("consumer config", str(exc)) from None
+        self._source = BatchSource(self.consumer, batch_size=batch_size, timeout_s=poll_timeout_s)
 
     def _new_producer(self) -> TransactionalProducer:
         return TransactionalProducer(
@@ -190,19 +217,13 @@ class TransactionalProcessor:
         return self._stop.is_set()
 
     def run(self, *, max_records: int | None = None) -> ProcessorStats:
-        """Process until :meth:`stop` (or SIGTERM, or ``max_records`` committed inputs); then close.
+        """Process until :meth:`stop` (or ``max_records`` committed inputs); then close.
 
         Raises ProducerFencedError/FatalKafkaError when this worker was fenced or its producer
         broke, and re-raises handler exceptions (after aborting and rewinding).
         """
-        previous: Any = None
-        in_main = threading.current_thread() is threading.main_thread()
-        if in_main:
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            self.consumer.subscribe(
-                self.input_topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-            )
+            self.subscribe()
             while not self._stop.is_set():
                 batch = self._collect_batch()
                 if batch:
@@ -211,14 +232,12 @@ class TransactionalProcessor:
                 if max_records is not None and self.stats.records >= max_records:
                     break
         finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
             self.close()
         return self.stats
 
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        log.info("SIGTERM: stopping after the current batch")
-        self.stop()
+    def subscribe(self) -> None:
+        """Subscribe to the input topics with the processor's rebalance handling (:meth:`run` does it)."""
+        self._source.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     def close(self) -> None:
         """Leave the group and close both clients (bounded); safe to call twice."""
@@ -229,7 +248,7 @@ class TransactionalProcessor:
                 self.producer.abort_transaction(reason="closed")
         if not self._consumer_closed:
             self._consumer_closed = True
-            _close_consumer(self.consumer, self.commit_timeout_s)
+            close_bounded(self.consumer.close, self.commit_timeout_s, "processor consumer")
             self._drop_lag_series(self._lag_series)
             self._lag_series = set()
         self.producer.close(self.commit_timeout_s)
@@ -261,10 +280,10 @@ class TransactionalProcessor:
     # the loop ---------------------------------------------------------------------------
 
     def _collect_batch(self) -> list[Message]:
-        """Read up to ``batch_max`` records, closing the batch ``batch_timeout_s`` after its first one."""
+        """Read up to ``batch_size`` records, closing the batch ``batch_timeout_s`` after its first one."""
         buf = self._buffer = []
         deadline: float | None = None
-        while len(buf) < self.batch_max and not self._stop.is_set():
+        while len(buf) < self.batch_size and not self._stop.is_set():
             if deadline is None:
                 timeout = self.poll_timeout_s
             else:
@@ -273,22 +292,10 @@ class TransactionalProcessor:
                     break
             self._revoked_in_call = set()
             self._assigned_in_call = set()
-            try:
-                msgs = self.consumer.consume(self.batch_max - len(buf), timeout)
-            except KafkaException as exc:
-                raise_for_kafka_error(exc, "consume")
+            msgs = self._source.poll(timeout, self.batch_size - len(buf))
             if self._revoked_in_call:
                 msgs = self._after_rebalance_in_call(msgs)
-            for msg in msgs:
-                err = msg.error()
-                if err is None:
-                    buf.append(msg)
-                elif err.name() == "_PARTITION_EOF":
-                    continue
-                elif err.fatal():
-                    raise kafka_error_to_exception(err, "consume")
-                else:
-                    log.warning("consumer error (%s): %s", classify_kafka_error(err).value, err.str())
+            buf.extend(msgs)
             if buf and deadline is None:
                 deadline = time.monotonic() + self.batch_timeout_s
             if not msgs and not buf:
@@ -297,7 +304,7 @@ class TransactionalProcessor:
         return buf
 
     def _after_rebalance_in_call(self, msgs: list[Message]) -> list[Message]:
-        """Drop what one consume() call returned for partitions revoked during that call.
+        """Drop what one read returned for partitions revoked during that read.
 
         Records fetched before the revocation can come back in the same call as the rebalance
         callback; they are not ours to process. A partition revoked and assigned again within
@@ -438,20 +445,6 @@ class TransactionalProcessor:
         for topic, partition in partitions:
             with contextlib.suppress(KeyError):
                 metrics.PROCESSOR_LAG.remove(self._group, topic, str(partition))
-
-
-def _close_consumer(consumer: Consumer, timeout: float) -> None:
-    """Leave the group and close, waiting at most ``timeout`` seconds (an unreachable cluster must not hang stop)."""
-    done = threading.Event()
-
-    def close() -> None:
-        with contextlib.suppress(KafkaException, RuntimeError):
-            consumer.close()
-        done.set()
-
-    threading.Thread(target=close, name="kcons-consumer-close", daemon=True).start()
-    if not done.wait(timeout):
-        log.warning("closing the consumer took longer than %.1fs; left to finish in the background", timeout)
 
 
 def _position_key(msg: Message) -> tuple[str, int]:

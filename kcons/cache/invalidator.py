@@ -26,7 +26,7 @@ from kcons.cache.cache import ConsistentCache
 from kcons.cache.events import ChangeEvent, KeysFor, ValueFor, aggregate_key, decode_change_event
 from kcons.cache.model import CacheUnavailableError, CacheWrite, Strategy, WriteOutcome
 from kcons.config import check_range
-from kcons.errors import ConfigError, DecodeError, PoisonMessageError, StoreError
+from kcons.errors import ConfigError, DecodeError, DeliveryError, PoisonMessageError, StoreError
 
 if TYPE_CHECKING:
     from kcons.consumer import IdempotentConsumer
@@ -257,17 +257,20 @@ class CacheInvalidator:
 
         Same guarantees as the IdempotentConsumer path: a batch's offsets are committed only
         after Redis acknowledged all of its writes and the dead-letter topic acknowledged its
-        poison records (``kcons-dlq-reason``/``kcons-dlq-source`` headers). A record is poison when
-        it cannot be decoded (DecodeError), mapped to keys (PoisonMessageError) or written (a
-        StoreError other than an unreachable Redis); the rest of its batch is applied and the
-        loop goes on. An unreachable
-        Redis is retried with backoff for up to ``redis_retry_s``, then the error propagates with
-        the batch uncommitted (the next process replays it). No dedup store is needed: replays
-        are harmless under the version guard.
+        poison records (:class:`~kcons.kafka.dlq.DeadLetterWriter`: ``kcons-dlq-reason`` and the
+        original position). A record is poison when it cannot be decoded (DecodeError), mapped to
+        keys (PoisonMessageError) or written (a StoreError other than an unreachable Redis); the
+        rest of its batch is applied and the loop goes on. An unreachable Redis (or dead-letter
+        topic) is retried with backoff for up to ``redis_retry_s``, then the error propagates
+        with the batch uncommitted (the next process replays it). Batches are read through
+        :class:`~kcons.kafka.loop.BatchSource`. No dedup store is needed: replays are harmless
+        under the version guard.
         """
-        from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-
-        from kcons.errors import kafka_error_to_exception
+        from kcons.kafka import Consumer, TopicPartition
+        from kcons.kafka.client import close_bounded
+        from kcons.kafka.dlq import DeadLetterWriter
+        from kcons.kafka.loop import BatchSource
+        from kcons.kafka.messages import end_offsets
 
         check_range("max_batch", max_batch, 1, 100_000)
         if not config.get("group.id"):
@@ -282,70 +285,56 @@ class CacheInvalidator:
             retry=retry_if_exception_type(CacheUnavailableError),
             reraise=True,
         )
-        dlq: Any = None
+        dlq = DeadLetterWriter(merged, topic_of=dlq_topic, timeout_s=dlq_timeout_s)
         consumer = Consumer(merged)
+        source = BatchSource(consumer, batch_size=max_batch, timeout_s=poll_s, operation="invalidator consume")
         try:
-            consumer.subscribe(list(topics))
+            source.subscribe(list(topics))
             while not stop.is_set():
-                first = consumer.poll(poll_s)
-                if first is None:
-                    continue
-                batch = [first, *consumer.consume(max_batch - 1, 0)] if max_batch > 1 else [first]
-                records: list[Any] = []
-                for msg in batch:
-                    err = msg.error()
-                    if err is None:
-                        records.append(msg)
-                    elif err.code() != KafkaError._PARTITION_EOF:
-                        if err.fatal():
-                            raise kafka_error_to_exception(err, "invalidator consume")
-                        log.warning("invalidator consume reported %s", err.str())
+                records = source.poll()
                 if not records:
                     continue
-                good: list[tuple[Any, ChangeEvent]] = []
-                poison: list[tuple[Any, str]] = []
-                for msg in records:
-                    try:
-                        event = self.decode(msg)
-                        if event is not None:
-                            self.writes_of(event)
-                            good.append((msg, event))
-                    except (DecodeError, PoisonMessageError) as exc:
-                        poison.append((msg, _reason(exc)))
-                try:
-                    retrying(self.apply_events, [event for _, event in good])
-                except CacheUnavailableError:
-                    raise
-                except (StoreError, PoisonMessageError):
-                    # One record's write was refused: apply them one by one, so only that one is poison.
-                    for msg, event in good:
-                        try:
-                            retrying(self.apply_events, [event])
-                        except CacheUnavailableError:
-                            raise
-                        except (StoreError, PoisonMessageError) as exc:
-                            poison.append((msg, _reason(exc)))
+                poison = self._apply_batch(records, retrying)
                 if poison:
-                    if dlq is None:
-                        shared = ("bootstrap.servers", "security.", "ssl.", "sasl.", "client.id")
-                        dlq_config = {k: v for k, v in merged.items() if k.startswith(shared)}
-                        dlq_config.update({"enable.idempotence": True, "acks": "all", "linger.ms": 5})
-                        dlq = Producer(dlq_config)
-                    poison.sort(key=lambda item: (str(item[0].topic()), item[0].partition(), item[0].offset()))
-                    _dead_letter(dlq, poison, dlq_topic, dlq_timeout_s)
-                last: dict[tuple[str, int], int] = {}
-                for msg in records:
-                    tp = (str(msg.topic()), int(msg.partition() or 0))
-                    last[tp] = max(last.get(tp, -1), int(msg.offset() or 0))
-                offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+                    _dead_letter(dlq, poison, stop, redis_retry_s)
+                offsets = [TopicPartition(t, p, o) for (t, p), o in end_offsets(records).items()]
                 consumer.commit(offsets=offsets, asynchronous=True)
         finally:
+            # Commits nothing more: offsets were committed batch by batch.
+            close_bounded(consumer.close, 30.0, "invalidator consumer")
+            dlq.close(5.0)
+
+    def _apply_batch(self, records: Sequence[Any], retrying: Retrying) -> list[tuple[Any, str]]:
+        """Apply a batch's change events in one round trip; return the poison records with their reasons.
+
+        A record is poison when it cannot be decoded or mapped to keys, or when the store refuses
+        its write (then the batch is applied one event at a time to find it). An unreachable
+        Redis is retried by ``retrying`` and then raised: nothing is skipped.
+        """
+        good: list[tuple[Any, ChangeEvent]] = []
+        poison: list[tuple[Any, str]] = []
+        for msg in records:
             try:
-                consumer.close()  # commits nothing more: offsets were committed batch by batch
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("closing the invalidator's consumer failed: %s", exc)
-            if dlq is not None:
-                dlq.flush(5)
+                event = self.decode(msg)
+                if event is not None:
+                    self.writes_of(event)
+                    good.append((msg, event))
+            except (DecodeError, PoisonMessageError) as exc:
+                poison.append((msg, _reason(exc)))
+        try:
+            retrying(self.apply_events, [event for _, event in good])
+        except CacheUnavailableError:
+            raise
+        except (StoreError, PoisonMessageError):
+            for msg, event in good:  # one record's write was refused: find it, apply the others
+                try:
+                    retrying(self.apply_events, [event])
+                except CacheUnavailableError:
+                    raise
+                except (StoreError, PoisonMessageError) as exc:
+                    poison.append((msg, _reason(exc)))
+        poison.sort(key=lambda item: (str(item[0].topic()), item[0].partition(), item[0].offset()))
+        return poison
 
 
 def _reason(exc: BaseException) -> str:
@@ -353,27 +342,24 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
 
-def _dead_letter(
-    producer: Any, poison: Sequence[tuple[Any, str]], topic_of: Callable[[str], str], timeout: float
-) -> None:
-    """Write malformed change events to their dead-letter topics; raise unless all were acknowledged."""
-    from kcons.errors import DeliveryError
+def _dead_letter(dlq: Any, poison: Sequence[tuple[Any, str]], stop: threading.Event, bound_s: float) -> None:
+    """Dead-letter ``poison``; return once every write was acknowledged (the others are written again).
 
-    failures: list[str] = []
+    Raises DeliveryError when the dead-letter topic keeps refusing for ``bound_s`` (or on stop):
+    the batch is then left uncommitted, so the next process tries again and nothing is lost.
+    """
+    pending = list(poison)
 
-    def delivered(err: Any, _msg: Any) -> None:
-        if err is not None:
-            failures.append(str(err.str()))
+    def write() -> None:
+        report = dlq.write(pending)
+        pending[:] = [item for i, item in enumerate(pending) if not report.is_acknowledged(i)]
+        if pending:
+            raise DeliveryError(f"{len(pending)} dead-letter writes were not acknowledged")
 
-    for msg, reason in poison:
-        headers = list(msg.headers() or [])
-        headers.append(("kcons-dlq-reason", reason.encode("utf-8", "replace")))
-        headers.append(("kcons-dlq-source", f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()))
-        producer.produce(
-            topic_of(str(msg.topic())), key=msg.key(), value=msg.value(), headers=headers, on_delivery=delivered
-        )
-    remaining = producer.flush(timeout)
-    if remaining or failures:
-        raise DeliveryError(f"{remaining + len(failures)} dead-letter writes were not acknowledged")
-    log.error("dead-lettered %d malformed change events", len(poison))
-
+    Retrying(
+        stop=stop_after_delay(bound_s) | stop_when_event_set(stop),
+        wait=wait_exponential(multiplier=0.1, max=5.0),
+        retry=retry_if_exception_type(DeliveryError),
+        reraise=True,
+    )(write)
+    log.error("dead-lettered %d change events that cannot be decoded or applied", len(poison))

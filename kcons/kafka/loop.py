@@ -82,19 +82,22 @@ class BatchSource:
         """Record a revocation or loss (for callers that install their own rebalance callbacks)."""
         self.rebalances += 1
 
-    def poll(self) -> list[Any]:
+    def poll(self, timeout_s: float | None = None, max_messages: int | None = None) -> list[Any]:
         """One batch: up to ``batch_size`` data messages, in order per partition; ``[]`` when none came in time.
 
-        Raises the typed kcons exception for a fatal consumer error (see ``check_consumed``) or
-        a failed ``poll``/``consume`` call.
+        ``timeout_s`` and ``max_messages`` override the source's wait and size for this call (a
+        caller that fills a batch over several calls asks for what is left). Raises the typed
+        kcons exception for a fatal consumer error (see ``check_consumed``) or a failed
+        ``poll``/``consume`` call.
         """
         consumer = self._consumer
         rebalances = self.rebalances
+        size = self._batch_size if max_messages is None else max_messages
         try:
-            first = consumer.poll(self._timeout_s)
+            first = consumer.poll(self._timeout_s if timeout_s is None else timeout_s)
             if first is None:
                 return []
-            msgs = [first, *consumer.consume(self._batch_size - 1, 0)] if self._batch_size > 1 else [first]
+            msgs = [first, *consumer.consume(size - 1, 0)] if size > 1 else [first]
         except KafkaException as exc:
             raise_for_kafka_error(exc, self._operation)
             raise  # unreachable: raise_for_kafka_error always raises

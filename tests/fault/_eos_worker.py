@@ -3,7 +3,8 @@
 Copies each input record (value = the input id) to the output topic with the same key, adding
 ``eos-input`` = topic/partition/offset of the input as a header, and prints one line
 ``committed <records> <transactions>`` to stdout after every committed transaction so a harness
-can time its kills. It stops on SIGTERM after the current batch.
+can time its kills. It stops on SIGTERM after the current batch (through kcons.cli.signals: the
+processor itself installs no signal handler).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from confluent_kafka import Message
 
+from kcons.cli.signals import stop_on_signals
 from kcons.processor import Output, ProcessorStats, TransactionalProcessor
 
 
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--group", required=True)
     parser.add_argument("--transactional-id", required=True)
-    parser.add_argument("--batch-max", type=int, default=100)
+    parser.add_argument("--batch-size", "--batch-max", dest="batch_size", type=int, default=100)
     parser.add_argument("--batch-timeout-s", type=float, default=0.1)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="time the handler spends on each record")
     parser.add_argument("--consumer-config", default="{}", help="extra librdkafka consumer properties (JSON)")
@@ -65,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         producer_config,
         [args.input],
         handler,
-        batch_max=args.batch_max,
+        batch_size=args.batch_size,
         batch_timeout_s=args.batch_timeout_s,
         transactional_id=args.transactional_id,
         on_commit=on_commit,
     )
     print("ready", flush=True)
-    stats = processor.run()
+    with stop_on_signals(processor):
+        stats = processor.run()
     print(f"stopped {stats.records} {stats.transactions} {stats.rewinds}", flush=True)
     return 0
 

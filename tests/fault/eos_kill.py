@@ -230,8 +230,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.workers):
             argv = [
                 sys.executable, str(WORKER), "--bootstrap", bootstrap, "--input", topic_in, "--output", topic_out,
-                "--group", group, "--transactional-id", f"eos-{run_id}-worker-{i}", "--batch-max",
-                str(args.batch_max), "--delay-ms", str(args.delay_ms),
+                "--group", group, "--transactional-id", f"eos-{run_id}-worker-{i}", "--batch-size",
+                str(args.batch_size), "--delay-ms", str(args.delay_ms),
             ]  # fmt: skip
             slots.append(WorkerSlot(i, argv, logdir))
         for slot in slots:
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--keys", type=int, default=200)
-    ap.add_argument("--batch-max", type=int, default=100)
+    ap.add_argument("--batch-size", "--batch-max", dest="batch_size", type=int, default=100)
     ap.add_argument("--delay-ms", type=float, default=1.0, help="handler time per record")
     ap.add_argument("--kill-min-s", type=float)
     ap.add_argument("--kill-max-s", type=float)

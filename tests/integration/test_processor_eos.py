@@ -118,7 +118,7 @@ def test_processor_commits_each_input_once_with_its_offsets(
 
     records_before = REGISTRY.get_sample_value("kcons_processor_records_total") or 0.0
     batches_before = REGISTRY.get_sample_value("kcons_processor_batch_size_count") or 0.0
-    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, copy_to(topic_out), batch_max=200)
+    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, copy_to(topic_out), batch_size=200)
     stats = proc.run(max_records=1500)
     assert stats.records == 1500 and stats.outputs == 1500 and stats.rewinds == 0
     assert (REGISTRY.get_sample_value("kcons_processor_records_total") or 0.0) - records_before == 1500
@@ -144,6 +144,33 @@ def test_processor_commits_each_input_once_with_its_offsets(
     assert sum(tp.offset for tp in committed) == 1500
 
 
+def test_a_new_group_processes_the_input_written_before_it_started_and_installs_no_signal_handler(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    topic_in, topic_out = unique_topic(partitions=2), unique_topic(partitions=2)
+    produce_inputs(kafka_bootstrap, topic_in, range(300))  # all of it before the processor exists
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    handlers: set[Any] = set()
+
+    def copy(m: Message) -> list[Output]:
+        handlers.add(signal.getsignal(signal.SIGTERM))
+        return [Output(topic_out, m.value(), m.key())]
+
+    before = signal.getsignal(signal.SIGTERM)
+    proc = TransactionalProcessor(  # no auto.offset.reset: the processor's default applies
+        {"bootstrap.servers": kafka_bootstrap, "group.id": group},
+        {"bootstrap.servers": kafka_bootstrap, "linger.ms": 5},
+        topics=[topic_in],
+        handler=copy,
+        batch_size=100,
+        transactional_id=f"w-{group}",
+    )
+    stats = proc.run(max_records=300)
+    assert stats.records == 300
+    assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, 300), 300)
+    assert handlers == {before}  # run() left SIGTERM as it found it (the program decides, not the library)
+
+
 def test_processor_lag_is_reported_per_owned_partition_and_dropped_on_close(
     kafka_bootstrap: str, unique_topic: Callable[..., str]
 ) -> None:
@@ -154,7 +181,7 @@ def test_processor_lag_is_reported_per_owned_partition_and_dropped_on_close(
     topic_in, topic_out = unique_topic(partitions=3), unique_topic(partitions=3)
     produce_inputs(kafka_bootstrap, topic_in, range(600))
     group = f"g-{uuid.uuid4().hex[:8]}"
-    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, copy_to(topic_out), batch_max=100)
+    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, copy_to(topic_out), batch_size=100)
 
     def lag_series() -> dict[str, float]:
         return {
@@ -188,7 +215,7 @@ def test_processor_killed_mid_batch_replays_without_duplicates(
     group = f"g-{uuid.uuid4().hex[:8]}"
     argv = [
         sys.executable, str(WORKER), "--bootstrap", kafka_bootstrap, "--input", topic_in, "--output", topic_out,
-        "--group", group, "--transactional-id", f"w-{group}", "--batch-max", "300", "--batch-timeout-s", "5",
+        "--group", group, "--transactional-id", f"w-{group}", "--batch-size", "300", "--batch-timeout-s", "5",
         "--delay-ms", "4",
     ]  # fmt: skip
 
@@ -240,8 +267,8 @@ def test_rebalancing_between_two_workers_keeps_exactly_once(
             errors.append(exc)
 
     extra = {"partition.assignment.strategy": strategy}
-    a = processor(kafka_bootstrap, group, f"{group}-a", topic_in, slow_copy, batch_max=50, consumer_extra=extra)
-    b = processor(kafka_bootstrap, group, f"{group}-b", topic_in, slow_copy, batch_max=50, consumer_extra=extra)
+    a = processor(kafka_bootstrap, group, f"{group}-a", topic_in, slow_copy, batch_size=50, consumer_extra=extra)
+    b = processor(kafka_bootstrap, group, f"{group}-b", topic_in, slow_copy, batch_size=50, consumer_extra=extra)
     producer_thread = threading.Thread(target=produce_inputs, args=(kafka_bootstrap, topic_in, range(n)))
     producer_thread.start()
     ta = threading.Thread(target=run, args=("a", a))
@@ -280,11 +307,11 @@ def test_handler_error_aborts_the_batch_and_a_restart_resumes_exactly_once(
             raise ValueError("handler failed on 250")
         return [Output(topic_out, m.value(), m.key())]
 
-    first = processor(kafka_bootstrap, group, f"w-{group}", topic_in, flaky, batch_max=100)
+    first = processor(kafka_bootstrap, group, f"w-{group}", topic_in, flaky, batch_size=100)
     with pytest.raises(ValueError, match="250"):
         first.run()
     assert first.stats.records == 200  # the batch holding 250 was aborted, the two before it committed
-    second = processor(kafka_bootstrap, group, f"w-{group}", topic_in, flaky, batch_max=100)
+    second = processor(kafka_bootstrap, group, f"w-{group}", topic_in, flaky, batch_size=100)
     second.run(max_records=n - 200)
     assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, n), n)
 
@@ -306,7 +333,7 @@ def test_failed_output_delivery_aborts_rewinds_and_retries_the_batch(
             return [Output(topic_out, m.value() + b" " * 300_000, m.key())]
         return [Output(topic_out, m.value(), m.key())]
 
-    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, sometimes_too_big, batch_max=50)
+    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, sometimes_too_big, batch_size=50)
     stats = proc.run(max_records=n)
     assert stats.rewinds >= 1
     assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, n), n)
@@ -318,7 +345,7 @@ def test_sigterm_stops_a_worker_after_its_current_batch(kafka_bootstrap: str, un
     group = f"g-{uuid.uuid4().hex[:8]}"
     argv = [
         sys.executable, str(WORKER), "--bootstrap", kafka_bootstrap, "--input", topic_in, "--output", topic_out,
-        "--group", group, "--transactional-id", f"w-{group}", "--batch-max", "50",
+        "--group", group, "--transactional-id", f"w-{group}", "--batch-size", "50",
     ]  # fmt: skip
     worker = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ))
     assert worker.stdout is not None

@@ -149,7 +149,7 @@ def test_async_processor_with_an_async_handler_is_exactly_once_across_a_handler_
             [topic_in],
             handler,
             transactional_id=f"w-{group}",
-            batch_max=100,
+            batch_size=100,
         )
 
     async def scenario() -> int:

@@ -44,7 +44,7 @@ def test_processor_without_a_transactional_id_is_rejected_before_connecting() ->
 
 @pytest.mark.parametrize(
     ("kwargs", "setting"),
-    [({"batch_max": 0}, "batch_max"), ({"batch_timeout_s": 0}, "batch_timeout_s")],
+    [({"batch_size": 0}, "batch_size"), ({"batch_timeout_s": 0}, "batch_timeout_s")],
 )
 def test_processor_batch_bounds_are_validated(kwargs: dict[str, Any], setting: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -54,10 +54,46 @@ def test_processor_batch_bounds_are_validated(kwargs: dict[str, Any], setting: s
     assert info.value.setting == setting
 
 
-def test_processor_rejects_a_single_string_as_topic_list() -> None:
+@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "topics="])
+def test_processor_rejects_a_single_string_as_topic_list(keyword: bool) -> None:
     with pytest.raises(ConfigError) as info:
-        TransactionalProcessor(BASE, {"bootstrap.servers": "127.0.0.1:1"}, "in", lambda m: [], transactional_id="w")
-    assert info.value.setting == "input_topics"
+        if keyword:
+            TransactionalProcessor(BASE, PRODUCER, topics="in", handler=lambda m: [], transactional_id="w")
+        else:
+            TransactionalProcessor(BASE, PRODUCER, "in", lambda m: [], transactional_id="w")
+    assert info.value.setting == "topics"
+
+
+PRODUCER = {"bootstrap.servers": "127.0.0.1:1"}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [({"input_topics": "in"}, "topics"), ({"batch_max": 0}, "batch_size")], ids=["topics", "batch"]
+)
+def test_deprecated_processor_argument_names_still_work_and_warn(old: dict[str, Any], new: str) -> None:
+    args: tuple[Any, ...] = (BASE, PRODUCER) if "input_topics" in old else (BASE, PRODUCER, ["in"])
+    # The values are invalid on purpose: the error names the new setting, proving the alias reached it.
+    with pytest.warns(DeprecationWarning, match=f"use {new}="), pytest.raises(ConfigError) as info:
+        TransactionalProcessor(*args, handler=lambda m: [], transactional_id="w", **old)
+    assert info.value.setting == new
+
+
+def test_a_setting_given_under_both_names_is_rejected() -> None:
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError) as info:
+        TransactionalProcessor(BASE, PRODUCER, ["a"], lambda m: [], input_topics=["b"], transactional_id="w")
+    assert info.value.setting == "topics"
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError) as info:
+        TransactionalProcessor(BASE, PRODUCER, ["a"], lambda m: [], batch_size=5, batch_max=5, transactional_id="w")
+    assert info.value.setting == "batch_size"
+
+
+def test_processor_without_topics_or_handler_is_rejected() -> None:
+    with pytest.raises(ConfigError) as info:
+        TransactionalProcessor(BASE, PRODUCER, [], lambda m: [], transactional_id="w")
+    assert info.value.setting == "topics"
+    with pytest.raises(ConfigError) as info:
+        TransactionalProcessor(BASE, PRODUCER, ["in"], transactional_id="w")
+    assert info.value.setting == "handler"
 
 
 def test_event_output_carries_the_envelope_key_and_headers() -> None:
