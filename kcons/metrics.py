@@ -204,12 +204,40 @@ def metric_names(registry: CollectorRegistry = REGISTRY) -> list[str]:
 HealthCheck = Callable[[], tuple[bool, str]]
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per request, but at most ``max_connections`` at once; extra connections are closed."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsServer:
     """Serves ``/metrics`` (Prometheus text format) and ``/healthz`` over HTTP.
 
     Binds to 127.0.0.1 unless another host is configured, so nothing listens beyond loopback
     by default. ``/healthz`` answers 200 when every health check passes and 503 otherwise,
-    with one ``name: detail`` line per check.
+    with one ``name: detail`` line per check. Resources are bounded: a request must arrive within
+    ``request_timeout`` seconds (a half-open connection is closed after it) and at most
+    ``max_connections`` are served at once (more are closed without an answer).
     """
 
     def __init__(
@@ -219,11 +247,13 @@ class MetricsServer:
         *,
         registry: CollectorRegistry = REGISTRY,
         health_checks: Iterable[tuple[str, HealthCheck]] = (),
+        request_timeout: float = 10.0,
+        max_connections: int = 32,
     ) -> None:
         self._registry = registry
         self._checks = list(health_checks)
-        self._server = ThreadingHTTPServer((host, port), self._handler_class())
-        self._server.daemon_threads = True
+        self._request_timeout = request_timeout
+        self._server = _BoundedHTTPServer((host, port), self._handler_class(), max_connections)
         self._thread: threading.Thread | None = None
 
     @property
@@ -264,6 +294,8 @@ class MetricsServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = outer._request_timeout  # socket timeout: a half-open request is dropped
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":

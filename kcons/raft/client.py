@@ -4,14 +4,19 @@ Writes carry a client session ``(client_id, seq)``; the state machine applies a 
 at most once and returns the first outcome to a retry, so retrying a write whose answer was lost
 (leader crash, timeout) never applies it twice. Reads go to the leader and are linearizable
 (ReadIndex) unless ``lease=True`` is asked for. Thread-safe: one request at a time.
+
+Each connection is a session (see :mod:`kcons.raft.transport`): the node proves it holds the
+cluster secret and is the node asked for, and an answer counts only if it is sealed with this
+connection's keys and echoes the request id, so a recorded answer from an earlier process is
+refused. A pooled connection the node has closed (idle timeout) is replaced before use.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import socket
-import struct
 import threading
 import uuid
 from collections.abc import Mapping
@@ -22,11 +27,21 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from kcons.errors import TimeoutExceededError
 from kcons.raft.errors import FrameRejectedError, RaftError
-from kcons.raft.transport import KIND_REQUEST, KIND_RESPONSE, FrameCodec, PeerAddress, parse_peers
+from kcons.raft.transport import (
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    ROLE_CLIENT,
+    Handshake,
+    PeerAddress,
+    Session,
+    client_session,
+    parse_peers,
+    read_frame,
+)
 
 __all__ = ["KvResult", "RaftClient", "RequestRefusedError"]
 
-_LEN = struct.Struct("<I")
+_MAX_RESPONSE = 64 << 20
 
 
 class RequestRefusedError(RaftError):
@@ -58,7 +73,7 @@ class RaftClient:
         client_id: str | None = None,
     ) -> None:
         self.peers = parse_peers(peers) if isinstance(peers, str) else dict(peers)
-        self._codec = FrameCodec(secret)
+        self._handshake = Handshake(secret)
         self.timeout = timeout
         self.request_timeout = request_timeout
         self.client_id = client_id or uuid.uuid4().hex
@@ -66,7 +81,7 @@ class RaftClient:
         self._leader: int | None = None
         self._order = sorted(self.peers)
         self._next = 0
-        self._socks: dict[int, socket.socket] = {}
+        self._socks: dict[int, tuple[socket.socket, Session]] = {}
         self._lock = threading.Lock()
         self._rid = 0
 
@@ -76,7 +91,7 @@ class RaftClient:
     # -- plumbing ----------------------------------------------------------------------------
     def close(self) -> None:
         """Close every connection."""
-        for s in self._socks.values():
+        for s, _ in self._socks.values():
             s.close()
         self._socks.clear()
 
@@ -87,37 +102,38 @@ class RaftClient:
         self.close()
 
     def _drop(self, node: int) -> None:
-        s = self._socks.pop(node, None)
-        if s is not None:
-            s.close()
+        pair = self._socks.pop(node, None)
+        if pair is not None:
+            pair[0].close()
 
-    def _recv_exact(self, s: socket.socket, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = s.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("connection closed")
-            buf.extend(chunk)
-        return bytes(buf)
+    def _connection(self, node: int) -> tuple[socket.socket, Session]:
+        pair = self._socks.get(node)
+        if pair is not None:
+            readable, _, _ = select.select([pair[0]], [], [], 0)
+            if not readable:
+                return pair
+            self._drop(node)  # closed by the node (idle) or unexpected bytes: start a new session
+        addr = self.peers[node]
+        s = socket.create_connection((addr.host, addr.port), timeout=self.request_timeout)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = client_session(s, self._handshake, ROLE_CLIENT, 0, node)
+        except BaseException:
+            s.close()
+            raise
+        self._socks[node] = (s, session)
+        return s, session
 
     def call_node(self, node: int, req: dict[str, Any]) -> dict[str, Any]:
         """Send one request to one node and return its JSON answer (no retries)."""
-        s = self._socks.get(node)
-        if s is None:
-            addr = self.peers[node]
-            s = socket.create_connection((addr.host, addr.port), timeout=self.request_timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._socks[node] = s
-        s.settimeout(self.request_timeout)
         self._rid += 1
         rid = self._rid.to_bytes(8, "big")
         try:
-            s.sendall(self._codec.seal(KIND_REQUEST, rid + json.dumps(req, separators=(",", ":")).encode()))
+            s, session = self._connection(node)
+            s.settimeout(self.request_timeout)
+            s.sendall(session.seal(KIND_REQUEST, rid + json.dumps(req, separators=(",", ":")).encode()))
             while True:
-                (length,) = _LEN.unpack(self._recv_exact(s, 4))
-                if length > self._codec.max_frame:
-                    raise FrameRejectedError("oversized response")
-                kind, payload = self._codec.open(self._recv_exact(s, length))
+                kind, payload = read_frame(s, session, _MAX_RESPONSE)
                 if kind != KIND_RESPONSE:
                     raise FrameRejectedError("unexpected frame kind")
                 if payload[:8] == rid:

@@ -6,12 +6,14 @@ loses everything not yet fsynced, SIGSTOP freezes a leader mid-flight. Nodes bin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ from kcons.raft.transport import PeerAddress
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalRaftCluster", "free_ports"]
+__all__ = ["LocalRaftCluster", "RecordingProxy", "free_ports", "replay"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -231,3 +233,76 @@ class LocalRaftCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class RecordingProxy:
+    """A TCP proxy in front of one address that records both directions of every connection.
+
+    For adversarial tests: what an attacker on the path sees (and can replay). Threads, blocking
+    sockets, 127.0.0.1 only.
+    """
+
+    def __init__(self, target: PeerAddress) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = PeerAddress("127.0.0.1", self._listener.getsockname()[1])
+        self.sessions: list[tuple[bytearray, bytearray]] = []  # (client to server, server to client)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="raft-proxy", daemon=True)
+
+    def start(self) -> RecordingProxy:
+        """Accept connections in a daemon thread."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop accepting (open connections end when either side closes)."""
+        self._stop.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection((self.target.host, self.target.port), timeout=5)
+            except OSError:
+                down.close()
+                continue
+            up.settimeout(None)
+            c2s, s2c = bytearray(), bytearray()
+            self.sessions.append((c2s, s2c))
+            for src, dst, rec in ((down, up, c2s), (up, down, s2c)):
+                threading.Thread(target=self._pump, args=(src, dst, rec), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, record: bytearray) -> None:
+        try:
+            while chunk := src.recv(65536):
+                record.extend(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def replay(address: PeerAddress, data: bytes, wait: float = 1.0) -> bytes:
+    """Send recorded ``data`` to ``address`` on a fresh connection; returns what came back within ``wait``."""
+    got = bytearray()
+    with socket.create_connection((address.host, address.port), timeout=wait) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(data)
+        deadline = time.monotonic() + wait
+        with contextlib.suppress(OSError):
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got.extend(chunk)
+    return bytes(got)

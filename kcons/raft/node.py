@@ -66,6 +66,8 @@ class NodeSettings:
     max_inflight: int = 256
     listen: PeerAddress | None = None
     rejoin_empty: bool = False
+    max_connections: int = 256
+    idle_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.node_id not in self.peers:
@@ -107,6 +109,8 @@ class NodeSettings:
             fsync=env_bool("KCONS_RAFT_FSYNC", True, env),
             snapshot_every=env_int("KCONS_RAFT_SNAPSHOT_EVERY", 10_000, minimum=10, environ=env),
             listen=listen_addr,
+            max_connections=env_int("KCONS_RAFT_MAX_CONNECTIONS", 256, minimum=4, maximum=65_536, environ=env),
+            idle_timeout_s=float(env_int("KCONS_RAFT_IDLE_TIMEOUT_S", 60, minimum=1, maximum=86_400, environ=env)),
         )
 
 
@@ -165,7 +169,14 @@ class RaftNode:
         if st.snapshot is not None:
             self.sm.restore(st.snapshot.data)
         self.transport = RaftTransport(
-            self.id, settings.peers, settings.secret, self._on_message, self.handle_request, listen=settings.listen
+            self.id,
+            settings.peers,
+            settings.secret,
+            self._on_message,
+            self.handle_request,
+            listen=settings.listen,
+            max_connections=settings.max_connections,
+            idle_timeout=settings.idle_timeout_s,
         )
         self._inbox: list[tuple[Any, ...]] = []
         self._wake = asyncio.Event()

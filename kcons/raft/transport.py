@@ -1,12 +1,29 @@
-"""Authenticated asyncio TCP transport for Raft messages and client requests.
+"""Session-authenticated asyncio TCP transport for Raft messages and client requests (wire version 2).
 
-Frame: ``[u32 body length][32-byte HMAC-SHA256(secret, kind || payload)][u8 kind][payload]``.
-Every frame is authenticated with the cluster secret; a frame that fails authentication, is
-larger than ``max_frame`` or does not decode is dropped, counted in
-``kcons_raft_frames_rejected_total{reason}`` and its connection closed; the node never crashes
-on input. Replaying a captured frame is equivalent to the network duplicating a message, which
-Raft tolerates by design (and client commands carry session sequence numbers, applied at most
-once). The secret is never logged. Binds 127.0.0.1 unless configured otherwise.
+Every connection starts with a handshake that proves both sides hold the cluster secret and
+makes fresh keys for this connection only:
+
+1. initiator -> responder, HELLO (48 bytes): ``KRFT``, version 2, role (peer or client), the
+   initiator's node id (0 for clients), the responder id it expects, a fresh 32-byte nonce.
+2. responder -> initiator, ACK (80 bytes): ``KRFT``, version, the responder's node id, its own
+   fresh nonce, and HMAC-SHA256(secret, "ack" || HELLO || ACK head).
+3. initiator -> responder, CONFIRM (32 bytes): HMAC-SHA256(secret, "confirm" || HELLO || ACK head).
+
+Each direction then has its own key, HMAC(secret, direction || HELLO || ACK head), and every frame
+is ``[u32 length][u64 sequence][u8 kind][payload][HMAC-SHA256(key, everything before it)]`` with
+the sequence number starting at 1 and growing by exactly one per frame. A recorded frame or a
+whole recorded conversation is therefore worthless: on a new connection the other side's nonce
+differs, so the keys differ; on the same connection its sequence number is spent. A client's
+answer is bound to its connection's keys and to the request id it echoes.
+
+Resources are bounded: at most ``max_connections`` connections (more are closed at once), the
+handshake must finish within ``handshake_timeout`` (before it, no more than 80 bytes are ever
+buffered), a connection that completes no frame for ``idle_timeout`` while nothing is pending is
+closed (this also ends slow-drip connections), frames are limited to ``max_frame`` bytes from
+peers and ``max_request`` from clients. Anything rejected is counted in
+``kcons_raft_frames_rejected_total{reason}`` and its connection closed; the WARNING about it is
+rate-limited. The node never crashes on input. The secret is never logged. Binds 127.0.0.1
+unless configured otherwise. Bodies are not encrypted: run the cluster on a private network.
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +55,32 @@ __all__ = [
     "KIND_RAFT",
     "KIND_REQUEST",
     "KIND_RESPONSE",
-    "FrameCodec",
+    "ROLE_CLIENT",
+    "ROLE_PEER",
+    "WIRE_VERSION",
+    "Handshake",
     "PeerAddress",
     "RaftTransport",
+    "Session",
+    "client_session",
     "load_secret",
     "parse_peers",
+    "read_frame",
 ]
 
+WIRE_VERSION = 2
 KIND_RAFT = 1
 KIND_REQUEST = 2
 KIND_RESPONSE = 3
-_KINDS = {KIND_RAFT, KIND_REQUEST, KIND_RESPONSE}
+ROLE_PEER = 1
+ROLE_CLIENT = 2
 _LEN = struct.Struct("<I")
+_FRAME_HEAD = struct.Struct("<IQB")  # length, sequence, kind
+_HELLO = struct.Struct("<4sBBHII32s")  # magic, version, role, reserved, sender id, expected/own id, nonce
+_MAGIC = b"KRFT"
 _MAC = 32
+HELLO_SIZE = _HELLO.size
+ACK_SIZE = _HELLO.size + _MAC
 MIN_SECRET_BYTES = 16
 
 
@@ -104,129 +135,250 @@ def parse_peers(spec: str, setting: str = "--peers") -> dict[int, PeerAddress]:
     return peers
 
 
-class FrameCodec:
-    """Seals and opens authenticated frames."""
+def _hmac(key: bytes, *parts: bytes) -> bytes:
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for p in parts:
+        h.update(p)
+    return h.digest()
 
-    def __init__(self, secret: bytes, max_frame: int = 64 << 20) -> None:
-        if len(secret) < MIN_SECRET_BYTES:
-            raise ConfigError("KCONS_RAFT_SECRET", f"the secret must be at least {MIN_SECRET_BYTES} bytes")
-        self._base = hmac.new(secret, digestmod=hashlib.sha256)
-        self.max_frame = max_frame
+
+class Session:
+    """The keys and sequence numbers of one authenticated connection (one side's view)."""
+
+    __slots__ = ("_recv", "_recv_seq", "_send", "_send_seq", "peer_id", "role")
+
+    def __init__(self, send_key: bytes, recv_key: bytes, role: int, peer_id: int) -> None:
+        self._send = hmac.new(send_key, digestmod=hashlib.sha256)  # keyed once, copied per frame
+        self._recv = hmac.new(recv_key, digestmod=hashlib.sha256)
+        self._send_seq = 0
+        self._recv_seq = 0
+        self.role = role
+        self.peer_id = peer_id
 
     def __repr__(self) -> str:
-        return f"FrameCodec(max_frame={self.max_frame}, secret=***)"
-
-    def _mac(self, body: bytes) -> bytes:
-        h = self._base.copy()  # keyed state prepared once: cheaper than keying per frame
-        h.update(body)
-        return h.digest()
+        return f"Session(role={self.role}, peer_id={self.peer_id}, keys=***)"
 
     def seal(self, kind: int, payload: bytes) -> bytes:
-        """One frame carrying ``payload``."""
-        body = bytes([kind]) + payload
-        return _LEN.pack(_MAC + len(body)) + self._mac(body) + body
+        """One frame carrying ``payload`` with the next sequence number."""
+        self._send_seq += 1
+        head = _FRAME_HEAD.pack(_FRAME_HEAD.size - 4 + len(payload) + _MAC, self._send_seq, kind)
+        h = self._send.copy()
+        h.update(head)
+        h.update(payload)
+        return b"".join([head, payload, h.digest()])
 
-    def open(self, frame_body: bytes) -> tuple[int, bytes]:
-        """Verify a frame body (after the length prefix); raises FrameRejectedError."""
-        if len(frame_body) < _MAC + 1:
+    def open(self, frame: bytes) -> tuple[int, bytes]:
+        """Verify a whole frame (length prefix included); raises FrameRejectedError."""
+        if len(frame) < _FRAME_HEAD.size + _MAC:
             raise FrameRejectedError("short frame")
-        mac, body = frame_body[:_MAC], frame_body[_MAC:]
-        if not hmac.compare_digest(mac, self._mac(body)):
-            raise FrameRejectedError("authentication failed")
-        kind = body[0]
-        if kind not in _KINDS:
-            raise FrameRejectedError(f"unknown frame kind {kind}")
-        return kind, body[1:]
-
-    async def read(self, reader: asyncio.StreamReader) -> tuple[int, bytes]:
-        """Read and verify one frame; EOF raises asyncio.IncompleteReadError."""
-        head = await reader.readexactly(_LEN.size)
-        (length,) = _LEN.unpack(head)
-        if length > self.max_frame:
-            raise FrameRejectedError(f"frame of {length} bytes exceeds the limit")
-        return self.open(await reader.readexactly(length))
+        h = self._recv.copy()
+        h.update(memoryview(frame)[:-_MAC])
+        if not hmac.compare_digest(h.digest(), frame[-_MAC:]):
+            raise FrameRejectedError("authentication failed", reason="auth")
+        _, seq, kind = _FRAME_HEAD.unpack_from(frame)
+        if seq != self._recv_seq + 1:
+            raise FrameRejectedError(f"sequence {seq} after {self._recv_seq}: replayed or reordered", reason="replay")
+        self._recv_seq = seq
+        return kind, frame[_FRAME_HEAD.size : -_MAC]
 
 
-def _reason(exc: FrameRejectedError) -> str:
-    text = str(exc)
-    if "authentication" in text:
-        return "auth"
-    if "exceeds" in text:
-        return "oversized"
-    return "malformed"
+class Handshake:
+    """The three-message handshake (see the module docstring); pure, no I/O."""
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError("KCONS_RAFT_SECRET", f"the secret must be at least {MIN_SECRET_BYTES} bytes")
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "Handshake(secret=***)"
+
+    def _keys(self, transcript: bytes, initiator: bool, role: int, peer_id: int) -> Session:
+        i2r = _hmac(self._secret, b"kcons-raft/2 i2r", transcript)
+        r2i = _hmac(self._secret, b"kcons-raft/2 r2i", transcript)
+        return Session(i2r, r2i, role, peer_id) if initiator else Session(r2i, i2r, role, peer_id)
+
+    @staticmethod
+    def hello(role: int, own_id: int, expect_id: int) -> bytes:
+        """The initiator's first message, with a fresh nonce."""
+        return _HELLO.pack(_MAGIC, WIRE_VERSION, role, 0, own_id, expect_id, os.urandom(32))
+
+    def accept(self, hello: bytes, own_id: int) -> tuple[bytes, bytes, int, int]:
+        """Responder: check HELLO; returns (ACK, transcript, role, initiator id)."""
+        magic, version, role, _, sender, expect, _ = _HELLO.unpack(hello)
+        if magic != _MAGIC or version != WIRE_VERSION:
+            raise FrameRejectedError(f"not a kcons Raft wire-version-{WIRE_VERSION} hello", reason="handshake")
+        if role not in (ROLE_PEER, ROLE_CLIENT) or expect not in (0, own_id):
+            raise FrameRejectedError("hello for another role or node", reason="handshake")
+        head = _HELLO.pack(_MAGIC, WIRE_VERSION, 0, 0, own_id, 0, os.urandom(32))
+        transcript = hello + head
+        return head + _hmac(self._secret, b"kcons-raft/2 ack", transcript), transcript, role, sender
+
+    def responder_session(self, transcript: bytes, confirm: bytes, role: int, sender: int) -> Session:
+        """Responder: check CONFIRM; returns the session."""
+        if not hmac.compare_digest(confirm, _hmac(self._secret, b"kcons-raft/2 confirm", transcript)):
+            raise FrameRejectedError("handshake authentication failed", reason="auth")
+        return self._keys(transcript, False, role, sender)
+
+    def initiator_session(self, hello: bytes, ack: bytes, role: int, expect_id: int) -> tuple[bytes, Session]:
+        """Initiator: check ACK (the responder knows the secret and is ``expect_id``); returns (CONFIRM, session)."""
+        head, mac = ack[: _HELLO.size], ack[_HELLO.size :]
+        transcript = hello + head
+        if not hmac.compare_digest(mac, _hmac(self._secret, b"kcons-raft/2 ack", transcript)):
+            raise FrameRejectedError("the responder failed authentication", reason="auth")
+        magic, version, _, _, responder, _, _ = _HELLO.unpack(head)
+        if magic != _MAGIC or version != WIRE_VERSION or (expect_id and responder != expect_id):
+            raise FrameRejectedError(f"answered by node {responder}, expected {expect_id}", reason="handshake")
+        confirm = _hmac(self._secret, b"kcons-raft/2 confirm", transcript)
+        return confirm, self._keys(transcript, True, role, responder)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf.extend(chunk)
+    return bytes(buf)
+
+
+def client_session(sock: socket.socket, handshake: Handshake, role: int, own_id: int, expect_id: int) -> Session:
+    """Run the initiator's side of the handshake on a connected blocking socket."""
+    hello = handshake.hello(role, own_id, expect_id)
+    sock.sendall(hello)
+    confirm, session = handshake.initiator_session(hello, _recv_exact(sock, ACK_SIZE), role, expect_id)
+    sock.sendall(confirm)
+    return session
+
+
+def read_frame(sock: socket.socket, session: Session, max_frame: int) -> tuple[int, bytes]:
+    """Read and verify one frame from a blocking socket."""
+    head = _recv_exact(sock, _LEN.size)
+    (length,) = _LEN.unpack(head)
+    if length > max_frame:
+        raise FrameRejectedError(f"frame of {length} bytes exceeds the limit", reason="oversized")
+    return session.open(head + _recv_exact(sock, length))
+
+
+class _WarnLimiter:
+    """At most one WARNING per ``interval`` seconds; the rest are counted and summarised."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last = -interval
+        self._suppressed = 0
+
+    def warn(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._suppressed += 1
+            return
+        self._last = now
+        suppressed, self._suppressed = self._suppressed, 0
+        log.warning(msg + " (%d similar suppressed)", *args, suppressed)
 
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 
 
 class _PeerSender:
-    """One outbound connection to a peer; frames are written straight into the socket buffer.
+    """One outbound connection to a peer; frames are sealed and written straight into the socket buffer.
 
-    While the link is down, up to ``queue_limit`` frames wait for the reconnect and later ones are
-    dropped; when the peer is slow and the buffer passes ``buffer_limit`` bytes, frames are dropped
+    While the link is down, up to ``queue_limit`` messages wait for the reconnect and later ones are
+    dropped; when the peer is slow and the buffer passes ``buffer_limit`` bytes, messages are dropped
     too. Raft retransmits whatever matters, so dropping is always safe.
     """
 
-    def __init__(self, codec: FrameCodec, addr: PeerAddress, queue_limit: int, buffer_limit: int = 32 << 20) -> None:
-        self.codec = codec
+    def __init__(
+        self,
+        handshake: Handshake,
+        own_id: int,
+        peer_id: int,
+        addr: PeerAddress,
+        queue_limit: int,
+        timeout: float,
+        buffer_limit: int = 32 << 20,
+    ) -> None:
+        self.handshake = handshake
+        self.own_id = own_id
+        self.peer_id = peer_id
         self.addr = addr
         self.queue_limit = queue_limit
+        self.timeout = timeout
         self.buffer_limit = buffer_limit
         self.pending: list[bytes] = []
         self.writer: asyncio.StreamWriter | None = None
+        self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None
         self.dropped = 0
 
-    def offer(self, frame: bytes) -> None:
+    def offer(self, payload: bytes) -> None:
         w = self.writer
-        if w is not None and not w.is_closing():
+        if w is not None and self.session is not None and not w.is_closing():
             if w.transport.get_write_buffer_size() > self.buffer_limit:
                 self.dropped += 1
                 return
-            w.write(frame)
+            w.write(self.session.seal(KIND_RAFT, payload))
         elif len(self.pending) < self.queue_limit:
-            self.pending.append(frame)
+            self.pending.append(payload)
         else:
             self.dropped += 1
 
     async def run(self) -> None:
         while True:
-            reader, writer = await self._connect()
+            reader, writer, session = await self._connect()
             try:
                 if self.pending:
-                    writer.write(b"".join(self.pending))
+                    writer.write(b"".join(session.seal(KIND_RAFT, p) for p in self.pending))
                     self.pending.clear()
-                self.writer = writer
-                # The peer never writes on this link: a read returns only when it closes or breaks.
+                self.writer, self.session = writer, session
+                # The peer never writes after the handshake: a read returns only when it closes or breaks.
                 while await reader.read(4096):
                     pass
             except (OSError, ConnectionError):
                 pass
             finally:
-                self.writer = None
+                self.writer = self.session = None
                 log.debug("raft link to %s closed; reconnecting", self.addr)
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Session]:
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(OSError),
+            retry=retry_if_exception_type((OSError, FrameRejectedError, TimeoutError, asyncio.IncompleteReadError)),
             wait=wait_exponential(multiplier=0.02, max=0.5),
             stop=stop_never,
             reraise=True,
         ):
             with attempt:
                 reader, writer = await asyncio.open_connection(self.addr.host, self.addr.port)
-                sock = writer.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return reader, writer
+                try:
+                    sock = writer.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    hello = self.handshake.hello(ROLE_PEER, self.own_id, self.peer_id)
+                    writer.write(hello)
+                    ack = await asyncio.wait_for(reader.readexactly(ACK_SIZE), self.timeout)
+                    confirm, session = self.handshake.initiator_session(hello, ack, ROLE_PEER, self.peer_id)
+                    writer.write(confirm)
+                except BaseException:
+                    writer.close()
+                    raise
+                return reader, writer, session
         raise AssertionError("unreachable")
 
 
+@dataclass(eq=False)
+class _Conn:
+    writer: asyncio.StreamWriter
+    last: float
+    pending: int = 0
+
+
 class RaftTransport:
-    """Listens for peers and clients; sends Raft messages to peers over persistent connections."""
+    """Listens for peers and clients; sends Raft messages to peers over persistent sessions."""
 
     def __init__(
         self,
@@ -237,18 +389,35 @@ class RaftTransport:
         on_request: RequestHandler,
         listen: PeerAddress | None = None,
         queue_limit: int = 10_000,
+        *,
+        max_connections: int = 256,
+        handshake_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+        max_frame: int = 64 << 20,
+        max_request: int = 1 << 20,
+        max_pending_requests: int = 1024,
     ) -> None:
         self.node_id = node_id
-        self.codec = FrameCodec(secret)
+        self.handshake = Handshake(secret)
         self.peers = dict(peers)
         self.listen = listen or self.peers[node_id]
         self.on_message = on_message
         self.on_request = on_request
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_frame = max_frame
+        self.max_request = max_request
+        self.max_pending_requests = max_pending_requests
         self._senders = {
-            pid: _PeerSender(self.codec, addr, queue_limit) for pid, addr in self.peers.items() if pid != node_id
+            pid: _PeerSender(self.handshake, node_id, pid, addr, queue_limit, handshake_timeout)
+            for pid, addr in self.peers.items()
+            if pid != node_id
         }
         self._server: asyncio.Server | None = None
-        self._conn_writers: set[asyncio.StreamWriter] = set()
+        self._conns: set[_Conn] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._warn = _WarnLimiter()
         self.rejected = 0
 
     async def start(self) -> None:
@@ -256,14 +425,17 @@ class RaftTransport:
         self._server = await asyncio.start_server(self._serve, self.listen.host, self.listen.port)
         for s in self._senders.values():
             s.task = asyncio.create_task(s.run(), name=f"raft-send-{s.addr}")
+        self._watchdog = asyncio.create_task(self._close_idle(), name=f"raft-idle-{self.node_id}")
 
     async def stop(self) -> None:
         """Close the listener, connections and senders."""
         if self._server is not None:
             self._server.close()
-        for w in list(self._conn_writers):
-            w.close()  # the serving tasks see EOF and return on their own
+        for c in list(self._conns):
+            c.writer.close()  # the serving tasks see EOF and return on their own
         tasks = [s.task for s in self._senders.values() if s.task is not None]
+        if self._watchdog is not None:
+            tasks.append(self._watchdog)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -275,22 +447,69 @@ class RaftTransport:
 
     def send(self, messages: list[Message]) -> None:
         """Queue messages for their destinations (fire and forget)."""
-        seal = self.codec.seal
         for m in messages:
             sender = self._senders.get(m.dst)
             if sender is not None:
-                sender.offer(seal(KIND_RAFT, encode_message(m)))
+                sender.offer(encode_message(m))
+
+    def connections(self) -> int:
+        """Connections being served now."""
+        return len(self._conns)
+
+    def _reject(self, reason: str, detail: object, writer: asyncio.StreamWriter) -> None:
+        self.rejected += 1
+        RAFT_FRAMES_REJECTED.labels(reason).inc()
+        self._warn.warn(
+            "raft transport: rejected a connection from %s (%s: %s)", writer.get_extra_info("peername"), reason, detail
+        )
+
+    async def _close_idle(self) -> None:
+        """Close connections that completed no frame for ``idle_timeout`` with nothing pending."""
+        loop = asyncio.get_running_loop()
+        period = max(0.05, min(1.0, self.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for c in list(self._conns):
+                if c.pending == 0 and now - c.last > self.idle_timeout:
+                    log.debug("raft transport: closing an idle connection")
+                    c.writer.close()
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Session:
+        hello = await reader.readexactly(HELLO_SIZE)
+        ack, transcript, role, sender = self.handshake.accept(hello, self.node_id)
+        if role == ROLE_PEER and (sender == self.node_id or sender not in self.peers):
+            raise FrameRejectedError(f"node {sender} is not a peer", reason="unknown_node")
+        writer.write(ack)
+        confirm = await reader.readexactly(_MAC)
+        return self.handshake.responder_session(transcript, confirm, role, sender)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._conn_writers.add(writer)
+        loop = asyncio.get_running_loop()
+        if len(self._conns) >= self.max_connections:
+            self._reject("connections", f"more than {self.max_connections} connections", writer)
+            writer.close()
+            return
+        conn = _Conn(writer, loop.time())
+        self._conns.add(conn)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pending: set[asyncio.Task[None]] = set()
-        buf = bytearray()
-        codec = self.codec
         try:
+            try:
+                session = await asyncio.wait_for(self._handshake(reader, writer), self.handshake_timeout)
+            except TimeoutError:
+                raise FrameRejectedError("handshake not finished in time", reason="timeout") from None
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise FrameRejectedError("connection closed during the handshake", reason="handshake") from None
+                return  # connected and left without a word: a health probe
+            conn.last = loop.time()
+            peer = session.role == ROLE_PEER
+            limit = self.max_frame if peer else self.max_request
+            buf = bytearray()
             while True:
                 chunk = await reader.read(1 << 18)
                 if not chunk:
@@ -299,42 +518,50 @@ class RaftTransport:
                 # Handle every complete frame in the buffer: one wake-up per TCP read, not per frame.
                 while len(buf) >= 4:
                     (length,) = _LEN.unpack_from(buf, 0)
-                    try:
-                        if length > codec.max_frame:
-                            raise FrameRejectedError(f"frame of {length} bytes exceeds the limit")
-                        if len(buf) < 4 + length:
-                            break
-                        body = bytes(buf[4 : 4 + length])
-                        del buf[: 4 + length]
-                        kind, payload = codec.open(body)
-                        if kind == KIND_RAFT:
-                            self.on_message(decode_message(payload))
-                        elif kind == KIND_REQUEST:
-                            t = asyncio.create_task(self._answer(payload, writer))
-                            pending.add(t)
-                            t.add_done_callback(pending.discard)
-                        else:
-                            raise FrameRejectedError("unexpected frame kind from a peer")
-                    except FrameRejectedError as exc:
-                        self.rejected += 1
-                        RAFT_FRAMES_REJECTED.labels(_reason(exc)).inc()
-                        peer = writer.get_extra_info("peername")
-                        log.warning("raft transport: dropped a frame from %s (%s); closing", peer, exc)
-                        return
+                    if length > limit:
+                        raise FrameRejectedError(f"frame of {length} bytes exceeds {limit}", reason="oversized")
+                    if len(buf) < 4 + length:
+                        break
+                    frame = bytes(buf[: 4 + length])
+                    del buf[: 4 + length]
+                    kind, payload = session.open(frame)
+                    conn.last = loop.time()
+                    if peer and kind == KIND_RAFT:
+                        m = decode_message(payload)
+                        if m.src != session.peer_id or m.dst != self.node_id:
+                            raise FrameRejectedError(
+                                f"message {m.src}->{m.dst} on node {session.peer_id}'s link", reason="unknown_node"
+                            )
+                        self.on_message(m)
+                    elif not peer and kind == KIND_REQUEST:
+                        if len(pending) >= self.max_pending_requests:
+                            raise FrameRejectedError("too many requests in flight", reason="overload")
+                        t = asyncio.create_task(self._answer(payload, session, writer, conn))
+                        pending.add(t)
+                        conn.pending += 1
+                        t.add_done_callback(pending.discard)
+                    else:
+                        raise FrameRejectedError(f"frame kind {kind} on a {'peer' if peer else 'client'} link")
+        except FrameRejectedError as exc:
+            self._reject(exc.reason, exc, writer)
         except (ConnectionError, OSError):
             return
         finally:
             for t in pending:
                 t.cancel()
             writer.close()
-            self._conn_writers.discard(writer)
+            self._conns.discard(conn)
 
-    async def _answer(self, payload: bytes, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, payload: bytes, session: Session, writer: asyncio.StreamWriter, conn: _Conn) -> None:
         # The payload starts with an 8-byte request id that the response echoes.
-        rid, body = payload[:8], payload[8:]
-        response = await self.on_request(body)
-        if writer.is_closing():
-            return
-        writer.write(self.codec.seal(KIND_RESPONSE, rid + response))
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.drain()
+        try:
+            rid, body = payload[:8], payload[8:]
+            response = await self.on_request(body)
+            if writer.is_closing():
+                return
+            writer.write(session.seal(KIND_RESPONSE, rid + response))
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+        finally:
+            conn.pending -= 1
+            conn.last = asyncio.get_running_loop().time()

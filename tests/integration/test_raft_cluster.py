@@ -19,7 +19,7 @@ import pytest
 from kcons.adapters.raft import RaftLeaseBackend
 from kcons.lease import LeaseBackend
 from kcons.raft.cluster import LocalRaftCluster
-from kcons.raft.transport import KIND_RAFT, FrameCodec
+from kcons.raft.transport import KIND_RAFT, ROLE_PEER, Handshake, Session, client_session
 
 pytestmark = pytest.mark.integration
 
@@ -94,20 +94,32 @@ def test_unauthenticated_and_malformed_frames_are_rejected_counted_and_harmless(
     node = 1
     addr = cluster.addresses[node]
     before = _metric(cluster.metrics_ports[node], "kcons_raft_frames_rejected_total")
-    wrong = FrameCodec(b"not-the-cluster-secret-000")
-    payloads = [
-        wrong.seal(KIND_RAFT, b"\x01" * 80),  # wrong key
-        struct.pack("<I", 1 << 31) + b"x" * 10,  # oversized length
-        FrameCodec(SECRET).seal(KIND_RAFT, b"\x07garbage"),  # authentic but not a message
-        FrameCodec(SECRET).seal(99, b""),  # unknown kind
-    ]
-    for p in payloads:
-        with socket.create_connection((addr.host, addr.port), timeout=2) as s:
-            s.sendall(p)
-            s.settimeout(2)
+
+    def authentic(secret: bytes, role: int = ROLE_PEER) -> tuple[socket.socket, Session]:
+        s = socket.create_connection((addr.host, addr.port), timeout=2)
+        return s, client_session(s, Handshake(secret), role, 2 if role == ROLE_PEER else 0, node)
+
+    # A wrong secret fails the handshake itself (the node cannot prove itself to us either).
+    with socket.create_connection((addr.host, addr.port), timeout=2) as s:
+        hello = Handshake.hello(ROLE_PEER, 2, node)
+        s.sendall(hello)
+        s.recv(1024)
+        s.sendall(b"\x00" * 32)  # a CONFIRM computed without the secret
+        assert s.recv(10) == b""
+    for payload in (
+        lambda sess: struct.pack("<I", 1 << 31) + b"x" * 10,  # oversized length
+        lambda sess: sess.seal(KIND_RAFT, b"\x07garbage"),  # authentic but not a message
+        lambda sess: sess.seal(99, b""),  # unknown kind
+    ):
+        s, session = authentic(SECRET)
+        with s:
+            s.sendall(payload(session))
             assert s.recv(10) == b""  # the node closes the connection
+    with socket.create_connection((addr.host, addr.port), timeout=2) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n" + b"x" * 100)  # not a kcons hello
+        assert s.recv(10) == b""
     after = _metric(cluster.metrics_ports[node], "kcons_raft_frames_rejected_total")
-    assert after - before == len(payloads)
+    assert after - before == 5
     assert cluster.alive(node)
     with cluster.client() as c:
         c.put("still", "working")

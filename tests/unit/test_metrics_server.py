@@ -42,3 +42,27 @@ def test_metric_names_lists_kcons_metrics_with_their_exported_names() -> None:
     Counter("kcons_a_total", "a", registry=registry)
     Counter("other_total", "b", registry=registry)
     assert metric_names(registry) == ["kcons_a_total"]
+
+
+def test_half_open_requests_are_bounded_in_number_and_time() -> None:
+    import socket
+    import threading
+    import time
+
+    server = MetricsServer(0, registry=CollectorRegistry(), request_timeout=0.5, max_connections=4).start()
+    threads_before = threading.active_count()
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(12)]
+    try:
+        for s in socks:
+            s.sendall(b"GET /metr")  # never finishes the request line
+        time.sleep(0.2)
+        assert threading.active_count() <= threads_before + 4
+        t0 = time.monotonic()
+        for s in socks:
+            assert s.recv(1024) is not None  # each one is answered or closed, none is held forever
+        assert time.monotonic() - t0 < 3
+        assert _get(f"http://127.0.0.1:{server.port}/metrics")[0] == 200
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()

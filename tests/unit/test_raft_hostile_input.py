@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -12,7 +13,7 @@ from kcons.raft.codec import decode_message, encode_message
 from kcons.raft.errors import FrameRejectedError
 from kcons.raft.messages import Entry, Message, MsgType, Snapshot, SnapshotMeta
 from kcons.raft.node import NodeSettings, RaftNode
-from kcons.raft.transport import PeerAddress
+from kcons.raft.transport import KIND_RAFT, ROLE_PEER, Handshake, PeerAddress, client_session
 
 SECRET = b"hostile-unit-secret-0123456789"
 TOP = (1 << 64) - 1
@@ -36,13 +37,14 @@ def test_out_of_range_or_inconsistent_messages_are_rejected_by_the_codec(m: Mess
 
 
 async def _send_as_peer(addr: PeerAddress, messages: list[Message]) -> None:
-    from kcons.raft.transport import KIND_RAFT, FrameCodec
+    def send() -> None:
+        for m in messages:  # one connection each: a rejected frame closes its connection
+            with socket.create_connection((addr.host, addr.port), timeout=5) as s:
+                session = client_session(s, Handshake(SECRET), ROLE_PEER, 2, 1)
+                s.sendall(session.seal(KIND_RAFT, encode_message(m)))
+                assert s.recv(10) == b""  # rejected: the node closes the connection
 
-    for m in messages:  # one connection each: a rejected frame closes its connection
-        _, writer = await asyncio.open_connection(addr.host, addr.port)
-        writer.write(FrameCodec(SECRET).seal(KIND_RAFT, encode_message(m)))
-        await writer.drain()
-        writer.close()
+    await asyncio.to_thread(send)
 
 
 def test_hostile_authenticated_messages_never_stop_the_node() -> None:
