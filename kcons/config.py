@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from kcons.errors import ConfigError
@@ -23,6 +23,7 @@ __all__ = [
     "PostgresSettings",
     "RedisSettings",
     "Settings",
+    "check_identifier",
     "env_bool",
     "env_float",
     "env_int",
@@ -33,7 +34,16 @@ __all__ = [
 N = TypeVar("N", int, float)
 
 _SECRET_KEYS = re.compile(r"(password|secret|token|credentials?|sasl\.jaas\.config|key\.password)", re.I)
-_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+_HOSTPORT = re.compile(r"\A(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})\Z")
+
+#: What a name may be made of, by kind. ``\Z`` (not ``$``, which also matches before a final
+#: newline) so that nothing follows the last allowed character.
+IdentifierKind = Literal["sql", "lowercase_sql", "key"]
+_IDENTIFIER_RULES: dict[str, tuple[re.Pattern[str], str]] = {
+    "sql": (re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z"), "an SQL identifier [A-Za-z_][A-Za-z0-9_]*"),
+    "lowercase_sql": (re.compile(r"\A[a-z_][a-z0-9_]*\Z"), "a lower-case SQL identifier [a-z_][a-z0-9_]*"),
+    "key": (re.compile(r"\A[A-Za-z0-9_.:\-]+\Z"), "characters of [A-Za-z0-9_.:-]"),
+}
 
 
 def redact(value: str) -> str:
@@ -130,6 +140,21 @@ def check_range(name: str, value: N, minimum: N | None, maximum: N | None) -> N:
         raise ConfigError(name, f"must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise ConfigError(name, f"must be <= {maximum}, got {value}")
+    return value
+
+
+def check_identifier(setting: str, value: object, *, kind: IdentifierKind, max_length: int) -> str:
+    """Return ``value`` if it is a name of ``kind`` of 1 to ``max_length`` characters, else raise ConfigError.
+
+    The one rule for names that kcons puts into SQL text or storage keys: ``sql`` and
+    ``lowercase_sql`` names are safe to format into a statement unquoted (``lowercase_sql`` where
+    the name is also used as a string, e.g. a NOTIFY channel, and PostgreSQL's case folding must
+    not change it); ``key`` names (consumer groups, key prefixes, owner tokens) are safe in a Redis
+    key or a text column and cannot contain a separator or a newline.
+    """
+    pattern, expected = _IDENTIFIER_RULES[kind]
+    if not isinstance(value, str) or not 0 < len(value) <= max_length or pattern.match(value) is None:
+        raise ConfigError(setting, f"expected 1-{max_length} characters, {expected}, got {value!r}")
     return value
 
 

@@ -17,15 +17,14 @@ Implementations: :mod:`kcons.adapters.memory`, :mod:`kcons.adapters.redis`,
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from kcons.config import check_range
-from kcons.errors import ConfigError, StoreError
+from kcons.config import check_identifier, check_range
+from kcons.errors import StoreError
 from kcons.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported: the stores check ids against it
 from kcons.ids import storage_id
 
@@ -52,7 +51,6 @@ MAX_RETENTION_S = 90 * 24 * 3600.0
 #: Upper bound of a claim lease.
 MAX_LEASE_S = 24 * 3600.0
 
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
 
 
 class ClaimLostError(StoreError):
@@ -127,9 +125,7 @@ def new_owner_token() -> str:
 
 def validate_namespace(setting: str, namespace: str) -> str:
     """Check a dedup namespace (normally the consumer group id): 1-200 safe characters."""
-    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
-        raise ConfigError(setting, f"expected 1-200 characters of [A-Za-z0-9_.:-], got {namespace!r}")
-    return namespace
+    return check_identifier(setting, namespace, kind="key", max_length=200)
 
 
 def check_lease(lease_s: float) -> float:

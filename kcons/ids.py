@@ -3,7 +3,7 @@
 :func:`fast_event_id` is the generator (canonical UUIDv7 text as bytes, the form a Kafka header
 takes); :func:`new_event_id` and :func:`uuid7` are the same ids as ``str`` and ``uuid.UUID``.
 Ids are unique within the process and increase within each thread (and across threads as long
-as one thread at a time draws them). :func:`storage_id` bounds the length of an id a dedup
+as one thread at a time draws them). :func:`storage_id` is the one rule for the id a dedup
 store keeps.
 """
 
@@ -94,7 +94,12 @@ def uuid7() -> uuid.UUID:
 
 
 def storage_id(event_id: str) -> str:
-    """The id as stored: itself when short, else ``sha256:<hex digest>`` so keys stay bounded."""
-    if len(event_id) <= MAX_ID_LENGTH:
+    """The id as every dedup store keeps it: itself, or ``sha256:<hex digest>`` when it is longer
+    than :data:`MAX_ID_LENGTH`, empty, or holds a newline (the Redis store's batch separator).
+
+    Keys stay bounded and unambiguous in every store, and the same id maps to the same stored id
+    whichever store keeps it.
+    """
+    if 0 < len(event_id) <= MAX_ID_LENGTH and "\n" not in event_id:
         return event_id
     return "sha256:" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()

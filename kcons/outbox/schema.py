@@ -6,24 +6,27 @@ on every deployment. Table names are validated as plain identifiers before they 
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from importlib import resources
 from typing import Any
 
-from kcons.errors import ConfigError
+from kcons.config import check_identifier
 
 __all__ = ["DEFAULT_TABLE", "install_schema", "postgres_ddl", "sqlite_ddl", "validate_table"]
 
 DEFAULT_TABLE = "kcons_outbox"
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+#: Derived names (``<table>_fence``, ``<table>_notify``, ``<table>_published``) must stay within
+#: PostgreSQL's 63-byte identifier limit.
+_MAX_TABLE_LENGTH = 41
 
 
 def validate_table(name: str, setting: str = "KCONS_OUTBOX_TABLE") -> str:
-    """Return ``name`` if it is a lower-case SQL identifier (safe to put into SQL), else raise ConfigError."""
-    if not isinstance(name, str) or not _IDENT.match(name):
-        raise ConfigError(setting, f"expected a lower-case identifier [a-z_][a-z0-9_]*, got {name!r}")
-    return name
+    """Return ``name`` if it is a lower-case SQL identifier (safe to put into SQL), else raise ConfigError.
+
+    Lower case because the table name is also the NOTIFY channel, a string that PostgreSQL does
+    not case-fold the way it folds the unquoted table name.
+    """
+    return check_identifier(setting, name, kind="lowercase_sql", max_length=_MAX_TABLE_LENGTH)
 
 
 def _ddl(resource: str, table: str) -> str:

@@ -353,7 +353,7 @@ def test_all_id_forms_come_from_the_one_generator_and_increase() -> None:
     assert all(uuid.UUID(i).version == 7 for i in ids)
 
 
-def test_storage_id_hashes_only_long_ids() -> None:
+def test_storage_id_keeps_a_short_id_and_hashes_a_long_one() -> None:
     short = "x" * MAX_ID_LENGTH
     assert storage_id(short) == short
     hashed = storage_id(short + "y")

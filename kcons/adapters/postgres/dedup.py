@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kcons.config import redact
+from kcons.config import check_identifier, redact
 from kcons.dedup import (
     DEFAULT_RETENTION_S,
     ClaimLostError,
@@ -26,17 +25,16 @@ from kcons.dedup import (
     check_lease,
     check_retention,
     new_owner_token,
-    storage_id,
     validate_namespace,
 )
-from kcons.errors import ConfigError, StoreError
+from kcons.errors import StoreError
+from kcons.ids import storage_id
 from kcons.metrics import observe_dedup_store
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEDUP_SCHEMA_SQL", "PostgresDedupStore", "dedup_schema_sql"]
 
-_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 #: DDL of the dedup table; ``{table}`` is replaced by the configured table name.
 DEDUP_SCHEMA_SQL = """
@@ -91,13 +89,7 @@ DELETE FROM {table} WHERE ctid IN (
 
 def dedup_schema_sql(table: str = "kcons_dedup") -> str:
     """The DDL of the dedup table, for migrations."""
-    return DEDUP_SCHEMA_SQL.format(table=_check_table(table))
-
-
-def _check_table(table: str) -> str:
-    if not _TABLE.match(table):
-        raise ConfigError("table", f"expected an SQL identifier ([A-Za-z_][A-Za-z0-9_]*), got {table!r}")
-    return table
+    return DEDUP_SCHEMA_SQL.format(table=check_identifier("table", table, kind="sql", max_length=63))
 
 
 class PostgresDedupStore:
@@ -120,7 +112,7 @@ class PostgresDedupStore:
         owner: str | None = None,
     ) -> None:
         self._ns = validate_namespace("namespace", namespace)
-        self._table = _check_table(table)
+        self._table = check_identifier("table", table, kind="sql", max_length=63)
         self._retention = check_retention("retention_s", retention_s)
         self._owner = owner or new_owner_token()
         self._pool = None if isinstance(conninfo, str) else conninfo

@@ -29,8 +29,6 @@ read, so dedup state written by 0.1.0 is forgotten on upgrade (pre-1.0: no migra
 
 from __future__ import annotations
 
-import hashlib
-import re
 import secrets
 import threading
 import time
@@ -39,16 +37,17 @@ from collections.abc import Collection, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
 
+from kcons.config import check_identifier
 from kcons.dedup import (
     DEFAULT_RETENTION_S,
-    MAX_ID_LENGTH,
     ClaimResult,
     check_lease,
     check_retention,
     new_owner_token,
     validate_namespace,
 )
-from kcons.errors import ConfigError, StoreError
+from kcons.errors import StoreError
+from kcons.ids import MAX_ID_LENGTH, storage_id
 from kcons.metrics import observe_dedup_store
 
 __all__ = ["BUCKETS_PER_RETENTION", "CLAIM_SCRIPT", "RedisDedupStore"]
@@ -126,8 +125,8 @@ class RedisDedupStore:
     ) -> None:
         validate_namespace("namespace", namespace)
         validate_namespace("prefix", prefix)
-        if owner is not None and not _OWNER.match(owner):
-            raise ConfigError("owner", "expected 1-64 characters of [A-Za-z0-9_.:-]")
+        if owner is not None:
+            check_identifier("owner", owner, kind="key", max_length=64)
         self._client = client
         self._retention_ms = int(check_retention("retention_s", retention_s) * 1000)
         self._width_ms = max(1, self._retention_ms // BUCKETS_PER_RETENTION)
@@ -165,7 +164,7 @@ class RedisDedupStore:
         ``("done", None, None)``, ``("claimed", owner, lease deadline in ms on the server clock)``
         (in progress, or expired when the deadline has passed) or ``("absent", None, None)``.
         """
-        stored = _stored(event_id)
+        stored = storage_id(event_id)
         client = self._client
         now_s, _now_us = client.time()
         live = [int(b) for b, at in client.zrange(f"{self._root}:r", 0, -1, withscores=True) if at > now_s * 1000]
@@ -281,8 +280,9 @@ class RedisDedupStore:
         if not ids:
             return ""
         joined = "\n".join(ids)
+        # The common case, every id kept as it is by storage_id, checked for the batch at once.
         if joined.count("\n") != len(ids) - 1 or max(map(len, ids)) > MAX_ID_LENGTH or min(map(len, ids)) == 0:
-            joined = "\n".join(_stored(i) for i in ids)
+            joined = "\n".join(map(storage_id, ids))
         return joined
 
     def _batch(self, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> bytes:
@@ -304,17 +304,3 @@ class RedisDedupStore:
                 time.perf_counter() - started
             )
         return result
-
-
-_OWNER = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-
-
-def _needs_digest(event_id: str) -> bool:
-    return len(event_id) > MAX_ID_LENGTH or "\n" in event_id or not event_id
-
-
-def _stored(event_id: str) -> str:
-    """The id as stored: itself, or its digest when it is long, empty or contains a newline (the separator)."""
-    if _needs_digest(event_id):
-        return "sha256:" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return event_id

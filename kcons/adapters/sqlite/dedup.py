@@ -10,13 +10,13 @@ Times are Unix seconds from the wall clock, which all processes on one host shar
 from __future__ import annotations
 
 import contextlib
-import re
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 
+from kcons.config import check_identifier
 from kcons.dedup import (
     DEFAULT_RETENTION_S,
     ClaimLostError,
@@ -25,15 +25,14 @@ from kcons.dedup import (
     check_retention,
     chunks,
     new_owner_token,
-    storage_id,
     validate_namespace,
 )
-from kcons.errors import ConfigError, StoreError
+from kcons.errors import StoreError
+from kcons.ids import storage_id
 from kcons.metrics import observe_dedup_store
 
 __all__ = ["SQLITE_DEDUP_SCHEMA_SQL", "SqliteDedupStore"]
 
-_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _CHUNK = 500  # stays below SQLite's bound-parameter limit
 
 #: DDL of the dedup table; ``{table}`` is replaced by the configured table name.
@@ -69,9 +68,7 @@ class SqliteDedupStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._ns = validate_namespace("namespace", namespace)
-        if not _TABLE.match(table):
-            raise ConfigError("table", f"expected an SQL identifier, got {table!r}")
-        self._table = table
+        self._table = check_identifier("table", table, kind="sql", max_length=63)
         self._retention = check_retention("retention_s", retention_s)
         self._owner = owner or new_owner_token()
         self._clock = clock
