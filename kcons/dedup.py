@@ -11,6 +11,12 @@ on the caller's own connection inside the caller's open transaction, and only fo
 store instance still owns. The effect and the dedup record then commit or roll back together,
 and a worker whose claim was taken over cannot commit a second effect: exactly-once effects.
 
+What a store can do beyond the base protocol is *declared* by the store as a
+:class:`StoreCapabilities` ``capabilities`` attribute (batch claims that tell done from busy, the
+pipelined complete-and-claim call, transactional ``complete_in``, in-process) and read once, by
+:func:`capabilities_of`, when a consumer is built; a store that declares nothing is inspected
+once against the protocols below.
+
 Implementations: :mod:`kcons.adapters.memory`, :mod:`kcons.adapters.redis`,
 :mod:`kcons.adapters.postgres`, :mod:`kcons.adapters.sqlite`.
 """
@@ -37,7 +43,9 @@ __all__ = [
     "ClaimResult",
     "DedupStore",
     "PipelinedDedupStore",
+    "StoreCapabilities",
     "TransactionalDedupStore",
+    "capabilities_of",
     "check_lease",
     "new_owner_token",
     "storage_id",
@@ -116,6 +124,51 @@ class TransactionalDedupStore(DedupStore, Protocol):
     def transaction(self, conn: Any) -> AbstractContextManager[Any]:
         """Open a transaction on ``conn`` (a savepoint when one is already open); commit on exit, roll back on error."""
         ...
+
+
+@dataclass(frozen=True)
+class StoreCapabilities:
+    """What a dedup store can do beyond :class:`DedupStore`, declared by the store (``capabilities`` attribute).
+
+    ``batch_claim``: :meth:`BatchDedupStore.claim_batch` (tells done ids from busy ones; without
+    it every unclaimed id counts as busy). ``pipelined``: :meth:`PipelinedDedupStore.complete_and_claim`
+    (one round trip per batch). ``transactional``: :class:`TransactionalDedupStore` (done records
+    in the caller's DB transaction). ``in_process``: calls cost no network round trip (nothing to
+    overlap them with).
+    """
+
+    batch_claim: bool = False
+    pipelined: bool = False
+    transactional: bool = False
+    in_process: bool = False
+
+
+_NEEDS = {
+    "batch_claim": ("claim_batch",),
+    "pipelined": ("claim_batch", "complete_and_claim"),
+    "transactional": ("complete_in", "transaction"),
+}
+
+
+def capabilities_of(store: DedupStore) -> StoreCapabilities:
+    """The store's declared capabilities, checked against its methods (ConfigError("store") when one is missing).
+
+    A store that declares none (a user's own) is inspected against the protocols instead, once.
+    """
+    declared = getattr(store, "capabilities", None)
+    if declared is None:
+        return StoreCapabilities(
+            batch_claim=isinstance(store, BatchDedupStore),
+            pipelined=isinstance(store, PipelinedDedupStore),
+            transactional=isinstance(store, TransactionalDedupStore),
+        )
+    if not isinstance(declared, StoreCapabilities):
+        raise ConfigError("store", f"capabilities must be a StoreCapabilities, got {type(declared).__name__}")
+    for name, methods in _NEEDS.items():
+        missing = [m for m in methods if getattr(declared, name) and not callable(getattr(store, m, None))]
+        if missing:
+            raise ConfigError("store", f"declares {name} but has no {', '.join(missing)}")
+    return declared
 
 
 def new_owner_token() -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from itertools import islice
 
 from kcons.config import check_range
-from kcons.dedup import DEFAULT_RETENTION_S, ClaimResult, check_lease, check_retention
+from kcons.dedup import DEFAULT_RETENTION_S, ClaimResult, StoreCapabilities, check_lease, check_retention
 from kcons.lease import Lease
 from kcons.metrics import observe_dedup_store
 
@@ -32,8 +32,8 @@ class MemoryDedupStore:
     ``max_entries`` ids are kept; the oldest written are evicted first.
     """
 
-    #: Calls are in-process and fast: the consumer does not overlap them with its offset commits.
-    in_process = True
+    #: Batch and pipelined claims; in-process calls (the consumer does not overlap them with its offset commits).
+    capabilities = StoreCapabilities(batch_claim=True, pipelined=True, in_process=True)
 
     def __init__(
         self,

@@ -124,8 +124,11 @@ def main() -> int:
             config, [args.topic], record, store=r_store, lease_s=args.lease, batch_size=args.batch_size,
             pause_s=0.5, consumer_factory=kafka_consumer,
         )  # fmt: skip
+    from kcons.cli.signals import stop_on_signals
+
     try:
-        consumer.run()
+        with stop_on_signals(consumer):  # the library installs no signal handler: SIGTERM stops run() here
+            consumer.run()
     finally:
         consumer.close()
     return 0

@@ -402,25 +402,34 @@ def test_two_consumers_in_one_group_handle_every_event_once_across_a_rebalance(
     assert sum(committed(kafka_bootstrap, group, topic, 4)) == 4 * 330
 
 
-def test_sigterm_stops_run_gracefully_and_commits(
+def test_sigterm_stops_run_through_stop_on_signals_and_run_installs_no_handler_itself(
     kafka_bootstrap: str, unique_topic: Callable[..., str], make_producer: Callable[..., Any], group: str
 ) -> None:
+    from kcons.cli.signals import stop_on_signals
+
     topic = unique_topic()
-    produce(make_producer(), topic, [(f"s{i}", b"v") for i in range(5)])
+    producer = make_producer()
+    produce(producer, topic, [(f"s{i}", b"v") for i in range(5)])
     seen: list[bytes] = []
+    previous = signal.getsignal(signal.SIGTERM)
+    handlers_in_run: list[Any] = []
 
     def handler(msg: Any) -> None:
         seen.append(msg.value())
-        if len(seen) == 5:
+        handlers_in_run.append(signal.getsignal(signal.SIGTERM))
+        if len(seen) == 10:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    previous = signal.getsignal(signal.SIGTERM)
     consumer = IdempotentConsumer(config(kafka_bootstrap, group), [topic], handler, store=MemoryDedupStore())
-    consumer.run(idle_timeout_s=60)
+    consumer.run(max_messages=5)
+    assert len(handlers_in_run) == 5 and all(h is previous for h in handlers_in_run), "run() installs no handler"
+    produce(producer, topic, [(f"s{i}", b"v") for i in range(5, 10)])
+    with stop_on_signals(consumer):
+        consumer.run(idle_timeout_s=60)
     consumer.close()
-    assert len(seen) == 5
+    assert len(seen) == 10
     assert signal.getsignal(signal.SIGTERM) is previous
-    assert committed(kafka_bootstrap, group, topic) == [5]
+    assert committed(kafka_bootstrap, group, topic) == [10]
 
 
 @pytest.fixture

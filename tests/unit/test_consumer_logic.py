@@ -12,11 +12,16 @@ from typing import Any
 
 import pytest
 import tenacity
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kcons.adapters.memory import MemoryDedupStore
 from kcons.consumer import (
+    DLQ_OFFSET_HEADER,
+    DLQ_PARTITION_HEADER,
     DLQ_REASON_HEADER,
     DLQ_SOURCE_HEADER,
+    DLQ_TOPIC_HEADER,
     IdempotentConsumer,
     RetryLater,
     default_event_id,
@@ -143,7 +148,9 @@ class FakeProducer:
         self._pending.append(on_delivery)
 
     def flush(self, timeout: float) -> int:
-        err = type("Err", (), {"str": lambda self: "broker down", "name": lambda self: "_TRANSPORT"})()
+        err = type(
+            "Err", (), {"str": lambda _s: "broker down", "name": lambda _s: "_TRANSPORT", "fatal": lambda _s: False}
+        )()
         for cb in self._pending:
             cb(err if self.fail else None, None)
         self._pending.clear()
@@ -177,7 +184,7 @@ def make(kafka: FakeKafka, handler: Callable[[Any], None], store: Any = None, **
     kw.setdefault("producer_factory", FakeProducer())
     return IdempotentConsumer(
         {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"},
-        ["t"],
+        kw.pop("topics_override", ["t"]),
         handler,
         store=store if store is not None else MemoryDedupStore(),
         consumer_factory=kafka,
@@ -309,6 +316,7 @@ def test_the_failed_first_attempt_counts_toward_the_retry_policy_then_the_messag
     assert headers["trace"] == b"x" and headers["kcons-id"] == b"bad"
     assert headers[DLQ_SOURCE_HEADER] == b"t/0/0"
     assert headers[DLQ_REASON_HEADER] == b"ValueError: boom"
+    assert (headers[DLQ_TOPIC_HEADER], headers[DLQ_PARTITION_HEADER], headers[DLQ_OFFSET_HEADER]) == (b"t", b"0", b"0")
     assert kafka.committed_offsets() == {0: 2}
 
 
@@ -734,7 +742,8 @@ def test_an_interrupt_mid_batch_records_the_messages_handled_before_it_done() ->
 
 
 def test_the_batch_fast_path_falls_back_per_message_for_other_headers_and_many_topics() -> None:
-    from kcons.consumer import _end_offsets, _header_ids
+    from kcons.kafka.messages import end_offsets as _end_offsets
+    from kcons.kafka.messages import header_ids as _header_ids
 
     a = FakeMessage("a", 0, 5, b"", [("kcons-id", b"x")])
     b = FakeMessage("a", 1, 7, b"", [("kcons-id", b"y")])
@@ -748,3 +757,204 @@ def test_the_batch_fast_path_falls_back_per_message_for_other_headers_and_many_t
     assert _header_ids([a, FakeMessage("a", 0, 1, b"", [("kcons-id", b"\xff")])]) is None
     assert _end_offsets([a, b, later]) == {("a", 0): 7, ("a", 1): 8}
     assert _end_offsets([a, c, later]) == {("a", 0): 7, ("b", 0): 10}
+
+
+class FailingComplete(OneCallPerStep):
+    """A batch store whose done records fail while ``down`` is set (claims still work)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    def complete(self, ids: Sequence[str]) -> None:
+        if self.down:
+            raise StoreError("store down while recording done")
+        super().complete(ids)
+
+
+def test_no_offset_is_committed_past_a_handled_id_whose_done_record_failed_until_it_is_written() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "a")
+    store = FailingComplete()
+    seen: list[str] = []
+    consumer = make(kafka, lambda m: seen.append(default_event_id(m) or ""), store=store)
+    consumer.poll_once()
+    assert seen == ["a"] and kafka.commits == [], "handled, not recorded: not committed"
+    kafka.add(0, "b")
+    kafka.seek(type("TP", (), {"partition": 0, "offset": 0})())  # "a" is redelivered meanwhile
+    consumer.poll_once()
+    assert seen == ["a", "b"], "the unrecorded id still counts as done locally"
+    assert kafka.commits == [], "nothing is committed past the unrecorded done id"
+    consumer.poll_once()  # idle: the flush cannot write it either
+    assert kafka.commits == []
+    store.down = False
+    consumer.poll_once()  # written before the batch, then the idle flush commits everything
+    consumer.close()
+    assert kafka.committed_offsets() == {0: 2}
+    assert store.inner.claim_batch(["a", "b"], lease_s=30).done == {"a", "b"}
+
+
+def test_a_bare_string_topic_is_rejected_instead_of_read_as_letters() -> None:
+    with pytest.raises(ConfigError) as err:
+        make(FakeKafka(), print, topics_override="orders")
+    assert err.value.setting == "topics"
+
+
+def test_the_transactional_consumer_checks_every_setting_before_it_connects() -> None:
+    from kcons.adapters.sqlite import SqliteDedupStore
+    from kcons.consumer import TransactionalIdempotentConsumer
+
+    connects: list[int] = []
+
+    def connect() -> Any:
+        connects.append(1)
+        raise AssertionError("connect() must not run before the settings are checked")
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"group.id": ""}, "group.id"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"topics": "orders"}, "topics"),
+        ({"batch_handler": print}, "batch_handler"),
+        ({"store": MemoryDedupStore()}, "store"),
+        ({"dlq_producer_config": {"acks": 1}}, "acks"),
+    ]
+    for override, setting in cases:
+        kw = dict(override)
+        cfg = {"bootstrap.servers": "h:1", "group.id": kw.pop("group.id", "g")}
+        topics = kw.pop("topics", ["t"])
+        store = kw.pop("store") if "store" in kw else SqliteDedupStore(":memory:", namespace="g")
+        with pytest.raises(ConfigError) as err:
+            TransactionalIdempotentConsumer(
+                cfg, topics, lambda _m, _c: None, store=store, connect=connect, consumer_factory=FakeKafka(), **kw
+            )
+        assert err.value.setting == setting
+    assert connects == []
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    consumer = TransactionalIdempotentConsumer(
+        {"bootstrap.servers": "h:1", "group.id": "g"}, ["t"], lambda _m, _c: None,
+        store=SqliteDedupStore(":memory:", namespace="g"), connect=lambda: connects.append(1) or conn,
+        consumer_factory=FakeKafka(), producer_factory=FakeProducer(),
+    )  # fmt: skip
+    assert connects == [1] and consumer.connection is conn, "valid settings: connected once"
+
+
+def test_without_a_store_every_message_is_new_and_poison_is_dead_lettered_while_the_rest_is_applied() -> None:
+    kafka = FakeKafka(partitions=2)
+    kafka.add(0, "same", b"1")
+    kafka.add(0, "same", b"bad")
+    kafka.add(0, "same", b"2")
+    kafka.add(1, None, b"3")
+    applied: list[bytes] = []
+
+    def batch_handler(msgs: list[Any]) -> None:
+        if any(m.value() == b"bad" for m in msgs):
+            raise DecodeError("not a change event")
+        applied.extend(m.value() for m in msgs)
+
+    producer = FakeProducer()
+    consumer = IdempotentConsumer(
+        {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"}, ["t"], None, batch_handler=batch_handler,
+        store=None, consumer_factory=kafka, producer_factory=producer, pause_s=0,
+    )  # fmt: skip
+    consumer.poll_once()
+    consumer.close()
+    assert sorted(applied) == [b"1", b"2", b"3"], "repeated ids are not deduplicated without a store"
+    assert [s["value"] for s in producer.sent] == [b"bad"]
+    assert dict(producer.sent[0]["headers"])[DLQ_REASON_HEADER].startswith(b"DecodeError")
+    assert consumer.stats.duplicates == 0 and consumer.stats.fallback_ids == 0
+    assert kafka.committed_offsets() == {0: 3, 1: 1}
+
+
+def test_store_capabilities_are_read_from_the_declaration_and_checked_against_the_methods() -> None:
+    from kcons.dedup import StoreCapabilities, capabilities_of
+
+    assert capabilities_of(MemoryDedupStore()) == StoreCapabilities(batch_claim=True, pipelined=True, in_process=True)
+    assert capabilities_of(OneCallPerStep()) == StoreCapabilities(batch_claim=True)  # undeclared: inspected
+
+    class Boasting(OneCallPerStep):
+        capabilities = StoreCapabilities(batch_claim=True, pipelined=True)
+
+    with pytest.raises(ConfigError) as err:
+        make(FakeKafka(), print, store=Boasting())
+    assert err.value.setting == "store" and "complete_and_claim" in str(err.value)
+
+
+# One generated batch, run twice (fast path on and off) against the same stand-ins: same handler
+# calls, same commits, same positions and pauses, same dead letters, same store state, same stats.
+MESSAGE = st.tuples(
+    st.integers(0, 2),  # partition
+    st.one_of(st.none(), st.sampled_from([f"id-{i}" for i in range(12)]), st.just("\xff")),  # id (\xff: poison)
+    st.sampled_from([b"ok", b"ok", b"ok", b"boom", b"decode", b"later"]),  # handler behaviour
+)
+
+
+Batches = list[list[tuple[int, str | None, bytes]]]
+
+
+def _outcome_run(batches: Batches, done_before: list[str], busy: list[str], *, batched: bool, fast: bool) -> Any:
+    kafka = FakeKafka(partitions=3)
+    store = MemoryDedupStore()
+    if done_before:
+        store.complete(done_before)
+    if busy:
+        store.claim(busy, lease_s=60)  # held by another worker: busy
+    calls: list[tuple[int, int]] = []
+    later: set[tuple[int, int]] = set()
+
+    def effect(msg: Any) -> None:
+        calls.append((msg.partition(), msg.offset()))
+        if msg.value() == b"boom":
+            raise ValueError("boom")
+        if msg.value() == b"decode":
+            raise DecodeError("bad payload")
+        if msg.value() == b"later" and (msg.partition(), msg.offset()) not in later:
+            later.add((msg.partition(), msg.offset()))
+            raise RetryLater(0)
+
+    def batch_handler(msgs: list[Any]) -> None:
+        for msg in msgs:
+            effect(msg)
+
+    producer = FakeProducer()
+    policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
+    consumer = (
+        make_batched(kafka, batch_handler, store=store, retry=policy, producer_factory=producer)
+        if batched
+        else make(kafka, effect, store=store, retry=policy, producer_factory=producer)
+    )
+    consumer._fast_path = fast  # type: ignore[attr-defined]
+    for batch in batches:
+        for partition, event_id, value in batch:
+            if event_id == "\xff":
+                kafka.add(partition, None, value, headers=[("kcons-id", b"\xff")])
+            else:
+                kafka.add(partition, event_id, value)
+        consumer.poll_once()
+    consumer.poll_once()
+    consumer.close()
+    return {
+        "calls": calls,
+        "commits": kafka.commits,
+        "positions": kafka.position,
+        "paused": kafka.paused,
+        "dead_letters": [(s["topic"], s["value"], dict(s["headers"])["kcons-dlq-offset"]) for s in producer.sent],
+        "stats": consumer.stats,
+        "store": sorted((k, v[0]) for k, v in store._entries.items()),  # type: ignore[attr-defined]
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    batches=st.lists(st.lists(MESSAGE, min_size=1, max_size=8), min_size=1, max_size=3),
+    done_before=st.lists(st.sampled_from([f"id-{i}" for i in range(12)]), max_size=2),
+    busy=st.lists(st.sampled_from([f"id-{i}" for i in range(12)]), max_size=1),
+    batched=st.booleans(),
+)
+def test_the_fast_path_and_the_general_path_give_the_same_outcome(
+    batches: Batches, done_before: list[str], busy: list[str], batched: bool
+) -> None:
+    fast = _outcome_run(batches, done_before, busy, batched=batched, fast=True)
+    general = _outcome_run(batches, done_before, busy, batched=batched, fast=False)
+    assert fast == general

@@ -60,9 +60,9 @@ class Row:
     expect: dict[str, Any] = field(default_factory=dict)  # Decision fields that must match
 
 
-def run(entries: Sequence[Entry], claimed: set[str], done: set[str], outcomes: dict[str, list[Outcome]]) -> tuple[
-    list[str], Decision
-]:
+def run(
+    entries: Sequence[Entry], claimed: set[str], done: set[str], outcomes: dict[str, list[Outcome]]
+) -> tuple[list[str], Decision]:
     plan = BatchPlan(entries, frozenset(claimed), done, PAUSE)
     handled: list[str] = []
     queues = {k: list(v) for k, v in outcomes.items()}

@@ -22,6 +22,7 @@ from kcons.dedup import (
     DEFAULT_RETENTION_S,
     ClaimLostError,
     ClaimResult,
+    StoreCapabilities,
     check_lease,
     check_retention,
     new_owner_token,
@@ -99,6 +100,8 @@ class PostgresDedupStore:
     when it breaks) or a ``psycopg_pool.ConnectionPool`` the caller owns. ``namespace`` should
     be the consumer group id. Expired rows are deleted in small slices every ``purge_every_s``.
     """
+
+    capabilities = StoreCapabilities(batch_claim=True, transactional=True)
 
     def __init__(
         self,

@@ -41,6 +41,7 @@ from kcons.config import check_identifier
 from kcons.dedup import (
     DEFAULT_RETENTION_S,
     ClaimResult,
+    StoreCapabilities,
     check_lease,
     check_retention,
     new_owner_token,
@@ -112,6 +113,8 @@ class RedisDedupStore:
     matter. Redis errors are raised as :class:`~kcons.errors.StoreError`. Workers sharing a
     namespace should use the same ``retention_s`` (it sets the bucket width).
     """
+
+    capabilities = StoreCapabilities(batch_claim=True, pipelined=True)
 
     def __init__(
         self,

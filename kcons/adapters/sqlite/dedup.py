@@ -21,6 +21,7 @@ from kcons.dedup import (
     DEFAULT_RETENTION_S,
     ClaimLostError,
     ClaimResult,
+    StoreCapabilities,
     check_lease,
     check_retention,
     chunks,
@@ -55,6 +56,8 @@ class SqliteDedupStore:
     ``database`` is a file path (use the same file for the caller's connection when using
     ``complete_in``). ``namespace`` should be the consumer group id.
     """
+
+    capabilities = StoreCapabilities(batch_claim=True, transactional=True)
 
     def __init__(
         self,
