@@ -1,0 +1,112 @@
+"""The offset ledger and the pause schedule (kcons.kafka.ledger, kcons.kafka.pauses) against a stand-in consumer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from confluent_kafka import KafkaError, TopicPartition
+
+from kcons.kafka.ledger import OffsetLedger
+from kcons.kafka.pauses import PauseSchedule
+
+
+class Commits:
+    """Records commits, seeks, pauses and resumes; every partition of topic "t" is assigned."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict[int, int], bool]] = []
+        self.seeks: list[tuple[int, int]] = []
+        self.paused: set[int] = set()
+
+    def commit(self, offsets: list[Any], asynchronous: bool) -> list[Any]:
+        self.sent.append(({tp.partition: tp.offset for tp in offsets}, asynchronous))
+        return offsets
+
+    def assignment(self) -> list[Any]:
+        return [TopicPartition("t", p) for p in range(4)]
+
+    def seek(self, tp: Any) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+
+    def pause(self, tps: list[Any]) -> None:
+        self.paused |= {tp.partition for tp in tps}
+
+    def resume(self, tps: list[Any]) -> None:
+        self.paused -= {tp.partition for tp in tps}
+
+
+def ledger(asynchronous: bool = True) -> tuple[OffsetLedger, Commits]:
+    kafka = Commits()
+    book = OffsetLedger(asynchronous=asynchronous)
+    book.attach(kafka)
+    return book, kafka
+
+
+def test_offsets_awaiting_done_records_are_committed_only_once_those_are_written() -> None:
+    book, kafka = ledger()
+    book.decide({("t", 0): 5}, awaiting_done=True)
+    book.decide({("t", 1): 2})
+    book.commit()
+    assert kafka.sent == [({1: 2}, True)], "only the offsets whose done records are written"
+    book.decide({("t", 0): 9}, awaiting_done=True)
+    book.flush()
+    assert 0 not in kafka.sent[-1][0]
+    book.done_recorded()
+    book.commit()
+    assert kafka.sent[-1] == ({0: 9}, True)
+
+
+def test_flush_commits_synchronously_and_repeats_asynchronous_commits_not_answered() -> None:
+    book, kafka = ledger()
+    book.decide({("t", 0): 3})
+    book.commit()
+    book.decide({("t", 1): 4})
+    book.flush()
+    assert kafka.sent == [({0: 3}, True), ({0: 3, 1: 4}, False)]
+    book.flush()
+    assert len(kafka.sent) == 2, "nothing left to settle"
+
+
+def test_a_failed_commit_is_merged_into_the_next_unless_a_newer_one_superseded_it() -> None:
+    book, kafka = ledger()
+    book.decide({("t", 0): 3})
+    book.commit()
+    book.on_commit(KafkaError(KafkaError.REQUEST_TIMED_OUT), [TopicPartition("t", 0, 3)])
+    book.decide({("t", 1): 1})
+    book.commit()
+    assert kafka.sent[-1] == ({0: 3, 1: 1}, True)
+    book.decide({("t", 0): 7})
+    book.commit()
+    book.on_commit(KafkaError(KafkaError.REQUEST_TIMED_OUT), [TopicPartition("t", 0, 3)])  # older than 7
+    book.decide({("t", 2): 1})
+    book.commit()
+    assert kafka.sent[-1] == ({2: 1}, True)
+
+
+def test_forgotten_partitions_are_never_committed() -> None:
+    book, kafka = ledger(asynchronous=False)
+    book.decide({("t", 0): 3, ("t", 1): 4}, awaiting_done=True)
+    book.forget([("t", 0)])
+    book.done_recorded()
+    book.flush()
+    assert kafka.sent == [({1: 4}, False)]
+    assert book.uncommitted == 0
+
+
+def test_a_held_partition_is_rewound_paused_and_resumed_when_due() -> None:
+    now = [100.0]
+    kafka = Commits()
+    pauses = PauseSchedule(clock=lambda: now[0])
+    pauses.attach(kafka)
+    pauses.hold(("t", 1), 7, 2.0)
+    pauses.hold(("t", 2), 3, 0.0)  # rewind only
+    assert kafka.seeks == [(1, 7), (2, 3)] and kafka.paused == {1} and pauses.paused == [("t", 1)]
+    now[0] = 101.0
+    pauses.resume_due()
+    assert kafka.paused == {1}
+    now[0] = 102.0
+    pauses.resume_due()
+    assert kafka.paused == set() and len(pauses) == 0
+    pauses.hold(("t", 3), 1, 5.0)
+    pauses.forget([("t", 3)])
+    assert pauses.paused == []
