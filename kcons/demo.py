@@ -361,7 +361,7 @@ class _Rollback(Exception):
 
 def _resender(bootstrap: str, opts: DemoOptions, shared: _Shared, rng: random.Random, stop: threading.Event) -> None:
     """Re-send copies (same kcons-id) of already committed orders straight to Kafka."""
-    from confluent_kafka import Producer
+    from kcons.kafka import Producer
 
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
     want = int(opts.orders * opts.duplicates)
@@ -414,9 +414,8 @@ def _reader(db: _Database, cache: Any, opts: DemoOptions, shared: _Shared, stop:
 
 def _count_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> tuple[int, set[str]]:
     """Read a whole topic read_committed; returns (records, distinct kcons-ids)."""
-    from confluent_kafka import Consumer, TopicPartition
-
     from kcons.envelope import read_envelope
+    from kcons.kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"kcons-demo-audit-{uuid.uuid4().hex[:6]}",
                          "isolation.level": "read_committed", "enable.auto.commit": False})  # fmt: skip
@@ -470,7 +469,7 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = lambda line: N
         pg_dsn = _fresh_pg_database(stack.postgres_dsn) if opts.postgres else None
         db = _Database(pg_dsn, workdir)
         db.setup(opts.products)
-        from confluent_kafka.admin import AdminClient
+        from kcons.kafka import AdminClient
 
         admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
         run = uuid.uuid4().hex[:8]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 import click
 
@@ -31,11 +30,10 @@ def main(verbose: int) -> None:
 @main.command()
 def version() -> None:
     """Print the kcons version and the librdkafka it runs on."""
-    import confluent_kafka
+    from kcons.kafka.client import library_versions
 
-    ck: Any = confluent_kafka.version()
-    ck_version = ck if isinstance(ck, str) else ck[0]
-    click.echo(f"kcons {__version__} (confluent-kafka {ck_version}, librdkafka {confluent_kafka.libversion()[0]})")
+    ck_version, rdkafka_version = library_versions()
+    click.echo(f"kcons {__version__} (confluent-kafka {ck_version}, librdkafka {rdkafka_version})")
 
 
 def _mount_subcommands() -> None:

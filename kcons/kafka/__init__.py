@@ -18,10 +18,12 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 __all__ = [
     "OFFSET_BEGINNING",
     "OFFSET_END",
+    "AdminClient",
     "Consumer",
     "KafkaError",
     "KafkaException",

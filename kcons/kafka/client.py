@@ -22,6 +22,7 @@ __all__ = [
     "check_consumer_config",
     "check_producer_config",
     "close_bounded",
+    "library_versions",
     "shared_client_config",
 ]
 
@@ -139,3 +140,11 @@ def close_bounded(close: Callable[[], object], timeout_s: float, what: str) -> b
         return True
     log.warning("closing the %s took longer than %.1fs; left to finish in the background", what, timeout_s)
     return False
+
+
+def library_versions() -> tuple[str, str]:
+    """(confluent-kafka's version, librdkafka's version), as ``kcons version`` prints them."""
+    import confluent_kafka
+
+    ck: Any = confluent_kafka.version()
+    return (ck if isinstance(ck, str) else str(ck[0])), str(confluent_kafka.libversion()[0])
