@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kcons.config import check_identifier, check_range
-from kcons.errors import StoreError
+from kcons.errors import ConfigError, StoreError
 from kcons.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported: the stores check ids against it
 from kcons.ids import storage_id
 
