@@ -92,6 +92,7 @@ class LocalRaftCluster:
         self.tick_ms = tick_ms
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self._logs: dict[int, IO[bytes]] = {}
+        self.routes: dict[int, PeerAddress] = {}  # other nodes reach node i here (e.g. a proxy)
 
     @property
     def peers_spec(self) -> str:
@@ -121,7 +122,7 @@ class LocalRaftCluster:
             "--id",
             str(i),
             "--peers",
-            self.peers_spec,
+            ",".join(f"{j}={a if j == i else self.routes.get(j, a)}" for j, a in sorted(self.addresses.items())),
             "--data-dir",
             str(data),
         ]

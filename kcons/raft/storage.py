@@ -247,7 +247,11 @@ class WalStorage:
             good = self._scan(state, buf, len(_WAL_MAGIC), _v2_record_at, _REC2.size)
         elif buf.startswith(_WAL_MAGIC[:5]):
             raise CorruptLogError(f"{self._wal_path}: unknown WAL format version {buf[5:8]!r} at byte 5")
+        elif len(buf) >= len(_WAL_MAGIC) and _v2_record_at(buf, len(_WAL_MAGIC)) is not None:
+            raise CorruptLogError(f"{self._wal_path}: damaged file header at byte 0 (format-2 records follow)")
         else:
+            if _v1_record_at(buf, 0) is None:
+                raise CorruptLogError(f"{self._wal_path}: no valid record at byte 0: not a kcons WAL, or damaged")
             good = self._scan(state, buf, 0, _v1_record_at, _REC.size)
             self._upgrade = True
         self._drop_covered(state, snap_index)

@@ -52,6 +52,8 @@ from kcons.raft.messages import Message
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ACK_SIZE",
+    "HELLO_SIZE",
     "KIND_RAFT",
     "KIND_REQUEST",
     "KIND_RESPONSE",

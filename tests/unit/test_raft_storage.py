@@ -258,3 +258,21 @@ def test_a_wal_in_the_previous_format_is_read_and_upgraded_with_a_backup(tmp_pat
     assert (tmp_path / "raft.wal.v1").read_bytes() == old
     st = WalStorage(tmp_path).load()
     assert [e.index for e in st.entries] == [1, 2, 3, 4]
+
+
+def test_a_damaged_file_header_is_refused_not_read_as_an_old_format(tmp_path: Path) -> None:
+    wal, _ = _three_records(tmp_path)
+    raw = bytearray(wal.read_bytes())
+    raw[1] ^= 0x40  # inside the magic
+    wal.write_bytes(bytes(raw))
+    with pytest.raises(CorruptLogError, match="byte 0"):
+        WalStorage(tmp_path)
+    assert wal.read_bytes() == bytes(raw)
+    assert not (tmp_path / "raft.wal.v1").exists()
+
+
+def test_a_file_that_is_no_wal_at_all_is_refused(tmp_path: Path) -> None:
+    WalStorage(tmp_path).close()
+    (tmp_path / "raft.wal").write_bytes(b"some other file " * 20)
+    with pytest.raises(CorruptLogError):
+        WalStorage(tmp_path)
