@@ -12,7 +12,7 @@
    machine clock). As a reference, a plain ``read_committed`` consumer on the same topic records
    when each event became readable from Kafka (commit-to-consumable).
 
-The last line of output is one JSON object (see DESIGN.md).
+The last line of output is one JSON object (see docs/architecture.md, "Benchmarks and fault runs").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ each output with an idempotent producer, ``flush``, then ``commit`` the offsets 
 kcons is :class:`kcons.processor.TransactionalProcessor` (read_committed, one transaction per
 batch with the offsets inside). Throughput is measured from the first consumed record to the
 last commit, so group joins do not count; rounds are interleaved and the best of each side
-counts. The last line of output is one JSON object (see DESIGN.md).
+counts. The last line of output is one JSON object (see docs/architecture.md, "Benchmarks and fault runs").
 """
 
 from __future__ import annotations

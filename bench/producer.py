@@ -18,7 +18,7 @@ round of each side counts (noise from other processes only ever slows a round do
 
 A warm-up run of the baseline per size precedes the first round and is not measured.
 
-The last line of output is one JSON object (see DESIGN.md).
+The last line of output is one JSON object (see docs/architecture.md, "Benchmarks and fault runs").
 """
 
 from __future__ import annotations
