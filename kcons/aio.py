@@ -27,7 +27,15 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from kcons.envelope import Envelope
 from kcons.errors import AbortableTransactionError, ConfigError, KafkaOperationError, TimeoutExceededError
-from kcons.processor import Output, OutputLike, ProcessorStats, TransactionalProcessor
+from kcons.processor import (
+    POISON,
+    DeadLettered,
+    Output,
+    OutputLike,
+    ProcessorStats,
+    TransactionalProcessor,
+    poison_of,
+)
 from kcons.producer import HeaderList, IdempotentProducer, TransactionalProducer
 
 log = logging.getLogger(__name__)
@@ -298,7 +306,7 @@ class AsyncTransactionalProcessor:
                 batch = await self._bridge.call(core._collect_batch)
                 if batch:
                     try:
-                        outputs = [list(await self.handler(msg)) for msg in batch]
+                        outputs = [await self._outputs_of(msg) for msg in batch]
                     except Exception:
                         await self._bridge.call(core._rewind, "handler_error")
                         raise
@@ -310,6 +318,14 @@ class AsyncTransactionalProcessor:
             await self._bridge.call(core.close)
             self._bridge.shutdown()
         return core.stats
+
+
+    async def _outputs_of(self, msg: Message) -> list[OutputLike] | DeadLettered:
+        """The async handler's outputs for ``msg``, or DeadLettered when it raises DecodeError/PoisonMessageError."""
+        try:
+            return list(await self.handler(msg))
+        except POISON as exc:
+            return poison_of(exc)
 
 
 def _no_sync_handler(msg: Message) -> Iterable[Output]:

@@ -64,6 +64,10 @@ PROCESSOR_REWINDS = Counter(
     "Times a processor aborted a batch and rewound to the committed offsets, by reason.",
     ["reason"],
 )
+PROCESSOR_DEAD_LETTERED = Counter(
+    "kcons_processor_dead_lettered",
+    "Input records a processor wrote to their dead-letter topic (in the transaction) instead of processing.",
+)
 
 # --- idempotent consumer and dedup stores --------------------------------------------------
 CONSUMER_CONSUMED = Counter("kcons_consumer_consumed_total", "Messages the idempotent consumer received from Kafka.")

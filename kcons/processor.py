@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
 
@@ -41,9 +41,11 @@ from kcons.envelope import Envelope
 from kcons.errors import (
     AbortableTransactionError,
     ConfigError,
+    DecodeError,
     FatalKafkaError,
     IndefiniteOutcomeError,
     KafkaOperationError,
+    PoisonMessageError,
     ProducerFencedError,
     RetriableKafkaError,
     TimeoutExceededError,
@@ -51,12 +53,21 @@ from kcons.errors import (
 )
 from kcons.kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, Message, TopicPartition
 from kcons.kafka.client import check_consumer_config, close_bounded
+from kcons.kafka.dlq import dead_letter_headers, default_dlq_topic
 from kcons.kafka.loop import BatchSource
 from kcons.producer import HeaderList, TransactionalProducer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Handler", "Output", "OutputLike", "ProcessorStats", "TransactionalProcessor", "check_consumer_config"]
+__all__ = [
+    "DeadLettered",
+    "Handler",
+    "Output",
+    "OutputLike",
+    "ProcessorStats",
+    "TransactionalProcessor",
+    "check_consumer_config",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +114,17 @@ class ProcessorStats:
     outputs: int = 0
     transactions: int = 0
     rewinds: int = 0
+    dead_lettered: int = 0
+
+
+class DeadLettered(NamedTuple):
+    """In precomputed outputs: the input is poison and goes to its dead-letter topic, for ``reason``."""
+
+    reason: str
+
+
+#: The poison rule of the processor: a handler raising one of these dead-letters its input.
+POISON = (DecodeError, PoisonMessageError)
 
 
 class TransactionalProcessor:
@@ -115,11 +137,15 @@ class TransactionalProcessor:
     of leaving it to expire after ``transaction.timeout.ms``. A batch closes after ``batch_size``
     records or ``batch_timeout_s`` seconds from its first record; no transaction is opened
     without input. A new consumer group starts at the earliest offset unless the consumer config
-    sets ``auto.offset.reset``. A handler exception aborts the batch, rewinds, and is raised from
-    :meth:`run` (nothing is skipped). :meth:`stop` (thread- and signal-safe; no signal handler
-    is installed for you) finishes the current batch and closes cleanly. ``on_commit(stats)`` is
-    called after each committed transaction. ``input_topics=`` and ``batch_max=`` are deprecated
-    names of ``topics=`` and ``batch_size=``.
+    sets ``auto.offset.reset``. The poison rule: a handler that raises DecodeError or
+    PoisonMessageError for an input sends that input to ``dlq_topic(topic)`` (default
+    ``<topic>.dlq``; original key, value and headers, plus ``kcons-dlq-reason`` and its position)
+    *inside the batch's transaction*, so the dead letter commits with the rest of the batch and
+    its offsets, and the processor goes on. Any other handler exception aborts the batch,
+    rewinds, and is raised from :meth:`run` (nothing is skipped). :meth:`stop` (thread- and
+    signal-safe; no signal handler is installed for you) finishes the current batch and closes
+    cleanly. ``on_commit(stats)`` is called after each committed transaction. ``input_topics=``
+    and ``batch_max=`` are deprecated names of ``topics=`` and ``batch_size=``.
     """
 
     #: Producers re-created in a row (without a commit in between) before a fatal error is raised.
@@ -140,6 +166,7 @@ class TransactionalProcessor:
         init_timeout_s: float = 30.0,
         rewind_timeout_s: float = 60.0,
         on_commit: Callable[[ProcessorStats], None] | None = None,
+        dlq_topic: Callable[[str], str] = default_dlq_topic,
         input_topics: Sequence[str] | None = None,
         batch_max: int | None = None,
     ) -> None:
@@ -173,6 +200,7 @@ class TransactionalProcessor:
         self.rewind_timeout_s = rewind_timeout_s
         self.stats = ProcessorStats()
         self.on_commit = on_commit
+        self.dlq_topic = dlq_topic
         reset = str(self._consumer_config["auto.offset.reset"]).lower()
         self._reset_offset = OFFSET_BEGINNING if reset in _EARLIEST else OFFSET_END
         self._stop = threading.Event()
@@ -318,15 +346,29 @@ class TransactionalProcessor:
             self._rewind("reassigned", only=back)
         return kept
 
-    def _process(self, batch: list[Message], outputs: Sequence[Iterable[OutputLike]] | None = None) -> None:
+    def _process(
+        self, batch: list[Message], outputs: Sequence[Iterable[OutputLike] | DeadLettered] | None = None
+    ) -> None:
         """Run the handler on a batch (or take precomputed ``outputs``); commit outputs and offsets atomically."""
         offsets: dict[tuple[str, int], int] = {}
         produced = 0
+        dead = 0
         producer = self.producer
         try:
             with producer.transaction():
                 for index, msg in enumerate(batch):
-                    for out in self.handler(msg) if outputs is None else outputs[index]:
+                    outs = self._outputs_of(msg) if outputs is None else outputs[index]
+                    if isinstance(outs, DeadLettered):
+                        producer.enqueue(
+                            self.dlq_topic(str(msg.topic())),
+                            msg.value(),
+                            msg.key(),
+                            headers=dead_letter_headers(msg, outs.reason),
+                        )
+                        dead += 1
+                        offsets[_position_key(msg)] = _offset_of(msg) + 1
+                        continue
+                    for out in outs:
                         if isinstance(out, Output):
                             producer.enqueue(
                                 out.topic, out.value, out.key, headers=out.headers, partition=out.partition
@@ -365,10 +407,21 @@ class TransactionalProcessor:
         self.stats.records += len(batch)
         self.stats.outputs += produced
         self.stats.transactions += 1
+        if dead:
+            self.stats.dead_lettered += dead
+            metrics.PROCESSOR_DEAD_LETTERED.inc(dead)
+            log.error("dead-lettered %d input records the handler could not process", dead)
         metrics.PROCESSOR_RECORDS.inc(len(batch))
         metrics.PROCESSOR_BATCH_SIZE.observe(len(batch))
         if self.on_commit is not None:
             self.on_commit(self.stats)
+
+    def _outputs_of(self, msg: Message) -> list[OutputLike] | DeadLettered:
+        """The handler's outputs for ``msg`` (all of them, before any is written), or DeadLettered if it is poison."""
+        try:
+            return list(self.handler(msg))
+        except POISON as exc:
+            return poison_of(exc)
 
     def _recover_from_fatal(self, exc: FatalKafkaError) -> None:
         """Replace a broken (not fenced) producer and rewind: its open transaction is aborted by the new one's init.
@@ -445,6 +498,11 @@ class TransactionalProcessor:
         for topic, partition in partitions:
             with contextlib.suppress(KeyError):
                 metrics.PROCESSOR_LAG.remove(self._group, topic, str(partition))
+
+
+def poison_of(exc: BaseException) -> DeadLettered:
+    """The dead-letter reason of a handler's DecodeError or PoisonMessageError."""
+    return DeadLettered(f"{type(exc).__name__}: {exc}")
 
 
 def _position_key(msg: Message) -> tuple[str, int]:

@@ -101,6 +101,8 @@ def invalidator_command(
     try:
         if not topics:
             raise ConfigError("KCONS_CACHE_TOPICS", "no change-event topic given (--topic or KCONS_CACHE_TOPICS)")
+        if not group.strip() or group != group.strip():
+            raise ConfigError("KCONS_CACHE_GROUP", "must be a non-empty consumer group name without surrounding spaces")
         kafka = KafkaSettings.from_env()
         redis_settings = RedisSettings.from_env()
         settings = CacheSettings.from_env()

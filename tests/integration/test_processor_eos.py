@@ -33,6 +33,11 @@ def produce_inputs(bootstrap: str, topic: str, ids: range) -> None:
 
 def read_committed_values(bootstrap: str, topic: str, expect: int, idle_s: float = 3.0) -> list[bytes]:
     """Every value in ``topic`` visible to read_committed (waits for ``expect``, then ``idle_s`` of quiet)."""
+    return [m.value() for m in read_committed_messages(bootstrap, topic, expect, idle_s)]
+
+
+def read_committed_messages(bootstrap: str, topic: str, expect: int, idle_s: float = 3.0) -> list[Message]:
+    """Every record in ``topic`` visible to read_committed (waits for ``expect``, then ``idle_s`` of quiet)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -43,12 +48,12 @@ def read_committed_values(bootstrap: str, topic: str, expect: int, idle_s: float
         }
     )
     consumer.subscribe([topic])
-    values: list[bytes] = []
+    values: list[Message] = []
     last = time.monotonic()
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         msgs = consumer.consume(500, 0.2)
-        got = [m.value() for m in msgs if m.error() is None]
+        got = [m for m in msgs if m.error() is None]
         if got:
             values.extend(got)
             last = time.monotonic()
@@ -169,6 +174,43 @@ def test_a_new_group_processes_the_input_written_before_it_started_and_installs_
     assert stats.records == 300
     assert_exactly_once(read_committed_values(kafka_bootstrap, topic_out, 300), 300)
     assert handlers == {before}  # run() left SIGTERM as it found it (the program decides, not the library)
+
+
+def test_poison_inputs_are_dead_lettered_in_the_transaction_and_the_processor_goes_on(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from kcons.errors import DecodeError, PoisonMessageError
+    from kcons.testing.plugin import create_topic
+
+    n = 400
+    topic_in, topic_out = unique_topic(partitions=2), unique_topic(partitions=2)
+    create_topic(AdminClient({"bootstrap.servers": kafka_bootstrap}), f"{topic_in}.dlq", 1)
+    produce_inputs(kafka_bootstrap, topic_in, range(n))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    def handler(m: Message) -> Any:
+        i = int(m.value())
+        if i % 100 == 7:
+            raise DecodeError(f"input {i} is not an order")
+        if i % 100 == 8:
+            yield Output(topic_out, b"partial", m.key())  # a poison input's earlier outputs are not written
+            raise PoisonMessageError(f"input {i} cannot be applied")
+        yield Output(topic_out, m.value(), m.key())
+
+    proc = processor(kafka_bootstrap, group, f"w-{group}", topic_in, handler, batch_size=100)
+    stats = proc.run(max_records=n)
+    assert stats.records == n and stats.dead_lettered == 8
+    poison = {i for i in range(n) if i % 100 in (7, 8)}
+    values = read_committed_values(kafka_bootstrap, topic_out, n - len(poison))
+    assert sorted(int(v) for v in values) == sorted(set(range(n)) - poison)
+    dead = read_committed_messages(kafka_bootstrap, f"{topic_in}.dlq", len(poison))
+    assert sorted(int(m.value()) for m in dead) == sorted(poison)
+    reasons = {int(m.value()): dict(m.headers())["kcons-dlq-reason"].decode() for m in dead}
+    assert reasons[7] == "DecodeError: input 7 is not an order"
+    assert reasons[8] == "PoisonMessageError: input 8 cannot be applied"
+    assert all(dict(m.headers())["kcons-dlq-topic"] == topic_in.encode() for m in dead)
 
 
 def test_processor_lag_is_reported_per_owned_partition_and_dropped_on_close(

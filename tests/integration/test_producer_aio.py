@@ -165,3 +165,42 @@ def test_async_processor_with_an_async_handler_is_exactly_once_across_a_handler_
     counts = collections.Counter(int(v) for v in read_values(kafka_bootstrap, topic_out, "read_committed", n))
     assert sorted(counts) == list(range(n))
     assert set(counts.values()) == {1}
+
+
+def test_async_processor_dead_letters_an_input_whose_handler_raises_decode_error(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from kcons.errors import DecodeError
+    from kcons.testing.plugin import create_topic
+
+    n = 200
+    topic_in, topic_out = unique_topic(partitions=1), unique_topic(partitions=1)
+    create_topic(AdminClient({"bootstrap.servers": kafka_bootstrap}), f"{topic_in}.dlq", 1)
+    raw = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    for i in range(n):
+        raw.produce(topic_in, str(i).encode(), b"k")
+    assert raw.flush(30) == 0
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    async def handler(msg: Message) -> list[Output]:
+        if int(msg.value()) == 50:
+            raise DecodeError("not an order")
+        return [Output(topic_out, msg.value(), msg.key())]
+
+    async def scenario() -> Any:
+        proc = await AsyncTransactionalProcessor.create(
+            {"bootstrap.servers": kafka_bootstrap, "group.id": group},
+            {"bootstrap.servers": kafka_bootstrap, "linger.ms": 5},
+            topics=[topic_in],
+            handler=handler,
+            transactional_id=f"w-{group}",
+        )
+        return await proc.run(max_records=n)
+
+    stats = asyncio.run(scenario())
+    assert stats.records == n and stats.dead_lettered == 1
+    values = read_values(kafka_bootstrap, topic_out, "read_committed", n - 1)
+    assert sorted(int(v) for v in values) == [i for i in range(n) if i != 50]
+    assert read_values(kafka_bootstrap, f"{topic_in}.dlq", "read_committed", 1) == [b"50"]

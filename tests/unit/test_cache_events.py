@@ -214,3 +214,14 @@ def test_key_template_formats_event_fields_and_rejects_unknown_ones() -> None:
         key_template("{payload}")
     with pytest.raises(ConfigError):
         key_template("no fields")
+
+
+@pytest.mark.parametrize("group", [" ", "  ", " g"])
+def test_invalidator_command_names_a_blank_or_padded_group_instead_of_starting(group: str) -> None:
+    from click.testing import CliRunner
+
+    from kcons.cli.cache import cache_cli
+
+    env = {"KCONS_CACHE_GROUP": group, "KCONS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "KCONS_REDIS_URL": "redis://127.0.0.1:1"}
+    result = CliRunner().invoke(cache_cli, ["invalidator", "--topic", "t"], env=env)
+    assert result.exit_code == 1 and "KCONS_CACHE_GROUP" in result.output, result.output
