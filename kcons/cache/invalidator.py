@@ -1,12 +1,15 @@
 """The :class:`CacheInvalidator`: applies change events to a :class:`~kcons.cache.ConsistentCache`.
 
-**Invalidator loops.** :meth:`CacheInvalidator.run` consumes with a plain consumer that applies
-each polled batch in one pipelined Redis round trip (default), or through
-:class:`~kcons.consumer.IdempotentConsumer` (``batched=False``: one round trip per event, its
-dedup store and dead-letter handling). Both commit offsets only after Redis acknowledged and
-retry an unreachable Redis instead of skipping. Both follow the one poison rule: a record that
-cannot be decoded or applied goes to ``<topic>.dlq`` with its reason in ``kcons-dlq-reason``,
-the rest of its batch is applied, and the invalidator keeps running.
+**The loop.** :meth:`CacheInvalidator.run` consumes through
+:class:`~kcons.consumer.IdempotentConsumer` with :meth:`CacheInvalidator.handle_batch` as its
+batch handler, so it shares the consume loop and the poison rule of every kcons consumer: each
+batch is applied in one pipelined Redis round trip and its offsets are committed only after
+Redis acknowledged; a record that cannot be decoded or applied goes to ``<topic>.dlq`` with its
+reason in ``kcons-dlq-reason`` while the rest of its batch is applied, and the invalidator keeps
+running; an unreachable Redis pauses the partitions and is retried, never skipped. The default
+mode keeps no dedup store (``batched=True``: the version guard makes replays harmless);
+``batched=False`` adds one.
+
 Commit-to-applied lag is measured from the ``kcons-committed-at`` header (epoch seconds) when
 the writer sets one, else from the Kafka record timestamp (the kcons outbox relay stamps each
 record with its outbox row's insert time, so the time spent in the outbox counts).
@@ -20,13 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_when_event_set, wait_exponential
-
 from kcons.cache.cache import ConsistentCache
 from kcons.cache.events import ChangeEvent, KeysFor, ValueFor, aggregate_key, decode_change_event
 from kcons.cache.model import CacheUnavailableError, CacheWrite, Strategy, WriteOutcome
 from kcons.config import check_range
-from kcons.errors import ConfigError, DecodeError, DeliveryError, PoisonMessageError, StoreError
+from kcons.errors import ConfigError, PoisonMessageError, StoreError
 
 if TYPE_CHECKING:
     from kcons.consumer import IdempotentConsumer
@@ -187,29 +188,36 @@ class CacheInvalidator:
             raise PoisonMessageError(f"the cache refused the write: {exc}", exc) from exc
 
     def consumer(
-        self, config: Mapping[str, Any], topics: Sequence[str], *, store: Any = None, **kwargs: Any
+        self,
+        config: Mapping[str, Any],
+        topics: Sequence[str],
+        *,
+        store: Any = None,
+        dedup: bool = True,
+        **kwargs: Any,
     ) -> IdempotentConsumer:
-        """An :class:`~kcons.consumer.IdempotentConsumer` that feeds this invalidator.
+        """An :class:`~kcons.consumer.IdempotentConsumer` that feeds this invalidator's :meth:`handle_batch`.
 
         ``config`` is a confluent-kafka consumer config (``group.id`` required);
         ``isolation.level`` defaults to ``read_committed`` (aborted relay transactions are never
-        applied) and ``auto.offset.reset`` to ``earliest``. The dedup ``store`` defaults to an
-        in-memory one (100,000 ids): the version guard already makes re-applying an event harmless, so the
-        store only saves Redis round trips. Other keyword arguments go to the consumer.
+        applied) and ``auto.offset.reset`` to ``earliest``. With ``dedup=False`` the consumer
+        keeps no dedup store: every record is applied, which is harmless since the version guard
+        makes a replayed event a no-op. Otherwise the dedup ``store`` defaults to an in-memory one
+        (100,000 ids), which only saves Redis round trips. Batches default to 1,000 records and
+        50 ms; other keyword arguments go to the consumer (``dlq_topic``, ``dlq_timeout_s``...).
         """
-        from kcons.adapters.memory import MemoryDedupStore
         from kcons.consumer import IdempotentConsumer
 
         merged: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
         merged.update(config)
         kwargs.setdefault("batch_timeout_s", 0.05)
+        kwargs.setdefault("batch_size", 1000)
+        if dedup and store is None:
+            from kcons.adapters.memory import MemoryDedupStore
+
+            store = MemoryDedupStore(max_entries=100_000)
         return IdempotentConsumer(
-            merged,
-            topics,
-            None,
-            batch_handler=self.handle_batch,
-            store=store if store is not None else MemoryDedupStore(max_entries=100_000),
-            **kwargs,
+            merged, topics, None, batch_handler=self.handle_batch, store=store if dedup else None, **kwargs
         )
 
     def run(
@@ -224,16 +232,15 @@ class CacheInvalidator:
     ) -> None:
         """Consume ``topics`` until ``stop`` is set; offsets commit only after Redis acknowledged the invalidations.
 
-        By default through :meth:`run_batched` (one pipelined Redis round trip per polled batch);
-        with ``batched=False`` through :meth:`consumer` (IdempotentConsumer with
-        :meth:`handle_batch`: one Redis round trip per consumed batch too, plus its dedup store
-        and its retry and dead-letter handling). Both give the same guarantees; the batched loop
-        skips the dedup store, since replays are harmless under the version guard.
+        Runs on :meth:`consumer`, the consumer driver shared by every part of kcons that
+        consumes: each batch is applied in one pipelined Redis round trip, and a record that
+        cannot be decoded or applied is dead-lettered while the rest of its batch is applied.
+        ``batched=True`` (default) skips the dedup store (replays are harmless under the version
+        guard); ``batched=False`` adds one (``store``, default in memory), which saves Redis
+        round trips on replays. An unreachable Redis pauses the partitions and retries them,
+        never skipping a record. Other keyword arguments go to :meth:`consumer`.
         """
-        if batched:
-            self.run_batched(config, topics, stop=stop, **kwargs)
-            return
-        consumer = self.consumer(config, topics, store=store, **kwargs)
+        consumer = self.consumer(config, topics, store=store, dedup=not batched, **kwargs)
         stop = stop or threading.Event()
         try:
             while not stop.is_set():
@@ -242,124 +249,7 @@ class CacheInvalidator:
             consumer.close()
 
     def run_batched(
-        self,
-        config: Mapping[str, Any],
-        topics: Sequence[str],
-        *,
-        stop: threading.Event | None = None,
-        max_batch: int = 1000,
-        poll_s: float = 0.05,
-        redis_retry_s: float = 300.0,
-        dlq_topic: Callable[[str], str] = lambda topic: f"{topic}.dlq",
-        dlq_timeout_s: float = 30.0,
+        self, config: Mapping[str, Any], topics: Sequence[str], *, stop: threading.Event | None = None, **kwargs: Any
     ) -> None:
-        """The high-throughput loop: each polled batch is applied in one pipelined Redis round trip.
-
-        Same guarantees as the IdempotentConsumer path: a batch's offsets are committed only
-        after Redis acknowledged all of its writes and the dead-letter topic acknowledged its
-        poison records (:class:`~kcons.kafka.dlq.DeadLetterWriter`: ``kcons-dlq-reason`` and the
-        original position). A record is poison when it cannot be decoded (DecodeError), mapped to
-        keys (PoisonMessageError) or written (a StoreError other than an unreachable Redis); the
-        rest of its batch is applied and the loop goes on. An unreachable Redis (or dead-letter
-        topic) is retried with backoff for up to ``redis_retry_s``, then the error propagates
-        with the batch uncommitted (the next process replays it). Batches are read through
-        :class:`~kcons.kafka.loop.BatchSource`. No dedup store is needed: replays are harmless
-        under the version guard.
-        """
-        from kcons.kafka import Consumer, TopicPartition
-        from kcons.kafka.client import close_bounded
-        from kcons.kafka.dlq import DeadLetterWriter
-        from kcons.kafka.loop import BatchSource
-        from kcons.kafka.messages import end_offsets
-
-        check_range("max_batch", max_batch, 1, 100_000)
-        if not config.get("group.id"):
-            raise ConfigError("group.id", "the invalidator needs a consumer group (group.id)")
-        merged: dict[str, Any] = {"isolation.level": "read_committed", "auto.offset.reset": "earliest"}
-        merged.update(config)
-        merged["enable.auto.commit"] = False
-        stop = stop or threading.Event()
-        retrying = Retrying(
-            stop=stop_after_delay(redis_retry_s) | stop_when_event_set(stop),
-            wait=wait_exponential(multiplier=0.05, max=2.0),
-            retry=retry_if_exception_type(CacheUnavailableError),
-            reraise=True,
-        )
-        dlq = DeadLetterWriter(merged, topic_of=dlq_topic, timeout_s=dlq_timeout_s)
-        consumer = Consumer(merged)
-        source = BatchSource(consumer, batch_size=max_batch, timeout_s=poll_s, operation="invalidator consume")
-        try:
-            source.subscribe(list(topics))
-            while not stop.is_set():
-                records = source.poll()
-                if not records:
-                    continue
-                poison = self._apply_batch(records, retrying)
-                if poison:
-                    _dead_letter(dlq, poison, stop, redis_retry_s)
-                offsets = [TopicPartition(t, p, o) for (t, p), o in end_offsets(records).items()]
-                consumer.commit(offsets=offsets, asynchronous=True)
-        finally:
-            # Commits nothing more: offsets were committed batch by batch.
-            close_bounded(consumer.close, 30.0, "invalidator consumer")
-            dlq.close(5.0)
-
-    def _apply_batch(self, records: Sequence[Any], retrying: Retrying) -> list[tuple[Any, str]]:
-        """Apply a batch's change events in one round trip; return the poison records with their reasons.
-
-        A record is poison when it cannot be decoded or mapped to keys, or when the store refuses
-        its write (then the batch is applied one event at a time to find it). An unreachable
-        Redis is retried by ``retrying`` and then raised: nothing is skipped.
-        """
-        good: list[tuple[Any, ChangeEvent]] = []
-        poison: list[tuple[Any, str]] = []
-        for msg in records:
-            try:
-                event = self.decode(msg)
-                if event is not None:
-                    self.writes_of(event)
-                    good.append((msg, event))
-            except (DecodeError, PoisonMessageError) as exc:
-                poison.append((msg, _reason(exc)))
-        try:
-            retrying(self.apply_events, [event for _, event in good])
-        except CacheUnavailableError:
-            raise
-        except (StoreError, PoisonMessageError):
-            for msg, event in good:  # one record's write was refused: find it, apply the others
-                try:
-                    retrying(self.apply_events, [event])
-                except CacheUnavailableError:
-                    raise
-                except (StoreError, PoisonMessageError) as exc:
-                    poison.append((msg, _reason(exc)))
-        poison.sort(key=lambda item: (str(item[0].topic()), item[0].partition(), item[0].offset()))
-        return poison
-
-
-def _reason(exc: BaseException) -> str:
-    """The ``kcons-dlq-reason`` of a record that cannot be decoded or applied."""
-    return f"{type(exc).__name__}: {exc}"[:1000]
-
-
-def _dead_letter(dlq: Any, poison: Sequence[tuple[Any, str]], stop: threading.Event, bound_s: float) -> None:
-    """Dead-letter ``poison``; return once every write was acknowledged (the others are written again).
-
-    Raises DeliveryError when the dead-letter topic keeps refusing for ``bound_s`` (or on stop):
-    the batch is then left uncommitted, so the next process tries again and nothing is lost.
-    """
-    pending = list(poison)
-
-    def write() -> None:
-        report = dlq.write(pending)
-        pending[:] = [item for i, item in enumerate(pending) if not report.is_acknowledged(i)]
-        if pending:
-            raise DeliveryError(f"{len(pending)} dead-letter writes were not acknowledged")
-
-    Retrying(
-        stop=stop_after_delay(bound_s) | stop_when_event_set(stop),
-        wait=wait_exponential(multiplier=0.1, max=5.0),
-        retry=retry_if_exception_type(DeliveryError),
-        reraise=True,
-    )(write)
-    log.error("dead-lettered %d change events that cannot be decoded or applied", len(poison))
+        """:meth:`run` without a dedup store (the default mode); kept for callers of the earlier name."""
+        self.run(config, topics, stop=stop, batched=True, **kwargs)
