@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -433,6 +434,18 @@ def corrupt_wals(run: Run) -> None:
     run.check_alive("WAL corruption")
 
 
+def rejected_frames(cluster: LocalRaftCluster) -> dict[str, float]:
+    """``kcons_raft_frames_rejected_total`` by reason, summed over the nodes (since their last restart)."""
+    totals: dict[str, float] = {}
+    for port in cluster.metrics_ports.values():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith("kcons_raft_frames_rejected_total{"):
+                reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                totals[reason] = totals.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 def read_back(run: Run) -> int:
     lost = 0
     with run.cluster.client(timeout=30) as c:
@@ -451,11 +464,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     base = Path(tempfile.mkdtemp(prefix="raft-adversary-"))
-    cluster = LocalRaftCluster(3, base, SECRET, tick_ms=50, env={"KCONS_RAFT_MAX_CONNECTIONS": "256"})
+    cluster = LocalRaftCluster(3, base, SECRET, tick_ms=50, env={"KCONS_RAFT_MAX_CONNECTIONS": "256"}, metrics=True)
     proxy = RecordingProxy(cluster.addresses[2]).start()
     cluster.routes = {2: proxy.address}  # the other nodes reach node 2 through the recorder
     run = Run(cluster, proxy)
     lost = 0
+    rejected: dict[str, float] = {}
     error: str | None = None
     try:
         cluster.start()
@@ -466,6 +480,7 @@ def main() -> None:
         resource_exhaustion(run, args.connections)
         run.check_alive("the end")
         lost = read_back(run)
+        rejected = rejected_frames(cluster)
     except Exception as exc:  # the run itself failed: report it, not ok
         log.exception("adversarial run failed")
         error = f"{type(exc).__name__}: {exc}"
@@ -474,6 +489,9 @@ def main() -> None:
         cluster.stop()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
+    if error is None and not rejected.get("replay", 0) + rejected.get("auth", 0) + rejected.get("handshake", 0):
+        run.failures += 1
+        run.notes.append("the replays were not counted in kcons_raft_frames_rejected_total")
     ok = error is None and run.crashes == 0 and run.failures == 0 and run.accepted_replays == 0 and lost == 0
     result: dict[str, Any] = {
         "name": "raft_adversary",
@@ -483,6 +501,7 @@ def main() -> None:
         "lost": lost,
         "failures": run.failures,
         "acknowledged_puts": len(run.acked),
+        "rejected_by_reason": rejected,
         "notes": run.notes[:20],
         "error": error,
         "ok": ok,
