@@ -27,7 +27,17 @@ from kcons.errors import ConfigError, StoreError
 
 __all__ = ["RedisCacheBackend", "cache_keys"]
 
-_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+#: Errors that say "Redis cannot take this write now" (down, loading, a replica during failover,
+#: out of memory, a cluster resharding): CacheUnavailableError, so the invalidator retries the
+#: batch later instead of dead-lettering change events that are fine.
+_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,  # type: ignore[attr-defined]  # in redis-py, not in its stubs
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
 
 _SCRIPT = resources.files("kcons.cache").joinpath("cache_fill.lua").read_text(encoding="utf-8")
 _OUTCOMES = {1: WriteOutcome.APPLIED, 0: WriteOutcome.STALE, -1: WriteOutcome.LEASE_LOST}

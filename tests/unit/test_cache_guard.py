@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import pytest
+import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kcons.cache import CacheEntry, CacheSettings, WriteOp, decode_entry, encode_entry, guard_accepts
-from kcons.cache.redis import cache_keys
+from kcons.cache import (
+    CacheEntry,
+    CacheSettings,
+    CacheUnavailableError,
+    CacheWrite,
+    WriteOp,
+    decode_entry,
+    encode_entry,
+    guard_accepts,
+)
+from kcons.cache.redis import RedisCacheBackend, cache_keys
 from kcons.errors import ConfigError
 
 
@@ -87,3 +97,37 @@ def test_settings_come_from_the_environment_and_bad_values_name_the_setting() ->
     assert exc.value.setting == "KCONS_CACHE_LEASE_WAIT_S"
     with pytest.raises(ConfigError):
         CacheSettings(prefix="a{b}")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica."),
+        redis.exceptions.OutOfMemoryError("OOM command not allowed when used memory > 'maxmemory'."),
+        redis.exceptions.TryAgainError("TRYAGAIN"),
+        redis.exceptions.BusyLoadingError("LOADING"),
+        redis.ConnectionError("refused"),
+    ],
+    ids=["readonly-replica", "oom", "tryagain", "loading", "down"],
+)
+def test_redis_refusing_writes_for_now_is_cache_unavailable_not_a_bad_event(error: Exception) -> None:
+    """Transient refusals must make the invalidator retry (RetryLater), never dead-letter a good event."""
+
+    class RefusingScript:
+        sha = "0" * 40
+
+        def __call__(self, **_: object) -> object:
+            raise error
+
+    class RefusingClient:
+        def register_script(self, _source: str) -> RefusingScript:
+            return RefusingScript()
+
+        def get(self, _key: str) -> bytes:
+            raise error
+
+    backend = RedisCacheBackend(RefusingClient(), prefix="p")
+    with pytest.raises(CacheUnavailableError):
+        backend.write(CacheWrite(WriteOp.TOMBSTONE, "k", 3, b"", 1000))
+    with pytest.raises(CacheUnavailableError):
+        backend.read("k")
