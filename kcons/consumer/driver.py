@@ -347,30 +347,33 @@ class IdempotentConsumer:
 
     # ------------------------------------------------------------------ one batch
 
+    def _read_ids(self, msgs: list[Any], stats: BatchStats) -> tuple[list[str] | None, list[Entry] | None, list[str]]:
+        """Each message's id (``raw``, when read in one pass) or entry (per message), and the batch's distinct ids."""
+        raw: list[str] | None = None
+        if self._store is None:
+            raw = list(map(position_id, msgs))  # no dedup: every message is new
+            return raw, None, raw
+        if self._key_fn is default_event_id:
+            raw = header_ids(msgs)  # the common case, read in C: every first header is a kcons-id
+            if raw is not None:
+                return raw, None, list(dict.fromkeys(raw))
+        entries = []
+        fallback = 0
+        key_fn = self._key_fn
+        for msg in msgs:
+            entry, missing = entry_of(msg, key_fn)
+            entries.append(entry)
+            fallback += missing
+        if fallback:
+            stats.fallback_ids = fallback
+            CONSUMER_FALLBACK_IDS.inc(fallback)
+        return None, entries, list(dict.fromkeys([e.event_id for e in entries if e.event_id is not None]))
+
     def _process(self, msgs: list[Any]) -> BatchStats:
         n = len(msgs)
         stats = BatchStats(consumed=n)
         CONSUMER_CONSUMED.inc(n)
-        entries: list[Entry] | None = None
-        raw: list[str] | None = None
-        if self._store is None:
-            raw = list(map(position_id, msgs))  # no dedup: every message is new
-        elif self._key_fn is default_event_id:
-            raw = header_ids(msgs)  # the common case, read in C: every first header is a kcons-id
-        if raw is None:
-            entries = []
-            fallback = 0
-            key_fn = self._key_fn
-            for msg in msgs:
-                entry, missing = entry_of(msg, key_fn)
-                entries.append(entry)
-                fallback += missing
-            if fallback:
-                stats.fallback_ids = fallback
-                CONSUMER_FALLBACK_IDS.inc(fallback)
-            ids = list(dict.fromkeys([e.event_id for e in entries if e.event_id is not None]))
-        else:
-            ids = raw if self._store is None else list(dict.fromkeys(raw))
+        raw, entries, ids = self._read_ids(msgs, stats)
         try:
             claim = self._claim(ids)
         except StoreError as exc:

@@ -250,3 +250,19 @@ def test_the_fast_paths_decision_equals_the_steps_with_every_outcome_ok(data: tu
     handled, decision = run(entries, set(ids), set(), {})
     assert handled == ids
     assert all_new(list(ids), ends) == decision
+
+
+def test_the_plan_module_is_pure_it_imports_no_kafka_clock_io_or_logging() -> None:
+    import ast
+    from pathlib import Path
+
+    import kcons.consumer.plan as plan_module
+
+    tree = ast.parse(Path(plan_module.__file__).read_text())
+    imported = {
+        (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert imported <= {"__future__", "collections.abc", "dataclasses", "typing"}, imported
