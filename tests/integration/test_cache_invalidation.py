@@ -24,6 +24,8 @@ from kcons.cache import (
 )
 from kcons.envelope import Envelope
 
+pytestmark = pytest.mark.backends
+
 
 class Invalidator:
     """Runs CacheInvalidator.run in a thread and keeps its exception."""

@@ -31,7 +31,7 @@ from kcons.consumer import (
 from kcons.dedup import DedupStore
 from kcons.errors import DecodeError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.backends]
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fault"))

@@ -21,7 +21,7 @@ from kcons.adapters.sqlite import SqliteDedupStore
 from kcons.dedup import BatchDedupStore, ClaimLostError, TransactionalDedupStore
 from kcons.errors import StoreError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.backends]
 
 StoreFactory = Callable[..., Any]
 

@@ -16,7 +16,7 @@ from kcons.config import KafkaSettings
 from kcons.envelope import Envelope, read_envelope
 from kcons.outbox import OutboxRelay, OutboxRow, RelaySettings, add, install_schema
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.backends]
 
 
 def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:

@@ -20,7 +20,7 @@ from kcons.errors import (
 )
 from kcons.producer import IdempotentProducer, TransactionalProducer, wrap
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.backends]
 
 
 def read_all(
