@@ -54,16 +54,28 @@ def encode_entries(entries: tuple[Entry, ...] | list[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def decode_entries(buf: bytes | memoryview, count: int, offset: int = 0) -> tuple[list[Entry], int]:
-    """Read ``count`` entries from ``buf`` at ``offset``; returns them and the offset after them."""
+def decode_entries(
+    buf: bytes | memoryview, count: int, offset: int = 0, follow: tuple[int, int, int] | None = None
+) -> tuple[list[Entry], int]:
+    """Read ``count`` entries from ``buf`` at ``offset``; returns them and the offset after them.
+
+    With ``follow=(prev_index, log_term, term)`` the entries must be an append's: indexes
+    ``prev_index + 1, + 2, ...`` and non-decreasing terms within ``[log_term, term]``.
+    """
     out: list[Entry] = []
     unpack = _ENTRY.unpack_from
     size = _ENTRY.size
     n = len(buf)
+    prev, low, high = follow if follow is not None else (-1, 0, 0)
     try:
         for _ in range(count):
             term, index, kind, length = unpack(buf, offset)
-            if term > MAX_TERM or index > MAX_TERM or index == 0:
+            if prev >= 0:  # an append's entry: its index is implied, so range-checked too
+                prev += 1
+                if index != prev or term < low or term > high:
+                    raise _range(f"entry {index} (term {term}) does not follow {prev - 1} within [{low}, {high}]")
+                low = term
+            elif term > MAX_TERM or index > MAX_TERM or index == 0:
                 raise _range(f"entry term {term} or index {index} out of range")
             offset += size
             if offset + length > n:
@@ -157,7 +169,7 @@ def decode_message(buf: bytes | memoryview) -> Message:
         raise FrameRejectedError("context runs past the end")
     context = bytes(buf[offset : offset + ctx_len])
     offset += ctx_len
-    entries, offset = decode_entries(buf, n_entries, offset)
+    entries, offset = decode_entries(buf, n_entries, offset, (index, log_term, term))
     if offset >= len(buf):
         raise FrameRejectedError("missing snapshot flag")
     flag = buf[offset]
@@ -169,8 +181,6 @@ def decode_message(buf: bytes | memoryview) -> Message:
         raise FrameRejectedError("bad snapshot flag")
     if offset != len(buf):
         raise FrameRejectedError("trailing bytes after message")
-    if entries:
-        _check_append(term, log_term, index, entries)
     if snapshot is not None and (mtype is not MsgType.SNAP or snapshot.meta.term > term):
         raise _range("snapshot out of place or from a future term")
     return Message(
@@ -188,13 +198,3 @@ def decode_message(buf: bytes | memoryview) -> Message:
         snapshot=snapshot,
     )
 
-
-def _check_append(term: int, log_term: int, prev_index: int, entries: list[Entry]) -> None:
-    """Entries of an append follow ``prev_index`` one by one with terms in [log_term, term], non-decreasing."""
-    last_term = log_term
-    for n, e in enumerate(entries, start=1):
-        if e.index != prev_index + n:
-            raise _range(f"entry {e.index} does not follow {prev_index + n - 1}")
-        if e.term < last_term or e.term > term:
-            raise _range(f"entry {e.index} has term {e.term} outside [{last_term}, {term}]")
-        last_term = e.term
