@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 from confluent_kafka import TopicPartition
 
 from kcons.envelope import Envelope, read_envelope
+
+pytestmark = pytest.mark.backends
 
 
 def _consume(consumer: Any, want: int, timeout: float = 30.0) -> list[Any]:
@@ -102,3 +108,30 @@ def test_postgres_query_and_rollback(fresh_database: Callable[[], str]) -> None:
         conn.commit()
         assert conn.execute("SELECT array_agg(id) FROM t").fetchone() == ([2],)
         assert conn.execute("SELECT current_setting('listen_addresses')").fetchone() in (("127.0.0.1",), ("*",))
+
+
+def test_short_fixture_names_are_aliases_of_the_kcons_fixtures(
+    kafka_bootstrap: str, kcons_kafka_bootstrap: str, redis_url: str, kcons_redis_url: str,
+    postgres_dsn: str, kcons_postgres_dsn: str,
+) -> None:  # fmt: skip
+    assert (kafka_bootstrap, redis_url, postgres_dsn) == (kcons_kafka_bootstrap, kcons_redis_url, kcons_postgres_dsn)
+
+
+def test_a_suites_own_redis_url_fixture_does_not_change_what_kcons_fixtures_use(
+    tmp_path: Any, kcons_redis_url: str
+) -> None:
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\n@pytest.fixture\ndef redis_url():\n    return 'the-suites-own-value'\n"
+    )
+    (tmp_path / "test_user.py").write_text(
+        "def test_both(redis_url, redis_client):\n"
+        "    assert redis_url == 'the-suites-own-value'\n"
+        "    assert redis_client.ping()\n"
+    )
+    env = {**os.environ, "KCONS_REDIS_URL": kcons_redis_url}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "1 passed" in result.stdout
