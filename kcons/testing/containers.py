@@ -17,11 +17,13 @@ container started, ``KCONS_TC_PULL_TIMEOUT`` the pull of an image that is not pr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,37 @@ DEFAULT_POSTGRES_IMAGE = "postgres:16"
 KAFKA_PORT = 9092
 REDIS_PORT = 6379
 POSTGRES_PORT = 5432
+
+_STARTED: dict[int, Callable[[], None]] = {}
+_STARTED_LOCK = threading.Lock()
+
+
+def _stop_started() -> None:
+    """Remove the containers this process started and did not stop (Ryuk may be off)."""
+    with _STARTED_LOCK:
+        stops = list(_STARTED.values())
+        _STARTED.clear()
+    for stop in stops:
+        with contextlib.suppress(Exception):
+            stop()
+
+
+atexit.register(_stop_started)
+
+
+def _tracked(container: Any) -> Callable[[], None]:
+    """Remember ``container`` for removal at exit; return its idempotent ``stop``."""
+    key = id(container)
+    with _STARTED_LOCK:
+        _STARTED[key] = container.stop
+
+    def stop() -> None:
+        with _STARTED_LOCK:
+            if _STARTED.pop(key, None) is None:
+                return
+        container.stop()
+
+    return stop
 
 #: Placeholders in a spec that are filled in once the host and port are known.
 HOST = "{host}"
@@ -358,5 +391,5 @@ def start_container(spec: ContainerSpec, environ: Mapping[str, str] | None = Non
                 container.stop()
             raise
         log.info("%s container %s ready at %s", spec.kind, spec.image, endpoint.replace(spec.secret or "\0", "***"))
-        return container.stop, endpoint
+        return _tracked(container), endpoint
     raise ServiceStartError(f"could not start the {spec.kind} container ({spec.image}): no free host port")
