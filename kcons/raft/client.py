@@ -17,6 +17,7 @@ import json
 import os
 import select
 import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Mapping
@@ -71,9 +72,11 @@ class RaftClient:
         timeout: float = 10.0,
         request_timeout: float = 3.0,
         client_id: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.peers = parse_peers(peers) if isinstance(peers, str) else dict(peers)
         self._handshake = Handshake(secret)
+        self._tls = tls
         self.timeout = timeout
         self.request_timeout = request_timeout
         self.client_id = client_id or uuid.uuid4().hex
@@ -117,6 +120,8 @@ class RaftClient:
         s = socket.create_connection((addr.host, addr.port), timeout=self.request_timeout)
         try:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                s = self._tls.wrap_socket(s, server_hostname=addr.host)
             session = client_session(s, self._handshake, ROLE_CLIENT, 0, node)
         except BaseException:
             s.close()
@@ -273,4 +278,7 @@ class RaftClient:
         spec = peers or os.environ.get("KCONS_RAFT_PEERS", "")
         if not spec:
             raise ConfigError("KCONS_RAFT_PEERS", "give --peers or set KCONS_RAFT_PEERS (id=host:port,...)")
-        return cls(parse_peers(spec), load_secret(secret_file))
+        from kcons.raft.transport import TlsFiles
+
+        tls = TlsFiles.from_env(server=False)
+        return cls(parse_peers(spec), load_secret(secret_file), tls=tls.client_context() if tls else None)

@@ -24,7 +24,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 
 from kcons.errors import KconsError, ServiceStartError
 from kcons.raft.client import RaftClient
-from kcons.raft.transport import PeerAddress
+from kcons.raft.transport import PeerAddress, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,15 @@ class LocalRaftCluster:
         return ",".join(f"{i}={a}" for i, a in sorted(self.addresses.items()))
 
     def client(self, timeout: float = 15.0, request_timeout: float = 2.0) -> RaftClient:
-        """A client of this cluster."""
-        return RaftClient(self.addresses, self.secret, timeout=timeout, request_timeout=request_timeout)
+        """A client of this cluster (over TLS when ``env`` configures it)."""
+        tls = TlsFiles.from_env(self.env, server=False)
+        return RaftClient(
+            self.addresses,
+            self.secret,
+            timeout=timeout,
+            request_timeout=request_timeout,
+            tls=tls.client_context() if tls is not None else None,
+        )
 
     def _environ(self) -> dict[str, str]:
         env = dict(os.environ)

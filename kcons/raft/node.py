@@ -41,7 +41,7 @@ from kcons.raft.errors import NotLeaderError, OutcomeUnknownError, ProposalDropp
 from kcons.raft.kv import KvStateMachine
 from kcons.raft.messages import EntryKind, Message, MsgType
 from kcons.raft.storage import MemoryStorage, RaftStorage, WalStorage
-from kcons.raft.transport import PeerAddress, RaftTransport, load_secret, parse_peers
+from kcons.raft.transport import PeerAddress, RaftTransport, TlsFiles, load_secret, parse_peers
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class NodeSettings:
     rejoin_empty: bool = False
     max_connections: int = 256
     idle_timeout_s: float = 60.0
+    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         if self.node_id not in self.peers:
@@ -111,6 +112,7 @@ class NodeSettings:
             listen=listen_addr,
             max_connections=env_int("KCONS_RAFT_MAX_CONNECTIONS", 256, minimum=4, maximum=65_536, environ=env),
             idle_timeout_s=float(env_int("KCONS_RAFT_IDLE_TIMEOUT_S", 60, minimum=1, maximum=86_400, environ=env)),
+            tls=TlsFiles.from_env(env),
         )
 
 
@@ -177,6 +179,7 @@ class RaftNode:
             listen=settings.listen,
             max_connections=settings.max_connections,
             idle_timeout=settings.idle_timeout_s,
+            tls=settings.tls,
         )
         self._inbox: list[tuple[Any, ...]] = []
         self._wake = asyncio.Event()
@@ -234,7 +237,8 @@ class RaftNode:
         log.warning("raft node %d started without its state: rejoining (remove, then re-add)", self.id)
         delay = 0.2
         while self.rejoining:
-            client = RaftClient(others, self.settings.secret, timeout=10.0, request_timeout=2.0)
+            tls = self.settings.tls.client_context() if self.settings.tls is not None else None
+            client = RaftClient(others, self.settings.secret, timeout=10.0, request_timeout=2.0, tls=tls)
             try:
                 await asyncio.to_thread(self._remove_and_add, client)
                 self.rejoining = False

@@ -23,7 +23,8 @@ closed (this also ends slow-drip connections), frames are limited to ``max_frame
 peers and ``max_request`` from clients. Anything rejected is counted in
 ``kcons_raft_frames_rejected_total{reason}`` and its connection closed; the WARNING about it is
 rate-limited. The node never crashes on input. The secret is never logged. Binds 127.0.0.1
-unless configured otherwise. Bodies are not encrypted: run the cluster on a private network.
+unless configured otherwise. Bodies are not encrypted unless TLS is configured
+(:class:`TlsFiles`, ``KCONS_RAFT_TLS_*``); without it, run the cluster on a private network.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import hmac
 import logging
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -64,6 +66,7 @@ __all__ = [
     "PeerAddress",
     "RaftTransport",
     "Session",
+    "TlsFiles",
     "client_session",
     "load_secret",
     "parse_peers",
@@ -135,6 +138,60 @@ def parse_peers(spec: str, setting: str = "--peers") -> dict[int, PeerAddress]:
     if not peers:
         raise ConfigError(setting, "no peers given")
     return peers
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Optional TLS for confidentiality (the session handshake still authenticates): PEM files.
+
+    Nodes present ``cert``/``key``; nodes and clients verify the server's certificate against
+    ``ca`` (the chain only: peers are addressed by IP, so host names are not checked).
+    """
+
+    cert: str | None
+    key: str | None
+    ca: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, server: bool = True) -> TlsFiles | None:
+        """``KCONS_RAFT_TLS_CA`` (and, for a node, ``KCONS_RAFT_TLS_CERT``/``_KEY``); None when unset."""
+        env = os.environ if environ is None else environ
+        ca = (env.get("KCONS_RAFT_TLS_CA") or "").strip()
+        cert = (env.get("KCONS_RAFT_TLS_CERT") or "").strip() or None
+        key = (env.get("KCONS_RAFT_TLS_KEY") or "").strip() or None
+        if not ca and not cert and not key:
+            return None
+        if not ca:
+            raise ConfigError("KCONS_RAFT_TLS_CA", "TLS needs the CA file that signed the nodes' certificates")
+        if server and not (cert and key):
+            raise ConfigError("KCONS_RAFT_TLS_CERT", "a node needs KCONS_RAFT_TLS_CERT and KCONS_RAFT_TLS_KEY for TLS")
+        files = cls(cert, key, ca)
+        files.client_context()  # refuse unreadable files at start, naming the setting
+        if server:
+            files.server_context()
+        return files
+
+    def server_context(self) -> ssl.SSLContext:
+        """The listening side's context (TLS 1.2 or later)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert or "", self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("KCONS_RAFT_TLS_CERT", f"cannot load the certificate or key: {exc}") from None
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """The connecting side's context: the server's chain must lead to ``ca``."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(self.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("KCONS_RAFT_TLS_CA", f"cannot load the CA file: {exc}") from None
+        return ctx
 
 
 def _hmac(key: bytes, *parts: bytes) -> bytes:
@@ -301,7 +358,9 @@ class _PeerSender:
         queue_limit: int,
         timeout: float,
         buffer_limit: int = 32 << 20,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls
         self.handshake = handshake
         self.own_id = own_id
         self.peer_id = peer_id
@@ -355,7 +414,9 @@ class _PeerSender:
             reraise=True,
         ):
             with attempt:
-                reader, writer = await asyncio.open_connection(self.addr.host, self.addr.port)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.addr.host, self.addr.port, ssl=self.tls), self.timeout
+                )
                 try:
                     sock = writer.get_extra_info("socket")
                     if sock is not None:
@@ -398,8 +459,12 @@ class RaftTransport:
         max_frame: int = 64 << 20,
         max_request: int = 1 << 20,
         max_pending_requests: int = 1024,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.node_id = node_id
+        self.tls = tls
+        self._server_tls = tls.server_context() if tls is not None else None
+        client_tls = tls.client_context() if tls is not None else None
         self.handshake = Handshake(secret)
         self.peers = dict(peers)
         self.listen = listen or self.peers[node_id]
@@ -412,7 +477,7 @@ class RaftTransport:
         self.max_request = max_request
         self.max_pending_requests = max_pending_requests
         self._senders = {
-            pid: _PeerSender(self.handshake, node_id, pid, addr, queue_limit, handshake_timeout)
+            pid: _PeerSender(self.handshake, node_id, pid, addr, queue_limit, handshake_timeout, tls=client_tls)
             for pid, addr in self.peers.items()
             if pid != node_id
         }
@@ -424,7 +489,13 @@ class RaftTransport:
 
     async def start(self) -> None:
         """Bind the listening socket and start the peer senders."""
-        self._server = await asyncio.start_server(self._serve, self.listen.host, self.listen.port)
+        self._server = await asyncio.start_server(
+            self._serve,
+            self.listen.host,
+            self.listen.port,
+            ssl=self._server_tls,
+            ssl_handshake_timeout=self.handshake_timeout if self._server_tls is not None else None,
+        )
         for s in self._senders.values():
             s.task = asyncio.create_task(s.run(), name=f"raft-send-{s.addr}")
         self._watchdog = asyncio.create_task(self._close_idle(), name=f"raft-idle-{self.node_id}")
