@@ -95,9 +95,12 @@ def encode_hard_state(hs: HardState) -> bytes:
 def decode_hard_state(buf: bytes | memoryview, offset: int = 0) -> HardState:
     """Inverse of :func:`encode_hard_state`."""
     try:
-        return HardState(*_HS.unpack_from(buf, offset))
+        hs = HardState(*_HS.unpack_from(buf, offset))
     except struct.error as exc:
         raise FrameRejectedError(f"malformed hard state: {exc}") from None
+    if hs.term > MAX_TERM or hs.commit > MAX_TERM:
+        raise _range(f"hard state term {hs.term} or commit {hs.commit} out of range")
+    return hs
 
 
 def encode_snapshot(s: Snapshot) -> bytes:

@@ -276,3 +276,11 @@ def test_a_file_that_is_no_wal_at_all_is_refused(tmp_path: Path) -> None:
     (tmp_path / "raft.wal").write_bytes(b"some other file " * 20)
     with pytest.raises(CorruptLogError):
         WalStorage(tmp_path)
+
+
+def test_a_persisted_term_out_of_range_is_refused_at_start_not_a_crash_later(tmp_path: Path) -> None:
+    s = WalStorage(tmp_path)
+    s.save(HardState((1 << 64) - 1, 2, 0), [], None)  # what an earlier version could persist
+    s.close()
+    with pytest.raises(CorruptLogError, match="out of range"):
+        WalStorage(tmp_path)
