@@ -6,7 +6,7 @@ round of each side counts (noise from other processes only ever slows a round do
 
 * ``baseline``: a plain ``confluent_kafka.Producer`` with ``enable.idempotence=true`` and a
   delivery callback that counts failures;
-* ``kcons`` (the one in ``ratio``): :class:`kcons.producer.TransactionalProducer` with its
+* ``kcons`` (the one in ``ratio``): :class:`kcons.kafka.producer.TransactionalProducer` with its
   defaults (a ``kcons-id`` header per message), writing with ``enqueue`` (a failed delivery
   fails the commit) and committing every ``--commit-ms`` milliseconds;
 * ``kcons_no_ids``: the same with ``event_ids=False`` (what the per-message event id costs);
@@ -36,7 +36,7 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kcons.producer import TransactionalProducer, fast_event_id
+from kcons.kafka.producer import TransactionalProducer, fast_event_id
 from kcons.testing import start_stack
 
 log = logging.getLogger("bench.producer")

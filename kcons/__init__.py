@@ -51,11 +51,11 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
         classify_kafka_error,
     )
     from kcons.ids import new_event_id, uuid7
+    from kcons.kafka.producer import DeliveryFuture, IdempotentProducer, TransactionalProducer, wrap
     from kcons.lease import Lease, LeaseBackend
     from kcons.metrics import MetricsServer
     from kcons.outbox import OutboxRelay, RelaySettings
     from kcons.processor import Output, ProcessorStats, TransactionalProcessor
-    from kcons.producer import DeliveryFuture, IdempotentProducer, TransactionalProducer, wrap
     from kcons.raft.client import RaftClient
 
 #: Public name -> the module that defines it.
@@ -116,10 +116,10 @@ _EXPORTS: dict[str, str] = {
     "Output": "kcons.processor",
     "ProcessorStats": "kcons.processor",
     "TransactionalProcessor": "kcons.processor",
-    "DeliveryFuture": "kcons.producer",
-    "IdempotentProducer": "kcons.producer",
-    "TransactionalProducer": "kcons.producer",
-    "wrap": "kcons.producer",
+    "DeliveryFuture": "kcons.kafka.producer",
+    "IdempotentProducer": "kcons.kafka.producer",
+    "TransactionalProducer": "kcons.kafka.producer",
+    "wrap": "kcons.kafka.producer",
     "RaftClient": "kcons.raft.client",
 }
 

@@ -1,4 +1,4 @@
-"""asyncio API with the same guarantees as :mod:`kcons.producer` and :mod:`kcons.processor`.
+"""asyncio API with the same guarantees as :mod:`kcons.kafka.producer` and :mod:`kcons.processor`.
 
 An executor bridge, not a re-implementation: each async object drives the synchronous kcons
 object, so error classification, bounded retries, fencing and re-initialisation are exactly
@@ -22,11 +22,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
-from confluent_kafka import Message, TopicPartition
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from kcons.envelope import Envelope
 from kcons.errors import AbortableTransactionError, ConfigError, KafkaOperationError, TimeoutExceededError
+from kcons.kafka import Message, TopicPartition
+from kcons.kafka.producer import HeaderList, IdempotentProducer, TransactionalProducer
 from kcons.processor import (
     POISON,
     DeadLettered,
@@ -36,7 +37,6 @@ from kcons.processor import (
     TransactionalProcessor,
     poison_of,
 )
-from kcons.producer import HeaderList, IdempotentProducer, TransactionalProducer
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,13 @@ class _Bridge:
 
 
 class AsyncIdempotentProducer:
-    """Async face of :class:`~kcons.producer.IdempotentProducer`: at-least-once, no broker-side duplicates."""
+    """Async face of :class:`~kcons.kafka.producer.IdempotentProducer`: at-least-once, no broker-side duplicates."""
 
-    def __init__(self, producer: IdempotentProducer, *, poll_interval_s: float = 0.05) -> None:
+    sync: IdempotentProducer | TransactionalProducer
+
+    def __init__(
+        self, producer: IdempotentProducer | TransactionalProducer, *, poll_interval_s: float = 0.05
+    ) -> None:
         self.sync = producer
         self._bridge = _Bridge("kcons-aio-producer")
         self._poll_interval_s = poll_interval_s
@@ -110,7 +114,7 @@ class AsyncIdempotentProducer:
         """Enqueue now (raises BufferError if librdkafka's queue is full); the future resolves on delivery."""
         self._check()
         fut = self.sync.produce(topic, value, key, headers=headers, partition=partition, block=False)
-        return asyncio.wrap_future(fut)
+        return asyncio.wrap_future(fut.as_future())
 
     async def enqueue(
         self,
@@ -170,7 +174,7 @@ class AsyncIdempotentProducer:
 
 
 class AsyncTransactionalProducer(AsyncIdempotentProducer):
-    """Async face of :class:`~kcons.producer.TransactionalProducer`: ``async with producer.transaction():``."""
+    """Async face of :class:`~kcons.kafka.producer.TransactionalProducer`: ``async with producer.transaction():``."""
 
     sync: TransactionalProducer
 
@@ -187,7 +191,7 @@ class AsyncTransactionalProducer(AsyncIdempotentProducer):
     async def transaction(self) -> AsyncIterator[AsyncTransactionalProducer]:
         """Begin; on normal exit flush everything produced inside and commit; on exception abort.
 
-        Raises like :meth:`kcons.producer.TransactionalProducer.transaction`.
+        Raises like :meth:`kcons.kafka.producer.TransactionalProducer.transaction`.
         """
         await self._bridge.call(self.sync.begin_transaction)
         try:

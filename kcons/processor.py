@@ -1,6 +1,6 @@
 """Exactly-once consume-transform-produce: :class:`TransactionalProcessor`.
 
-Each worker owns one read_committed consumer and one :class:`~kcons.producer.TransactionalProducer`
+Each worker owns one read_committed consumer and one :class:`~kcons.kafka.producer.TransactionalProducer`
 (KIP-447: the input offsets are committed inside the output transaction with
 ``send_offsets_to_transaction`` and the consumer's group metadata, so the broker fences a
 worker that lost its partitions). A batch is read first and only then processed inside one
@@ -55,7 +55,7 @@ from kcons.kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, 
 from kcons.kafka.client import check_consumer_config, close_bounded
 from kcons.kafka.dlq import dead_letter_headers, default_dlq_topic
 from kcons.kafka.loop import BatchSource
-from kcons.producer import HeaderList, TransactionalProducer
+from kcons.kafka.producer import HeaderList, TransactionalProducer
 
 log = logging.getLogger(__name__)
 

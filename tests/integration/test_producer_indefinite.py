@@ -12,7 +12,7 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from kcons.errors import IndefiniteOutcomeError
-from kcons.producer import TransactionalProducer
+from kcons.kafka.producer import TransactionalProducer
 from kcons.testing.plugin import create_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]

@@ -18,7 +18,7 @@ from kcons.errors import (
     ProducerFencedError,
     TimeoutExceededError,
 )
-from kcons.producer import IdempotentProducer, TransactionalProducer, wrap
+from kcons.kafka.producer import IdempotentProducer, TransactionalProducer, wrap
 
 pytestmark = [pytest.mark.integration, pytest.mark.backends]
 

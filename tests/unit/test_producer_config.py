@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from kcons.errors import ConfigError
-from kcons.producer import IdempotentProducer, _kafka_exception_of, check_producer_config, fast_event_id, wrap
+from kcons.kafka.producer import IdempotentProducer, _kafka_exception_of, check_producer_config, fast_event_id, wrap
 
 BASE = {"bootstrap.servers": "127.0.0.1:1"}
 
@@ -153,10 +153,10 @@ def test_event_ids_follow_the_clock_borrow_ahead_when_it_stands_still_and_stay_i
 def test_a_bare_system_error_from_flush_is_read_as_the_fatal_error_reported_before_it() -> None:
     producer = IdempotentProducer(dict(BASE), close_timeout_s=1.0)
     bare = SystemError("<method 'flush' of 'cimpl.Producer' objects> returned NULL without setting an exception")
-    assert producer._kafka_exception_behind(bare) is None  # nothing reported: the SystemError stays as it is
+    assert producer._client.exception_behind(bare) is None  # nothing reported: the SystemError stays as it is
     fenced = KafkaError(KafkaError._FENCED, "fenced by a newer instance", fatal=True)
-    producer._on_error(fenced)
-    behind = producer._kafka_exception_behind(bare)
+    producer._client._on_error(fenced)
+    behind = producer._client.exception_behind(bare)
     assert behind is not None and behind.args[0].code() == KafkaError._FENCED
     producer.close(0.1)
 

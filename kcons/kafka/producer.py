@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import FINISHED as _FINISHED
-from concurrent.futures._base import PENDING as _PENDING
+from concurrent.futures import InvalidStateError
 from functools import partial
 from typing import Any, TypeVar
 
@@ -51,7 +48,8 @@ from kcons.errors import (
     raise_for_kafka_error,
 )
 from kcons.ids import fast_event_id
-from kcons.kafka.client import check_producer_config
+from kcons.kafka.client import check_producer_config, close_bounded
+from kcons.kafka.futures import DeliveryFuture
 
 log = logging.getLogger(__name__)
 
@@ -93,92 +91,6 @@ def _with_event_id(headers: HeaderList | None) -> HeaderList:
     return [(HEADER_ID, fast_event_id()), *headers]
 
 
-# --- delivery futures --------------------------------------------------------------------
-
-_lazy_condition_lock = threading.Lock()
-
-
-class DeliveryFuture(Future[Message]):
-    """A ``concurrent.futures.Future`` that creates its Condition only when something waits on it.
-
-    One future is made per produced message and most are never waited on; the standard
-    Future builds a Condition and an RLock up front, which costs more than the produce call.
-    Here the Condition appears on first use (``result``, ``done``, ``add_done_callback``,
-    ``wait``...); until then ``set_result``/``set_exception`` just record the outcome. Both
-    paths hold one module lock while checking whether the Condition exists, so a waiter that
-    arrives concurrently either sees the outcome or is notified. Behaviour is otherwise that
-    of ``concurrent.futures.Future`` (``asyncio.wrap_future`` works on it).
-
-    The future is also the message's delivery callback (``__call__(err, msg)``), and its
-    waiter and callback lists appear on first use too: a produced message then allocates one
-    object that the cyclic garbage collector tracks, instead of six (future, two lists, a
-    closure and its cells), which with many messages in flight made collections the largest
-    cost of ``produce``.
-    """
-
-    def __init__(self, deliver: Callable[[DeliveryFuture, KafkaError | None, Message], None] | None = None) -> None:
-        # Future.__init__ is skipped on purpose: it builds the Condition and both lists.
-        self._state = _PENDING
-        self._result = None
-        self._exception = None
-        self._deliver = deliver
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        """confluent-kafka's delivery callback for this message: hand the report to the producer (once)."""
-        deliver, self._deliver = self._deliver, None  # let the producer go once delivered
-        if deliver is not None:
-            deliver(self, err, msg)
-
-    def release(self) -> None:
-        """Drop the link to the producer (it failed this future without a report, or closed)."""
-        self._deliver = None
-
-    @property
-    def _waiters(self) -> list[Any]:  # type: ignore[override]
-        return self._lazy_list("_lazy_waiters")
-
-    @property
-    def _done_callbacks(self) -> list[Callable[[Future[Message]], object]]:
-        return self._lazy_list("_lazy_done_callbacks")
-
-    def _lazy_list(self, name: str) -> list[Any]:
-        found: list[Any] | None = self.__dict__.get(name)
-        if found is None:
-            found = self.__dict__.setdefault(name, [])  # atomic: two threads get the same list
-        return found
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond: threading.Condition | None = self.__dict__.get("_lazy_condition")
-        if cond is None:
-            with _lazy_condition_lock:
-                cond = self.__dict__.get("_lazy_condition")
-                if cond is None:
-                    cond = threading.Condition()
-                    self.__dict__["_lazy_condition"] = cond
-        return cond
-
-    def set_result(self, result: Message) -> None:
-        with _lazy_condition_lock:
-            if "_lazy_condition" not in self.__dict__:
-                if self._state != _PENDING:
-                    raise InvalidStateError(f"the delivery future is already {self._state}")
-                self._result = result
-                self._state = _FINISHED
-                return
-        super().set_result(result)
-
-    def set_exception(self, exception: BaseException | None) -> None:
-        with _lazy_condition_lock:
-            if "_lazy_condition" not in self.__dict__:
-                if self._state != _PENDING:
-                    raise InvalidStateError(f"the delivery future is already {self._state}")
-                self._exception = exception
-                self._state = _FINISHED
-                return
-        super().set_exception(exception)
-
-
 # --- producers ---------------------------------------------------------------------------
 
 
@@ -207,115 +119,123 @@ def _kafka_exception_of(exc: BaseException) -> KafkaException | None:
     return None
 
 
-def _close_raw(raw: Producer, timeout: float) -> None:
-    """Drop everything queued in ``raw`` and close it, waiting at most ``timeout`` seconds."""
-    with contextlib.suppress(Exception):
-        raw.purge(True, True, False)
-    with contextlib.suppress(Exception):
-        raw.poll(0)  # fail the purged messages' futures now
-    done = threading.Event()
+class _Client:
+    """The raw confluent-kafka Producer of one kcons producer, and what belongs to it.
 
-    def close() -> None:
-        with contextlib.suppress(Exception):
-            raw.close()
-        done.set()
-
-    threading.Thread(target=close, name="kcons-producer-close", daemon=True).start()
-    if not done.wait(timeout):
-        log.warning("closing a Kafka producer took longer than %.1fs; left to finish in the background", timeout)
-
-
-class IdempotentProducer:
-    """At-least-once delivery without broker-side duplicates: ``enable.idempotence`` forced, ``acks=all``.
-
-    Wrapping an existing ``confluent_kafka.Producer`` cannot read its configuration back, so
-    idempotence and ``acks=all`` are then the caller's responsibility (this is assumed, not
-    verified). Every message gets a ``kcons-id`` header (UUIDv7) unless it already has one.
-    Delivery results come back as futures and, optionally, per-message callbacks.
+    Owns the raw producer (made from a checked config, or the user's own object), its error
+    callback (which records a fatal error and forwards every error to the user's ``error_cb``),
+    the probe for a fatal error that confluent-kafka failed to report, re-creation with the
+    same config (or the user's factory), and the bounded close. Knows nothing of futures or
+    transactions: the producers that have a client decide what an error means for them.
     """
 
     def __init__(
         self,
-        config: Mapping[str, Any] | Producer,
+        producer_or_config: Producer | dict[str, Any],
         *,
-        flush_timeout_s: float = 30.0,
-        close_timeout_s: float = 10.0,
-        event_ids: bool = True,
+        close_timeout_s: float,
+        factory: Callable[[], Producer] | None = None,
     ) -> None:
-        if flush_timeout_s <= 0:
-            raise ConfigError("flush_timeout_s", f"must be > 0, got {flush_timeout_s}")
-        self.flush_timeout_s = flush_timeout_s
         self.close_timeout_s = close_timeout_s
-        self.event_ids = event_ids
-        self._closed = False
-        self._fatal: KafkaError | None = None
-        self._user_error_cb: Callable[[KafkaError], None] | None = None
-        self._user_delivery_cb: DeliveryCallback | None = None
-        self._delivered = 0  # acknowledged since the last metrics update (kept out of the hot path)
-        self._failures_since_begin = 0
-        self._pending: set[DeliveryFuture] = set()
-        self._config: dict[str, Any] | None
-        if isinstance(config, Producer):
-            if type(config).produce is not Producer.produce:
+        self.fatal: KafkaError | None = None
+        self.closed = False
+        self._factory = factory
+        self.user_error_cb: Callable[[KafkaError], None] | None = None
+        self.config: dict[str, Any] | None
+        if isinstance(producer_or_config, Producer):
+            if type(producer_or_config).produce is not Producer.produce:
                 # A SerializingProducer (or another subclass) takes produce() arguments in another
                 # order and serializes them itself; kcons passes bytes straight to librdkafka.
                 raise TypeError(
-                    f"kcons wraps a plain confluent_kafka.Producer, not {type(config).__name__}: "
+                    f"kcons wraps a plain confluent_kafka.Producer, not {type(producer_or_config).__name__}: "
                     "serialize values before producing through kcons"
                 )
-            self._config = None
-            self.raw: Producer = config
+            self.config = None
+            self.raw: Producer = producer_or_config
         else:
-            self._config = self._prepare_config(config)
+            self.user_error_cb = producer_or_config.pop("error_cb", None)
+            producer_or_config["error_cb"] = self._on_error
+            self.config = producer_or_config
             self.raw = self._new_raw()
 
-    # configuration ----------------------------------------------------------------------
+    @property
+    def owned(self) -> bool:
+        """True when kcons made the raw producer (from a config), False when it is the user's object."""
+        return self.config is not None
 
-    def _prepare_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        cfg = check_producer_config(config, transactional=False)
-        return self._take_callbacks(cfg)
-
-    def _take_callbacks(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        self._user_error_cb = cfg.pop("error_cb", None)
-        self._user_delivery_cb = cfg.pop("on_delivery", None) or cfg.pop("delivery.report.cb", None)
-        cfg["error_cb"] = self._on_error
-        return cfg
+    @property
+    def can_recreate(self) -> bool:
+        """Whether a replacement can be made (from the config, or with the user's factory)."""
+        return self.config is not None or self._factory is not None
 
     def _new_raw(self) -> Producer:
-        assert self._config is not None
+        if self.config is None:
+            assert self._factory is not None
+            return self._factory()
         try:
-            return Producer(self._config)
+            return Producer(self.config)
         except KafkaException as exc:
-            shown = {k: v for k, v in redact_config(self._config).items() if not callable(v)}
+            shown = {k: v for k, v in redact_config(self.config).items() if not callable(v)}
             raise ConfigError("producer config", f"{exc} (config: {shown})") from None
 
-    def _kafka_exception_behind(self, exc: BaseException, *, probe: bool = False) -> KafkaException | None:
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self.fatal = err
+            log.error("fatal Kafka producer error: %s", err.str())
+        else:
+            log.debug("Kafka producer error: %s", err.str())
+        if self.user_error_cb is not None:
+            self.user_error_cb(err)
+
+    def recreate(self) -> None:
+        """Replace the raw producer by a new one; the old one finishes closing in the background."""
+        old = self.raw
+        self.close_raw(old, min(1.0, self.close_timeout_s))
+        self.fatal = None
+        self.raw = self._new_raw()
+
+    def close(self) -> None:
+        """Drop what is queued and close the raw producer (bounded); the client is unusable afterwards."""
+        self.closed = True
+        self.close_raw(self.raw, self.close_timeout_s)
+
+    @staticmethod
+    def close_raw(raw: Producer, timeout: float) -> None:
+        """Drop everything queued in ``raw`` and close it, waiting at most ``timeout`` seconds."""
+        with contextlib.suppress(Exception):
+            raw.purge(True, True, False)
+        with contextlib.suppress(Exception):
+            raw.poll(0)  # fail the purged messages' futures now
+        close_bounded(raw.close, timeout, "Kafka producer")
+
+    def exception_behind(self, exc: BaseException, *, probe_transaction: bool = False) -> KafkaException | None:
         """The Kafka error behind a failed ``poll``/``flush``: in the exception chain, else the fatal one reported.
 
         When a fatal error is raised while delivery callbacks run, confluent-kafka can also lose
         the exception and raise a bare SystemError ("returned NULL without setting an
-        exception"); the fatal error reached :meth:`_on_error` first, so it names the cause.
+        exception"); the fatal error reached the error callback first, so it names the cause.
+        With ``probe_transaction`` (a commit's flush inside an open transaction) a bare
+        SystemError with no error reported yet makes the client ask librdkafka (:meth:`_probe`).
         """
         kexc = _kafka_exception_of(exc)
-        if kexc is None and self._fatal is None and probe and isinstance(exc, SystemError):
-            kexc = self._probe_fatal()
-        if kexc is None and self._fatal is not None:
-            kexc = KafkaException(self._fatal)
+        if kexc is None and self.fatal is None and probe_transaction and isinstance(exc, SystemError):
+            kexc = self._probe()
+        if kexc is None and self.fatal is not None:
+            kexc = KafkaException(self.fatal)
         return kexc
 
-    def _probe_fatal(self) -> KafkaException | None:
-        """After a bare SystemError with no error reported yet: ask librdkafka whether the producer failed.
+    def _probe(self) -> KafkaException | None:
+        """After a bare SystemError in a transaction with no error reported yet: did the producer fail?
 
         Serves the error queue once (the fatal error's report may still be queued, behind the
-        callback that lost the exception); in a transaction, ``begin_transaction`` is then
-        asked too: librdkafka answers it with the fatal or abortable error the transaction is
-        in, and with a harmless "in transaction" state error otherwise (it begins nothing).
-        Only the thread that runs the transaction probes (from its commit's flush), so
-        librdkafka is in that transaction; should the probe begin one anyway, it is aborted.
+        callback that lost the exception), then asks ``begin_transaction``: librdkafka answers
+        it with the fatal or abortable error the transaction is in, and with a harmless "in
+        transaction" state error otherwise (it begins nothing). Only the thread that runs the
+        transaction probes (from its commit's flush); should the probe begin one anyway, it is aborted.
         """
         with contextlib.suppress(KafkaException, SystemError, RuntimeError):
             self.raw.poll(0)
-        if self._fatal is not None or not self._transaction_open():
+        if self.fatal is not None:
             return None
         try:
             self.raw.begin_transaction()
@@ -331,20 +251,71 @@ class IdempotentProducer:
             return None
         return None
 
-    def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():
-            self._fatal = err
-            log.error("fatal Kafka producer error: %s", err.str())
-        else:
-            log.debug("Kafka producer error: %s", err.str())
-        if self._user_error_cb is not None:
-            self._user_error_cb(err)
 
-    # producing --------------------------------------------------------------------------
+def _user_delivery_callback(
+    config: dict[str, Any] | None, on_delivery: DeliveryCallback | None
+) -> DeliveryCallback | None:
+    """The user's producer-level delivery callback: ``on_delivery=`` or the config's (popped), never both."""
+    in_config = None
+    if config is not None:
+        in_config = config.pop("on_delivery", None) or config.pop("delivery.report.cb", None)
+    if in_config is not None and on_delivery is not None:
+        raise ConfigError("on_delivery", "is set both in the config and as an argument: set it once")
+    return on_delivery or in_config
+
+
+def _safe(callback: DeliveryCallback) -> DeliveryCallback:
+    """``callback`` with its exceptions logged: a user callback must not break the delivery of the others."""
+
+    def call(err: KafkaError | None, msg: Message) -> None:
+        try:
+            callback(err, msg)
+        except Exception:
+            log.exception("a delivery callback raised")
+
+    return call
+
+
+class _ProducerBase:
+    """What both kcons producers do with their client: produce with futures, serve reports, flush, close.
+
+    Not transaction-aware: :class:`TransactionalProducer` adds its transaction state on top and
+    decides itself how an error inside a transaction is classified.
+    """
+
+    def __init__(
+        self,
+        client: _Client,
+        *,
+        flush_timeout_s: float,
+        event_ids: bool,
+        on_delivery: DeliveryCallback | None,
+    ) -> None:
+        self._client = client
+        self.flush_timeout_s = flush_timeout_s
+        self.close_timeout_s = client.close_timeout_s
+        self.event_ids = event_ids
+        self._user_delivery_cb = on_delivery
+        #: Per-message callback of future-less writes: the user's callback, so it runs once per message.
+        self._plain_cb: DeliveryCallback | None = None if on_delivery is None else _safe(on_delivery)
+        self._delivered = 0  # acknowledged since the last metrics update (kept out of the hot path)
+        self._failed = 0  # delivery failures reported so far
+        self._pending: set[DeliveryFuture] = set()
+
+    @property
+    def raw(self) -> Producer:
+        """The underlying confluent-kafka Producer (a new object after a re-creation)."""
+        return self._client.raw
+
+    @property
+    def _closed(self) -> bool:
+        return self._client.closed
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._client.closed:
             raise FatalKafkaError("the producer is closed; create a new one")
+
+    # producing --------------------------------------------------------------------------
 
     def produce(
         self,
@@ -356,13 +327,16 @@ class IdempotentProducer:
         partition: int | None = None,
         on_delivery: DeliveryCallback | None = None,
         block: bool = True,
-    ) -> Future[Message]:
+    ) -> DeliveryFuture:
         """Queue one message; the future resolves with the acknowledged message or fails with DeliveryError.
 
+        ``on_delivery`` (or else the producer's ``on_delivery``) is called once with the report.
         Waits (bounded by ``flush_timeout_s``) while librdkafka's local queue is full, then
         raises TimeoutExceededError; with ``block=False`` raises BufferError at once instead.
         """
-        self._check_open()
+        client = self._client
+        if client.closed:
+            raise FatalKafkaError("the producer is closed; create a new one")
         user_cb = on_delivery or self._user_delivery_cb
         fut = DeliveryFuture(self._on_delivery if user_cb is None else partial(self._on_delivery, user_cb=user_cb))
         self._pending.add(fut)
@@ -370,9 +344,10 @@ class IdempotentProducer:
             headers = {HEADER_ID: fast_event_id()} if headers is None else _with_event_id(headers)
         try:
             part = _UNASSIGNED if partition is None else partition
-            # Positional (see enqueue); the callback goes in the first callback slot: a None there
-            # would make confluent-kafka ignore on_delivery.
-            self.raw.produce(topic, value, key, part, fut, None, 0, headers)
+            # All positional (partition, callback, on_delivery, timestamp, headers): confluent-kafka
+            # resolves keyword arguments by building a str per keyword name on every call. The
+            # callback goes in the first callback slot: a None there makes it ignore on_delivery.
+            client.raw.produce(topic, value, key, part, fut, None, 0, headers)
         except BufferError:
             if not block:
                 self._pending.discard(fut)
@@ -405,7 +380,7 @@ class IdempotentProducer:
         while True:
             self._serve(0.05, "poll")
             try:
-                self.raw.produce(topic, value, key, **kwargs)
+                self._client.raw.produce(topic, value, key, **kwargs)
                 return
             except BufferError:
                 if time.monotonic() >= deadline:
@@ -417,7 +392,7 @@ class IdempotentProducer:
                 self._raise_kafka(exc, "produce")
 
     def _on_delivery(
-        self, fut: Future[Message], err: KafkaError | None, msg: Message, user_cb: DeliveryCallback | None = None
+        self, fut: DeliveryFuture, err: KafkaError | None, msg: Message, user_cb: DeliveryCallback | None = None
     ) -> None:
         # The future leaves the pending set only once resolved: when confluent-kafka runs this callback
         # with a fatal error already pending, every C call in here fails, and close() must fail it later.
@@ -426,11 +401,11 @@ class IdempotentProducer:
             with contextlib.suppress(InvalidStateError):  # cancelled by its caller (e.g. asyncio)
                 fut.set_result(msg)
         else:
-            self._failures_since_begin += 1
+            self._failed += 1
             cls = classify_kafka_error(err)
             metrics.PRODUCE_ERRORS.labels(cls.value).inc()
             if cls in (ErrorClass.FATAL, ErrorClass.FENCED):
-                self._fatal = err
+                self._client.fatal = err
             reason = f"delivery to {msg.topic()} failed: {err.str()} ({err.name()})"
             with contextlib.suppress(InvalidStateError):
                 fut.set_exception(DeliveryError(reason, code=err.code(), name=err.name()))
@@ -446,7 +421,7 @@ class IdempotentProducer:
             n, self._delivered = self._delivered, 0
             metrics.MESSAGES_PRODUCED.inc(n)
 
-    def send(self, topic: str, envelope: Envelope, *, on_delivery: DeliveryCallback | None = None) -> Future[Message]:
+    def send(self, topic: str, envelope: Envelope, *, on_delivery: DeliveryCallback | None = None) -> DeliveryFuture:
         """Produce an event: key = aggregate id (so one aggregate stays in order), value = payload, envelope headers."""
         return self.produce(
             topic, envelope.payload, envelope.key, headers=list(envelope.headers()), on_delivery=on_delivery
@@ -460,9 +435,9 @@ class IdempotentProducer:
     def _serve(self, timeout: float, operation: str) -> int:
         """``raw.poll`` or ``raw.flush`` with fatal errors raised as typed errors (closing the producer)."""
         try:
-            n = int(self.raw.flush(timeout) if operation == "flush" else self.raw.poll(timeout))
+            n = int(self._client.raw.flush(timeout) if operation == "flush" else self._client.raw.poll(timeout))
         except (KafkaException, SystemError) as exc:
-            kexc = self._kafka_exception_behind(exc)
+            kexc = self._client.exception_behind(exc)
             if kexc is None:
                 raise
             self._raise_kafka(kexc, operation)
@@ -484,18 +459,17 @@ class IdempotentProducer:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (bounded) and close; messages still queued after the bound are dropped and their futures fail."""
-        if self._closed:
+        if self._client.closed:
             return
         bound = self.flush_timeout_s if timeout is None else timeout
         try:
             with contextlib.suppress(KafkaException, SystemError, RuntimeError):
-                remaining = int(self.raw.flush(bound))
+                remaining = int(self._client.raw.flush(bound))
                 if remaining:
                     log.warning("closing a producer with %d unacknowledged message(s); they are dropped", remaining)
         finally:
             self._count_delivered()
-            self._closed = True
-            _close_raw(self.raw, self.close_timeout_s)
+            self._client.close()
             self._fail_pending("the producer was closed before the message was acknowledged")
 
     def _fail_pending(self, reason: str) -> None:
@@ -510,43 +484,81 @@ class IdempotentProducer:
     @property
     def closed(self) -> bool:
         """Whether the producer was closed (explicitly or after a fatal error)."""
-        return self._closed
-
-    def __enter__(self) -> IdempotentProducer:
-        return self
+        return self._client.closed
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __len__(self) -> int:
-        return 0 if self._closed else len(self.raw)
+        return 0 if self._client.closed else len(self._client.raw)
 
     # errors -----------------------------------------------------------------------------
 
     def _raise_kafka(self, exc: KafkaException, operation: str, *, in_transaction_end: bool = False) -> None:
         """Raise the typed error for ``exc``; a fatal or fenced error closes the producer first."""
         try:
-            raise_for_kafka_error(
-                exc, operation, in_transaction_end=in_transaction_end, in_transaction=self._transaction_open()
-            )
+            raise_for_kafka_error(exc, operation, in_transaction_end=in_transaction_end)
         except KafkaOperationError as typed:
-            metrics.PRODUCE_ERRORS.labels(typed.error_class.value).inc()
-            if typed.error_class in (ErrorClass.FATAL, ErrorClass.FENCED):
-                self._close_after_fatal(typed)
+            self._after_typed_error(typed)
             raise
 
-    def _transaction_open(self) -> bool:
-        return False
+    def _after_typed_error(self, typed: KafkaOperationError) -> None:
+        metrics.PRODUCE_ERRORS.labels(typed.error_class.value).inc()
+        if typed.error_class in (ErrorClass.FATAL, ErrorClass.FENCED):
+            self._close_after_fatal(typed)
+
+    def _raise_if_fatal(self, operation: str) -> None:
+        fatal = self._client.fatal
+        if fatal is not None:
+            typed = kafka_error_to_exception(fatal, operation)
+            self._close_after_fatal(typed)
+            raise typed
 
     def _close_after_fatal(self, err: BaseException) -> None:
-        if not self._closed:
+        if not self._client.closed:
             log.error("closing the producer after a fatal error: %s", err)
-            self._closed = True
-            _close_raw(self.raw, self.close_timeout_s)
+            self._client.close()
             self._fail_pending(f"the producer was closed after a fatal error: {err}")
 
 
-class TransactionalProducer(IdempotentProducer):
+def _producer_timeouts(flush_timeout_s: float, close_timeout_s: float) -> None:
+    if flush_timeout_s <= 0:
+        raise ConfigError("flush_timeout_s", f"must be > 0, got {flush_timeout_s}")
+    if close_timeout_s <= 0:
+        raise ConfigError("close_timeout_s", f"must be > 0, got {close_timeout_s}")
+
+
+class IdempotentProducer(_ProducerBase):
+    """At-least-once delivery without broker-side duplicates: ``enable.idempotence`` forced, ``acks=all``.
+
+    Wrapping an existing ``confluent_kafka.Producer`` cannot read its configuration back, so
+    idempotence and ``acks=all`` are then the caller's responsibility (this is assumed, not
+    verified). Every message gets a ``kcons-id`` header (UUIDv7) unless it already has one.
+    Delivery results come back as futures and, optionally, a delivery callback: the config's
+    ``on_delivery`` or the ``on_delivery=`` argument (the only way for a wrapped Producer
+    object, whose own callback kcons cannot see), called exactly once per message.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | Producer,
+        *,
+        flush_timeout_s: float = 30.0,
+        close_timeout_s: float = 10.0,
+        event_ids: bool = True,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        _producer_timeouts(flush_timeout_s, close_timeout_s)
+        cfg = None if isinstance(config, Producer) else check_producer_config(config, transactional=False)
+        user_cb = _user_delivery_callback(cfg, on_delivery)
+        client = _Client(config if cfg is None else cfg, close_timeout_s=close_timeout_s)  # type: ignore[arg-type]
+        super().__init__(client, flush_timeout_s=flush_timeout_s, event_ids=event_ids, on_delivery=user_cb)
+
+    def __enter__(self) -> IdempotentProducer:
+        return self
+
+
+class TransactionalProducer(_ProducerBase):
     """Exactly-once writes: what is produced inside ``with producer.transaction():`` commits together or not at all.
 
     ``init_transactions`` runs at construction (bounded by ``init_timeout_s``); it fences any
@@ -554,7 +566,8 @@ class TransactionalProducer(IdempotentProducer):
     wrapping an existing Producer, init_transactions is called on it, which verifies that it
     has a ``transactional.id`` (a producer that was already initialised is accepted); since its
     config cannot be read back, an indefinite outcome then closes it unless ``producer_factory``
-    is given to build a replacement.
+    is given to build a replacement. ``on_delivery`` is called exactly once per message, on
+    every path (``produce``, ``send``, ``enqueue``), as for :class:`IdempotentProducer`.
     """
 
     def __init__(
@@ -569,55 +582,69 @@ class TransactionalProducer(IdempotentProducer):
         retry_attempts: int = 8,
         event_ids: bool = True,
         producer_factory: Callable[[], Producer] | None = None,
+        on_delivery: DeliveryCallback | None = None,
     ) -> None:
+        _producer_timeouts(flush_timeout_s, close_timeout_s)
         if init_timeout_s <= 0:
             raise ConfigError("init_timeout_s", f"must be > 0, got {init_timeout_s}")
         if commit_timeout_s <= 0:
             raise ConfigError("commit_timeout_s", f"must be > 0, got {commit_timeout_s}")
         if retry_attempts < 1:
             raise ConfigError("retry_attempts", f"must be >= 1, got {retry_attempts}")
-        self._transactional_id = transactional_id
+        if isinstance(config, Producer) and transactional_id is not None:
+            raise ConfigError("transactional.id", "cannot be set on an existing Producer; configure it there")
         self.init_timeout_s = init_timeout_s
         self.commit_timeout_s = commit_timeout_s
         self.retry_attempts = retry_attempts
-        self._producer_factory = producer_factory
         self._in_txn = False
+        self._failed_at_begin = 0  # delivery failures counted before the open transaction began
         self._enqueued = 0  # messages queued with enqueue() in the open transaction
         self._txn_started = 0.0
-        self._txn_lock = threading.Lock()
-        if isinstance(config, Producer) and transactional_id is not None:
-            raise ConfigError("transactional.id", "cannot be set on an existing Producer; configure it there")
-        super().__init__(config, flush_timeout_s=flush_timeout_s, close_timeout_s=close_timeout_s, event_ids=event_ids)
-        self._init_transactions(accept_already_initialised=self._config is None)
+        cfg = None if isinstance(config, Producer) else self._prepare_config(config, transactional_id)
+        user_cb = _user_delivery_callback(cfg, on_delivery)
+        client = _Client(
+            config if cfg is None else cfg,  # type: ignore[arg-type]
+            close_timeout_s=close_timeout_s,
+            factory=producer_factory if cfg is None else None,
+        )
+        super().__init__(client, flush_timeout_s=flush_timeout_s, event_ids=event_ids, on_delivery=user_cb)
+        self._init_transactions(accept_already_initialised=not client.owned)
 
-    def _prepare_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _prepare_config(config: Mapping[str, Any], transactional_id: str | None) -> dict[str, Any]:
         cfg = dict(config)
-        if self._transactional_id is not None:
-            cfg["transactional.id"] = self._transactional_id
+        if transactional_id is not None:
+            cfg["transactional.id"] = transactional_id
         cfg = check_producer_config(cfg, transactional=True)
         # For a few ms after each commit the coordinator answers CONCURRENT_TRANSACTIONS to the next
         # transaction's first request; librdkafka's default 100 ms backoff would add that to every
         # transaction (measured: ~2x throughput for 500-record transactions). Only when unset.
         cfg.setdefault("retry.backoff.ms", TXN_RETRY_BACKOFF_MS)
-        return self._take_callbacks(cfg)
+        return cfg
 
     @property
     def transactional_id(self) -> str | None:
         """The ``transactional.id`` (None when wrapping a Producer whose config is unknown)."""
-        return None if self._config is None else str(self._config["transactional.id"])
+        config = self._client.config
+        return None if config is None else str(config["transactional.id"])
 
     @property
     def in_transaction(self) -> bool:
         """Whether a transaction is open."""
         return self._in_txn
 
-    def _transaction_open(self) -> bool:
-        return self._in_txn
+    def _raise_kafka(self, exc: KafkaException, operation: str, *, in_transaction_end: bool = False) -> None:
+        """Raise the typed error for ``exc``, classified as inside a transaction while one is open."""
+        try:
+            raise_for_kafka_error(exc, operation, in_transaction_end=in_transaction_end, in_transaction=self._in_txn)
+        except KafkaOperationError as typed:
+            self._after_typed_error(typed)
+            raise
 
     def _init_transactions(self, *, accept_already_initialised: bool) -> None:
         def init() -> None:
             try:
-                self.raw.init_transactions(self.init_timeout_s)
+                self._client.raw.init_transactions(self.init_timeout_s)
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
                 name = err.name() if err is not None and hasattr(err, "name") else ""
@@ -636,9 +663,8 @@ class TransactionalProducer(IdempotentProducer):
         try:
             _retry_policy(self.retry_attempts, self.init_timeout_s * 2)(init)
         except BaseException:
-            if self._config is not None:
-                self._closed = True
-                _close_raw(self.raw, self.close_timeout_s)
+            if self._client.owned and not self._client.closed:
+                self._client.close()
             raise
 
     # transactions -----------------------------------------------------------------------
@@ -664,7 +690,7 @@ class TransactionalProducer(IdempotentProducer):
 
     def abort_after_error(self, reason: str = "exception") -> None:
         """Abort after a failure inside the transaction, first letting its in-flight requests finish (bounded)."""
-        if self._in_txn and not self._closed:
+        if self._in_txn and not self._client.closed:
             self._settle_before_abort()
             self.abort_transaction(reason=reason)
 
@@ -676,7 +702,7 @@ class TransactionalProducer(IdempotentProducer):
         avoids that race. Failures here are left to the abort that follows.
         """
         with contextlib.suppress(KafkaException, SystemError, RuntimeError):
-            self.raw.flush(min(5.0, self.commit_timeout_s))
+            self._client.raw.flush(min(5.0, self.commit_timeout_s))
         self._count_delivered()
 
     def begin_transaction(self) -> None:
@@ -686,11 +712,11 @@ class TransactionalProducer(IdempotentProducer):
             raise KafkaOperationError("a transaction is already open on this producer (transactions do not nest)")
         self._raise_if_fatal("begin_transaction")
         try:
-            self.raw.begin_transaction()
+            self._client.raw.begin_transaction()
         except KafkaException as exc:
             self._raise_kafka(exc, "begin_transaction")
         self._in_txn = True
-        self._failures_since_begin = 0
+        self._failed_at_begin = self._failed
         self._enqueued = 0
         self._txn_started = time.monotonic()
 
@@ -718,11 +744,14 @@ class TransactionalProducer(IdempotentProducer):
         try:
             # All positional (partition, callback, on_delivery, timestamp, headers): confluent-kafka
             # resolves keyword arguments by building a str per keyword name on every call.
-            self.raw.produce(topic, value, key, _UNASSIGNED if partition is None else partition, None, None, 0, headers)
+            # The user's delivery callback (if any) in the first callback slot: once per message.
+            self._client.raw.produce(
+                topic, value, key, _UNASSIGNED if partition is None else partition, self._plain_cb, None, 0, headers
+            )
         except BufferError:
             if not block:
                 raise
-            self._produce_when_room(topic, value, key, headers, partition, None)
+            self._produce_when_room(topic, value, key, headers, partition, self._plain_cb)
         except KafkaException as exc:
             self._raise_kafka(exc, "produce")
         self._enqueued += 1
@@ -738,7 +767,7 @@ class TransactionalProducer(IdempotentProducer):
 
         def send() -> None:
             try:
-                self.raw.send_offsets_to_transaction(offsets, group_metadata, timeout)
+                self._client.raw.send_offsets_to_transaction(offsets, group_metadata, timeout)
             except KafkaException as exc:
                 self._raise_kafka(exc, "send_offsets_to_transaction")
 
@@ -755,9 +784,9 @@ class TransactionalProducer(IdempotentProducer):
             raise KafkaOperationError("commit_transaction needs an open transaction")
         deadline = time.monotonic() + self.commit_timeout_s
         try:
-            remaining = int(self.raw.flush(self.commit_timeout_s))
+            remaining = int(self._client.raw.flush(self.commit_timeout_s))
         except (KafkaException, SystemError) as exc:
-            kexc = self._kafka_exception_behind(exc, probe=True)
+            kexc = self._client.exception_behind(exc, probe_transaction=True)
             if kexc is None:
                 raise
             self._end_failed(kexc, "flush before commit")
@@ -769,14 +798,14 @@ class TransactionalProducer(IdempotentProducer):
             raise TimeoutExceededError(
                 f"{remaining} message(s) unacknowledged {self.commit_timeout_s}s into the commit; transaction aborted"
             )
-        if self._failures_since_begin:
-            failed = self._failures_since_begin
+        if self._failed != self._failed_at_begin:
+            failed = self._failed - self._failed_at_begin
             self.abort_transaction(reason="delivery_failed")
             raise AbortableTransactionError(f"{failed} message(s) of the transaction failed delivery; it was aborted")
 
         def commit() -> None:
             try:
-                self.raw.commit_transaction(max(0.001, deadline - time.monotonic()))
+                self._client.raw.commit_transaction(max(0.001, deadline - time.monotonic()))
             except KafkaException as exc:
                 self._end_failed(exc, "commit_transaction")
 
@@ -801,7 +830,7 @@ class TransactionalProducer(IdempotentProducer):
 
         def abort() -> None:
             try:
-                self.raw.abort_transaction(self.commit_timeout_s)
+                self._client.raw.abort_transaction(self.commit_timeout_s)
             except KafkaException as exc:
                 self._end_failed(exc, "abort_transaction")
 
@@ -809,7 +838,7 @@ class TransactionalProducer(IdempotentProducer):
             _retry_policy(self.retry_attempts, self.commit_timeout_s)(abort)
         except IndefiniteOutcomeError:
             self._in_txn = False
-            if self._closed:
+            if self._client.closed:
                 raise
             log.warning("abort timed out; the producer was re-created and the broker aborts the transaction")
         self._in_txn = False
@@ -850,27 +879,18 @@ class TransactionalProducer(IdempotentProducer):
     def _reinitialise(self, cause: BaseException) -> None:
         """Replace the producer after an indefinite outcome: same transactional.id, fresh init_transactions."""
         metrics.PRODUCER_REINITIALISATIONS.inc()
-        old = self.raw
-        if self._config is None and self._producer_factory is None:
-            self._closed = True
-            _close_raw(old, self.close_timeout_s)
+        client = self._client
+        if not client.can_recreate:
+            client.close()
             self._fail_pending(f"the producer was closed after an indefinite outcome: {cause}")
             raise IndefiniteOutcomeError(
                 f"{cause}; the wrapped producer cannot be re-created (pass producer_factory), so it was closed"
             ) from cause
         log.warning("transaction outcome unknown (%s): re-creating the producer to fence the old one", cause)
         # The old instance may sit in its own commit until its timeout: let it finish in the background.
-        _close_raw(old, min(1.0, self.close_timeout_s))
+        client.recreate()
         self._fail_pending(f"the producer was re-created after an indefinite outcome: {cause}")
-        self._fatal = None
-        self.raw = self._new_raw() if self._config is not None else self._producer_factory()  # type: ignore[misc]
         self._init_transactions(accept_already_initialised=False)
-
-    def _raise_if_fatal(self, operation: str) -> None:
-        if self._fatal is not None:
-            typed = kafka_error_to_exception(self._fatal, operation)
-            self._close_after_fatal(typed)
-            raise typed
 
     def run_in_transaction(self, work: Callable[[TransactionalProducer], T], *, attempts: int = 5) -> T:
         """Run ``work(producer)`` inside a transaction and commit; on an abortable error abort and re-run it all.
@@ -896,7 +916,7 @@ class TransactionalProducer(IdempotentProducer):
 
     def close(self, timeout: float | None = None) -> None:
         """Abort an open transaction (bounded), flush and close."""
-        if not self._closed and self._in_txn:
+        if not self._client.closed and self._in_txn:
             with contextlib.suppress(KafkaOperationError):
                 self.abort_transaction(reason="closed")
         super().close(timeout)
@@ -910,7 +930,10 @@ def wrap(producer_or_config: Mapping[str, Any] | Producer, **kwargs: Any) -> Ide
 
     For an existing Producer, whose config cannot be read, ``init_transactions`` is tried:
     it succeeds (or reports an already initialised producer) only when a ``transactional.id``
-    is configured.
+    is configured. Its own delivery callback cannot be read either, and kcons' per-message
+    callbacks replace it: pass it as ``wrap(producer, on_delivery=callback)`` and it runs exactly
+    once per message on every path (``produce``, ``send``, ``enqueue``). For a config dict, its
+    ``on_delivery`` (or the ``on_delivery=`` argument, not both) is used the same way.
     """
     if isinstance(producer_or_config, Producer):
         try:
@@ -925,5 +948,5 @@ def wrap(producer_or_config: Mapping[str, Any] | Producer, **kwargs: Any) -> Ide
 
 
 def _idempotent_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    names = ("flush_timeout_s", "close_timeout_s", "event_ids")
+    names = ("flush_timeout_s", "close_timeout_s", "event_ids", "on_delivery")
     return {k: v for k, v in kwargs.items() if k in names}

@@ -1,4 +1,7 @@
-"""DeliveryFuture behaves like concurrent.futures.Future, including waiters racing the delivery thread."""
+"""DeliveryFuture keeps the concurrent.futures.Future contract, including waiters racing the delivery thread.
+
+Pure Python (no broker): run on every supported Python version.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kcons.producer import DeliveryFuture
+from kcons.kafka.futures import DeliveryFuture
 
 
 def test_result_set_before_anyone_waits_is_returned() -> None:
@@ -77,15 +80,60 @@ def test_waiters_racing_the_setter_never_miss_the_result() -> None:
 def test_concurrent_futures_wait_and_asyncio_wrap_future_work() -> None:
     futs = [DeliveryFuture() for _ in range(3)]
     threading.Timer(0.01, lambda: [f.set_result(i) for i, f in enumerate(futs)]).start()  # type: ignore[func-returns-value]
-    done, not_done = concurrent.futures.wait(futs, timeout=5)
+    done, not_done = concurrent.futures.wait([f.as_future() for f in futs], timeout=5)
     assert len(done) == 3 and not not_done
+    assert sorted(f.result() for f in done) == [0, 1, 2]
 
     async def awaited() -> Any:
         fut = DeliveryFuture()
         threading.Timer(0.01, fut.set_result, args=("x",)).start()
-        return await asyncio.wrap_future(fut)
+        return await asyncio.wrap_future(fut.as_future())
 
     assert asyncio.run(awaited()) == "x"
+
+
+def test_as_future_of_a_finished_future_carries_its_outcome_and_is_always_the_same_object() -> None:
+    ok, failed = DeliveryFuture(), DeliveryFuture()
+    ok.set_result("m")  # type: ignore[arg-type]
+    failed.set_exception(ValueError("no"))
+    assert ok.as_future() is ok.as_future() and ok.as_future().result(0) == "m"
+    assert isinstance(failed.as_future().exception(0), ValueError)
+    assert failed.done() and isinstance(failed.exception(0), ValueError)
+
+
+def test_cancelling_the_asyncio_wrapper_cancels_the_delivery_future_and_a_late_report_is_refused() -> None:
+    fut = DeliveryFuture()
+
+    async def cancel_it() -> None:
+        wrapped = asyncio.wrap_future(fut.as_future())
+        wrapped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await wrapped
+
+    asyncio.run(cancel_it())
+    assert fut.cancelled() and fut.done()
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        fut.set_result("late")  # type: ignore[arg-type]
+    with pytest.raises(concurrent.futures.CancelledError):
+        fut.result(0)
+
+
+def test_a_done_callback_receives_the_delivery_future_itself() -> None:
+    fut = DeliveryFuture()
+    seen: list[Any] = []
+    fut.add_done_callback(seen.append)
+    fut.set_exception(ValueError("x"))
+    assert seen == [fut]
+
+
+def test_nothing_of_concurrent_futures_private_state_is_touched() -> None:
+    import inspect
+
+    import kcons.kafka.futures as module
+
+    source = inspect.getsource(module)
+    for private in ("_base", "_waiters", "_condition", "_state", "_FINISHED", "_PENDING"):
+        assert private not in source, private
 
 
 def test_the_future_is_its_own_delivery_callback_and_hands_the_report_over_once() -> None:
@@ -102,23 +150,23 @@ def test_the_future_is_its_own_delivery_callback_and_hands_the_report_over_once(
     assert fut._deliver is None, "the producer is released once delivered"
 
 
-def test_waiter_and_callback_lists_appear_on_first_use_only() -> None:
+def test_a_future_nobody_waits_on_links_no_standard_future() -> None:
     fut = DeliveryFuture()
-    assert "_lazy_waiters" not in fut.__dict__ and "_lazy_done_callbacks" not in fut.__dict__
+    fut.set_result("m")  # type: ignore[arg-type]
+    assert fut.done() and fut.result(0) == "m" and fut.exception(0) is None
+    assert fut._future is None, "reading a known outcome needs no Condition"
     seen: list[Any] = []
     fut.add_done_callback(lambda f: seen.append(f.result()))
     other = DeliveryFuture()
-    threading.Timer(0.05, lambda: fut.set_result("a")).start()  # type: ignore[arg-type]
     threading.Timer(0.1, lambda: other.set_result("b")).start()  # type: ignore[arg-type]
-    done = [f.result() for f in concurrent.futures.as_completed([fut, other], timeout=5)]
-    assert done == ["a", "b"] and seen == ["a"]
-    assert fut._waiters == [] and other._waiters == [], "as_completed removed its waiters"
+    done = [f.result() for f in concurrent.futures.as_completed([fut.as_future(), other.as_future()], timeout=5)]
+    assert done == ["m", "b"] and seen == ["m"]
 
 
 def test_a_cancelled_future_does_not_break_the_delivery_of_the_others() -> None:
     from confluent_kafka import KafkaError
 
-    from kcons.producer import IdempotentProducer
+    from kcons.kafka.producer import IdempotentProducer
 
     producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
     cancelled, failed_cancelled, kept = DeliveryFuture(), DeliveryFuture(), DeliveryFuture()
