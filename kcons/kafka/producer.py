@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import InvalidStateError
 from functools import partial
 from typing import Any, TypeVar
@@ -58,6 +58,7 @@ __all__ = [
     "DeliveryFuture",
     "HeaderList",
     "IdempotentProducer",
+    "Record",
     "TransactionalProducer",
     "check_producer_config",
     "fast_event_id",
@@ -72,6 +73,8 @@ _UNASSIGNED = -1
 #: Message headers as confluent-kafka takes them: a list of (name, value) pairs or a dict.
 HeaderList = list[tuple[str, bytes | str | None]] | dict[str, bytes | str | None]
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+#: One record for the bulk paths: ``(topic, value, key, headers, timestamp_ms)``; a timestamp of 0 means "now".
+Record = tuple[str, bytes | str | None, bytes | str | None, Any, int]
 
 #: Error names meaning "init_transactions was already done on this producer".
 _ALREADY_INITIALISED = frozenset({"_STATE", "_CONFLICT"})
@@ -370,9 +373,10 @@ class _ProducerBase:
         headers: HeaderList | None,
         partition: int | None,
         delivered: DeliveryCallback | None,
+        timestamp_ms: int = 0,
     ) -> None:
         deadline = time.monotonic() + self.flush_timeout_s
-        kwargs: dict[str, Any] = {"headers": headers}
+        kwargs: dict[str, Any] = {"headers": headers, "timestamp": timestamp_ms}
         if delivered is not None:
             kwargs["on_delivery"] = delivered
         if partition is not None:
@@ -390,6 +394,24 @@ class _ProducerBase:
                     ) from None
             except KafkaException as exc:
                 self._raise_kafka(exc, "produce")
+
+    def _produce_records(self, records: Iterable[Record], callback: DeliveryCallback | None) -> int:
+        """Queue ``records`` with ``callback`` as each one's delivery callback; returns how many were queued."""
+        produce = self._client.raw.produce
+        event_ids = self.event_ids
+        n = 0
+        for topic, value, key, headers, timestamp_ms in records:
+            if event_ids:
+                headers = _with_event_id(headers)
+            try:
+                # Positional (partition, callback, on_delivery, timestamp, headers), as in produce().
+                produce(topic, value, key, _UNASSIGNED, callback, None, timestamp_ms, headers)
+            except BufferError:
+                self._produce_when_room(topic, value, key, headers, None, callback, timestamp_ms)
+            except KafkaException as exc:
+                self._raise_kafka(exc, "produce")
+            n += 1
+        return n
 
     def _on_delivery(
         self, fut: DeliveryFuture, err: KafkaError | None, msg: Message, user_cb: DeliveryCallback | None = None
@@ -557,6 +579,44 @@ class IdempotentProducer(_ProducerBase):
     def __enter__(self) -> IdempotentProducer:
         return self
 
+    def produce_all(self, records: Iterable[Record], timeout: float | None = None) -> int:
+        """Produce ``records`` in order and return once the broker acknowledged all of them; the bulk path.
+
+        Waits at most ``timeout`` (default ``flush_timeout_s``). Raises the typed error of the
+        first failed delivery (a fatal one closes the producer), or TimeoutExceededError when
+        some are still unacknowledged after the bound; the records still queued are then
+        withdrawn (purged), so a re-sent batch is not preceded by stale copies. Either way any
+        subset may have been written: re-send the whole batch (at-least-once, no gaps).
+        Returns how many records were acknowledged. The producer's ``on_delivery`` runs once per record.
+        """
+        self._check_open()
+        failures: list[KafkaError] = []
+        user_cb = self._plain_cb
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                failures.append(err)
+            if user_cb is not None:
+                user_cb(err, msg)
+
+        n = self._produce_records(records, delivered)
+        bound = self.flush_timeout_s if timeout is None else timeout
+        remaining = self._serve(bound, "flush")
+        if failures:
+            self._failed += len(failures)
+            typed = kafka_error_to_exception(failures[0], "produce")
+            self._after_typed_error(typed)
+            raise typed
+        if remaining > 0:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                self._client.raw.purge(True, False, False)
+            self._serve(0, "poll")
+            metrics.PRODUCE_ERRORS.labels(ErrorClass.RETRIABLE.value).inc()
+            raise TimeoutExceededError(f"{remaining} of {n} record(s) unacknowledged after {bound}s")
+        self._delivered += n
+        self._count_delivered()
+        return n
+
 
 class TransactionalProducer(_ProducerBase):
     """Exactly-once writes: what is produced inside ``with producer.transaction():`` commits together or not at all.
@@ -686,7 +746,15 @@ class TransactionalProducer(_ProducerBase):
         except BaseException as exc:
             self.abort_after_error("exception" if isinstance(exc, Exception) else "interrupted")
             raise
-        self.commit_transaction()
+        try:
+            self.commit_transaction()
+        except KafkaOperationError:
+            # A commit that kept failing with retriable errors leaves the transaction open: abort it,
+            # so the producer is ready for the next one (the other outcomes ended it already).
+            if self._in_txn and not self._client.closed:
+                with contextlib.suppress(KafkaOperationError):
+                    self.abort_transaction(reason="commit_failed")
+            raise
 
     def abort_after_error(self, reason: str = "exception") -> None:
         """Abort after a failure inside the transaction, first letting its in-flight requests finish (bounded)."""
@@ -755,6 +823,18 @@ class TransactionalProducer(_ProducerBase):
         except KafkaException as exc:
             self._raise_kafka(exc, "produce")
         self._enqueued += 1
+
+    def enqueue_all(self, records: Iterable[Record]) -> int:
+        """Queue ``records`` in order in the open transaction, as :meth:`enqueue` would each; returns how many.
+
+        The bulk path (one Python loop, no per-record method call); records are
+        ``(topic, value, key, headers, timestamp_ms)``.
+        """
+        if not self._in_txn:
+            raise KafkaOperationError("enqueue_all needs an open transaction; use produce() outside transactions")
+        n = self._produce_records(records, self._plain_cb)
+        self._enqueued += n
+        return n
 
     def send_offsets(self, offsets: list[TopicPartition], group_metadata: Any, timeout: float = 30.0) -> None:
         """Add consumer offsets (next offset to read) to the open transaction, so they commit with its outputs.

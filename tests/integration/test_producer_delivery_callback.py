@@ -20,6 +20,13 @@ MESSAGES = 64
 
 
 def _write(producer: Any, path: str, topic: str) -> None:
+    records = [(topic, f"m{i}".encode(), b"k", [("kcons-id", f"id-{i}".encode())], 0) for i in range(MESSAGES)]
+    if path == "produce_all":
+        assert producer.produce_all(records) == MESSAGES  # returns once all are acknowledged
+        return
+    if path == "enqueue_all":
+        assert producer.enqueue_all(records) == MESSAGES
+        return
     for i in range(MESSAGES):
         value = f"m{i}".encode()
         if path == "produce":
@@ -30,7 +37,15 @@ def _write(producer: Any, path: str, topic: str) -> None:
             producer.enqueue(topic, value, b"k")
 
 
-PATHS = [(False, "produce"), (False, "send"), (True, "produce"), (True, "send"), (True, "enqueue")]
+PATHS = [
+    (False, "produce"),
+    (False, "send"),
+    (False, "produce_all"),
+    (True, "produce"),
+    (True, "send"),
+    (True, "enqueue"),
+    (True, "enqueue_all"),
+]
 
 
 @pytest.mark.parametrize(("transactional", "path"), PATHS, ids=[f"{'txn' if t else 'idem'}-{p}" for t, p in PATHS])

@@ -161,20 +161,3 @@ def test_a_future_nobody_waits_on_links_no_standard_future() -> None:
     threading.Timer(0.1, lambda: other.set_result("b")).start()  # type: ignore[arg-type]
     done = [f.result() for f in concurrent.futures.as_completed([fut.as_future(), other.as_future()], timeout=5)]
     assert done == ["m", "b"] and seen == ["m"]
-
-
-def test_a_cancelled_future_does_not_break_the_delivery_of_the_others() -> None:
-    from confluent_kafka import KafkaError
-
-    from kcons.kafka.producer import IdempotentProducer
-
-    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
-    cancelled, failed_cancelled, kept = DeliveryFuture(), DeliveryFuture(), DeliveryFuture()
-    assert cancelled.cancel() and failed_cancelled.cancel()
-    producer._on_delivery(cancelled, None, "msg")  # type: ignore[arg-type]
-    err = KafkaError(KafkaError._MSG_TIMED_OUT, "timed out")
-    msg = type("Msg", (), {"topic": lambda self: "t"})()
-    producer._on_delivery(failed_cancelled, err, msg)
-    producer._on_delivery(kept, None, "msg")  # type: ignore[arg-type]
-    assert cancelled.cancelled() and failed_cancelled.cancelled() and kept.result(0) == "msg"
-    producer.close(0.1)

@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from kcons.errors import ConfigError
+from kcons.kafka.futures import DeliveryFuture
 from kcons.kafka.producer import IdempotentProducer, _kafka_exception_of, check_producer_config, fast_event_id, wrap
 
 BASE = {"bootstrap.servers": "127.0.0.1:1"}
@@ -186,3 +187,16 @@ def test_state_error_inside_a_transaction_is_abortable_and_outside_it_is_not() -
     err = KafkaError(KafkaError._STATE, "Unable to produce message")
     assert classify_kafka_error(err, in_transaction=True) is ErrorClass.ABORTABLE
     assert classify_kafka_error(err) is ErrorClass.PERMANENT
+
+
+def test_a_cancelled_future_does_not_break_the_delivery_of_the_others() -> None:
+    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
+    cancelled, failed_cancelled, kept = DeliveryFuture(), DeliveryFuture(), DeliveryFuture()
+    assert cancelled.cancel() and failed_cancelled.cancel()
+    producer._on_delivery(cancelled, None, "msg")  # type: ignore[arg-type]
+    err = KafkaError(KafkaError._MSG_TIMED_OUT, "timed out")
+    msg = type("Msg", (), {"topic": lambda self: "t"})()
+    producer._on_delivery(failed_cancelled, err, msg)
+    producer._on_delivery(kept, None, "msg")  # type: ignore[arg-type]
+    assert cancelled.cancelled() and failed_cancelled.cancelled() and kept.result(0) == "msg"
+    producer.close(0.1)
