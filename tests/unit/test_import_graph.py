@@ -14,8 +14,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "kcons"
 
@@ -185,11 +183,6 @@ def test_no_file_level_import_cycle_in_kcons() -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="kcons/producer.py, kcons/aio.py, kcons/outbox/publisher.py and kcons/consumer/ still import "
-    "confluent_kafka while they move onto kcons.kafka (issue 13)",
-    strict=False,
-)
 def test_only_the_kafka_layer_and_testing_import_confluent_kafka() -> None:
     offenders = sorted({
         f"{MODULES[module].relative_to(ROOT)}:{line}"
