@@ -162,12 +162,11 @@ def _lease_backend(choice: str | None, raft_peers: str | None, raft_secret_file:
         raise ConfigError("KCONS_OUTBOX_LEASE_BACKEND", f"expected advisory or raft, got {name!r}")
     from kcons.adapters.raft import RaftLeaseBackend
     from kcons.raft.client import RaftClient
-    from kcons.raft.transport import load_secret
 
     peers = raft_peers or env_str("KCONS_RAFT_PEERS")
     if not peers:
         raise ConfigError("KCONS_RAFT_PEERS", "is required with the raft lease backend (id=host:port,...)")
-    return RaftLeaseBackend(RaftClient(peers, load_secret(raft_secret_file)))
+    return RaftLeaseBackend(RaftClient.from_env(peers, raft_secret_file))  # the secret, and TLS when configured
 
 
 @outbox.command("purge")
