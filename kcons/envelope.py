@@ -25,8 +25,10 @@ __all__ = [
     "HEADER_TRACEPARENT",
     "HEADER_TYPE",
     "HEADER_VERSION",
+    "POSITION_ID_PREFIX",
     "Envelope",
     "Headers",
+    "event_id_header",
     "headers_to_dict",
     "new_event_id",
     "read_envelope",
@@ -59,11 +61,77 @@ def _text(value: HeaderValue) -> str | None:
 
 
 def headers_to_dict(headers: Headers | None) -> dict[str, str | None]:
-    """Decode headers to text; for a repeated name the last value wins (Kafka semantics)."""
+    """Decode headers to text; for a repeated name the FIRST value wins, the rule every kcons reader follows.
+
+    The consumer's id fast path reads the first ``kcons-id`` header, so the envelope, the cache's
+    decoder and the dedup key all agree on which of two repeated headers counts.
+    """
     if not headers:
         return {}
     pairs = headers.items() if isinstance(headers, Mapping) else headers
-    return {name: _text(value) for name, value in pairs}
+    out: dict[str, str | None] = {}
+    for name, value in pairs:
+        text = _text(value)
+        if name not in out:
+            out[name] = text
+    return out
+
+
+#: Prefix of the ids the consumer makes for messages without an id header (``topic/partition/offset``).
+#: It starts with a control character that no UUID or Debezium id holds, and an id header starting
+#: with it is refused (DecodeError), so a made-up id can never equal a real one.
+POSITION_ID_PREFIX = "\x1ekafka:"
+
+
+def _id_text(value: Any, header: str) -> str | None:
+    if value is None:
+        return None
+    if type(value) is bytes:
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError(f"header {header} is not UTF-8") from None
+    elif isinstance(value, str):
+        text = value
+    else:
+        try:
+            text = bytes(value).decode("utf-8")
+        except (TypeError, ValueError):
+            raise DecodeError(f"header {header} is not UTF-8 bytes") from None
+    if text.startswith(POSITION_ID_PREFIX):
+        raise DecodeError(f"header {header} starts with the prefix reserved for position ids")
+    return text or None
+
+
+def event_id_header(headers: Headers | None) -> tuple[str, bool] | None:
+    """The event id of a record's headers and whether it is a kcons id, or None when it has none.
+
+    THE rule, used by the consumer's dedup key and by :func:`read_envelope`: the first ``kcons-id``
+    header when it is non-empty, else the first Debezium ``id`` header (the quotes of Debezium's
+    JSON header converter removed). Raises DecodeError when the id header is not UTF-8 or uses
+    the reserved :data:`POSITION_ID_PREFIX`.
+    """
+    if not headers:
+        return None
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    debezium: Any = None
+    seen_kcons = seen_debezium = False
+    for name, value in pairs:
+        if name == HEADER_ID and not seen_kcons:
+            seen_kcons = True
+            text = _id_text(value, HEADER_ID)
+            if text is not None:
+                return text, True
+        elif name == "id" and not seen_debezium:
+            seen_debezium = True
+            debezium = value
+    if seen_debezium:
+        text = _id_text(debezium, "id")
+        if text is not None and len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+            text = text[1:-1] or None
+        if text is not None:
+            return text, False
+    return None
 
 
 @dataclass(frozen=True)
@@ -175,12 +243,16 @@ def read_envelope(
     aggregate type is taken from an ``aggregatetype`` header, else from a topic named
     ``outbox.event.<aggregatetype>``). Raises DecodeError for malformed headers.
     """
+    found = event_id_header(headers)
+    if found is None:
+        return None
+    event_id, is_kcons = found
     h = headers_to_dict(headers)
     payload = value if value is not None else b""
     key_text = _text(key)
-    if h.get(HEADER_ID):
+    if is_kcons:
         return Envelope(
-            id=str(h[HEADER_ID]),
+            id=event_id,
             type=h.get(HEADER_TYPE) or "",
             aggregate_type=h.get(HEADER_AGGREGATE_TYPE) or "",
             aggregate_id=h.get(HEADER_AGGREGATE_ID) or key_text or "",
@@ -189,17 +261,16 @@ def read_envelope(
             traceparent=h.get(HEADER_TRACEPARENT),
             extra_headers={k: v for k, v in h.items() if k not in KCONS_HEADERS and v is not None},
         )
-    if h.get("id"):  # Debezium outbox event router
-        agg_type = h.get("aggregatetype") or h.get("aggregateType") or ""
-        if not agg_type and topic and topic.startswith("outbox.event."):
-            agg_type = topic[len("outbox.event.") :]
-        return Envelope(
-            id=str(h["id"]),
-            type=h.get("type") or h.get("eventType") or "",
-            aggregate_type=agg_type,
-            aggregate_id=key_text.strip('"') if key_text else "",
-            version=_parse_version(h.get("version")),
-            payload=_debezium_payload(payload),
-            traceparent=h.get(HEADER_TRACEPARENT),
-        )
-    return None
+    # Debezium outbox event router
+    agg_type = h.get("aggregatetype") or h.get("aggregateType") or ""
+    if not agg_type and topic and topic.startswith("outbox.event."):
+        agg_type = topic[len("outbox.event.") :]
+    return Envelope(
+        id=event_id,
+        type=h.get("type") or h.get("eventType") or "",
+        aggregate_type=agg_type,
+        aggregate_id=key_text.strip('"') if key_text else "",
+        version=_parse_version(h.get("version")),
+        payload=_debezium_payload(payload),
+        traceparent=h.get(HEADER_TRACEPARENT),
+    )

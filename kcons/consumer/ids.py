@@ -1,8 +1,9 @@
 """Event ids of consumed messages (the dedup key) and the default dead-letter topic.
 
 :func:`default_event_id` reads the ``kcons-id`` header, else Debezium's ``id`` header. A message
-without either is identified by its position (``topic/partition/offset``), so a redelivery of
-the same record is still a duplicate; an id header that cannot be decoded makes the message
+without either is identified by its position (``topic/partition/offset`` behind a reserved prefix
+that no real id may carry, so the two kinds never collide), so a redelivery of the same record is
+still a duplicate; an id header that cannot be decoded makes the message
 poison (dead-lettered, never handled).
 """
 
@@ -12,8 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kcons.consumer.plan import Entry
-from kcons.envelope import HEADER_ID
-from kcons.errors import DecodeError
+from kcons.envelope import POSITION_ID_PREFIX, event_id_header
 from kcons.kafka.dlq import REASON_MAX, default_dlq_topic
 
 __all__ = ["KeyFunction", "default_dlq_topic", "default_event_id", "entry_of", "position_id", "reason"]
@@ -23,47 +23,20 @@ KeyFunction = Callable[[Any], "str | None"]
 
 
 def default_event_id(msg: Any) -> str | None:
-    """The event id of a message: the ``kcons-id`` header, else Debezium's ``id`` header, else None.
+    """The event id of a message by :func:`kcons.envelope.event_id_header` (the first ``kcons-id``,
+    else Debezium's ``id``), or None.
 
-    Raises DecodeError when the id header is not UTF-8, which makes the message poison.
+    Raises DecodeError when the id header is not UTF-8 or uses the reserved position-id prefix,
+    which makes the message poison.
     """
-    headers = msg.headers()
-    if not headers:
-        return None
-    debezium: Any = None
-    for name, value in headers:
-        if name == HEADER_ID:
-            if value:
-                try:
-                    return value.decode() if type(value) is bytes else _decode_id(value, HEADER_ID)
-                except UnicodeDecodeError:
-                    raise DecodeError(f"header {HEADER_ID} is not UTF-8") from None
-            return None
-        if name == "id" and debezium is None:
-            debezium = value
-    if debezium is not None:
-        text = _decode_id(debezium, "id")
-        if text is not None and len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-            text = text[1:-1] or None  # Debezium's JSON header converter quotes strings
-        return text
-    return None
-
-
-def _decode_id(value: Any, header: str) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value or None
-    try:
-        text = bytes(value).decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecodeError(f"header {header} is not UTF-8") from None
-    return text or None
+    found = event_id_header(msg.headers())
+    return None if found is None else found[0]
 
 
 def position_id(msg: Any) -> str:
-    """A message's position as an id, ``topic/partition/offset``: unique per record, the same on redelivery."""
-    return f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+    """A message's position as an id, ``<POSITION_ID_PREFIX>topic/partition/offset``: unique per record,
+    the same on redelivery, and never equal to a real id (an id header may not use the prefix)."""
+    return f"{POSITION_ID_PREFIX}{msg.topic()}/{msg.partition()}/{msg.offset()}"
 
 
 def entry_of(msg: Any, key_fn: KeyFunction) -> tuple[Entry, bool]:

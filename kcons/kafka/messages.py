@@ -19,7 +19,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
-from kcons.envelope import HEADER_ID
+from kcons.envelope import HEADER_ID, POSITION_ID_PREFIX
 from kcons.errors import ErrorClass, classify_kafka_error, kafka_error_to_exception
 
 __all__ = ["TP", "Access", "access", "check_consumed", "end_offsets", "header_ids"]
@@ -49,6 +49,7 @@ NATIVE = Access(lambda name: getattr(Message, name))
 BY_NAME = Access(operator.methodcaller)
 _FIRST = operator.itemgetter(0)
 _SECOND = operator.itemgetter(1)
+_RESERVED = operator.methodcaller("startswith", POSITION_ID_PREFIX)
 
 
 def access(msgs: list[Any]) -> Access:
@@ -86,7 +87,8 @@ def check_consumed(msgs: list[Any], operation: str = "consume") -> list[Any]:
 
 
 def header_ids(msgs: list[Any]) -> list[str] | None:
-    """Every message's id when each one's first header is a non-empty UTF-8 ``kcons-id``, else None.
+    """Every message's id when each one's first header is a non-empty UTF-8 ``kcons-id`` without the
+    reserved position-id prefix, else None (the same ids :func:`kcons.envelope.event_id_header` reads).
 
     The common case (kcons producers write that header first), read with C-level loops; None
     means "read the ids one message at a time".
@@ -98,7 +100,9 @@ def header_ids(msgs: list[Any]) -> list[str] | None:
         ids: list[str] = list(map(bytes.decode, map(_SECOND, firsts)))  # TypeError: not bytes
     except (TypeError, IndexError, UnicodeDecodeError):
         return None
-    return None if "" in ids else ids
+    if "" in ids or any(map(_RESERVED, ids)):
+        return None  # read one at a time: an empty id falls back, a reserved prefix is poison
+    return ids
 
 
 def end_offsets(msgs: list[Any]) -> dict[TP, int]:

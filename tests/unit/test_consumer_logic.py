@@ -958,3 +958,44 @@ def test_the_fast_path_and_the_general_path_give_the_same_outcome(
     fast = _outcome_run(batches, done_before, busy, batched=batched, fast=True)
     general = _outcome_run(batches, done_before, busy, batched=batched, fast=False)
     assert fast == general
+
+
+def test_a_real_id_that_looks_like_a_position_never_makes_an_id_less_message_a_duplicate() -> None:
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "t/0/1", value=b"real")  # a real id spelled like the position of the next message
+    kafka.add(0, None, value=b"id-less")  # offset 1 of topic t: its made-up id must differ
+    handled: list[bytes] = []
+    consumer = make(kafka, lambda m: handled.append(m.value()))
+    consumer.poll_once()
+    consumer.close()
+    assert handled == [b"real", b"id-less"]
+    assert kafka.committed_offsets() == {0: 2}
+
+
+def test_an_id_header_with_the_reserved_position_prefix_is_poison_not_a_collision() -> None:
+    from kcons.envelope import POSITION_ID_PREFIX
+
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, None, value=b"id-less")
+    kafka.add(0, POSITION_ID_PREFIX + "t/0/0", value=b"forged")
+    producer = FakeProducer()
+    handled: list[bytes] = []
+    consumer = make(kafka, lambda m: handled.append(m.value()), producer_factory=producer)
+    consumer.poll_once()
+    consumer.close()
+    assert handled == [b"id-less"]
+    assert [m["value"] for m in producer.sent] == [b"forged"]
+
+
+def test_the_consumer_and_the_envelope_take_the_first_of_two_kcons_id_headers() -> None:
+    from kcons.envelope import read_envelope
+
+    headers = [("kcons-id", b"first"), ("kcons-type", b"t"), ("kcons-id", b"second")]
+    msg = FakeMessage("t", 0, 0, b"v", headers)
+    assert default_event_id(msg) == "first"
+    env = read_envelope(b"k", b"v", headers)
+    assert env is not None and env.id == "first"
+    late = [("kcons-type", b"t"), ("kcons-id", b"first"), ("kcons-id", b"second")]  # not the fast path
+    assert default_event_id(FakeMessage("t", 0, 0, b"v", late)) == "first"
+    env = read_envelope(b"k", b"v", late)
+    assert env is not None and env.id == "first"
