@@ -96,3 +96,77 @@ def test_membership_requests_for_unknown_or_huge_ids_are_refused_not_fatal() -> 
     assert failure is None
     assert [a.get("error") for a in answers[:4]] == ["bad_request"] * 4
     assert answers[-1].get("ok") is True
+
+
+def _elect(seed: int) -> dict[int, object]:
+    import random
+
+    from kcons.raft.core import RaftConfig, RaftCore
+
+    cores = {
+        i: RaftCore(RaftConfig(id=i, election_tick=10, heartbeat_tick=1), (1, 2, 3), random.Random(seed * 10 + i))
+        for i in (1, 2, 3)
+    }
+    for _ in range(300):
+        for c in cores.values():
+            c.tick()
+        for c in cores.values():
+            while c.has_ready():
+                rd = c.ready()
+                for m in rd.messages:
+                    cores[m.dst].step(m)
+                c.advance(rd)
+        if any(c.is_leader for c in cores.values()):
+            break
+    return dict(cores)
+
+
+def test_messages_that_pass_the_codec_never_raise_in_the_core() -> None:
+    import random
+
+    from kcons.raft.core import RaftCore
+
+    stepped = 0
+    for seed in range(150):
+        rng = random.Random(seed)
+        cores = _elect(seed)
+        target = cores[rng.choice((1, 2, 3))]
+        assert isinstance(target, RaftCore)
+        if target.is_leader:
+            target.propose(b"x")
+
+        def num(rng: random.Random = rng) -> int:
+            return rng.choice([0, 1, 2, 5, rng.randrange(1 << 20), 1 << 62])
+
+        for _ in range(20):
+            mtype = rng.choice(list(MsgType))
+            term = rng.choice([target.term, target.term + 1, max(0, target.term - 1), num()])
+            index = num() if rng.random() < 0.5 else rng.randrange(target.log.last_index() + 3)
+            entries: tuple[Entry, ...] = ()
+            if mtype is MsgType.APP and rng.random() < 0.6:
+                entries = tuple(Entry(term, index + 1 + j, data=b"y") for j in range(rng.randrange(1, 4)))
+            snap = Snapshot(SnapshotMeta(num(), rng.randrange(term + 1), (1, 2, 3))) if mtype is MsgType.SNAP else None
+            m = Message(
+                mtype,
+                rng.choice([x for x in (1, 2, 3) if x != target.id]),
+                target.id,
+                term,
+                log_term=rng.randrange(term + 1) if entries else rng.choice([0, target.term, num()]),
+                index=index,
+                commit=num(),
+                entries=entries,
+                reject=rng.random() < 0.3,
+                hint=num(),
+                context=rng.choice([b"", b"\0" * 8]),
+                snapshot=snap,
+            )
+            try:
+                m = decode_message(encode_message(m))
+            except FrameRejectedError:
+                continue
+            target.step(m)  # must not raise: the node would stop
+            target.tick()
+            while target.has_ready():
+                target.advance(target.ready())
+            stepped += 1
+    assert stepped > 1000
