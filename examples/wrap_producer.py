@@ -10,7 +10,7 @@ import json
 import os
 import uuid
 
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import kcons
@@ -18,7 +18,9 @@ import kcons
 bootstrap = os.environ["KCONS_KAFKA_BOOTSTRAP"]
 topic = f"example-orders-{uuid.uuid4().hex[:8]}"
 admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference until the topic exists
-admin.create_topics([NewTopic(topic, 3)])[topic].result(30)
+plain_topic = topic + "-plain"
+for created in admin.create_topics([NewTopic(topic, 3), NewTopic(plain_topic, 1)]).values():
+    created.result(30)
 
 # The config dict your service already has: librdkafka names, unchanged.
 existing_config = {
@@ -43,6 +45,21 @@ except RuntimeError:
     pass
 producer.close()
 
+# Or wrap the Producer object your service already has. Its own delivery callback is invisible to
+# kcons (whose per-message callbacks would replace it): hand it over, and it runs once per message.
+delivered: list[bytes] = []
+
+
+def on_delivery(err: object, msg: object) -> None:
+    delivered.append(msg.value())  # type: ignore[attr-defined]
+
+
+existing_producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "on_delivery": on_delivery})
+idempotent = kcons.wrap(existing_producer, on_delivery=on_delivery)  # no transactional.id: idempotent
+for i in range(5):
+    idempotent.produce(plain_topic, f"p{i}".encode(), b"k")
+idempotent.close()
+
 consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"example-{uuid.uuid4().hex[:6]}",
                      "auto.offset.reset": "earliest", "isolation.level": "read_committed"})  # fmt: skip
 consumer.subscribe([topic])
@@ -56,8 +73,8 @@ for _ in range(60):
     if len(seen) >= len(committed):
         break
 consumer.close()
-ok = seen == {e.id for e in committed} and aborted.id not in seen
-print(
-    json.dumps({"example": "wrap_producer", "committed_seen": len(seen), "aborted_seen": aborted.id in seen, "ok": ok})
-)
+once_each = sorted(delivered) == [f"p{i}".encode() for i in range(5)]
+ok = seen == {e.id for e in committed} and aborted.id not in seen and once_each
+report = {"example": "wrap_producer", "committed_seen": len(seen), "aborted_seen": aborted.id in seen}
+print(json.dumps({**report, "delivery_callbacks": len(delivered), "ok": ok}))
 raise SystemExit(0 if ok else 1)

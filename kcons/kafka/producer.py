@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import InvalidStateError
 from functools import partial
@@ -209,7 +210,17 @@ class _Client:
             raw.purge(True, True, False)
         with contextlib.suppress(Exception):
             raw.poll(0)  # fail the purged messages' futures now
-        close_bounded(raw.close, timeout, "Kafka producer")
+
+        def close() -> None:
+            # confluent-kafka reports an abort that failed during close (expected for a fenced
+            # producer) as a RuntimeWarning; kcons reports through logging.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                raw.close()
+            for warning in caught:
+                log.info("closing a Kafka producer: %s", warning.message)
+
+        close_bounded(close, timeout, "Kafka producer")
 
     def exception_behind(self, exc: BaseException, *, probe_transaction: bool = False) -> KafkaException | None:
         """The Kafka error behind a failed ``poll``/``flush``: in the exception chain, else the fatal one reported.
