@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
     from kcons.adapters.redis import RedisDedupStore
     from kcons.adapters.sqlite import SqliteDedupStore
     from kcons.aio import AsyncIdempotentProducer, AsyncTransactionalProcessor, AsyncTransactionalProducer
+    from kcons.audit import TopicAuditor, TopicReport, audit_topic
     from kcons.cache import CacheInvalidator, CacheSettings, ChangeEvent, ConsistentCache, Strategy, Versioned
     from kcons.config import KafkaSettings, PostgresSettings, RedisSettings, Settings
     from kcons.consumer import (
@@ -65,6 +66,9 @@ _EXPORTS: dict[str, str] = {
     "RaftLeaseBackend": "kcons.adapters.raft",
     "RedisDedupStore": "kcons.adapters.redis",
     "SqliteDedupStore": "kcons.adapters.sqlite",
+    "TopicAuditor": "kcons.audit",
+    "TopicReport": "kcons.audit",
+    "audit_topic": "kcons.audit",
     "AsyncIdempotentProducer": "kcons.aio",
     "AsyncTransactionalProcessor": "kcons.aio",
     "AsyncTransactionalProducer": "kcons.aio",
@@ -175,12 +179,15 @@ __all__ = [
     "StoreError",
     "Strategy",
     "TimeoutExceededError",
+    "TopicAuditor",
+    "TopicReport",
     "TransactionalDedupStore",
     "TransactionalIdempotentConsumer",
     "TransactionalProcessor",
     "TransactionalProducer",
     "Versioned",
     "__version__",
+    "audit_topic",
     "classify_kafka_error",
     "new_event_id",
     "read_envelope",

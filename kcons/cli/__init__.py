@@ -1,9 +1,10 @@
 """The ``kcons`` command: the one place that parses a command line or installs a signal handler.
 
 Each sub-command group lives in a module of its own (:mod:`kcons.cli.dev`, :mod:`kcons.cli.demo`,
-:mod:`kcons.cli.outbox`, :mod:`kcons.cli.raft`, :mod:`kcons.cli.cache`) and is mounted on :func:`main`
-here. Library classes never install signal handlers: the commands wire SIGTERM/SIGINT to the
-objects they run with :func:`kcons.cli.signals.stop_on_signals`.
+:mod:`kcons.cli.outbox`, :mod:`kcons.cli.raft`, :mod:`kcons.cli.cache`,
+:mod:`kcons.cli.audit`) and is mounted on :func:`main` here. Library classes never install
+signal handlers: the commands wire SIGTERM/SIGINT to the objects they run with
+:func:`kcons.cli.signals.stop_on_signals`.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def version() -> None:
 
 def _mount_subcommands() -> None:
     """Attach the command groups, each defined in its own module of this package."""
+    from kcons.cli.audit import audit_cli
     from kcons.cli.cache import cache_cli
     from kcons.cli.demo import demo, demo_worker
     from kcons.cli.dev import dev
     from kcons.cli.outbox import outbox
     from kcons.cli.raft import raft
 
-    for command in (dev, demo, demo_worker, cache_cli, outbox, raft):
+    for command in (dev, demo, demo_worker, cache_cli, outbox, raft, audit_cli):
         main.add_command(command)
 
 

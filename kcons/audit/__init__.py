@@ -1,0 +1,31 @@
+"""Audit the guarantees where they run: a topic (duplicates, version order), an outbox table, a cache.
+
+Every auditor is read-only: the topic auditor reads with ``assign`` (no consumer group joined,
+moved or committed to), the outbox auditor only SELECTs, the cache sampler only GETs and SCANs.
+"""
+
+from __future__ import annotations
+
+from kcons.audit.topic import (
+    AggregateSplit,
+    Duplicate,
+    PartitionStats,
+    TopicAuditor,
+    TopicReport,
+    VersionCheck,
+    VersionViolation,
+    audit_topic,
+)
+from kcons.kafka.reader import RangeSpec
+
+__all__ = [
+    "AggregateSplit",
+    "Duplicate",
+    "PartitionStats",
+    "RangeSpec",
+    "TopicAuditor",
+    "TopicReport",
+    "VersionCheck",
+    "VersionViolation",
+    "audit_topic",
+]

@@ -1,0 +1,177 @@
+"""``kcons audit``: check a topic, an outbox table or a cache for lost, duplicated or stale data (read-only).
+
+Exit status: 0 when nothing was found, 1 when a violation was found (or the read was
+incomplete), 2 for bad usage or settings (click's usage error).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from kcons.errors import ConfigError, KconsError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["audit_cli"]
+
+
+def parse_time(setting: str, text: str | None) -> int | None:
+    """Epoch milliseconds from an ISO 8601 time (UTC unless it says otherwise) or a number of epoch ms."""
+    if text is None:
+        return None
+    value = text.strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(setting, f"expected an ISO 8601 time or epoch milliseconds, got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _kafka_config(bootstrap: str | None) -> dict[str, Any]:
+    from kcons.config import KafkaSettings
+
+    if bootstrap:
+        return KafkaSettings(bootstrap).client_config()
+    return KafkaSettings.from_env().client_config()
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress callback drawing a bar on stderr, or None when not shown."""
+    if not show:
+        yield None
+        return
+    bar: Any = None
+    done = 0
+
+    def update(read: int, total: int) -> None:
+        nonlocal bar, done
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label="reading", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+        bar.update(min(read, total) - done)
+        done = min(read, total)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+def _fail(exc: KconsError) -> click.ClickException:
+    """Bad settings: a usage error (exit status 2), so that it is never mistaken for a finding."""
+    return click.UsageError(str(exc))
+
+
+@click.group("audit")
+def audit_cli() -> None:
+    """Read-only checks of the guarantees on a running system (exit status 1 when a violation is found)."""
+
+
+@audit_cli.command("topic")
+@click.option("--topic", required=True, help="The topic to read.")
+@click.option("--bootstrap", help="Kafka bootstrap (default: $KCONS_KAFKA_BOOTSTRAP; $KCONS_KAFKA_CONFIG applies).")
+@click.option("--from-offset", type=click.IntRange(min=0), help="Start at this offset in every partition.")
+@click.option("--from-time", help="Start at the first record at or after this time (ISO 8601 or epoch ms).")
+@click.option("--to-offset", type=click.IntRange(min=0), help="Stop before this offset (default: the high watermark).")
+@click.option("--to-time", help="Stop before the first record at or after this time.")
+@click.option("--partition", "partitions", type=click.IntRange(min=0), multiple=True, help="Only this partition.")
+@click.option(
+    "--isolation", type=click.Choice(["read_committed", "read_uncommitted"]), default="read_committed",
+    show_default=True, help="read_committed skips aborted transactions (what consumers see).",
+)  # fmt: skip
+@click.option(
+    "--versions", type=click.Choice(["strict", "monotonic", "off"]), default="monotonic", show_default=True,
+    help="strict: +1 per event (only if your writer increments by one); monotonic: must rise (the envelope's promise).",
+)  # fmt: skip
+@click.option("--max-listed", type=click.IntRange(min=0), default=20, show_default=True, help="Violations listed.")
+@click.option("--idle-timeout", type=float, default=30.0, show_default=True, help="Seconds without data: give up.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a TTY).")
+def topic_command(
+    topic: str,
+    bootstrap: str | None,
+    from_offset: int | None,
+    from_time: str | None,
+    to_offset: int | None,
+    to_time: str | None,
+    partitions: tuple[int, ...],
+    isolation: str,
+    versions: str,
+    max_listed: int,
+    idle_timeout: float,
+    as_json: bool,
+    progress: bool | None,
+) -> None:
+    """Audit a range of a topic: duplicates by kcons-id, per-aggregate versions, aggregates split over partitions."""
+    from kcons.audit.topic import audit_topic
+    from kcons.kafka.reader import RangeSpec
+
+    try:
+        spec = RangeSpec(
+            from_offset=from_offset,
+            from_time_ms=parse_time("--from-time", from_time),
+            to_offset=to_offset,
+            to_time_ms=parse_time("--to-time", to_time),
+            partitions=tuple(partitions) or None,
+        )
+        config = _kafka_config(bootstrap)
+        show = sys.stderr.isatty() if progress is None else progress
+        with _progress(show) as on_progress:
+            report = audit_topic(
+                config,
+                topic,
+                spec,
+                isolation=isolation,
+                versions=versions,
+                max_listed=max_listed,
+                idle_timeout_s=idle_timeout,
+                progress=on_progress,
+            )
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        _print_topic(report)
+    sys.exit(0 if report.ok else 1)
+
+
+def _print_topic(report: Any) -> None:
+    echo = click.echo
+    echo(f"topic {report.topic}: {report.records} records in {report.seconds:.1f}s, versions: {report.versions}")
+    echo(f"{'partition':>9} {'records':>10} {'ids':>10} {'dups':>6} {'regress':>7} {'gaps':>6} {'no-kcons':>8}")
+    for p, s in report.partitions.items():
+        echo(
+            f"{p:>9} {s.records:>10} {s.distinct_ids:>10} {s.duplicates:>6} {s.regressions:>7} {s.gaps:>6}"
+            f" {s.without_kcons_headers:>8}"
+        )
+    echo(
+        f"{'total':>9} {report.records:>10} {report.distinct_ids:>10} {report.duplicates:>6} {report.regressions:>7}"
+        f" {report.gaps:>6} {report.without_kcons_headers:>8}"
+    )
+    if report.without_version:
+        echo(f"{report.without_version} events carry no kcons-version (not checked for order)")
+    for dup in report.duplicate_list:
+        copies = ", ".join(f"{p}@{o}" for p, o in dup.copies)
+        echo(f"DUPLICATE {dup.id}: first {dup.first[0]}@{dup.first[1]}, again {copies}")
+    for v in report.version_list:
+        echo(f"VERSION {v.kind.upper()} {v.aggregate}: {v.previous} then {v.version} at {v.partition}@{v.offset}")
+    for s in report.split_list:
+        echo(f"SPLIT AGGREGATE {s.aggregate}: in partitions {s.partitions} (seen at {s.partition}@{s.offset})")
+    if not report.complete:
+        echo("INCOMPLETE: the read stopped before the end of the range (see ranges in --json)")
+    echo("OK: no violation" if report.ok else f"FAILED: {report.violations} violations")
