@@ -16,7 +16,7 @@ from confluent_kafka import Producer
 from kcons.audit import RangeSpec, audit_topic
 from kcons.cli import main
 from kcons.envelope import Envelope
-from kcons.producer import IdempotentProducer, TransactionalProducer
+from kcons.kafka.producer import IdempotentProducer, TransactionalProducer
 
 
 def _events(aggregates: int, versions: int) -> list[Envelope]:
