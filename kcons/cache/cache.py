@@ -13,7 +13,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay
 
 from kcons import metrics
 from kcons.cache.model import CacheBackend, CacheEntry, CacheWrite, Versioned, WriteOp, WriteOutcome, WriteResult
-from kcons.config import check_range, env_float, env_str
+from kcons.config import check_identifier, check_range, env_float, env_str
 from kcons.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ class CacheSettings:
                 f"must be longer than the lease TTL ({self.lease_ttl_s}s): a tombstone must outlive the slowest "
                 "loader that may still try to fill",
             )
-        if not self.prefix or any(c in self.prefix for c in "{} "):
-            raise ConfigError("KCONS_CACHE_PREFIX", "must be non-empty without braces or spaces")
+        check_identifier("KCONS_CACHE_PREFIX", self.prefix, kind="key", max_length=200)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> CacheSettings:

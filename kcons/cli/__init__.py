@@ -11,19 +11,50 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import click
 
 from kcons import __version__
+from kcons.config import redact_text
+from kcons.errors import KconsError
 
 __all__ = ["main"]
 
 
-@click.group()
+class _SafeGroup(click.Group):
+    """The ``kcons`` group: every failure of a command ends as one redacted line and a non-zero exit.
+
+    A ConfigError prints ``Error: invalid setting NAME: problem``; any other exception prints its
+    type and redacted text (the traceback goes to the debug log, itself redacted), so neither a
+    library's message quoting a connection string nor a traceback reaches the terminal with a secret.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError:
+            raise  # about the command line itself, printed with its usage
+        except click.ClickException as exc:
+            raise click.ClickException(redact_text(exc.format_message())) from None
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KconsError as exc:
+            raise click.ClickException(redact_text(str(exc))) from None
+        except Exception as exc:
+            logging.getLogger(__name__).debug("command failed", exc_info=True)
+            text = redact_text(str(exc)).strip().splitlines()
+            raise click.ClickException(f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")) from None
+
+
+@click.group(cls=_SafeGroup)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(__version__, prog_name="kcons")
 def main(verbose: int) -> None:
     """kcons: nothing lost, nothing duplicated, nothing stale, for Kafka and Redis."""
+    from kcons.cli.settings import remember_env_secrets
+
+    remember_env_secrets()
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import sys
 import threading
 from types import SimpleNamespace
@@ -16,10 +17,15 @@ from kcons.cache.cache import CacheSettings, ConsistentCache
 from kcons.cache.events import KeysFor, key_template
 from kcons.cache.invalidator import CacheInvalidator
 from kcons.cache.model import Strategy
+from kcons.cli.settings import start_metrics
 from kcons.cli.signals import stop_on_signals
 from kcons.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_TOPIC = re.compile(r"\A[A-Za-z0-9._-]{1,249}\Z")
+
+_KEYS = "KCONS_CACHE_KEYS (--keys)"
 
 __all__ = ["cache_cli", "invalidator_command", "peek_command"]
 
@@ -27,15 +33,15 @@ __all__ = ["cache_cli", "invalidator_command", "peek_command"]
 def _import_function(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError("--keys", f"expected module:function, got {spec!r}")
+        raise ConfigError(_KEYS, f"expected module:function, got {spec!r}")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError("--keys", f"cannot import {spec!r}: {exc}") from None
+        raise ConfigError(_KEYS, f"cannot import {spec!r}: {exc}") from None
     if not callable(target):
-        raise ConfigError("--keys", f"{spec!r} is not callable")
+        raise ConfigError(_KEYS, f"{spec!r} is not callable")
     return target
 
 
@@ -92,21 +98,32 @@ def invalidator_command(
 
     import redis
 
-    from kcons.config import KafkaSettings, RedisSettings, redact
+    from kcons.config import KafkaSettings, RedisSettings, check_host, check_identifier, check_port, redact
     from kcons.errors import KconsError
-    from kcons.metrics import MetricsServer
 
+    topics_setting = "--topic" if topics else "KCONS_CACHE_TOPICS"
     if not topics:
         topics = tuple(t.strip() for t in os.environ.get("KCONS_CACHE_TOPICS", "").split(",") if t.strip())
     try:
         if not topics:
             raise ConfigError("KCONS_CACHE_TOPICS", "no change-event topic given (--topic or KCONS_CACHE_TOPICS)")
-        if not group.strip() or group != group.strip():
-            raise ConfigError("KCONS_CACHE_GROUP", "must be a non-empty consumer group name without surrounding spaces")
+        for topic in topics:
+            if _TOPIC.match(topic) is None:
+                raise ConfigError(topics_setting, f"expected Kafka topic names [A-Za-z0-9._-]{{1,249}}, got {topic!r}")
+        check_identifier("KCONS_CACHE_GROUP", group, kind="key", max_length=249)
+        check_identifier("KCONS_CACHE_NAME", name, kind="key", max_length=100)
+        if metrics_port is not None:
+            check_port("KCONS_METRICS_PORT", metrics_port)
+        check_host("KCONS_METRICS_HOST", metrics_host)
         kafka = KafkaSettings.from_env()
         redis_settings = RedisSettings.from_env()
         settings = CacheSettings.from_env()
         keys_for: KeysFor = _import_function(keys_spec) if keys_spec else key_template(template)
+        server = None
+        if metrics_port:
+            server = start_metrics(
+                metrics_port, metrics_host, port_setting="KCONS_METRICS_PORT", host_setting="KCONS_METRICS_HOST"
+            )
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None
     if not logging.getLogger().handlers:
@@ -119,11 +136,8 @@ def invalidator_command(
     def health() -> tuple[bool, str]:
         return (not stop.is_set(), f"redis {redact(redis_settings.url)}")
 
-    server = (
-        MetricsServer(metrics_port, metrics_host, health_checks=[("invalidator", health)]) if metrics_port else None
-    )
     if server is not None:
-        server.start()
+        server.add_health_check("invalidator", health)
     log.info(
         "cache invalidator on %s (group %s, %s)",
         ",".join(topics),
@@ -150,17 +164,21 @@ def peek_command(key: str, prefix: str | None) -> None:
     import redis
 
     from kcons.cache.redis import RedisCacheBackend
-    from kcons.config import RedisSettings
+    from kcons.config import RedisSettings, redact_text
     from kcons.errors import KconsError
 
     try:
         redis_settings = RedisSettings.from_env()
         settings = CacheSettings.from_env()
+        if prefix is not None:
+            settings = CacheSettings(prefix=prefix)
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None
     client = redis.Redis.from_url(redis_settings.url, socket_timeout=redis_settings.socket_timeout_s)
     try:
-        entry = RedisCacheBackend(client, prefix=prefix or settings.prefix).read(key)
+        entry = RedisCacheBackend(client, prefix=settings.prefix).read(key)
+    except redis.RedisError as exc:  # its text may quote the server's reply: redacted, one line
+        raise click.ClickException(f"redis: {type(exc).__name__}: {redact_text(str(exc))}") from None
     finally:
         client.close()
     if entry is None:

@@ -7,8 +7,9 @@ import sys
 
 import click
 
+from kcons.cli.settings import remember_file_secret, start_metrics
 from kcons.cli.signals import stop_on_signals
-from kcons.config import env_str, redact
+from kcons.config import check_postgres_dsn, check_range, env_str, redact, redact_text
 from kcons.errors import ConfigError, KconsError
 from kcons.lease import LeaseBackend
 from kcons.outbox.schema import DEFAULT_TABLE, install_schema, postgres_ddl
@@ -43,6 +44,7 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
         target = dsn or env_str("KCONS_POSTGRES_DSN")
         if not target:
             raise click.UsageError("give --dsn or set KCONS_POSTGRES_DSN (or use --sqlite PATH)")
+        check_postgres_dsn("--dsn" if dsn else "KCONS_POSTGRES_DSN", target)
         import psycopg
 
         with psycopg.connect(target, autocommit=True) as conn:
@@ -98,7 +100,6 @@ def relay(
     raft_secret_file: str | None,
 ) -> None:
     """Run one relay replica until SIGTERM/SIGINT (finishes its batch, releases the lease)."""
-    from kcons.metrics import MetricsServer
     from kcons.outbox.relay import OutboxRelay, RelaySettings
 
     try:
@@ -116,10 +117,23 @@ def relay(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )
+        leases = None if sqlite_path else _lease_backend(lease_backend, raft_peers, raft_secret_file)
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = None
+    if settings.metrics_port is not None:  # bound before anything connects, so a bad address fails first
+        explicit = metrics_port is not None or env_str("KCONS_OUTBOX_METRICS_PORT") is not None
+        try:
+            server = start_metrics(
+                settings.metrics_port,
+                settings.metrics_host,
+                port_setting="KCONS_OUTBOX_METRICS_PORT" if explicit else "KCONS_METRICS_PORT",
+                host_setting="KCONS_OUTBOX_METRICS_HOST" if explicit else "KCONS_METRICS_HOST",
+            )
+        except KconsError as exc:
+            raise click.ClickException(str(exc)) from None
     if sqlite_path:
         runner = OutboxRelay.for_sqlite(
             sqlite_path,
@@ -131,22 +145,15 @@ def relay(
             retention_s=settings.retention_s,
         )
     else:
-        try:
-            leases = _lease_backend(lease_backend, raft_peers, raft_secret_file)
-        except KconsError as exc:
-            raise click.ClickException(str(exc)) from None
         runner = OutboxRelay.for_postgres(settings, leases=leases)
-    server = None
-    if settings.metrics_port is not None:
-        server = MetricsServer(settings.metrics_port, settings.metrics_host, health_checks=[("relay", runner.health)])
-        server.start()
-
+    if server is not None:
+        server.add_health_check("relay", runner.health)
     log.info("relay %r", settings)
     try:
         with stop_on_signals(runner):
             runner.run()
     except Exception as exc:  # retries exhausted: exit non-zero so the supervisor restarts it
-        log.error("relay failed after its retries: %s: %s", type(exc).__name__, exc)
+        log.error("relay failed after its retries: %s: %s", type(exc).__name__, redact_text(str(exc)))
         sys.exit(1)
     finally:
         if server is not None:
@@ -163,6 +170,7 @@ def _lease_backend(choice: str | None, raft_peers: str | None, raft_secret_file:
     from kcons.adapters.raft import RaftLeaseBackend
     from kcons.raft.client import RaftClient
 
+    remember_file_secret(raft_secret_file)
     peers = raft_peers or env_str("KCONS_RAFT_PEERS")
     if not peers:
         raise ConfigError("KCONS_RAFT_PEERS", "is required with the raft lease backend (id=host:port,...)")
@@ -181,9 +189,9 @@ def purge(dsn: str | None, table: str | None, older_than: float) -> None:
     target = dsn or env_str("KCONS_POSTGRES_DSN")
     if not target:
         raise click.UsageError("give --dsn or set KCONS_POSTGRES_DSN")
-    if older_than < 0:
-        raise click.UsageError("--older-than must be >= 0")
     try:
+        check_range("--older-than", older_than, 0.0, 10 * 365 * 86400.0)
+        check_postgres_dsn("--dsn" if dsn else "KCONS_POSTGRES_DSN", target)
         store = PostgresOutboxStore(target, name, application_name="kcons-outbox-purge")
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None

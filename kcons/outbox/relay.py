@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -50,7 +51,19 @@ from tenacity import (
 )
 
 from kcons import metrics
-from kcons.config import KafkaSettings, check_range, env_float, env_int, env_str, redact
+from kcons.config import (
+    KafkaSettings,
+    check_host,
+    check_identifier,
+    check_port,
+    check_postgres_dsn,
+    check_range,
+    env_float,
+    env_int,
+    env_str,
+    redact,
+    redact_text,
+)
 from kcons.errors import ConfigError, KafkaOperationError, LeadershipLostError, StoreError, TimeoutExceededError
 from kcons.lease import Lease, LeaseBackend
 from kcons.outbox.publisher import MODES, KafkaBatchPublisher
@@ -63,6 +76,9 @@ __all__ = ["OutboxRelay", "RelaySettings"]
 log = logging.getLogger(__name__)
 
 PublishedHook = Callable[[Sequence[OutboxRow], float], None]
+
+_TOPIC = re.compile(r"\A[A-Za-z0-9._-]{1,249}\Z")
+_NAME = re.compile(r"\A[A-Za-z0-9._-]{1,100}\Z")
 
 
 @dataclass(frozen=True)
@@ -88,11 +104,14 @@ class RelaySettings:
     def __post_init__(self) -> None:
         if not self.dsn:
             raise ConfigError("KCONS_POSTGRES_DSN", "is empty")
+        if self.dsn != "sqlite":  # the CLI's marker for a SQLite outbox
+            check_postgres_dsn("KCONS_POSTGRES_DSN", self.dsn)
         validate_table(self.table)
-        if not self.name or len(self.name) > 100 or not all(c.isalnum() or c in "-_." for c in self.name):
+        if _NAME.match(self.name) is None:
             raise ConfigError("KCONS_OUTBOX_NAME", f"expected 1-100 characters [A-Za-z0-9._-], got {self.name!r}")
-        if self.topic is not None and not self.topic:
-            raise ConfigError("KCONS_OUTBOX_TOPIC", "is empty")
+        if self.topic is not None and _TOPIC.match(self.topic) is None:
+            raise ConfigError("KCONS_OUTBOX_TOPIC", f"expected [A-Za-z0-9._-]{{1,249}}, got {self.topic!r}")
+        check_identifier("KCONS_OUTBOX_HOLDER", self.holder, kind="key", max_length=200)
         if self.mode not in MODES:
             raise ConfigError("KCONS_OUTBOX_MODE", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
         check_range("KCONS_OUTBOX_BATCH_SIZE", self.batch_size, 1, 50000)
@@ -103,7 +122,8 @@ class RelaySettings:
         check_range("KCONS_OUTBOX_ACK_TIMEOUT_S", self.ack_timeout_s, 0.1, 3600.0)
         check_range("KCONS_OUTBOX_RETRY_MAX_S", self.retry_max_s, 0.0, 86400.0)
         if self.metrics_port is not None:
-            check_range("KCONS_OUTBOX_METRICS_PORT", self.metrics_port, 0, 65535)
+            check_port("KCONS_OUTBOX_METRICS_PORT", self.metrics_port)
+        check_host("KCONS_OUTBOX_METRICS_HOST", self.metrics_host)
 
     def __repr__(self) -> str:
         return (
@@ -162,9 +182,10 @@ def _metrics_address(env: Mapping[str, str] | None) -> tuple[int | None, str]:
     """
     if env_str("KCONS_OUTBOX_METRICS_PORT", None, env) is not None:
         port = env_int("KCONS_OUTBOX_METRICS_PORT", 0, minimum=0, maximum=65535, environ=env)
-        return port, env_str("KCONS_OUTBOX_METRICS_HOST", None, env) or "127.0.0.1"
+        host = env_str("KCONS_OUTBOX_METRICS_HOST", None, env) or "127.0.0.1"
+        return port, check_host("KCONS_OUTBOX_METRICS_HOST", host)
     shared = env_int("KCONS_METRICS_PORT", 0, minimum=0, maximum=65535, environ=env)
-    return (shared or None), env_str("KCONS_METRICS_HOST", None, env) or "127.0.0.1"
+    return (shared or None), check_host("KCONS_METRICS_HOST", env_str("KCONS_METRICS_HOST", None, env) or "127.0.0.1")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -470,7 +491,7 @@ class OutboxRelay:
         exc = state.outcome.exception() if state.outcome is not None else None
         kind = type(exc).__name__ if exc is not None else "unknown"
         metrics.OUTBOX_ERRORS_TOTAL.labels(self.name, kind).inc()
-        log.warning("relay batch failed (%s: %s); retry %d", kind, exc, state.attempt_number)
+        log.warning("relay batch failed (%s: %s); retry %d", kind, redact_text(str(exc)), state.attempt_number)
 
     def publish_once(self) -> int:
         """One pipeline step with bounded retries: publish a batch (0 when there was none; then the

@@ -56,8 +56,8 @@ def test_postgres_repr_and_errors_hide_the_password() -> None:
 
 def test_pool_bounds_are_validated_by_name() -> None:
     with pytest.raises(ConfigError) as info:
-        PostgresSettings.from_env({"KCONS_POSTGRES_DSN": "dbname=x", "KCONS_POSTGRES_POOL_MAX": "0"})
-    assert info.value.setting == "KCONS_POSTGRES_POOL_MAX"
+        PostgresSettings("dbname=x", pool_max=0)
+    assert info.value.setting == "pool_max"
 
 
 def test_kafka_properties_with_secrets_are_redacted_in_repr() -> None:
