@@ -362,8 +362,9 @@ class _Rollback(Exception):
 def _resender(bootstrap: str, opts: DemoOptions, shared: _Shared, rng: random.Random, stop: threading.Event) -> None:
     """Re-send copies (same kcons-id) of already committed orders straight to Kafka."""
     from kcons.kafka import Producer
+    from kcons.kafka.client import with_logger
 
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    producer = Producer(with_logger({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"}))
     want = int(opts.orders * opts.duplicates)
     while shared.resent < want and not stop.is_set():
         with shared.lock:
@@ -416,9 +417,11 @@ def _count_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> tuple[i
     """Read a whole topic read_committed; returns (records, distinct kcons-ids)."""
     from kcons.envelope import read_envelope
     from kcons.kafka import Consumer, TopicPartition
+    from kcons.kafka.client import with_logger
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"kcons-demo-audit-{uuid.uuid4().hex[:6]}",
-                         "isolation.level": "read_committed", "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(with_logger({"bootstrap.servers": bootstrap, "isolation.level": "read_committed",
+                                     "group.id": f"kcons-demo-audit-{uuid.uuid4().hex[:6]}",
+                                     "enable.auto.commit": False}))  # fmt: skip
     try:
         md = consumer.list_topics(topic, timeout=10)
         parts = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
@@ -470,8 +473,9 @@ def run_demo(opts: DemoOptions, progress: Callable[[str], None] = lambda line: N
         db = _Database(pg_dsn, workdir)
         db.setup(opts.products)
         from kcons.kafka import AdminClient
+        from kcons.kafka.client import with_logger
 
-        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+        admin = AdminClient(with_logger({"bootstrap.servers": stack.kafka_bootstrap}))
         run = uuid.uuid4().hex[:8]
         shared = _Shared(orders_topic=ORDERS_TOPIC.format(run=run), stock_topic=STOCK_TOPIC.format(run=run))
         for topic in (shared.orders_topic, shared.stock_topic):

@@ -10,14 +10,14 @@ signal handlers: the commands wire SIGTERM/SIGINT to the objects they run with
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import click
 
 from kcons import __version__
+from kcons.cli import logs
 from kcons.config import redact_text
-from kcons.errors import KconsError
+from kcons.errors import ConfigError, KconsError
 
 __all__ = ["main"]
 
@@ -48,15 +48,21 @@ class _SafeGroup(click.Group):
 
 
 @click.group(cls=_SafeGroup)
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="Debug logging (default INFO; $KCONS_LOG_LEVEL wins).")
 @click.version_option(__version__, prog_name="kcons")
 def main(verbose: int) -> None:
-    """kcons: nothing lost, nothing duplicated, nothing stale, for Kafka and Redis."""
+    """kcons: nothing lost, nothing duplicated, nothing stale, for Kafka and Redis.
+
+    Logs go to stderr at INFO (KCONS_LOG_LEVEL to change it), as text or, with
+    KCONS_LOG_FORMAT=json, one JSON object per line.
+    """
     from kcons.cli.settings import remember_env_secrets
 
     remember_env_secrets()
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        logs.configure(verbose)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command()

@@ -17,6 +17,7 @@ from kcons.cache.cache import CacheSettings, ConsistentCache
 from kcons.cache.events import KeysFor, key_template
 from kcons.cache.invalidator import CacheInvalidator
 from kcons.cache.model import Strategy
+from kcons.cli import logs
 from kcons.cli.settings import start_metrics
 from kcons.cli.signals import stop_on_signals
 from kcons.errors import ConfigError
@@ -126,8 +127,7 @@ def invalidator_command(
             )
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.add_context(group=group)
     client = redis.Redis.from_url(redis_settings.url, socket_timeout=redis_settings.socket_timeout_s)
     cache = ConsistentCache(client, name=name, settings=settings)
     inv = CacheInvalidator(cache, keys_for, strategy=Strategy(strategy), version_field=version_field)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 
 import click
 
+from kcons.cli import logs
 from kcons.cli.signals import stop_on_signals
 from kcons.demo import WORKER_KINDS, WORKER_ROLES, DemoOptions, open_worker, run_demo
 from kcons.errors import KconsError
@@ -24,6 +24,7 @@ __all__ = ["demo", "demo_worker"]
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Give up after this many seconds.")
 def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, timeout_s: float) -> None:
     """Run a small shop end to end with faults, and check nothing is lost, duplicated or stale."""
+    logs.quiet_by_default()  # progress lines are the output; KCONS_LOG_LEVEL or -v bring the logs back
     try:
         opts = DemoOptions(orders=orders, rate=rate, products=products, readers=readers, postgres=postgres,
                            timeout_s=timeout_s)  # fmt: skip
@@ -50,8 +51,7 @@ def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, 
 @click.option("--run", "run_id", required=True, help="The demo run this worker belongs to.")
 def demo_worker(role: str, kind: str, db_location: str, bootstrap: str, run_id: str) -> None:
     """A child process of ``kcons demo`` (relay or inventory consumer), stopped by SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.WARNING, force=True,
-                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logs.add_context(worker=role, run=run_id)
     worker = open_worker(role, kind, db_location, bootstrap, run_id)
     with stop_on_signals(worker):
         worker.run()

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from kcons.cli import logs
 from kcons.cli.settings import remember_file_secret, start_metrics
 from kcons.cli.signals import stop_on_signals
 from kcons.config import check_postgres_dsn, check_range, env_str, redact, redact_text
@@ -120,8 +121,7 @@ def relay(
         leases = None if sqlite_path else _lease_backend(lease_backend, raft_peers, raft_secret_file)
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.add_context(relay=settings.name)
     server = None
     if settings.metrics_port is not None:  # bound before anything connects, so a bad address fails first
         explicit = metrics_port is not None or env_str("KCONS_OUTBOX_METRICS_PORT") is not None

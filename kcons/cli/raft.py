@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import signal
 from typing import Any
 
 import click
 
+from kcons.cli import logs
 from kcons.errors import KconsError
 from kcons.raft.client import RaftClient
 
@@ -77,7 +77,7 @@ def serve(
 
     from kcons.raft.node import NodeSettings, RaftNode
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.add_context(node=node_id)
     try:
         settings = NodeSettings.from_env(node_id, peers, data_dir, secret_file)
         if voters:

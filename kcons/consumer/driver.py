@@ -73,6 +73,7 @@ from kcons.dedup import (
 )
 from kcons.errors import ConfigError, KconsError, StoreError
 from kcons.kafka import Consumer, Producer
+from kcons.kafka.client import with_logger
 from kcons.kafka.dlq import DeadLetterWriter
 from kcons.kafka.ledger import OffsetLedger
 from kcons.kafka.loop import BatchSource
@@ -201,7 +202,7 @@ class IdempotentConsumer:
         self._store = store
         caps = capabilities_of(store) if store is not None else StoreCapabilities(in_process=True)
         self._effects = self._make_effects(handler, batch_handler, caps)
-        self._config = dict(config)
+        self._config = with_logger(config)  # librdkafka's lines through Python logging
         self._config["enable.auto.commit"] = False
         self._ledger = OffsetLedger(asynchronous=async_commit, user_on_commit=self._config.get("on_commit"))
         self._config["on_commit"] = self._ledger.on_commit

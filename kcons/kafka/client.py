@@ -18,12 +18,14 @@ from typing import Any
 from kcons.errors import ConfigError
 
 __all__ = [
+    "LIBRDKAFKA_LOGGER",
     "SHARED_CLIENT_KEYS",
     "check_consumer_config",
     "check_producer_config",
     "close_bounded",
     "library_versions",
     "shared_client_config",
+    "with_logger",
 ]
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,18 @@ SHARED_CLIENT_KEYS: tuple[str, ...] = (
     "metadata.", "client.dns", "client.id", "client.rack", "api.version", "enable.ssl.certificate.verification",
     "oauthbearer", "error_cb", "logger", "log_level", "resolve_cb", "connections.max.idle.ms", "reconnect.backoff",
 )  # fmt: skip
+
+#: Where librdkafka's own log lines go (``%4|...|GETPID|...``): through Python logging, like every
+#: other kcons line, instead of raw to stderr.
+LIBRDKAFKA_LOGGER = logging.getLogger("kcons.librdkafka")
+
+
+def with_logger(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` sending librdkafka's log lines to :data:`LIBRDKAFKA_LOGGER` (unless it has a ``logger``)."""
+    cfg = dict(config)
+    cfg.setdefault("logger", LIBRDKAFKA_LOGGER)
+    return cfg
+
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -64,9 +78,9 @@ def check_producer_config(config: Mapping[str, Any], *, transactional: bool) -> 
     more than 5 in-flight requests per connection, zero retries, and (when ``transactional``) a
     missing ``transactional.id``; a ``transactional.id`` on a non-transactional producer is rejected
     too, since librdkafka would then refuse every produce outside a transaction. Sets
-    ``enable.idempotence=true`` and ``acks=all`` explicitly.
+    ``enable.idempotence=true`` and ``acks=all`` explicitly, and the default ``logger``.
     """
-    cfg = dict(config)
+    cfg = with_logger(config)
     _require_bootstrap(cfg)
     if "enable.idempotence" in cfg and not as_bool("enable.idempotence", cfg["enable.idempotence"]):
         raise ConfigError("enable.idempotence", "must be true: without it retries can write duplicates")
@@ -95,9 +109,10 @@ def check_consumer_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     ``group.id`` is required; ``enable.auto.commit=true`` and ``isolation.level=read_uncommitted``
     are rejected (offsets are committed inside the transaction, and aborted input must stay
-    invisible); both are then set explicitly, with ``enable.auto.offset.store=false``.
+    invisible); both are then set explicitly, with ``enable.auto.offset.store=false`` and the
+    default ``logger``.
     """
-    cfg = dict(config)
+    cfg = with_logger(config)
     if not cfg.get("group.id"):
         raise ConfigError("group.id", "is required: the processor commits offsets for its consumer group")
     _require_bootstrap(cfg)

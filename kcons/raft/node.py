@@ -193,6 +193,7 @@ class RaftNode:
         self._last_signalled = 0
         self._gauges_due = True
         self._read_epoch = (0, 0)
+        self._logged_view: tuple[int, tuple[int, ...]] = (0, ())  # (leader, voters) last logged
         self._stopped = False
         self._failed = asyncio.Event()
         self.failure: BaseException | None = None
@@ -467,6 +468,7 @@ class RaftNode:
                     keep_a.append((index, afut))
             self._apply_waiters = keep_a
         epoch = (core.term, core.leader)
+        self._log_view_change(core.term, core.leader, tuple(core.voters))
         if epoch != self._read_epoch:
             self._read_epoch = epoch
             fail_reads = True  # requests registered with a former leader will never be confirmed
@@ -487,6 +489,18 @@ class RaftNode:
             self._last_signalled = applied
             signal, self._apply_signal = self._apply_signal, asyncio.Event()
             signal.set()
+
+    def _log_view_change(self, term: int, leader: int, voters: tuple[int, ...]) -> None:
+        """Log at INFO when a new leader is known or the voter set changed (operators follow these)."""
+        last_leader, last_voters = self._logged_view
+        if leader and leader != last_leader:
+            log.info("raft node %d: leader is now %d (term %d)", self.id, leader, term)
+            last_leader = leader
+        if voters != last_voters:
+            if last_voters:
+                log.info("raft node %d: voters changed from %s to %s", self.id, list(last_voters), list(voters))
+            last_voters = voters
+        self._logged_view = (last_leader, last_voters)
 
     def _maybe_compact(self) -> None:
         core = self.core

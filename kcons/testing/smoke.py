@@ -23,6 +23,8 @@ def run_smoke(messages: int = 1000, timeout_s: float = 60.0) -> dict[str, Any]:
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
+    from kcons.kafka.client import with_logger
+
     settings = Settings.from_env()
     if settings.kafka is None or settings.redis is None or settings.postgres is None:
         named = (
@@ -34,11 +36,11 @@ def run_smoke(messages: int = 1000, timeout_s: float = 60.0) -> dict[str, Any]:
         raise ConfigError(missing[0], 'is not set: run `kcons dev up` and `eval "$(kcons dev env)"`')
     report: dict[str, Any] = {"messages": messages}
     topic = f"kcons-smoke-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient(settings.kafka.client_config())
+    admin = AdminClient(with_logger(settings.kafka.client_config()))
     admin.create_topics([NewTopic(topic, num_partitions=3)])[topic].result(timeout=30)
 
     t0 = time.monotonic()
-    producer = Producer(settings.kafka.client_config(**{"enable.idempotence": True, "acks": "all"}))
+    producer = Producer(with_logger(settings.kafka.client_config(**{"enable.idempotence": True, "acks": "all"})))
     sent: set[str] = set()
     failures: list[str] = []
 
@@ -59,9 +61,9 @@ def run_smoke(messages: int = 1000, timeout_s: float = 60.0) -> dict[str, Any]:
 
     t1 = time.monotonic()
     group = f"kcons-smoke-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer(settings.kafka.client_config(**{
+    consumer = Consumer(with_logger(settings.kafka.client_config(**{
         "group.id": group, "auto.offset.reset": "earliest", "enable.auto.commit": False,
-    }))  # fmt: skip
+    })))  # fmt: skip
     consumer.subscribe([topic])
     seen: list[str] = []
     deadline = time.monotonic() + timeout_s
