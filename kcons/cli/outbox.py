@@ -13,7 +13,7 @@ from kcons.cli.signals import stop_on_signals
 from kcons.config import check_postgres_dsn, check_range, env_str, redact, redact_text
 from kcons.errors import ConfigError, KconsError
 from kcons.lease import LeaseBackend
-from kcons.outbox.schema import DEFAULT_TABLE, install_schema, postgres_ddl
+from kcons.outbox.schema import DEFAULT_LOCK_TIMEOUT_S, DEFAULT_TABLE, SCHEMA_VERSION, install_schema, postgres_ddl
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,22 @@ def outbox() -> None:
 @click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
 @click.option("--sqlite", "sqlite_path", type=click.Path(dir_okay=False), help="Create the schema in this SQLite file.")
 @click.option("--table", default=None, help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
-@click.option("--print-sql", is_flag=True, help="Print the PostgreSQL DDL instead of applying it.")
-def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql: bool) -> None:
-    """Create the outbox table, its indexes, the fence table and the NOTIFY trigger (idempotent)."""
+@click.option(
+    "--print-sql", is_flag=True,
+    help="Print the PostgreSQL DDL (for Alembic/Flyway migrations) instead of applying it.",
+)  # fmt: skip
+@click.option(
+    "--lock-timeout", type=click.FloatRange(min=0.05, max=600), default=DEFAULT_LOCK_TIMEOUT_S,
+    show_default=True, envvar="KCONS_OUTBOX_INIT_LOCK_TIMEOUT_S", show_envvar=True,
+    help="Give up (exit 1, nothing changed) after waiting this many seconds for a lock.",
+)  # fmt: skip
+def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql: bool, lock_timeout: float) -> None:
+    """Create or upgrade the outbox schema; a no-op when the version recorded in the database is current.
+
+    Safe as an init container on every relay start: the current-version check takes no lock on
+    the outbox table, and an upgrade gives up after --lock-timeout rather than make the
+    application's writers queue behind it.
+    """
     name = table or env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE) or DEFAULT_TABLE
     try:
         if print_sql:
@@ -48,9 +61,10 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
         check_postgres_dsn("--dsn" if dsn else "KCONS_POSTGRES_DSN", target)
         import psycopg
 
-        with psycopg.connect(target, autocommit=True) as conn:
-            install_schema(conn, name)
-        click.echo(f"outbox schema ready in {redact(target)} (table {name})")
+        with psycopg.connect(target, autocommit=True, application_name="kcons-outbox-init") as conn:
+            applied = install_schema(conn, name, lock_timeout_s=lock_timeout)
+        state = f"applied (version {SCHEMA_VERSION})" if applied else f"already current (version {SCHEMA_VERSION})"
+        click.echo(f"outbox schema {state} in {redact(target)} (table {name})")
     except KconsError as exc:
         raise click.ClickException(str(exc)) from None
 

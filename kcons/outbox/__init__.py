@@ -11,7 +11,14 @@ from kcons.errors import LeadershipLostError
 from kcons.outbox.publisher import KafkaBatchPublisher
 from kcons.outbox.relay import OutboxRelay, RelaySettings
 from kcons.outbox.rows import OutboxRecord, OutboxRow, to_record
-from kcons.outbox.schema import DEFAULT_TABLE, install_schema, postgres_ddl, sqlite_ddl
+from kcons.outbox.schema import (
+    DEFAULT_TABLE,
+    SchemaLockTimeoutError,
+    install_schema,
+    postgres_ddl,
+    schema_is_current,
+    sqlite_ddl,
+)
 from kcons.outbox.store import OutboxStore
 from kcons.outbox.writer import OutboxUsageError, add, add_many
 
@@ -25,10 +32,12 @@ __all__ = [
     "OutboxStore",
     "OutboxUsageError",
     "RelaySettings",
+    "SchemaLockTimeoutError",
     "add",
     "add_many",
     "install_schema",
     "postgres_ddl",
+    "schema_is_current",
     "sqlite_ddl",
     "to_record",
 ]

@@ -89,10 +89,12 @@ def _k8s_named(kind: str, name: str) -> dict[str, Any]:
     return found[0]
 
 
-def _pod_specs() -> list[tuple[str, dict[str, Any]]]:
+def _pod_specs(*, long_running: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """Every workload's pod spec; ``long_running`` leaves out Jobs (one-shots: no probes, no metrics)."""
+    kinds = ("Deployment", "StatefulSet", "DaemonSet") + (() if long_running else ("Job",))
     specs = []
     for _, doc in _k8s_documents():
-        if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        if doc["kind"] in kinds:
             specs.append((f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]))
     return specs
 
@@ -467,6 +469,9 @@ def test_kubernetes_pods_run_unprivileged_and_probe_declared_ports() -> None:
             assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
             assert sc["capabilities"]["drop"] == ["ALL"], where
             assert "memory" in c["resources"]["limits"], f"{where} {c['name']}: no memory limit"
+        if where.startswith("Job/"):
+            assert spec["restartPolicy"] in ("OnFailure", "Never"), where
+            continue
         for c in spec["containers"]:
             names = {p["name"] for p in c.get("ports", [])}
             for probe in ("readinessProbe", "livenessProbe"):
@@ -476,7 +481,7 @@ def test_kubernetes_pods_run_unprivileged_and_probe_declared_ports() -> None:
 
 
 def test_kubernetes_scrape_annotations_point_at_the_metrics_port() -> None:
-    for where, spec in _pod_specs():
+    for where, spec in _pod_specs(long_running=True):
         doc_template = next(
             d["spec"]["template"] for _, d in _k8s_documents() if f"{d['kind']}/{d['metadata']['name']}" == where
         )

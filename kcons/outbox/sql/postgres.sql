@@ -1,4 +1,9 @@
--- kcons outbox schema for PostgreSQL (>= 13). Applied by `kcons outbox init`; idempotent.
+-- kcons outbox schema for PostgreSQL (>= 13), version {version}. Applied by `kcons outbox init`, or by
+-- your own migration tool (`kcons outbox init --print-sql` prints this file for a table).
+-- Idempotent, and lock-free on an existing outbox table: every index and the trigger are created
+-- only when missing, so re-running it never queues behind (and so never blocks) the application's
+-- writers. The last statement records the version in kcons_schema; `kcons outbox init` does
+-- nothing at all when that record is current.
 -- {table} is replaced by the validated table name.
 --
 -- Debezium's outbox event-router columns: id, aggregatetype, aggregateid, type, payload.
@@ -33,9 +38,18 @@ CREATE TABLE IF NOT EXISTS {table} (
 -- the txid index finds them without walking the dead entries of rows already deleted. Neither
 -- index is partial: without statistics the planner would take a partial "published_at IS NULL"
 -- index for a tiny one and read all of it.
-CREATE INDEX IF NOT EXISTS {table}_txid ON {table} (txid);
 -- Retention cleanup scans only published rows.
-CREATE INDEX IF NOT EXISTS {table}_published ON {table} (published_at) WHERE published_at IS NOT NULL;
+-- (CREATE INDEX IF NOT EXISTS would lock the table before it finds the index exists.)
+DO $kcons$
+BEGIN
+    IF to_regclass('{table}_txid') IS NULL THEN
+        CREATE INDEX {table}_txid ON {table} (txid);
+    END IF;
+    IF to_regclass('{table}_published') IS NULL THEN
+        CREATE INDEX {table}_published ON {table} (published_at) WHERE published_at IS NOT NULL;
+    END IF;
+END
+$kcons$;
 
 -- Fencing: the highest leadership token that ever marked rows. A relay whose token is lower
 -- (a paused former leader) cannot mark or delete rows any more.
@@ -63,6 +77,25 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS {table}_notify ON {table};
-CREATE TRIGGER {table}_notify AFTER INSERT ON {table}
-    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
+-- Created only when missing: CREATE/DROP TRIGGER lock out the table's writers.
+DO $kcons$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND tgname = '{table}_notify'
+    ) THEN
+        CREATE TRIGGER {table}_notify AFTER INSERT ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
+    END IF;
+END
+$kcons$;
+
+-- The applied schema version, one row per kcons component (`kcons outbox init` reads it first
+-- and stops there when it is current).
+CREATE TABLE IF NOT EXISTS kcons_schema (
+    component  text        PRIMARY KEY,
+    version    integer     NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO kcons_schema (component, version) VALUES ('outbox:{table}', {version})
+    ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, applied_at = now()
+    WHERE kcons_schema.version < EXCLUDED.version;
