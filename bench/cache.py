@@ -35,7 +35,7 @@ import psycopg
 import redis
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from kcons.cache import CacheSettings, ConsistentCache
+from kcons.cache import CacheSettings, ConsistentCache, Versioned
 from kcons.envelope import read_envelope
 from kcons.outbox import install_schema
 from kcons.testing import child_env, start_stack
@@ -50,7 +50,7 @@ def hit_path(redis_url: str, rounds: int, ops: int, value_size: int) -> dict[str
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     cache = ConsistentCache(client, name="bench", settings=CacheSettings(prefix=prefix))
     value = os.urandom(value_size)
-    assert cache.write_through("item:1", value, 1)
+    assert cache.get("item:1", lambda key: Versioned(value, 1)) == Versioned(value, 1)
     plain_key = f"{prefix}:plain"
     client.set(plain_key, b"v1:" + value)
     get = client.get

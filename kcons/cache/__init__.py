@@ -24,15 +24,19 @@ afterwards: the classic race ends with the new value or no value, never the old 
   invalidation lag. Safe under replays, eviction and invalidator crashes.
 * ``WRITE_THROUGH``: the writer commits the row, then calls :meth:`ConsistentCache.write_through`
   with the new value and version, under the same guard. Concurrent writers cannot move the key
-  backwards. If the writer dies between commit and cache write the cache keeps the previous
-  version until an invalidation or the value TTL: run the invalidator as a backstop.
+  backwards. A write-through never lands on a key Redis has no history of (a new key, or one
+  whose state a restart without persistence, a flush or eviction took: its *floor*, the highest
+  version written, which outlives the entry, is gone too); it is turned into a tombstone at its
+  version and the next read loads under a lease, so a writer that stalled across a Redis
+  restart cannot bring back an old version. If the writer dies between commit and cache write
+  the cache keeps the previous version until an invalidation or the value TTL: run the
+  invalidator as a backstop.
 * ``WRITE_BEHIND``: the writer commits the row and its outbox event (carrying the new value)
   in one transaction; the invalidator writes the *value* instead of a tombstone. The loss
   window is zero (the event is durable with the row, and offsets commit only after Redis
-  acknowledged). A key whose entry expired or was evicted loses its version, so an older event
-  replayed after an invalidator crash can briefly set an older value until the newer one is
-  replayed too (replays cover only the uncommitted tail, seconds): keep TTLs far above that,
-  use ``noeviction``, or ``VERSIONED_INVALIDATION`` (tombstones carry no value) when it matters.
+  acknowledged). A key whose entry expired or was evicted keeps its floor for twice the entry's
+  TTL, so an older event replayed after an invalidator crash is refused; on a key with no history
+  at all the event's version is written as a tombstone (the next read loads the value).
 
 **TTLs.** Values expire after ``value_ttl_s`` (bounds the damage of a lost invalidation).
 Tombstones expire after ``tombstone_ttl_s``, which must exceed the longest a loader or a
@@ -69,6 +73,7 @@ from kcons.cache.model import (
     decode_entry,
     encode_entry,
     guard_accepts,
+    guard_decides,
 )
 
 __all__ = [
@@ -98,6 +103,7 @@ __all__ = [
     "decode_entry",
     "encode_entry",
     "guard_accepts",
+    "guard_decides",
     "key_template",
     "plan_writes",
 ]

@@ -77,7 +77,8 @@ class ConsistentCache:
     ``get`` returns the cached value on a hit (one Redis GET). On a miss it takes the key's
     lease and loads; concurrent misses of the same key wait up to ``lease_wait_s`` for that
     one load, then read through without filling. Fills and write-throughs pass the version
-    guard; a fill whose lease was invalidated meanwhile is refused.
+    guard; a fill whose lease was invalidated meanwhile is refused, and a write-through to a
+    key Redis has no history of (new, or lost to a restart, flush or eviction) is refused.
     """
 
     def __init__(
@@ -162,16 +163,24 @@ class ConsistentCache:
         return self._read(key)
 
     def write_through(self, key: str, value: bytes, version: int, *, committed_at: float | None = None) -> bool:
-        """Write-through after the DB commit: store ``value`` at ``version`` unless a newer one is stored.
+        """Write-through after the DB commit: store ``value`` at ``version`` unless a newer one is or was stored.
 
-        ``committed_at`` (``time.time()`` of the commit) lets the cache refuse a write that
-        arrives so late that the tombstone guarding it may have expired; returns True if applied.
+        Refused (False) when a newer version is stored, when the key's floor (the highest
+        version written, kept longer than the entry) is newer, and when Redis's history of the
+        key does not reach back to the commit (a new key, or its state lost by a restart without
+        persistence, a flush or eviction, and rebuilt since): the writer's value may be older
+        than a lost one, so a tombstone at ``version`` is stored instead and the next read loads
+        from the source under a lease. ``committed_at`` (``time.time()`` of the commit) is
+        compared with the start of that history (allowing :data:`~kcons.cache.model.CLOCK_SKEW_S`
+        of clock skew); without it the history must be one tombstone TTL old. It also lets the
+        cache refuse a write that arrives so late that the tombstone guarding it may have
+        expired. Returns True if the value was stored.
         """
         if committed_at is not None and time.time() - committed_at > self.settings.tombstone_ttl_s / 2:
             log.warning("write-through for a key is too late (older than tombstone_ttl/2); invalidating instead")
             self.invalidate(key, version)
             return False
-        result = self.backend.write(CacheWrite(WriteOp.SET, key, version, value, self._value_ttl_ms))
+        result = self.backend.write(self.value_write(key, value, version, committed_at=committed_at))
         return result.outcome is WriteOutcome.APPLIED
 
     def invalidate(self, key: str, version: int) -> bool:
@@ -185,9 +194,15 @@ class ConsistentCache:
         """The guarded tombstone write for ``key`` at ``version`` (for batching)."""
         return CacheWrite(WriteOp.TOMBSTONE, key, version, b"", self._tomb_ttl_ms)
 
-    def value_write(self, key: str, value: bytes, version: int) -> CacheWrite:
-        """The guarded lease-less value write for ``key`` at ``version`` (write-behind, for batching)."""
-        return CacheWrite(WriteOp.SET, key, version, value, self._value_ttl_ms)
+    def value_write(self, key: str, value: bytes, version: int, *, committed_at: float | None = None) -> CacheWrite:
+        """The guarded lease-less value write for ``key`` at ``version`` (write-through, write-behind).
+
+        Without ``committed_at`` the key's history must be one tombstone TTL old (see
+        :func:`~kcons.cache.model.history_trusts`), else a tombstone is written instead.
+        """
+        return CacheWrite(
+            WriteOp.SET, key, version, value, self._value_ttl_ms, committed_at=committed_at, settle_ms=self._tomb_ttl_ms
+        )
 
     def apply_writes(
         self, writes: Sequence[CacheWrite], committed_at: Sequence[float | None] = ()

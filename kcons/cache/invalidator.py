@@ -57,7 +57,7 @@ def plan_writes(
         if value is None:
             writes.append(cache.tombstone_write(key, event.version))
         else:
-            writes.append(cache.value_write(key, value, event.version))
+            writes.append(cache.value_write(key, value, event.version, committed_at=event.committed_at))
     return writes
 
 

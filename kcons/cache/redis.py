@@ -1,9 +1,11 @@
 """The Redis :class:`~kcons.cache.model.CacheBackend`: one registered Lua script guards every write.
 
 Key layout, Redis Cluster safe: the data key ``<prefix>:{<key>}`` holds the packed entry
-(``v<version>:<value>`` or ``t<version>:``) and the lease key ``<prefix>:{<key>}:lease`` holds the
-loader's token; the shared hash tag ``{<key>}`` puts both in one slot, so the script may touch
-both atomically. Braces and ``%`` in user keys are percent-escaped so the tag stays intact.
+(``v<version>:<value>`` or ``t<version>:``), the lease key ``<prefix>:{<key>}:lease`` holds the
+loader's token and the floor key ``<prefix>:{<key>}:floor`` the highest version written (it
+outlives the entry, so a lost entry still refuses older writes); the shared hash tag ``{<key>}``
+puts all three in one slot, so the script may touch them atomically. Braces and ``%`` in user
+keys are percent-escaped so the tag stays intact.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kcons.cache.model import (
     WriteOp,
     WriteOutcome,
     WriteResult,
+    committed_ms,
     decode_entry,
 )
 from kcons.errors import ConfigError, StoreError
@@ -40,7 +43,12 @@ _UNAVAILABLE = (
 )
 
 _SCRIPT = resources.files("kcons.cache").joinpath("cache_fill.lua").read_text(encoding="utf-8")
-_OUTCOMES = {1: WriteOutcome.APPLIED, 0: WriteOutcome.STALE, -1: WriteOutcome.LEASE_LOST}
+_OUTCOMES = {
+    1: WriteOutcome.APPLIED,
+    0: WriteOutcome.STALE,
+    -1: WriteOutcome.LEASE_LOST,
+    -2: WriteOutcome.NO_HISTORY,
+}
 
 
 def _escape(key: str) -> str:
@@ -79,6 +87,11 @@ class RedisCacheBackend:
         """The Redis data and lease keys of ``key``."""
         return cache_keys(self._prefix, key)
 
+    def _script_keys(self, key: str) -> tuple[str, str, str]:
+        """The data, lease and floor keys of ``key``, as the script takes them."""
+        data, lease = cache_keys(self._prefix, key)
+        return data, lease, data + ":floor"
+
     def read(self, key: str) -> CacheEntry | None:
         """The stored entry, or None (one GET)."""
         if "{" in key or "}" in key or "%" in key:
@@ -97,7 +110,7 @@ class RedisCacheBackend:
     def take_lease(self, key: str, token: str, ttl_ms: int) -> CacheEntry | bool:
         """A cached value when there is one; else True if the lease was taken, False if held by another."""
         try:
-            code, raw = self._script(keys=self.keys(key), args=["lease", "", "", ttl_ms, token])
+            code, raw = self._script(keys=self._script_keys(key), args=["lease", "", "", ttl_ms, token, "", 0])
         except _UNAVAILABLE as exc:
             raise CacheUnavailableError(f"redis lease failed: {type(exc).__name__}") from exc
         if code == 2:
@@ -107,7 +120,7 @@ class RedisCacheBackend:
     def release_lease(self, key: str, token: str) -> None:
         """Drop the lease if ``token`` still holds it."""
         try:
-            self._script(keys=self.keys(key), args=["release", "", "", 0, token])
+            self._script(keys=self._script_keys(key), args=["release", "", "", 0, token, "", 0])
         except _UNAVAILABLE as exc:
             raise CacheUnavailableError(f"redis lease release failed: {type(exc).__name__}") from exc
 
@@ -115,7 +128,7 @@ class RedisCacheBackend:
         """Apply one guarded write."""
         args = _args(write)
         try:
-            return _result(self._script(keys=self.keys(write.key), args=args))
+            return _result(self._script(keys=self._script_keys(write.key), args=args))
         except _UNAVAILABLE as exc:
             raise CacheUnavailableError(f"redis write failed: {type(exc).__name__}") from exc
 
@@ -124,7 +137,7 @@ class RedisCacheBackend:
         if len(writes) == 1 or self._cluster:
             # redis-py's cluster pipelines refuse EVALSHA: on a cluster each write is its own call.
             return [self.write(w) for w in writes]
-        commands = [(*self.keys(w.key), *_args(w)) for w in writes]
+        commands = [(*self._script_keys(w.key), *_args(w)) for w in writes]
         try:
             try:
                 replies = self._pipelined(commands)
@@ -142,7 +155,7 @@ class RedisCacheBackend:
         pipe = self._client.pipeline(transaction=False)
         sha = self._script.sha
         for command in commands:
-            pipe.evalsha(sha, 2, *command)
+            pipe.evalsha(sha, 3, *command)
         return list(pipe.execute(raise_on_error=True))
 
 
@@ -153,7 +166,8 @@ def _args(w: CacheWrite) -> list[Any]:
         raise StoreError("cache writes need a positive TTL")
     if w.op is WriteOp.FILL and not w.token:
         raise StoreError("a fill needs its lease token")
-    return [w.op.value, str(w.version), w.value, w.ttl_ms, w.token]
+    committed = "" if w.committed_at is None else str(committed_ms(w.committed_at))
+    return [w.op.value, str(w.version), w.value, w.ttl_ms, w.token, committed, w.settle_ms]
 
 
 def _result(reply: Any) -> WriteResult:

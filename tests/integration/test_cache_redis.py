@@ -16,7 +16,7 @@ from kcons.cache import (
     Versioned,
     WriteOp,
     WriteOutcome,
-    guard_accepts,
+    guard_decides,
 )
 from kcons.cache.redis import RedisCacheBackend
 
@@ -31,21 +31,27 @@ def test_lua_script_decides_exactly_like_the_pure_guard(redis_client: Any) -> No
     cache = _cache(redis_client)
     rng = random.Random(7)
     model: dict[str, CacheEntry] = {}
+    floors: dict[str, int] = {}
     for i in range(600):
         key = f"k{rng.randrange(4)}"
         op = rng.choice([WriteOp.SET, WriteOp.TOMBSTONE])
         version = rng.randrange(12)
-        expect = guard_accepts(op, model.get(key), version)
+        expect, stored = guard_decides(op, model.get(key), floors.get(key), version)
         result = cache.backend.write(CacheWrite(op, key, version, b"v%d" % i, 60_000))
-        assert (result.outcome is WriteOutcome.APPLIED) == expect, (op, model.get(key), version)
-        if expect:
-            model[key] = CacheEntry(version, None if op is WriteOp.TOMBSTONE else b"v%d" % i)
+        assert result.outcome is expect, (op, model.get(key), version)
+        if stored is not None:
+            model[key] = CacheEntry(version, None if stored is WriteOp.TOMBSTONE else b"v%d" % i)
+            floors[key] = max(version, floors.get(key, 0))
+        if i % 50 == 49:  # the entry is evicted: its floor still guards the key
+            model.pop(key, None)
+            redis_client.delete(cache.backend.keys(key)[0])  # type: ignore[attr-defined]
         assert cache.peek(key) == model.get(key)
 
 
 def test_versions_beyond_float_precision_compare_exactly(redis_client: Any) -> None:
     cache = _cache(redis_client)
     big = 2**63 + 1
+    assert cache.get("k", lambda key: Versioned(b"first", big - 2)) == Versioned(b"first", big - 2)
     assert cache.invalidate("k", big)
     assert not cache.write_through("k", b"old", big - 1)
     assert cache.write_through("k", b"new", big)
@@ -145,7 +151,8 @@ def test_values_and_tombstones_carry_bounded_ttls(redis_client: Any) -> None:
     cache = _cache(redis_client, value_ttl_s=100.0, tombstone_ttl_s=50.0)
     backend = cache.backend
     assert isinstance(backend, RedisCacheBackend)
-    cache.write_through("a", b"x", 1)
+    assert cache.get("a", lambda key: Versioned(b"w", 1)) == Versioned(b"w", 1)
+    assert cache.write_through("a", b"x", 2)
     cache.invalidate("b", 1)
     assert 0 < redis_client.pttl(backend.keys("a")[0]) <= 100_000
     assert 0 < redis_client.pttl(backend.keys("b")[0]) <= 50_000
@@ -166,9 +173,10 @@ def test_batched_writes_survive_redis_losing_its_script_cache() -> None:
     with RedisServer() as server:
         client = redis.Redis.from_url(server.url)
         cache = ConsistentCache(client, name="flush")
+        assert cache.get("b", lambda key: Versioned(b"w", 0)) == Versioned(b"w", 0)
         client.script_flush()
         results = cache.apply_writes([cache.tombstone_write("a", 2), cache.value_write("b", b"x", 1)])
-        assert [r.outcome for r in results] == [WriteOutcome.APPLIED, WriteOutcome.APPLIED]
+        assert [r.outcome for r in results] == [WriteOutcome.APPLIED] * 2
         client.script_flush()
         assert cache.invalidate("b", 2)
         assert cache.peek("a") == CacheEntry(2, None) and cache.peek("b") == CacheEntry(2, None)
@@ -223,3 +231,81 @@ def test_a_client_that_decodes_responses_is_refused_at_construction(redis_url: s
         raise AssertionError("a str-decoding client must be refused")
     finally:
         client.close()
+
+
+def test_a_stalled_write_through_cannot_bring_an_old_version_back_after_redis_restarts_empty() -> None:
+    import redis
+
+    from kcons.testing.local import RedisServer
+
+    server = RedisServer().start()
+    port = server.port
+    client = redis.Redis.from_url(server.url)
+    try:
+        cache = ConsistentCache(client, name="restart")
+        keys = [f"item:{i}" for i in range(10)]
+        for k in keys:
+            assert cache.get(k, lambda key: Versioned(b"v1", 1)) == Versioned(b"v1", 1)
+        started = time.time()  # writer A commits v2 of every key here, then stalls
+        for k in keys:  # writer B commits v3 and writes it through; the tombstones for v2 and v3 come late
+            assert cache.write_through(k, b"v3", 3)
+            assert not cache.invalidate(k, 2) and not cache.invalidate(k, 3)
+        server.close()  # Redis restarts without persistence: every entry, lease and floor is gone
+        server = RedisServer(port=port).start()
+        applied = [cache.write_through(k, b"v2", 2, committed_at=started) for k in keys]
+        assert applied == [False] * 10
+        assert all(cache.peek(k) == CacheEntry(2, None) for k in keys)  # a tombstone instead of the old value
+        assert cache.get(keys[0], lambda key: Versioned(b"v3", 3)) == Versioned(b"v3", 3)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_an_evicted_newer_value_still_refuses_an_older_write_through(redis_client: Any) -> None:
+    cache = _cache(redis_client)
+    assert cache.get("k", lambda key: Versioned(b"v1", 1)) == Versioned(b"v1", 1)
+    assert cache.write_through("k", b"v3", 3)
+    backend = cache.backend
+    assert isinstance(backend, RedisCacheBackend)
+    redis_client.delete(backend.keys("k")[0])  # eviction (or expiry) of the newer value alone
+    assert not cache.write_through("k", b"v2", 2)
+    assert not cache.invalidate("k", 2)
+    assert cache.peek("k") is None
+    assert cache.write_through("k", b"v4", 4)
+    assert cache.peek("k") == CacheEntry(4, b"v4")
+
+
+def test_write_through_to_a_key_redis_has_no_history_of_is_refused(redis_client: Any) -> None:
+    cache = _cache(redis_client)
+    assert not cache.write_through("new", b"v1", 1)
+    assert cache.peek("new") == CacheEntry(1, None)  # a tombstone instead: the next read loads
+    assert not cache.write_through("new", b"v2", 2)  # the history is younger than a tombstone TTL
+    assert cache.peek("new") == CacheEntry(2, None)
+    assert cache.write_through("new", b"v3", 3, committed_at=time.time() + 2)  # committed after the history began
+    assert cache.peek("new") == CacheEntry(3, b"v3")
+    assert cache.get("fresh", lambda key: Versioned(b"v1", 1)) == Versioned(b"v1", 1)  # a fill: history from now on
+    assert cache.write_through("fresh", b"v2", 2)
+
+
+def test_a_history_rebuilt_after_a_restart_by_a_lagging_invalidation_does_not_let_an_older_write_in() -> None:
+    import redis
+
+    from kcons.testing.local import RedisServer
+
+    server = RedisServer().start()
+    port = server.port
+    client = redis.Redis.from_url(server.url)
+    try:
+        cache = ConsistentCache(client, name="lag")
+        assert cache.get("k", lambda key: Versioned(b"v1", 1)) == Versioned(b"v1", 1)
+        a_committed = time.time()  # writer A commits v4 and stalls
+        assert cache.write_through("k", b"v5", 5, committed_at=time.time())  # B commits v5 and writes it
+        server.close()
+        server = RedisServer(port=port).start()
+        assert cache.invalidate("k", 3)  # the invalidator, behind, rebuilds a history at v3
+        assert not cache.write_through("k", b"v4", 4, committed_at=a_committed)
+        assert cache.peek("k") == CacheEntry(4, None)
+        assert cache.get("k", lambda key: Versioned(b"v5", 5)) == Versioned(b"v5", 5)
+    finally:
+        client.close()
+        server.close()

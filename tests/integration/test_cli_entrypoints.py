@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from kcons.cache import CacheSettings, ConsistentCache
+from kcons.cache import CacheSettings, ConsistentCache, Versioned
 from kcons.envelope import Envelope
 
 
@@ -25,7 +25,7 @@ def test_cache_invalidator_command_tombstones_changed_keys_and_stops_on_sigterm(
     client = redis.Redis.from_url(redis_url)
     cache = ConsistentCache(client, name=name, settings=CacheSettings(prefix=f"kcons:{name}"))  # rerunnable
     for i in range(20):
-        assert cache.write_through(f"product:{i}", b"old", 1)
+        assert cache.get(f"product:{i}", lambda key: Versioned(b"old", 1)) == Versioned(b"old", 1)
 
     env = {
         **os.environ,

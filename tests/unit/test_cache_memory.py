@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kcons.cache import (
@@ -87,6 +89,27 @@ def test_a_failing_loader_gives_the_lease_back() -> None:
 
 def test_too_late_write_through_invalidates_instead_of_writing() -> None:
     cache = _cache(tombstone_ttl_s=60.0)
+    assert cache.get("k", lambda key: Versioned(b"v4", 4)) == Versioned(b"v4", 4)
     assert cache.write_through("k", b"v5", 5)
     assert not cache.write_through("k", b"v6", 6, committed_at=0.0)  # committed in 1970: far too late
     assert cache.peek("k") == CacheEntry(6, None)
+
+
+def test_after_the_store_forgets_everything_a_stalled_write_through_stores_a_tombstone_not_its_value() -> None:
+    wall = Clock()
+    wall.now = time.time()  # the store's clock: commit times are compared with it
+    backend = MemoryCacheBackend(Clock(), wall=wall)
+    cache = ConsistentCache(backend=backend, settings=CacheSettings(tombstone_ttl_s=300.0))
+    assert cache.get("k", lambda key: Versioned(b"v1", 1)) == Versioned(b"v1", 1)
+    a_committed = wall.now  # A commits v2 and stalls
+    assert cache.write_through("k", b"v3", 3, committed_at=wall.now)
+    backend.forget()  # Redis restarted without persistence
+    wall.now += 5
+    assert cache.invalidate("k", 1)  # a lagging invalidation rebuilds a history at v1
+    assert not cache.write_through("k", b"v2", 2, committed_at=a_committed)
+    assert cache.peek("k") == CacheEntry(2, None)
+    assert not cache.write_through("k", b"v2", 2)  # no commit time: the history is younger than a tombstone TTL
+    wall.now += 301
+    assert cache.write_through("k", b"v4", 4)
+    assert cache.write_through("k", b"v5", 5, committed_at=wall.now)
+    assert cache.peek("k") == CacheEntry(5, b"v5")
