@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -293,9 +294,11 @@ class _Child:
         self.kills = 0
 
     def start(self) -> None:
+        """Start the worker in a process group of its own: a terminal's Ctrl-C reaches only the demo,
+        which then stops the worker's whole group itself."""
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, process_group=0)  # fmt: skip
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -307,14 +310,22 @@ class _Child:
         self.kills += 1
         self.start()
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """SIGTERM the worker's process group, SIGKILL it after ``timeout_s``; True if it was running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(10)
+        return True
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
 
 
 # --------------------------------------------------------------------------- the parent's threads
@@ -453,128 +464,189 @@ def _count_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> tuple[i
         consumer.close()
 
 
+class _Teardown:
+    """What a demo run started, stopped in reverse order at the end however it ends, and named in one line."""
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+        self.stop_threads = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.children: list[_Child] = []
+
+    def run(self) -> None:
+        """Stop the threads and the worker processes (their process groups); services and files follow."""
+        self.stop_threads.set()
+        for child in self.children:
+            pid = child.proc.pid if child.proc is not None else 0
+            if child.stop():
+                self.stopped.append(f"{child.role} worker (pid {pid})")
+        for t in self.threads:
+            t.join(30)
+        if any(t.is_alive() for t in self.threads):
+            log.warning("demo threads still running after 30s: %s", [t.name for t in self.threads if t.is_alive()])
+        gc.collect()  # drop finished clients before the services stop
+
+    def summary(self) -> str:
+        return "stopped: " + (", ".join(self.stopped) if self.stopped else "nothing was running")
+
+
+def _services_started(postgres: bool) -> list[str]:
+    """The services :func:`kcons.testing.start_stack` starts (rather than reuses from ``KCONS_*``)."""
+    from kcons.config import env_str
+
+    wanted = [("kafka", "KCONS_KAFKA_BOOTSTRAP"), ("redis", "KCONS_REDIS_URL")]
+    if postgres:
+        wanted.append(("postgres", "KCONS_POSTGRES_DSN"))
+    return [name for name, var in wanted if not env_str(var)]
+
+
 def run_demo(opts: DemoOptions, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Run the shop with faults and return the report (``ok`` is True only if every guarantee held)."""
+    """Run the shop with faults and return the report (``ok`` is True only if every guarantee held).
+
+    Whatever ends the run (its end, an error, :class:`kcons.cli.signals.Interrupted` from a signal),
+    the worker processes, the threads, the services it started and its temporary directory are
+    stopped and removed, and one ``stopped: ...`` line names them through ``progress``.
+    """
+    teardown = _Teardown()
+    try:
+        return _run_demo(opts, progress, teardown)
+    finally:
+        progress(teardown.summary())
+
+
+def _run_demo(opts: DemoOptions, progress: Callable[[str], None], teardown: _Teardown) -> dict[str, Any]:
+
+    from kcons.testing import start_stack
+
+    started = time.monotonic()
+    services = _services_started(opts.postgres)
+    tmp = ""
+    try:
+        with (
+            start_stack(kafka=True, redis=True, postgres=opts.postgres) as stack,
+            tempfile.TemporaryDirectory(prefix="kcons-demo-") as tmp,
+        ):
+            try:
+                return _run_shop(opts, progress, teardown, stack, Path(tmp), started)
+            finally:
+                teardown.run()
+    finally:
+        teardown.stopped += services
+        if tmp:
+            teardown.stopped.append(f"removed {tmp}")
+
+
+def _run_shop(
+    opts: DemoOptions, progress: Callable[[str], None], teardown: _Teardown, stack: Any, workdir: Path, started: float
+) -> dict[str, Any]:
     import redis
 
     from kcons.cache import CacheInvalidator, ConsistentCache
-    from kcons.testing import start_stack
     from kcons.testing.plugin import create_topic
 
-    started = time.monotonic()
-    with (
-        start_stack(kafka=True, redis=True, postgres=opts.postgres) as stack,
-        tempfile.TemporaryDirectory(prefix="kcons-demo-") as tmp,
-    ):
-        workdir = Path(tmp)
-        progress(f"services up in {time.monotonic() - started:.1f}s: kafka {stack.kafka_bootstrap}, "
-                 f"redis {stack.redis_url}" + (", postgres" if opts.postgres else ", sqlite outbox"))  # fmt: skip
-        pg_dsn = _fresh_pg_database(stack.postgres_dsn) if opts.postgres else None
-        db = _Database(pg_dsn, workdir)
-        db.setup(opts.products)
-        from kcons.kafka import AdminClient
-        from kcons.kafka.client import with_logger
+    progress(f"services up in {time.monotonic() - started:.1f}s: kafka {stack.kafka_bootstrap}, "
+             f"redis {stack.redis_url}" + (", postgres" if opts.postgres else ", sqlite outbox"))  # fmt: skip
+    pg_dsn = _fresh_pg_database(stack.postgres_dsn) if opts.postgres else None
+    db = _Database(pg_dsn, workdir)
+    db.setup(opts.products)
+    from kcons.kafka import AdminClient
+    from kcons.kafka.client import with_logger
 
-        admin = AdminClient(with_logger({"bootstrap.servers": stack.kafka_bootstrap}))
-        run = uuid.uuid4().hex[:8]
-        shared = _Shared(orders_topic=ORDERS_TOPIC.format(run=run), stock_topic=STOCK_TOPIC.format(run=run))
-        for topic in (shared.orders_topic, shared.stock_topic):
-            create_topic(admin, topic, partitions=3)
+    admin = AdminClient(with_logger({"bootstrap.servers": stack.kafka_bootstrap}))
+    run = uuid.uuid4().hex[:8]
+    shared = _Shared(orders_topic=ORDERS_TOPIC.format(run=run), stock_topic=STOCK_TOPIC.format(run=run))
+    for topic in (shared.orders_topic, shared.stock_topic):
+        create_topic(admin, topic, partitions=3)
 
-        client = redis.Redis.from_url(stack.redis_url)
-        cache = ConsistentCache(client, name=f"kcons-demo-{uuid.uuid4().hex[:6]}")
+    client = redis.Redis.from_url(stack.redis_url)
+    cache = ConsistentCache(client, name=f"kcons-demo-{uuid.uuid4().hex[:6]}")
 
-        def on_applied(applied: Any) -> None:
+    def on_applied(applied: Any) -> None:
+        with shared.lock:
+            for a in applied:
+                if a.version > shared.applied_version.get(a.key, 0):
+                    shared.applied_version[a.key] = a.version
+
+    group = f"kcons-demo-{run}-cache"
+    inv_config = {"bootstrap.servers": stack.kafka_bootstrap, "group.id": group}
+    invalidator = CacheInvalidator(cache, lambda e: [f"stock:{e.aggregate_id}"], on_applied=on_applied)
+    stop_all = teardown.stop_threads
+    inv_thread = threading.Thread(
+        target=invalidator.run,
+        args=(inv_config, [shared.stock_topic]),
+        kwargs={"stop": stop_all},
+        name="kcons-demo-invalidator",
+        daemon=True,
+    )
+    relay = _Child("relay", db, stack.kafka_bootstrap, workdir, run)
+    consumer = _Child("consumer", db, stack.kafka_bootstrap, workdir, run)
+    writer = threading.Thread(target=_writer, args=(db, opts, shared, random.Random(opts.seed + 1), stop_all),
+                              name="kcons-demo-writer", daemon=True)  # fmt: skip
+    resender = threading.Thread(
+        target=_resender, args=(stack.kafka_bootstrap, opts, shared, random.Random(opts.seed + 2), stop_all),
+        name="kcons-demo-resender", daemon=True,
+    )  # fmt: skip
+    readers = [
+        threading.Thread(target=_reader, args=(db, cache, opts, shared, stop_all, opts.seed + 10 + i), daemon=True)
+        for i in range(opts.readers)
+    ]
+    teardown.children += [relay, consumer]
+    teardown.threads += [writer, resender, *readers, inv_thread]
+    inv_thread.start()
+    relay.start()
+    consumer.start()
+    t_write = time.monotonic()
+    for t in (writer, resender, *readers):
+        t.start()
+
+    killed_relay = killed_consumer = False
+    deadline = started + opts.timeout_s
+    last_progress = 0.0
+    quiet = False
+    while time.monotonic() < deadline:
+        with shared.lock:
+            written = len(shared.committed) + len(shared.rolled_back)
+        if not killed_relay and written >= opts.orders * 0.3:
+            relay.kill_and_restart()
+            killed_relay = True
+            progress("fault: relay SIGKILLed and restarted")
+        if not killed_consumer and written >= opts.orders * 0.6:
+            consumer.kill_and_restart()
+            killed_consumer = True
+            progress("fault: inventory consumer SIGKILLed and restarted")
+        for child in (relay, consumer):
+            if not child.alive():
+                raise RuntimeError(f"demo {child.role} exited on its own; see {child.log_path}")
+        backlog = int(db.scalar("SELECT count(*) FROM kcons_outbox") or 0)
+        applied = int(db.scalar("SELECT count(*) FROM demo_applied") or 0)
+        now = time.monotonic()
+        if now - last_progress >= 2.0:
+            last_progress = now
             with shared.lock:
-                for a in applied:
-                    if a.version > shared.applied_version.get(a.key, 0):
-                        shared.applied_version[a.key] = a.version
-
-        group = f"kcons-demo-{run}-cache"
-        inv_config = {"bootstrap.servers": stack.kafka_bootstrap, "group.id": group}
-        invalidator = CacheInvalidator(cache, lambda e: [f"stock:{e.aggregate_id}"], on_applied=on_applied)
-        stop_inv = threading.Event()
-        inv_thread = threading.Thread(
-            target=invalidator.run,
-            args=(inv_config, [shared.stock_topic]),
-            kwargs={"stop": stop_inv},
-            daemon=True,
-        )
-        inv_thread.start()
-
-        relay = _Child("relay", db, stack.kafka_bootstrap, workdir, run)
-        consumer = _Child("consumer", db, stack.kafka_bootstrap, workdir, run)
-        relay.start()
-        consumer.start()
-
-        stop_all = threading.Event()
-        writer = threading.Thread(target=_writer, args=(db, opts, shared, random.Random(opts.seed + 1), stop_all))
-        resender = threading.Thread(
-            target=_resender, args=(stack.kafka_bootstrap, opts, shared, random.Random(opts.seed + 2), stop_all)
-        )
-        readers = [
-            threading.Thread(target=_reader, args=(db, cache, opts, shared, stop_all, opts.seed + 10 + i), daemon=True)
-            for i in range(opts.readers)
-        ]
-        t_write = time.monotonic()
-        for t in (writer, resender, *readers):
-            t.start()
-
-        killed_relay = killed_consumer = False
-        deadline = started + opts.timeout_s
-        last_progress = 0.0
-        quiet = False
-        while time.monotonic() < deadline:
+                counts = f"resent {shared.resent} reads {shared.reads} stale {shared.stale}"
+            progress(f"[{now - started:5.1f}s] orders {written}/{opts.orders} outbox backlog {backlog} "
+                     f"applied {applied} {counts}")  # fmt: skip
+        if not writer.is_alive() and not resender.is_alive() and backlog == 0:
             with shared.lock:
-                written = len(shared.committed) + len(shared.rolled_back)
-            if not killed_relay and written >= opts.orders * 0.3:
-                relay.kill_and_restart()
-                killed_relay = True
-                progress("fault: relay SIGKILLed and restarted")
-            if not killed_consumer and written >= opts.orders * 0.6:
-                consumer.kill_and_restart()
-                killed_consumer = True
-                progress("fault: inventory consumer SIGKILLed and restarted")
-            for child in (relay, consumer):
-                if not child.alive():
-                    raise RuntimeError(f"demo {child.role} exited on its own; see {child.log_path}")
-            backlog = int(db.scalar("SELECT count(*) FROM kcons_outbox") or 0)
-            applied = int(db.scalar("SELECT count(*) FROM demo_applied") or 0)
-            now = time.monotonic()
-            if now - last_progress >= 2.0:
-                last_progress = now
-                with shared.lock:
-                    counts = f"resent {shared.resent} reads {shared.reads} stale {shared.stale}"
-                progress(f"[{now - started:5.1f}s] orders {written}/{opts.orders} outbox backlog {backlog} "
-                         f"applied {applied} {counts}")  # fmt: skip
-            if not writer.is_alive() and not resender.is_alive() and backlog == 0:
-                with shared.lock:
-                    committed_n = len(shared.committed)
-                caught_up = applied >= committed_n and _cache_caught_up(db, shared)
-                if caught_up:
-                    quiet = True
-                    break
-            time.sleep(0.25)
-        elapsed_pipeline = time.monotonic() - t_write
-        stop_all.set()
-        for t in (writer, resender, *readers):
-            t.join(30)
-        relay.stop()
-        consumer.stop()
-        stop_inv.set()
-        inv_thread.join(30)
-        gc.collect()  # drop finished clients before the services stop
+                committed_n = len(shared.committed)
+            caught_up = applied >= committed_n and _cache_caught_up(db, shared)
+            if caught_up:
+                quiet = True
+                break
+        time.sleep(0.25)
+    elapsed_pipeline = time.monotonic() - t_write
+    teardown.run()
 
-        report = _report(db, stack.kafka_bootstrap, cache, shared, opts, quiet, elapsed_pipeline)
-        report["faults"] = {
-            "relay_kills": relay.kills,
-            "consumer_kills": consumer.kills,
-            "resent": shared.resent,
-        }
-        report["database"] = db.kind
-        report["seconds"] = round(time.monotonic() - started, 1)
-        client.close()
-        return report
+    report = _report(db, stack.kafka_bootstrap, cache, shared, opts, quiet, elapsed_pipeline)
+    report["faults"] = {
+        "relay_kills": relay.kills,
+        "consumer_kills": consumer.kills,
+        "resent": shared.resent,
+    }
+    report["database"] = db.kind
+    report["seconds"] = round(time.monotonic() - started, 1)
+    client.close()
+    return report
 
 
 def _fresh_pg_database(dsn: str) -> str:

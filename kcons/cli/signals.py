@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any, Protocol, TypeAlias
 
-__all__ = ["Stoppable", "stop_on_signals"]
+__all__ = ["Interrupted", "Stoppable", "interrupt_on_signals", "stop_on_signals"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,50 @@ def stop_on_signals(
         log.info("%s: stopping", signal.Signals(signum).name)
         for stoppable in stoppables:
             stoppable.stop()
+
+    previous: list[tuple[signal.Signals, _Handler]] = []
+    try:
+        for sig in wanted:
+            previous.append((sig, signal.signal(sig, on_signal)))
+        yield
+    finally:
+        for sig, handler in reversed(previous):
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by :func:`interrupt_on_signals`: unwind, running every ``finally``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by this signal (128 + its number)."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def interrupt_on_signals(
+    signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> Iterator[None]:
+    """While the block runs, the first of ``signals`` raises :class:`Interrupted` in the main thread.
+
+    For commands that own children and temporary files (``kcons demo``): the exception unwinds
+    through their ``finally`` blocks and context managers, which stop what they started. Later
+    signals are logged and ignored, so a second Ctrl-C cannot cut the teardown short. The
+    previous handlers are restored on exit, as :func:`stop_on_signals` does.
+    """
+    wanted = list(dict.fromkeys(signals))
+    fired: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if fired:
+            log.warning("%s: already stopping", signal.Signals(signum).name)
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
 
     previous: list[tuple[signal.Signals, _Handler]] = []
     try:

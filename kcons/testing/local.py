@@ -21,7 +21,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -33,7 +32,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KafkaCluster", "ManagedProcess", "PostgresServer", "RedisServer", "broker_settings", "free_port"]
 
-_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Strong references: a service whose start() was interrupted (a signal raised in it) must still be
+#: stopped at exit, after the frame that created it is gone.
+_LIVE: set[Any] = set()
 
 
 def _close_live() -> None:
@@ -259,6 +260,7 @@ class KafkaCluster:
         """Format storage, start every node and wait until all brokers answer metadata."""
         self._jars = ensure_kafka_jars()
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        _LIVE.add(self)  # from here on, close() at exit removes what start() made, even if start() is interrupted
         (self.base_dir / "log4j2.properties").write_text(_LOG4J2)
         self.cluster_id = _kafka_cluster_id()
         for i in range(self.size):
@@ -283,7 +285,6 @@ class KafkaCluster:
             )
             for i in range(self.size)
         ]
-        _LIVE.add(self)
         for node in self.nodes:
             node.start()
         self.wait_ready(timeout)
