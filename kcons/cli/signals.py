@@ -31,6 +31,19 @@ class Stoppable(Protocol):
 
 
 @contextlib.contextmanager
+def _handling(signals: Iterable[signal.Signals], handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """Install ``handler`` for ``signals``; put the previous handlers back (``None`` as ``SIG_DFL``) on exit."""
+    previous: list[tuple[signal.Signals, _Handler]] = []
+    try:
+        for sig in dict.fromkeys(signals):
+            previous.append((sig, signal.signal(sig, handler)))
+        yield
+    finally:
+        for sig, old in reversed(previous):
+            signal.signal(sig, signal.SIG_DFL if old is None else old)
+
+
+@contextlib.contextmanager
 def stop_on_signals(
     *stoppables: Stoppable, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
 ) -> Iterator[None]:
@@ -41,21 +54,13 @@ def stop_on_signals(
     put back as it was; the default action (``SIG_DFL``) is restored in its place. Must be entered
     in the main thread, as :func:`signal.signal` requires.
     """
-    wanted = list(dict.fromkeys(signals))
-
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
         for stoppable in stoppables:
             stoppable.stop()
 
-    previous: list[tuple[signal.Signals, _Handler]] = []
-    try:
-        for sig in wanted:
-            previous.append((sig, signal.signal(sig, on_signal)))
+    with _handling(signals, on_signal):
         yield
-    finally:
-        for sig, handler in reversed(previous):
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 class Interrupted(BaseException):
@@ -82,7 +87,6 @@ def interrupt_on_signals(
     signals are logged and ignored, so a second Ctrl-C cannot cut the teardown short. The
     previous handlers are restored on exit, as :func:`stop_on_signals` does.
     """
-    wanted = list(dict.fromkeys(signals))
     fired: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -92,11 +96,5 @@ def interrupt_on_signals(
         fired.append(signum)
         raise Interrupted(signum)
 
-    previous: list[tuple[signal.Signals, _Handler]] = []
-    try:
-        for sig in wanted:
-            previous.append((sig, signal.signal(sig, on_signal)))
+    with _handling(signals, on_signal):
         yield
-    finally:
-        for sig, handler in reversed(previous):
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
