@@ -1,4 +1,7 @@
-"""The import graph of kcons/: no file-level import cycle, and confluent_kafka only behind kcons.kafka.
+"""The import graph of kcons/: no file-level import cycle, confluent_kafka only behind kcons.kafka.
+
+click is imported, and signal handlers are installed, only under kcons/cli/ (library classes
+offer ``stop()``).
 
 Every ``import`` and ``from ... import`` in every module counts, wherever it stands (module
 level, inside a function, inside ``try``), except those under ``if TYPE_CHECKING:``, which never
@@ -192,3 +195,32 @@ def test_only_the_kafka_layer_and_testing_import_confluent_kafka() -> None:
         if target == "confluent_kafka" or target.startswith("confluent_kafka.")
     })
     assert not offenders, "confluent_kafka imported outside kcons/kafka/ and kcons/testing/: " + ", ".join(offenders)
+
+
+def _installs_signal_handler(call: ast.Call) -> bool:
+    """``signal.signal(...)``, ``signal(...)`` imported from signal, or ``loop.add_signal_handler(...)``."""
+    func = call.func
+    if isinstance(func, ast.Attribute):
+        return func.attr == "add_signal_handler" or (
+            func.attr == "signal" and isinstance(func.value, ast.Name) and func.value.id == "signal"
+        )
+    return False
+
+
+def test_only_the_cli_imports_click_and_installs_signal_handlers() -> None:
+    offenders = []
+    for module, path in MODULES.items():
+        if module.startswith("kcons.cli"):
+            continue
+        tree = ast.parse(path.read_text())
+        offenders += [
+            f"{path.relative_to(ROOT)}:{line} imports click"
+            for target, line in _targets(module, skip_type_checking=False)
+            if target == "click" or target.startswith("click.")
+        ]
+        offenders += [
+            f"{path.relative_to(ROOT)}:{node.lineno} installs a signal handler"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and _installs_signal_handler(node)
+        ]
+    assert not offenders, "; ".join(offenders)
