@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from itertools import repeat
 from typing import Any
 
 from kcons.config import redact_config
@@ -38,11 +39,13 @@ _CLOSE_TIMEOUT_S = 2.0
 
 
 def _as_tuples(records: Iterable[OutboxRecord | RecordTuple]) -> Iterable[Record]:
-    for rec in records:
-        if isinstance(rec, OutboxRecord):
-            yield (rec.topic, rec.value, rec.key, rec.headers, rec.timestamp_ms)
-        else:
-            yield rec
+    """The records as ``(topic, value, key, headers, timestamp_ms)`` tuples; a list of tuples as it is."""
+    if isinstance(records, list) and not any(map(isinstance, records, repeat(OutboxRecord))):
+        return records  # the relay's case: no copy, no generator
+    return [
+        (rec.topic, rec.value, rec.key, rec.headers, rec.timestamp_ms) if isinstance(rec, OutboxRecord) else rec
+        for rec in records
+    ]
 
 
 class KafkaBatchPublisher:
