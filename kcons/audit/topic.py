@@ -28,6 +28,7 @@ implementation, so that violations are reported with their offsets. Both give th
 
 from __future__ import annotations
 
+import array
 import itertools
 import logging
 import operator
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from kcons.envelope import HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_ID, HEADER_TYPE, HEADER_VERSION
+from kcons.envelope import HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_ID, HEADER_VERSION
 from kcons.errors import ConfigError, TimeoutExceededError
 from kcons.kafka.reader import RangeReader, RangeSpec
 
@@ -57,9 +58,8 @@ log = logging.getLogger(__name__)
 _SEP = b"\x1f"  # joins aggregate type and id: a control character no sane id contains
 _SHIFT = 20  # location = offset << 20 | partition (fewer than a million partitions)
 _MASK = (1 << _SHIFT) - 1
-_NAMES = (HEADER_ID, HEADER_TYPE, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION)
-_LAYOUT = operator.itemgetter(0, 1, 2, 3, 4)
-_G = [operator.itemgetter(i) for i in range(5)]
+_NAMES = (HEADER_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION)  # positions 0, 2, 3, 4
+_LAYOUT = operator.itemgetter(0, 2, 3, 4)
 _NAME = operator.itemgetter(0)
 _VALUE = operator.itemgetter(1)
 
@@ -173,7 +173,10 @@ class TopicAuditor:
             raise ConfigError("--versions", f"must be strict, monotonic or off, got {versions!r}") from None
         self.topic = topic
         self.max_listed = max_listed
-        self.seen: dict[bytes, int] = {}  # id -> location of its first copy
+        # id -> where its first copy is: (offset << 20 | partition), or ~i for the i-th fast batch,
+        # whose ids, offsets and partitions _batches keeps (cheaper than a location per record).
+        self.seen: dict[bytes, int] = {}
+        self._batches: list[tuple[list[bytes], array.array[int], array.array[int]]] = []
         self.last: dict[bytes, int] = {}  # aggregate -> highest version seen
         self.home: dict[bytes, int] = {}  # aggregate -> partition of its first event
         self.stats: dict[int, PartitionStats] = {}
@@ -245,10 +248,18 @@ class TopicAuditor:
         self._partition(partition).duplicates += 1
         dup = self.duplicate_ids.get(event_id)
         if dup is None:
-            dup = Duplicate(_text(event_id), (first & _MASK, first >> _SHIFT))
+            dup = Duplicate(_text(event_id), self._location(first, event_id))
             self.duplicate_ids[event_id] = dup
         if len(dup.copies) < self.max_listed:
             dup.copies.append((partition, offset))
+
+    def _location(self, first: int, event_id: bytes) -> tuple[int, int]:
+        """(partition, offset) of an id's first copy from its ``seen`` entry."""
+        if first >= 0:
+            return first & _MASK, first >> _SHIFT
+        ids, offsets, partitions = self._batches[~first]
+        i = ids.index(event_id)
+        return partitions[i], offsets[i]
 
     def _version(self, kind: str, aggregate: bytes, previous: int, version: int, partition: int, offset: int) -> None:
         if len(self.version_list) < self.max_listed:
@@ -280,66 +291,65 @@ class TopicAuditor:
     def _feed_fast(self, msgs: Sequence[Any]) -> bool:
         """Check a clean batch with C-level loops and apply it; False (nothing applied) if it needs the slow path."""
         cls = type(msgs[0])
-        if list(map(type, msgs)).count(cls) != len(msgs):
+        n = len(msgs)
+        if list(map(type, msgs)).count(cls) != n:
             return False
-        headers: Callable[[Any], Any] = cls.headers
         try:
-            layout = list(map(_LAYOUT, map(headers, msgs)))  # TypeError: no headers; IndexError: fewer than 5
-        except (TypeError, IndexError):
+            # The pairs at positions 0, 2, 3, 4 of every record's headers, flattened (4 per record).
+            flat = list(itertools.chain.from_iterable(map(_LAYOUT, map(cls.headers, msgs))))
+        except (TypeError, IndexError):  # no headers, or fewer than five
             return False
-        n = len(layout)
-        cols = [list(map(g, layout)) for g in _G]
-        for name, col in zip(_NAMES, cols, strict=True):
-            if list(map(_NAME, col)).count(name) != n:
+        names = list(map(_NAME, flat))
+        for i, name in enumerate(_NAMES):
+            if names[i::4].count(name) != n:
                 return False
-        ids = list(map(_VALUE, cols[0]))
-        if b"" in ids or None in ids:
+        values = list(map(_VALUE, flat))
+        ids = values[0::4]
+        if not all(ids):  # an empty or missing id
             return False
         # Duplicates, inside the batch or with earlier batches.
-        fresh = dict.fromkeys(ids)
+        fresh = dict.fromkeys(ids, ~len(self._batches))
         if len(fresh) != n or not self.seen.keys().isdisjoint(fresh):
             return False
         try:
-            versions = list(map(int, map(_VALUE, cols[4])))  # ValueError/TypeError: not a number
+            versions = list(map(int, values[3::4]))  # ValueError/TypeError: not a number
         except (TypeError, ValueError):
             return False
-        aggregates = list(map(_SEP.join, zip(map(_VALUE, cols[2]), map(_VALUE, cols[3]), strict=True)))
-        if None in aggregates:
+        try:
+            aggregates = list(map(_SEP.join, zip(values[1::4], values[2::4], strict=True)))
+        except TypeError:  # a missing aggregate type or id
             return False
         partitions = list(map(cls.partition, msgs))
-        # Aggregates in one partition: within the batch, and with the partitions seen before.
+        # A stable sort by aggregate puts each aggregate's events side by side, in batch order.
+        order = sorted(range(n), key=aggregates.__getitem__)
+        aggs = list(map(aggregates.__getitem__, order))
+        same = list(map(operator.eq, aggs[1:], aggs[:-1]))
+        parts = list(map(partitions.__getitem__, order))
+        if not all(itertools.compress(map(operator.eq, parts[1:], parts[:-1]), same)):
+            return False  # an aggregate in two partitions of this batch
         home = dict(zip(aggregates, partitions, strict=True))
-        if len(set(zip(aggregates, partitions, strict=True))) != len(home):
-            return False
         if list(map(operator.eq, map(self.home.get, home, home.values()), home.values())).count(True) != len(home):
-            return False
+            return False  # an aggregate in another partition than before
         check = self.versions
-        if check is not VersionCheck.OFF and not self._versions_ok(aggregates, versions, n):
+        if check is not VersionCheck.OFF and not self._versions_ok(aggregates, versions, order, same):
             return False
         # Clean: apply.
-        offsets = list(map(cls.offset, msgs))
-        locations = map(operator.or_, map(operator.lshift, offsets, itertools.repeat(_SHIFT)), partitions)
-        self.seen.update(zip(ids, locations, strict=True))
+        self.seen.update(fresh)
+        self._batches.append((ids, array.array("q", map(cls.offset, msgs)), array.array("l", partitions)))
         for partition, count in _counts(partitions).items():
             st = self._partition(partition)
             st.records += count
             st.distinct_ids += count
-        for aggregate, partition in home.items():
-            self.home.setdefault(aggregate, partition)
+        self.home.update(home)
         if check is not VersionCheck.OFF:
             self.last.update(zip(aggregates, versions, strict=True))
         return True
 
-    def _versions_ok(self, aggregates: list[bytes], versions: list[int], n: int) -> bool:
+    def _versions_ok(self, aggregates: list[bytes], versions: list[int], order: list[int], same: list[bool]) -> bool:
         """True when every aggregate's versions in the batch rise (by one, ``strict``) from what came before."""
-        # Each record's predecessor of the same aggregate: a stable sort by aggregate keeps the order
-        # within an aggregate; neighbours of the same aggregate are then consecutive events.
-        order = sorted(range(n), key=aggregates.__getitem__)
-        aggs = list(map(aggregates.__getitem__, order))
         vers = list(map(versions.__getitem__, order))
-        same = list(map(operator.eq, aggs[1:], aggs[:-1]))
         diffs = list(itertools.compress(map(operator.sub, vers[1:], vers[:-1]), same))
-        if diffs and (min(diffs) < 1 if self.versions is VersionCheck.MONOTONIC else set(diffs) != {1}):
+        if diffs and (min(diffs) < 1 if self.versions is VersionCheck.MONOTONIC else diffs.count(1) != len(diffs)):
             return False
         # The first event of each aggregate in the batch against the highest version before it.
         firsts = dict(zip(reversed(aggregates), reversed(versions), strict=True))

@@ -14,21 +14,23 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from kcons.errors import ConfigError, ErrorClass, TimeoutExceededError, classify_kafka_error, kafka_error_to_exception
 from kcons.kafka.client import close_bounded, shared_client_config
-from kcons.kafka.messages import end_offsets
 
 __all__ = ["PartitionRange", "RangeReader", "RangeSpec"]
 
 log = logging.getLogger(__name__)
 
 _EOF = KafkaError._PARTITION_EOF
+#: Message.partition and .offset (the stubs allow None, which a consumed data message never has).
+_PARTITION = cast(Callable[[Any], int], Message.partition)
+_OFFSET = cast(Callable[[Any], int], Message.offset)
 _ISOLATION = ("read_committed", "read_uncommitted")
 
 
@@ -179,7 +181,9 @@ class RangeReader:
             if any(map(Message.error, msgs)):
                 msgs = self._drop_events(msgs, eofs)
             if msgs:
-                over = [p for (_, p), after in end_offsets(msgs).items() if p not in pending or after >= pending[p].end]
+                # Each partition's last message in the batch (messages are in order per partition).
+                last = dict(zip(map(_PARTITION, msgs), range(len(msgs)), strict=True))
+                over = [p for p, i in last.items() if p not in pending or _OFFSET(msgs[i]) >= pending[p].end - 1]
                 if over:
                     msgs = self._cut(msgs, pending, set(over))
             for p, position in eofs.items():  # the end of the log: only control records after the last data

@@ -167,14 +167,15 @@ def test_the_fast_path_reports_exactly_what_the_record_by_record_path_reports(se
         step = 1 if rng.random() > 0.05 else rng.choice([0, 2, -1])
         versions[a] = versions.get(a, 0) + step
         roll = rng.random()
+        kind = "order" if int(a[1:]) % 2 else "user"  # same id, other type: another aggregate
         if roll < 0.03 and ids:
-            headers = event(a, versions[a], rng.choice(ids))  # a duplicate id
+            headers = event(a, versions[a], rng.choice(ids), kind)  # a duplicate id
         elif roll < 0.05:
             headers = None
         else:
             eid = str(uuid.uuid4())
             ids.append(eid)
-            headers = event(a, versions[a], eid)
+            headers = event(a, versions[a], eid, kind)
         log.add(part, headers)
     batch = rng.randrange(1, 30)
     fast = audit(log.msgs, check, batch=batch).report()
