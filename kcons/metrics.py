@@ -20,7 +20,7 @@ from prometheus_client import Histogram as Histogram
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LATENCY_BUCKETS", "MetricsServer", "metric_names"]
+__all__ = ["LATENCY_BUCKETS", "ConsumerMetrics", "MetricsServer", "metric_names"]
 
 #: Buckets for latencies from 0.5 ms to 30 s: transactions, round trips, batches.
 LATENCY_BUCKETS = (
@@ -70,33 +70,76 @@ PROCESSOR_DEAD_LETTERED = Counter(
 )
 
 # --- idempotent consumer and dedup stores --------------------------------------------------
-CONSUMER_CONSUMED = Counter("kcons_consumer_consumed_total", "Messages the idempotent consumer received from Kafka.")
+# Every kcons_consumer_* metric carries the consumer group (``group``), so that several consumers in
+# one process can be told apart; the driver binds its children once (ConsumerMetrics).
+CONSUMER_CONSUMED = Counter(
+    "kcons_consumer_consumed_total", "Messages the idempotent consumer received from Kafka.", ["group"]
+)
 CONSUMER_HANDLED = Counter(
-    "kcons_consumer_handled_total", "Messages whose handler succeeded and whose effect is recorded done."
+    "kcons_consumer_handled_total", "Messages whose handler succeeded and whose effect is recorded done.", ["group"]
 )
 CONSUMER_DUPLICATES = Counter(
     "kcons_consumer_duplicates_dropped_total",
     "Messages dropped because their id was already done (or repeated in a batch).",
+    ["group"],
 )
-CONSUMER_HANDLER_ERRORS = Counter("kcons_consumer_handler_errors_total", "Failed handler attempts (each retry counts).")
+CONSUMER_HANDLER_ERRORS = Counter(
+    "kcons_consumer_handler_errors_total", "Failed handler attempts (each retry counts).", ["group"]
+)
 CONSUMER_DEAD_LETTERED = Counter(
-    "kcons_consumer_dead_lettered_total", "Poison messages whose dead-letter write was acknowledged."
+    "kcons_consumer_dead_lettered_total", "Poison messages whose dead-letter write was acknowledged.", ["group"]
 )
 CONSUMER_FALLBACK_IDS = Counter(
-    "kcons_consumer_fallback_ids_total", "Messages without an event id, deduplicated by topic/partition/offset."
+    "kcons_consumer_fallback_ids_total",
+    "Messages without an event id, deduplicated by topic/partition/offset.",
+    ["group"],
 )
 CONSUMER_HOLDS = Counter(
     "kcons_consumer_partition_holds_total",
     "Times a partition was rewound to a message not decided yet and paused (back-pressure), by reason.",
-    ["reason"],
+    ["group", "reason"],
 )
-CONSUMER_COMMIT_FAILURES = Counter("kcons_consumer_commit_failures_total", "Offset commits that failed (retried).")
-CONSUMER_PAUSED_PARTITIONS = Gauge("kcons_consumer_paused_partitions", "Partitions paused for back-pressure right now.")
+CONSUMER_COMMIT_FAILURES = Counter(
+    "kcons_consumer_commit_failures_total", "Offset commits that failed (retried).", ["group"]
+)
+CONSUMER_PAUSED_PARTITIONS = Gauge(
+    "kcons_consumer_paused_partitions", "Partitions paused for back-pressure right now.", ["group"]
+)
 CONSUMER_BATCH_SECONDS = Histogram(
     "kcons_consumer_batch_duration_seconds",
     "Time to claim, handle, complete and commit one batch.",
+    ["group"],
     buckets=LATENCY_BUCKETS,
 )
+
+
+class ConsumerMetrics:
+    """The kcons_consumer_* children of one consumer group, bound once at construction.
+
+    The hot path then increments plain children: no label lookup per batch or message.
+    """
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.consumed = CONSUMER_CONSUMED.labels(group=group)
+        self.handled = CONSUMER_HANDLED.labels(group=group)
+        self.duplicates = CONSUMER_DUPLICATES.labels(group=group)
+        self.handler_errors = CONSUMER_HANDLER_ERRORS.labels(group=group)
+        self.dead_lettered = CONSUMER_DEAD_LETTERED.labels(group=group)
+        self.fallback_ids = CONSUMER_FALLBACK_IDS.labels(group=group)
+        self.commit_failures = CONSUMER_COMMIT_FAILURES.labels(group=group)
+        self.paused_partitions = CONSUMER_PAUSED_PARTITIONS.labels(group=group)
+        self.batch_seconds = CONSUMER_BATCH_SECONDS.labels(group=group)
+        self._holds: dict[str, Any] = {}
+
+    def hold(self, reason: str) -> Any:
+        """The partition-holds counter for ``reason`` (a small fixed set), bound on first use."""
+        child = self._holds.get(reason)
+        if child is None:
+            child = self._holds[reason] = CONSUMER_HOLDS.labels(group=self.group, reason=reason)
+        return child
+
+
 DEDUP_STORE_SECONDS = Histogram(
     "kcons_dedup_store_latency_seconds",
     "Latency of one dedup store call for a whole batch, by store and operation.",

@@ -79,15 +79,7 @@ from kcons.kafka.ledger import OffsetLedger
 from kcons.kafka.loop import BatchSource
 from kcons.kafka.messages import end_offsets, header_ids
 from kcons.kafka.pauses import PauseSchedule
-from kcons.metrics import (
-    CONSUMER_BATCH_SECONDS,
-    CONSUMER_CONSUMED,
-    CONSUMER_DEAD_LETTERED,
-    CONSUMER_DUPLICATES,
-    CONSUMER_FALLBACK_IDS,
-    CONSUMER_HANDLED,
-    CONSUMER_HOLDS,
-)
+from kcons.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +193,14 @@ class IdempotentConsumer:
         self._lease_s = check_lease(lease_s)
         self._store = store
         caps = capabilities_of(store) if store is not None else StoreCapabilities(in_process=True)
+        self._metrics = ConsumerMetrics(str(config["group.id"]))  # children bound once, not per message
         self._effects = self._make_effects(handler, batch_handler, caps)
+        self._effects.handler_errors = self._metrics.handler_errors
         self._config = with_logger(config)  # librdkafka's lines through Python logging
         self._config["enable.auto.commit"] = False
-        self._ledger = OffsetLedger(asynchronous=async_commit, user_on_commit=self._config.get("on_commit"))
+        self._ledger = OffsetLedger(
+            asynchronous=async_commit, user_on_commit=self._config.get("on_commit"), group=self._metrics.group
+        )
         self._config["on_commit"] = self._ledger.on_commit
         self._dlq = DeadLetterWriter(
             self._config,
@@ -234,7 +230,7 @@ class IdempotentConsumer:
         self._store_retry = store_retry or default_store_retry_policy()
         self._key_fn = key_fn
         self._pause_s = pause_s
-        self._pauses = PauseSchedule()
+        self._pauses = PauseSchedule(group=self._metrics.group)
         self._stopping = threading.Event()
         self._closed = False
         self._store_failing_since: float | None = None
@@ -272,7 +268,7 @@ class IdempotentConsumer:
             return 0
         started = time.perf_counter()
         stats = self._process(msgs)
-        CONSUMER_BATCH_SECONDS.observe(time.perf_counter() - started)
+        self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self.stats.add(stats)
         self.last_batch = stats
         return stats.handled
@@ -367,13 +363,13 @@ class IdempotentConsumer:
             fallback += missing
         if fallback:
             stats.fallback_ids = fallback
-            CONSUMER_FALLBACK_IDS.inc(fallback)
+            self._metrics.fallback_ids.inc(fallback)
         return None, entries, list(dict.fromkeys([e.event_id for e in entries if e.event_id is not None]))
 
     def _process(self, msgs: list[Any]) -> BatchStats:
         n = len(msgs)
         stats = BatchStats(consumed=n)
-        CONSUMER_CONSUMED.inc(n)
+        self._metrics.consumed.inc(n)
         raw, entries, ids = self._read_ids(msgs, stats)
         try:
             claim = self._claim(ids)
@@ -431,7 +427,7 @@ class IdempotentConsumer:
             acked = {i for i in range(len(d.dead_letter)) if report.is_acknowledged(i)}
             after_dead_letters(d, entries, acked, self._pause_s)
             if acked:
-                CONSUMER_DEAD_LETTERED.inc(len(acked))
+                self._metrics.dead_lettered.inc(len(acked))
         if d.release and self._store is not None:
             self._release(d.release)
         stats.handled = d.handled
@@ -439,12 +435,12 @@ class IdempotentConsumer:
         stats.deferred = d.deferred
         stats.dead_lettered = d.dead_lettered
         if d.duplicates:
-            CONSUMER_DUPLICATES.inc(d.duplicates)
+            self._metrics.duplicates.inc(d.duplicates)
         if d.handled:
-            CONSUMER_HANDLED.inc(d.handled)
+            self._metrics.handled.inc(d.handled)
         for tp, hold in d.holds.items():
             self._pauses.hold(tp, hold.offset, hold.pause_s)
-            CONSUMER_HOLDS.labels(reason=hold.reason).inc()
+            self._metrics.hold(hold.reason).inc()
         if d.commit:
             self._ledger.decide(d.commit, awaiting_done=bool(self._deferred_done or self._uncompleted))
             if not self._pipelined:

@@ -30,7 +30,6 @@ from kcons.consumer.ids import reason
 from kcons.consumer.plan import OK, BatchPlan, DeadLetter, Decision, Hold, Outcome
 from kcons.dedup import ClaimLostError, TransactionalDedupStore
 from kcons.errors import ConfigError, DecodeError, KconsError, PoisonMessageError
-from kcons.metrics import CONSUMER_HANDLER_ERRORS
 
 __all__ = [
     "BatchHandler",
@@ -103,8 +102,18 @@ class FirstPass(NamedTuple):
 _NOTHING_RAN = FirstPass(0)
 
 
+class _NotCounted:
+    """Stands in for a metric child until the driver binds its consumer group's."""
+
+    def inc(self, amount: float = 1) -> None:
+        """Count nothing."""
+
+
 class Effects:
     """A strategy for running a batch's effects (see the module docstring for the three kinds)."""
+
+    #: Counter child of failed handler attempts; the driver binds its group's (ConsumerMetrics).
+    handler_errors: Any = _NotCounted()
 
     #: A failed batch leaves no effect behind (its effects run in one transaction).
     atomic = False
@@ -146,7 +155,7 @@ class Effects:
             raise first
         if isinstance(first, (RetryLater, ClaimLostError)):
             return outcome_of(first)
-        CONSUMER_HANDLER_ERRORS.inc()
+        self.handler_errors.inc()
         if isinstance(first, (DecodeError, PoisonMessageError)):
             return DeadLetter(reason(first))
         # The first attempt counts as the policy's first: it is replayed, not run again.
@@ -158,7 +167,7 @@ class Effects:
             try:
                 self.attempt(msg, event_id)
             except Exception:
-                CONSUMER_HANDLER_ERRORS.inc()
+                self.handler_errors.inc()
                 raise
 
         failure: BaseException
@@ -207,7 +216,7 @@ class PerBatch(Effects):
         except (RetryLater, ClaimLostError) as exc:
             return FirstPass(0, None, exc)
         except Exception as exc:
-            CONSUMER_HANDLER_ERRORS.inc()
+            self.handler_errors.inc()
             log.info("batch handler failed on %d messages (%s); one at a time now", len(msgs), reason(exc))
             return _NOTHING_RAN
         return FirstPass(len(msgs))

@@ -46,10 +46,12 @@ class OffsetLedger:
 
     ``asynchronous``: commit between batches without waiting (the outcome comes through
     :meth:`on_commit`). ``user_on_commit``: the application's own ``on_commit`` callback,
-    still called with every commit result. Call :meth:`attach` with the consumer before committing.
+    still called with every commit result. ``group``: the consumer group, the metrics' label.
+    Call :meth:`attach` with the consumer before committing.
     """
 
-    def __init__(self, *, asynchronous: bool = True, user_on_commit: OnCommit | None = None) -> None:
+    def __init__(self, *, asynchronous: bool = True, user_on_commit: OnCommit | None = None, group: str = "") -> None:
+        self._commit_failures = CONSUMER_COMMIT_FAILURES.labels(group=group)
         self._asynchronous = asynchronous
         self._user_on_commit = user_on_commit
         self._consumer: Any = None
@@ -107,13 +109,13 @@ class OffsetLedger:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and classify_kafka_error(err) is ErrorClass.FATAL:
                 raise kafka_error_to_exception(err, "commit") from exc
-            CONSUMER_COMMIT_FAILURES.inc()
+            self._commit_failures.inc()
             log.warning("offset commit failed, will retry: %s", exc)
             self._failed = self.still_assigned(pending)
             return
         failed = {(r.topic, r.partition): pending[(r.topic, r.partition)] for r in result or [] if r.error}
         if failed:
-            CONSUMER_COMMIT_FAILURES.inc()
+            self._commit_failures.inc()
             log.warning("offset commit failed for %d partitions, will retry", len(failed))
         self._failed = self.still_assigned(failed) if failed else {}
 
@@ -136,7 +138,7 @@ class OffsetLedger:
             if tp.offset >= 0 and (err is not None or tp.error is not None) and tp.offset >= self._sent.get(key, -1):
                 failed[key] = tp.offset
         if failed:
-            CONSUMER_COMMIT_FAILURES.inc()
+            self._commit_failures.inc()
             log.warning("offset commit failed for %d partitions, will retry: %s", len(failed), err)
             _merge(self._failed, self.still_assigned(failed))
         if self._user_on_commit is not None:

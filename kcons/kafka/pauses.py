@@ -27,8 +27,9 @@ TP = tuple[str, int]
 class PauseSchedule:
     """Rewinds and pauses partitions of one consumer, and resumes them when due."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, group: str = "") -> None:
         self._clock = clock
+        self._paused_gauge = CONSUMER_PAUSED_PARTITIONS.labels(group=group)  # the consumer group's child
         self._consumer: Any = None
         self._due: dict[TP, float] = {}  # partition -> clock time to resume
 
@@ -54,7 +55,7 @@ class PauseSchedule:
         except KafkaException as exc:
             # The partition was revoked meanwhile: its new owner starts from the committed offset.
             log.warning("rewinding %s[%d] to %d failed: %s", tp[0], tp[1], offset, exc)
-        CONSUMER_PAUSED_PARTITIONS.set(len(self._due))
+        self._paused_gauge.set(len(self._due))
 
     def rewind(self, tp: TP, offset: int) -> None:
         """Seek ``tp`` back to ``offset``, best effort (an interrupted batch)."""
@@ -75,10 +76,10 @@ class PauseSchedule:
             self._consumer.resume([TopicPartition(t, p) for t, p in due])
         except KafkaException as exc:
             log.warning("resuming %d partitions failed: %s", len(due), exc)
-        CONSUMER_PAUSED_PARTITIONS.set(len(self._due))
+        self._paused_gauge.set(len(self._due))
 
     def forget(self, partitions: Collection[TP]) -> None:
         """Drop the pauses of ``partitions`` (newly assigned, revoked or lost)."""
         for tp in partitions:
             self._due.pop(tp, None)
-        CONSUMER_PAUSED_PARTITIONS.set(len(self._due))
+        self._paused_gauge.set(len(self._due))

@@ -445,7 +445,8 @@ def test_the_consumer_metrics_count_consumed_duplicates_errors_dead_letters_and_
         "kcons_consumer_batch_duration_seconds_count",
     ]
     latency = ("kcons_dedup_store_latency_seconds_count", {"store": "memory", "op": "claim"})
-    before = {n: value(n) for n in names} | {"latency": value(*latency)}
+    group = {"group": "g"}  # every kcons_consumer_* metric carries the consumer group
+    before = {n: value(n, group) for n in names} | {"latency": value(*latency)}
     kafka = FakeKafka(partitions=1)
     kafka.add(0, "a")
     kafka.add(0, "a")
@@ -459,7 +460,7 @@ def test_the_consumer_metrics_count_consumed_duplicates_errors_dead_letters_and_
     consumer = make(kafka, handler)
     consumer.poll_once()
     consumer.close()
-    delta = {n: value(n) - before[n] for n in names}
+    delta = {n: value(n, group) - before[n] for n in names}
     assert delta == {
         "kcons_consumer_consumed_total": 4,
         "kcons_consumer_duplicates_dropped_total": 1,
@@ -469,6 +470,30 @@ def test_the_consumer_metrics_count_consumed_duplicates_errors_dead_letters_and_
         "kcons_consumer_batch_duration_seconds_count": 1,
     }
     assert value(*latency) - before["latency"] >= 1
+
+
+def test_two_consumers_in_one_process_are_told_apart_by_their_group_label() -> None:
+    from prometheus_client import REGISTRY
+
+    def consumed(group: str) -> float:
+        return REGISTRY.get_sample_value("kcons_consumer_consumed_total", {"group": group}) or 0.0
+
+    before = {g: consumed(g) for g in ("orders-g", "billing-g")}
+    consumers = []
+    for group, n in (("orders-g", 3), ("billing-g", 1)):
+        kafka = FakeKafka(partitions=1)
+        for i in range(n):
+            kafka.add(0, f"{group}-{i}")
+        consumer = IdempotentConsumer(
+            {"bootstrap.servers": "127.0.0.1:9", "group.id": group}, ["t"], lambda msg: None,
+            store=MemoryDedupStore(), consumer_factory=kafka, producer_factory=FakeProducer(),
+        )  # fmt: skip
+        consumers.append(consumer)
+    for consumer in consumers:
+        consumer.poll_once()
+        consumer.close()
+    assert consumed("orders-g") - before["orders-g"] == 3
+    assert consumed("billing-g") - before["billing-g"] == 1
 
 
 def test_health_turns_bad_while_the_dedup_store_stays_down_and_recovers_with_it() -> None:
