@@ -3,9 +3,10 @@
 ``client`` checks client configs and closes clients with a time bound; ``messages`` holds the one
 rule for consumed messages' errors and fast batch accessors; ``loop`` is the one batch source;
 ``dlq`` the one dead-letter writer; ``ledger`` owns a consumer's offset commits (decided vs
-committed) and ``pauses`` its partition holds (rewind, pause, resume when due). The
-confluent-kafka types other kcons modules need are re-exported here, so they import them
-through this package.
+committed) and ``pauses`` its partition holds (rewind, pause, resume when due); ``producer``
+holds the idempotent and transactional producers (each has a client) and ``futures`` their
+delivery future. The confluent-kafka types other kcons modules need are re-exported here, so
+they import them through this package.
 """
 
 from __future__ import annotations
