@@ -683,17 +683,40 @@ def test_grafana_dashboard_shows_the_signals_operators_watch() -> None:
         assert queried & raft, "kcons/metrics.py defines Raft metrics but the dashboard shows none"
 
 
-def test_grafana_dashboard_uses_the_provisioned_datasource() -> None:
+def test_grafana_dashboard_picks_its_datasource_through_a_variable() -> None:
+    """No hard-coded datasource uid: ``${datasource}`` everywhere, defaulting to the provisioned one."""
     provisioned = yaml.safe_load(DATASOURCES.read_text())["datasources"]
-    uids = {d["uid"] for d in provisioned if d["type"] == "prometheus"}
-    assert len(uids) == 1
+    prometheus = [d for d in provisioned if d["type"] == "prometheus"]
+    assert len(prometheus) == 1 and prometheus[0]["isDefault"] is True
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert prometheus[0]["uid"] not in DASHBOARD.read_text(), "the dashboard hard-codes the datasource uid"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     panels = [p for p in _dashboard_panels() if p["type"] != "row"]
     ids = [p["id"] for p in _dashboard_panels()]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for panel in panels:
-        assert panel["datasource"]["uid"] in uids, panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] in uids, panel["title"]
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            assert variable["datasource"]["uid"] == "${datasource}", variable["name"]
+
+
+def test_grafana_dashboard_filters_consumer_panels_by_group() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    group = next(v for v in dashboard["templating"]["list"] if v["name"] == "group")
+    assert group["query"]["query"] == "label_values(kcons_consumer_consumed_total, group)"
+    assert group["includeAll"] is True and group["multi"] is True
+    exprs = [t["expr"] for p in _dashboard_panels() for t in p.get("targets", [])]
+    consumer = [m for e in exprs for m in re.finditer(r"\bkcons_consumer_[a-z0-9_]+(\{[^}]*\})?", e)]
+    assert len(consumer) >= 8
+    for m in consumer:
+        assert m.group(1) and 'group=~"$group"' in m.group(1), m.group(0)
+
+
+def test_grafana_dashboard_is_provisioned_from_the_compose_mount() -> None:
     provider = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"][0]
     grafana_volumes = dict(v.split(":")[:2] for v in _compose()["services"]["grafana"]["volumes"])
     assert grafana_volumes["./grafana/dashboards"] == provider["options"]["path"]
@@ -787,7 +810,8 @@ def test_grafana_queries_have_balanced_brackets_and_rate_windows() -> None:
                 elif ch in pairs:
                     assert stack and stack.pop() == pairs[ch], f"{panel['title']}: unbalanced {target['expr']}"
             assert not stack, f"{panel['title']}: unbalanced {target['expr']}"
-            for fn in re.findall(r"\b(rate|increase|irate)\((kcons_[a-z0-9_]+)([^)]*)\)", target["expr"]):
+            expr = re.sub(r"\{[^}]*\}", "", target["expr"])  # a label selector is not the range
+            for fn in re.findall(r"\b(rate|increase|irate)\((kcons_[a-z0-9_]+)([^)]*)\)", expr):
                 window = re.match(r"\[(\$__rate_interval|\d+[smhd])\]", fn[2])
                 assert window, f"{panel['title']}: {fn[0]} without a range"
                 assert fn[1].endswith(("_total", "_bucket", "_sum", "_count")), f"{fn[0]} of a gauge {fn[1]}"
@@ -890,6 +914,105 @@ def test_alert_rules_query_defined_metrics_and_say_what_broke() -> None:
         assert rule["expr"].count("(") == rule["expr"].count(")"), rule["alert"]
         if "for" in rule:
             assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+
+
+RUNBOOK = DEPLOY / "RUNBOOK.md"
+OPERATOR = K8S / "prometheus-operator"
+
+
+def _runbook_sections() -> dict[str, str]:
+    """The runbook's ``## Name`` sections by their GitHub anchor (the lower-cased heading)."""
+    parts = re.split(r"^## (.+)$", RUNBOOK.read_text(), flags=re.MULTILINE)
+    return {parts[i].strip().lower(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def test_every_alert_links_its_runbook_section_which_says_what_to_do() -> None:
+    source = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Source"]
+    base = f"{source}/blob/main/deploy/RUNBOOK.md#"
+    sections = _runbook_sections()
+    for rule in _alert_rules():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == base + rule["alert"].lower(), f"{rule['alert']}: runbook_url {url!r}"
+        body = sections.get(rule["alert"].lower())
+        assert body is not None, f"deploy/RUNBOOK.md has no section for {rule['alert']}"
+        for part in ("**Means:**", "**Check:**", "**Do:**"):
+            assert part in body, f"RUNBOOK {rule['alert']}: no {part}"
+    assert set(sections) == {r["alert"].lower() for r in _alert_rules()}, "runbook sections without an alert"
+
+
+def _operator_documents() -> dict[str, dict[str, Any]]:
+    docs = {}
+    for path in sorted(OPERATOR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1", path.name
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_prometheus_rule_for_the_operator_holds_exactly_the_alert_rules() -> None:
+    rule = _operator_documents()["PrometheusRule"]
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"} and set(rule["spec"]) == {"groups"}
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], "edit both files"
+
+
+def test_service_monitor_scrapes_the_metrics_port_of_every_long_running_part() -> None:
+    monitor = _operator_documents()["ServiceMonitor"]
+    assert set(monitor["spec"]) == {"selector", "endpoints"}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+    assert endpoint["path"] == "/metrics" and re.fullmatch(r"\d+s", endpoint["interval"])
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    selected = [
+        doc for _, doc in _k8s_documents()
+        if doc["kind"] == "Service" and wanted.items() <= doc["metadata"]["labels"].items()
+        and any(p["name"] == endpoint["port"] for p in doc["spec"]["ports"])
+    ]  # fmt: skip
+    scraped_pods = [doc["spec"]["selector"] for doc in selected]
+    for where, _spec in _pod_specs(long_running=True):
+        labels = next(
+            d["spec"]["template"]["metadata"]["labels"] for _, d in _k8s_documents()
+            if f"{d['kind']}/{d['metadata']['name']}" == where
+        )  # fmt: skip
+        assert any(sel.items() <= labels.items() for sel in scraped_pods), f"{where}: no Service exposes its metrics"
+    assert OPERATOR.parent == K8S and not list(K8S.glob("*monitor*.yaml")), "kept out of `kubectl apply -f deploy/k8s/`"
+
+
+def _readme_secret_command() -> str:
+    text = (DEPLOY / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", text, re.DOTALL) if "kubectl create secret" in b)
+    return block
+
+
+@pytest.mark.parametrize("with_kafka_config", [False, True])
+def test_readme_secret_command_works_with_and_without_the_optional_kafka_config(
+    tmp_path: Path, with_kafka_config: bool
+) -> None:
+    """The README's ``kubectl create secret`` runs in a real shell with a stand-in kubectl."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    kubectl = bin_dir / "kubectl"
+    # The stand-in fails like kubectl does when a --from-file names a missing file.
+    kubectl.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in --from-file=*) f="${a#*=}"; f="${f#*=}";'
+        ' [ -f "$f" ] || { echo "error: $f: no such file" >&2; exit 1; };; esac;'
+        ' printf "%s\\n" "$a" >> "$KUBECTL_LOG"; done\n'
+    )
+    kubectl.chmod(0o755)
+    (tmp_path / "raft-secret").write_text("x" * 64)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "KUBECTL_LOG": str(tmp_path / "log"),
+           "PG_PASSWORD": "p", "REDIS_PASSWORD": "r"}  # fmt: skip
+    if with_kafka_config:
+        (tmp_path / "kafka-config.json").write_text("{}")
+        env["KAFKA_CONFIG_FILE"] = "./kafka-config.json"
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _readme_secret_command()],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    args = (tmp_path / "log").read_text().splitlines()
+    assert "--from-file=raft-secret=./raft-secret" in args
+    assert ("--from-file=kafka-config=./kafka-config.json" in args) is with_kafka_config
 
 
 def test_prometheus_loads_the_alert_rules_compose_mounts() -> None:
