@@ -541,7 +541,7 @@ def _run_shop(
 ) -> dict[str, Any]:
     import redis
 
-    from kcons.cache import CacheInvalidator, ConsistentCache
+    from kcons.cache import CacheInvalidator, CacheSettings, ConsistentCache
     from kcons.testing.plugin import create_topic
 
     progress(f"services up in {time.monotonic() - started:.1f}s: kafka {stack.kafka_bootstrap}, "
@@ -559,7 +559,9 @@ def _run_shop(
         create_topic(admin, topic, partitions=3)
 
     client = redis.Redis.from_url(stack.redis_url)
-    cache = ConsistentCache(client, name=f"kcons-demo-{uuid.uuid4().hex[:6]}")
+    # Keys of this run only: a previous run's entries (and their version floors) on the same Redis
+    # hold higher versions of the same products and would refuse this run's writes.
+    cache = ConsistentCache(client, name=f"kcons-demo-{run}", settings=CacheSettings(prefix=f"kcons-demo:{run}"))
 
     def on_applied(applied: Any) -> None:
         with shared.lock:
