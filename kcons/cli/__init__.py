@@ -39,6 +39,8 @@ class _SafeGroup(click.Group):
             raise click.ClickException(redact_text(exc.format_message())) from None
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except ConfigError as exc:  # a bad setting is a usage error: exit 2
+            raise click.UsageError(redact_text(str(exc))) from None
         except KconsError as exc:
             raise click.ClickException(redact_text(str(exc))) from None
         except Exception as exc:

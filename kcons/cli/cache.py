@@ -18,6 +18,7 @@ from kcons.cache.events import KeysFor, key_template
 from kcons.cache.invalidator import CacheInvalidator
 from kcons.cache.model import Strategy
 from kcons.cli import logs
+from kcons.cli.errors import click_error
 from kcons.cli.settings import start_metrics
 from kcons.cli.signals import stop_on_signals
 from kcons.errors import ConfigError
@@ -126,7 +127,7 @@ def invalidator_command(
                 metrics_port, metrics_host, port_setting="KCONS_METRICS_PORT", host_setting="KCONS_METRICS_HOST"
             )
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     logs.add_context(group=group)
     client = redis.Redis.from_url(redis_settings.url, socket_timeout=redis_settings.socket_timeout_s)
     cache = ConsistentCache(client, name=name, settings=settings)
@@ -173,7 +174,7 @@ def peek_command(key: str, prefix: str | None) -> None:
         if prefix is not None:
             settings = CacheSettings(prefix=prefix)
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     client = redis.Redis.from_url(redis_settings.url, socket_timeout=redis_settings.socket_timeout_s)
     try:
         entry = RedisCacheBackend(client, prefix=settings.prefix).read(key)

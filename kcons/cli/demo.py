@@ -8,6 +8,7 @@ import sys
 import click
 
 from kcons.cli import logs
+from kcons.cli.errors import click_error
 from kcons.cli.signals import Interrupted, interrupt_on_signals, stop_on_signals
 from kcons.demo import WORKER_KINDS, WORKER_ROLES, DemoOptions, open_worker, run_demo
 from kcons.errors import KconsError
@@ -40,7 +41,7 @@ def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, 
         with interrupt_on_signals():
             report = run_demo(opts, progress=lambda line: click.echo(line, err=True))
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     except Interrupted as exc:  # run_demo stopped everything and said so
         sys.exit(exc.exit_code)
     click.echo(

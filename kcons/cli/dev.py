@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from kcons.cli.errors import click_error
 from kcons.errors import KconsError
 from kcons.testing.procs import ProcessRecord, delete_marked_dir, mark_dir, records_of, stop_groups
 
@@ -81,7 +82,7 @@ def dev_setup(install_system_packages: bool) -> None:
     try:
         timings = ensure_all(True if install_system_packages else None)
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     click.echo(json.dumps({"setup": "ok", **timings}))
 
 
@@ -107,7 +108,7 @@ def dev_up(brokers: str) -> None:
         redis_srv = local.RedisServer().start()
         pg = local.PostgresServer().start()
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     procs = [*kafka.nodes, redis_srv.process, pg.process]
     for svc in (kafka, redis_srv, pg):
         local._LIVE.discard(svc)  # keep them running after this command exits
@@ -196,7 +197,7 @@ def dev_smoke(messages: int) -> None:
     try:
         result = run_smoke(messages)
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     click.echo(json.dumps(result))
     if not result["ok"]:
         sys.exit(1)

@@ -8,6 +8,7 @@ import sys
 import click
 
 from kcons.cli import logs
+from kcons.cli.errors import click_error
 from kcons.cli.settings import remember_file_secret, start_metrics
 from kcons.cli.signals import stop_on_signals
 from kcons.config import check_postgres_dsn, check_range, env_str, redact, redact_text
@@ -16,6 +17,9 @@ from kcons.lease import LeaseBackend
 from kcons.outbox.schema import DEFAULT_LOCK_TIMEOUT_S, DEFAULT_TABLE, SCHEMA_VERSION, install_schema, postgres_ddl
 
 log = logging.getLogger(__name__)
+
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+_NON_NEGATIVE = click.FloatRange(min=0)
 
 
 @click.group("outbox")
@@ -66,7 +70,7 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
         state = f"applied (version {SCHEMA_VERSION})" if applied else f"already current (version {SCHEMA_VERSION})"
         click.echo(f"outbox schema {state} in {redact(target)} (table {name})")
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
 
 
 @outbox.command("relay")
@@ -80,11 +84,12 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
 @click.option("--name", help="Relay group name: replicas with the same name elect one leader ($KCONS_OUTBOX_NAME).")
 @click.option("--topic", help="Publish every row to this topic (default: the row's topic, else outbox.event.<type>).")
 @click.option("--mode", type=click.Choice(["transactional", "idempotent"]), help="Kafka publishing mode.")
-@click.option("--batch-size", type=int, help="Rows per batch ($KCONS_OUTBOX_BATCH_SIZE, default 1000).")
-@click.option("--poll-interval", type=float, help="Polling fallback in seconds ($KCONS_OUTBOX_POLL_INTERVAL_S).")
-@click.option("--retention", type=float, help="Keep published rows this many seconds (default: delete them).")
-@click.option("--lease-ttl", type=float, help="Leader lease TTL in seconds ($KCONS_OUTBOX_LEASE_TTL_S, default 10).")
-@click.option("--metrics-port", type=int, help="Serve /metrics and /healthz on this port "
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Rows per batch ($KCONS_OUTBOX_BATCH_SIZE, default 1000).")
+@click.option("--poll-interval", type=_POSITIVE, help="Polling fallback in seconds ($KCONS_OUTBOX_POLL_INTERVAL_S).")
+@click.option("--retention", type=_NON_NEGATIVE, help="Keep published rows this many seconds (default: delete them).")
+@click.option("--lease-ttl", type=_POSITIVE, help="Leader lease TTL, seconds ($KCONS_OUTBOX_LEASE_TTL_S, default 10).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics and /healthz on this port "
               "($KCONS_OUTBOX_METRICS_PORT, else $KCONS_METRICS_PORT).")
 @click.option("--metrics-host", help="Address for /metrics (default 127.0.0.1).")
 @click.option(
@@ -134,7 +139,7 @@ def relay(
         )
         leases = None if sqlite_path else _lease_backend(lease_backend, raft_peers, raft_secret_file)
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     logs.add_context(relay=settings.name)
     server = None
     if settings.metrics_port is not None:  # bound before anything connects, so a bad address fails first
@@ -147,7 +152,7 @@ def relay(
                 host_setting="KCONS_OUTBOX_METRICS_HOST" if explicit else "KCONS_METRICS_HOST",
             )
         except KconsError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click_error(exc) from None
     if sqlite_path:
         runner = OutboxRelay.for_sqlite(
             sqlite_path,
@@ -194,7 +199,7 @@ def _lease_backend(choice: str | None, raft_peers: str | None, raft_secret_file:
 @outbox.command("purge")
 @click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
 @click.option("--table", default=None, help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
-@click.option("--older-than", type=float, required=True, help="Delete rows published more than this many seconds ago.")
+@click.option("--older-than", type=_NON_NEGATIVE, required=True, help="Delete rows published this many seconds ago.")
 def purge(dsn: str | None, table: str | None, older_than: float) -> None:
     """Delete published rows past their retention (retention mode); unpublished rows are never touched."""
     from kcons.adapters.postgres import PostgresOutboxStore
@@ -208,7 +213,7 @@ def purge(dsn: str | None, table: str | None, older_than: float) -> None:
         check_postgres_dsn("--dsn" if dsn else "KCONS_POSTGRES_DSN", target)
         store = PostgresOutboxStore(target, name, application_name="kcons-outbox-purge")
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     total = 0
     try:
         while True:

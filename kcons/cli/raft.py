@@ -17,17 +17,19 @@ from typing import Any
 import click
 
 from kcons.cli import logs
+from kcons.cli.errors import click_error
 from kcons.errors import KconsError
 from kcons.raft.client import RaftClient
 
 __all__ = ["raft"]
 
 _peers_option = click.option(
-    "--peers", envvar="KCONS_RAFT_PEERS", required=True, help="id=host:port,... for every node (KCONS_RAFT_PEERS)"
+    "--peers", envvar="KCONS_RAFT_PEERS", show_envvar=True, required=True, help="id=host:port,... for every node"
 )
 _secret_option = click.option(
-    "--secret-file", type=click.Path(dir_okay=False), default=None, help="file holding the cluster secret"
-)
+    "--secret-file", type=click.Path(dir_okay=False), default=None,
+    help="file holding the cluster secret (default: $KCONS_RAFT_SECRET; at least 16 bytes; clients need it too)",
+)  # fmt: skip
 
 
 def _echo(obj: Any) -> None:
@@ -38,7 +40,7 @@ def _client(peers: str, secret_file: str | None) -> RaftClient:
     try:
         return RaftClient.from_env(peers, secret_file)
     except KconsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
 
 
 @click.group()
@@ -52,9 +54,10 @@ def raft() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), required=True, help="WAL and snapshot directory")
 @_secret_option
 @click.option("--voters", default="", help="initial voter ids (default: every peer), e.g. 1,2,3")
-@click.option("--metrics-port", type=int, default=None, help="serve /metrics and /healthz on this port")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="KCONS_METRICS_PORT",
+              show_envvar=True, help="serve /metrics and /healthz on this port (0 or unset: off)")  # fmt: skip
 @click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True,
-              help="address for /metrics and /healthz ($KCONS_METRICS_HOST)")  # fmt: skip
+              show_envvar=True, help="address for /metrics and /healthz")  # fmt: skip
 @click.option("--rejoin-empty", is_flag=True,
               help="start although this member's WAL is missing or empty: the cluster removes and re-adds it, "
                    "and it neither votes nor campaigns until then")  # fmt: skip
@@ -85,14 +88,14 @@ def serve(
         if rejoin_empty:
             settings = replace(settings, rejoin_empty=True)
     except (KconsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
 
     failure: list[BaseException] = []
 
     async def main() -> None:
         node = RaftNode(settings)
         server = None
-        if metrics_port is not None:
+        if metrics_port:
             from kcons.metrics import MetricsServer
 
             server = MetricsServer(port=metrics_port, host=metrics_host)
@@ -125,7 +128,7 @@ def serve(
     try:
         asyncio.run(main())
     except KconsError as exc:  # e.g. a WAL damaged before its tail: refuse to guess
-        raise click.ClickException(str(exc)) from None
+        raise click_error(exc) from None
     if failure:
         raise SystemExit(3)
 

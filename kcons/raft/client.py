@@ -27,7 +27,7 @@ from typing import Any
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from kcons.errors import TimeoutExceededError
-from kcons.raft.errors import FrameRejectedError, RaftError
+from kcons.raft.errors import FrameRejectedError, NodeUnreachableError, RaftError
 from kcons.raft.transport import (
     KIND_REQUEST,
     KIND_RESPONSE,
@@ -130,7 +130,13 @@ class RaftClient:
         return s, session
 
     def call_node(self, node: int, req: dict[str, Any]) -> dict[str, Any]:
-        """Send one request to one node and return its JSON answer (no retries)."""
+        """Send one request to one node and return its JSON answer (no retries).
+
+        Raises RequestRefusedError for a node id not in the peer list, NodeUnreachableError when
+        the node cannot be reached, FrameRejectedError for an answer that is not one.
+        """
+        if node not in self.peers:
+            raise RequestRefusedError(f"node {node} is not in the peer list {sorted(self.peers)}")
         self._rid += 1
         rid = self._rid.to_bytes(8, "big")
         try:
@@ -144,9 +150,14 @@ class RaftClient:
                 if payload[:8] == rid:
                     answer: dict[str, Any] = json.loads(payload[8:])
                     return answer
-        except (OSError, ConnectionError, FrameRejectedError, ValueError):
+        except (OSError, FrameRejectedError) as exc:
             self._drop(node)
+            if isinstance(exc, OSError) and not isinstance(exc, NodeUnreachableError):
+                raise NodeUnreachableError(f"node {node} ({self.peers[node]}): {exc}") from exc
             raise
+        except ValueError as exc:  # an authenticated answer that is not JSON
+            self._drop(node)
+            raise FrameRejectedError(f"node {node}: malformed answer ({exc})") from exc
 
     def _target(self) -> int:
         if self._leader is not None and self._leader in self.peers:

@@ -7,6 +7,7 @@ from kcons.errors import DecodeError, KconsError, StoreError
 __all__ = [
     "CorruptLogError",
     "FrameRejectedError",
+    "NodeUnreachableError",
     "NotLeaderError",
     "OutcomeUnknownError",
     "ProposalDroppedError",
@@ -25,6 +26,10 @@ class NotLeaderError(RaftError):
         self.leader = leader
         self.address = address
         super().__init__(f"not the leader (leader hint: {leader or 'unknown'})")
+
+
+class NodeUnreachableError(RaftError, ConnectionError):
+    """A node could not be reached or dropped the connection (still an ``OSError`` for older callers)."""
 
 
 class ProposalDroppedError(RaftError):

@@ -224,4 +224,4 @@ def test_invalidator_command_names_a_blank_or_padded_group_instead_of_starting(g
 
     env = {"KCONS_CACHE_GROUP": group, "KCONS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "KCONS_REDIS_URL": "redis://127.0.0.1:1"}
     result = CliRunner().invoke(cache_cli, ["invalidator", "--topic", "t"], env=env)
-    assert result.exit_code == 1 and "KCONS_CACHE_GROUP" in result.output, result.output
+    assert result.exit_code == 2 and "KCONS_CACHE_GROUP" in result.output, result.output
