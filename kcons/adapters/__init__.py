@@ -1,5 +1,10 @@
-"""Adapters: implementations of kcons's store protocols for Redis, PostgreSQL, SQLite, memory and Raft.
+"""Adapters: implementations of kcons's store and lease protocols, one place per backend.
 
-Each adapter module implements protocols defined in the core modules (``kcons.dedup``,
-``kcons.outbox``, ``kcons.cache``); the core never imports an adapter's client library.
+``redis/``, ``postgres/`` and ``sqlite/`` hold everything kcons keeps in that backend (dedup
+store; for the SQL databases the outbox store; for PostgreSQL the advisory-lock lease),
+``memory.py`` the in-process dedup store and single-process lease, ``raft.py`` the Raft lease.
+They implement :mod:`kcons.dedup`, :mod:`kcons.lease` and :mod:`kcons.outbox.store`; the cache's
+backends live with the cache (:mod:`kcons.cache.redis`, :mod:`kcons.cache.memory`). Client
+libraries (redis, psycopg) are imported when a store connects, and nothing here is imported by
+``import kcons``.
 """
