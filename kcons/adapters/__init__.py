@@ -4,7 +4,7 @@
 store; for the SQL databases the outbox store; for PostgreSQL the advisory-lock lease),
 ``memory.py`` the in-process dedup store and single-process lease, ``raft.py`` the Raft lease.
 They implement :mod:`kcons.dedup`, :mod:`kcons.lease` and :mod:`kcons.outbox.store`; the cache's
-backends live with the cache (:mod:`kcons.cache.redis`, :mod:`kcons.cache.memory`). Client
-libraries (redis, psycopg) are imported when a store connects, and nothing here is imported by
-``import kcons``.
+backends live with the cache (:mod:`kcons.cache.redis`, :mod:`kcons.cache.memory`). psycopg is
+imported when a store connects (the Redis store uses the caller's client), and nothing here is
+imported by ``import kcons``.
 """
