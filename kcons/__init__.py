@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
     from kcons.adapters.redis import RedisDedupStore
     from kcons.adapters.sqlite import SqliteDedupStore
     from kcons.aio import AsyncIdempotentProducer, AsyncTransactionalProcessor, AsyncTransactionalProducer
-    from kcons.audit import TopicAuditor, TopicReport, audit_topic
+    from kcons.audit import OutboxReport, TopicAuditor, TopicReport, audit_outbox, audit_topic
     from kcons.cache import CacheInvalidator, CacheSettings, ChangeEvent, ConsistentCache, Strategy, Versioned
     from kcons.config import KafkaSettings, PostgresSettings, RedisSettings, Settings
     from kcons.consumer import (
@@ -66,8 +66,10 @@ _EXPORTS: dict[str, str] = {
     "RaftLeaseBackend": "kcons.adapters.raft",
     "RedisDedupStore": "kcons.adapters.redis",
     "SqliteDedupStore": "kcons.adapters.sqlite",
+    "OutboxReport": "kcons.audit",
     "TopicAuditor": "kcons.audit",
     "TopicReport": "kcons.audit",
+    "audit_outbox": "kcons.audit",
     "audit_topic": "kcons.audit",
     "AsyncIdempotentProducer": "kcons.aio",
     "AsyncTransactionalProcessor": "kcons.aio",
@@ -161,6 +163,7 @@ __all__ = [
     "MemoryDedupStore",
     "MetricsServer",
     "OutboxRelay",
+    "OutboxReport",
     "Output",
     "PoisonMessageError",
     "PostgresDedupStore",
@@ -187,6 +190,7 @@ __all__ = [
     "TransactionalProducer",
     "Versioned",
     "__version__",
+    "audit_outbox",
     "audit_topic",
     "classify_kafka_error",
     "new_event_id",

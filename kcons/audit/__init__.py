@@ -6,6 +6,7 @@ moved or committed to), the outbox auditor only SELECTs, the cache sampler only 
 
 from __future__ import annotations
 
+from kcons.audit.outbox import OutboxAuditRow, OutboxReport, audit_outbox, compare_outbox, read_outbox_rows
 from kcons.audit.topic import (
     AggregateSplit,
     Duplicate,
@@ -21,11 +22,16 @@ from kcons.kafka.reader import RangeSpec
 __all__ = [
     "AggregateSplit",
     "Duplicate",
+    "OutboxAuditRow",
+    "OutboxReport",
     "PartitionStats",
     "RangeSpec",
     "TopicAuditor",
     "TopicReport",
     "VersionCheck",
     "VersionViolation",
+    "audit_outbox",
     "audit_topic",
+    "compare_outbox",
+    "read_outbox_rows",
 ]

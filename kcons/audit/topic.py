@@ -181,6 +181,7 @@ class TopicAuditor:
         self.home: dict[bytes, int] = {}  # aggregate -> partition of its first event
         self.stats: dict[int, PartitionStats] = {}
         self.duplicate_ids: dict[bytes, Duplicate] = {}
+        self.extra_copies: dict[bytes, int] = {}  # id -> copies after the first (exact, not capped)
         self.version_list: list[VersionViolation] = []
         self.split: dict[bytes, AggregateSplit] = {}
         self.split_count = 0
@@ -246,11 +247,12 @@ class TopicAuditor:
 
     def _duplicate(self, event_id: bytes, first: int, partition: int, offset: int) -> None:
         self._partition(partition).duplicates += 1
+        self.extra_copies[event_id] = self.extra_copies.get(event_id, 0) + 1
         dup = self.duplicate_ids.get(event_id)
-        if dup is None:
+        if dup is None and len(self.duplicate_ids) < self.max_listed:
             dup = Duplicate(_text(event_id), self._location(first, event_id))
             self.duplicate_ids[event_id] = dup
-        if len(dup.copies) < self.max_listed:
+        if dup is not None and len(dup.copies) < self.max_listed:
             dup.copies.append((partition, offset))
 
     def _location(self, first: int, event_id: bytes) -> tuple[int, int]:
@@ -372,7 +374,7 @@ class TopicAuditor:
             records=sum(s.records for s in stats.values()),
             distinct_ids=len(self.seen),
             duplicates=sum(s.duplicates for s in stats.values()),
-            duplicate_ids=len(self.duplicate_ids),
+            duplicate_ids=len(self.extra_copies),
             regressions=sum(s.regressions for s in stats.values()),
             gaps=sum(s.gaps for s in stats.values()),
             split_aggregates=self.split_count,
