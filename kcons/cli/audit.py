@@ -178,7 +178,7 @@ def _print_topic(report: Any) -> None:
 
 
 @audit_cli.command("outbox")
-@click.option("--dsn", envvar="KCONS_POSTGRES_DSN", help="PostgreSQL DSN of the outbox database ($KCONS_POSTGRES_DSN).")
+@click.option("--dsn", envvar="KCONS_POSTGRES_DSN", show_envvar=True, help="PostgreSQL DSN of the outbox database.")
 @click.option("--sqlite", "sqlite_path", type=click.Path(dir_okay=False, exists=True), help="A SQLite outbox file.")
 @click.option("--topic", required=True, help="The topic the relay publishes to.")
 @click.option("--bootstrap", help="Kafka bootstrap (default: $KCONS_KAFKA_BOOTSTRAP; $KCONS_KAFKA_CONFIG applies).")

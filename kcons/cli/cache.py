@@ -58,13 +58,14 @@ def cache_cli() -> None:
 )
 @click.option(
     "--group",
-    envvar="KCONS_CACHE_GROUP",
+    envvar="KCONS_CACHE_GROUP", show_envvar=True,
     default="kcons-cache-invalidator",
     show_default=True,
     help="Kafka consumer group of the invalidator replicas ($KCONS_CACHE_GROUP).",
 )
 @click.option(
-    "--keys", "keys_spec", envvar="KCONS_CACHE_KEYS", help="module:function mapping a ChangeEvent to its cache keys."
+    "--keys", "keys_spec", envvar="KCONS_CACHE_KEYS", show_envvar=True,
+    help="module:function mapping a ChangeEvent to its cache keys.",
 )
 @click.option("--key-template", "template", default="{aggregate_type}:{aggregate_id}", show_default=True)
 @click.option(
@@ -80,9 +81,11 @@ def cache_cli() -> None:
     is_flag=True,
     help="Use the IdempotentConsumer loop (one round trip per event).",
 )
-@click.option("--name", envvar="KCONS_CACHE_NAME", default="default", show_default=True, help="Cache name.")
-@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", type=int, help="Serve /metrics and /healthz on this port.")
-@click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True)
+@click.option("--name", envvar="KCONS_CACHE_NAME", show_envvar=True, default="default", show_default=True,
+              help="Cache name.")  # fmt: skip
+@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", show_envvar=True, type=click.IntRange(0, 65535),
+              help="Serve /metrics and /healthz on this port.")  # fmt: skip
+@click.option("--metrics-host", envvar="KCONS_METRICS_HOST", show_envvar=True, default="127.0.0.1", show_default=True)
 def invalidator_command(
     topics: tuple[str, ...],
     group: str,
