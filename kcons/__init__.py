@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
     from kcons.adapters.redis import RedisDedupStore
     from kcons.adapters.sqlite import SqliteDedupStore
     from kcons.aio import AsyncIdempotentProducer, AsyncTransactionalProcessor, AsyncTransactionalProducer
-    from kcons.audit import OutboxReport, TopicAuditor, TopicReport, audit_outbox, audit_topic
+    from kcons.audit import CacheAuditor, OutboxReport, TopicAuditor, TopicReport, audit_outbox, audit_topic
     from kcons.cache import CacheInvalidator, CacheSettings, ChangeEvent, ConsistentCache, Strategy, Versioned
     from kcons.config import KafkaSettings, PostgresSettings, RedisSettings, Settings
     from kcons.consumer import (
@@ -66,6 +66,7 @@ _EXPORTS: dict[str, str] = {
     "RaftLeaseBackend": "kcons.adapters.raft",
     "RedisDedupStore": "kcons.adapters.redis",
     "SqliteDedupStore": "kcons.adapters.sqlite",
+    "CacheAuditor": "kcons.audit",
     "OutboxReport": "kcons.audit",
     "TopicAuditor": "kcons.audit",
     "TopicReport": "kcons.audit",
@@ -138,6 +139,7 @@ __all__ = [
     "AsyncTransactionalProducer",
     "BatchHandler",
     "BatchStats",
+    "CacheAuditor",
     "CacheInvalidator",
     "CacheSettings",
     "ChangeEvent",

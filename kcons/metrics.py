@@ -207,6 +207,23 @@ CACHE_INVALIDATION_LAG = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 
+# --- cache audit (kcons audit cache) ---------------------------------------------------------
+CACHE_AUDIT_CHECKED = Counter(
+    "kcons_cache_audit_checked_total",
+    "Cache keys the audit sampler decided (consistent or stale), after the lag bound for suspects.",
+    ["cache"],
+)
+CACHE_AUDIT_STALE = Counter(
+    "kcons_cache_audit_stale_total",
+    "Cache keys the audit sampler found stale: still wrong after the invalidation-lag bound.",
+    ["cache"],
+)
+CACHE_AUDIT_RATIO = Gauge(
+    "kcons_cache_audit_inconsistency_ratio",
+    "Stale / checked over the audit sampler's last decisions (its window).",
+    ["cache"],
+)
+
 # --- raft --------------------------------------------------------------------------------
 RAFT_FRAMES_REJECTED = Counter(
     "kcons_raft_frames_rejected_total",

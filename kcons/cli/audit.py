@@ -257,3 +257,97 @@ def outbox_command(
             echo("INCOMPLETE: the topic read stopped early")
         echo("OK: no violation" if report.ok else f"FAILED: {report.violations} violations")
     sys.exit(0 if report.ok else 1)
+
+
+def _source(spec: str, dsn: str | None) -> Any:
+    """A SourceVersion from ``--source``: SQL run on ``--dsn`` (one %s: the key), or module:function."""
+    from kcons.audit.cache import sql_source
+    from kcons.cli.cache import _import_function
+
+    if " " in spec.strip():
+        if not dsn:
+            raise ConfigError("--dsn", "a SQL --source needs --dsn (or $KCONS_POSTGRES_DSN)")
+        import psycopg
+
+        conn = psycopg.connect(dsn, autocommit=True, options="-c default_transaction_read_only=on")
+        return sql_source(conn, spec)
+    return _import_function(spec, "--source")
+
+
+@audit_cli.command("cache")
+@click.option("--redis", "redis_url", envvar="KCONS_REDIS_URL", help="Redis URL of the cache ($KCONS_REDIS_URL).")
+@click.option(
+    "--source", required=True,
+    help="The source's version of a key: SQL with one %s for the key (run on --dsn), or module:function(key).",
+)  # fmt: skip
+@click.option("--dsn", envvar="KCONS_POSTGRES_DSN", help="PostgreSQL DSN for a SQL --source ($KCONS_POSTGRES_DSN).")
+@click.option("--prefix", envvar="KCONS_CACHE_PREFIX", default="kcons:cache", show_default=True, help="Cache prefix.")
+@click.option("--name", envvar="KCONS_CACHE_NAME", default="default", show_default=True, help="Cache name (label).")
+@click.option("--sample", type=click.IntRange(min=1), default=100, show_default=True, help="Keys per round.")
+@click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds between rounds.")
+@click.option(
+    "--lag-bound", type=float, default=10.0, show_default=True,
+    help="Invalidation-lag bound: a mismatch is stale only if it outlives this many seconds.",
+)  # fmt: skip
+@click.option("--window", type=click.IntRange(min=1), default=10_000, show_default=True, help="Decisions in the ratio.")
+@click.option("--rounds", type=click.IntRange(min=0), default=0, help="Stop after this many rounds (0: until SIGTERM).")
+@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", type=int, help="Serve /metrics on this port.")
+@click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as one JSON object.")
+def cache_command(
+    redis_url: str | None,
+    source: str,
+    dsn: str | None,
+    prefix: str,
+    name: str,
+    sample: int,
+    interval: float,
+    lag_bound: float,
+    window: int,
+    rounds: int,
+    metrics_port: int | None,
+    metrics_host: str,
+    as_json: bool,
+) -> None:
+    """Sample cache keys continuously, compare cached and source versions, export the inconsistency ratio."""
+    import redis
+
+    from kcons.audit.cache import CacheAuditor
+    from kcons.cli.signals import stop_on_signals
+    from kcons.config import redact
+    from kcons.metrics import MetricsServer
+
+    try:
+        if not redis_url:
+            raise ConfigError("KCONS_REDIS_URL", "give --redis or set $KCONS_REDIS_URL")
+        version_of = _source(source, dsn)
+        client = redis.Redis.from_url(redis_url)
+        auditor = CacheAuditor(
+            client, version_of, prefix=prefix, name=name, sample=sample, lag_bound_s=lag_bound, window=window
+        )
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    server = MetricsServer(metrics_port, metrics_host) if metrics_port else None
+    if server is not None:
+        server.start()
+    log.info("cache audit of %s (prefix %s) every %.1fs", redact(redis_url), prefix, interval)
+    try:
+        with stop_on_signals(auditor):
+            report = auditor.run(interval, rounds)
+    finally:
+        if server is not None:
+            server.stop()
+        client.close()
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        click.echo(
+            f"cache {name}: {report.rounds} rounds, {report.checked} keys checked, {report.stale} stale"
+            f" (ratio {report.ratio:.4f} over the last {window}), {report.suspects_pending} still within the bound"
+        )
+        for s in report.stale_list:
+            click.echo(
+                f"STALE {s.key}: cached version {s.cached_after}, source {s.source_first} then {s.source_after}"
+            )
+        click.echo("OK: no stale entry" if report.ok else f"FAILED: {report.stale} stale entries")
+    sys.exit(0 if report.ok else 1)

@@ -32,18 +32,19 @@ _KEYS = "KCONS_CACHE_KEYS (--keys)"
 __all__ = ["cache_cli", "invalidator_command", "peek_command"]
 
 
-def _import_function(spec: str) -> Any:
+def _import_function(spec: str, setting: str = _KEYS) -> Any:
+    """The callable named by ``module:function``; ConfigError naming ``setting`` when it is not one."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ConfigError(_KEYS, f"expected module:function, got {spec!r}")
+        raise ConfigError(setting, f"expected module:function, got {spec!r}")
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(_KEYS, f"cannot import {spec!r}: {exc}") from None
+        raise ConfigError(setting, f"cannot import {spec!r}: {exc}") from None
     if not callable(target):
-        raise ConfigError(_KEYS, f"{spec!r} is not callable")
+        raise ConfigError(setting, f"{spec!r} is not callable")
     return target
 
 
