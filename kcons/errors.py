@@ -40,6 +40,9 @@ __all__ = [
     "ProducerFencedError",
     "RetriableKafkaError",
     "ServiceStartError",
+    "SinkError",
+    "SinkRowError",
+    "SinkUnavailableError",
     "StoreError",
     "TimeoutExceededError",
     "classify_kafka_error",
@@ -84,6 +87,28 @@ class PoisonMessageError(KconsError):
         super().__init__(reason)
         if cause is not None:
             self.__cause__ = cause
+
+
+class SinkError(KconsError):
+    """An outbox sink (the broker the relay publishes to) did not confirm a batch."""
+
+
+class SinkUnavailableError(SinkError):
+    """The sink could not confirm the batch for now (connection, broker nack, unroutable): retry it whole."""
+
+
+class SinkRowError(SinkError):
+    """One row can never be published by this sink (e.g. larger than the broker accepts).
+
+    ``event_id`` is the row's ``kcons-id``, ``index`` its place in the batch; no row of the batch
+    counts as published.
+    """
+
+    def __init__(self, event_id: str, index: int, reason: str) -> None:
+        self.event_id = event_id
+        self.index = index
+        self.reason = reason
+        super().__init__(f"row {event_id} (batch index {index}) cannot be published: {reason}")
 
 
 class ErrorClass(enum.Enum):

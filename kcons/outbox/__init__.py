@@ -19,6 +19,7 @@ from kcons.outbox.schema import (
     schema_is_current,
     sqlite_ddl,
 )
+from kcons.outbox.sink import OutboxSink
 from kcons.outbox.store import OutboxStore
 from kcons.outbox.writer import OutboxUsageError, add, add_many
 
@@ -29,6 +30,7 @@ __all__ = [
     "OutboxRecord",
     "OutboxRelay",
     "OutboxRow",
+    "OutboxSink",
     "OutboxStore",
     "OutboxUsageError",
     "RelaySettings",

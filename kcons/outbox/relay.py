@@ -64,11 +64,19 @@ from kcons.config import (
     redact,
     redact_text,
 )
-from kcons.errors import ConfigError, KafkaOperationError, LeadershipLostError, StoreError, TimeoutExceededError
+from kcons.errors import (
+    ConfigError,
+    KafkaOperationError,
+    LeadershipLostError,
+    SinkUnavailableError,
+    StoreError,
+    TimeoutExceededError,
+)
 from kcons.lease import Lease, LeaseBackend
 from kcons.outbox.publisher import MODES, KafkaBatchPublisher
 from kcons.outbox.rows import OutboxRow, record_tuples
 from kcons.outbox.schema import DEFAULT_TABLE, validate_table
+from kcons.outbox.sink import OutboxSink
 from kcons.outbox.store import OutboxStore
 
 __all__ = ["OutboxRelay", "RelaySettings"]
@@ -189,10 +197,10 @@ def _metrics_address(env: Mapping[str, str] | None) -> tuple[int | None, str]:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """Retry database and Kafka failures, never a lost leadership (that ends the batch loop instead)."""
+    """Retry database, Kafka and unavailable-sink failures, never a lost leadership (that ends the batch loop)."""
     if isinstance(exc, LeadershipLostError):
         return False
-    if isinstance(exc, KafkaOperationError | TimeoutExceededError | StoreError):
+    if isinstance(exc, KafkaOperationError | SinkUnavailableError | TimeoutExceededError | StoreError):
         return True
     try:
         import psycopg
@@ -209,12 +217,12 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class OutboxRelay:
-    """Publishes an outbox to Kafka; at-least-once, per-aggregate order, one leader among replicas."""
+    """Publishes an outbox through its sink (Kafka by default); at-least-once, per-aggregate order, one leader."""
 
     def __init__(
         self,
         store: OutboxStore,
-        publisher: KafkaBatchPublisher,
+        publisher: OutboxSink,
         *,
         leases: LeaseBackend,
         name: str = "default",
@@ -447,7 +455,7 @@ class OutboxRelay:
         if not rows:
             self._mark_unmarked(lease)  # drain the pipeline
             return 0
-        if self.publisher.mode == "idempotent":
+        if self.publisher.mode != "transactional":  # the sink does not fence a former leader itself
             self.store.check_fence(self.name, lease.token)
         records = record_tuples(rows, self.topic)
         hook = self.before_commit

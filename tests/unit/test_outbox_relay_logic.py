@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kcons.errors import LeadershipLostError, RetriableKafkaError
+from kcons.errors import LeadershipLostError, RetriableKafkaError, SinkRowError, SinkUnavailableError
 from kcons.lease import Lease
 from kcons.outbox.relay import OutboxRelay
 from kcons.outbox.rows import OutboxRecord, OutboxRow
@@ -183,3 +183,39 @@ def test_expired_lease_is_not_leadership() -> None:
     assert not relay.is_leader
     relay._lease = Lease("outbox:default", relay.holder, 1, time.monotonic() + 1.0)
     assert relay.is_leader
+
+
+class FailingSink(MemoryPublisher):
+    """A non-Kafka sink whose first publishes fail with the given error."""
+
+    mode = "confirms"
+
+    def __init__(self, error: Exception, failures: int) -> None:
+        super().__init__()
+        self.error = error
+        self.failing = failures
+
+    def publish(self, records: Iterable[Any], *, still_leader: Callable[[], bool] | None = None,
+                before_commit: Callable[[], None] | None = None) -> None:  # fmt: skip
+        if self.failing:
+            self.failing -= 1
+            raise self.error
+        super().publish(records, still_leader=still_leader, before_commit=before_commit)
+
+
+def test_unavailable_sink_is_retried_and_rows_are_marked_only_after_its_confirm() -> None:
+    store, leases = MemoryStore(6), MemoryLeases()
+    sink = FailingSink(SinkUnavailableError("broker nacked"), failures=2)
+    relay = _relay(store, sink, leases)  # type: ignore[arg-type]
+    _run_until(relay, lambda: not store.rows)
+    assert sink.sent == [f"id-{i}" for i in range(6)]
+    assert store.marked == list(range(6))
+
+
+def test_permanent_row_failure_is_not_retried_and_marks_nothing() -> None:
+    store, leases = MemoryStore(4), MemoryLeases()
+    sink = FailingSink(SinkRowError("id-2", 2, "too large"), failures=10**6)
+    relay = _relay(store, sink, leases)  # type: ignore[arg-type]
+    with pytest.raises(SinkRowError, match="id-2"):
+        _run_until(relay, lambda: False, timeout=10)
+    assert store.marked == [] and sink.failing == 10**6 - 1  # one attempt, no retry
