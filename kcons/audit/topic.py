@@ -414,14 +414,17 @@ def audit_topic(
     batch_size: int = 10_000,
     idle_timeout_s: float = 30.0,
     progress: Progress | None = None,
+    auditor: TopicAuditor | None = None,
 ) -> TopicReport:
     """Read ``spec``'s range of ``topic`` read-only (assign, no group, no commits) and audit it.
 
     ``config`` is a confluent-kafka config; only its connection and security properties are used.
     The range's ends are taken when the read starts; a read that makes no progress for
-    ``idle_timeout_s`` stops and the report says ``complete=False``.
+    ``idle_timeout_s`` stops and the report says ``complete=False``. Pass ``auditor`` to keep its
+    state after the call (the ids seen, in ``auditor.seen``); ``versions`` and ``max_listed`` are then its own.
     """
-    auditor = TopicAuditor(topic, versions=versions, max_listed=max_listed)
+    if auditor is None:
+        auditor = TopicAuditor(topic, versions=versions, max_listed=max_listed)
     started = time.monotonic()
     complete = True
     reader = RangeReader(config, topic, spec, isolation=isolation, batch_size=batch_size, idle_timeout_s=idle_timeout_s)

@@ -3,8 +3,8 @@
 Concurrent writer processes commit events over many aggregates (some transactions rolled back,
 some long-running) while relay replicas (``python -m kcons.cli outbox relay``) are SIGKILLed at
 random, the leader is SIGSTOPped past its lease TTL and resumed, and the relays' database
-connections are cut with ``pg_terminate_backend``. Afterwards a read_committed consumer reads
-the topic and the run checks: every committed event reached Kafka at least once (``lost``), no
+connections are cut with ``pg_terminate_backend``. Afterwards kcons.audit's topic check reads the
+topic (read_committed, assign) and the run checks: every committed event reached Kafka at least once (``lost``), no
 rolled-back event did, each aggregate's events appear in version order (``out_of_order``,
 judged on first occurrences), and an idempotent consumer (dedup by ``kcons-id``) handles each
 event exactly once (``duplicates``). Prints one JSON object last; exit status 0 only when ok.
@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from kcons.audit import TopicAuditor, TopicReport, VersionCheck, audit_topic
 from kcons.envelope import read_envelope
 from kcons.outbox import install_schema
 from kcons.testing import child_env, start_stack
@@ -138,41 +139,20 @@ def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(60)
 
 
-def _read_topic(bootstrap: str, topic: str, expected: set[str], timeout: float) -> list[tuple[str, str, int]]:
-    """All (id, aggregate, version) on ``topic``, read_committed, in partition order."""
-    from confluent_kafka import Consumer
+def _audit_topic(bootstrap: str, topic: str, expected: set[str], timeout: float) -> tuple[TopicReport, set[str]]:
+    """kcons.audit's topic check of everything on ``topic`` (read_committed), and the ids it holds.
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"verify-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[tuple[str, str, int]] = []
-    seen: set[str] = set()
+    Reads again (each time up to the high watermark) until every id of ``expected`` is there or
+    ``timeout`` passed: the last relay may still be flushing when the run ends.
+    """
     deadline = time.monotonic() + timeout
-    quiet_since = time.monotonic()
-    try:
-        while time.monotonic() < deadline:
-            msgs = consumer.consume(5000, 0.5)
-            for msg in msgs:
-                if msg.error() is not None:
-                    raise RuntimeError(str(msg.error()))
-                env = read_envelope(msg.key(), msg.value(), msg.headers())
-                assert env is not None and env.version is not None
-                out.append((env.id, env.aggregate_id, env.version))
-                seen.add(env.id)
-            if msgs:
-                quiet_since = time.monotonic()
-            elif expected <= seen and time.monotonic() - quiet_since > 3.0:
-                break
-    finally:
-        consumer.close()
-    return out
+    while True:
+        auditor = TopicAuditor(topic, versions=VersionCheck.MONOTONIC)
+        report = audit_topic({"bootstrap.servers": bootstrap}, topic, isolation="read_committed", auditor=auditor)
+        seen = {event_id.decode() for event_id in auditor.seen}
+        if expected <= seen or time.monotonic() > deadline:
+            return report, seen
+        time.sleep(1.0)
 
 
 Handled = tuple[dict[str, int], dict[str, list[int]]]
@@ -301,22 +281,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             committed = {i for r in results for i in r["committed"]}
             rolled_back = {i for r in results for i in r["rolled_back"]}
             unknown = {i for r in results for i in r["unknown"]}
-            records = _read_topic(stack.kafka_bootstrap, topic, committed, timeout=args.drain_timeout)
+            audit, delivered = _audit_topic(stack.kafka_bootstrap, topic, committed, timeout=args.drain_timeout)
             handled, order = _idempotent_pass(stack.kafka_bootstrap, topic, len(committed), args.drain_timeout)
         finally:
             _drop_database(stack.postgres_dsn, dsn)
-    copies: dict[str, int] = {}
-    first_seen: dict[str, list[int]] = {}
-    for event_id, aggregate, version in records:
-        copies[event_id] = copies.get(event_id, 0) + 1
-        if copies[event_id] == 1:
-            first_seen.setdefault(aggregate, []).append(version)
-    delivered = set(copies)
     lost = len(committed - delivered)
     phantom = len(delivered & rolled_back)
     unexpected = len(delivered - committed - rolled_back - unknown)
     out_of_order = sum(1 for versions in order.values() for a, b in itertools.pairwise(versions) if b <= a)
-    raw_out_of_order = sum(1 for versions in first_seen.values() for a, b in itertools.pairwise(versions) if b <= a)
+    # First copies of each aggregate's events must rise (kcons.audit: regressions), stay in one
+    # partition, and every record must carry the kcons headers and a version.
+    raw_out_of_order = audit.regressions
+    malformed = audit.without_kcons_headers + audit.without_version + audit.split_aggregates + (not audit.complete)
     gaps = sum(1 for versions in order.values() if versions != list(range(1, len(versions) + 1)))
     duplicates = sum(1 for n in handled.values() if n > 1)
     not_handled = len(committed - set(handled))
@@ -326,6 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         and unexpected == 0
         and out_of_order == 0
         and raw_out_of_order == 0
+        and malformed == 0
         and gaps == 0
         and not_handled == 0
         and duplicates == 0
@@ -351,8 +328,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lost": lost,
         "rolled_back_published": phantom,
         "unexpected": unexpected,
-        "kafka_records": len(records),
-        "kafka_duplicates": len(records) - len(delivered),
+        "kafka_records": audit.records,
+        "kafka_duplicates": audit.duplicates,
+        "split_aggregates": audit.split_aggregates,
+        "records_without_kcons_headers_or_version": audit.without_kcons_headers + audit.without_version,
         "duplicates": duplicates,
         "not_handled": not_handled,
         "out_of_order": out_of_order,
