@@ -28,8 +28,7 @@ existing_config = {
     "linger.ms": 5,
     "transactional.id": f"example-{uuid.uuid4().hex[:6]}",
 }
-producer = kcons.wrap(existing_config)  # a TransactionalProducer, because transactional.id is set
-assert isinstance(producer, kcons.TransactionalProducer)
+producer = kcons.wrap_transactional(existing_config)  # typed; kcons.wrap() picks it from transactional.id
 
 committed = [kcons.Envelope.of("order.placed", "order", f"o{i}", {"n": i}, version=1) for i in range(10)]
 with producer.transaction():
@@ -54,8 +53,13 @@ def on_delivery(err: object, msg: object) -> None:
     delivered.append(msg.value())  # type: ignore[attr-defined]
 
 
-existing_producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "on_delivery": on_delivery})
-idempotent = kcons.wrap(existing_producer, on_delivery=on_delivery)  # no transactional.id: idempotent
+existing_producer = Producer({
+    "bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True, "acks": "all",
+    "on_delivery": on_delivery,
+})  # fmt: skip
+# kcons cannot read a Producer's config: trust_config=True says you checked idempotence and acks=all
+# (without it, an UnverifiedConfigWarning reminds you).
+idempotent = kcons.wrap_idempotent(existing_producer, on_delivery=on_delivery, trust_config=True)
 for i in range(5):
     idempotent.produce(plain_topic, f"p{i}".encode(), b"k")
 idempotent.close()

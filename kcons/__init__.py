@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
         IdempotentConsumer,
         RetryLater,
         TransactionalIdempotentConsumer,
+        with_envelope,
+        with_envelopes,
     )
     from kcons.dedup import ClaimLostError, ClaimResult, DedupStore, TransactionalDedupStore
     from kcons.envelope import Envelope, read_envelope
@@ -52,7 +54,15 @@ if TYPE_CHECKING:  # the same names as _EXPORTS, for type checkers and IDEs
         classify_kafka_error,
     )
     from kcons.ids import new_event_id, uuid7
-    from kcons.kafka.producer import DeliveryFuture, IdempotentProducer, TransactionalProducer, wrap
+    from kcons.kafka.producer import (
+        DeliveryFuture,
+        IdempotentProducer,
+        TransactionalProducer,
+        UnverifiedConfigWarning,
+        wrap,
+        wrap_idempotent,
+        wrap_transactional,
+    )
     from kcons.lease import Lease, LeaseBackend
     from kcons.metrics import MetricsServer
     from kcons.outbox import OutboxRelay, RelaySettings
@@ -127,6 +137,11 @@ _EXPORTS: dict[str, str] = {
     "IdempotentProducer": "kcons.kafka.producer",
     "TransactionalProducer": "kcons.kafka.producer",
     "wrap": "kcons.kafka.producer",
+    "wrap_idempotent": "kcons.kafka.producer",
+    "wrap_transactional": "kcons.kafka.producer",
+    "UnverifiedConfigWarning": "kcons.kafka.producer",
+    "with_envelope": "kcons.consumer",
+    "with_envelopes": "kcons.consumer",
     "RaftClient": "kcons.raft.client",
 }
 
@@ -190,6 +205,7 @@ __all__ = [
     "TransactionalIdempotentConsumer",
     "TransactionalProcessor",
     "TransactionalProducer",
+    "UnverifiedConfigWarning",
     "Versioned",
     "__version__",
     "audit_outbox",
@@ -198,7 +214,11 @@ __all__ = [
     "new_event_id",
     "read_envelope",
     "uuid7",
+    "with_envelope",
+    "with_envelopes",
     "wrap",
+    "wrap_idempotent",
+    "wrap_transactional",
 ]
 
 

@@ -6,19 +6,30 @@ source row's version, monotonic per aggregate) and ``traceparent`` when the call
 The record key is the aggregate id, so one aggregate's events share a partition and stay in
 order. :func:`read_envelope` also accepts Debezium's outbox event-router shape (event id in
 the ``id`` header, key = aggregate id, value = payload).
+
+CloudEvents: :meth:`Envelope.with_cloudevents` adds the Kafka protocol binding's binary-mode
+headers (``ce_specversion``, ``ce_id`` = ``kcons-id``, ``ce_source``, ``ce_type``, ``ce_time``,
+``ce_subject`` = aggregate id, ``content-type``), so CloudEvents consumers read kcons events;
+:func:`read_envelope` reads records that carry only those headers (``ce_id`` is then the id).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from kcons.errors import DecodeError
 from kcons.ids import new_event_id, uuid7
 
 __all__ = [
+    "CE_ID",
+    "CE_SOURCE",
+    "CE_SPECVERSION",
+    "CE_TIME",
+    "CE_TYPE",
     "HEADER_AGGREGATE_ID",
     "HEADER_AGGREGATE_TYPE",
     "HEADER_ID",
@@ -41,6 +52,15 @@ HEADER_AGGREGATE_TYPE = "kcons-aggregate-type"
 HEADER_AGGREGATE_ID = "kcons-aggregate-id"
 HEADER_VERSION = "kcons-version"
 HEADER_TRACEPARENT = "traceparent"
+#: CloudEvents Kafka protocol binding (binary content mode) headers.
+CE_SPECVERSION = "ce_specversion"
+CE_ID = "ce_id"
+CE_SOURCE = "ce_source"
+CE_TYPE = "ce_type"
+CE_TIME = "ce_time"
+CE_SUBJECT = "ce_subject"
+CE_CONTENT_TYPE = "content-type"
+CLOUDEVENTS_SPECVERSION = "1.0"
 KCONS_HEADERS = frozenset(
     {HEADER_ID, HEADER_TYPE, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION, HEADER_TRACEPARENT}
 )
@@ -108,14 +128,15 @@ def event_id_header(headers: Headers | None) -> tuple[str, bool] | None:
 
     THE rule, used by the consumer's dedup key and by :func:`read_envelope`: the first ``kcons-id``
     header when it is non-empty, else the first Debezium ``id`` header (the quotes of Debezium's
-    JSON header converter removed). Raises DecodeError when the id header is not UTF-8 or uses
-    the reserved :data:`POSITION_ID_PREFIX`.
+    JSON header converter removed), else the first CloudEvents ``ce_id`` header. Raises
+    DecodeError when the id header is not UTF-8 or uses the reserved :data:`POSITION_ID_PREFIX`.
     """
     if not headers:
         return None
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     debezium: Any = None
-    seen_kcons = seen_debezium = False
+    cloudevent: Any = None
+    seen_kcons = seen_debezium = seen_ce = False
     for name, value in pairs:
         if name == HEADER_ID and not seen_kcons:
             seen_kcons = True
@@ -125,10 +146,17 @@ def event_id_header(headers: Headers | None) -> tuple[str, bool] | None:
         elif name == "id" and not seen_debezium:
             seen_debezium = True
             debezium = value
+        elif name == CE_ID and not seen_ce:
+            seen_ce = True
+            cloudevent = value
     if seen_debezium:
         text = _id_text(debezium, "id")
         if text is not None and len(text) >= 2 and text[0] == '"' and text[-1] == '"':
             text = text[1:-1] or None
+        if text is not None:
+            return text, False
+    if seen_ce:
+        text = _id_text(cloudevent, CE_ID)
         if text is not None:
             return text, False
     return None
@@ -196,6 +224,29 @@ class Envelope:
         out.extend((k, v.encode()) for k, v in self.extra_headers.items() if k not in KCONS_HEADERS)
         return out
 
+    def with_cloudevents(
+        self, source: str, *, time: datetime | None = None, content_type: str = "application/json"
+    ) -> Envelope:
+        """A copy that also carries the CloudEvents Kafka binding's headers (binary content mode).
+
+        ``ce_id`` is the kcons id (one dedup key for both worlds), ``ce_type`` the event type,
+        ``ce_subject`` the aggregate id, ``ce_time`` ``time`` (default: now, UTC) in RFC 3339.
+        ``source`` is the CloudEvents source, a URI-reference naming the producing system.
+        """
+        if not source:
+            raise ValueError("a CloudEvents source is required (a URI-reference, e.g. /orders-service)")
+        when = (time or datetime.now(UTC)).astimezone(UTC)
+        ce = {
+            CE_SPECVERSION: CLOUDEVENTS_SPECVERSION,
+            CE_ID: self.id,
+            CE_SOURCE: source,
+            CE_TYPE: self.type,
+            CE_TIME: when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            CE_SUBJECT: self.aggregate_id,
+            CE_CONTENT_TYPE: content_type,
+        }
+        return replace(self, extra_headers={**self.extra_headers, **ce})
+
     def json(self) -> Any:
         """Decode the payload as JSON (raises DecodeError if it is not)."""
         try:
@@ -257,6 +308,18 @@ def read_envelope(
             aggregate_type=h.get(HEADER_AGGREGATE_TYPE) or "",
             aggregate_id=h.get(HEADER_AGGREGATE_ID) or key_text or "",
             version=_parse_version(h.get(HEADER_VERSION)),
+            payload=payload,
+            traceparent=h.get(HEADER_TRACEPARENT),
+            extra_headers={k: v for k, v in h.items() if k not in KCONS_HEADERS and v is not None},
+        )
+    if h.get("id") is None and h.get(CE_ID) is not None:  # a CloudEvent (Kafka binding, binary mode)
+        if h.get(CE_SPECVERSION) is None:
+            raise DecodeError(f"a {CE_ID} header without {CE_SPECVERSION}: not a CloudEvent")
+        return Envelope(
+            id=event_id,
+            type=h.get(CE_TYPE) or "",
+            aggregate_type="",
+            aggregate_id=h.get(CE_SUBJECT) or key_text or "",
             payload=payload,
             traceparent=h.get(HEADER_TRACEPARENT),
             extra_headers={k: v for k, v in h.items() if k not in KCONS_HEADERS and v is not None},

@@ -15,6 +15,7 @@ from kcons.consumer.driver import (
     default_store_retry_policy,
 )
 from kcons.consumer.effects import BatchHandler, Handler, RetryLater, default_retry_policy
+from kcons.consumer.handlers import EnvelopeBatchHandler, EnvelopeHandler, with_envelope, with_envelopes
 from kcons.consumer.ids import default_dlq_topic, default_event_id
 from kcons.kafka.dlq import (
     DLQ_OFFSET_HEADER,
@@ -32,6 +33,8 @@ __all__ = [
     "DLQ_TOPIC_HEADER",
     "BatchHandler",
     "BatchStats",
+    "EnvelopeBatchHandler",
+    "EnvelopeHandler",
     "Handler",
     "IdempotentConsumer",
     "RetryLater",
@@ -40,4 +43,6 @@ __all__ = [
     "default_event_id",
     "default_retry_policy",
     "default_store_retry_policy",
+    "with_envelope",
+    "with_envelopes",
 ]

@@ -61,9 +61,12 @@ __all__ = [
     "IdempotentProducer",
     "Record",
     "TransactionalProducer",
+    "UnverifiedConfigWarning",
     "check_producer_config",
     "fast_event_id",
     "wrap",
+    "wrap_idempotent",
+    "wrap_transactional",
 ]
 
 T = TypeVar("T")
@@ -1034,15 +1037,39 @@ class TransactionalProducer(_ProducerBase):
         return self
 
 
-def wrap(producer_or_config: Mapping[str, Any] | Producer, **kwargs: Any) -> IdempotentProducer | TransactionalProducer:
+class UnverifiedConfigWarning(UserWarning):
+    """An existing Producer was wrapped as idempotent although its config could not be checked.
+
+    confluent-kafka does not expose a Producer's configuration, so ``enable.idempotence`` and
+    ``acks=all`` cannot be verified: with ``acks=1`` an acknowledged record can still be lost.
+    Pass the config dict instead (it is checked), or ``trust_config=True`` once you have.
+    """
+
+
+def _unverified(stacklevel: int) -> None:
+    warnings.warn(
+        "wrapped an existing Producer as an IdempotentProducer without checking its config (it cannot be read):"
+        " make sure it sets enable.idempotence=true and acks=all, or pass the config dict to have it checked;"
+        " trust_config=True silences this warning",
+        UnverifiedConfigWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def wrap(
+    producer_or_config: Mapping[str, Any] | Producer, *, trust_config: bool = False, **kwargs: Any
+) -> IdempotentProducer | TransactionalProducer:
     """The one-line entry point: a TransactionalProducer iff ``transactional.id`` is set, else an IdempotentProducer.
 
     For an existing Producer, whose config cannot be read, ``init_transactions`` is tried:
     it succeeds (or reports an already initialised producer) only when a ``transactional.id``
-    is configured. Its own delivery callback cannot be read either, and kcons' per-message
-    callbacks replace it: pass it as ``wrap(producer, on_delivery=callback)`` and it runs exactly
-    once per message on every path (``produce``, ``send``, ``enqueue``). For a config dict, its
-    ``on_delivery`` (or the ``on_delivery=`` argument, not both) is used the same way.
+    is configured. Otherwise it becomes an IdempotentProducer whose idempotence could not be
+    checked: an UnverifiedConfigWarning says so unless ``trust_config=True``. Its own delivery
+    callback cannot be read either, and kcons' per-message callbacks replace it: pass it as
+    ``wrap(producer, on_delivery=callback)`` and it runs exactly once per message on every path
+    (``produce``, ``send``, ``enqueue``). For a config dict, its ``on_delivery`` (or the
+    ``on_delivery=`` argument, not both) is used the same way. Type checkers see a union: use
+    :func:`wrap_transactional` or :func:`wrap_idempotent` when you know which one you want.
     """
     if isinstance(producer_or_config, Producer):
         try:
@@ -1050,10 +1077,32 @@ def wrap(producer_or_config: Mapping[str, Any] | Producer, **kwargs: Any) -> Ide
         except ConfigError as exc:
             if exc.setting != "transactional.id":
                 raise
+            if not trust_config:
+                _unverified(stacklevel=2)
             return IdempotentProducer(producer_or_config, **_idempotent_kwargs(kwargs))
     if producer_or_config.get("transactional.id"):
         return TransactionalProducer(producer_or_config, **kwargs)
     return IdempotentProducer(producer_or_config, **_idempotent_kwargs(kwargs))
+
+
+def wrap_transactional(producer_or_config: Mapping[str, Any] | Producer, **kwargs: Any) -> TransactionalProducer:
+    """A TransactionalProducer (typed); ConfigError("transactional.id") when none is configured."""
+    return TransactionalProducer(producer_or_config, **kwargs)
+
+
+def wrap_idempotent(
+    producer_or_config: Mapping[str, Any] | Producer, *, trust_config: bool = False, **kwargs: Any
+) -> IdempotentProducer:
+    """An IdempotentProducer (typed): a config dict is checked (idempotence, acks=all, no transactional.id).
+
+    An existing Producer cannot be checked: UnverifiedConfigWarning unless ``trust_config=True``.
+    """
+    if isinstance(producer_or_config, Producer):
+        if not trust_config:
+            _unverified(stacklevel=2)
+    elif producer_or_config.get("transactional.id"):
+        raise ConfigError("transactional.id", "is set: use wrap_transactional for a transactional producer")
+    return IdempotentProducer(producer_or_config, **kwargs)
 
 
 def _idempotent_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
