@@ -26,6 +26,7 @@ __all__ = [
     "backend",
     "start_kafka",
     "start_postgres",
+    "start_rabbitmq",
     "start_redis",
     "start_stack",
 ]
@@ -79,6 +80,17 @@ def start_redis() -> tuple[str, Closer]:
     from kcons.testing.local import RedisServer
 
     server = RedisServer().start()
+    return server.url, server.close
+
+
+def start_rabbitmq() -> tuple[str, Closer]:
+    """Return ``(amqp_url, close)`` for RabbitMQ: ``KCONS_AMQP_URL``, or a new local node."""
+    existing = env_str("KCONS_AMQP_URL")
+    if existing:
+        return existing, _noop
+    from kcons.testing.rabbitmq import RabbitMqServer
+
+    server = RabbitMqServer().start()
     return server.url, server.close
 
 

@@ -1,4 +1,4 @@
-"""Installs what the local test services need: Kafka's jars (Maven), Redis and PostgreSQL (apt).
+"""Installs what the local test services need: Kafka's jars (Maven), Redis, PostgreSQL, RabbitMQ (apt).
 
 The Kafka broker is pinned by ``kcons/testing/kafka/pom.xml`` (package data, so it ships in
 the wheel) and every jar it resolves to is checked against ``kafka/jars.sha256``. The jars are
@@ -8,7 +8,8 @@ hash of the pom and the checksums, and reused when complete: never into a source
 
 Debian's ``redis-server``, ``postgresql``, a Java runtime and Maven are installed only when
 asked: ``install_system_packages=True`` (``kcons dev setup --install-system-packages``) or a
-``yes`` typed at an interactive prompt. Otherwise a missing package fails with the exact
+``yes`` typed at an interactive prompt. ``rabbitmq-server`` is added to them only when asked
+(``rabbitmq=True``, ``--rabbitmq``), under the same rule. Otherwise a missing package fails with the exact
 command to run.
 
 Run ``python -m kcons.testing.install [--install-system-packages]`` (or ``kcons dev setup``).
@@ -40,6 +41,7 @@ __all__ = [
     "find_kafka_pom",
     "missing_packages",
     "postgres_bin_dir",
+    "rabbitmq_server_binary",
 ]
 
 _PACKAGE_DATA = Path(__file__).resolve().parent / "kafka"
@@ -152,8 +154,15 @@ def postgres_bin_dir() -> Path | None:
     return Path(initdb).resolve().parent if initdb else None
 
 
-def missing_packages() -> list[str]:
-    """The Debian packages the local backend needs that are not installed."""
+def rabbitmq_server_binary() -> Path | None:
+    """The server's start script (``KCONS_RABBITMQ_BIN``, else Debian's), or None when not installed."""
+    env = os.environ.get("KCONS_RABBITMQ_BIN")
+    script = Path(env or "/usr/lib/rabbitmq/bin") / "rabbitmq-server"
+    return script if script.exists() else None
+
+
+def missing_packages(*, rabbitmq: bool = False) -> list[str]:
+    """The Debian packages the local backend needs that are not installed (``rabbitmq``: its server too)."""
     missing = []
     if shutil.which("redis-server") is None:
         missing.append("redis-server")
@@ -163,6 +172,8 @@ def missing_packages() -> list[str]:
         missing.append("openjdk-17-jre-headless")
     if shutil.which("mvn") is None:
         missing.append("maven")
+    if rabbitmq and rabbitmq_server_binary() is None:
+        missing.append("rabbitmq-server")
     return missing
 
 
@@ -187,13 +198,14 @@ def _confirm(packages: list[str]) -> bool:
     return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
-def ensure_debian_packages(install: bool | None = None) -> list[str]:
-    """Make sure Redis, PostgreSQL, Java and Maven are installed; returns what was installed.
+def ensure_debian_packages(install: bool | None = None, *, rabbitmq: bool = False) -> list[str]:
+    """Make sure Redis, PostgreSQL, Java and Maven (and ``rabbitmq-server`` when asked) are installed.
 
+    Returns what was installed.
     ``install=True`` installs missing packages with apt-get; ``None`` asks on an interactive
     terminal; ``False`` (or no terminal, or a "no") fails with the exact command to run.
     """
-    missing = missing_packages()
+    missing = missing_packages(rabbitmq=rabbitmq)
     if not missing:
         return []
     allowed = install if install is not None else _confirm(missing)
@@ -209,17 +221,17 @@ def ensure_debian_packages(install: bool | None = None) -> list[str]:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200, check=False)
         if proc.returncode != 0:
             raise ServiceStartError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    still = missing_packages()
+    still = missing_packages(rabbitmq=rabbitmq)
     if still:
         raise ServiceStartError(f"apt-get ran but {', '.join(still)} are still missing")
     return missing
 
 
-def ensure_all(install_system_packages: bool | None = None) -> dict[str, float]:
-    """Install everything the local backend needs; returns seconds spent per step."""
+def ensure_all(install_system_packages: bool | None = None, *, rabbitmq: bool = False) -> dict[str, float]:
+    """Install everything the local backend needs (RabbitMQ's server when asked); seconds spent per step."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    ensure_debian_packages(install_system_packages)
+    ensure_debian_packages(install_system_packages, rabbitmq=rabbitmq)
     timings["packages_s"] = round(time.monotonic() - t0, 2)
     t1 = time.monotonic()
     ensure_kafka_jars()
@@ -232,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kcons.testing.install", description=__doc__.splitlines()[0])
     parser.add_argument("--install-system-packages", action="store_true",
                         help="install missing Debian packages with apt-get without asking")  # fmt: skip
+    parser.add_argument("--rabbitmq", action="store_true",
+                        help="also install Debian's rabbitmq-server (the RabbitMQ sink's tests)")  # fmt: skip
     parser.add_argument("--kafka-jars-only", action="store_true",
                         help="only resolve the Kafka jars and print their folder")  # fmt: skip
     args = parser.parse_args(argv)
@@ -240,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kafka_jars_only:
             sys.stdout.write(f"{ensure_kafka_jars()}\n")
             return 0
-        timings = ensure_all(True if args.install_system_packages else None)
+        timings = ensure_all(True if args.install_system_packages else None, rabbitmq=args.rabbitmq)
     except ServiceStartError as exc:
         log.error("setup failed: %s", exc)
         return 1

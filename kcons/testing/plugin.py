@@ -13,6 +13,8 @@ never change what kcons' fixtures use; the short names are aliases kept for conv
   (aliases without the prefix): clients and topics cleaned up after each test.
 * ``kcons_redis_client``, ``kcons_fresh_database`` (aliases ``redis_client``, ``fresh_database``):
   a Redis client and a new PostgreSQL database per call.
+* ``kcons_amqp_url`` (alias ``amqp_url``): a session-wide RabbitMQ node (``KCONS_AMQP_URL``, else
+  a local ``rabbitmq-server`` process with the consistent-hash exchange plugin enabled).
 * ``kcons_kafka_cluster`` (alias ``kafka_cluster``): a local 3-broker KRaft cluster whose brokers
   can be killed and restarted (local backend only).
 """
@@ -26,14 +28,16 @@ from typing import Any, Literal
 
 import pytest
 
-from kcons.testing import backend, start_kafka, start_postgres, start_redis
+from kcons.testing import backend, start_kafka, start_postgres, start_rabbitmq, start_redis
 
 __all__ = [
+    "amqp_url",
     "create_topic",
     "fresh_database",
     "kafka_admin",
     "kafka_bootstrap",
     "kafka_cluster",
+    "kcons_amqp_url",
     "kcons_fresh_database",
     "kcons_kafka_admin",
     "kcons_kafka_bootstrap",
@@ -79,6 +83,16 @@ def kcons_postgres_dsn() -> Iterator[str]:
     dsn, close = start_postgres()
     try:
         yield dsn
+    finally:
+        close()
+
+
+@pytest.fixture(scope="session")
+def kcons_amqp_url() -> Iterator[str]:
+    """amqp:// URL of a RabbitMQ node for the whole session."""
+    url, close = start_rabbitmq()
+    try:
+        yield url
     finally:
         close()
 
@@ -237,6 +251,7 @@ def _alias(name: str, scope: Literal["session", "function"]) -> Any:
 kafka_bootstrap = _alias("kafka_bootstrap", "session")
 redis_url = _alias("redis_url", "session")
 postgres_dsn = _alias("postgres_dsn", "session")
+amqp_url = _alias("amqp_url", "session")
 kafka_admin = _alias("kafka_admin", "session")
 kafka_cluster = _alias("kafka_cluster", "session")
 unique_topic = _alias("unique_topic", "function")

@@ -45,7 +45,7 @@ def test_a_jar_that_differs_from_its_checksum_is_refused(tmp_path: Path) -> None
 
 def test_missing_packages_are_not_installed_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Any] = []
-    monkeypatch.setattr(install, "missing_packages", lambda: ["redis-server", "maven"])
+    monkeypatch.setattr(install, "missing_packages", lambda **_: ["redis-server", "maven"])
     monkeypatch.setattr(install.subprocess, "run", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(install.sys.stdin, "isatty", lambda: False, raising=False)
     with pytest.raises(ServiceStartError) as info:
@@ -65,7 +65,15 @@ def test_asked_to_install_runs_apt_get_for_the_missing_packages(monkeypatch: pyt
         returncode = 0
         stdout = stderr = ""
 
-    monkeypatch.setattr(install, "missing_packages", lambda: missing.pop(0))
+    monkeypatch.setattr(install, "missing_packages", lambda **_: missing.pop(0))
     monkeypatch.setattr(install.subprocess, "run", lambda cmd, **k: commands.append(cmd) or Done())
     assert install.ensure_debian_packages(install=True) == ["postgresql"]
     assert commands[-1][-1] == "postgresql" and "install" in commands[-1]
+
+
+def test_rabbitmq_server_is_needed_only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KCONS_RABBITMQ_BIN", str(tmp_path / "absent"))
+    monkeypatch.setattr(install.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(install, "postgres_bin_dir", lambda: tmp_path)
+    assert "rabbitmq-server" not in install.missing_packages()
+    assert install.missing_packages(rabbitmq=True) == ["rabbitmq-server"]
