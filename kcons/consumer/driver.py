@@ -194,6 +194,8 @@ class IdempotentConsumer:
         self._store = store
         caps = capabilities_of(store) if store is not None else StoreCapabilities(in_process=True)
         self._metrics = ConsumerMetrics(str(config["group.id"]))  # children bound once, not per message
+        # Every line names its group: several consumers in one process can be told apart.
+        self._log = logging.LoggerAdapter(log, {"group": str(config["group.id"])})
         self._effects = self._make_effects(handler, batch_handler, caps)
         self._effects.handler_errors = self._metrics.handler_errors
         self._config = with_logger(config)  # librdkafka's lines through Python logging
@@ -237,7 +239,7 @@ class IdempotentConsumer:
         self.stats = BatchStats()
         self.last_batch = BatchStats()
         self._effects.open()  # every check above passed: now take the effects' resources
-        log.info("idempotent consumer for %s, config %s", ",".join(self._topics), redact_config(self._config))
+        self._log.info("idempotent consumer for %s, config %s", ",".join(self._topics), redact_config(self._config))
         self._consumer = consumer_factory(self._config)
         self._ledger.attach(self._consumer)
         self._pauses.attach(self._consumer)
@@ -376,7 +378,7 @@ class IdempotentConsumer:
         except StoreError as exc:
             if self._store_failing_since is None:
                 self._store_failing_since = time.monotonic()
-            log.warning("dedup store claim failed, pausing the batch's partitions: %s", exc)
+            self._log.warning("dedup store claim failed, pausing the batch's partitions: %s", exc)
             self._finish(hold_all(_starts(msgs), n, self._pause_s, "store_error"), entries, msgs, stats)
             return stats
         self._store_failing_since = None
@@ -402,7 +404,7 @@ class IdempotentConsumer:
                     plan = BatchPlan(entries, claimed, claim.done | self._uncompleted, self._pause_s)
                     decision = run_plan(effects, plan, msgs, self._retry, first)
         except Exception as exc:  # the batch did not finish: rewind every partition to its first message
-            log.warning("batch effects failed, rewinding the batch's partitions: %s", reason(exc))
+            self._log.warning("batch effects failed, rewinding the batch's partitions: %s", reason(exc))
             # A failed transaction rolled back every effect of the batch; otherwise what ran is done.
             done = [] if effects.atomic else decision.done if decision is not None else plan.done if plan else []
             decision = abandon(done, claimed, _starts(msgs), self._pause_s, "effects_failed")
@@ -510,7 +512,7 @@ class IdempotentConsumer:
         try:
             self._store_retry(self._store.complete, ids)
         except StoreError as exc:
-            log.error("recording %d handled ids done failed; retrying before each batch: %s", len(ids), exc)
+            self._log.error("recording %d handled ids done failed; retrying before each batch: %s", len(ids), exc)
             self._uncompleted.update(ids)
 
     def _release(self, ids: set[str]) -> None:
@@ -518,7 +520,7 @@ class IdempotentConsumer:
         try:
             self._store_retry(self._store.release, list(ids))
         except StoreError as exc:
-            log.warning("releasing %d claims failed; retrying later: %s", len(ids), exc)
+            self._log.warning("releasing %d claims failed; retrying later: %s", len(ids), exc)
             self._unreleased.update(ids)
 
     def _retry_leftovers(self) -> None:
@@ -548,21 +550,21 @@ class IdempotentConsumer:
     # ------------------------------------------------------------------ rebalance callbacks
 
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
-        log.info("assigned %s", _describe(partitions))
+        self._log.info("assigned %s", _describe(partitions))
         self._pauses.forget([(tp.topic, tp.partition) for tp in partitions])  # a new assignment starts unpaused
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
         """Commit what is done for the revoked partitions and forget them."""
-        log.info("revoked %s", _describe(partitions))
+        self._log.info("revoked %s", _describe(partitions))
         try:
             self._flush()
         except KconsError as exc:
-            log.warning("commit on revoke failed; the new owner will see those messages as duplicates: %s", exc)
+            self._log.warning("commit on revoke failed; the new owner will see those messages as duplicates: %s", exc)
         self._forget({(tp.topic, tp.partition) for tp in partitions})
 
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         """Partitions were lost (session expired): nothing can be committed for them any more."""
-        log.warning("lost %s", _describe(partitions))
+        self._log.warning("lost %s", _describe(partitions))
         if self._deferred_done:  # the effects happened: record them, but commit nothing for lost partitions
             done, self._deferred_done = self._deferred_done, []
             self._record_done(done)

@@ -54,7 +54,8 @@ class PauseSchedule:
                 self._due[tp] = self._clock() + pause_s
         except KafkaException as exc:
             # The partition was revoked meanwhile: its new owner starts from the committed offset.
-            log.warning("rewinding %s[%d] to %d failed: %s", tp[0], tp[1], offset, exc)
+            log.warning("rewinding %s[%d] to %d failed: %s", tp[0], tp[1], offset, exc,
+                        extra={"topic": tp[0], "partition": tp[1]})
         self._paused_gauge.set(len(self._due))
 
     def rewind(self, tp: TP, offset: int) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,21 @@ p.flush(1)
     assert out.returncode == 0, out.stderr
     assert not [ln for ln in out.stderr.splitlines() if ln[:1] == "%"], out.stderr
     assert "PY kcons.librdkafka" in out.stdout, out.stdout
+
+
+def test_consumer_log_lines_name_their_group(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from kcons import IdempotentConsumer, MemoryDedupStore
+    from kcons.cli.logs import JsonFormatter
+
+    topic = unique_topic(partitions=1)
+    group = f"logs-{uuid.uuid4().hex[:8]}"
+    config = {"bootstrap.servers": kafka_bootstrap, "group.id": group, "auto.offset.reset": "earliest"}
+    consumer = IdempotentConsumer(config, [topic], lambda _m: None, store=MemoryDedupStore())
+    with caplog.at_level(logging.INFO, logger="kcons.consumer"):
+        consumer.run(idle_timeout_s=3)
+        consumer.close()
+    assigned = [r for r in caplog.records if r.getMessage().startswith("assigned")]
+    assert assigned, [r.getMessage() for r in caplog.records]
+    assert json.loads(JsonFormatter().format(assigned[0]))["group"] == group
