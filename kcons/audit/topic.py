@@ -415,6 +415,7 @@ def audit_topic(
     idle_timeout_s: float = 30.0,
     progress: Progress | None = None,
     auditor: TopicAuditor | None = None,
+    max_rate: float = 0.0,
 ) -> TopicReport:
     """Read ``spec``'s range of ``topic`` read-only (assign, no group, no commits) and audit it.
 
@@ -422,6 +423,7 @@ def audit_topic(
     The range's ends are taken when the read starts; a read that makes no progress for
     ``idle_timeout_s`` stops and the report says ``complete=False``. Pass ``auditor`` to keep its
     state after the call (the ids seen, in ``auditor.seen``); ``versions`` and ``max_listed`` are then its own.
+    ``max_rate`` > 0 caps the read at that many records per second (the load on the brokers).
     """
     if auditor is None:
         auditor = TopicAuditor(topic, versions=versions, max_listed=max_listed)
@@ -438,6 +440,10 @@ def audit_topic(
                 read += len(batch)
                 if progress is not None:
                     progress(read, total)
+                if max_rate > 0:
+                    ahead = read / max_rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
         except TimeoutExceededError as exc:
             log.warning("%s", exc)
             complete = False

@@ -98,6 +98,7 @@ def audit_cli() -> None:
     help="strict: +1 per event (only if your writer increments by one); monotonic: must rise (the envelope's promise).",
 )  # fmt: skip
 @click.option("--max-listed", type=click.IntRange(min=0), default=20, show_default=True, help="Violations listed.")
+@click.option("--max-rate", type=click.FloatRange(min=0), default=0.0, help="Records per second at most (0: no cap).")
 @click.option("--idle-timeout", type=float, default=30.0, show_default=True, help="Seconds without data: give up.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a TTY).")
@@ -112,6 +113,7 @@ def topic_command(
     isolation: str,
     versions: str,
     max_listed: int,
+    max_rate: float,
     idle_timeout: float,
     as_json: bool,
     progress: bool | None,
@@ -140,6 +142,7 @@ def topic_command(
                 max_listed=max_listed,
                 idle_timeout_s=idle_timeout,
                 progress=on_progress,
+                max_rate=max_rate,
             )
     except ConfigError as exc:
         raise _fail(exc) from None

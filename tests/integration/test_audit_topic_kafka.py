@@ -146,3 +146,11 @@ def test_an_unknown_topic_is_a_usage_error(kcons_kafka_bootstrap: str) -> None:
         main, ["audit", "topic", "--bootstrap", kcons_kafka_bootstrap, "--topic", f"missing-{uuid.uuid4().hex[:8]}"]
     )
     assert result.exit_code == 2 and "--topic" in result.output
+
+
+def test_max_rate_caps_the_read(kcons_kafka_bootstrap: str, kcons_unique_topic: Callable[..., str]) -> None:
+    topic = kcons_unique_topic(partitions=1)
+    _send_raw(kcons_kafka_bootstrap, topic, _events(1, 300))
+    report = audit_topic({"bootstrap.servers": kcons_kafka_bootstrap}, topic, batch_size=50, max_rate=200.0)
+    assert report.ok and report.records == 300
+    assert report.seconds >= 1.2  # 300 records at 200/s: 1.5 s, less the first batch's share
