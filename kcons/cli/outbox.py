@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
+from click.decorators import FC
 
 from kcons.cli import logs
 from kcons.cli.errors import click_error
@@ -22,15 +25,24 @@ _POSITIVE = click.FloatRange(min=0, min_open=True)
 _NON_NEGATIVE = click.FloatRange(min=0)
 
 
+def _env_option(flag: str, envvar: str, **kwargs: Any) -> Callable[[FC], FC]:
+    """A click option that falls back to ``envvar`` and says so in ``--help``."""
+    return click.option(flag, envvar=envvar, show_envvar=True, **kwargs)
+
+
+_DSN = _env_option("--dsn", "KCONS_POSTGRES_DSN", help="PostgreSQL DSN.")
+_TABLE = _env_option("--table", "KCONS_OUTBOX_TABLE", help=f"Outbox table (default {DEFAULT_TABLE}).")
+
+
 @click.group("outbox")
 def outbox() -> None:
     """Transactional outbox: schema and relay."""
 
 
 @outbox.command("init")
-@click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
+@_DSN
 @click.option("--sqlite", "sqlite_path", type=click.Path(dir_okay=False), help="Create the schema in this SQLite file.")
-@click.option("--table", default=None, help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
+@_TABLE
 @click.option(
     "--print-sql", is_flag=True,
     help="Print the PostgreSQL DDL (for Alembic/Flyway migrations) instead of applying it.",
@@ -74,29 +86,31 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
 
 
 @outbox.command("relay")
-@click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
+@_DSN
 @click.option(
     "--sqlite", "sqlite_path", type=click.Path(dir_okay=False, exists=True),
     help="Relay a SQLite outbox instead (embedded case: exactly one relay per file, no leader election).",
 )  # fmt: skip
-@click.option("--bootstrap", help="Kafka bootstrap servers (default: $KCONS_KAFKA_BOOTSTRAP).")
-@click.option("--table", help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
-@click.option("--name", help="Relay group name: replicas with the same name elect one leader ($KCONS_OUTBOX_NAME).")
-@click.option("--topic", help="Publish every row to this topic (default: the row's topic, else outbox.event.<type>).")
-@click.option("--mode", type=click.Choice(["transactional", "idempotent"]), help="Kafka publishing mode.")
-@click.option("--batch-size", type=click.IntRange(min=1),
-              help="Rows per batch ($KCONS_OUTBOX_BATCH_SIZE, default 1000).")
-@click.option("--poll-interval", type=_POSITIVE, help="Polling fallback in seconds ($KCONS_OUTBOX_POLL_INTERVAL_S).")
-@click.option("--retention", type=_NON_NEGATIVE, help="Keep published rows this many seconds (default: delete them).")
-@click.option("--lease-ttl", type=_POSITIVE, help="Leader lease TTL, seconds ($KCONS_OUTBOX_LEASE_TTL_S, default 10).")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics and /healthz on this port "
-              "($KCONS_OUTBOX_METRICS_PORT, else $KCONS_METRICS_PORT).")
-@click.option("--metrics-host", help="Address for /metrics (default 127.0.0.1).")
-@click.option(
-    "--lease-backend", type=click.Choice(["advisory", "raft"]),
-    help="Leadership: PostgreSQL advisory lock (default) or a Raft lease ($KCONS_OUTBOX_LEASE_BACKEND).",
-)  # fmt: skip
-@click.option("--raft-peers", help="Raft nodes id=host:port,... for --lease-backend raft ($KCONS_RAFT_PEERS).")
+@click.option("--bootstrap", envvar="KCONS_KAFKA_BOOTSTRAP", show_envvar=True, help="Kafka bootstrap servers.")
+@_TABLE
+@_env_option("--name", "KCONS_OUTBOX_NAME", help="Relay group: replicas with the same name elect one leader.")
+@_env_option("--topic", "KCONS_OUTBOX_TOPIC",
+             help="Publish every row to this topic (default: the row's topic, else outbox.event.<type>).")
+@_env_option("--mode", "KCONS_OUTBOX_MODE", type=click.Choice(["transactional", "idempotent"], case_sensitive=False),
+             help="Kafka publishing mode (default transactional).")
+@_env_option("--batch-size", "KCONS_OUTBOX_BATCH_SIZE", type=click.IntRange(min=1),
+             help="Rows per batch (default 1000).")
+@_env_option("--poll-interval", "KCONS_OUTBOX_POLL_INTERVAL_S", type=_POSITIVE, help="Polling fallback in seconds.")
+@_env_option("--retention", "KCONS_OUTBOX_RETENTION_S", type=_NON_NEGATIVE,
+             help="Keep published rows this many seconds (default: delete them).")
+@_env_option("--lease-ttl", "KCONS_OUTBOX_LEASE_TTL_S", type=_POSITIVE, help="Leader lease TTL, seconds (default 10).")
+@_env_option("--metrics-port", "KCONS_OUTBOX_METRICS_PORT", type=click.IntRange(0, 65535),
+             help="Serve /metrics and /healthz on this port (unset: $KCONS_METRICS_PORT, 0 there: off).")
+@_env_option("--metrics-host", "KCONS_OUTBOX_METRICS_HOST", help="Address for /metrics (default 127.0.0.1).")
+@_env_option("--lease-backend", "KCONS_OUTBOX_LEASE_BACKEND",
+             type=click.Choice(["advisory", "raft"], case_sensitive=False),
+             help="Leadership: PostgreSQL advisory lock (default) or a Raft lease.")
+@_env_option("--raft-peers", "KCONS_RAFT_PEERS", help="Raft nodes id=host:port,... for --lease-backend raft.")
 @click.option(
     "--raft-secret-file", type=click.Path(dir_okay=False, exists=True),
     help="Raft cluster secret (default: $KCONS_RAFT_SECRET).",
@@ -197,8 +211,8 @@ def _lease_backend(choice: str | None, raft_peers: str | None, raft_secret_file:
 
 
 @outbox.command("purge")
-@click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN).")
-@click.option("--table", default=None, help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE}).")
+@_DSN
+@_TABLE
 @click.option("--older-than", type=_NON_NEGATIVE, required=True, help="Delete rows published this many seconds ago.")
 def purge(dsn: str | None, table: str | None, older_than: float) -> None:
     """Delete published rows past their retention (retention mode); unpublished rows are never touched."""

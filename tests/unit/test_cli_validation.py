@@ -37,6 +37,8 @@ CASES = [
     (["outbox", "relay", "--batch-size", "0", "--dsn", "postgresql://u@127.0.0.1:1/db"], {}, 2, "--batch-size"),
     (["outbox", "relay", "--lease-ttl", "0", "--dsn", "postgresql://u@127.0.0.1:1/db"], {}, 2, "--lease-ttl"),
     (["outbox", "purge", "--older-than", "-1"], {}, 2, "--older-than"),
+    (["outbox", "relay"], {"KCONS_POSTGRES_DSN": "postgresql://u@127.0.0.1:1/db", "KCONS_OUTBOX_BATCH_SIZE": "0"}, 2,
+     "KCONS_OUTBOX_BATCH_SIZE"),
     (["raft", "serve", "--id", "1", "--peers", PEERS, "--data-dir", "{tmp}", "--metrics-port", "70000"], {}, 2,
      "--metrics-port"),
     (["raft", "serve", "--id", "1", "--peers", PEERS, "--data-dir", "{tmp}"], {"KCONS_METRICS_PORT": "http"}, 2,
