@@ -29,6 +29,7 @@ implementation, so that violations are reported with their offsets. Both give th
 from __future__ import annotations
 
 import array
+import bisect
 import itertools
 import logging
 import operator
@@ -59,7 +60,7 @@ _SEP = b"\x1f"  # joins aggregate type and id: a control character no sane id co
 _SHIFT = 20  # location = offset << 20 | partition (fewer than a million partitions)
 _MASK = (1 << _SHIFT) - 1
 _NAMES = (HEADER_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION)  # positions 0, 2, 3, 4
-_LAYOUT = operator.itemgetter(0, 2, 3, 4)
+_AT = [operator.itemgetter(i) for i in (0, 2, 3, 4)]
 _NAME = operator.itemgetter(0)
 _VALUE = operator.itemgetter(1)
 
@@ -176,7 +177,9 @@ class TopicAuditor:
         # id -> where its first copy is: (offset << 20 | partition), or ~i for the i-th fast batch,
         # whose ids, offsets and partitions _batches keeps (cheaper than a location per record).
         self.seen: dict[bytes, int] = {}
-        self._batches: list[tuple[list[bytes], array.array[int], array.array[int]]] = []
+        # Per fast batch: its ids joined, where each id ends in that blob, offsets, partitions. Bytes
+        # and arrays hold no references, so a million ids add nothing to the garbage collector's passes.
+        self._batches: list[tuple[bytes, array.array[int], array.array[int], array.array[int]]] = []
         self.last: dict[bytes, int] = {}  # aggregate -> highest version seen
         self.home: dict[bytes, int] = {}  # aggregate -> partition of its first event
         self.stats: dict[int, PartitionStats] = {}
@@ -259,9 +262,14 @@ class TopicAuditor:
         """(partition, offset) of an id's first copy from its ``seen`` entry."""
         if first >= 0:
             return first & _MASK, first >> _SHIFT
-        ids, offsets, partitions = self._batches[~first]
-        i = ids.index(event_id)
-        return partitions[i], offsets[i]
+        blob, ends, offsets, partitions = self._batches[~first]
+        pos = blob.find(event_id)
+        while pos >= 0:
+            i = bisect.bisect_right(ends, pos)  # the id that covers byte ``pos``
+            if (ends[i - 1] if i else 0) == pos and ends[i] == pos + len(event_id):
+                return partitions[i], offsets[i]
+            pos = blob.find(event_id, pos + 1)
+        raise AssertionError(f"id {event_id!r} recorded in a batch that does not hold it")
 
     def _version(self, kind: str, aggregate: bytes, previous: int, version: int, partition: int, offset: int) -> None:
         if len(self.version_list) < self.max_listed:
@@ -296,29 +304,32 @@ class TopicAuditor:
         n = len(msgs)
         if list(map(type, msgs)).count(cls) != n:
             return False
+        headers = list(map(cls.headers, msgs))
         try:
-            # The pairs at positions 0, 2, 3, 4 of every record's headers, flattened (4 per record).
-            flat = list(itertools.chain.from_iterable(map(_LAYOUT, map(cls.headers, msgs))))
+            # The header pairs at positions 0, 2, 3, 4 (the pairs themselves: no new tuple per record).
+            pairs = [list(map(g, headers)) for g in _AT]
         except (TypeError, IndexError):  # no headers, or fewer than five
             return False
-        names = list(map(_NAME, flat))
-        for i, name in enumerate(_NAMES):
-            if names[i::4].count(name) != n:
+        for name, column in zip(_NAMES, pairs, strict=True):
+            if list(map(_NAME, column)).count(name) != n:
                 return False
-        values = list(map(_VALUE, flat))
-        ids = values[0::4]
+        ids, types, aggregate_ids, raw_versions = (list(map(_VALUE, column)) for column in pairs)
         if not all(ids):  # an empty or missing id
+            return False
+        try:
+            blob = b"".join(ids)
+        except TypeError:  # an id that is not bytes
             return False
         # Duplicates, inside the batch or with earlier batches.
         fresh = dict.fromkeys(ids, ~len(self._batches))
         if len(fresh) != n or not self.seen.keys().isdisjoint(fresh):
             return False
         try:
-            versions = list(map(int, values[3::4]))  # ValueError/TypeError: not a number
+            versions = list(map(int, raw_versions))  # ValueError/TypeError: not a number
         except (TypeError, ValueError):
             return False
         try:
-            aggregates = list(map(_SEP.join, zip(values[1::4], values[2::4], strict=True)))
+            aggregates = list(map(_SEP.join, zip(types, aggregate_ids, strict=True)))
         except TypeError:  # a missing aggregate type or id
             return False
         partitions = list(map(cls.partition, msgs))
@@ -337,7 +348,10 @@ class TopicAuditor:
             return False
         # Clean: apply.
         self.seen.update(fresh)
-        self._batches.append((ids, array.array("q", map(cls.offset, msgs)), array.array("l", partitions)))
+        self._batches.append(
+            (blob, array.array("q", itertools.accumulate(map(len, ids))),
+             array.array("q", map(cls.offset, msgs)), array.array("l", partitions))
+        )  # fmt: skip
         for partition, count in _counts(partitions).items():
             st = self._partition(partition)
             st.records += count

@@ -181,3 +181,14 @@ def test_the_fast_path_reports_exactly_what_the_record_by_record_path_reports(se
     fast = audit(log.msgs, check, batch=batch).report()
     slow = audit(log.msgs, check, slow=True, batch=batch).report()
     assert asdict(fast) == asdict(slow)
+
+
+def test_the_first_copy_of_an_id_that_is_part_of_other_ids_is_located_exactly() -> None:
+    log = Log()
+    for v, eid in enumerate(["111", "11", "1", "211"], start=1):
+        log.add(0, event("a", v, eid))
+    log.add(0, event("a", 9, "1"))
+    auditor = audit(log.msgs, batch=4)
+    assert auditor.fast_batches == 1
+    (dup,) = auditor.report().duplicate_list
+    assert dup.first == (0, 2) and dup.copies == [(0, 4)]
