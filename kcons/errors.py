@@ -26,6 +26,7 @@ import enum
 from typing import Any
 
 __all__ = [
+    "POISON_RECORD_ERRORS",
     "AbortableTransactionError",
     "ConfigError",
     "DecodeError",
@@ -46,6 +47,7 @@ __all__ = [
     "StoreError",
     "TimeoutExceededError",
     "classify_kafka_error",
+    "is_poison_record_error",
     "raise_for_kafka_error",
 ]
 
@@ -238,3 +240,33 @@ def raise_for_kafka_error(
     raise kafka_error_to_exception(
         err, operation, in_transaction_end=in_transaction_end, in_transaction=in_transaction
     ) from exc
+
+
+#: Kafka errors (``KafkaError.name()``) that one record causes and that retrying cannot cure: the
+#: record is too large for the topic or the client, the topic name is invalid, or the broker
+#: rejects the record itself. A batch that fails with one of them holds a *poison* record.
+POISON_RECORD_ERRORS = frozenset(
+    {
+        "MSG_SIZE_TOO_LARGE",
+        "RECORD_LIST_TOO_LARGE",
+        "INVALID_RECORD",
+        "TOPIC_EXCEPTION",
+        "INVALID_TOPIC_EXCEPTION",
+        "_INVALID_ARG",
+    }
+)
+
+
+def is_poison_record_error(exc: BaseException) -> bool:
+    """True when ``exc`` is a Kafka failure caused by one record and permanent (see POISON_RECORD_ERRORS).
+
+    Transient failures (broker down, timeouts, an abortable transaction for another reason,
+    an unknown topic that may yet be created) are not poison: they are retried, never dead-lettered.
+    """
+    while exc is not None:
+        if isinstance(exc, SinkRowError):  # another sink's word for the same thing
+            return True
+        if isinstance(exc, KafkaOperationError) and exc.name in POISON_RECORD_ERRORS:
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False

@@ -179,6 +179,12 @@ OUTBOX_LEADERSHIP_CHANGES_TOTAL = Counter(
 OUTBOX_ERRORS_TOTAL = Counter(
     "kcons_outbox_errors_total", "Relay batch attempts that failed and were retried or abandoned.", ["relay", "kind"]
 )
+OUTBOX_DEAD_LETTERED_TOTAL = Counter(
+    "kcons_outbox_dead_lettered_total",
+    "Outbox rows moved to the dead-letter table, by kind: poison (cannot be published) or held (behind a poison row "
+    "of the same aggregate).",
+    ["relay", "kind"],
+)
 
 # --- cache -------------------------------------------------------------------------------
 CACHE_HITS = Counter("kcons_cache_hits_total", "ConsistentCache reads answered from Redis.", ["cache"])

@@ -239,3 +239,91 @@ def purge(dsn: str | None, table: str | None, older_than: float) -> None:
         store.close()
     click.echo(f"purged {total} published rows from {name}")
 
+
+
+@outbox.group("dead")
+def dead() -> None:
+    """The dead-letter table ``<table>_dead``: rows the relay could not publish, and the rows held behind them.
+
+    A poison row (headers that are not a JSON object, a topic name Kafka refuses, a record too
+    large for its topic, ...) is moved there with its reason, and so is every later row of its
+    aggregate (reason ``held: ...``), so the aggregate's order is kept while the relay goes on
+    with the others. Fix the cause (for example raise the topic's max.message.bytes, or correct
+    the dead row with SQL), then ``retry`` or ``drop``: either puts the aggregate's dead rows back
+    into the outbox at their original positions, and the relay publishes them in order.
+    """
+
+
+def _dead_store(dsn: str | None, sqlite_path: str | None, table: str | None) -> Any:
+    name = table or env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE) or DEFAULT_TABLE
+    if sqlite_path:
+        from kcons.adapters.sqlite import SqliteOutboxStore
+
+        return SqliteOutboxStore(sqlite_path, name)
+    from kcons.adapters.postgres import PostgresOutboxStore
+
+    target = dsn or env_str("KCONS_POSTGRES_DSN")
+    if not target:
+        raise click.UsageError("give --dsn or set KCONS_POSTGRES_DSN (or use --sqlite PATH)")
+    check_postgres_dsn("--dsn" if dsn else "KCONS_POSTGRES_DSN", target)
+    return PostgresOutboxStore(target, name, application_name="kcons-outbox-dead")
+
+
+_DEAD_OPTIONS = [
+    click.option("--dsn", help="PostgreSQL DSN (default: $KCONS_POSTGRES_DSN)."),
+    click.option("--sqlite", "sqlite_path", type=click.Path(dir_okay=False, exists=True), help="A SQLite outbox."),
+    click.option("--table", default=None, help=f"Outbox table (default: $KCONS_OUTBOX_TABLE or {DEFAULT_TABLE})."),
+]
+
+
+def _dead_options(fn: Any) -> Any:
+    for option in reversed(_DEAD_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@dead.command("list")
+@_dead_options
+@click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
+def dead_list(dsn: str | None, sqlite_path: str | None, table: str | None, limit: int) -> None:
+    """Print the dead rows, lowest position first, one JSON object per line (the payload's size, not its bytes)."""
+    import json
+
+    try:
+        store = _dead_store(dsn, sqlite_path, table)
+        try:
+            for row in store.dead_rows(limit):
+                click.echo(json.dumps(row, default=str))
+        finally:
+            store.close()
+    except KconsError as exc:
+        raise click_error(exc) from None
+
+
+def _resolve(dsn: str | None, sqlite_path: str | None, table: str | None, position: int, drop: bool) -> None:
+    try:
+        store = _dead_store(dsn, sqlite_path, table)
+        try:
+            n = store.resolve_dead(position, drop=drop)
+        finally:
+            store.close()
+    except KconsError as exc:
+        raise click_error(exc) from None
+    what = "dropped the row and put" if drop else "put"
+    click.echo(f"{what} {n} row(s) of its aggregate back into the outbox (original positions)")
+
+
+@dead.command("retry")
+@_dead_options
+@click.argument("position", type=int)
+def dead_retry(dsn: str | None, sqlite_path: str | None, table: str | None, position: int) -> None:
+    """Put the dead row at POSITION and the rows held behind it back into the outbox, in order."""
+    _resolve(dsn, sqlite_path, table, position, drop=False)
+
+
+@dead.command("drop")
+@_dead_options
+@click.argument("position", type=int)
+def dead_drop(dsn: str | None, sqlite_path: str | None, table: str | None, position: int) -> None:
+    """Delete the dead row at POSITION for good and put the rows held behind it back into the outbox."""
+    _resolve(dsn, sqlite_path, table, position, drop=True)

@@ -22,7 +22,10 @@ Guarantees: at-least-once (a crash between the Kafka acknowledgement and the mar
 the batch; consumers deduplicate by ``kcons-id``); no row lost; no rolled-back row published;
 per-aggregate order; a former leader whose lease was lost cannot commit a Kafka transaction
 (transactional mode: the new leader's ``init_transactions`` fences it) nor mark rows (fence
-token). Transient Kafka and database errors are retried with bounded exponential backoff
+token). A poison row (one that cannot become a Kafka record, or that Kafka refuses for good) is
+moved to ``<table>_dead`` with a reason naming it, with the later rows of its aggregate held
+behind it there, and the relay goes on (see :meth:`OutboxRelay._split`). Transient Kafka and
+database errors are retried with bounded exponential backoff
 (tenacity); when the bound is exhausted :meth:`OutboxRelay.run` raises and the process should
 exit, letting another replica lead.
 """
@@ -67,14 +70,16 @@ from kcons.config import (
 from kcons.errors import (
     ConfigError,
     KafkaOperationError,
+    KconsError,
     LeadershipLostError,
     SinkUnavailableError,
     StoreError,
     TimeoutExceededError,
+    is_poison_record_error,
 )
 from kcons.lease import Lease, LeaseBackend
 from kcons.outbox.publisher import MODES, KafkaBatchPublisher
-from kcons.outbox.rows import OutboxRow, record_tuples
+from kcons.outbox.rows import DEBEZIUM_TOPIC_PREFIX, OutboxRow, poison_reason, record_tuples
 from kcons.outbox.schema import DEFAULT_TABLE, validate_table
 from kcons.outbox.sink import OutboxSink
 from kcons.outbox.store import OutboxStore
@@ -200,6 +205,10 @@ def _is_transient(exc: BaseException) -> bool:
     """Retry database, Kafka and unavailable-sink failures, never a lost leadership (that ends the batch loop)."""
     if isinstance(exc, LeadershipLostError):
         return False
+    # A poison record (is_poison_record_error) is retried too: the next attempt publishes row by row
+    # and dead-letters it (see OutboxRelay._step).
+    if is_poison_record_error(exc):
+        return True
     if isinstance(exc, KafkaOperationError | SinkUnavailableError | TimeoutExceededError | StoreError):
         return True
     try:
@@ -268,6 +277,11 @@ class OutboxRelay:
         self._next: tuple[list[OutboxRow], float] | None = None  # prefetched batch and when it was read
         self._unmarked: list[OutboxRow] | None = None  # acknowledged by Kafka, not yet marked
         self._db_worker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kcons-outbox-db")
+        self.dead_lettered = 0
+        self._isolate = False  # a batch failed with a poison record: publish the next one row by row
+        self._topics_ok: set[str] = set()
+        self._m_dead_poison = metrics.OUTBOX_DEAD_LETTERED_TOTAL.labels(name, "poison")
+        self._m_dead_held = metrics.OUTBOX_DEAD_LETTERED_TOTAL.labels(name, "held")
 
     # ----------------------------------------------------------------- construction helpers
 
@@ -420,12 +434,124 @@ class OutboxRelay:
     # --------------------------------------------------------------------------- batches
 
     def _step(self) -> int:
-        """One pipeline step as leader; on any failure the pipeline restarts from the database's state."""
+        """One pipeline step as leader; on any failure the pipeline restarts from the database's state.
+
+        A batch that Kafka refused because of one record (see :func:`kcons.errors.is_poison_record_error`)
+        is retried row by row, which finds the record and moves it to the dead-letter table.
+        """
         try:
+            if self._isolate:
+                return self._step_isolated()
             return self._step_once()
-        except BaseException:
+        except BaseException as exc:
             self._reset_pipeline()
+            if not self._isolate and is_poison_record_error(exc):
+                self._isolate = True
+                # A refused record leaves the producer's sequence numbers behind: start afresh.
+                self.publisher.reset()
+                log.warning(
+                    "Kafka refused a record of the batch for good (%s); publishing it one row at a time to find it",
+                    getattr(exc, "name", type(exc).__name__),
+                )
             raise
+
+    # ------------------------------------------------------------------------ poison rows
+
+    def _split(self, rows: list[OutboxRow]) -> tuple[list[OutboxRow], list[tuple[OutboxRow, str]]]:
+        """The rows to publish, and the rows to move to the dead-letter table with their reasons.
+
+        Poison rows (see :func:`kcons.outbox.rows.poison_reason`) go, and so do the rows of an
+        aggregate that has a dead row (in the table, or earlier in this batch): they are held
+        back, not published out of order, until an operator resolves the aggregate.
+        """
+        ok_topics = self._topics_ok
+        fixed = self.topic
+
+        def topic_of(r: OutboxRow) -> str:
+            return r.topic or fixed or DEBEZIUM_TOPIC_PREFIX + r.aggregatetype
+
+        if not any(r.poison is not None or r.held or topic_of(r) not in ok_topics for r in rows):
+            return rows, []  # the common case, no per-row work
+        good: list[OutboxRow] = []
+        dead: list[tuple[OutboxRow, str]] = []
+        blocked: dict[tuple[str, str], int] = {}
+        for row in rows:
+            agg = (row.aggregatetype, row.aggregateid)
+            if agg in blocked:
+                dead.append((row, self._held_reason(row, f"dead row position={blocked[agg]}")))
+                continue
+            reason = poison_reason(row, fixed)
+            if reason is None and row.held:
+                reason = self._held_reason(row, "a row in the dead-letter table")
+            if reason is not None:
+                dead.append((row, reason))
+                blocked[agg] = row.position
+                continue
+            if len(ok_topics) < 10000:  # a valid topic name is checked once (bounded memory)
+                ok_topics.add(topic_of(row))
+            good.append(row)
+        return good, dead
+
+    @staticmethod
+    def _held_reason(row: OutboxRow, behind: str) -> str:
+        return (
+            f"held: outbox row position={row.position} id={row.id} waits behind {behind} of aggregate "
+            f"{row.aggregatetype}/{row.aggregateid} (per-aggregate order)"
+        )
+
+    def _dead_letter(self, lease: Lease, dead: list[tuple[OutboxRow, str]]) -> None:
+        """Move rows to the dead-letter table (fenced), count and log each with its reason."""
+        self.store.dead_letter(dead, name=self.name, token=lease.token)
+        self.dead_lettered += len(dead)
+        for _row, reason in dead:
+            held = reason.startswith("held:")
+            (self._m_dead_held if held else self._m_dead_poison).inc()
+            log.log(logging.INFO if held else logging.ERROR, "outbox row moved to the dead-letter table: %s", reason)
+
+    def _step_isolated(self) -> int:
+        """Publish one batch row by row: a row Kafka refuses for good is dead-lettered, the others go out."""
+        lease = self._current_lease()
+        rows = self.store.fetch(self.batch_size)
+        if not rows:
+            self._isolate = False
+            return 0
+        good, dead = self._split(rows)
+        if dead:
+            self._dead_letter(lease, dead)
+        blocked: dict[tuple[str, str], int] = {}
+        done = len(dead)
+        retain = self.retention_s is not None
+        for row in good:
+            agg = (row.aggregatetype, row.aggregateid)
+            if agg in blocked:
+                self._dead_letter(lease, [(row, self._held_reason(row, f"dead row position={blocked[agg]}"))])
+                done += 1
+                continue
+            if self.publisher.mode != "transactional":  # the sink does not fence a former leader itself
+                self.store.check_fence(self.name, lease.token)
+            try:
+                self.publisher.publish(list(record_tuples([row], self.topic)), still_leader=lambda: self.is_leader)
+            except KconsError as exc:
+                if not is_poison_record_error(exc):
+                    raise
+                kind = exc.name if isinstance(exc, KafkaOperationError) else type(exc).__name__
+                reason = (
+                    f"outbox row position={row.position} id={row.id}: the broker refused the record for good "
+                    f"({kind}): {redact_text(str(exc))[:300]}"
+                )
+                self.publisher.reset()  # a refused record leaves the producer's sequence numbers behind
+                self._dead_letter(lease, [(row, reason)])
+                blocked[agg] = row.position
+                done += 1
+                continue
+            self.store.mark_published([row], name=self.name, token=lease.token, retain=retain)
+            self.published += 1
+            self._m_published.inc()
+            if self.on_published is not None:
+                self.on_published([row], time.monotonic())
+            done += 1
+        self._isolate = False
+        return done
 
     def _reset_pipeline(self) -> None:
         # Unmarked or prefetched rows are still unpublished in the database: the next read finds
@@ -452,6 +578,13 @@ class OutboxRelay:
                 more = self.store.fetch(self.batch_size - len(rows), in_flight)
                 if more:
                     rows = sorted(rows + more, key=lambda r: r.position)
+        if rows:
+            rows, dead = self._split(rows)
+            if dead:  # before the next read is submitted: that read then sees the held aggregates
+                self._dead_letter(lease, dead)
+                if not rows:
+                    self._mark_unmarked(lease)
+                    return len(dead)
         if not rows:
             self._mark_unmarked(lease)  # drain the pipeline
             return 0

@@ -4,11 +4,18 @@ The record key is the aggregate id (one aggregate, one partition, in order); the
 kcons envelope headers (``kcons-id``, ``kcons-type``, ...) plus the row's extra headers; the
 topic is the row's own topic, else the relay's fixed topic, else Debezium's default
 ``outbox.event.<aggregatetype>``.
+
+A row that cannot become a Kafka record (headers that are not a JSON object of scalar values, a
+payload that is not bytes, a topic name Kafka refuses, a column of the wrong type) is *poison*:
+:func:`decode_row` raises :class:`~kcons.errors.DecodeError` naming the row, and the stores
+return it with :attr:`OutboxRow.poison` set, so the relay moves it to the dead-letter table
+instead of stopping.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,20 +30,30 @@ from kcons.envelope import (
     Envelope,
     HeaderValue,
 )
+from kcons.errors import DecodeError
 
 __all__ = [
+    "DEAD_ROW_FIELDS",
     "DEBEZIUM_TOPIC_PREFIX",
     "OutboxRecord",
     "OutboxRow",
     "RecordTuple",
     "decode_headers",
+    "decode_row",
     "encode_headers",
+    "poison_reason",
     "record_tuples",
     "row_from_select",
     "to_record",
 ]
 
 DEBEZIUM_TOPIC_PREFIX = "outbox.event."
+
+#: The fields of a dead-letter table row as the stores' ``dead_rows`` list them (the payload's size, not its bytes).
+DEAD_ROW_FIELDS = (
+    "position", "id", "aggregatetype", "aggregateid", "type", "topic", "version", "reason", "failed_at",
+    "payload_bytes",
+)  # fmt: skip
 
 #: (topic, value, key, headers, timestamp in epoch ms or 0): what the relay hands to ``Producer.produce``.
 RecordTuple = tuple[str, bytes, bytes, list[tuple[str, HeaderValue]], int]
@@ -60,6 +77,10 @@ class OutboxRow:
     #: unknown. It becomes the Kafka record timestamp, so lag measured from the record's
     #: timestamp (e.g. the cache invalidation lag) includes the time the event waited in the outbox.
     created_ms: int = 0
+    #: Why this row cannot be published (set by the store when :func:`decode_row` refused it), else None.
+    poison: str | None = None
+    #: True when its aggregate has a row in the dead-letter table: held back to keep the aggregate's order.
+    held: bool = False
 
     def envelope(self) -> Envelope:
         """The event this row carries."""
@@ -99,13 +120,47 @@ def encode_headers(event: Envelope) -> str | None:
 
 
 def decode_headers(raw: Any) -> dict[str, str]:
-    """Read the ``headers`` column (a JSON text, a decoded dict from jsonb, or NULL)."""
+    """Read the ``headers`` column (a JSON text, a decoded dict from jsonb, or NULL).
+
+    Raises DecodeError for anything but a JSON object of text, number or boolean values (null
+    values are dropped): a JSON array, a nested value or bad JSON is never dropped silently.
+    """
     if raw is None or raw == "":
         return {}
-    value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    if isinstance(raw, str | bytes | bytearray):
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise DecodeError(f"headers are not valid JSON: {type(exc).__name__}") from None
+    else:
+        value = raw
     if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items() if v is not None}
+        raise DecodeError(f"headers must be a JSON object, got {type(value).__name__}")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            out[str(k)] = "true" if v else "false"
+        elif isinstance(v, str | int | float):
+            out[str(k)] = str(v)
+        else:
+            raise DecodeError(f"header {str(k)[:60]!r} has a {type(v).__name__} value; expected text")
+    return out
+
+
+#: Topic names Kafka accepts (and "." or ".." it does not).
+_TOPIC = re.compile(r"\A[A-Za-z0-9._-]{1,249}\Z")
+
+
+def poison_reason(row: OutboxRow, fixed_topic: str | None = None) -> str | None:
+    """Why ``row`` cannot be published, naming it; None when it can (decoding problems, then its topic name)."""
+    if row.poison is not None:
+        return row.poison
+    topic = row.topic or fixed_topic or DEBEZIUM_TOPIC_PREFIX + row.aggregatetype
+    if _TOPIC.match(topic) is None or topic in (".", ".."):
+        return f"outbox row position={row.position} id={row.id}: invalid Kafka topic name {topic[:80]!r}"
+    return None
 
 
 def to_record(row: OutboxRow, fixed_topic: str | None = None) -> OutboxRecord:
@@ -148,22 +203,80 @@ def record_tuples(rows: Iterable[OutboxRow], fixed_topic: str | None = None) -> 
         yield row.topic or fixed_topic or prefix + row.aggregatetype, row.payload, key, headers, row.created_ms
 
 
-def row_from_select(r: Sequence[Any], age_s: float, read_at: float) -> OutboxRow:
+def _text(value: Any, column: str) -> str:
+    if not isinstance(value, str):
+        raise DecodeError(f"column {column} is {type(value).__name__}, not text")
+    return value
+
+
+def decode_row(r: Sequence[Any], age_s: float, read_at: float) -> OutboxRow:
     """Build an OutboxRow from a selected result row (the column order every outbox store selects in).
 
     ``read_at`` is ``time.time()`` when the rows were read: with the row's age (database clock)
     it gives the insert time on this host's clock, without trusting the two clocks to agree.
+    Column 10, when selected, says whether the row's aggregate is held by a dead row. Raises
+    DecodeError naming the row's position and id when a column cannot be used (see the module
+    docstring).
     """
-    return OutboxRow(
-        position=r[0],
-        id=r[1],
-        aggregatetype=r[2],
-        aggregateid=r[3],
-        type=r[4],
-        payload=bytes(r[5]),
-        topic=r[6],
-        headers=decode_headers(r[7]),
-        version=r[8],
-        age_s=age_s,
-        created_ms=int((read_at - age_s) * 1000),
-    )
+    try:
+        position = r[0]
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise DecodeError(f"column position is {type(position).__name__}, not an integer")
+        payload = r[5]
+        if isinstance(payload, str):
+            raise DecodeError("payload is TEXT, not bytes (store the encoded bytes in a BLOB/bytea)")
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise DecodeError(f"payload is {type(payload).__name__}, not bytes")
+        topic = r[6]
+        if topic is not None and not isinstance(topic, str):
+            raise DecodeError(f"column topic is {type(topic).__name__}, not text")
+        version = r[8]
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise DecodeError(f"column version is {type(version).__name__}, not an integer")
+        return OutboxRow(
+            position=position,
+            id=_text(r[1], "id"),
+            aggregatetype=_text(r[2], "aggregatetype"),
+            aggregateid=_text(r[3], "aggregateid"),
+            type=_text(r[4], "type"),
+            payload=bytes(payload),
+            topic=topic,
+            headers=decode_headers(r[7]),
+            version=version,
+            age_s=age_s,
+            created_ms=int((read_at - age_s) * 1000),
+            held=bool(r[10]) if len(r) > 10 else False,
+        )
+    except DecodeError as exc:
+        raise DecodeError(f"outbox row position={_safe(r, 0)} id={_safe(r, 1)}: {exc}") from None
+    except (IndexError, TypeError, ValueError, OverflowError) as exc:
+        raise DecodeError(
+            f"outbox row position={_safe(r, 0)} id={_safe(r, 1)}: unreadable ({type(exc).__name__})"
+        ) from None
+
+
+def _safe(r: Sequence[Any], i: int) -> str:
+    try:
+        return str(r[i])[:64]
+    except Exception:  # a row that is not even a sequence: name what we can
+        return "?"
+
+
+def row_from_select(r: Sequence[Any], age_s: float, read_at: float) -> OutboxRow:
+    """:func:`decode_row`, except that a row it refuses comes back with ``poison`` set (never raises
+    for a row's content), so the relay can move it to the dead-letter table and go on."""
+    try:
+        return decode_row(r, age_s, read_at)
+    except DecodeError as exc:
+        position = r[0] if len(r) > 0 and isinstance(r[0], int) else -1
+        return OutboxRow(
+            position=position,
+            id=_safe(r, 1),
+            aggregatetype=r[2] if len(r) > 2 and isinstance(r[2], str) else _safe(r, 2),
+            aggregateid=r[3] if len(r) > 3 and isinstance(r[3], str) else _safe(r, 3),
+            type="",
+            payload=b"",
+            age_s=age_s,
+            poison=str(exc),
+            held=bool(r[10]) if len(r) > 10 else False,
+        )

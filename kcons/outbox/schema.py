@@ -33,7 +33,7 @@ __all__ = [
 DEFAULT_TABLE = "kcons_outbox"
 #: Version of ``sql/postgres.sql``; raise it with every change to that file so that
 #: ``kcons outbox init`` applies the change once, then goes back to doing nothing.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: How long ``install_schema`` waits for a lock before giving up. Short on purpose: while the
 #: installer waits for a table lock, the application's writers queue behind it.
 DEFAULT_LOCK_TIMEOUT_S = 2.0

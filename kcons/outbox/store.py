@@ -38,6 +38,10 @@ class OutboxStore(Protocol):
         """Delete (or, with ``retain``, mark) ``rows`` in one transaction fenced by ``token``."""
         ...
 
+    def dead_letter(self, rows: Sequence[tuple[OutboxRow, str]], *, name: str, token: int) -> None:
+        """Move ``rows`` (each with its reason) to ``<table>_dead`` in one transaction fenced by ``token``."""
+        ...
+
     def wait_for_change(self, timeout_s: float) -> bool:
         """Block up to ``timeout_s`` for new rows (LISTEN/NOTIFY or polling); True if woken early."""
         ...

@@ -48,8 +48,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kcons.errors import LeadershipLostError
-from kcons.outbox.rows import OutboxRow, row_from_select
+from kcons.errors import LeadershipLostError, StoreError
+from kcons.outbox.rows import DEAD_ROW_FIELDS, OutboxRow, row_from_select
 from kcons.outbox.schema import DEFAULT_TABLE, validate_table
 
 __all__ = ["PostgresOutboxStore"]
@@ -79,9 +79,12 @@ class PostgresOutboxStore:
         self._housekeeping: Any = None
         self._lock = threading.Lock()
         t = self.table
+        # The last column says whether the row's aggregate is held by a dead row (a hashed
+        # subplan over the dead-letter table, which is normally empty).
         cols = (
             "position, id::text, aggregatetype, aggregateid, type, payload, topic, headers, version, "
-            "extract(epoch FROM clock_timestamp() - created_at)::float8"
+            "extract(epoch FROM clock_timestamp() - created_at)::float8, "
+            f"(aggregatetype, aggregateid) IN (SELECT d.aggregatetype, d.aggregateid FROM {t}_dead d)"
         )
         self._fetch_sql = f"SELECT {cols} FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT %(limit)s"
         # The hinted read (see the module docstring): unpublished committed rows at or below the
@@ -111,6 +114,26 @@ class PostgresOutboxStore:
             fence + f"done AS (DELETE FROM {t} WHERE position = ANY(%(positions)s::bigint[]) "
             f"AND published_at IS NULL AND EXISTS (SELECT 1 FROM fence) RETURNING 1) "
             f"SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM done)"
+        )
+        dead_cols = "position, id, aggregatetype, aggregateid, type, payload, txid, topic, headers, version, created_at"
+        # Move poison rows (and rows held behind them) to the dead-letter table with their reasons,
+        # fenced like the mark, in one statement.
+        self._dead_letter_sql = (
+            fence + "reasons AS (SELECT * FROM unnest(%(positions)s::bigint[], %(reasons)s::text[]) "
+            "AS r(pos, reason)), "
+            f"moved AS (INSERT INTO {t}_dead ({dead_cols}, reason) "
+            f"SELECT {', '.join('o.' + c.strip() for c in dead_cols.split(','))}, reasons.reason "
+            f"FROM {t} o JOIN reasons ON o.position = reasons.pos "
+            f"WHERE o.published_at IS NULL AND EXISTS (SELECT 1 FROM fence) RETURNING position), "
+            f"gone AS (DELETE FROM {t} WHERE position IN (SELECT position FROM moved) RETURNING 1) "
+            f"SELECT (SELECT count(*) FROM fence), (SELECT count(*) FROM gone)"
+        )
+        back_cols = "position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at"
+        # Put every dead row of one aggregate back into the outbox at its original position.
+        self._requeue_sql = (
+            f"WITH back AS (DELETE FROM {t}_dead WHERE aggregatetype = %(agg_type)s AND aggregateid = %(agg_id)s "
+            f"RETURNING {back_cols}) "
+            f"INSERT INTO {t} ({back_cols}) OVERRIDING SYSTEM VALUE SELECT {back_cols} FROM back ORDER BY position"
         )
         self._mark_sql = (
             fence + f"done AS (UPDATE {t} SET published_at = clock_timestamp() "
@@ -176,9 +199,9 @@ class PostgresOutboxStore:
                     params = {"hint": hint[0], "horizon": str(hint[1]), "limit": limit, "late_limit": late_limit}
                     cur.execute(self._hinted_sql, params, prepare=True, binary=True)
                     got = cur.fetchall()
-                    horizon = int(got[0][11]) if got else hint[1]
+                    horizon = int(got[0][12]) if got else hint[1]
                     # All late rows must be in hand (the late query has no order): a full LIMIT means maybe not.
-                    overflow = sum(1 for r in got if r[10] == 1) >= late_limit
+                    overflow = sum(1 for r in got if r[11] == 1) >= late_limit
                     raw = [r for r in got if r[0] is not None and r[0] not in skip]
         except Exception:
             self._on_error()
@@ -243,6 +266,54 @@ class PostgresOutboxStore:
             raise
         if result is None or int(result[0]) == 0:
             raise LeadershipLostError(f"fence {name}: token {token} was superseded; rows left unmarked")
+
+    def dead_letter(self, rows: Sequence[tuple[OutboxRow, str]], *, name: str, token: int) -> None:
+        """Move ``rows`` (each with its reason) to ``<table>_dead`` in one transaction fenced by ``token``."""
+        if not rows:
+            return
+        params = {
+            "token": token,
+            "name": name,
+            "positions": [r.position for r, _ in rows],
+            "reasons": [reason for _, reason in rows],
+        }
+        conn = self._conn()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(self._dead_letter_sql, params)
+                result = cur.fetchone()
+        except Exception:
+            self._on_error()
+            raise
+        if result is None or int(result[0]) == 0:
+            raise LeadershipLostError(f"fence {name}: token {token} was superseded; poison rows left in place")
+
+    def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The dead-letter table's rows (lowest position first), for operators."""
+        cur = self._housekeeping_conn().execute(
+            f"SELECT position, id::text, aggregatetype, aggregateid, type, topic, version, reason, "
+            f"failed_at::text, octet_length(payload) FROM {self.table}_dead ORDER BY position LIMIT %s",
+            (limit,),
+        )
+        return [dict(zip(DEAD_ROW_FIELDS, r, strict=True)) for r in cur.fetchall()]
+
+    def resolve_dead(self, position: int, *, drop: bool) -> int:
+        """Put the dead rows of the aggregate of ``position`` back into the outbox at their original
+        positions (the aggregate's order), dropping the row at ``position`` first with ``drop``.
+
+        Returns how many rows went back; raises StoreError when no dead row has that position.
+        """
+        conn = self._housekeeping_conn()
+        with conn.transaction():
+            row = conn.execute(
+                f"SELECT aggregatetype, aggregateid FROM {self.table}_dead WHERE position = %s FOR UPDATE", (position,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no dead outbox row at position {position}")
+            if drop:
+                conn.execute(f"DELETE FROM {self.table}_dead WHERE position = %s", (position,))
+            cur = conn.execute(self._requeue_sql, {"agg_type": row[0], "agg_id": row[1]})
+            return int(cur.rowcount)
 
     def _listen_conn(self) -> Any:
         if self._listen is None or self._listen.closed or self._listen.broken:

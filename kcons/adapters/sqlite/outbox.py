@@ -6,14 +6,25 @@ import logging
 import sqlite3
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from kcons.errors import LeadershipLostError
-from kcons.outbox.rows import OutboxRow, row_from_select
+from kcons.errors import LeadershipLostError, StoreError
+from kcons.outbox.rows import DEAD_ROW_FIELDS, OutboxRow, row_from_select
 from kcons.outbox.schema import DEFAULT_TABLE, validate_table
 
 __all__ = ["SqliteOutboxStore"]
 
 log = logging.getLogger(__name__)
+
+#: The columns a dead row keeps (the same as the outbox row's, minus published_at).
+_COLS = "position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at"
+
+
+def _age(created_at: Any, now: float) -> float:
+    try:
+        return max(0.0, now - float(created_at))
+    except (TypeError, ValueError):  # a created_at that is not a number: the row's age is unknown
+        return 0.0
 
 
 class SqliteOutboxStore:
@@ -44,12 +55,14 @@ class SqliteOutboxStore:
         """The lowest-positioned committed, unpublished rows not in ``exclude``, in position order."""
         now = time.time()
         skip = set(exclude)
+        t = self.table
         cur = self._conn().execute(
-            f"SELECT position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at "
-            f"FROM {self.table} WHERE published_at IS NULL ORDER BY position LIMIT ?",
+            f"SELECT position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at, "
+            f"(aggregatetype, aggregateid) IN (SELECT d.aggregatetype, d.aggregateid FROM {t}_dead d) "
+            f"FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT ?",
             (limit + len(skip),),
         )
-        rows = [row_from_select(r, max(0.0, now - float(r[9])), now) for r in cur.fetchall() if r[0] not in skip]
+        rows = [row_from_select(r, _age(r[9], now), now) for r in cur.fetchall() if r[0] not in skip]
         return rows[:limit]
 
     def forget_position(self) -> None:
@@ -87,6 +100,59 @@ class SqliteOutboxStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def dead_letter(self, rows: Sequence[tuple[OutboxRow, str]], *, name: str, token: int) -> None:
+        """Move ``rows`` (each with its reason) to ``<table>_dead`` in one transaction."""
+        self.check_fence(name, token)
+        if not rows:
+            return
+        t = self.table
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for row, reason in rows:
+                db.execute(
+                    f"INSERT INTO {t}_dead ({_COLS}, reason) SELECT {_COLS}, ? FROM {t} "
+                    f"WHERE position = ? AND published_at IS NULL",
+                    (reason, row.position),
+                )
+                db.execute(f"DELETE FROM {t} WHERE position = ? AND published_at IS NULL", (row.position,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def dead_rows(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The dead-letter table's rows (lowest position first), for operators."""
+        cur = self._housekeeping_conn().execute(
+            f"SELECT position, id, aggregatetype, aggregateid, type, topic, version, reason, failed_at, "
+            f"length(payload) FROM {self.table}_dead ORDER BY position LIMIT ?",
+            (limit,),
+        )
+        return [dict(zip(DEAD_ROW_FIELDS, r, strict=True)) for r in cur.fetchall()]
+
+    def resolve_dead(self, position: int, *, drop: bool) -> int:
+        """Put the dead rows of the aggregate of ``position`` back at their original positions (dropping
+        the row at ``position`` first with ``drop``); returns how many went back."""
+        t = self.table
+        db = self._housekeeping_conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found = f"SELECT aggregatetype, aggregateid FROM {t}_dead WHERE position = ?"
+            row = db.execute(found, (position,)).fetchone()
+            if row is None:
+                raise StoreError(f"no dead outbox row at position {position}")
+            if drop:
+                db.execute(f"DELETE FROM {t}_dead WHERE position = ?", (position,))
+            where = "aggregatetype = ? AND aggregateid = ?"
+            back = f"INSERT INTO {t} ({_COLS}) SELECT {_COLS} FROM {t}_dead WHERE {where} ORDER BY position"
+            cur = db.execute(back, row)
+            db.execute(f"DELETE FROM {t}_dead WHERE {where}", row)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return int(cur.rowcount)
 
     def wait_for_change(self, timeout_s: float) -> bool:
         """Poll ``PRAGMA data_version`` until another connection commits, up to ``timeout_s``."""

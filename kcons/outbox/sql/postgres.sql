@@ -60,6 +60,34 @@ CREATE TABLE IF NOT EXISTS {table}_fence (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Dead-letter table: a row the relay cannot publish (poison: headers that are not a JSON object,
+-- a topic name Kafka refuses, a record too large for the topic, ...) is moved here with its reason,
+-- in the transaction that lets the relay go on; later rows of the same aggregate follow it here
+-- (reason 'held behind ...') so that the aggregate's order is kept. `kcons outbox dead list`
+-- shows them; `kcons outbox dead retry` / `drop` put an aggregate's rows back (original positions).
+CREATE TABLE IF NOT EXISTS {table}_dead (
+    position      bigint      PRIMARY KEY,
+    id            uuid        NOT NULL,
+    aggregatetype text        NOT NULL,
+    aggregateid   text        NOT NULL,
+    type          text        NOT NULL,
+    payload       bytea       NOT NULL,
+    txid          xid8        NOT NULL,
+    topic         text,
+    headers       jsonb,
+    version       bigint,
+    created_at    timestamptz NOT NULL,
+    reason        text        NOT NULL,
+    failed_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+DO $kcons$
+BEGIN
+    IF to_regclass('{table}_dead_aggregate') IS NULL THEN
+        CREATE INDEX {table}_dead_aggregate ON {table}_dead (aggregatetype, aggregateid);
+    END IF;
+END
+$kcons$;
+
 -- Fencing tokens of the advisory-lock lease backend (one row per lease name).
 CREATE TABLE IF NOT EXISTS kcons_lease_tokens (
     name       text        PRIMARY KEY,
