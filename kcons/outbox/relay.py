@@ -450,7 +450,7 @@ class OutboxRelay:
                 # A refused record leaves the producer's sequence numbers behind: start afresh.
                 self.publisher.reset()
                 log.warning(
-                    "Kafka refused a record of the batch for good (%s); publishing it one row at a time to find it",
+                    "the broker refused a record of the batch for good (%s); publishing it row by row to find it",
                     getattr(exc, "name", type(exc).__name__),
                 )
             raise

@@ -26,9 +26,20 @@ class MemoryStore:
         self.forgets = 0
         self.fail_marks = 0
         self.marked: list[int] = []
+        self.dead: list[tuple[int, str]] = []
+        self.held: set[str] = set()  # aggregates with a dead row: fetch flags their rows, as the SQL stores do
+
+    def dead_letter(self, rows: Sequence[tuple[OutboxRow, str]], *, name: str, token: int) -> None:
+        self.check_fence(name, token)
+        gone = {r.position for r, _ in rows}
+        self.dead.extend((r.position, reason) for r, reason in rows)
+        self.held.update(r.aggregateid for r, _ in rows)
+        self.rows = [r for r in self.rows if r.position not in gone]
 
     def fetch(self, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
         self.fetches += 1
+        for r in self.rows:
+            r.held = r.aggregateid in self.held
         return [r for r in self.rows if r.position not in set(exclude)][:limit]
 
     def forget_position(self) -> None:
@@ -212,10 +223,31 @@ def test_unavailable_sink_is_retried_and_rows_are_marked_only_after_its_confirm(
     assert store.marked == list(range(6))
 
 
-def test_permanent_row_failure_is_not_retried_and_marks_nothing() -> None:
-    store, leases = MemoryStore(4), MemoryLeases()
-    sink = FailingSink(SinkRowError("id-2", 2, "too large"), failures=10**6)
+class RefusingSink(MemoryPublisher):
+    """A non-Kafka sink that can never publish one row (a permanent, per-row failure)."""
+
+    mode = "confirms"
+
+    def __init__(self, refused: str) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def publish(self, records: Iterable[Any], *, still_leader: Callable[[], bool] | None = None,
+                before_commit: Callable[[], None] | None = None) -> None:  # fmt: skip
+        batch = list(records)
+        for i, rec in enumerate(batch):
+            if dict(rec[3])["kcons-id"] == self.refused.encode():
+                raise SinkRowError(self.refused, i, "too large")
+        super().publish(batch, still_leader=still_leader, before_commit=before_commit)
+
+
+def test_a_row_the_sink_refuses_for_good_is_dead_lettered_and_every_other_row_published() -> None:
+    store, leases = MemoryStore(7), MemoryLeases()
+    sink = RefusingSink("id-2")
     relay = _relay(store, sink, leases)  # type: ignore[arg-type]
-    with pytest.raises(SinkRowError, match="id-2"):
-        _run_until(relay, lambda: False, timeout=10)
-    assert store.marked == [] and sink.failing == 10**6 - 1  # one attempt, no retry
+    _run_until(relay, lambda: not store.rows, timeout=10)
+    assert [p for p, _ in store.dead] == [2, 5]  # id-2, and id-5 of the same aggregate held behind it
+    assert "id=id-2" in store.dead[0][1] and "SinkRowError" in store.dead[0][1], store.dead
+    assert store.dead[1][1].startswith("held:"), store.dead
+    assert sorted(store.marked) == [0, 1, 3, 4, 6]
+    assert relay.dead_lettered == 2
