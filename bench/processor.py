@@ -4,8 +4,9 @@ Both sides read the same pre-produced input topic (each with its own consumer gr
 every record to their own output topic, in batches of the same size. The baseline is the
 usual at-least-once loop with plain confluent-kafka clients: ``consume`` a batch, ``produce``
 each output with an idempotent producer, ``flush``, then ``commit`` the offsets synchronously.
-kcons is :class:`kcons.processor.TransactionalProcessor` (read_committed, one transaction per
-batch with the offsets inside). Throughput is measured from the first consumed record to the
+kcons is :class:`kcons.processor.TransactionalProcessor` (read_committed, reads of the same
+size, one transaction with the offsets inside every ``--commit-interval-s``).
+Throughput is measured from the first consumed record to the
 last commit, so group joins do not count; rounds are interleaved and the best of each side
 counts. The last line of output is one JSON object (see docs/architecture.md, "Benchmarks and fault runs").
 """
@@ -100,8 +101,8 @@ def run_baseline(bootstrap: str, topic_in: str, n: int, batch: int) -> dict[str,
     return {"records": done, "seconds": round(elapsed, 3), "msgs_per_s": round(done / elapsed, 1), "batches": batches}
 
 
-def run_kcons(bootstrap: str, topic_in: str, n: int, batch: int, batch_timeout_s: float) -> dict[str, Any]:
-    """TransactionalProcessor copying each record, one transaction per batch."""
+def run_kcons(bootstrap: str, topic_in: str, n: int, batch: int, commit_interval_s: float) -> dict[str, Any]:
+    """TransactionalProcessor copying each record, reading ``batch`` at a time, committing every interval."""
     topic_out = f"{topic_in}-kcons-out"
     group = f"bench-kcons-{uuid.uuid4().hex[:8]}"
     first: list[float] = []
@@ -121,7 +122,7 @@ def run_kcons(bootstrap: str, topic_in: str, n: int, batch: int, batch_timeout_s
         [topic_in],
         handler,
         batch_size=batch,
-        batch_timeout_s=batch_timeout_s,
+        commit_interval_s=commit_interval_s,
         transactional_id=f"{group}-worker",
         on_commit=on_commit,
     )
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--batch-timeout-s", type=float, default=0.1)
+    parser.add_argument("--commit-interval-s", type=float, default=0.1)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args(argv)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         fill_input(stack.kafka_bootstrap, topic_in, args.records, args.size)
         for rnd in range(args.repeat):
             base = run_baseline(stack.kafka_bootstrap, topic_in, args.records, args.batch)
-            kc = run_kcons(stack.kafka_bootstrap, topic_in, args.records, args.batch, args.batch_timeout_s)
+            kc = run_kcons(stack.kafka_bootstrap, topic_in, args.records, args.batch, args.commit_interval_s)
             log.info("round %d: baseline %s kcons %s", rnd, base, kc)
             rounds["baseline"].append(base)
             rounds["kcons"].append(kc)
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "records": args.records,
         "size": args.size,
         "batch": args.batch,
+        "commit_interval_s": args.commit_interval_s,
         "partitions": args.partitions,
         "repeat": args.repeat,
         "all_rounds": rounds,

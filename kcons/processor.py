@@ -3,13 +3,18 @@
 Each worker owns one read_committed consumer and one :class:`~kcons.kafka.producer.TransactionalProducer`
 (KIP-447: the input offsets are committed inside the output transaction with
 ``send_offsets_to_transaction`` and the consumer's group metadata, so the broker fences a
-worker that lost its partitions). A batch is read first and only then processed inside one
-transaction, which is committed before the consumer is polled again; rebalance callbacks run
-only inside that poll, so partitions never move while a transaction is open. Revoked
-partitions' records still in the unprocessed batch are dropped (their new owner reads them
-from the committed offsets). When a transaction aborts (abortable error, failed delivery,
-handler error, timeout) or its outcome is unknown, the consumer rewinds to the committed
-offsets, which the broker returns only once no transaction on them is pending
+worker that lost its partitions). As in Kafka Streams' exactly-once mode, one transaction spans
+several reads: it opens with the first record read after a commit, each read's outputs are
+produced as soon as it is handled, and it commits (the positions after every record handled in
+it, then the commit) ``commit_interval_s`` after it opened or once it holds
+``commit_max_records`` records, whichever comes first, at once when a read returns nothing, and
+before :meth:`TransactionalProcessor.run` returns. librdkafka keeps fetching in the background
+during the commit, so the next read is served from what was prefetched. Rebalance callbacks run
+only inside a read: a revocation or loss while a transaction is open aborts it there, before
+the partitions move, and every partition still assigned is rewound to its committed offset
+(what the read returned is dropped), so no transaction spans a rebalance. When a transaction
+aborts (abortable error, failed delivery, handler error, timeout) or its outcome is unknown,
+the consumer rewinds to the committed offsets, which the broker returns only once no transaction on them is pending
 (``require_stable``), so nothing is skipped and nothing is written twice. A producer that fails
 fatally without being fenced is re-created with the same ``transactional.id`` (whose
 ``init_transactions`` aborts what the broken one left open) a bounded number of times in a
@@ -30,8 +35,8 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential
@@ -127,25 +132,41 @@ class DeadLettered(NamedTuple):
 POISON = (DecodeError, PoisonMessageError)
 
 
+@dataclass(slots=True)
+class _OpenTransaction:
+    """What the open transaction holds: the next offset of each partition handled in it, and counts."""
+
+    opened: float
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    records: int = 0
+    outputs: int = 0
+    dead: int = 0
+
+
 class TransactionalProcessor:
     """Reads ``topics``, runs ``handler`` on each record and writes its outputs exactly once.
 
-    The outputs of a batch and the consumer offsets after it commit in one Kafka transaction, so
-    a read_committed reader sees each input's outputs once, whatever crashes. Give every worker
-    process a stable ``transactional_id`` (e.g. ``"<app>-worker-<n>"``): a restarted worker then
-    fences its previous incarnation at once and the broker aborts its open transaction, instead
-    of leaving it to expire after ``transaction.timeout.ms``. A batch closes after ``batch_size``
-    records or ``batch_timeout_s`` seconds from its first record; no transaction is opened
-    without input. A new consumer group starts at the earliest offset unless the consumer config
-    sets ``auto.offset.reset``. The poison rule: a handler that raises DecodeError or
-    PoisonMessageError for an input sends that input to ``dlq_topic(topic)`` (default
-    ``<topic>.dlq``; original key, value and headers, plus ``kcons-dlq-reason`` and its position)
-    *inside the batch's transaction*, so the dead letter commits with the rest of the batch and
-    its offsets, and the processor goes on. Any other handler exception aborts the batch,
-    rewinds, and is raised from :meth:`run` (nothing is skipped). :meth:`stop` (thread- and
-    signal-safe; no signal handler is installed for you) finishes the current batch and closes
-    cleanly. ``on_commit(stats)`` is called after each committed transaction. ``input_topics=``
-    and ``batch_max=`` are deprecated names of ``topics=`` and ``batch_size=``.
+    The outputs of the records handled in a transaction and the consumer offsets after them commit
+    in one Kafka transaction, so a read_committed reader sees each input's outputs once, whatever
+    crashes. Give every worker process a stable ``transactional_id`` (e.g. ``"<app>-worker-<n>"``):
+    a restarted worker then fences its previous incarnation at once and the broker aborts its open
+    transaction, instead of leaving it to expire after ``transaction.timeout.ms``. Records are read
+    ``batch_size`` at most at a time; a transaction spans reads and commits ``commit_interval_s``
+    (default 0.1 s, like Kafka Streams' ``commit.interval.ms`` with exactly-once) after its first
+    record, or once it holds ``commit_max_records`` records, or as soon as a read returns nothing,
+    whichever comes first: a larger interval means fewer commits (more throughput) and outputs
+    visible to read_committed readers later, and more work redone after an abort. No transaction is
+    opened without input. ``batch_timeout_s`` is the wait for a batch of the async processor
+    (:class:`kcons.aio.AsyncTransactionalProcessor`, one transaction per batch). A new consumer
+    group starts at the earliest offset unless the consumer config sets ``auto.offset.reset``. The
+    poison rule: a handler that raises DecodeError or PoisonMessageError for an input sends that
+    input to ``dlq_topic(topic)`` (default ``<topic>.dlq``; original key, value and headers, plus
+    ``kcons-dlq-reason`` and its position) *inside the open transaction*, so the dead letter commits
+    with the other outputs and the offsets, and the processor goes on. Any other handler exception
+    aborts the open transaction, rewinds, and is raised from :meth:`run` (nothing is skipped).
+    :meth:`stop` (thread- and signal-safe; no signal handler is installed for you) commits the open
+    transaction and closes cleanly. ``on_commit(stats)`` is called after each committed transaction.
+    ``input_topics=`` and ``batch_max=`` are deprecated names of ``topics=`` and ``batch_size=``.
     """
 
     #: Producers re-created in a row (without a commit in between) before a fatal error is raised.
@@ -160,6 +181,8 @@ class TransactionalProcessor:
         *,
         batch_size: int | None = None,
         batch_timeout_s: float = 0.1,
+        commit_interval_s: float = 0.1,
+        commit_max_records: int = 10_000,
         transactional_id: str | None = None,
         poll_timeout_s: float = 0.5,
         commit_timeout_s: float = 30.0,
@@ -180,6 +203,10 @@ class TransactionalProcessor:
             raise ConfigError("batch_timeout_s", f"must be > 0, got {batch_timeout_s}")
         if poll_timeout_s <= 0:
             raise ConfigError("poll_timeout_s", f"must be > 0, got {poll_timeout_s}")
+        if not 0 < commit_interval_s <= 60:
+            raise ConfigError("commit_interval_s", f"must be in (0, 60], got {commit_interval_s!r}")
+        if commit_max_records < 1:
+            raise ConfigError("commit_max_records", f"must be >= 1, got {commit_max_records}")
         if isinstance(topics, str):
             raise ConfigError("topics", f"expected a list of topic names, got the string {topics[:60]!r}")
         if not topics:
@@ -196,6 +223,8 @@ class TransactionalProcessor:
         self.batch_size = batch_size
         self.batch_timeout_s = batch_timeout_s
         self.poll_timeout_s = poll_timeout_s
+        self.commit_interval_s = commit_interval_s
+        self.commit_max_records = commit_max_records
         self.commit_timeout_s = commit_timeout_s
         self.rewind_timeout_s = rewind_timeout_s
         self.stats = ProcessorStats()
@@ -211,6 +240,8 @@ class TransactionalProcessor:
         self._consumer_closed = False
         self._revoked_in_call: set[tuple[str, int]] = set()  # partitions revoked during the current read
         self._assigned_in_call: set[tuple[str, int]] = set()
+        self._aborted_in_call = False  # a rebalance callback aborted the open transaction during the current read
+        self._open: _OpenTransaction | None = None  # the transaction spanning reads, if one is open
         # The producer first: init_transactions fences an older incarnation of this worker and
         # settles its open transaction before this consumer fetches any committed offset.
         self._producer_config = dict(producer_config)
@@ -253,12 +284,15 @@ class TransactionalProcessor:
         try:
             self.subscribe()
             while not self._stop.is_set():
-                batch = self._collect_batch()
-                if batch:
-                    self._process(batch)
+                msgs = self._read()
+                if msgs:
+                    self._add(msgs)
+                if self._open is not None and (not msgs or self._commit_due(max_records)):
+                    self._commit_open()
                 self._update_lag()
                 if max_records is not None and self.stats.records >= max_records:
                     break
+            self._commit_open()  # stopped: what was handled commits before the clients close
         finally:
             self.close()
         return self.stats
@@ -296,16 +330,43 @@ class TransactionalProcessor:
     def _give_up(self, partitions: list[TopicPartition], why: str) -> None:
         """Partitions are leaving: no transaction may span the move, and their unprocessed records are dropped."""
         log.info("%s %s", why, _describe(partitions))
+        self._open = None
         if not self.producer.closed and self.producer.in_transaction:
-            # Unreachable by construction (the consumer is never polled with a transaction open),
-            # kept so a future change cannot silently let a transaction span a rebalance.
+            # The open transaction holds outputs of records of these partitions: it must end
+            # before they move. The read that runs this callback then rewinds what is still ours.
             self.producer.abort_transaction(reason=why)
-            metrics.PROCESSOR_REWINDS.labels(why).inc()
+            self._aborted_in_call = True
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._revoked_in_call.update(gone)
         self._buffer[:] = [m for m in self._buffer if (m.topic(), m.partition()) not in gone]
 
     # the loop ---------------------------------------------------------------------------
+
+    def _read(self) -> list[Message]:
+        """One read of up to ``batch_size`` records, waiting no longer than the open transaction may stay open."""
+        if self._open is None:
+            timeout = self.poll_timeout_s
+        else:
+            timeout = max(0.0, self._open.opened + self.commit_interval_s - time.monotonic())
+        self._buffer = []
+        self._revoked_in_call = set()
+        self._assigned_in_call = set()
+        self._aborted_in_call = False
+        msgs = self._source.poll(timeout, self.batch_size)
+        if self._revoked_in_call or self._aborted_in_call:
+            msgs = self._after_rebalance_in_call(msgs)
+        return msgs
+
+    def _commit_due(self, max_records: int | None) -> bool:
+        """Whether the open transaction has run its interval, holds its maximum, or reaches ``max_records``."""
+        txn = self._open
+        if txn is None:
+            return False
+        if txn.records >= self.commit_max_records:
+            return True
+        if max_records is not None and self.stats.records + txn.records >= max_records:
+            return True
+        return time.monotonic() - txn.opened >= self.commit_interval_s
 
     def _collect_batch(self) -> list[Message]:
         """Read up to ``batch_size`` records, closing the batch ``batch_timeout_s`` after its first one."""
@@ -338,6 +399,12 @@ class TransactionalProcessor:
         callback; they are not ours to process. A partition revoked and assigned again within
         the call is rewound to its committed offset, since its old and new records are mixed.
         """
+        if self._aborted_in_call:
+            # The open transaction was aborted: every partition still ours goes back to its
+            # committed offset, so this read's records come again.
+            self._buffer[:] = []
+            self._rewind("rebalanced")
+            return []
         gone = self._revoked_in_call
         back = gone & self._assigned_in_call
         kept = [m for m in msgs if (m.topic(), m.partition()) not in gone]
@@ -349,72 +416,120 @@ class TransactionalProcessor:
     def _process(
         self, batch: list[Message], outputs: Sequence[Iterable[OutputLike] | DeadLettered] | None = None
     ) -> None:
-        """Run the handler on a batch (or take precomputed ``outputs``); commit outputs and offsets atomically."""
-        offsets: dict[tuple[str, int], int] = {}
-        produced = 0
-        dead = 0
-        producer = self.producer
-        try:
-            with producer.transaction():
-                for index, msg in enumerate(batch):
-                    outs = self._outputs_of(msg) if outputs is None else outputs[index]
-                    if isinstance(outs, DeadLettered):
-                        producer.enqueue(
-                            self.dlq_topic(str(msg.topic())),
-                            msg.value(),
-                            msg.key(),
-                            headers=dead_letter_headers(msg, outs.reason),
-                        )
-                        dead += 1
-                        offsets[_position_key(msg)] = _offset_of(msg) + 1
-                        continue
-                    for out in outs:
-                        if isinstance(out, Output):
-                            producer.enqueue(
-                                out.topic, out.value, out.key, headers=out.headers, partition=out.partition
-                            )
-                        else:
-                            topic, envelope = out
-                            producer.enqueue(topic, envelope.payload, envelope.key, headers=list(envelope.headers()))
-                        produced += 1
+        """Handle one batch (or take precomputed ``outputs``) in a transaction of its own and commit it."""
+        self._add(batch, outputs)
+        self._commit_open()
+
+    def _add(self, batch: list[Message], outputs: Sequence[Iterable[OutputLike] | DeadLettered] | None = None) -> None:
+        """Run the handler on ``batch`` (or take ``outputs``) and produce its outputs in the open transaction.
+
+        Opens the transaction if none is; the input positions are kept for its commit.
+        """
+        with self._settling():
+            producer = self.producer
+            txn = self._open
+            if txn is None:
+                producer.begin_transaction()
+                txn = self._open = _OpenTransaction(time.monotonic())
+            offsets = txn.offsets
+            produced = 0
+            dead = 0
+            for index, msg in enumerate(batch):
+                outs = self._outputs_of(msg) if outputs is None else outputs[index]
+                if isinstance(outs, DeadLettered):
+                    producer.enqueue(
+                        self.dlq_topic(str(msg.topic())),
+                        msg.value(),
+                        msg.key(),
+                        headers=dead_letter_headers(msg, outs.reason),
+                    )
+                    dead += 1
                     offsets[_position_key(msg)] = _offset_of(msg) + 1
-                # Offsets last: the output partitions are registered with the coordinator while the
-                # records are produced, which measured ~1.5x faster than registering offsets first.
-                producer.send_offsets(
-                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                    self.consumer.consumer_group_metadata(),
-                    self.commit_timeout_s,
-                )
-        except IndefiniteOutcomeError as exc:
-            # The producer was re-created; the committed offsets now say whether the batch committed.
-            log.warning("batch outcome unknown (%s); rewinding to the committed offsets", exc)
-            self._rewind("indefinite")
+                    continue
+                for out in outs:
+                    if isinstance(out, Output):
+                        producer.enqueue(out.topic, out.value, out.key, headers=out.headers, partition=out.partition)
+                    else:
+                        topic, envelope = out
+                        producer.enqueue(topic, envelope.payload, envelope.key, headers=list(envelope.headers()))
+                    produced += 1
+                offsets[_position_key(msg)] = _offset_of(msg) + 1
+            txn.records += len(batch)
+            txn.outputs += produced
+            txn.dead += dead
+
+    def _commit_open(self) -> None:
+        """Commit the open transaction (if any) with the positions after every record handled in it."""
+        txn = self._open
+        if txn is None:
             return
-        except ProducerFencedError:
-            raise  # another worker runs with this transactional.id: this one must stop
-        except FatalKafkaError as exc:
-            self._recover_from_fatal(exc)
-            return
-        except (AbortableTransactionError, TimeoutExceededError, RetriableKafkaError) as exc:
-            log.warning("batch aborted (%s); rewinding to the committed offsets", exc)
-            self._rewind("aborted")
-            return
-        except Exception:
-            if not producer.closed:
-                self._rewind("handler_error")
-            raise
+        committed = False
+        with self._settling():
+            producer = self.producer
+            # Offsets last: the output partitions are registered with the coordinator while the
+            # records are produced, which measured ~1.5x faster than registering offsets first.
+            producer.send_offsets(
+                [TopicPartition(t, p, o) for (t, p), o in txn.offsets.items()],
+                self.consumer.consumer_group_metadata(),
+                self.commit_timeout_s,
+            )
+            producer.commit_transaction()
+            self._open = None
+            committed = True
+        if not committed:
+            return  # _settling aborted the transaction and rewound
         self._fatal_recoveries = 0
-        self.stats.records += len(batch)
-        self.stats.outputs += produced
+        self.stats.records += txn.records
+        self.stats.outputs += txn.outputs
         self.stats.transactions += 1
-        if dead:
-            self.stats.dead_lettered += dead
-            metrics.PROCESSOR_DEAD_LETTERED.inc(dead)
-            log.error("dead-lettered %d input records the handler could not process", dead)
-        metrics.PROCESSOR_RECORDS.inc(len(batch))
-        metrics.PROCESSOR_BATCH_SIZE.observe(len(batch))
+        if txn.dead:
+            self.stats.dead_lettered += txn.dead
+            metrics.PROCESSOR_DEAD_LETTERED.inc(txn.dead)
+            log.error("dead-lettered %d input records the handler could not process", txn.dead)
+        metrics.PROCESSOR_RECORDS.inc(txn.records)
+        metrics.PROCESSOR_BATCH_SIZE.observe(txn.records)
         if self.on_commit is not None:
             self.on_commit(self.stats)
+
+    @contextlib.contextmanager
+    def _settling(self) -> Iterator[None]:
+        """On a failure inside the open transaction: abort it, rewind, and raise only what must stop the worker.
+
+        An unknown outcome, an abortable error, a timeout or a retriable error rewind to the
+        committed offsets and return; a broken (not fenced) producer is re-created; a fenced one
+        and handler errors (after the rewind) are raised.
+        """
+        producer = self.producer
+        try:
+            yield
+        except BaseException as exc:
+            self._open = None
+            failure: BaseException = exc
+            if not producer.closed and producer.in_transaction:
+                try:
+                    producer.abort_after_error("exception" if isinstance(exc, Exception) else "interrupted")
+                except Exception as abort_exc:  # the abort's own failure decides what happens next
+                    failure = abort_exc
+            if isinstance(failure, IndefiniteOutcomeError):
+                # The producer was re-created; the committed offsets now say whether the transaction committed.
+                log.warning("transaction outcome unknown (%s); rewinding to the committed offsets", failure)
+                self._rewind("indefinite")
+            elif isinstance(failure, ProducerFencedError):
+                # Another worker runs with this transactional.id: this one must stop.
+                if failure is exc:
+                    raise
+                raise failure from exc
+            elif isinstance(failure, FatalKafkaError):
+                self._recover_from_fatal(failure)
+            elif isinstance(failure, (AbortableTransactionError, TimeoutExceededError, RetriableKafkaError)):
+                log.warning("transaction aborted (%s); rewinding to the committed offsets", failure)
+                self._rewind("aborted")
+            else:
+                if isinstance(failure, Exception) and not producer.closed:
+                    self._rewind("handler_error")
+                if failure is exc:
+                    raise
+                raise failure from exc
 
     def _outputs_of(self, msg: Message) -> list[OutputLike] | DeadLettered:
         """The handler's outputs for ``msg`` (all of them, before any is written), or DeadLettered if it is poison."""

@@ -44,7 +44,13 @@ def test_processor_without_a_transactional_id_is_rejected_before_connecting() ->
 
 @pytest.mark.parametrize(
     ("kwargs", "setting"),
-    [({"batch_size": 0}, "batch_size"), ({"batch_timeout_s": 0}, "batch_timeout_s")],
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_timeout_s": 0}, "batch_timeout_s"),
+        ({"commit_interval_s": 0}, "commit_interval_s"),
+        ({"commit_interval_s": 61}, "commit_interval_s"),
+        ({"commit_max_records": 0}, "commit_max_records"),
+    ],
 )
 def test_processor_batch_bounds_are_validated(kwargs: dict[str, Any], setting: str) -> None:
     with pytest.raises(ConfigError) as info:

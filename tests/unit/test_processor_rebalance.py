@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from confluent_kafka import TopicPartition
 
-from kcons.processor import TransactionalProcessor
+from kcons.errors import AbortableTransactionError
+from kcons.processor import ProcessorStats, TransactionalProcessor, _OpenTransaction
 
 
 @dataclass
@@ -43,6 +46,8 @@ def bare_processor(producer: FakeProducer, buffered: list[Any]) -> Transactional
     proc._buffer = buffered
     proc._revoked_in_call = set()
     proc._assigned_in_call = set()
+    proc._aborted_in_call = False
+    proc._open = None
     return proc
 
 
@@ -91,3 +96,65 @@ def test_a_partition_revoked_and_assigned_again_in_one_call_is_rewound_not_mixed
     kept = proc._after_rebalance_in_call([FakeMessage("a", 0, 1), FakeMessage("a", 0, 2)])  # type: ignore[list-item]
     assert kept == [] and buffered == []
     assert rewound == [("reassigned", {("a", 0)})]
+
+
+def test_a_transaction_aborted_by_a_revocation_rewinds_every_partition_and_drops_the_read() -> None:
+    producer = FakeProducer(in_transaction=True)
+    proc = bare_processor(producer, [])
+    rewound: list[tuple[str, set[tuple[str, int]] | None]] = []
+    proc._rewind = lambda reason, only=None: rewound.append((reason, only))  # type: ignore[method-assign]
+    proc._open = _OpenTransaction(0.0, {("a", 1): 6}, records=1)
+    proc._on_revoke(None, [TopicPartition("a", 0)])  # type: ignore[arg-type]
+    kept = proc._after_rebalance_in_call([FakeMessage("a", 1, 6)])  # type: ignore[list-item]
+    assert producer.aborted == ["revoked"] and proc._open is None
+    assert kept == [] and rewound == [("rebalanced", None)]  # a[1] was handled in the aborted transaction
+
+
+@pytest.mark.parametrize(
+    ("opened_ago", "records", "committed", "max_records", "due"),
+    [
+        (0.0, 10, 0, None, False),
+        (0.2, 10, 0, None, True),  # the interval ran out
+        (0.0, 100, 0, None, True),  # the transaction holds commit_max_records
+        (0.0, 10, 90, 100, True),  # run(max_records=100) is reached with this transaction
+        (0.0, 10, 80, 100, False),
+    ],
+)
+def test_the_open_transaction_commits_after_its_interval_or_its_record_limit(
+    opened_ago: float, records: int, committed: int, max_records: int | None, due: bool
+) -> None:
+    proc = bare_processor(FakeProducer(), [])
+    proc.commit_interval_s = 0.1
+    proc.commit_max_records = 100
+    proc.stats = ProcessorStats(records=committed)
+    proc._open = _OpenTransaction(time.monotonic() - opened_ago, records=records)
+    assert proc._commit_due(max_records) is due
+
+
+@dataclass
+class FailingCommitProducer(FakeProducer):
+    def send_offsets(self, offsets: list[Any], metadata: Any, timeout: float) -> None:
+        pass
+
+    def commit_transaction(self) -> None:
+        self.in_transaction = False
+        raise AbortableTransactionError("a message of the transaction failed delivery; it was aborted")
+
+
+class FakeConsumer:
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+
+def test_a_transaction_whose_commit_aborts_is_rewound_and_not_counted_as_committed() -> None:
+    proc = bare_processor(FailingCommitProducer(in_transaction=True), [])
+    proc.consumer = FakeConsumer()  # type: ignore[assignment]
+    proc.stats = ProcessorStats()
+    proc.on_commit = None
+    proc.commit_timeout_s = 1.0
+    rewound: list[str] = []
+    proc._rewind = lambda reason, only=None: rewound.append(reason)  # type: ignore[method-assign]
+    proc._open = _OpenTransaction(0.0, {("a", 0): 11}, records=11, outputs=11)
+    proc._commit_open()
+    assert rewound == ["aborted"] and proc._open is None
+    assert proc.stats == ProcessorStats()  # nothing counted: run(max_records=...) must not stop early
