@@ -10,9 +10,10 @@ it, then the commit) ``commit_interval_s`` after it opened or once it holds
 ``commit_max_records`` records, whichever comes first, at once when a read returns nothing, and
 before :meth:`TransactionalProcessor.run` returns. librdkafka keeps fetching in the background
 during the commit, so the next read is served from what was prefetched. Rebalance callbacks run
-only inside a read: a revocation or loss while a transaction is open aborts it there, before
-the partitions move, and every partition still assigned is rewound to its committed offset
-(what the read returned is dropped), so no transaction spans a rebalance. When a transaction
+only inside a read: a revocation while a transaction is open commits it there, before the
+partitions move (as Kafka Streams does); a loss, or a commit that fails, aborts it there and
+every partition that stays assigned is rewound to its committed offset (what the read returned
+for it is dropped), so no transaction spans a rebalance. When a transaction
 aborts (abortable error, failed delivery, handler error, timeout) or its outcome is unknown,
 the consumer rewinds to the committed offsets, which the broker returns only once no transaction on them is pending
 (``require_stable``), so nothing is skipped and nothing is written twice. A producer that fails
@@ -330,10 +331,16 @@ class TransactionalProcessor:
     def _give_up(self, partitions: list[TopicPartition], why: str) -> None:
         """Partitions are leaving: no transaction may span the move, and their unprocessed records are dropped."""
         log.info("%s %s", why, _describe(partitions))
+        if why == "revoked" and self._open is not None and not self.producer.closed and self.producer.in_transaction:
+            # As Kafka Streams does: what was handled commits before the partitions move (during
+            # the revocation this member's generation is still current). If the commit fails,
+            # it aborts and rewinds like any other.
+            self._commit_open()
         self._open = None
         if not self.producer.closed and self.producer.in_transaction:
-            # The open transaction holds outputs of records of these partitions: it must end
-            # before they move. The read that runs this callback then rewinds what is still ours.
+            # Lost partitions (this member is out of the group; its commit would be refused):
+            # the open transaction holds outputs of their records and must end before they move.
+            # The read that runs this callback then rewinds what is still ours.
             self.producer.abort_transaction(reason=why)
             self._aborted_in_call = True
         gone = {(tp.topic, tp.partition) for tp in partitions}
@@ -400,11 +407,16 @@ class TransactionalProcessor:
         the call is rewound to its committed offset, since its old and new records are mixed.
         """
         if self._aborted_in_call:
-            # The open transaction was aborted: every partition still ours goes back to its
-            # committed offset, so this read's records come again.
+            # The open transaction was aborted: every partition that was ours before this read
+            # and still is goes back to its committed offset and this read's records of it are
+            # dropped (they come again). Partitions newly assigned in this read started at
+            # their committed offsets already.
+            fresh = self._assigned_in_call - self._revoked_in_call
             self._buffer[:] = []
-            self._rewind("rebalanced")
-            return []
+            stale = {(tp.topic, tp.partition) for tp in self.consumer.assignment()} - fresh
+            if stale:
+                self._rewind("rebalanced", only=stale)
+            return [m for m in msgs if (m.topic(), m.partition()) in fresh]
         gone = self._revoked_in_call
         back = gone & self._assigned_in_call
         kept = [m for m in msgs if (m.topic(), m.partition()) not in gone]

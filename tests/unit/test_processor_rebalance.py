@@ -51,6 +51,40 @@ def bare_processor(producer: FakeProducer, buffered: list[Any]) -> Transactional
     return proc
 
 
+@dataclass
+class FailingCommitProducer(FakeProducer):
+    def send_offsets(self, offsets: list[Any], metadata: Any, timeout: float) -> None:
+        pass
+
+    def commit_transaction(self) -> None:
+        self.in_transaction = False
+        raise AbortableTransactionError("a message of the transaction failed delivery; it was aborted")
+
+
+@dataclass
+class CommittingProducer(FakeProducer):
+    committed: list[list[tuple[str, int, int]]] = field(default_factory=list)
+    offsets: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def send_offsets(self, offsets: list[Any], metadata: Any, timeout: float) -> None:
+        self.offsets = [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+
+    def commit_transaction(self) -> None:
+        self.committed.append(self.offsets)
+        self.in_transaction = False
+
+
+@dataclass
+class FakeConsumer:
+    assigned: list[Any] = field(default_factory=list)
+
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def assignment(self) -> list[Any]:
+        return self.assigned
+
+
 def test_revoked_partitions_records_are_dropped_from_the_unprocessed_batch_in_place() -> None:
     buffered: list[Any] = [
         FakeMessage("a", 0, 1),
@@ -98,16 +132,33 @@ def test_a_partition_revoked_and_assigned_again_in_one_call_is_rewound_not_mixed
     assert rewound == [("reassigned", {("a", 0)})]
 
 
-def test_a_transaction_aborted_by_a_revocation_rewinds_every_partition_and_drops_the_read() -> None:
+def test_a_transaction_aborted_by_a_loss_rewinds_the_partitions_that_stay_and_drops_their_records() -> None:
     producer = FakeProducer(in_transaction=True)
     proc = bare_processor(producer, [])
+    proc.consumer = FakeConsumer([TopicPartition("a", 1), TopicPartition("b", 0)])  # type: ignore[assignment]
     rewound: list[tuple[str, set[tuple[str, int]] | None]] = []
     proc._rewind = lambda reason, only=None: rewound.append((reason, only))  # type: ignore[method-assign]
-    proc._open = _OpenTransaction(0.0, {("a", 1): 6}, records=1)
+    proc._open = _OpenTransaction(0.0, {("a", 0): 3, ("a", 1): 6}, records=4)
+    proc._on_lost(None, [TopicPartition("a", 0)])  # type: ignore[arg-type]
+    proc._on_assign(None, [TopicPartition("b", 0)])  # type: ignore[arg-type]
+    kept = proc._after_rebalance_in_call([FakeMessage("a", 1, 6), FakeMessage("b", 0, 0)])  # type: ignore[list-item]
+    assert producer.aborted == ["lost"] and proc._open is None
+    # a[1] had records in the aborted transaction: rewound; b[0] was just assigned at its committed offset.
+    assert rewound == [("rebalanced", {("a", 1)})]
+    assert [(m.t, m.p) for m in kept] == [("b", 0)]
+
+
+def test_a_transaction_open_at_a_revocation_commits_before_the_partitions_move() -> None:
+    producer = CommittingProducer(in_transaction=True)
+    proc = bare_processor(producer, [])
+    proc.consumer = FakeConsumer([])  # type: ignore[assignment]
+    proc.stats = ProcessorStats()
+    proc.on_commit = None
+    proc.commit_timeout_s = 1.0
+    proc._open = _OpenTransaction(0.0, {("a", 0): 3}, records=3, outputs=3)
     proc._on_revoke(None, [TopicPartition("a", 0)])  # type: ignore[arg-type]
-    kept = proc._after_rebalance_in_call([FakeMessage("a", 1, 6)])  # type: ignore[list-item]
-    assert producer.aborted == ["revoked"] and proc._open is None
-    assert kept == [] and rewound == [("rebalanced", None)]  # a[1] was handled in the aborted transaction
+    assert producer.committed == [[("a", 0, 3)]] and producer.aborted == []
+    assert proc._open is None and proc.stats.records == 3 and not proc._aborted_in_call
 
 
 @pytest.mark.parametrize(
@@ -129,21 +180,6 @@ def test_the_open_transaction_commits_after_its_interval_or_its_record_limit(
     proc.stats = ProcessorStats(records=committed)
     proc._open = _OpenTransaction(time.monotonic() - opened_ago, records=records)
     assert proc._commit_due(max_records) is due
-
-
-@dataclass
-class FailingCommitProducer(FakeProducer):
-    def send_offsets(self, offsets: list[Any], metadata: Any, timeout: float) -> None:
-        pass
-
-    def commit_transaction(self) -> None:
-        self.in_transaction = False
-        raise AbortableTransactionError("a message of the transaction failed delivery; it was aborted")
-
-
-class FakeConsumer:
-    def consumer_group_metadata(self) -> object:
-        return object()
 
 
 def test_a_transaction_whose_commit_aborts_is_rewound_and_not_counted_as_committed() -> None:
