@@ -20,9 +20,12 @@ has persisted (``advance`` reports them).
 Features: leader election with pre-vote and check-quorum (a follower that heard from a leader
 within the election timeout ignores vote requests), log replication with batching (many
 proposals per message) and pipelining (up to ``max_inflight`` unacknowledged messages per
-follower), commitment only by counting entries of the current term, snapshots with
-InstallSnapshot, single-server membership changes, leadership transfer (TimeoutNow), ReadIndex
-reads and lease reads.
+follower), bounded appends (at most ``max_batch_entries`` entries and about ``max_batch_bytes``
+of data per message, at most ``max_inflight_bytes`` unacknowledged per follower, so a follower
+far behind is caught up through a window of small messages, one more per acknowledgement, that
+neither crowds out heartbeats nor costs the driver a long pause to encode), commitment only by
+counting entries of the current term, snapshots with InstallSnapshot, single-server membership
+changes, leadership transfer (TimeoutNow), ReadIndex reads and lease reads.
 
 Lease reads assume that no node's clock runs faster than another's by more than the
 ``lease_margin_ticks`` fraction of an election timeout: the leader serves a lease read only when a
@@ -79,6 +82,10 @@ class Role(enum.Enum):
     LEADER = "leader"
 
 
+#: Bytes counted per entry besides its data (its encoded header), as :meth:`RaftLog.slice` counts them.
+_ENTRY_OVERHEAD = 24
+
+
 class ProgressState(enum.Enum):
     """How the leader replicates to one follower."""
 
@@ -96,6 +103,8 @@ class Progress:
     state: ProgressState = ProgressState.PROBE
     paused: bool = False
     inflight: deque[int] = field(default_factory=deque)
+    inflight_sizes: deque[int] = field(default_factory=deque)  # data bytes of each message in inflight
+    inflight_bytes: int = 0
     recent_active: bool = False
     pending_snapshot: int = 0
     acked_tick: int = -(10**9)
@@ -109,7 +118,7 @@ class Progress:
             self.next = self.match + 1
         self.state = ProgressState.PROBE
         self.paused = False
-        self.inflight.clear()
+        self.clear_inflight()
         self.pending_snapshot = 0
 
     def become_replicate(self) -> None:
@@ -117,14 +126,38 @@ class Progress:
         self.state = ProgressState.REPLICATE
         self.next = self.match + 1
         self.paused = False
-        self.inflight.clear()
+        self.clear_inflight()
 
-    def is_paused(self, max_inflight: int) -> bool:
-        """True when no further append may be sent now."""
+    def clear_inflight(self) -> None:
+        """Forget every unacknowledged message."""
+        self.inflight.clear()
+        self.inflight_sizes.clear()
+        self.inflight_bytes = 0
+
+    def sent(self, last: int, size: int) -> None:
+        """Note a pipelined message ending at entry ``last`` with ``size`` bytes of data."""
+        self.inflight.append(last)
+        self.inflight_sizes.append(size)
+        self.inflight_bytes += size
+
+    def free_first(self) -> None:
+        """Drop the oldest unacknowledged message from the window."""
+        self.inflight.popleft()
+        self.inflight_bytes -= self.inflight_sizes.popleft()
+
+    def acked(self, index: int) -> None:
+        """Drop the messages whose entries are all acknowledged up to ``index``."""
+        while self.inflight and self.inflight[0] <= index:
+            self.free_first()
+
+    def is_paused(self, max_inflight: int, max_inflight_bytes: int = 0) -> bool:
+        """True when no further append may be sent now (``max_inflight_bytes`` 0: no byte bound)."""
         if self.state is ProgressState.PROBE:
             return self.paused
         if self.state is ProgressState.REPLICATE:
-            return len(self.inflight) >= max_inflight
+            if len(self.inflight) >= max_inflight:
+                return True
+            return max_inflight_bytes > 0 and self.inflight_bytes >= max_inflight_bytes
         return True
 
 
@@ -137,6 +170,8 @@ class RaftConfig:
     heartbeat_tick: int = 1
     max_inflight: int = 256
     max_batch_bytes: int = 1 << 20
+    max_batch_entries: int = 2048
+    max_inflight_bytes: int = 4 << 20
     pre_vote: bool = True
     check_quorum: bool = True
     lease_margin_ticks: int = 2
@@ -148,6 +183,8 @@ class RaftConfig:
             raise ValueError("need 0 < heartbeat_tick < election_tick")
         if self.max_inflight <= 0:
             raise ValueError("max_inflight must be positive")
+        if self.max_batch_bytes <= 0 or self.max_batch_entries <= 0 or self.max_inflight_bytes <= 0:
+            raise ValueError("max_batch_bytes, max_batch_entries and max_inflight_bytes must be positive")
 
 
 @dataclass
@@ -690,8 +727,7 @@ class RaftCore:
                 elif pr.state is ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot:
                     pr.become_probe()
                     pr.become_replicate()
-            while pr.inflight and pr.inflight[0] <= m.index:
-                pr.inflight.popleft()
+            pr.acked(m.index)
             if pr.state is ProgressState.PROBE:
                 pr.paused = False
             if self._maybe_commit():
@@ -705,8 +741,8 @@ class RaftCore:
             pr.acked_tick = max(pr.acked_tick, m.hint)
             if pr.state is ProgressState.PROBE:
                 pr.paused = False
-            elif pr.state is ProgressState.REPLICATE and len(pr.inflight) >= self.cfg.max_inflight:
-                pr.inflight.popleft()
+            elif pr.state is ProgressState.REPLICATE and pr.inflight and self._window_full(pr):
+                pr.free_first()  # a full window after lost messages: let one more through
             elif (
                 pr.state is ProgressState.SNAPSHOT
                 and pr.match < pr.pending_snapshot
@@ -733,14 +769,16 @@ class RaftCore:
 
     def _send_append(self, to: int) -> None:
         pr = self.progress[to]
-        if pr.is_paused(self.cfg.max_inflight):
+        if self._window_full(pr):
             return
         prev = pr.next - 1
         prev_term = self.log.term(prev)
         if prev_term is None:
             self._send_snapshot(to, pr)
             return
-        ents = self.log.slice(pr.next, self.log.last_index() + 1, self.cfg.max_batch_bytes)
+        ents = self.log.slice(
+            pr.next, min(self.log.last_index() + 1, pr.next + self.cfg.max_batch_entries), self.cfg.max_batch_bytes
+        )
         self._send(
             Message(
                 MsgType.APP,
@@ -756,9 +794,12 @@ class RaftCore:
         if pr.state is ProgressState.REPLICATE:
             if ents:
                 pr.next = ents[-1].index + 1
-                pr.inflight.append(ents[-1].index)
+                pr.sent(ents[-1].index, sum(len(e.data) + _ENTRY_OVERHEAD for e in ents))
         else:
             pr.paused = True
+
+    def _window_full(self, pr: Progress) -> bool:
+        return pr.is_paused(self.cfg.max_inflight, self.cfg.max_inflight_bytes)
 
     def _send_snapshot(self, to: int, pr: Progress) -> None:
         snap = self.snapshot
@@ -767,7 +808,7 @@ class RaftCore:
         pr.state = ProgressState.SNAPSHOT
         pr.pending_snapshot = snap.meta.index
         pr.snapshot_sent_tick = self.ticks
-        pr.inflight.clear()
+        pr.clear_inflight()
         self._send(Message(MsgType.SNAP, self.id, to, self.term, snapshot=snap))
 
     def _bcast_append(self) -> None:

@@ -418,3 +418,36 @@ def test_follower_without_a_leader_refuses_reads() -> None:
     c = ScriptedCluster(3)
     with pytest.raises(NotLeaderError):
         c.cores[2].read_index(b"x")
+
+
+def test_a_follower_far_behind_is_caught_up_by_bounded_appends_within_a_bounded_window() -> None:
+    # 5000 entries of 50 counted bytes each; node 3 has only the first one.
+    cfg = RaftConfig(id=1, max_batch_entries=100, max_inflight_bytes=10_000)
+    entries = [Entry(1, i, data=b"x" * 26) for i in range(1, 5001)]
+    hard_state = HardState(term=1, vote=1, commit=5000)
+    core = RaftCore(cfg, (1, 2, 3), random.Random(1), hard_state=hard_state, entries=entries)
+    core.ticks = 100
+    core.campaign(transfer=True)
+    core.step(Message(MsgType.VOTE_RESP, 2, 1, core.term))
+    assert core.is_leader
+    core.advance(core.ready())
+    core.step(Message(MsgType.APP_RESP, 2, 1, core.term, index=core.log.last_index()))
+    core.step(Message(MsgType.APP_RESP, 3, 1, core.term, index=1))  # node 3 back: replicate from 2
+    sent: list[Message] = []
+    for n in range(200):  # proposals under load: each round may send to node 3 while its window has room
+        core.propose(b"p%d" % n)
+        core.tick()
+        core.step(Message(MsgType.HEARTBEAT_RESP, 2, 1, core.term, hint=core.ticks))  # node 2 keeps the quorum
+        rd = core.ready()
+        sent.extend(rd.messages)
+        core.advance(rd)
+    apps = [m for m in sent if m.dst == 3 and m.type is MsgType.APP and m.entries]
+    assert apps and max(len(m.entries) for m in apps) <= 100
+    unacked = sum(len(e.data) + 24 for m in apps for e in m.entries)
+    assert unacked <= 10_000 + 100 * 50  # the window, plus the message that filled it
+    assert apps[-1].entries[-1].index < 5000  # no acknowledgement came: the rest waits for one
+    assert sum(m.type is MsgType.HEARTBEAT and m.dst == 3 for m in sent) >= 150  # heartbeats go on
+    last = apps[-1].entries[-1].index
+    core.step(Message(MsgType.APP_RESP, 3, 1, core.term, index=last))  # all acknowledged: the window reopens
+    after = [m for m in core.ready().messages if m.dst == 3 and m.type is MsgType.APP]
+    assert after and after[0].entries[0].index == last + 1

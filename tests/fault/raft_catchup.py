@@ -1,0 +1,247 @@
+"""Fault run: a follower restarts far behind while clients keep operating; the leader must not stall.
+
+A 3-node cluster of real node processes. One follower is killed; writers then commit
+``--entries`` puts (100k by default) that it misses. Snapshots are taken only every
+``--snapshot-every`` entries (default: never within the run), so the restarted follower catches
+up from the leader's log, entry by entry, which is the heavy path. While it does, ``--clients``
+clients keep doing puts and reads, and every completed operation's time is recorded.
+
+Measured from the restart until the follower has applied everything committed before it (plus
+a short tail):
+
+* ``max_gap_s``: the longest time without any completed client operation (a stalled leader
+  shows as a gap; one second or more is what a leader change costs);
+* ``max_gap_before_s``: the same, in the last seconds before the restart (the machine's own noise);
+* ``leader_changes``: elections seen during that time (the leader's term grew or the leader moved);
+* ``lost``: keys whose final version is below the highest version an acknowledged put returned;
+* ``duplicates``: two acknowledged puts of one key that returned the same version.
+
+``ok`` only when nothing is lost or duplicated, the follower caught up, no leader change
+happened and ``max_gap_s`` is at most two election timeouts. The last line is one JSON object;
+exit status 0 only when ``ok``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kcons.errors import KconsError
+from kcons.raft.cluster import LocalRaftCluster
+
+log = logging.getLogger("raft_catchup")
+SECRET = b"raft-catchup-fault-secret-0123456789"
+TICK_MS = 50
+ELECTION_TICKS = 10
+
+
+@dataclass
+class Acks:
+    """Thread-safe record of acknowledged put versions per key and completion times."""
+
+    versions: dict[str, list[int]] = field(default_factory=dict)
+    done_at: list[float] = field(default_factory=list)
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def put(self, key: str, version: int, at: float) -> None:
+        with self.lock:
+            self.versions.setdefault(key, []).append(version)
+            self.done_at.append(at)
+
+    def read(self, at: float) -> None:
+        with self.lock:
+            self.done_at.append(at)
+
+    def fail(self) -> None:
+        with self.lock:
+            self.failed += 1
+
+
+def writer(cluster: LocalRaftCluster, wid: int, todo: list[int], lock: threading.Lock, acks: Acks) -> None:
+    """Put until the shared budget ``todo[0]`` is spent (keys reused, so the state stays small)."""
+    n = 0
+    with cluster.client(timeout=10.0, request_timeout=2.0) as c:
+        while True:
+            with lock:
+                if todo[0] <= 0:
+                    return
+                todo[0] -= 1
+            key = f"w{wid}-{n % 64}"
+            n += 1
+            try:
+                acks.put(key, c.put(key, f"v{n}"), time.monotonic())
+            except KconsError:
+                acks.fail()
+
+
+def client(cluster: LocalRaftCluster, cid: int, stop: threading.Event, acks: Acks) -> None:
+    """Alternate puts and linearizable reads until ``stop``; record when each one completed."""
+    n = 0
+    with cluster.client(timeout=5.0, request_timeout=1.0) as c:
+        while not stop.is_set():
+            n += 1
+            key = f"c{cid}-{n % 8}"
+            try:
+                if n % 2:
+                    acks.put(key, c.put(key, f"v{n}"), time.monotonic())
+                else:
+                    c.get(key)
+                    acks.read(time.monotonic())
+            except KconsError:
+                acks.fail()
+
+
+def leader_term(cluster: LocalRaftCluster) -> tuple[int | None, int]:
+    """The current leader and its term (None, 0 when none answers)."""
+    leader = cluster.leader()
+    if leader is None:
+        return None, 0
+    with cluster.client(timeout=2.0, request_timeout=1.0) as c:
+        return leader, int(c.status(leader)["term"])
+
+
+def watch_leaders(cluster: LocalRaftCluster, stop: threading.Event, seen: list[tuple[int | None, int]]) -> None:
+    """Sample (leader, term) every 100 ms; a change in either is an election."""
+    while not stop.wait(0.1):
+        try:
+            lt = leader_term(cluster)
+        except (OSError, ValueError, KconsError):
+            continue
+        if lt[0] is not None and (not seen or seen[-1] != lt):
+            seen.append(lt)
+
+
+def _max_gap(start: float, times: list[float], end: float) -> float:
+    """The longest interval between ``start``, the sorted ``times`` and ``end``."""
+    marks = [start, *times, end]
+    return max(b - a for a, b in itertools.pairwise(marks))
+
+
+def run(
+    entries: int, writers: int, clients: int, snapshot_every: int, tail_s: float, timeout_s: float, before_s: float
+) -> dict[str, Any]:
+    acks = Acks()
+    with tempfile.TemporaryDirectory(prefix="raft-catchup-") as tmp:
+        cluster = LocalRaftCluster(
+            3,
+            tmp,
+            SECRET,
+            env={"KCONS_RAFT_SNAPSHOT_EVERY": str(snapshot_every), "KCONS_RAFT_ELECTION_TICKS": str(ELECTION_TICKS)},
+            tick_ms=TICK_MS,
+        )
+        with cluster:
+            leader = cluster.wait_for_leader(30)
+            follower = next(i for i in sorted(cluster.addresses) if i != leader)
+            cluster.kill(follower)
+            t0 = time.monotonic()
+            budget, lock = [entries], threading.Lock()
+            threads = [threading.Thread(target=writer, args=(cluster, w, budget, lock, acks)) for w in range(writers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            write_s = time.monotonic() - t0
+            leader = cluster.wait_for_leader(30)
+            with cluster.client(timeout=5.0) as c:
+                behind = int(c.status(leader)["commit"])
+            log.warning("%d entries written in %.1f s; restarting node %d", behind, write_s, follower)
+
+            stop = threading.Event()
+            seen: list[tuple[int | None, int]] = [leader_term(cluster)]
+            watcher = threading.Thread(target=watch_leaders, args=(cluster, stop, seen))
+            load = [threading.Thread(target=client, args=(cluster, c, stop, acks)) for c in range(clients)]
+            for t in [watcher, *load]:
+                t.start()
+            time.sleep(before_s)
+            restart = time.monotonic()
+            cluster.start_node(follower)
+            caught_up = True
+            try:
+                cluster.wait_for_node(follower, min_applied=behind, timeout=timeout_s)
+            except KconsError:
+                caught_up = False
+            catchup_s = time.monotonic() - restart
+            time.sleep(tail_s)
+            end = time.monotonic()
+            stop.set()
+            for t in [watcher, *load]:
+                t.join()
+            lost = 0
+            duplicates = 0
+            with cluster.client(timeout=30.0) as c:
+                for key, versions in acks.versions.items():
+                    duplicates += len(versions) - len(set(versions))
+                    item = c.get(key)
+                    if (0 if item is None else item.version) < max(versions):
+                        lost += 1
+    times = sorted(t for t in acks.done_at if restart <= t <= end)
+    max_gap = _max_gap(restart, times, end)
+    steady = sorted(t for t in acks.done_at if restart - before_s + 0.5 <= t < restart)
+    max_gap_before = _max_gap(restart - before_s + 0.5, steady, restart)
+    leader_changes = len(seen) - 1
+    limit = 2 * ELECTION_TICKS * TICK_MS / 1000.0
+    return {
+        "entries_behind": behind,
+        "write_s": round(write_s, 1),
+        "catchup_s": round(catchup_s, 2),
+        "caught_up": caught_up,
+        "operations_during_catchup": len(times),
+        "failed_operations": acks.failed,
+        "max_gap_s": round(max_gap, 3),
+        "max_gap_before_s": round(max_gap_before, 3),
+        "gap_limit_s": limit,
+        "leader_changes": leader_changes,
+        "leaders_seen": [list(x) for x in seen],
+        "acknowledged_writes": sum(len(v) for v in acks.versions.values()),
+        "lost": lost,
+        "duplicates": duplicates,
+        "ok": caught_up and lost == 0 and duplicates == 0 and leader_changes == 0 and max_gap <= limit,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", type=int, default=100_000, help="entries the restarted follower misses")
+    parser.add_argument("--writers", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=2, help="clients operating during the catch-up")
+    parser.add_argument("--snapshot-every", type=int, default=10_000_000, help="KCONS_RAFT_SNAPSHOT_EVERY")
+    parser.add_argument("--tail-s", type=float, default=3.0, help="seconds observed after the catch-up")
+    parser.add_argument("--before-s", type=float, default=3.0, help="seconds of load before the restart")
+    parser.add_argument("--timeout-s", type=float, default=180.0, help="longest wait for the catch-up")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    r = run(args.entries, args.writers, args.clients, args.snapshot_every, args.tail_s, args.timeout_s, args.before_s)
+    print(json.dumps(r), file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "name": "raft_catchup",
+                "runs": 1,
+                "faults": 1,
+                "sent": r["acknowledged_writes"],
+                "lost": r["lost"],
+                "duplicates": r["duplicates"],
+                "max_gap_s": r["max_gap_s"],
+                "max_gap_before_s": r["max_gap_before_s"],
+                "leader_changes": r["leader_changes"],
+                "entries_behind": r["entries_behind"],
+                "catchup_s": r["catchup_s"],
+                "gap_limit_s": r["gap_limit_s"],
+                "ok": r["ok"],
+            }
+        )
+    )
+    raise SystemExit(0 if r["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
