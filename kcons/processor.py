@@ -345,6 +345,7 @@ class TransactionalProcessor:
             self._aborted_in_call = True
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._revoked_in_call.update(gone)
+        self._assigned_in_call -= gone  # assigned and then revoked within one read: not ours
         self._buffer[:] = [m for m in self._buffer if (m.topic(), m.partition()) not in gone]
 
     # the loop ---------------------------------------------------------------------------

@@ -194,3 +194,14 @@ def test_a_transaction_whose_commit_aborts_is_rewound_and_not_counted_as_committ
     proc._commit_open()
     assert rewound == ["aborted"] and proc._open is None
     assert proc.stats == ProcessorStats()  # nothing counted: run(max_records=...) must not stop early
+
+
+def test_a_partition_assigned_and_revoked_again_in_one_call_is_dropped_not_rewound() -> None:
+    proc = bare_processor(FakeProducer(), [])
+    rewound: list[tuple[str, set[tuple[str, int]] | None]] = []
+    proc._rewind = lambda reason, only=None: rewound.append((reason, only))  # type: ignore[method-assign]
+    proc._on_revoke(None, [TopicPartition("a", 2), TopicPartition("a", 3)])  # type: ignore[arg-type]
+    proc._on_assign(None, [TopicPartition("a", 0), TopicPartition("a", 2)])  # type: ignore[arg-type]
+    proc._on_revoke(None, [TopicPartition("a", 0), TopicPartition("a", 2)])  # type: ignore[arg-type]
+    kept = proc._after_rebalance_in_call([FakeMessage("a", 2, 280), FakeMessage("a", 0, 5)])  # type: ignore[list-item]
+    assert kept == [] and rewound == []  # a partition no longer assigned cannot be sought
