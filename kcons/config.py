@@ -26,6 +26,7 @@ __all__ = [
     "PostgresSettings",
     "RedisSettings",
     "Settings",
+    "check_amqp_url",
     "check_identifier",
     "env_bool",
     "env_float",
@@ -394,6 +395,25 @@ def check_url_userinfo(setting: str, value: str) -> None:
             "the user name or password in the URL must be percent-encoded "
             "(@ as %40, / as %2F, ? as %3F, # as %23, % as %25)",
         )
+
+
+def check_amqp_url(setting: str, url: str) -> str:
+    """Check an ``amqp://`` or ``amqps://`` URL (host, port) and remember its password for redaction."""
+    text = url.strip()
+    if not text:
+        raise ConfigError(setting, "is empty")
+    check_url_userinfo(setting, text)
+    remember_secrets(secrets_of(text))
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(setting, f"expected amqp://user:password@host:port/vhost, got {redact(text)!r}") from None
+    if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
+        raise ConfigError(setting, f"expected amqp://user:password@host:port/vhost, got {redact(text)!r}")
+    if port is not None:
+        check_port(setting, port, allow_zero=False)
+    return text
 
 
 def check_postgres_dsn(setting: str, dsn: str) -> str:

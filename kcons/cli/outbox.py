@@ -98,6 +98,8 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
              help="Publish every row to this topic (default: the row's topic, else outbox.event.<type>).")
 @_env_option("--mode", "KCONS_OUTBOX_MODE", type=click.Choice(["transactional", "idempotent"], case_sensitive=False),
              help="Kafka publishing mode (default transactional).")
+@_env_option("--sink", "KCONS_OUTBOX_SINK", type=click.Choice(["kafka", "rabbitmq"], case_sensitive=False),
+             help="Where rows go (default kafka); rabbitmq reads $KCONS_AMQP_URL.")
 @_env_option("--batch-size", "KCONS_OUTBOX_BATCH_SIZE", type=click.IntRange(min=1),
              help="Rows per batch (default 1000).")
 @_env_option("--poll-interval", "KCONS_OUTBOX_POLL_INTERVAL_S", type=_POSITIVE, help="Polling fallback in seconds.")
@@ -123,6 +125,7 @@ def relay(
     name: str | None,
     topic: str | None,
     mode: str | None,
+    sink: str | None,
     batch_size: int | None,
     poll_interval: float | None,
     retention: float | None,
@@ -144,6 +147,7 @@ def relay(
             name=name,
             topic=topic,
             mode=mode,
+            sink=sink,
             batch_size=batch_size,
             poll_interval_s=poll_interval,
             retention_s=retention,
@@ -151,6 +155,8 @@ def relay(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
         )
+        if sqlite_path and (settings.sink != "kafka" or settings.kafka is None):
+            raise ConfigError("KCONS_OUTBOX_SINK", "a SQLite outbox is relayed to Kafka only")
         leases = None if sqlite_path else _lease_backend(lease_backend, raft_peers, raft_secret_file)
     except KconsError as exc:
         raise click_error(exc) from None
@@ -168,6 +174,7 @@ def relay(
         except KconsError as exc:
             raise click_error(exc) from None
     if sqlite_path:
+        assert settings.kafka is not None  # checked above
         runner = OutboxRelay.for_sqlite(
             sqlite_path,
             settings.kafka,

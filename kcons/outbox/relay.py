@@ -56,6 +56,7 @@ from tenacity import (
 from kcons import metrics
 from kcons.config import (
     KafkaSettings,
+    check_amqp_url,
     check_host,
     check_identifier,
     check_port,
@@ -99,7 +100,7 @@ class RelaySettings:
     """Relay settings; every value is checked at construction (ConfigError names the ``KCONS_*`` setting)."""
 
     dsn: str
-    kafka: KafkaSettings
+    kafka: KafkaSettings | None  # None only with a sink other than Kafka
     table: str = DEFAULT_TABLE
     name: str = "default"
     topic: str | None = None
@@ -113,6 +114,9 @@ class RelaySettings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     holder: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    sink: str = "kafka"
+    amqp_url: str | None = None
+    amqp_exchange: str = "kcons.outbox"
 
     def __post_init__(self) -> None:
         if not self.dsn:
@@ -137,11 +141,21 @@ class RelaySettings:
         if self.metrics_port is not None:
             check_port("KCONS_OUTBOX_METRICS_PORT", self.metrics_port)
         check_host("KCONS_OUTBOX_METRICS_HOST", self.metrics_host)
+        if self.sink not in SINKS:
+            raise ConfigError("KCONS_OUTBOX_SINK", f"expected one of {', '.join(SINKS)}, got {self.sink!r}")
+        if self.sink == "kafka" and self.kafka is None:
+            raise ConfigError("KCONS_KAFKA_BOOTSTRAP", "is not set (expected host:port[,host:port...])")
+        if self.sink == "rabbitmq":
+            if not self.amqp_url:
+                raise ConfigError("KCONS_AMQP_URL", "is not set (expected amqp://user:password@host:port/vhost)")
+            check_amqp_url("KCONS_AMQP_URL", self.amqp_url)
+            check_identifier("KCONS_AMQP_EXCHANGE", self.amqp_exchange, kind="key", max_length=200)
 
     def __repr__(self) -> str:
         return (
             f"RelaySettings(dsn={redact(self.dsn)!r}, kafka={self.kafka!r}, table={self.table!r}, "
-            f"name={self.name!r}, topic={self.topic!r}, mode={self.mode!r}, batch_size={self.batch_size})"
+            f"name={self.name!r}, topic={self.topic!r}, mode={self.mode!r}, batch_size={self.batch_size}, "
+            f"sink={self.sink!r}, amqp_url={redact(self.amqp_url) if self.amqp_url else None!r})"
         )
 
     @classmethod
@@ -154,11 +168,12 @@ class RelaySettings:
             raise ConfigError("KCONS_POSTGRES_DSN", "is not set (expected postgresql://user@host:port/db)")
         kafka = given.pop("kafka", None)
         bootstrap = given.pop("bootstrap", None)
+        sink = given.pop("sink", None) or env_str("KCONS_OUTBOX_SINK", "kafka", env) or "kafka"
         if kafka is None:
             base = KafkaSettings.from_env(env) if env_str("KCONS_KAFKA_BOOTSTRAP", None, env) else None
             if bootstrap is not None:
                 kafka = KafkaSettings(bootstrap, base.properties if base else {})
-            elif base is None:
+            elif base is None and sink == "kafka":
                 raise ConfigError("KCONS_KAFKA_BOOTSTRAP", "is not set (expected host:port[,host:port...])")
             else:
                 kafka = base
@@ -179,12 +194,34 @@ class RelaySettings:
             "retry_max_s": env_float("KCONS_OUTBOX_RETRY_MAX_S", 60.0, minimum=0.0, environ=env),
             "metrics_port": metrics_port,
             "metrics_host": metrics_host,
+            "sink": sink,
+            "amqp_url": env_str("KCONS_AMQP_URL", None, env),
+            "amqp_exchange": env_str("KCONS_AMQP_EXCHANGE", "kcons.outbox", env),
         }
         holder = env_str("KCONS_OUTBOX_HOLDER", None, env)
         if holder:
             values["holder"] = holder
         values.update(given)
         return cls(dsn=dsn, kafka=kafka, **values)
+
+
+SINKS = ("kafka", "rabbitmq")
+
+
+def _sink(settings: RelaySettings) -> OutboxSink:
+    """The sink ``settings.sink`` names (the RabbitMQ one imports pika, so only when chosen)."""
+    if settings.sink == "rabbitmq":
+        from kcons.outbox.sinks.rabbitmq import RabbitMqSink
+
+        assert settings.amqp_url is not None  # checked by RelaySettings
+        return RabbitMqSink(settings.amqp_url, exchange=settings.amqp_exchange, ack_timeout_s=settings.ack_timeout_s)
+    assert settings.kafka is not None  # checked by RelaySettings
+    return KafkaBatchPublisher(
+        settings.kafka.client_config(),
+        mode=settings.mode,
+        transactional_id=f"kcons-outbox-{settings.table}-{settings.name}",
+        ack_timeout_s=settings.ack_timeout_s,
+    )
 
 
 def _metrics_address(env: Mapping[str, str] | None) -> tuple[int | None, str]:
@@ -303,12 +340,7 @@ class OutboxRelay:
             application_name=f"kcons-outbox:{settings.name}:{settings.holder}"[:63],
             session_timeout_s=settings.lease_ttl_s,
         )
-        publisher = KafkaBatchPublisher(
-            settings.kafka.client_config(),
-            mode=settings.mode,
-            transactional_id=f"kcons-outbox-{settings.table}-{settings.name}",
-            ack_timeout_s=settings.ack_timeout_s,
-        )
+        publisher = _sink(settings)
         backend = leases or AdvisoryLockLeaseBackend(
             settings.dsn, application_name=f"kcons-outbox:{settings.name}:{settings.holder}"[:63]
         )

@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from kcons.config import env_str
 from kcons.errors import ConfigError
@@ -24,11 +27,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Stack",
     "backend",
+    "running",
     "start_kafka",
     "start_postgres",
     "start_rabbitmq",
     "start_redis",
     "start_stack",
+    "wait_for",
 ]
 
 BACKENDS = ("local", "testcontainers")
@@ -81,6 +86,49 @@ def start_redis() -> tuple[str, Closer]:
 
     server = RedisServer().start()
     return server.url, server.close
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0, interval_s: float = 0.05) -> None:
+    """Poll ``check`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval_s)
+
+
+class _Runnable(Protocol):
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+R = TypeVar("R", bound=_Runnable)
+
+
+@contextlib.contextmanager
+def running(service: R, errors: list[BaseException], *, join_s: float = 60.0) -> Iterator[R]:
+    """Run ``service.run()`` on a thread for the ``with`` block, then ``stop()`` it and join.
+
+    What ``run`` raised is appended to ``errors`` (checked by the caller, who may expect one);
+    a service that does not stop within ``join_s`` fails with AssertionError.
+    """
+
+    def target() -> None:
+        try:
+            service.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"kcons-running-{type(service).__name__}", daemon=True)
+    thread.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        thread.join(join_s)
+        if thread.is_alive():
+            raise AssertionError(f"{type(service).__name__} did not stop within {join_s:.0f}s")
 
 
 def start_rabbitmq() -> tuple[str, Closer]:

@@ -66,3 +66,35 @@ def test_the_relay_reads_the_shared_metrics_address_unless_its_own_is_set() -> N
     assert (own.metrics_port, own.metrics_host) == (9401, "127.0.0.1"), "host and port come from one source"
     assert RelaySettings.from_env(BASE).metrics_port is None
     assert RelaySettings.from_env({**BASE, "KCONS_METRICS_PORT": "0"}).metrics_port is None, "0 is off, as elsewhere"
+
+
+AMQP = {"KCONS_POSTGRES_DSN": BASE["KCONS_POSTGRES_DSN"], "KCONS_OUTBOX_SINK": "rabbitmq"}
+
+
+def test_rabbitmq_sink_needs_no_kafka_and_redacts_the_amqp_password() -> None:
+    s = RelaySettings.from_env({**AMQP, "KCONS_AMQP_URL": "amqp://relay:pa55word@mq:5672/%2F"})
+    assert (s.sink, s.kafka, s.amqp_exchange) == ("rabbitmq", None, "kcons.outbox")
+    assert "pa55word" not in repr(s) and "mq:5672" in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({}, "KCONS_AMQP_URL"),
+        ({"KCONS_AMQP_URL": "http://mq:5672/"}, "KCONS_AMQP_URL"),
+        ({"KCONS_AMQP_URL": "amqp://u:p@mq:99999/"}, "KCONS_AMQP_URL"),
+        ({"KCONS_AMQP_URL": "amqp://mq/", "KCONS_AMQP_EXCHANGE": "has space"}, "KCONS_AMQP_EXCHANGE"),
+        ({"KCONS_OUTBOX_SINK": "carrier-pigeon"}, "KCONS_OUTBOX_SINK"),
+    ],
+)
+def test_bad_rabbitmq_settings_name_the_setting_and_hide_the_password(env: dict[str, str], setting: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RelaySettings.from_env({**AMQP, **env})
+    assert info.value.setting == setting
+    assert "p@" not in str(info.value)
+
+
+def test_kafka_sink_still_requires_the_bootstrap() -> None:
+    with pytest.raises(ConfigError) as info:
+        RelaySettings.from_env({"KCONS_POSTGRES_DSN": BASE["KCONS_POSTGRES_DSN"]})
+    assert info.value.setting == "KCONS_KAFKA_BOOTSTRAP"
