@@ -302,7 +302,10 @@ def test_cli_relay_takes_its_lease_from_raft(
             while time.monotonic() < deadline:
                 with psycopg.connect(outbox_db) as conn:
                     left = conn.execute("SELECT count(*) FROM kcons_outbox").fetchone()
-                    advisory = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+                    advisory = conn.execute(  # this test's database only: the server is shared
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                    ).fetchone()
                     fence = conn.execute("SELECT token FROM kcons_outbox_fence WHERE name = 'via-raft'").fetchone()
                 if left == (0,):
                     break
