@@ -324,7 +324,10 @@ def cache_command(
         if not redis_url:
             raise ConfigError("KCONS_REDIS_URL", "give --redis or set $KCONS_REDIS_URL")
         version_of = _source(source, dsn)
-        client = redis.Redis.from_url(redis_url)
+        try:
+            client = redis.Redis.from_url(redis_url)
+        except ValueError as exc:
+            raise ConfigError("KCONS_REDIS_URL", f"not a Redis URL ({exc})") from None
         auditor = CacheAuditor(
             client, version_of, prefix=prefix, name=name, sample=sample, lag_bound_s=lag_bound, window=window
         )
