@@ -43,6 +43,14 @@ def outbox_db(fresh_database: Callable[[], str]) -> str:
     return dsn
 
 
+def _advisory_locks(conn: Any) -> tuple[Any, ...] | None:
+    """Advisory locks held in this connection's database (pg_locks is server-wide; the server is shared)."""
+    return conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+    ).fetchone()
+
+
 def _rows(dsn: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(
@@ -217,7 +225,7 @@ def test_cli_relay_publishes_serves_metrics_and_stops_on_sigterm(
     assert proc.returncode == 0, out.decode()[-2000:]
     with psycopg.connect(dsn) as conn:
         left = conn.execute("SELECT count(*) FROM kcons_outbox").fetchone()
-        holders = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+        holders = _advisory_locks(conn)
     assert left == (0,) and holders == (0,)  # published, and the lease was released on the way out
 
 
@@ -302,10 +310,7 @@ def test_cli_relay_takes_its_lease_from_raft(
             while time.monotonic() < deadline:
                 with psycopg.connect(outbox_db) as conn:
                     left = conn.execute("SELECT count(*) FROM kcons_outbox").fetchone()
-                    advisory = conn.execute(  # this test's database only: the server is shared
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
-                        "(SELECT oid FROM pg_database WHERE datname = current_database())"
-                    ).fetchone()
+                    advisory = _advisory_locks(conn)
                     fence = conn.execute("SELECT token FROM kcons_outbox_fence WHERE name = 'via-raft'").fetchone()
                 if left == (0,):
                     break
