@@ -109,9 +109,14 @@ def explicit_level() -> bool:
 
 
 def quiet_by_default(level: int = logging.WARNING) -> None:
-    """For interactive commands (``kcons demo``): use ``level`` unless the operator chose one."""
+    """For interactive commands (``kcons demo``): use ``level`` unless the operator chose one.
+
+    librdkafka's own lines (transient broker connection and coordinator messages, which kcons
+    retries and reports through its own errors) are then silenced as well.
+    """
     if not _explicit:
         logging.getLogger().setLevel(level)
+        logging.getLogger("kcons.librdkafka").setLevel(logging.CRITICAL + 1)
 
 
 def add_context(**fields: Any) -> None:

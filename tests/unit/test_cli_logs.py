@@ -41,6 +41,8 @@ def test_interactive_commands_are_quiet_only_when_no_level_was_chosen(monkeypatc
     logs.configure(0)
     logs.quiet_by_default()
     assert logging.getLogger().level == logging.WARNING
+    assert not logging.getLogger("kcons.librdkafka").isEnabledFor(logging.CRITICAL)
+    logging.getLogger("kcons.librdkafka").setLevel(logging.NOTSET)
     monkeypatch.setenv("KCONS_LOG_LEVEL", "INFO")
     logs.configure(0)
     logs.quiet_by_default()
