@@ -184,3 +184,22 @@ def test_the_dead_commands_list_and_put_an_aggregate_back_in_order(tmp_path: Pat
     assert store.dead_rows() == []
     store.close()
     db.close()
+
+
+def test_a_relay_on_a_schema_without_the_dead_letter_table_says_to_run_init(outbox_db: str, tmp_path: Path) -> None:
+    from kcons.errors import ConfigError
+
+    with psycopg.connect(outbox_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE kcons_outbox_dead")  # as an outbox installed by schema version 2
+    store = PostgresOutboxStore(outbox_db)
+    with pytest.raises(ConfigError, match="kcons outbox init"):
+        store.fetch(10)
+    store.close()
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as db:
+        install_schema(db)
+        db.execute("DROP TABLE kcons_outbox_dead")
+    lite = SqliteOutboxStore(path)
+    with pytest.raises(ConfigError, match="kcons outbox init"):
+        lite.fetch(10)
+    lite.close()

@@ -48,13 +48,25 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kcons.errors import LeadershipLostError, StoreError
+from kcons.errors import ConfigError, LeadershipLostError, StoreError
 from kcons.outbox.rows import DEAD_ROW_FIELDS, OutboxRow, row_from_select
-from kcons.outbox.schema import DEFAULT_TABLE, validate_table
+from kcons.outbox.schema import DEFAULT_TABLE, SCHEMA_VERSION, validate_table
 
 __all__ = ["PostgresOutboxStore"]
 
 log = logging.getLogger(__name__)
+
+
+def _check_schema(exc: Exception, table: str) -> None:
+    """Turn "the dead-letter table is missing" into a ConfigError that says what to run (not retried)."""
+    import psycopg
+
+    if isinstance(exc, psycopg.errors.UndefinedTable) and f"{table}_dead" in str(exc):
+        raise ConfigError(
+            "KCONS_OUTBOX_TABLE",
+            f"{table}_dead does not exist: the outbox schema predates version {SCHEMA_VERSION}; "
+            "run `kcons outbox init`",
+        ) from None
 
 
 class PostgresOutboxStore:
@@ -203,8 +215,9 @@ class PostgresOutboxStore:
                     # All late rows must be in hand (the late query has no order): a full LIMIT means maybe not.
                     overflow = sum(1 for r in got if r[11] == 1) >= late_limit
                     raw = [r for r in got if r[0] is not None and r[0] not in skip]
-        except Exception:
+        except Exception as exc:
             self._on_error()
+            _check_schema(exc, self.table)
             raise
         if overflow:
             # More late rows than one batch (a huge transaction committed late): read plainly once.

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kcons.errors import LeadershipLostError, StoreError
+from kcons.errors import ConfigError, LeadershipLostError, StoreError
 from kcons.outbox.rows import DEAD_ROW_FIELDS, OutboxRow, row_from_select
 from kcons.outbox.schema import DEFAULT_TABLE, validate_table
 
@@ -56,12 +56,19 @@ class SqliteOutboxStore:
         now = time.time()
         skip = set(exclude)
         t = self.table
-        cur = self._conn().execute(
-            f"SELECT position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at, "
-            f"(aggregatetype, aggregateid) IN (SELECT d.aggregatetype, d.aggregateid FROM {t}_dead d) "
-            f"FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT ?",
-            (limit + len(skip),),
-        )
+        try:
+            cur = self._conn().execute(
+                f"SELECT position, id, aggregatetype, aggregateid, type, payload, topic, headers, version, created_at, "
+                f"(aggregatetype, aggregateid) IN (SELECT d.aggregatetype, d.aggregateid FROM {t}_dead d) "
+                f"FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT ?",
+                (limit + len(skip),),
+            )
+        except sqlite3.OperationalError as exc:
+            if f"no such table: {t}_dead" in str(exc):
+                raise ConfigError(
+                    "KCONS_OUTBOX_TABLE", f"{t}_dead does not exist: run `kcons outbox init --sqlite PATH`"
+                ) from None
+            raise
         rows = [row_from_select(r, _age(r[9], now), now) for r in cur.fetchall() if r[0] not in skip]
         return rows[:limit]
 
