@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from kcons.errors import ServiceStartError
 from kcons.testing.install import rabbitmq_server_binary
@@ -28,7 +29,7 @@ from kcons.testing.local import _LIVE, ManagedProcess, _wait, free_port
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PLUGINS", "RabbitMqServer"]
+__all__ = ["PLUGINS", "RabbitMqServer", "drain"]
 
 #: Plugins every test node runs: the exchange that keeps an aggregate on one queue.
 PLUGINS = ("rabbitmq_consistent_hash_exchange",)
@@ -136,3 +137,20 @@ class RabbitMqServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def drain(url: str, queue: str) -> list[tuple[Any, bytes]]:
+    """Every message now in ``queue``, in queue order, as ``(properties, body)``; acknowledged (removed)."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        ch = conn.channel()
+        out: list[tuple[Any, bytes]] = []
+        while True:
+            method, props, body = ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append((props, body))
+    finally:
+        conn.close()

@@ -15,6 +15,7 @@ from kcons.errors import SinkUnavailableError
 from kcons.outbox import OutboxRelay, OutboxRow, RelaySettings, add, install_schema
 from kcons.outbox.sinks.rabbitmq import HEADER_TOPIC, declare_hash_queues
 from kcons.testing import running, wait_for
+from kcons.testing.rabbitmq import drain
 
 pytestmark = [pytest.mark.integration]
 
@@ -65,18 +66,7 @@ def _write(dsn: str, aggregates: int, versions: int) -> list[Envelope]:
 
 def _drain(amqp_url: str, queues: Sequence[str]) -> dict[str, list[tuple[Any, Any]]]:
     """Every message in each queue, in queue order: (properties, body)."""
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    ch = conn.channel()
-    out: dict[str, list[tuple[Any, Any]]] = {}
-    for q in queues:
-        got = out.setdefault(q, [])
-        while True:
-            method, props, body = ch.basic_get(q, auto_ack=True)
-            if method is None:
-                break
-            got.append((props, body))
-    conn.close()
-    return out
+    return {q: drain(amqp_url, q) for q in queues}
 
 
 def _depth(amqp_url: str, queues: Sequence[str]) -> int:
