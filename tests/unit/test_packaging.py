@@ -35,12 +35,11 @@ def test_license_is_an_spdx_expression_with_the_apache_text_beside_it() -> None:
     assert any(re.fullmatch(r"setuptools>=(\d+)", r) and int(r.split(">=")[1]) >= 77 for r in requires), requires
 
 
-def test_classifiers_and_urls_are_declared() -> None:
+def test_classifiers_are_declared() -> None:
     project = _project()["project"]
     assert "Typing :: Typed" in project["classifiers"]
     assert "Programming Language :: Python :: 3.11" in project["classifiers"]
     assert not [c for c in project["classifiers"] if c.startswith("License ::")], "the SPDX expression replaces them"
-    assert {"Source", "Issues"} <= set(project["urls"])
 
 
 def test_the_version_is_written_once_in_kcons_init() -> None:
