@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kcons.config import redact
 from kcons.envelope import Envelope
 
 log = logging.getLogger(__name__)
@@ -544,8 +545,9 @@ def _run_shop(
     from kcons.cache import CacheInvalidator, CacheSettings, ConsistentCache
     from kcons.testing.plugin import create_topic
 
-    progress(f"services up in {time.monotonic() - started:.1f}s: kafka {stack.kafka_bootstrap}, "
-             f"redis {stack.redis_url}" + (", postgres" if opts.postgres else ", sqlite outbox"))  # fmt: skip
+    where = f"kafka {stack.kafka_bootstrap}, redis {redact(stack.redis_url)}"
+    progress(f"services up in {time.monotonic() - started:.1f}s: {where}"
+             + (", postgres" if opts.postgres else ", sqlite outbox"))  # fmt: skip
     pg_dsn = _fresh_pg_database(stack.postgres_dsn) if opts.postgres else None
     db = _Database(pg_dsn, workdir)
     db.setup(opts.products)

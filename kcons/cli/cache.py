@@ -19,7 +19,7 @@ from kcons.cache.invalidator import CacheInvalidator
 from kcons.cache.model import Strategy
 from kcons.cli import logs
 from kcons.cli.errors import click_error
-from kcons.cli.settings import start_metrics
+from kcons.cli.settings import PortSetting, start_metrics
 from kcons.cli.signals import stop_on_signals
 from kcons.errors import ConfigError
 
@@ -84,7 +84,7 @@ def cache_cli() -> None:
 )
 @click.option("--name", envvar="KCONS_CACHE_NAME", show_envvar=True, default="default", show_default=True,
               help="Cache name.")  # fmt: skip
-@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", show_envvar=True, type=click.IntRange(0, 65535),
+@click.option("--metrics-port", envvar="KCONS_METRICS_PORT", show_envvar=True, type=PortSetting("KCONS_METRICS_PORT"),
               help="Serve /metrics and /healthz on this port.")  # fmt: skip
 @click.option("--metrics-host", envvar="KCONS_METRICS_HOST", show_envvar=True, default="127.0.0.1", show_default=True)
 def invalidator_command(
@@ -104,7 +104,7 @@ def invalidator_command(
 
     import redis
 
-    from kcons.config import KafkaSettings, RedisSettings, check_host, check_identifier, check_port, redact
+    from kcons.config import KafkaSettings, RedisSettings, check_host, check_identifier, redact
     from kcons.errors import KconsError
 
     topics_setting = "--topic" if topics else "KCONS_CACHE_TOPICS"
@@ -118,8 +118,6 @@ def invalidator_command(
                 raise ConfigError(topics_setting, f"expected Kafka topic names [A-Za-z0-9._-]{{1,249}}, got {topic!r}")
         check_identifier("KCONS_CACHE_GROUP", group, kind="key", max_length=249)
         check_identifier("KCONS_CACHE_NAME", name, kind="key", max_length=100)
-        if metrics_port is not None:
-            check_port("KCONS_METRICS_PORT", metrics_port)
         check_host("KCONS_METRICS_HOST", metrics_host)
         kafka = KafkaSettings.from_env()
         redis_settings = RedisSettings.from_env()

@@ -10,6 +10,7 @@ import click
 from kcons.cli import logs
 from kcons.cli.errors import click_error
 from kcons.cli.signals import Interrupted, interrupt_on_signals, stop_on_signals
+from kcons.config import redact_text
 from kcons.demo import WORKER_KINDS, WORKER_ROLES, DemoOptions, open_worker, run_demo
 from kcons.errors import KconsError
 
@@ -39,7 +40,7 @@ def demo(postgres: bool, orders: int, rate: float, products: int, readers: int, 
         opts = DemoOptions(orders=orders, rate=rate, products=products, readers=readers, postgres=postgres,
                            timeout_s=timeout_s)  # fmt: skip
         with interrupt_on_signals():
-            report = run_demo(opts, progress=lambda line: click.echo(line, err=True))
+            report = run_demo(opts, progress=lambda line: click.echo(redact_text(line), err=True))
     except KconsError as exc:
         raise click_error(exc) from None
     except Interrupted as exc:  # run_demo stopped everything and said so

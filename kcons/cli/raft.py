@@ -18,8 +18,11 @@ import click
 
 from kcons.cli import logs
 from kcons.cli.errors import click_error
-from kcons.errors import KconsError
+from kcons.cli.settings import PortSetting, remember_file_secret, start_metrics
+from kcons.config import check_host
+from kcons.errors import ConfigError, KconsError
 from kcons.raft.client import RaftClient
+from kcons.raft.transport import parse_peers
 
 __all__ = ["raft"]
 
@@ -36,8 +39,13 @@ def _echo(obj: Any) -> None:
     click.echo(json.dumps(obj, sort_keys=True))
 
 
+_PEERS = "KCONS_RAFT_PEERS (--peers)"
+
+
 def _client(peers: str, secret_file: str | None) -> RaftClient:
+    remember_file_secret(secret_file)
     try:
+        parse_peers(peers, _PEERS)
         return RaftClient.from_env(peers, secret_file)
     except KconsError as exc:
         raise click_error(exc) from None
@@ -54,7 +62,7 @@ def raft() -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False), required=True, help="WAL and snapshot directory")
 @_secret_option
 @click.option("--voters", default="", help="initial voter ids (default: every peer), e.g. 1,2,3")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="KCONS_METRICS_PORT",
+@click.option("--metrics-port", type=PortSetting("KCONS_METRICS_PORT"), default=None, envvar="KCONS_METRICS_PORT",
               show_envvar=True, help="serve /metrics and /healthz on this port (0 or unset: off)")  # fmt: skip
 @click.option("--metrics-host", envvar="KCONS_METRICS_HOST", default="127.0.0.1", show_default=True,
               show_envvar=True, help="address for /metrics and /healthz")  # fmt: skip
@@ -81,7 +89,10 @@ def serve(
     from kcons.raft.node import NodeSettings, RaftNode
 
     logs.add_context(node=node_id)
+    remember_file_secret(secret_file)
     try:
+        parse_peers(peers, _PEERS)
+        check_host("KCONS_METRICS_HOST", metrics_host)
         settings = NodeSettings.from_env(node_id, peers, data_dir, secret_file)
         if voters:
             settings = replace(settings, voters=tuple(int(v) for v in voters.split(",") if v))
@@ -96,9 +107,8 @@ def serve(
         node = RaftNode(settings)
         server = None
         if metrics_port:
-            from kcons.metrics import MetricsServer
-
-            server = MetricsServer(port=metrics_port, host=metrics_host)
+            server = start_metrics(metrics_port, metrics_host, port_setting="KCONS_METRICS_PORT",
+                                   host_setting="KCONS_METRICS_HOST", start=False)  # fmt: skip
 
             def health() -> tuple[bool, str]:
                 st = node.status()
@@ -129,6 +139,11 @@ def serve(
         asyncio.run(main())
     except KconsError as exc:  # e.g. a WAL damaged before its tail: refuse to guess
         raise click_error(exc) from None
+    except OSError as exc:  # the listen address: not this host's, or in use
+        where = settings.listen or settings.peers[node_id]
+        setting = "KCONS_RAFT_LISTEN" if settings.listen else _PEERS
+        reason = exc.strerror or type(exc).__name__
+        raise click_error(ConfigError(setting, f"cannot listen on {where} ({reason})")) from None
     if failure:
         raise SystemExit(3)
 

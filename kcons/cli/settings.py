@@ -15,6 +15,9 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
+
+import click
 
 from kcons.config import (
     check_host,
@@ -27,10 +30,29 @@ from kcons.config import (
 from kcons.errors import ConfigError
 from kcons.metrics import HealthCheck, MetricsServer
 
-__all__ = ["remember_env_secrets", "remember_file_secret", "start_metrics"]
+__all__ = ["PortSetting", "remember_env_secrets", "remember_file_secret", "start_metrics"]
 
 #: Settings whose whole value, or the secrets inside it, must never be printed.
 _CONNECTION_SETTINGS = ("KCONS_POSTGRES_DSN", "KCONS_REDIS_URL")
+
+
+class PortSetting(click.ParamType[int]):
+    """A click type for a TCP port whose bad value is a ConfigError naming the ``KCONS_*`` setting."""
+
+    name = "port"
+
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        """Return the port as an int within 0-65535, else raise ConfigError naming the setting."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return check_port(self.setting, value)
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ConfigError(self.setting, f"expected a port number, got {value!r}") from None
+        return check_port(self.setting, number)
 
 
 def remember_env_secrets(environ: Mapping[str, str] | None = None) -> None:
@@ -71,8 +93,12 @@ def start_metrics(
     port_setting: str,
     host_setting: str,
     health_checks: Iterable[tuple[str, HealthCheck]] = (),
+    start: bool = True,
 ) -> MetricsServer:
-    """Serve /metrics and /healthz; a bad port or an address this host cannot bind raise ConfigError naming it."""
+    """Bind (and unless ``start`` is false, serve) /metrics and /healthz.
+
+    A bad port, or an address this host cannot bind, raises ConfigError naming the setting.
+    """
     check_port(port_setting, port)
     check_host(host_setting, host)
     try:
@@ -83,4 +109,4 @@ def start_metrics(
         setting = port_setting if getattr(exc, "errno", None) in {98, 13} else host_setting
         raise ConfigError(setting, f"cannot listen on {host}:{port} ({exc.strerror or type(exc).__name__})") from None
     logging.getLogger(__name__).debug("metrics endpoint bound on %s:%d", host, server.port)
-    return server.start()
+    return server.start() if start else server

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kcons.config import env_bool, env_int, env_str
+from kcons.config import check_host, check_port, env_bool, env_int, env_str
 from kcons.errors import ConfigError
 from kcons.metrics import (
     RAFT_APPLIED_INDEX,
@@ -97,9 +97,10 @@ class NodeSettings:
         if listen:
             host, _, port = listen.rpartition(":")
             try:
-                listen_addr = PeerAddress(host, int(port))
+                listen_addr = PeerAddress(check_host("KCONS_RAFT_LISTEN", host), int(port))
             except ValueError:
                 raise ConfigError("KCONS_RAFT_LISTEN", f"expected host:port, got {listen!r}") from None
+            check_port("KCONS_RAFT_LISTEN", listen_addr.port)
         return cls(
             node_id=node_id,
             peers=parse_peers(peers),
