@@ -33,8 +33,8 @@ class _SafeGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except click.UsageError:
-            raise  # about the command line itself, printed with its usage
+        except click.UsageError as exc:  # exit 2, printed with the usage line; a flag's value may be a secret
+            raise click.UsageError(redact_text(exc.format_message()), exc.ctx) from None
         except click.ClickException as exc:
             raise click.ClickException(redact_text(exc.format_message())) from None
         except (click.exceptions.Exit, click.exceptions.Abort):

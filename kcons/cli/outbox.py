@@ -61,6 +61,7 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
     """
     name = table or env_str("KCONS_OUTBOX_TABLE", DEFAULT_TABLE) or DEFAULT_TABLE
     try:
+        check_range("KCONS_OUTBOX_INIT_LOCK_TIMEOUT_S", lock_timeout, 0.05, 600.0)  # click's range lets nan through
         if print_sql:
             click.echo(postgres_ddl(name))
             return

@@ -33,7 +33,7 @@ from kcons.metrics import HealthCheck, MetricsServer
 __all__ = ["PortSetting", "remember_env_secrets", "remember_file_secret", "start_metrics"]
 
 #: Settings whose whole value, or the secrets inside it, must never be printed.
-_CONNECTION_SETTINGS = ("KCONS_POSTGRES_DSN", "KCONS_REDIS_URL")
+_CONNECTION_SETTINGS = ("KCONS_POSTGRES_DSN", "KCONS_REDIS_URL", "KCONS_AMQP_URL")
 
 
 class PortSetting(click.ParamType[int]):
@@ -45,14 +45,19 @@ class PortSetting(click.ParamType[int]):
         self.setting = setting
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        """Return the port as an int within 0-65535, else raise ConfigError naming the setting."""
+        """Return the port as an int within 0-65535, else raise ConfigError naming the flag or the variable."""
+        setting = self.setting
+        if ctx is not None and param is not None and param.name is not None and param.opts:
+            source = ctx.get_parameter_source(param.name)
+            if source is not click.core.ParameterSource.ENVIRONMENT:
+                setting = param.opts[0]
         if isinstance(value, int) and not isinstance(value, bool):
-            return check_port(self.setting, value)
+            return check_port(setting, value)
         try:
             number = int(str(value).strip())
         except ValueError:
-            raise ConfigError(self.setting, f"expected a port number, got {value!r}") from None
-        return check_port(self.setting, number)
+            raise ConfigError(setting, f"expected a port number, got {value!r}") from None
+        return check_port(setting, number)
 
 
 def remember_env_secrets(environ: Mapping[str, str] | None = None) -> None:
