@@ -12,6 +12,8 @@ a short tail):
 * ``max_gap_s``: the longest time without any completed client operation (a stalled leader
   shows as a gap; one second or more is what a leader change costs);
 * ``max_gap_before_s``: the same, in the last seconds before the restart (the machine's own noise);
+* ``leader_status_max_s``: the slowest status answer of the leader (asked every 50 ms from
+  before the restart to the end), i.e. the longest pause of the leader's own event loop;
 * ``leader_changes``: elections seen during that time (the leader's term grew or the leader moved);
 * ``lost``: keys whose final version is below the highest version an acknowledged put returned;
 * ``duplicates``: two acknowledged puts of one key that returned the same version.
@@ -120,6 +122,22 @@ def watch_leaders(cluster: LocalRaftCluster, stop: threading.Event, seen: list[t
             seen.append(lt)
 
 
+def probe_loop(cluster: LocalRaftCluster, node: int, stop: threading.Event, worst: list[float]) -> None:
+    """Ask ``node`` for its status every 50 ms and keep the slowest answer: its event loop's longest pause.
+
+    A status is answered by the node itself, without a quorum round, so a slow answer means the
+    node's own loop was busy (or starved of CPU), not that the cluster was slow.
+    """
+    with cluster.client(timeout=10.0, request_timeout=10.0) as c:
+        while not stop.wait(0.05):
+            t = time.monotonic()
+            try:
+                c.status(node)
+            except (OSError, ValueError, KconsError):
+                continue
+            worst[0] = max(worst[0], time.monotonic() - t)
+
+
 def _max_gap(start: float, times: list[float], end: float) -> float:
     """The longest interval between ``start``, the sorted ``times`` and ``end``."""
     marks = [start, *times, end]
@@ -158,8 +176,10 @@ def run(
             stop = threading.Event()
             seen: list[tuple[int | None, int]] = [leader_term(cluster)]
             watcher = threading.Thread(target=watch_leaders, args=(cluster, stop, seen))
+            worst_status = [0.0]
+            prober = threading.Thread(target=probe_loop, args=(cluster, leader, stop, worst_status))
             load = [threading.Thread(target=client, args=(cluster, c, stop, acks)) for c in range(clients)]
-            for t in [watcher, *load]:
+            for t in [watcher, prober, *load]:
                 t.start()
             time.sleep(before_s)
             restart = time.monotonic()
@@ -173,7 +193,7 @@ def run(
             time.sleep(tail_s)
             end = time.monotonic()
             stop.set()
-            for t in [watcher, *load]:
+            for t in [watcher, prober, *load]:
                 t.join()
             lost = 0
             duplicates = 0
@@ -198,6 +218,7 @@ def run(
         "failed_operations": acks.failed,
         "max_gap_s": round(max_gap, 3),
         "max_gap_before_s": round(max_gap_before, 3),
+        "leader_status_max_s": round(worst_status[0], 3),
         "gap_limit_s": limit,
         "leader_changes": leader_changes,
         "leaders_seen": [list(x) for x in seen],
@@ -232,6 +253,7 @@ def main() -> None:
                 "duplicates": r["duplicates"],
                 "max_gap_s": r["max_gap_s"],
                 "max_gap_before_s": r["max_gap_before_s"],
+                "leader_status_max_s": r["leader_status_max_s"],
                 "leader_changes": r["leader_changes"],
                 "entries_behind": r["entries_behind"],
                 "catchup_s": r["catchup_s"],
