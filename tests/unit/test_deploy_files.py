@@ -927,7 +927,7 @@ def _runbook_sections() -> dict[str, str]:
 
 
 def test_every_alert_links_its_runbook_section_which_says_what_to_do() -> None:
-    base = "deploy/RUNBOOK.md#"  # a path in the kcons source tree; deploy/README.md says how to point it at a hosted copy
+    base = "deploy/RUNBOOK.md#"  # a path in the source tree; deploy/README.md says how to point it elsewhere
     sections = _runbook_sections()
     for rule in _alert_rules():
         url = rule["annotations"].get("runbook_url", "")
