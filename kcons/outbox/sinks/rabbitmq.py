@@ -149,6 +149,7 @@ class RabbitMqSink:
                     f"row {event_id} was returned unroutable by exchange {self.exchange!r} (no queue bound?)"
                 ) from None
             except pika.exceptions.NackError:
+                self.reset()  # a fresh channel for the retry: the queue may have been restarted meanwhile
                 raise SinkUnavailableError(f"RabbitMQ refused (nack) row {event_id}") from None
             except pika.exceptions.ChannelClosedByBroker as exc:
                 self.reset()
