@@ -182,3 +182,22 @@ def test_bad_value_ends_the_command_with_one_line_naming_the_setting(row: Row, v
     # Either kcons' ConfigError or click's own check of an option read from the variable names it.
     named = rf"(invalid setting [^:]*\b{row.setting}\b|\(env var: '{row.setting}'\))"
     assert re.search(named, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("kind", ["sql", "lowercase_sql", "key"])
+def test_identifiers_with_a_trailing_newline_are_refused(kind: str) -> None:
+    from kcons.config import check_identifier
+    from kcons.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        check_identifier("KCONS_OUTBOX_TABLE", "outbox\n", kind=kind, max_length=63)  # type: ignore[arg-type]
+    assert info.value.setting == "KCONS_OUTBOX_TABLE"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_purge_refuses_a_retention_that_would_make_it_fail_forever(value: str) -> None:
+    env = _clean_env({"KCONS_POSTGRES_DSN": "postgresql://app:pw@127.0.0.1:1/shop"})
+    result = CliRunner().invoke(main, ["outbox", "purge", "--older-than", value], env=env)
+    assert result.exit_code not in (0, None)
+    assert isinstance(result.exception, SystemExit)
+    assert "--older-than" in result.output and "Traceback" not in result.output
