@@ -60,6 +60,8 @@ KAFKA_SECRET_PROPERTIES = frozenset(
         "ssl.key.password",
         "ssl_key",
         "ssl.keystore.password",
+        "ssl.keystore.key",
+        "ssl.keystore.certificate.chain",
         "ssl.truststore.password",
         "ssl.engine.callback_data",
         "basic.auth.user.info",
