@@ -161,11 +161,11 @@ class TlsFiles:
         key = (env.get("KCONS_RAFT_TLS_KEY") or "").strip() or None
         if not ca and not cert and not key:
             return None
+        if not ca:  # the first thing missing is named first
+            raise ConfigError("KCONS_RAFT_TLS_CA", "TLS needs the CA file that signed the nodes' certificates")
         for setting, path in (("KCONS_RAFT_TLS_CA", ca), ("KCONS_RAFT_TLS_CERT", cert), ("KCONS_RAFT_TLS_KEY", key)):
             if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise ConfigError(setting, f"cannot read the file {path!r}")
-        if not ca:
-            raise ConfigError("KCONS_RAFT_TLS_CA", "TLS needs the CA file that signed the nodes' certificates")
         if server and not (cert and key):
             raise ConfigError("KCONS_RAFT_TLS_CERT", "a node needs KCONS_RAFT_TLS_CERT and KCONS_RAFT_TLS_KEY for TLS")
         files = cls(cert, key, ca)

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -46,11 +45,13 @@ def _libpq_quoted(value: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def services() -> Iterator[dict[str, str]]:
-    needed = ("KCONS_KAFKA_BOOTSTRAP", "KCONS_REDIS_URL", "KCONS_POSTGRES_DSN")
-    if not all(os.environ.get(k) for k in needed):
-        pytest.skip("needs the local services (source the dev environment)")
-    yield {k: os.environ[k] for k in needed}
+def services(kcons_kafka_bootstrap: str, kcons_redis_url: str, kcons_postgres_dsn: str) -> dict[str, str]:
+    """The real services (started by the fixtures when no KCONS_* variable names running ones)."""
+    return {
+        "KCONS_KAFKA_BOOTSTRAP": kcons_kafka_bootstrap,
+        "KCONS_REDIS_URL": kcons_redis_url,
+        "KCONS_POSTGRES_DSN": kcons_postgres_dsn,
+    }
 
 
 def _runs(services: dict[str, str], tmp: Path) -> list[Run]:

@@ -33,6 +33,8 @@ INVALIDATOR_ENV = {**PEEK_ENV, "KCONS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "KCONS_CA
 SERVE = ["raft", "serve", "--id", "1", "--data-dir", "{tmp}"]
 SERVE_ENV = {"KCONS_RAFT_PEERS": "1=127.0.0.1:1", "KCONS_RAFT_SECRET": SECRET}
 GET = ["raft", "get", "k"]
+#: A readable CA file, so that the certificate or key is the first thing wrong.
+TLS_SERVE_ENV = {**SERVE_ENV, "KCONS_RAFT_TLS_CA": __file__}
 NAN = ["nan", "inf", "-inf", "NaN"]
 
 
@@ -109,12 +111,14 @@ TABLE = [
     Row("KCONS_AMQP_URL", ["http://h/", "amqp://u:p#w@h/", "amqp://h:abc/", "amqp://h:70000/"], RELAY, AMQP_ENV),
     Row("KCONS_AMQP_EXCHANGE", ["a b", "x" * 300], RELAY, {**AMQP_ENV, "KCONS_AMQP_URL": "amqp://u:p@127.0.0.1:1/"}),
     Row("KCONS_RAFT_TLS_CA", ["/nonexistent/ca.pem"], GET, {"KCONS_RAFT_PEERS": "1=h:1", "KCONS_RAFT_SECRET": SECRET}),
-    Row("KCONS_RAFT_TLS_CERT", ["/nonexistent/cert.pem", "/"], SERVE, SERVE_ENV),
-    Row("KCONS_RAFT_TLS_KEY", ["/nonexistent/key.pem", "/"], SERVE, SERVE_ENV),
+    Row("KCONS_RAFT_TLS_CERT", ["/nonexistent/cert.pem", "/"], SERVE, TLS_SERVE_ENV),
+    Row("KCONS_RAFT_TLS_KEY", ["/nonexistent/key.pem", "/"], SERVE, TLS_SERVE_ENV),
 ]
 
 #: Names that are not settings of the kcons library or command, with the reason.
 EXEMPT = {
+    "KCONS_POSTGRES_POOL_MIN": "no longer read (named in the README's upgrade notes only)",
+    "KCONS_POSTGRES_POOL_MAX": "no longer read (named in the README's upgrade notes only)",
     "KCONS_TEST_BACKEND": "test harness (kcons.testing), read by the pytest plugin only",
     "KCONS_TC_KAFKA_IMAGE": "test harness: testcontainers image",
     "KCONS_TC_REDIS_IMAGE": "test harness: testcontainers image",
