@@ -18,6 +18,7 @@ any other error is retried, then dead-lettered.
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import logging
@@ -109,7 +110,7 @@ class _NotCounted:
         """Count nothing."""
 
 
-class Effects:
+class Effects(abc.ABC):
     """A strategy for running a batch's effects (see the module docstring for the three kinds)."""
 
     #: Counter child of failed handler attempts; the driver binds its group's (ConsumerMetrics).
@@ -124,21 +125,23 @@ class Effects:
 
     def open(self) -> None:
         """Take what the effects need (a connection), once the consumer's settings are checked."""
+        return None  # a hook: nothing to take by default
 
     def close(self) -> None:
         """Give back what :meth:`open` took."""
+        return None  # a hook: nothing to give back by default
 
     def unit(self) -> contextlib.AbstractContextManager[Any]:
         """The unit of work around a batch's handlers (none: each effect is its own)."""
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def first_pass(self, msgs: list[Any]) -> FirstPass:
         """Run the handler on ``msgs`` (a batch's new messages, in order) as far as it gets."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def attempt(self, msg: Any, event_id: str) -> None:
         """One attempt of one message's effect."""
-        raise NotImplementedError
 
     def outcome(self, msg: Any, event_id: str, retry: tenacity.Retrying, first: BaseException | None) -> Outcome:
         """The message's outcome under ``retry``; ``first`` is its first attempt's error when that already ran.
