@@ -79,6 +79,9 @@ class ConsistentCache:
     one load, then read through without filling. Fills and write-throughs pass the version
     guard; a fill whose lease was invalidated meanwhile is refused, and a write-through to a
     key Redis has no history of (new, or lost to a restart, flush or eviction) is refused.
+
+    ``name`` labels the metrics only; keys are namespaced by ``settings.prefix``, which the
+    cache's readers and its invalidator must share.
     """
 
     def __init__(

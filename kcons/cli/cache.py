@@ -83,7 +83,7 @@ def cache_cli() -> None:
     help="Use the IdempotentConsumer loop (one round trip per event).",
 )
 @click.option("--name", envvar="KCONS_CACHE_NAME", show_envvar=True, default="default", show_default=True,
-              help="Cache name.")  # fmt: skip
+              help="Cache name: the label on its metrics (keys are namespaced by KCONS_CACHE_PREFIX).")  # fmt: skip
 @click.option("--metrics-port", envvar="KCONS_METRICS_PORT", show_envvar=True, type=PortSetting("KCONS_METRICS_PORT"),
               help="Serve /metrics and /healthz on this port.")  # fmt: skip
 @click.option("--metrics-host", envvar="KCONS_METRICS_HOST", show_envvar=True, default="127.0.0.1", show_default=True)
