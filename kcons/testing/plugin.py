@@ -102,7 +102,9 @@ def kcons_kafka_admin(kcons_kafka_bootstrap: str) -> Any:
     """A confluent-kafka AdminClient for the session broker."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({"bootstrap.servers": kcons_kafka_bootstrap})
+    from kcons.kafka.client import with_logger
+
+    return AdminClient(with_logger({"bootstrap.servers": kcons_kafka_bootstrap}))
 
 
 def create_topic(
@@ -145,15 +147,20 @@ def kcons_unique_topic(kcons_kafka_admin: Any) -> Callable[..., str]:
 
 @pytest.fixture
 def kcons_make_producer(kcons_kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
-    """Factory: a confluent-kafka Producer with the given librdkafka overrides; flushed at teardown."""
+    """Factory: a confluent-kafka Producer with the given librdkafka overrides; flushed at teardown.
+
+    Its librdkafka log lines go through ``logging`` (kcons.librdkafka) unless ``logger`` is overridden.
+    """
     from confluent_kafka import Producer
+
+    from kcons.kafka.client import with_logger
 
     made: list[Any] = []
 
     def make(**overrides: Any) -> Any:
         config: dict[str, Any] = {"bootstrap.servers": kcons_kafka_bootstrap, "linger.ms": 5}
         config.update({k.replace("_", "."): v for k, v in overrides.items()})
-        producer = Producer(config)
+        producer = Producer(with_logger(config))
         made.append(producer)
         return producer
 
@@ -164,8 +171,13 @@ def kcons_make_producer(kcons_kafka_bootstrap: str) -> Iterator[Callable[..., An
 
 @pytest.fixture
 def kcons_make_consumer(kcons_kafka_bootstrap: str) -> Iterator[Callable[..., Any]]:
-    """Factory: a confluent-kafka Consumer (own group, from earliest); closed at teardown."""
+    """Factory: a confluent-kafka Consumer (own group, from earliest); closed at teardown.
+
+    Its librdkafka log lines go through ``logging`` (kcons.librdkafka) unless ``logger`` is overridden.
+    """
     from confluent_kafka import Consumer
+
+    from kcons.kafka.client import with_logger
 
     made: list[Any] = []
 
@@ -177,7 +189,7 @@ def kcons_make_consumer(kcons_kafka_bootstrap: str) -> Iterator[Callable[..., An
             "enable.auto.commit": False,
         }
         config.update({k.replace("_", "."): v for k, v in overrides.items()})
-        consumer = Consumer(config)
+        consumer = Consumer(with_logger(config))
         made.append(consumer)
         return consumer
 
