@@ -17,10 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from kcons.config import env_str
 from kcons.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kcons.testing.rocketmq import RocketMqServer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ __all__ = [
     "start_postgres",
     "start_rabbitmq",
     "start_redis",
+    "start_rocketmq",
     "start_stack",
     "wait_for",
 ]
@@ -140,6 +144,18 @@ def start_rabbitmq() -> tuple[str, Closer]:
 
     server = RabbitMqServer().start()
     return server.url, server.close
+
+
+def start_rocketmq() -> tuple[RocketMqServer, Closer]:
+    """Return ``(server, close)``: a new local RocketMQ 5 name server, broker and proxy (local backend only).
+
+    Tests create their topics and groups through the server (:meth:`RocketMqServer.create_topic`),
+    so a running cluster named by a setting is not reused here.
+    """
+    from kcons.testing.rocketmq import RocketMqServer
+
+    server = RocketMqServer().start()
+    return server, server.close
 
 
 def start_postgres(durable: bool = False) -> tuple[str, Closer]:

@@ -1,7 +1,8 @@
-"""Installs what the local test services need: Kafka's jars (Maven), Redis, PostgreSQL, RabbitMQ (apt).
+"""Installs what the local test services need: Kafka's and RocketMQ's jars (Maven), Redis, PostgreSQL, RabbitMQ (apt).
 
-The Kafka broker is pinned by ``kcons/testing/kafka/pom.xml`` (package data, so it ships in
-the wheel) and every jar it resolves to is checked against ``kafka/jars.sha256``. The jars are
+The Kafka broker is pinned by ``kcons/testing/kafka/pom.xml`` and RocketMQ's name server,
+broker and proxy by ``kcons/testing/rocketmq_broker/pom.xml`` (package data, so they ship in
+the wheel); every jar each resolves to is checked against the ``jars.sha256`` beside it. The jars are
 resolved with ``mvn dependency:copy-dependencies`` into a per-user cache folder
 (``KCONS_CACHE_DIR``, else ``$XDG_CACHE_HOME/kcons``, else ``~/.cache/kcons``), keyed by the
 hash of the pom and the checksums, and reused when complete: never into a source checkout.
@@ -38,13 +39,16 @@ __all__ = [
     "ensure_all",
     "ensure_debian_packages",
     "ensure_kafka_jars",
+    "ensure_rocketmq_jars",
     "find_kafka_pom",
+    "find_rocketmq_pom",
     "missing_packages",
     "postgres_bin_dir",
     "rabbitmq_server_binary",
 ]
 
 _PACKAGE_DATA = Path(__file__).resolve().parent / "kafka"
+_ROCKETMQ_DATA = Path(__file__).resolve().parent / "rocketmq_broker"
 _COMPLETE_MARKER = ".complete"
 
 
@@ -91,7 +95,7 @@ def _verify_jars(folder: Path, expected: dict[str, str]) -> None:
     missing = sorted(set(expected) - present)
     extra = sorted(present - set(expected))
     if missing or extra:
-        raise ServiceStartError(f"resolved Kafka jars differ from jars.sha256: missing {missing}, unexpected {extra}")
+        raise ServiceStartError(f"resolved jars differ from jars.sha256: missing {missing}, unexpected {extra}")
     for name, digest in expected.items():
         actual = hashlib.sha256((folder / name).read_bytes()).hexdigest()
         if actual != digest:
@@ -100,35 +104,63 @@ def _verify_jars(folder: Path, expected: dict[str, str]) -> None:
 
 def ensure_kafka_jars() -> Path:
     """Return a folder holding the broker's jars, resolving and checking them with Maven when needed."""
-    env = os.environ.get("KCONS_KAFKA_JARS")
-    if env:
-        folder = Path(env)
-        if not any(folder.glob("kafka_2.13-*.jar")):
-            raise ServiceStartError(f"KCONS_KAFKA_JARS={folder} holds no kafka_2.13-*.jar")
-        return folder
-    pom = find_kafka_pom()
+    return _jars_from_setting("KCONS_KAFKA_JARS", "kafka_2.13-*.jar") or _resolve_jars(
+        find_kafka_pom(), "kafka", "kafka_2.13-*.jar"
+    )
+
+
+def _jars_from_setting(setting: str, probe: str) -> Path | None:
+    """The folder the setting names (it must hold a jar matching ``probe``), or None when unset."""
+    env = os.environ.get(setting)
+    if not env:
+        return None
+    folder = Path(env)
+    if not any(folder.glob(probe)):
+        raise ServiceStartError(f"{setting}={folder} holds no {probe}")
+    return folder
+
+
+def find_rocketmq_pom() -> Path:
+    """The pinned RocketMQ pom shipped inside the package."""
+    pom = _ROCKETMQ_DATA / "pom.xml"
+    if not pom.is_file():
+        raise ServiceStartError(
+            f"the installed kcons package lacks {pom}: set KCONS_ROCKETMQ_JARS to a folder of RocketMQ jars"
+        )
+    return pom
+
+
+def ensure_rocketmq_jars() -> Path:
+    """A folder holding the RocketMQ name server, broker and proxy jars (``KCONS_ROCKETMQ_JARS``, else Maven)."""
+    return _jars_from_setting("KCONS_ROCKETMQ_JARS", "rocketmq-proxy-*.jar") or _resolve_jars(
+        find_rocketmq_pom(), "rocketmq", "rocketmq-proxy-*.jar"
+    )
+
+
+def _resolve_jars(pom: Path, name: str, probe: str) -> Path:
+    """Resolve ``pom``'s runtime jars into the cache (once; checked against its ``jars.sha256``)."""
     expected = _checksums(pom)
     key = hashlib.sha256(pom.read_bytes() + repr(sorted(expected.items())).encode()).hexdigest()[:12]
-    target = cache_dir() / f"kafka-jars-{key}"
+    target = cache_dir() / f"{name}-jars-{key}"
     if (target / _COMPLETE_MARKER).is_file():
         return target
     mvn = shutil.which("mvn")
     if mvn is None:
         raise ServiceStartError(
-            f"Maven (mvn) is not installed; it is needed to resolve the Kafka jars: {_install_hint(['maven'])}"
+            f"Maven (mvn) is not installed; it is needed to resolve the {name} jars: {_install_hint(['maven'])}"
         )
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     started = time.monotonic()
-    log.info("resolving Kafka jars from %s into %s", pom, target)
+    log.info("resolving %s jars from %s into %s", name, pom, target)
     cmd = [
         mvn, "-B", "-q", "--strict-checksums", "-f", str(pom), "dependency:copy-dependencies",
         f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-    if proc.returncode != 0 or not any(staging.glob("kafka_2.13-*.jar")):
+    if proc.returncode != 0 or not any(staging.glob(probe)):
         tail = (proc.stdout + proc.stderr)[-4000:]
-        raise ServiceStartError(f"mvn could not resolve the Kafka jars (exit {proc.returncode}):\n{tail}")
+        raise ServiceStartError(f"mvn could not resolve the {name} jars (exit {proc.returncode}):\n{tail}")
     try:
         _verify_jars(staging, expected)
     except ServiceStartError:
@@ -137,7 +169,7 @@ def ensure_kafka_jars() -> Path:
     (staging / _COMPLETE_MARKER).write_text(f"resolved in {time.monotonic() - started:.1f}s\n")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-    log.info("Kafka jars ready in %.1fs", time.monotonic() - started)
+    log.info("%s jars ready in %.1fs", name, time.monotonic() - started)
     return target
 
 
@@ -236,6 +268,9 @@ def ensure_all(install_system_packages: bool | None = None, *, rabbitmq: bool = 
     t1 = time.monotonic()
     ensure_kafka_jars()
     timings["kafka_jars_s"] = round(time.monotonic() - t1, 2)
+    t2 = time.monotonic()
+    ensure_rocketmq_jars()
+    timings["rocketmq_jars_s"] = round(time.monotonic() - t2, 2)
     return timings
 
 

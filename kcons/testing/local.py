@@ -30,7 +30,10 @@ from kcons.testing.install import ensure_kafka_jars, postgres_bin_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KafkaCluster", "ManagedProcess", "PostgresServer", "RedisServer", "broker_settings", "free_port"]
+__all__ = [
+    "KafkaCluster", "ManagedProcess", "PostgresServer", "RedisServer", "broker_settings", "free_port",
+    "stop_together",
+]  # fmt: skip
 
 #: Strong references: a service whose start() was interrupted (a signal raised in it) must still be
 #: stopped at exit, after the frame that created it is gone.
@@ -157,6 +160,18 @@ class ManagedProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def stop_together(processes: Sequence[ManagedProcess], grace_s: float) -> None:
+    """SIGTERM every process at once, SIGKILL what still runs after ``grace_s`` (for throwaway data)."""
+    for proc in processes:
+        proc.resume()
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in processes:
+        while proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()
 
 
 _LOG4J2 = """\
@@ -330,14 +345,7 @@ class KafkaCluster:
         if self._closed:
             return
         self._closed = True
-        for node in self.nodes:
-            node.resume()
-            node.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for node in self.nodes:
-            while node.alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            node.kill()
+        stop_together(self.nodes, grace_s=5)
         shutil.rmtree(self.base_dir, ignore_errors=True)
         _LIVE.discard(self)
 

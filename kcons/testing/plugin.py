@@ -15,6 +15,9 @@ never change what kcons' fixtures use; the short names are aliases kept for conv
   a Redis client and a new PostgreSQL database per call.
 * ``kcons_amqp_url`` (alias ``amqp_url``): a session-wide RabbitMQ node (``KCONS_AMQP_URL``, else
   a local ``rabbitmq-server`` process with the consistent-hash exchange plugin enabled).
+* ``kcons_rocketmq`` (alias ``rocketmq``): a session-wide local RocketMQ 5 name server, broker and
+  gRPC proxy (:class:`kcons.testing.rocketmq.RocketMqServer`: ``endpoints``, ``create_topic``,
+  ``create_group``).
 * ``kcons_kafka_cluster`` (alias ``kafka_cluster``): a local 3-broker KRaft cluster whose brokers
   can be killed and restarted (local backend only).
 """
@@ -28,7 +31,7 @@ from typing import Any, Literal
 
 import pytest
 
-from kcons.testing import backend, start_kafka, start_postgres, start_rabbitmq, start_redis
+from kcons.testing import backend, start_kafka, start_postgres, start_rabbitmq, start_redis, start_rocketmq
 
 __all__ = [
     "amqp_url",
@@ -47,12 +50,14 @@ __all__ = [
     "kcons_postgres_dsn",
     "kcons_redis_client",
     "kcons_redis_url",
+    "kcons_rocketmq",
     "kcons_unique_topic",
     "make_consumer",
     "make_producer",
     "postgres_dsn",
     "redis_client",
     "redis_url",
+    "rocketmq",
     "unique_topic",
 ]
 
@@ -93,6 +98,16 @@ def kcons_amqp_url() -> Iterator[str]:
     url, close = start_rabbitmq()
     try:
         yield url
+    finally:
+        close()
+
+
+@pytest.fixture(scope="session")
+def kcons_rocketmq() -> Iterator[Any]:
+    """A local RocketMQ 5 node (:class:`kcons.testing.rocketmq.RocketMqServer`) for the whole session."""
+    server, close = start_rocketmq()
+    try:
+        yield server
     finally:
         close()
 
@@ -264,6 +279,7 @@ kafka_bootstrap = _alias("kafka_bootstrap", "session")
 redis_url = _alias("redis_url", "session")
 postgres_dsn = _alias("postgres_dsn", "session")
 amqp_url = _alias("amqp_url", "session")
+rocketmq = _alias("rocketmq", "session")
 kafka_admin = _alias("kafka_admin", "session")
 kafka_cluster = _alias("kafka_cluster", "session")
 unique_topic = _alias("unique_topic", "function")

@@ -129,6 +129,7 @@ EXEMPT = {
     "KCONS_KAFKA_JARS": "local harness: where kcons dev finds the broker's jars",
     "KCONS_POSTGRES_BIN": "local harness: PostgreSQL binaries for kcons dev",
     "KCONS_RABBITMQ_BIN": "local harness: RabbitMQ binaries for the test services",
+    "KCONS_ROCKETMQ_JARS": "local harness: RocketMQ jars for the test services",
     "KCONS_SETUP_EXTRAS": "local harness: what kcons dev setup installs",
     "KCONS_CACHE_DIR": "local harness: download cache of kcons dev (any directory)",
     "KCONS_STATE_DIR": "local harness: where kcons dev records the stack (any directory)",
