@@ -39,6 +39,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +50,15 @@ from kcons.errors import ConfigError
 from kcons.metrics import RAFT_FRAMES_REJECTED
 from kcons.raft.codec import decode_message, encode_message
 from kcons.raft.errors import FrameRejectedError
-from kcons.raft.messages import Message
+from kcons.raft.messages import Message, MsgType
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ACK_SIZE",
+    "APPEND_PACE_BYTES",
     "HELLO_SIZE",
+    "INLINE_APPEND_ENTRIES",
     "KIND_RAFT",
     "KIND_REQUEST",
     "KIND_RESPONSE",
@@ -343,6 +346,11 @@ class _WarnLimiter:
 
 RequestHandler = Callable[[bytes], Awaitable[bytes]]
 
+#: An append with more entries than this is encoded by the peer's append task, not inline.
+INLINE_APPEND_ENTRIES = 64
+#: The append task writes the next append only when less than this is waiting in the socket buffer.
+APPEND_PACE_BYTES = 1 << 20
+
 
 class _PeerSender:
     """One outbound connection to a peer; frames are sealed and written straight into the socket buffer.
@@ -350,6 +358,13 @@ class _PeerSender:
     While the link is down, up to ``queue_limit`` messages wait for the reconnect and later ones are
     dropped; when the peer is slow and the buffer passes ``buffer_limit`` bytes, messages are dropped
     too. Raft retransmits whatever matters, so dropping is always safe.
+
+    Large appends (a follower catching up) never run on the caller's turn of the event loop: they
+    queue, in order, for the peer's append task, which encodes one, writes it, yields, and waits
+    for the socket buffer to fall below ``pace_bytes`` before the next. Heartbeats, votes and
+    answers are written at once, so they overtake the catch-up backlog and wait behind at most
+    about ``pace_bytes`` of it on the wire. While appends are queued, small appends queue behind
+    them: appends to one follower keep their order.
     """
 
     def __init__(
@@ -362,8 +377,12 @@ class _PeerSender:
         timeout: float,
         buffer_limit: int = 32 << 20,
         tls: ssl.SSLContext | None = None,
+        pace_bytes: int = APPEND_PACE_BYTES,
     ) -> None:
         self.tls = tls
+        self.pace_bytes = pace_bytes
+        self.appends: deque[Message] = deque()
+        self.append_task: asyncio.Task[None] | None = None
         self.handshake = handshake
         self.own_id = own_id
         self.peer_id = peer_id
@@ -388,6 +407,39 @@ class _PeerSender:
             self.pending.append(payload)
         else:
             self.dropped += 1
+
+    def queue_append(self, m: Message) -> None:
+        """Hand an append to the append task (started on demand); dropped beyond ``queue_limit``."""
+        if len(self.appends) >= self.queue_limit:
+            self.dropped += 1
+            return
+        self.appends.append(m)
+        if self.append_task is None or self.append_task.done():
+            self.append_task = asyncio.get_running_loop().create_task(
+                self._write_appends(), name=f"raft-append-{self.addr}"
+            )
+
+    async def _write_appends(self) -> None:
+        """Encode and write queued appends one at a time, yielding to the loop between them."""
+        while self.appends:
+            self.offer(encode_message(self.appends.popleft()))
+            await asyncio.sleep(0)
+            w = self.writer
+            while (
+                w is not None
+                and w is self.writer
+                and not w.is_closing()
+                and w.transport.get_write_buffer_size() > self.pace_bytes
+            ):
+                await asyncio.sleep(0.001)
+
+    def cancel(self) -> list[asyncio.Task[None]]:
+        """Cancel this sender's tasks; returns them to be awaited."""
+        tasks = [t for t in (self.task, self.append_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        self.appends.clear()
+        return tasks
 
     async def run(self) -> None:
         while True:
@@ -509,11 +561,10 @@ class RaftTransport:
             self._server.close()
         for c in list(self._conns):
             c.writer.close()  # the serving tasks see EOF and return on their own
-        tasks = [s.task for s in self._senders.values() if s.task is not None]
+        tasks = [t for s in self._senders.values() for t in s.cancel()]
         if self._watchdog is not None:
+            self._watchdog.cancel()
             tasks.append(self._watchdog)
-        for t in tasks:
-            t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -522,10 +573,19 @@ class RaftTransport:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     def send(self, messages: list[Message]) -> None:
-        """Queue messages for their destinations (fire and forget)."""
+        """Queue messages for their destinations (fire and forget).
+
+        Small messages are encoded and written now; an append of more than
+        :data:`INLINE_APPEND_ENTRIES` entries, and any append behind one, goes to the peer's
+        append task, so a catch-up costs the caller no more than a small message does.
+        """
         for m in messages:
             sender = self._senders.get(m.dst)
-            if sender is not None:
+            if sender is None:
+                continue
+            if m.type is MsgType.APP and (sender.appends or len(m.entries) > INLINE_APPEND_ENTRIES):
+                sender.queue_append(m)
+            else:
                 sender.offer(encode_message(m))
 
     def connections(self) -> int:

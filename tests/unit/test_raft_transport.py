@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -120,6 +121,21 @@ def test_peer_lists_are_parsed_and_bad_entries_name_the_setting() -> None:
         assert info.value.setting == "--peers"
 
 
+async def _started_pair(
+    got: list[Message], answer: Callable[[bytes], Awaitable[bytes]]
+) -> tuple[RaftTransport, RaftTransport, int]:
+    """Transports of nodes 1 and 2 on free local ports, started; node 1 collects what it receives."""
+    from kcons.raft.cluster import free_ports
+
+    p1, p2 = free_ports(2)
+    peers = {1: PeerAddress("127.0.0.1", p1), 2: PeerAddress("127.0.0.1", p2)}
+    t1 = RaftTransport(1, peers, SECRET, got.append, answer)
+    t2 = RaftTransport(2, peers, SECRET, lambda m: None, answer)
+    await t1.start()
+    await t2.start()
+    return t1, t2, p1
+
+
 def test_messages_and_requests_cross_a_real_socket_and_garbage_is_counted() -> None:
     async def scenario() -> tuple[list[Message], int, bytes]:
         got: list[Message] = []
@@ -127,14 +143,7 @@ def test_messages_and_requests_cross_a_real_socket_and_garbage_is_counted() -> N
         async def answer(body: bytes) -> bytes:
             return b"echo:" + body
 
-        from kcons.raft.cluster import free_ports
-
-        p1, p2 = free_ports(2)
-        peers = {1: PeerAddress("127.0.0.1", p1), 2: PeerAddress("127.0.0.1", p2)}
-        t1 = RaftTransport(1, peers, SECRET, got.append, answer)
-        t2 = RaftTransport(2, peers, SECRET, lambda m: None, answer)
-        await t1.start()
-        await t2.start()
+        t1, t2, p1 = await _started_pair(got, answer)
         try:
             t2.send([Message(MsgType.HEARTBEAT, 2, 1, 5, commit=3)])
             for _ in range(100):
@@ -217,3 +226,44 @@ def test_connections_handshakes_and_idle_links_are_bounded() -> None:
         "idle_closed": True,
         "open": 0,
     }
+
+
+def test_heartbeats_overtake_a_catch_up_backlog_and_appends_keep_their_order() -> None:
+    from kcons.raft.messages import Entry
+    from kcons.raft.transport import INLINE_APPEND_ENTRIES
+
+    def append(index: int, n: int) -> Message:
+        entries = tuple(Entry(1, index + 1 + i, data=b"x" * 40) for i in range(n))
+        return Message(MsgType.APP, 2, 1, 1, log_term=1, index=index, commit=0, entries=entries)
+
+    async def scenario() -> list[Message]:
+        got: list[Message] = []
+
+        async def answer(body: bytes) -> bytes:
+            return body
+
+        t1, t2, _ = await _started_pair(got, answer)
+        try:
+            t2.send([Message(MsgType.HEARTBEAT, 2, 1, 1)])  # the link is up once this arrives
+            for _ in range(250):
+                if got:
+                    break
+                await asyncio.sleep(0.02)
+            got.clear()
+            big = 4 * INLINE_APPEND_ENTRIES
+            backlog = [append(i * big, big) for i in range(20)]
+            small = append(20 * big, 1)  # small, but behind the backlog: it must not overtake it
+            t2.send([*backlog, Message(MsgType.HEARTBEAT, 2, 1, 1, commit=7), small])
+            for _ in range(250):
+                if len(got) == 22:
+                    break
+                await asyncio.sleep(0.02)
+            return got
+        finally:
+            await t1.stop()
+            await t2.stop()
+
+    got = asyncio.run(scenario())
+    assert [m.type for m in got] == [MsgType.HEARTBEAT] + [MsgType.APP] * 21
+    assert got[0].commit == 7
+    assert [m.index for m in got[1:]] == [i * 4 * INLINE_APPEND_ENTRIES for i in range(21)]
