@@ -114,8 +114,17 @@ def _stop(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
         proc.wait()
 
 
-def _tail_topic(bootstrap: str, topic: str, stop: threading.Event, seen: dict[tuple[str, int], float]) -> None:
-    """The reference: when each event became readable from Kafka (read_committed)."""
+def _tail_topic(
+    bootstrap: str,
+    topic: str,
+    stop: threading.Event,
+    seen: dict[tuple[str, int], float],
+) -> None:
+    """The reference: when each event became readable from Kafka (read_committed).
+
+    A plain consumer doing nothing else: its figure is the relay's and Kafka's part (outbox read,
+    transaction commit, broker, fetch), apart from the invalidator's.
+    """
     from confluent_kafka import Consumer
 
     consumer = Consumer(
@@ -169,7 +178,9 @@ def invalidation_latency(
         commit_log, applied_log = workdir / "commits.json", workdir / "applied.json"
         tail_seen: dict[tuple[str, int], float] = {}
         tail_stop = threading.Event()
-        tail = threading.Thread(target=_tail_topic, args=(stack.kafka_bootstrap, topic, tail_stop, tail_seen))
+        tail = threading.Thread(
+            target=_tail_topic, args=(stack.kafka_bootstrap, topic, tail_stop, tail_seen)
+        )
         tail.start()
         relay = _spawn("relay", env, common, "--relay-mode", relay_mode)
         mode = ["--batched"] if batched else []
@@ -199,6 +210,7 @@ def invalidation_latency(
                     file=sys.stderr,
                 )
         ref = [tail_seen[k] - t for k, t in commits.items() if k in tail_seen]
+        after_kafka = [applied[k] - tail_seen[k] for k in commits if k in applied and k in tail_seen]
         return {
             "writes": len(commits),
             # Over the span of the commits: the writer process's start-up is not writing time.
@@ -206,6 +218,9 @@ def invalidation_latency(
             "invalidated": len(lat),
             "commit_to_invalidated": _percentiles(lat),
             "commit_to_consumable_reference": _percentiles(ref),
+            # The invalidator's own part, per event: consumable (seen by the reference) -> applied.
+            # Both consumers race for the same records, so some values are negative.
+            "consumable_to_invalidated": _percentiles(after_kafka),
         }
     finally:
         with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
@@ -223,6 +238,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="writer threads")
     parser.add_argument("--relay-mode", choices=["transactional", "idempotent"], default="transactional")
     parser.add_argument("--invalidator", choices=["both", "idempotent", "batched"], default="both")
+    parser.add_argument("--latency-only", action="store_true", help="skip the hit-path part")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -231,7 +247,7 @@ def main() -> int:
     modes = {"both": [False, True], "idempotent": [False], "batched": [True]}[args.invalidator]
     load_before = os.getloadavg()[0]
     with start_stack() as stack:
-        hits = hit_path(stack.redis_url, args.rounds, args.ops, args.value_size)
+        hits = None if args.latency_only else hit_path(stack.redis_url, args.rounds, args.ops, args.value_size)
         latency = {
             ("batched" if batched else "idempotent_consumer"): invalidation_latency(
                 stack, args.rate, args.seconds, args.rows, args.threads, args.relay_mode, batched
@@ -239,21 +255,35 @@ def main() -> int:
             for batched in modes
         }
     first = next(iter(latency.values()))
+    p99 = {mode: lat["commit_to_invalidated"].get("p99_ms") for mode, lat in latency.items()}
+    kafka_p99 = {mode: lat["commit_to_consumable_reference"].get("p99_ms") for mode, lat in latency.items()}
     result = {
         "name": "cache",
-        "baseline": {"hit_path": hits["baseline"], "commit_to_consumable": first["commit_to_consumable_reference"]},
+        "baseline": {
+            "hit_path": hits["baseline"] if hits else None,
+            "commit_to_consumable": first["commit_to_consumable_reference"],
+        },
         "kcons": {
-            "hit_path": hits["kcons"],
+            "hit_path": hits["kcons"] if hits else None,
             "invalidation": {
                 mode: {k: v for k, v in lat.items() if k != "commit_to_consumable_reference"}
                 | {"commit_to_consumable_same_run": lat["commit_to_consumable_reference"]}
                 for mode, lat in latency.items()
             },
         },
-        "ratio": hits["ratio"],
-        "best_chunk_ratio": hits["best_chunk_ratio"],
+        "ratio": hits["ratio"] if hits else None,
+        "best_chunk_ratio": hits["best_chunk_ratio"] if hits else None,
+        # Source commit -> Redis invalidated, per path; and, apart, source commit -> consumable
+        # from Kafka (read_committed) measured by a plain consumer in the same run: the relay's
+        # and Kafka's share, which no invalidator setting can remove.
+        "commit_to_invalidated_p99_ms": p99,
+        "kafka_commit_to_consumable_p99_ms": kafka_p99,
+        "invalidator_share_p99_ms": {
+            mode: lat["consumable_to_invalidated"].get("p99_ms") for mode, lat in latency.items()
+        },
+        "target_met": {mode: v is not None and v <= 50 for mode, v in p99.items()},
         "unit": "reads/s (hit path); latency in ms",
-        "targets": {"ratio": ">= 0.8", "commit_to_invalidated_p99_ms": "<= 100 at 1000 writes/s"},
+        "targets": {"ratio": ">= 0.8", "commit_to_invalidated_p99_ms": "<= 50 at 1000 writes/s, on both paths"},
         "rounds": args.rounds,
         "ops": args.ops,
         "value_size": args.value_size,
