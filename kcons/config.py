@@ -28,6 +28,7 @@ __all__ = [
     "Settings",
     "check_amqp_url",
     "check_identifier",
+    "check_rocketmq_endpoints",
     "env_bool",
     "env_float",
     "env_int",
@@ -372,6 +373,18 @@ def validate_bootstrap(setting: str, value: str) -> str:
         if m is None or not 0 < int(m.group(2)) < 65536:
             raise ConfigError(setting, f"expected host:port, got {server!r}")
     return ",".join(servers)
+
+
+def check_rocketmq_endpoints(setting: str, value: str) -> str:
+    """Check a RocketMQ 5 proxy address list: ``host:port[;host:port...]`` (the client's own separator)."""
+    endpoints = [e.strip() for e in value.replace(",", ";").split(";") if e.strip()]
+    if not endpoints:
+        raise ConfigError(setting, "expected host:port[;host:port...], got an empty value")
+    for endpoint in endpoints:
+        m = _HOSTPORT.match(endpoint)
+        if m is None or not 0 < int(m.group(2)) < 65536:
+            raise ConfigError(setting, f"expected host:port, got {endpoint!r}")
+    return ";".join(endpoints)
 
 
 def _unquoted(message: str) -> str:

@@ -99,8 +99,8 @@ def init(dsn: str | None, sqlite_path: str | None, table: str | None, print_sql:
              help="Publish every row to this topic (default: the row's topic, else outbox.event.<type>).")
 @_env_option("--mode", "KCONS_OUTBOX_MODE", type=click.Choice(["transactional", "idempotent"], case_sensitive=False),
              help="Kafka publishing mode (default transactional).")
-@_env_option("--sink", "KCONS_OUTBOX_SINK", type=click.Choice(["kafka", "rabbitmq"], case_sensitive=False),
-             help="Where rows go (default kafka); rabbitmq reads $KCONS_AMQP_URL.")
+@_env_option("--sink", "KCONS_OUTBOX_SINK", type=click.Choice(["kafka", "rabbitmq", "rocketmq"], case_sensitive=False),
+             help="Where rows go (default kafka); rabbitmq reads $KCONS_AMQP_URL, rocketmq $KCONS_ROCKETMQ_ENDPOINTS.")
 @_env_option("--batch-size", "KCONS_OUTBOX_BATCH_SIZE", type=click.IntRange(min=1),
              help="Rows per batch (default 1000).")
 @_env_option("--poll-interval", "KCONS_OUTBOX_POLL_INTERVAL_S", type=_POSITIVE, help="Polling fallback in seconds.")

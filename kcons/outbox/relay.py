@@ -62,6 +62,7 @@ from kcons.config import (
     check_port,
     check_postgres_dsn,
     check_range,
+    check_rocketmq_endpoints,
     env_float,
     env_int,
     env_str,
@@ -117,6 +118,7 @@ class RelaySettings:
     sink: str = "kafka"
     amqp_url: str | None = None
     amqp_exchange: str = "kcons.outbox"
+    rocketmq_endpoints: str | None = None
 
     def __post_init__(self) -> None:
         if not self.dsn:
@@ -150,6 +152,10 @@ class RelaySettings:
                 raise ConfigError("KCONS_AMQP_URL", "is not set (expected amqp://user:password@host:port/vhost)")
             check_amqp_url("KCONS_AMQP_URL", self.amqp_url)
             check_identifier("KCONS_AMQP_EXCHANGE", self.amqp_exchange, kind="key", max_length=200)
+        if self.sink == "rocketmq":
+            if not self.rocketmq_endpoints:
+                raise ConfigError("KCONS_ROCKETMQ_ENDPOINTS", "is not set (expected host:port[;host:port...])")
+            check_rocketmq_endpoints("KCONS_ROCKETMQ_ENDPOINTS", self.rocketmq_endpoints)
 
     def __repr__(self) -> str:
         return (
@@ -197,6 +203,7 @@ class RelaySettings:
             "sink": sink,
             "amqp_url": env_str("KCONS_AMQP_URL", None, env),
             "amqp_exchange": env_str("KCONS_AMQP_EXCHANGE", "kcons.outbox", env),
+            "rocketmq_endpoints": env_str("KCONS_ROCKETMQ_ENDPOINTS", None, env),
         }
         holder = env_str("KCONS_OUTBOX_HOLDER", None, env)
         if holder:
@@ -205,11 +212,16 @@ class RelaySettings:
         return cls(dsn=dsn, kafka=kafka, **values)
 
 
-SINKS = ("kafka", "rabbitmq")
+SINKS = ("kafka", "rabbitmq", "rocketmq")
 
 
 def _sink(settings: RelaySettings) -> OutboxSink:
-    """The sink ``settings.sink`` names (the RabbitMQ one imports pika, so only when chosen)."""
+    """The sink ``settings.sink`` names (the RabbitMQ and RocketMQ ones import their clients, so only when chosen)."""
+    if settings.sink == "rocketmq":
+        from kcons.outbox.sinks.rocketmq import RocketMqSink
+
+        assert settings.rocketmq_endpoints is not None  # checked by RelaySettings
+        return RocketMqSink(settings.rocketmq_endpoints, ack_timeout_s=settings.ack_timeout_s)
     if settings.sink == "rabbitmq":
         from kcons.outbox.sinks.rabbitmq import RabbitMqSink
 

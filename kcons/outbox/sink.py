@@ -4,7 +4,8 @@ The relay reads committed rows in position order, hands each batch to its sink a
 rows published only after :meth:`OutboxSink.publish` returned, so a sink must return only when
 the broker confirmed *every* record of the batch, in order. Implementations:
 :class:`kcons.outbox.publisher.KafkaBatchPublisher` (Kafka acknowledgements or one Kafka
-transaction per batch) and :class:`kcons.outbox.sinks.rabbitmq.RabbitMqSink` (publisher confirms).
+transaction per batch), :class:`kcons.outbox.sinks.rabbitmq.RabbitMqSink` (publisher confirms) and
+:class:`kcons.outbox.sinks.rocketmq.RocketMqSink` (send acknowledgements, FIFO message groups).
 
 Failures are typed so that the relay can tell them apart: :class:`~kcons.errors.SinkRowError`
 names one row that can never be published (a permanent, per-row failure), every other failure

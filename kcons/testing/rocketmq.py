@@ -35,7 +35,7 @@ from kcons.testing.local import _LIVE, ManagedProcess, _wait, free_port, stop_to
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MESSAGE_TYPES", "RocketMqServer", "remoting_call"]
+__all__ = ["MESSAGE_TYPES", "RocketMqServer", "drain", "remoting_call"]
 
 #: Message types a RocketMQ 5 topic can accept (its ``message.type`` attribute).
 MESSAGE_TYPES = ("NORMAL", "FIFO", "DELAY", "TRANSACTION")
@@ -271,3 +271,37 @@ class RocketMqServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def drain(endpoints: str, topic: str, group: str, *, want: int, timeout: float = 60.0,
+          idle_s: float = 3.0) -> list[Any]:  # fmt: skip
+    """Receive and acknowledge messages of ``topic`` as ``group`` until ``want`` arrived (or ``timeout``).
+
+    After ``want`` messages it keeps receiving until ``idle_s`` pass without one, so copies beyond
+    ``want`` (at-least-once duplicates) are returned too. The messages come in delivery order.
+    """
+    from rocketmq import ClientConfiguration, Credentials, FilterExpression, SimpleConsumer
+
+    config = ClientConfiguration(endpoints, Credentials(), request_timeout=10)
+    consumer = SimpleConsumer(config, group, {topic: FilterExpression()}, await_duration=1)
+    consumer.startup()
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    idle_since = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            if len(got) >= want and time.monotonic() - idle_since > idle_s:
+                break
+            try:
+                batch = consumer.receive(32, 30)
+            except Exception as exc:  # settings arrive asynchronously after startup; no message is an error too
+                log.debug("receive: %s", exc)
+                time.sleep(0.1)
+                continue
+            for msg in batch:
+                consumer.ack(msg)
+                got.append(msg)
+                idle_since = time.monotonic()
+    finally:
+        consumer.shutdown()
+    return got

@@ -26,6 +26,7 @@ SECRET = "x" * 40
 RELAY = ["outbox", "relay"]
 RELAY_ENV = {"KCONS_POSTGRES_DSN": "postgresql://app:pw@127.0.0.1:1/shop", "KCONS_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
 AMQP_ENV = {**RELAY_ENV, "KCONS_OUTBOX_SINK": "rabbitmq"}
+ROCKETMQ_ENV = {**RELAY_ENV, "KCONS_OUTBOX_SINK": "rocketmq"}
 PEEK = ["cache", "peek", "k"]
 PEEK_ENV = {"KCONS_REDIS_URL": "redis://127.0.0.1:1/0"}
 INVALIDATOR = ["cache", "invalidator"]
@@ -110,6 +111,7 @@ TABLE = [
     Row("KCONS_OUTBOX_SINK", ["smtp"], RELAY, RELAY_ENV),
     Row("KCONS_AMQP_URL", ["http://h/", "amqp://u:p#w@h/", "amqp://h:abc/", "amqp://h:70000/"], RELAY, AMQP_ENV),
     Row("KCONS_AMQP_EXCHANGE", ["a b", "x" * 300], RELAY, {**AMQP_ENV, "KCONS_AMQP_URL": "amqp://u:p@127.0.0.1:1/"}),
+    Row("KCONS_ROCKETMQ_ENDPOINTS", ["", ";", "nohost", "h:abc", "h:70000", "h:1;bad host:2"], RELAY, ROCKETMQ_ENV),
     Row("KCONS_RAFT_TLS_CA", ["/nonexistent/ca.pem"], GET, {"KCONS_RAFT_PEERS": "1=h:1", "KCONS_RAFT_SECRET": SECRET}),
     Row("KCONS_RAFT_TLS_CERT", ["/nonexistent/cert.pem", "/"], SERVE, TLS_SERVE_ENV),
     Row("KCONS_RAFT_TLS_KEY", ["/nonexistent/key.pem", "/"], SERVE, TLS_SERVE_ENV),

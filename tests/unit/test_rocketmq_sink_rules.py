@@ -1,0 +1,34 @@
+"""The RocketMQ sink's pure rules: topic names, and send waves that keep each aggregate in order."""
+
+from __future__ import annotations
+
+import pytest
+
+from kcons.outbox.sinks.rocketmq import _waves, rocketmq_topic
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [("outbox.event.order", "outbox_event_order"), ("orders", "orders"), ("a-b_c", "a-b_c")],
+)
+def test_outbox_topics_map_to_rocketmq_names(topic: str, expected: str) -> None:
+    assert rocketmq_topic(topic) == expected
+
+
+@pytest.mark.parametrize("topic", ["", "t" * 128, "a b", "ä"])
+def test_names_rocketmq_cannot_take_are_refused(topic: str) -> None:
+    with pytest.raises(ValueError, match="not a RocketMQ topic name"):
+        rocketmq_topic(topic)
+
+
+def _rec(key: bytes) -> tuple[str, bytes, bytes, list[tuple[str, bytes]], int]:
+    return ("t", b"", key, [], 0)
+
+
+def test_waves_hold_one_record_per_aggregate_in_batch_order() -> None:
+    batch = [_rec(k) for k in (b"a", b"b", b"a", b"c", b"a", b"b")]
+    assert _waves(batch) == [[0, 1, 3], [2, 5], [4]]
+
+
+def test_records_without_an_aggregate_each_form_their_own_group() -> None:
+    assert _waves([_rec(b""), _rec(b""), _rec(b"a")]) == [[0, 1, 2]]
