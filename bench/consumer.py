@@ -152,6 +152,12 @@ def run_kcons(
     return sink.count / (sink.last_at - sink.first_at)
 
 
+def redis_cpu_s(client: Any) -> float:
+    """The Redis server's CPU seconds so far (system + user, INFO cpu)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=200_000)
@@ -160,6 +166,9 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--value-size", type=int, default=100)
     parser.add_argument("--fetch-queue-backoff-ms", type=int, default=10, help="-1: librdkafka's default")
+    parser.add_argument(
+        "--variants", default="", help="comma-separated variants to run (default: all; the ratios' sides always run)"
+    )
     args = parser.parse_args()
     if args.fetch_queue_backoff_ms >= 0:
         SHARED_CONFIG["fetch.queue.backoff.ms"] = args.fetch_queue_backoff_ms
@@ -197,17 +206,25 @@ def main() -> int:
                 async_commit=False,
             ),
         }
+        if args.variants:
+            wanted = {"baseline", "baseline_async_commit", "baseline_read_id", "redis", "memory"}
+            wanted.update(args.variants.split(","))
+            variants = {name: run for name, run in variants.items() if name in wanted}
         results: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}
+        redis_cpu: list[float] = []  # the Redis server's CPU per message, over the Redis store's runs
         order = list(variants)
         for r in range(args.rounds):
             for name in order[r % len(order) :] + order[: r % len(order)]:
+                server_before = redis_cpu_s(client)
                 before = resource.getrusage(resource.RUSAGE_SELF)
                 rate = variants[name]()
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                 results[name].append(rate)
                 cpu[name].append(used / args.messages * 1e6)
+                if name == "redis":
+                    redis_cpu.append((redis_cpu_s(client) - server_before) / args.messages * 1e6)
                 log.warning("round %d %s: %.0f msgs/s, %.2f us CPU/msg", r + 1, name, rate, cpu[name][-1])
         client.close()
 
@@ -230,6 +247,9 @@ def main() -> int:
         # like for like. The waiting variant of each is reported beside it.
         "baseline": side("baseline_async_commit"),
         "kcons": {"redis_store": side("redis"), "memory_store": side("memory")},
+        # The Redis server's own CPU time (INFO used_cpu_sys + used_cpu_user deltas) per message
+        # over the Redis store's runs: the store's cost on the shared cores, apart from this process.
+        "redis_server_cpu_us_per_msg": round(statistics.median(redis_cpu), 2),
         "ratio": ratio("redis", "baseline_async_commit"),
         "ratio_memory": ratio("memory", "baseline_async_commit"),
         # The raw consumer that also reads every message's kcons-id header (the least a dedup
@@ -243,7 +263,9 @@ def main() -> int:
             "baseline": side("baseline"),
             "kcons_memory_store": side("memory_sync_commit"),
             "ratio_memory": ratio("memory_sync_commit", "baseline"),
-        },
+        }
+        if "memory_sync_commit" in results
+        else None,
         "messages": args.messages,
         "rounds": args.rounds,
         "batch_size": args.batch_size,

@@ -11,6 +11,8 @@ round of each side counts (noise from other processes only ever slows a round do
   fails the commit) and committing every ``--commit-ms`` milliseconds;
 * ``kcons_no_ids``: the same with ``event_ids=False`` (what the per-message event id costs);
 * ``kcons_futures``: the same with ``produce`` (a future per message);
+* ``idempotent_futures``: :class:`kcons.kafka.producer.IdempotentProducer` with ``produce`` (a
+  future per message, no transactions), flushed at the end;
 * ``raw_transactional``: the raw confluent-kafka transactional producer, same commit interval
   (what Kafka transactions themselves cost, apart from kcons);
 * ``baseline_id_header``: the baseline plus one ``kcons-id`` header per message (what one
@@ -36,7 +38,7 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from kcons.kafka.producer import TransactionalProducer, fast_event_id
+from kcons.kafka.producer import IdempotentProducer, TransactionalProducer, fast_event_id
 from kcons.testing import start_stack
 
 log = logging.getLogger("bench.producer")
@@ -48,6 +50,13 @@ def _topic(admin: AdminClient, partitions: int) -> str:
     futures[name].result(timeout=60)
     time.sleep(0.5)
     return name
+
+
+def _rates(n: int, elapsed: float, cpu: float) -> dict[str, Any]:
+    """Throughput, and the process's CPU time per message (librdkafka's threads included): the
+    second is steadier than the first on a machine that other processes load."""
+    return {"msgs": n, "seconds": round(elapsed, 3), "msgs_per_s": round(n / elapsed, 1),
+            "cpu_us_per_msg": round(cpu / n * 1e6, 3)}  # fmt: skip
 
 
 def _common(bootstrap: str, linger_ms: int) -> dict[str, Any]:
@@ -70,7 +79,7 @@ def run_baseline(
 
     p = Producer({**_common(bootstrap, linger_ms), "on_delivery": on_delivery})
     p.list_topics(topic, timeout=10)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(n):
         key = str(i % 1000).encode()
         while True:
@@ -85,10 +94,10 @@ def run_baseline(
         if i % 256 == 0:
             p.poll(0)
     left = p.flush(120)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if left or failed[0]:
         raise RuntimeError(f"baseline lost messages: {left} unflushed, {failed[0]} failed")
-    return {"msgs": n, "seconds": round(elapsed, 3), "msgs_per_s": round(n / elapsed, 1)}
+    return {**_rates(n, elapsed, cpu)}
 
 
 def run_raw_transactional(
@@ -113,7 +122,7 @@ def run_raw_transactional(
     p.list_topics(topic, timeout=10)
     interval = commit_ms / 1000.0
     transactions = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     i = 0
     while i < n:
         p.begin_transaction()
@@ -133,10 +142,10 @@ def run_raw_transactional(
                     break
         p.commit_transaction(60)
         transactions += 1
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if failed[0]:
         raise RuntimeError(f"raw transactional lost messages: {failed[0]} failed")
-    return {"msgs": n, "seconds": round(elapsed, 3), "msgs_per_s": round(n / elapsed, 1), "transactions": transactions}
+    return {**_rates(n, elapsed, cpu), "transactions": transactions}
 
 
 def run_kcons(
@@ -162,7 +171,7 @@ def run_kcons(
     interval = commit_ms / 1000.0
     futures = []
     transactions = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     i = 0
     while i < n:
         with p.transaction():
@@ -178,20 +187,45 @@ def run_kcons(
                     if time.perf_counter() >= txn_end:
                         break
         transactions += 1
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     failed = sum(1 for f in futures if f.exception(0) is not None)
     p.close()
     if failed:
         raise RuntimeError(f"kcons lost messages: {failed} failed")
     return {
-        "msgs": n,
-        "seconds": round(elapsed, 3),
-        "msgs_per_s": round(n / elapsed, 1),
+        **_rates(n, elapsed, cpu),
         "transactions": transactions,
     }
 
 
-SIDES = ("baseline", "kcons", "kcons_no_ids", "kcons_futures", "raw_transactional", "baseline_id_header")
+def run_idempotent_futures(bootstrap: str, topic: str, n: int, payload: bytes, linger_ms: int) -> dict[str, Any]:
+    """IdempotentProducer.produce: one future per message, all checked after the final flush."""
+    p = IdempotentProducer(_common(bootstrap, linger_ms))
+    p.raw.list_topics(topic, timeout=10)
+    futures = []
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for i in range(n):
+        futures.append(p.produce(topic, payload, str(i % 1000).encode()))
+        if i % 256 == 0:
+            p.poll(0)
+    p.flush(120)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    failed = sum(1 for f in futures if f.exception(0) is not None)
+    p.close()
+    if failed:
+        raise RuntimeError(f"kcons idempotent lost messages: {failed} failed")
+    return {**_rates(n, elapsed, cpu)}
+
+
+SIDES = (
+    "baseline",
+    "kcons",
+    "kcons_no_ids",
+    "kcons_futures",
+    "idempotent_futures",
+    "raw_transactional",
+    "baseline_id_header",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     "kcons_futures": lambda t, p=payload: run_kcons(
                         bootstrap, t, n, p, linger, commit, futures_mode=True
                     ),
+                    "idempotent_futures": lambda t, p=payload: run_idempotent_futures(bootstrap, t, n, p, linger),
                     "raw_transactional": lambda t, p=payload: run_raw_transactional(bootstrap, t, n, p, linger, commit),
                     "baseline_id_header": lambda t, p=payload: run_baseline(bootstrap, t, n, p, linger, id_header=True),
                 }
@@ -248,9 +283,23 @@ def main(argv: list[str] | None = None) -> int:
         for side in sides if side != "baseline"
     }  # fmt: skip
     same_shape = None
+    futures_same_shape: dict[str, dict[str, float]] | None = None
+    futures_cpu_same_shape: dict[str, dict[str, float]] | None = None
     if "baseline_id_header" in sides:
         rate = {side: {s: table[side][f"{s}B"]["msgs_per_s"] for s in sizes} for side in sides}
         same_shape = {f"{s}B": round(rate["kcons"][s] / rate["baseline_id_header"][s], 3) for s in sizes}
+        futures_same_shape = {
+            side: {f"{s}B": round(rate[side][s] / rate["baseline_id_header"][s], 3) for s in sizes}
+            for side in ("kcons_futures", "idempotent_futures")
+            if side in sides
+        }
+        # The same comparison in CPU per message (baseline's over kcons's: above 1 means kcons costs less).
+        cpu = {side: {s: min(r["cpu_us_per_msg"] for r in results[s][side]) for s in sizes} for side in sides}
+        futures_cpu_same_shape = {
+            side: {f"{s}B": round(cpu["baseline_id_header"][s] / cpu[side][s], 3) for s in sizes}
+            for side in ("kcons_futures", "idempotent_futures")
+            if side in sides
+        }
     out = {
         "name": "producer",
         "baseline": table["baseline"],
@@ -259,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         # kcons against raw records of the same shape (one kcons-id header each): kcons's own cost.
         "ratio_vs_baseline_id_header": same_shape,
+        # produce() with a future per message (TransactionalProducer and IdempotentProducer) against
+        # the same raw records: what a user of wrap() gets.
+        "futures_ratio_vs_baseline_id_header": futures_same_shape,
+        "futures_cpu_ratio_vs_baseline_id_header": futures_cpu_same_shape,
+        "load_average": os.getloadavg(),
         "other_sides": {side: table[side] for side in sides if side not in ("baseline", "kcons")},
         "unit": "msgs/s",
         "messages": args.messages,

@@ -3,11 +3,16 @@
 A standard ``concurrent.futures.Future`` builds a Condition and an RLock up front, which costs
 more than the produce call it reports on, and most delivery futures are never waited on.
 :class:`DeliveryFuture` is a small class of its own: until somebody waits, it only records the
-outcome (three slots); the first call that waits or registers a callback (``result`` with the
+outcome in a slot; the first call that waits or registers a callback (``result`` with the
 outcome still unknown, ``add_done_callback``, ``cancel``, :meth:`~DeliveryFuture.as_future`) links
 it to a standard ``concurrent.futures.Future``, which from then on holds the outcome. Nothing of
 ``concurrent.futures``' private machinery is touched, so its behaviour is the standard one on
 every Python version.
+
+A future made by a producer is registered in the producer's :class:`DeliveryTracker` and is
+itself the message's delivery callback. Whoever takes it out of the tracker's pending set (an
+atomic ``set.remove``/``set.pop``) settles it: the delivery report, or the producer failing
+what is still pending (abort, close, re-creation). So every such future completes exactly once.
 
 ``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future`` need a standard future:
 pass them ``fut.as_future()``.
@@ -18,15 +23,72 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
-__all__ = ["DeliveryFuture"]
+from kcons.errors import DeliveryError
+
+__all__ = ["DeliveryFuture", "DeliveryTracker"]
 
 #: Guards the hand-over from the recorded outcome to the standard future (uncontended in practice).
 _link_lock = threading.Lock()
 
-Deliver = Callable[["DeliveryFuture", "KafkaError | None", Message], None]
+#: The outcome slot of a future whose outcome is not known yet.
+_UNSET: Any = object()
+
+#: A user's delivery callback, as confluent-kafka calls it.
+DeliveryCallback = Callable[["KafkaError | None", Message], None]
+#: What a tracker does with a report that is not a plain success: ``(future, err, msg, user callback)``.
+Report = Callable[["DeliveryFuture", "KafkaError | None", Message, "DeliveryCallback | None"], None]
+
+
+class _Failed:
+    """The recorded outcome of a failed delivery (distinct from any message a future can hold)."""
+
+    __slots__ = ("exception",)
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+
+
+def _publish(outcome: Any, fut: Future[Message]) -> None:
+    """Copy a recorded outcome into the linked standard future; a second copy or a cancelled one is ignored."""
+    try:
+        if type(outcome) is _Failed:
+            fut.set_exception(outcome.exception)
+        else:
+            fut.set_result(outcome)
+    except InvalidStateError:
+        pass
+
+
+class DeliveryTracker:
+    """The futures of one producer still waiting for their delivery report, and the successes not yet counted.
+
+    ``on_report(future, err, msg, callback)`` receives every report that is not a plain success
+    (a failure, or a message produced with a user delivery callback) after the future was taken
+    out of ``pending``; it must settle the future (:meth:`DeliveryFuture.settle`).
+    """
+
+    __slots__ = ("delivered", "on_report", "pending")
+
+    def __init__(self, on_report: Report) -> None:
+        self.pending: set[DeliveryFuture] = set()
+        self.delivered = 0
+        self.on_report = on_report
+
+    def fail_pending(self, make_error: Callable[[], BaseException]) -> int:
+        """Fail every future still pending with ``make_error()``; returns how many. Later reports are ignored."""
+        pending, self.pending = self.pending, set()
+        failed = 0
+        while True:
+            try:
+                fut = pending.pop()  # atomic: a report racing in takes the future, or finds it gone
+            except KeyError:
+                return failed
+            fut.settle(None, make_error())
+            failed += 1
 
 
 class DeliveryFuture:
@@ -43,29 +105,67 @@ class DeliveryFuture:
     allocates one object, not a future plus a closure.
     """
 
-    __slots__ = ("_deliver", "_done", "_exception", "_future", "_result")
+    __slots__ = ("_callback", "_future", "_outcome", "_tracker")
 
-    def __init__(self, deliver: Deliver | None = None) -> None:
-        self._done = False
-        self._result: Message | None = None
-        self._exception: BaseException | None = None
-        self._deliver = deliver
+    def __init__(self, tracker: DeliveryTracker | None = None, callback: DeliveryCallback | None = None) -> None:
+        self._tracker = tracker
+        self._callback = callback
+        self._outcome: Any = _UNSET
         self._future: Future[Message] | None = None  # the standard future, once something waits
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        """confluent-kafka's delivery callback for this message: hand the report to the producer (once)."""
-        deliver, self._deliver = self._deliver, None  # let the producer go once delivered
-        if deliver is not None:
-            deliver(self, err, msg)
+        """confluent-kafka's delivery callback for this message: settle it, unless it was failed already."""
+        tracker = self._tracker
+        if tracker is None:
+            return
+        try:
+            tracker.pending.remove(self)  # the claim: exactly one of the report and fail_pending settles
+        except KeyError:
+            return
+        except BaseException:
+            # confluent-kafka runs callbacks with a fatal error still pending after it raised it in the
+            # same poll: then every C call fails, this one included (the future may be out of the set).
+            # Within this handler calls work again: settle here, then pass the error on.
+            tracker.pending.discard(self)
+            self._report(tracker, err, msg)
+            raise
+        if err is None and self._callback is None:
+            self._tracker = None  # let the producer go once delivered
+            tracker.delivered += 1
+            self._outcome = msg
+            # A waiter links after writing _future and reads _outcome after: one of the two sees the other.
+            fut = self._future
+            if fut is not None:
+                _publish(msg, fut)
+        else:
+            self._report(tracker, err, msg)
 
-    def release(self) -> None:
-        """Drop the link to the producer (it failed this future without a report, or closed)."""
-        self._deliver = None
+    def _report(self, tracker: DeliveryTracker, err: KafkaError | None, msg: Message) -> None:
+        """Settle the claimed future from its report; a report the tracker fails to handle fails the future."""
+        if err is None and self._callback is None:
+            tracker.delivered += 1
+            self.settle(msg)
+            return
+        try:
+            tracker.on_report(self, err, msg, self._callback)
+        finally:
+            if self._outcome is _UNSET:  # on_report raised before settling it (e.g. called in the bad state)
+                self.settle(None, DeliveryError(f"the delivery report could not be handled: {err}"))
+
+    def settle(self, result: Message | None, exception: BaseException | None = None) -> None:
+        """Record the outcome of a future its caller took out of the tracker (a cancelled future ignores it)."""
+        outcome = result if exception is None else _Failed(exception)
+        self._tracker = None
+        self._outcome = outcome
+        fut = self._future
+        if fut is not None:
+            _publish(outcome, fut)
 
     def __repr__(self) -> str:
         if self._future is not None:
             return f"<DeliveryFuture {self._future!r}>"
-        state = "pending" if not self._done else ("failed" if self._exception is not None else "delivered")
+        outcome = self._outcome
+        state = "pending" if outcome is _UNSET else ("failed" if type(outcome) is _Failed else "delivered")
         return f"<DeliveryFuture {state}>"
 
     # the standard future, made on demand -----------------------------------------------
@@ -82,57 +182,63 @@ class DeliveryFuture:
                 fut = self._future
                 if fut is None:
                     fut = Future()
-                    if self._done:
-                        if self._exception is not None:
-                            fut.set_exception(self._exception)
-                        else:
-                            fut.set_result(self._result)  # type: ignore[arg-type]
-                    self._future = fut
+                    self._future = fut  # first: a report settling now sees it (see __call__)
+                    outcome = self._outcome
+                    if outcome is not _UNSET:
+                        _publish(outcome, fut)
         return fut
 
     # outcome ---------------------------------------------------------------------------
 
-    def set_result(self, result: Message) -> None:
-        """Record the acknowledged message; InvalidStateError when the outcome is already set or cancelled."""
+    def _set(self, outcome: Any) -> None:
         with _link_lock:
+            tracker = self._tracker
+            if tracker is not None:
+                try:
+                    tracker.pending.remove(self)
+                except KeyError:
+                    raise InvalidStateError("the delivery future is already done") from None
+                self._tracker = None
             fut = self._future
             if fut is None:
-                if self._done:
+                if self._outcome is not _UNSET:
                     raise InvalidStateError("the delivery future is already done")
-                self._result = result
-                self._done = True
+                self._outcome = outcome
                 return
-        fut.set_result(result)
+        if type(outcome) is _Failed:
+            fut.set_exception(outcome.exception)
+        else:
+            fut.set_result(outcome)
+
+    def set_result(self, result: Message) -> None:
+        """Record the acknowledged message; InvalidStateError when the outcome is already set or cancelled."""
+        self._set(result)
 
     def set_exception(self, exception: BaseException) -> None:
         """Record the failure; InvalidStateError when the outcome is already set or cancelled."""
-        with _link_lock:
-            fut = self._future
-            if fut is None:
-                if self._done:
-                    raise InvalidStateError("the delivery future is already done")
-                self._exception = exception
-                self._done = True
-                return
-        fut.set_exception(exception)
+        self._set(_Failed(exception))
 
     def done(self) -> bool:
         """Whether the outcome is known (or the future was cancelled)."""
         fut = self._future
-        return self._done if fut is None else fut.done()
+        return self._outcome is not _UNSET if fut is None else fut.done()
 
     def result(self, timeout: float | None = None) -> Message:
         """The acknowledged message; raises the delivery failure, TimeoutError, or CancelledError."""
-        if self._future is None and self._done:
-            if self._exception is not None:
-                raise self._exception
-            return self._result  # type: ignore[return-value]
+        if self._future is None:
+            outcome = self._outcome
+            if outcome is not _UNSET:
+                if type(outcome) is _Failed:
+                    raise outcome.exception
+                return outcome  # type: ignore[no-any-return]
         return self.as_future().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The delivery failure, or None when delivered; TimeoutError or CancelledError like ``result``."""
-        if self._future is None and self._done:
-            return self._exception
+        if self._future is None:
+            outcome = self._outcome
+            if outcome is not _UNSET:
+                return outcome.exception if type(outcome) is _Failed else None
         return self.as_future().exception(timeout)
 
     def add_done_callback(self, fn: Callable[[DeliveryFuture], object]) -> None:
@@ -152,4 +258,3 @@ class DeliveryFuture:
         """Always False: a delivery is either pending or done (as for a Future nobody runs)."""
         fut = self._future
         return False if fut is None else fut.running()
-

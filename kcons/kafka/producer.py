@@ -24,8 +24,6 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import InvalidStateError
-from functools import partial
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -50,7 +48,7 @@ from kcons.errors import (
 )
 from kcons.ids import fast_event_id
 from kcons.kafka.client import check_producer_config, close_bounded
-from kcons.kafka.futures import DeliveryFuture
+from kcons.kafka.futures import DeliveryCallback, DeliveryFuture, DeliveryTracker
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,6 @@ TXN_RETRY_BACKOFF_MS = 10
 _UNASSIGNED = -1
 #: Message headers as confluent-kafka takes them: a list of (name, value) pairs or a dict.
 HeaderList = list[tuple[str, bytes | str | None]] | dict[str, bytes | str | None]
-DeliveryCallback = Callable[[KafkaError | None, Message], None]
 #: One record for the bulk paths: ``(topic, value, key, headers, timestamp_ms)``; a timestamp of 0 means "now".
 Record = tuple[str, bytes | str | None, bytes | str | None, Any, int]
 
@@ -315,9 +312,9 @@ class _ProducerBase:
         self._user_delivery_cb = on_delivery
         #: Per-message callback of future-less writes: the user's callback, so it runs once per message.
         self._plain_cb: DeliveryCallback | None = None if on_delivery is None else _safe(on_delivery)
-        self._delivered = 0  # acknowledged since the last metrics update (kept out of the hot path)
         self._failed = 0  # delivery failures reported so far
-        self._pending: set[DeliveryFuture] = set()
+        #: The futures awaiting a report, and the successes not yet counted in metrics (kept out of the hot path).
+        self._tracker = DeliveryTracker(self._on_report)
 
     @property
     def raw(self) -> Producer:
@@ -354,9 +351,10 @@ class _ProducerBase:
         client = self._client
         if client.closed:
             raise FatalKafkaError("the producer is closed; create a new one")
-        user_cb = on_delivery or self._user_delivery_cb
-        fut = DeliveryFuture(self._on_delivery if user_cb is None else partial(self._on_delivery, user_cb=user_cb))
-        self._pending.add(fut)
+        tracker = self._tracker
+        fut = DeliveryFuture(tracker, on_delivery or self._user_delivery_cb)
+        pending = tracker.pending
+        pending.add(fut)
         if self.event_ids:
             headers = {HEADER_ID: fast_event_id()} if headers is None else _with_event_id(headers)
         try:
@@ -367,15 +365,15 @@ class _ProducerBase:
             client.raw.produce(topic, value, key, part, fut, None, 0, headers)
         except BufferError:
             if not block:
-                self._pending.discard(fut)
+                pending.discard(fut)
                 raise
             try:
                 self._produce_when_room(topic, value, key, headers, partition, fut)
             except BaseException:
-                self._pending.discard(fut)
+                pending.discard(fut)
                 raise
         except KafkaException as exc:
-            self._pending.discard(fut)
+            pending.discard(fut)
             self._raise_kafka(exc, "produce")
         return fut
 
@@ -427,15 +425,13 @@ class _ProducerBase:
             n += 1
         return n
 
-    def _on_delivery(
-        self, fut: DeliveryFuture, err: KafkaError | None, msg: Message, user_cb: DeliveryCallback | None = None
+    def _on_report(
+        self, fut: DeliveryFuture, err: KafkaError | None, msg: Message, user_cb: DeliveryCallback | None
     ) -> None:
-        # The future leaves the pending set only once resolved: when confluent-kafka runs this callback
-        # with a fatal error already pending, every C call in here fails, and close() must fail it later.
+        """Settle a future its report took out of the pending set (failure, or success with a user callback)."""
         if err is None:
-            self._delivered += 1
-            with contextlib.suppress(InvalidStateError):  # cancelled by its caller (e.g. asyncio)
-                fut.set_result(msg)
+            self._tracker.delivered += 1
+            fut.settle(msg)
         else:
             self._failed += 1
             cls = classify_kafka_error(err)
@@ -443,9 +439,7 @@ class _ProducerBase:
             if cls in (ErrorClass.FATAL, ErrorClass.FENCED):
                 self._client.fatal = err
             reason = f"delivery to {msg.topic()} failed: {err.str()} ({err.name()})"
-            with contextlib.suppress(InvalidStateError):
-                fut.set_exception(DeliveryError(reason, code=err.code(), name=err.name()))
-        self._pending.discard(fut)
+            fut.settle(None, DeliveryError(reason, code=err.code(), name=err.name()))
         if user_cb is not None:
             try:
                 user_cb(err, msg)
@@ -453,8 +447,9 @@ class _ProducerBase:
                 log.exception("a delivery callback raised")
 
     def _count_delivered(self) -> None:
-        if self._delivered:
-            n, self._delivered = self._delivered, 0
+        tracker = self._tracker
+        if tracker.delivered:
+            n, tracker.delivered = tracker.delivered, 0
             metrics.MESSAGES_PRODUCED.inc(n)
 
     def send(self, topic: str, envelope: Envelope, *, on_delivery: DeliveryCallback | None = None) -> DeliveryFuture:
@@ -510,12 +505,7 @@ class _ProducerBase:
 
     def _fail_pending(self, reason: str) -> None:
         """Fail the futures of messages that will never get a delivery report (closed or replaced producer)."""
-        pending, self._pending = self._pending, set()
-        for fut in pending:
-            fut.release()
-            if not fut.done():
-                with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
-                    fut.set_exception(DeliveryError(reason))
+        self._tracker.fail_pending(lambda: DeliveryError(reason))
 
     @property
     def closed(self) -> bool:
@@ -627,7 +617,7 @@ class IdempotentProducer(_ProducerBase):
             self._serve(0, "poll")
             metrics.PRODUCE_ERRORS.labels(ErrorClass.RETRIABLE.value).inc()
             raise TimeoutExceededError(f"{remaining} of {n} record(s) unacknowledged after {bound}s")
-        self._delivered += n
+        self._tracker.delivered += n
         self._count_delivered()
         return n
 
@@ -909,7 +899,7 @@ class TransactionalProducer(_ProducerBase):
         if not self._in_txn:
             raise KafkaOperationError("commit_transaction needs an open transaction")
         deadline = time.monotonic() + self.commit_timeout_s
-        if self._pending:
+        if self._tracker.pending:
             self._flush_before_commit()
 
         def commit() -> None:

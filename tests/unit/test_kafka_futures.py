@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kcons.kafka.futures import DeliveryFuture
+from kcons.kafka.futures import DeliveryFuture, DeliveryTracker
 
 
 def test_result_set_before_anyone_waits_is_returned() -> None:
@@ -136,18 +136,91 @@ def test_nothing_of_concurrent_futures_private_state_is_touched() -> None:
         assert private not in source, private
 
 
-def test_the_future_is_its_own_delivery_callback_and_hands_the_report_over_once() -> None:
-    reports: list[tuple[Any, Any, Any]] = []
-
-    def deliver(fut: DeliveryFuture, err: Any, msg: Any) -> None:
-        reports.append((fut, err, msg))
-        fut.set_result(msg)
-
-    fut = DeliveryFuture(deliver)
+def test_the_future_is_its_own_delivery_callback_and_settles_once() -> None:
+    reports: list[tuple[Any, Any, Any, Any]] = []
+    tracker = DeliveryTracker(lambda fut, err, msg, cb: reports.append((fut, err, msg, cb)))
+    fut = DeliveryFuture(tracker)
+    tracker.pending.add(fut)
     fut(None, "msg")  # type: ignore[arg-type]
     fut(None, "again")  # type: ignore[arg-type]  # a second report is ignored
-    assert reports == [(fut, None, "msg")] and fut.result(0) == "msg"
-    assert fut._deliver is None, "the producer is released once delivered"
+    assert fut.result(0) == "msg" and tracker.delivered == 1 and not tracker.pending
+    assert reports == [], "a plain success is settled by the future itself"
+    assert fut._tracker is None, "the producer is released once delivered"
+
+
+def test_a_failure_or_a_user_callback_goes_to_the_tracker_which_settles_the_future() -> None:
+    def on_report(fut: DeliveryFuture, err: Any, msg: Any, cb: Any) -> None:
+        fut.settle(None, ValueError(err)) if err is not None else fut.settle(msg)
+        if cb is not None:
+            cb(err, msg)
+
+    tracker = DeliveryTracker(on_report)
+    seen: list[Any] = []
+    failed, called = DeliveryFuture(tracker), DeliveryFuture(tracker, lambda err, msg: seen.append(msg))
+    tracker.pending.update((failed, called))
+    failed("boom", "m1")  # type: ignore[arg-type]
+    called(None, "m2")  # type: ignore[arg-type]
+    assert isinstance(failed.exception(0), ValueError) and called.result(0) == "m2" and seen == ["m2"]
+
+
+def test_a_report_after_the_pending_futures_were_failed_is_ignored() -> None:
+    tracker = DeliveryTracker(lambda *a: None)
+    futs = [DeliveryFuture(tracker) for _ in range(3)]
+    tracker.pending.update(futs)
+    futs[0](None, "delivered")  # type: ignore[arg-type]
+    assert tracker.fail_pending(lambda: RuntimeError("aborted")) == 2
+    futs[1](None, "late")  # type: ignore[arg-type]
+    assert futs[0].result(0) == "delivered"
+    assert all(isinstance(f.exception(0), RuntimeError) for f in futs[1:])
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        futs[2].set_result("again")  # type: ignore[arg-type]
+
+
+def test_reports_racing_fail_pending_settle_every_future_exactly_once() -> None:
+    for _ in range(50):
+        tracker = DeliveryTracker(lambda *a: None)
+        futs = [DeliveryFuture(tracker) for _ in range(2000)]
+        tracker.pending.update(futs)
+        waiter = futs[-1].as_future()  # one linked future in the race too
+        barrier = threading.Barrier(2)
+
+        def deliver(barrier: threading.Barrier = barrier, futs: list[DeliveryFuture] = futs) -> None:
+            barrier.wait()
+            for f in futs:
+                f(None, "ok")  # type: ignore[arg-type]
+
+        t = threading.Thread(target=deliver)
+        t.start()
+        barrier.wait()
+        failed = tracker.fail_pending(lambda: RuntimeError("aborted"))
+        t.join(10)
+        outcomes = [f.exception(0) for f in futs]
+        assert sum(1 for e in outcomes if e is not None) == failed
+        assert tracker.delivered == len(futs) - failed
+        assert waiter.done()
+
+
+def test_a_waiter_linking_while_the_report_arrives_always_gets_the_outcome() -> None:
+    for _ in range(300):
+        tracker = DeliveryTracker(lambda *a: None)
+        futs = [DeliveryFuture(tracker) for _ in range(8)]
+        tracker.pending.update(futs)
+        got: list[Any] = []
+        barrier = threading.Barrier(len(futs) + 1)
+
+        def wait(f: DeliveryFuture, barrier: threading.Barrier, got: list[Any]) -> None:
+            barrier.wait()
+            got.append(f.as_future().result(timeout=5))
+
+        threads = [threading.Thread(target=wait, args=(f, barrier, got)) for f in futs]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        for i, f in enumerate(futs):
+            f(None, i)  # type: ignore[arg-type]
+        for t in threads:
+            t.join(10)
+        assert sorted(got) == list(range(len(futs)))
 
 
 def test_a_future_nobody_waits_on_links_no_standard_future() -> None:

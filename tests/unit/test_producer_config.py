@@ -191,12 +191,14 @@ def test_state_error_inside_a_transaction_is_abortable_and_outside_it_is_not() -
 
 def test_a_cancelled_future_does_not_break_the_delivery_of_the_others() -> None:
     producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
-    cancelled, failed_cancelled, kept = DeliveryFuture(), DeliveryFuture(), DeliveryFuture()
+    tracker = producer._tracker
+    cancelled, failed_cancelled, kept = (DeliveryFuture(tracker) for _ in range(3))
+    tracker.pending.update((cancelled, failed_cancelled, kept))
     assert cancelled.cancel() and failed_cancelled.cancel()
-    producer._on_delivery(cancelled, None, "msg")  # type: ignore[arg-type]
+    cancelled(None, "msg")  # type: ignore[arg-type]
     err = KafkaError(KafkaError._MSG_TIMED_OUT, "timed out")
     msg = type("Msg", (), {"topic": lambda self: "t"})()
-    producer._on_delivery(failed_cancelled, err, msg)
-    producer._on_delivery(kept, None, "msg")  # type: ignore[arg-type]
+    failed_cancelled(err, msg)
+    kept(None, "msg")  # type: ignore[arg-type]
     assert cancelled.cancelled() and failed_cancelled.cancelled() and kept.result(0) == "msg"
     producer.close(0.1)
