@@ -19,27 +19,33 @@ same event). Records without a ``kcons-id`` header are counted apart and not che
 
 Speed: a batch whose records carry the kcons header layout (``kcons-id``, ``kcons-type``,
 ``kcons-aggregate-type``, ``kcons-aggregate-id``, ``kcons-version`` first, as kcons producers
-and the outbox relay write them) is checked with C-level loops (``map``/``zip`` over the Message
-type's methods, dict and set operations); any other batch, or one in which the fast check finds a
-violation, is checked again record by record by :meth:`TopicAuditor._feed_slow`, the reference
-implementation, so that violations are reported with their offsets. Both give the same result
-(tests/unit/test_audit_topic.py compares them).
+and the outbox relay write them) is checked with C-level loops (``map``, slices and ``sort`` over
+the flattened header pairs, dict and set operations); any other batch, or one in which the fast
+check finds a violation, is checked again record by record by :meth:`TopicAuditor._feed_slow`,
+the reference implementation, so that violations are reported with their offsets. Both give the
+same result (tests/unit/test_audit_topic.py compares them). Ids are kept as the header's bytes;
+where an id's first copy was is kept per batch (the batch's ids, its partition and first offset,
+or arrays when the batch spans partitions or its offsets are not contiguous) and looked up only
+when a copy is found. :func:`audit_topic` raises the collector's young-generation threshold
+while it reads (see :func:`_fewer_collections`).
 """
 
 from __future__ import annotations
 
 import array
-import bisect
+import gc
 import itertools
 import logging
 import operator
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
-from kcons.envelope import HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_ID, HEADER_VERSION
+from kcons.envelope import HEADER_AGGREGATE_ID, HEADER_AGGREGATE_TYPE, HEADER_ID, HEADER_TYPE, HEADER_VERSION
 from kcons.errors import ConfigError, TimeoutExceededError
 from kcons.kafka.reader import RangeReader, RangeSpec
 
@@ -56,13 +62,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SEP = b"\x1f"  # joins aggregate type and id: a control character no sane id contains
 _SHIFT = 20  # location = offset << 20 | partition (fewer than a million partitions)
 _MASK = (1 << _SHIFT) - 1
-_NAMES = (HEADER_ID, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION)  # positions 0, 2, 3, 4
-_AT = [operator.itemgetter(i) for i in (0, 2, 3, 4)]
-_NAME = operator.itemgetter(0)
-_VALUE = operator.itemgetter(1)
+#: The kcons headers in the order kcons writes them first (positions 0-4).
+_LAYOUT = (HEADER_ID, HEADER_TYPE, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION)
+_FIRST_FIVE = operator.itemgetter(0, 1, 2, 3, 4)
+_flat = itertools.chain.from_iterable
+_NOTHING: Mapping[bytes, int] = {}
 
 
 class VersionCheck(StrEnum):
@@ -174,19 +180,19 @@ class TopicAuditor:
             raise ConfigError("--versions", f"must be strict, monotonic or off, got {versions!r}") from None
         self.topic = topic
         self.max_listed = max_listed
-        # id -> where its first copy is: (offset << 20 | partition), or ~i for the i-th fast batch,
-        # whose ids, offsets and partitions _batches keeps (cheaper than a location per record).
-        self.seen: dict[bytes, int] = {}
-        # Per fast batch: its ids joined, where each id ends in that blob, offsets, partitions. Bytes
-        # and arrays hold no references, so a million ids add nothing to the garbage collector's passes.
-        self._batches: list[tuple[bytes, array.array[int], array.array[int], array.array[int]]] = []
-        self.last: dict[bytes, int] = {}  # aggregate -> highest version seen
-        self.home: dict[bytes, int] = {}  # aggregate -> partition of its first event
+        self.seen: set[bytes] = set()  # every id read (a set: one memory access per lookup)
+        # Where each id's first copy is: (offset << 20 | partition) for the ids the slow path added;
+        # the fast batches' ids, partition(s) and offset(s) for the others, searched only for a copy.
+        self._first: dict[bytes, int] = {}
+        self._batches: list[_Batch] = []
+        # Per aggregate type, per aggregate id: the highest version seen, the partition of the first event.
+        self.last: dict[bytes, dict[bytes, int]] = {}
+        self.home: dict[bytes, dict[bytes, int]] = {}
         self.stats: dict[int, PartitionStats] = {}
         self.duplicate_ids: dict[bytes, Duplicate] = {}
         self.extra_copies: dict[bytes, int] = {}  # id -> copies after the first (exact, not capped)
         self.version_list: list[VersionViolation] = []
-        self.split: dict[bytes, AggregateSplit] = {}
+        self.split: dict[tuple[bytes, bytes], AggregateSplit] = {}
         self.split_count = 0
         self.fast_batches = 0
         self.slow_batches = 0
@@ -207,19 +213,17 @@ class TopicAuditor:
             if not event_id:
                 st.without_kcons_headers += 1
                 continue
-            loc = (offset << _SHIFT) | partition
-            first = self.seen.get(event_id)
-            if first is not None:
-                self._duplicate(event_id, first, partition, offset)
+            if event_id in self.seen:
+                self._duplicate(event_id, partition, offset)
                 continue
-            self.seen[event_id] = loc
+            self.seen.add(event_id)
+            self._first[event_id] = (offset << _SHIFT) | partition
             st.distinct_ids += 1
-            aggregate = (headers.get(HEADER_AGGREGATE_TYPE) or b"") + _SEP + (
-                headers.get(HEADER_AGGREGATE_ID) or msg.key() or b""
-            )
-            home = self.home.setdefault(aggregate, partition)
+            kind = headers.get(HEADER_AGGREGATE_TYPE) or b""
+            aggregate = headers.get(HEADER_AGGREGATE_ID) or msg.key() or b""
+            home = self.home.setdefault(kind, {}).setdefault(aggregate, partition)
             if home != partition:
-                self._split(aggregate, home, partition, offset)
+                self._split(kind, aggregate, home, partition, offset)
             raw = headers.get(HEADER_VERSION)
             try:
                 version = int(raw) if raw else None
@@ -230,17 +234,18 @@ class TopicAuditor:
                 continue
             if check is VersionCheck.OFF:
                 continue
-            previous = self.last.get(aggregate)
+            last = self.last.setdefault(kind, {})
+            previous = last.get(aggregate)
             if previous is not None:
                 if version <= previous:
                     st.regressions += 1
-                    self._version("regression", aggregate, previous, version, partition, offset)
+                    self._version("regression", kind, aggregate, previous, version, partition, offset)
                 elif check is VersionCheck.STRICT and version != previous + 1:
                     st.gaps += 1
-                    self._version("gap", aggregate, previous, version, partition, offset)
-                self.last[aggregate] = max(previous, version)
+                    self._version("gap", kind, aggregate, previous, version, partition, offset)
+                last[aggregate] = max(previous, version)
             else:
-                self.last[aggregate] = version
+                last[aggregate] = version
 
     def _partition(self, partition: int) -> PartitionStats:
         st = self.stats.get(partition)
@@ -248,41 +253,40 @@ class TopicAuditor:
             st = self.stats[partition] = PartitionStats()
         return st
 
-    def _duplicate(self, event_id: bytes, first: int, partition: int, offset: int) -> None:
+    def _duplicate(self, event_id: bytes, partition: int, offset: int) -> None:
         self._partition(partition).duplicates += 1
         self.extra_copies[event_id] = self.extra_copies.get(event_id, 0) + 1
         dup = self.duplicate_ids.get(event_id)
         if dup is None and len(self.duplicate_ids) < self.max_listed:
-            dup = Duplicate(_text(event_id), self._location(first, event_id))
+            dup = Duplicate(_text(event_id), self._location(event_id))
             self.duplicate_ids[event_id] = dup
         if dup is not None and len(dup.copies) < self.max_listed:
             dup.copies.append((partition, offset))
 
-    def _location(self, first: int, event_id: bytes) -> tuple[int, int]:
-        """(partition, offset) of an id's first copy from its ``seen`` entry."""
-        if first >= 0:
+    def _location(self, event_id: bytes) -> tuple[int, int]:
+        """(partition, offset) of the first copy of an id in :attr:`seen` (a search: done for listed copies only)."""
+        first = self._first.get(event_id)
+        if first is not None:
             return first & _MASK, first >> _SHIFT
-        blob, ends, offsets, partitions = self._batches[~first]
-        pos = blob.find(event_id)
-        while pos >= 0:
-            i = bisect.bisect_right(ends, pos)  # the id that covers byte ``pos``
-            if (ends[i - 1] if i else 0) == pos and ends[i] == pos + len(event_id):
-                return partitions[i], offsets[i]
-            pos = blob.find(event_id, pos + 1)
-        raise AssertionError(f"id {event_id!r} recorded in a batch that does not hold it")
+        for batch in self._batches:
+            if event_id in batch.ids:
+                return batch.where(event_id)
+        raise AssertionError(f"id {event_id!r} is in seen but in no batch")
 
-    def _version(self, kind: str, aggregate: bytes, previous: int, version: int, partition: int, offset: int) -> None:
+    def _version(
+        self, kind: str, atype: bytes, aggregate: bytes, previous: int, version: int, partition: int, offset: int
+    ) -> None:
         if len(self.version_list) < self.max_listed:
-            agg = _text(aggregate).replace("\x1f", "/")
+            agg = _aggregate_text(atype, aggregate)
             self.version_list.append(VersionViolation(kind, agg, previous, version, partition, offset))
 
-    def _split(self, aggregate: bytes, home: int, partition: int, offset: int) -> None:
-        found = self.split.get(aggregate)
+    def _split(self, atype: bytes, aggregate: bytes, home: int, partition: int, offset: int) -> None:
+        found = self.split.get((atype, aggregate))
         if found is None:
             self.split_count += 1
             if len(self.split) < self.max_listed:
-                agg = _text(aggregate).replace("\x1f", "/")
-                self.split[aggregate] = AggregateSplit(agg, [home, partition], partition, offset)
+                agg = _aggregate_text(atype, aggregate)
+                self.split[atype, aggregate] = AggregateSplit(agg, [home, partition], partition, offset)
         elif partition not in found.partitions:
             found.partitions.append(partition)
 
@@ -306,75 +310,112 @@ class TopicAuditor:
             return False
         headers = list(map(cls.headers, msgs))
         try:
-            # The header pairs at positions 0, 2, 3, 4 (the pairs themselves: no new tuple per record).
-            pairs = [list(map(g, headers)) for g in _AT]
-        except (TypeError, IndexError):  # no headers, or fewer than five
+            lengths = list(map(len, headers))
+        except TypeError:  # a record without headers
             return False
-        for name, column in zip(_NAMES, pairs, strict=True):
-            if list(map(_NAME, column)).count(name) != n:
+        width = lengths[0]
+        if lengths.count(width) != n:  # some records carry more headers (traceparent, the caller's)
+            if min(lengths) < len(_LAYOUT):
                 return False
-        ids, types, aggregate_ids, raw_versions = (list(map(_VALUE, column)) for column in pairs)
-        if not all(ids):  # an empty or missing id
+            headers = list(map(_FIRST_FIVE, headers))
+            width = len(_LAYOUT)
+        elif width < len(_LAYOUT):
             return False
-        try:
-            blob = b"".join(ids)
-        except TypeError:  # an id that is not bytes
+        # name, value, name, value, ...: record i's j-th pair at i * stride + 2 * j.
+        flat = list(_flat(_flat(headers)))
+        stride = 2 * width
+        if len(flat) != stride * n:
+            return False
+        for j, name in enumerate(_LAYOUT):  # every record starts with the five kcons headers, in order
+            if flat[2 * j :: stride].count(name) != n:
+                return False
+        ids, kinds, aggregates, raw_versions = flat[1::stride], flat[5::stride], flat[7::stride], flat[9::stride]
+        if not all(ids) or not all(aggregates):  # an empty id; an empty aggregate id means "use the key"
             return False
         # Duplicates, inside the batch or with earlier batches.
-        fresh = dict.fromkeys(ids, ~len(self._batches))
-        if len(fresh) != n or not self.seen.keys().isdisjoint(fresh):
+        fresh = set(ids)
+        if len(fresh) != n or not self.seen.isdisjoint(fresh):
             return False
         try:
             versions = list(map(int, raw_versions))  # ValueError/TypeError: not a number
         except (TypeError, ValueError):
             return False
-        try:
-            aggregates = list(map(_SEP.join, zip(types, aggregate_ids, strict=True)))
-        except TypeError:  # a missing aggregate type or id
-            return False
         partitions = list(map(cls.partition, msgs))
-        # A stable sort by aggregate puts each aggregate's events side by side, in batch order.
-        order = sorted(range(n), key=aggregates.__getitem__)
-        aggs = list(map(aggregates.__getitem__, order))
-        same = list(map(operator.eq, aggs[1:], aggs[:-1]))
-        parts = list(map(partitions.__getitem__, order))
-        if not all(itertools.compress(map(operator.eq, parts[1:], parts[:-1]), same)):
-            return False  # an aggregate in two partitions of this batch
-        home = dict(zip(aggregates, partitions, strict=True))
-        if list(map(operator.eq, map(self.home.get, home, home.values()), home.values())).count(True) != len(home):
-            return False  # an aggregate in another partition than before
-        check = self.versions
-        if check is not VersionCheck.OFF and not self._versions_ok(aggregates, versions, order, same):
-            return False
+        single = partitions.count(partitions[0]) == n
+        kind = kinds[0]
+        if kinds.count(kind) == n:
+            groups = [(kind or b"", aggregates, versions, partitions)]
+        else:
+            distinct = set(kinds)
+            if None in distinct or b"" in distinct:  # the slow path reads both as b""
+                return False
+            groups = []
+            for kind in distinct:
+                mask = list(map(operator.eq, kinds, itertools.repeat(kind)))
+                groups.append(
+                    (kind, list(itertools.compress(aggregates, mask)), list(itertools.compress(versions, mask)),
+                     list(itertools.compress(partitions, mask)))
+                )  # fmt: skip
+        homes = []
+        for kind, aggs, vers, parts in groups:
+            home = self._group_ok(kind, aggs, vers, parts, single)
+            if home is None:
+                return False
+            homes.append(home)
         # Clean: apply.
-        self.seen.update(fresh)
-        self._batches.append(
-            (blob, array.array("q", itertools.accumulate(map(len, ids))),
-             array.array("q", map(cls.offset, msgs)), array.array("l", partitions))
-        )  # fmt: skip
-        for partition, count in _counts(partitions).items():
+        self.seen |= fresh
+        self._batches.append(_Batch.of(cls, msgs, ids, partitions, single))
+        for partition, count in _counts(partitions, single).items():
             st = self._partition(partition)
             st.records += count
             st.distinct_ids += count
-        self.home.update(home)
-        if check is not VersionCheck.OFF:
-            self.last.update(zip(aggregates, versions, strict=True))
+        track = self.versions is not VersionCheck.OFF
+        for (kind, aggs, vers, _), home in zip(groups, homes, strict=True):
+            self.home.setdefault(kind, {}).update(home)
+            if track:
+                self.last.setdefault(kind, {}).update(zip(aggs, vers, strict=True))
         return True
 
-    def _versions_ok(self, aggregates: list[bytes], versions: list[int], order: list[int], same: list[bool]) -> bool:
-        """True when every aggregate's versions in the batch rise (by one, ``strict``) from what came before."""
+    def _group_ok(
+        self, kind: bytes, aggregates: list[bytes], versions: list[int], partitions: list[int], single: bool
+    ) -> dict[bytes, int] | None:
+        """One aggregate type's records of a batch: their partitions (aggregate -> partition) if clean, else None."""
+        known = self.home.get(kind, _NOTHING)
+        check = self.versions
+        same: list[bool] = []
+        order: list[int] = []
+        if check is not VersionCheck.OFF or not single:
+            # A stable sort by aggregate puts each aggregate's events side by side, in batch order.
+            order = sorted(range(len(aggregates)), key=aggregates.__getitem__)
+            aggs = list(map(aggregates.__getitem__, order))
+            same = list(map(operator.eq, aggs[1:], aggs[:-1]))
+        if single:
+            p = partitions[0]
+            home = dict.fromkeys(aggregates, p)
+            if list(map(known.get, home, itertools.repeat(p))).count(p) != len(home):
+                return None  # an aggregate in another partition than before
+        else:
+            parts = list(map(partitions.__getitem__, order))
+            if not all(itertools.compress(map(operator.eq, parts[1:], parts[:-1]), same)):
+                return None  # an aggregate in two partitions of this batch
+            home = dict(zip(aggregates, partitions, strict=True))
+            if list(map(operator.eq, map(known.get, home, home.values()), home.values())).count(True) != len(home):
+                return None
+        if check is VersionCheck.OFF:
+            return home
         vers = list(map(versions.__getitem__, order))
         diffs = list(itertools.compress(map(operator.sub, vers[1:], vers[:-1]), same))
-        if diffs and (min(diffs) < 1 if self.versions is VersionCheck.MONOTONIC else diffs.count(1) != len(diffs)):
-            return False
+        if diffs and (min(diffs) < 1 if check is VersionCheck.MONOTONIC else diffs.count(1) != len(diffs)):
+            return None
         # The first event of each aggregate in the batch against the highest version before it.
         firsts = dict(zip(reversed(aggregates), reversed(versions), strict=True))
+        last = self.last.get(kind, _NOTHING)
         # An aggregate not seen before gets its own first version minus one: always fine.
-        before = list(map(self.last.get, firsts, map(operator.sub, firsts.values(), itertools.repeat(1))))
+        before = list(map(last.get, firsts, map(operator.sub, firsts.values(), itertools.repeat(1))))
         steps = list(map(operator.sub, firsts.values(), before))
-        if self.versions is VersionCheck.MONOTONIC:
-            return bool(min(steps) >= 1)
-        return steps.count(1) == len(steps)
+        if min(steps) < 1 if check is VersionCheck.MONOTONIC else steps.count(1) != len(steps):
+            return None
+        return home
 
     # --- results --------------------------------------------------------------------------------
 
@@ -402,15 +443,78 @@ class TopicAuditor:
         )
 
 
-def _counts(values: list[int]) -> dict[int, int]:
-    """How many times each value occurs (C-level for the common one-value batch)."""
-    first = values[0]
-    if values.count(first) == len(values):
-        return {first: len(values)}
-    out: dict[int, int] = {}
-    for v in set(values):
-        out[v] = values.count(v)
-    return out
+def _counts(values: list[int], single: bool) -> dict[int, int]:
+    """How many times each value occurs (``single``: all values are the first one)."""
+    if single:
+        return {values[0]: len(values)}
+    return {v: values.count(v) for v in set(values)}
+
+
+def _aggregate_text(atype: bytes, aggregate: bytes) -> str:
+    return f"{_text(atype)}/{_text(aggregate)}"
+
+
+class _Batch(NamedTuple):
+    """Where a fast batch's records are: its ids in order, its partition(s) and offset(s).
+
+    ``partition`` is an int when the whole batch is in one partition, and ``offset`` the first
+    offset when that partition's offsets are contiguous; arrays otherwise. Bytes, tuples of bytes
+    and arrays hold no container, so a million ids add nothing to the collector's full passes.
+    """
+
+    ids: tuple[bytes, ...]
+    partition: int | array.array[int]
+    offset: int | array.array[int]
+
+    @classmethod
+    def of(cls, kind: Any, msgs: Sequence[Any], ids: list[bytes], partitions: list[int], single: bool) -> _Batch:
+        """The locations of a batch of ``kind`` messages (``single``: all in ``partitions[0]``)."""
+        first = kind.offset(msgs[0])
+        if single and kind.offset(msgs[-1]) - first == len(msgs) - 1:  # offsets rise within a partition
+            return cls(tuple(ids), partitions[0], first)
+        offsets = array.array("q", map(kind.offset, msgs))
+        return cls(tuple(ids), partitions[0] if single else array.array("l", partitions), offsets)
+
+    def where(self, event_id: bytes) -> tuple[int, int]:
+        """(partition, offset) of ``event_id`` in this batch."""
+        i = self.ids.index(event_id)
+        partition = self.partition if isinstance(self.partition, int) else self.partition[i]
+        offset = self.offset + i if isinstance(self.offset, int) else self.offset[i]
+        return partition, offset
+
+
+_gc_lock = threading.Lock()
+_gc_readers = 0
+_gc_saved: tuple[int, int, int] = (700, 10, 10)
+#: Young-generation threshold while reading (CPython's default is 700).
+_READ_THRESHOLD = 100_000
+
+
+@contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector's young collections less often while records are read.
+
+    confluent-kafka builds a list and a tuple per header of every record read: containers the
+    collector tracks, so with the default threshold it runs every hundred-odd records and rescans
+    the batch in flight, a cost larger than the audit's own checks. A read makes no reference
+    cycles (records and headers are freed by reference counting), so the young threshold is
+    raised for the read and the previous thresholds restored when the last concurrent read ends;
+    collections still run, only less often.
+    """
+    global _gc_readers, _gc_saved
+    with _gc_lock:
+        if _gc_readers == 0:
+            _gc_saved = gc.get_threshold()
+            if _gc_saved[0]:  # 0: the program turned automatic collection off; leave it so
+                gc.set_threshold(max(_gc_saved[0], _READ_THRESHOLD), *_gc_saved[1:])
+        _gc_readers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_readers -= 1
+            if _gc_readers == 0:
+                gc.set_threshold(*_gc_saved)
 
 
 #: Called after each batch with (records read so far, records planned in total).
@@ -444,7 +548,7 @@ def audit_topic(
     started = time.monotonic()
     complete = True
     reader = RangeReader(config, topic, spec, isolation=isolation, batch_size=batch_size, idle_timeout_s=idle_timeout_s)
-    with reader:
+    with reader, _fewer_collections():
         plan = reader.plan()
         total = sum(r.end - r.start for r in plan.values())
         read = 0

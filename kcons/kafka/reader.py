@@ -73,6 +73,18 @@ class PartitionRange:
         return self.start >= self.end or self.position >= self.end
 
 
+def _reaching_end(msgs: list[Message], pending: dict[int, PartitionRange]) -> set[int]:
+    """The partitions of ``msgs`` not pending, or whose last message in the batch is at or past their end - 1."""
+    partitions = list(map(_PARTITION, msgs))
+    first = partitions[0]
+    if partitions.count(first) == len(partitions):  # the usual batch: one partition
+        r = pending.get(first)
+        return {first} if r is None or _OFFSET(msgs[-1]) >= r.end - 1 else set()
+    # Each partition's last message in the batch (messages are in order per partition).
+    last = dict(zip(partitions, range(len(msgs)), strict=True))
+    return {p for p, i in last.items() if p not in pending or _OFFSET(msgs[i]) >= pending[p].end - 1}
+
+
 class RangeReader:
     """Reads ``[start, end)`` of each partition of one topic, read-only (assign, no group, no commits)."""
 
@@ -181,11 +193,9 @@ class RangeReader:
             if any(map(Message.error, msgs)):
                 msgs = self._drop_events(msgs, eofs)
             if msgs:
-                # Each partition's last message in the batch (messages are in order per partition).
-                last = dict(zip(map(_PARTITION, msgs), range(len(msgs)), strict=True))
-                over = [p for p, i in last.items() if p not in pending or _OFFSET(msgs[i]) >= pending[p].end - 1]
+                over = _reaching_end(msgs, pending)
                 if over:
-                    msgs = self._cut(msgs, pending, set(over))
+                    msgs = self._cut(msgs, pending, over)
             for p, position in eofs.items():  # the end of the log: only control records after the last data
                 r = pending.get(p)
                 if r is not None and position >= r.end:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import uuid
 from dataclasses import asdict
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from kcons.audit import TopicAuditor, VersionCheck
+from kcons.audit import topic as topic_module
 from kcons.envelope import Envelope
 from kcons.errors import ConfigError
 
@@ -33,10 +35,15 @@ class Msg:
         return self._k
 
 
-def event(aggregate: str, version: int | None, event_id: str | None = None, kind: str = "order") -> list[Any]:
-    env = Envelope.of("changed", kind, aggregate, b"x", version=version)
+def event(
+    aggregate: str, version: int | None, event_id: str | None = None, kind: str = "order", trace: bool = False
+) -> list[Any]:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" if trace else None
+    env = Envelope.of("changed", kind, aggregate, b"x", version=version, traceparent=traceparent)
     if event_id is not None:
-        env = Envelope(env.type, env.aggregate_type, env.aggregate_id, env.payload, env.version, event_id)
+        env = Envelope(
+            env.type, env.aggregate_type, env.aggregate_id, env.payload, env.version, event_id, traceparent=traceparent
+        )
     return env.headers()
 
 
@@ -47,8 +54,9 @@ class Log:
         self.next: dict[int, int] = {}
         self.msgs: list[Msg] = []
 
-    def add(self, partition: int, headers: Any) -> Msg:
-        offset = self.next.get(partition, 0)
+    def add(self, partition: int, headers: Any, skip: int = 0) -> Msg:
+        """Append a record; ``skip`` offsets are left out before it (as a transaction marker does)."""
+        offset = self.next.get(partition, 0) + skip
         self.next[partition] = offset + 1
         msg = Msg(partition, offset, headers, key=b"k")
         self.msgs.append(msg)
@@ -168,15 +176,16 @@ def test_the_fast_path_reports_exactly_what_the_record_by_record_path_reports(se
         versions[a] = versions.get(a, 0) + step
         roll = rng.random()
         kind = "order" if int(a[1:]) % 2 else "user"  # same id, other type: another aggregate
+        trace = rng.random() < 0.2  # a sixth header on some records
         if roll < 0.03 and ids:
-            headers = event(a, versions[a], rng.choice(ids), kind)  # a duplicate id
+            headers = event(a, versions[a], rng.choice(ids), kind, trace)  # a duplicate id
         elif roll < 0.05:
             headers = None
         else:
             eid = str(uuid.uuid4())
             ids.append(eid)
-            headers = event(a, versions[a], eid, kind)
-        log.add(part, headers)
+            headers = event(a, versions[a], eid, kind, trace)
+        log.add(part, headers, skip=1 if rng.random() < 0.05 else 0)
     batch = rng.randrange(1, 30)
     fast = audit(log.msgs, check, batch=batch).report()
     slow = audit(log.msgs, check, slow=True, batch=batch).report()
@@ -192,3 +201,47 @@ def test_the_first_copy_of_an_id_that_is_part_of_other_ids_is_located_exactly() 
     assert auditor.fast_batches == 1
     (dup,) = auditor.report().duplicate_list
     assert dup.first == (0, 2) and dup.copies == [(0, 4)]
+
+
+def test_records_with_more_headers_than_the_kcons_five_take_the_fast_path() -> None:
+    log = Log()
+    for v in range(1, 8):
+        log.add(0, event("a", v, trace=v % 2 == 0) + [("tenant", b"t1")] * (v % 3))
+    auditor = audit(log.msgs, "strict", batch=7)
+    assert auditor.report().ok and auditor.fast_batches == 1
+
+
+def test_an_aggregate_id_header_before_its_place_is_read_as_the_slow_path_reads_it() -> None:
+    # The first kcons-aggregate-id wins: here it names another aggregate than the one at position 3.
+    log = Log()
+    for name in ("a", "c", "d"):
+        headers = event(name, 1)
+        headers[1] = ("kcons-aggregate-id", b"b")  # in kcons-type's place
+        log.add(0, headers)
+    fast = audit(log.msgs, "monotonic", batch=3)
+    report = fast.report()
+    assert report.regressions == 2 and {v.aggregate for v in report.version_list} == {"order/b"}
+    assert asdict(report) == asdict(audit(log.msgs, "monotonic", slow=True, batch=3).report())
+
+
+def test_a_duplicate_is_located_in_a_batch_over_partitions_with_offset_gaps() -> None:
+    log = Log()
+    dup_id = str(uuid.uuid4())
+    log.add(0, event("a", 1), skip=3)
+    log.add(1, event("b", 1), skip=5)
+    log.add(1, event("b", 2, dup_id), skip=2)
+    log.add(0, event("a", 2), skip=1)
+    log.add(2, event("c", 1, dup_id))
+    auditor = audit(log.msgs, batch=4)
+    assert auditor.fast_batches == 1
+    (dup,) = auditor.report().duplicate_list
+    assert dup.first == (1, 8) and dup.copies == [(2, 0)]
+
+
+def test_reading_raises_the_young_collection_threshold_and_restores_it() -> None:
+    before = gc.get_threshold()
+    with topic_module._fewer_collections():
+        with topic_module._fewer_collections():  # a second read at the same time
+            assert gc.get_threshold()[0] >= topic_module._READ_THRESHOLD
+        assert gc.get_threshold()[0] >= topic_module._READ_THRESHOLD
+    assert gc.get_threshold() == before
