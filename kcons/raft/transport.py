@@ -348,7 +348,7 @@ RequestHandler = Callable[[bytes], Awaitable[bytes]]
 
 #: An append with more entries than this is encoded by the peer's append task, not inline.
 INLINE_APPEND_ENTRIES = 64
-#: The append task writes the next append only when less than this is waiting in the socket buffer.
+#: Past this many bytes waiting in a peer's socket buffer, the append task lets it drain first.
 APPEND_PACE_BYTES = 1 << 20
 
 
@@ -360,8 +360,9 @@ class _PeerSender:
     too. Raft retransmits whatever matters, so dropping is always safe.
 
     Large appends (a follower catching up) never run on the caller's turn of the event loop: they
-    queue, in order, for the peer's append task, which encodes one, writes it, yields, and waits
-    for the socket buffer to fall below ``pace_bytes`` before the next. Heartbeats, votes and
+    queue, in order, for the peer's append task, which encodes one, writes it, yields, and, when
+    more than ``pace_bytes`` wait in the socket buffer, lets it drain (asyncio's write-buffer
+    limits) before the next. Heartbeats, votes and
     answers are written at once, so they overtake the catch-up backlog and wait behind at most
     about ``pace_bytes`` of it on the wire. While appends are queued, small appends queue behind
     them: appends to one follower keep their order.
@@ -425,13 +426,9 @@ class _PeerSender:
             self.offer(encode_message(self.appends.popleft()))
             await asyncio.sleep(0)
             w = self.writer
-            while (
-                w is not None
-                and w is self.writer
-                and not w.is_closing()
-                and w.transport.get_write_buffer_size() > self.pace_bytes
-            ):
-                await asyncio.sleep(0.001)
+            if w is not None and not w.is_closing():
+                with contextlib.suppress(ConnectionError, OSError):
+                    await w.drain()  # returns at once unless more than pace_bytes wait in the buffer
 
     def cancel(self) -> list[asyncio.Task[None]]:
         """Cancel this sender's tasks; returns them to be awaited."""
@@ -448,6 +445,7 @@ class _PeerSender:
                 if self.pending:
                     writer.write(b"".join(session.seal(KIND_RAFT, p) for p in self.pending))
                     self.pending.clear()
+                writer.transport.set_write_buffer_limits(high=self.pace_bytes)  # the append task's pace
                 self.writer, self.session = writer, session
                 # The peer never writes after the handshake: a read returns only when it closes or breaks.
                 while await reader.read(4096):
