@@ -2,14 +2,23 @@
 
 Both read the same pre-produced topic (``--messages`` records of ``--value-size`` bytes, each with
 the kcons envelope headers, as the outbox relay writes them) with ``assign()`` from the beginning
-to the high watermark, with the same consumer settings and batch size. The baseline only reads
-each record's value and headers (``for msg in consumer.consume(n): msg.value(); msg.headers()``);
-``baseline_map`` reads them with ``map`` over the Message methods (the fastest pure read).
-The audit does the whole check (duplicates, versions strict, partitions). Rounds alternate the
-order; medians are reported; ``ratio`` = audit / baseline (per-message loop) and ``ratio_vs_map``
-= audit / baseline_map. ``cpu_us_per_msg`` is this process's CPU time per record (Python and
-librdkafka's threads) and ``ratio_cpu`` = baseline's / audit's, the steadier measure when the
-machine is shared.
+to the end, with the same consumer config (kcons.kafka.reader.reader_config, which the audit's
+reader uses) and the same consume batch size. The baseline only reads each record's value and
+headers (``for msg in consumer.consume(n): msg.value(); msg.headers()``); the audit does the whole
+check (duplicates, versions strict, partitions) and reads the headers too.
+
+The audit raises the garbage collector's young threshold while it reads (the header lists and
+tuples confluent-kafka builds per record are containers the collector would rescan);
+``baseline_gc`` is the same raw loop under that same setting, so ``ratio_cpu_same_gc`` says what
+the checks cost with the collector's share taken out of the comparison.
+
+Each round runs every variant once, in a rotated order (each variant takes each place in turn),
+with a full collection before each run. Per run: wall-clock records/s and this process's CPU time
+(user + system from getrusage: Python and librdkafka's threads) per record. Reported: medians;
+``ratio`` = audit / baseline records/s (wall clock); ``ratio_cpu`` = baseline / audit CPU µs per
+record, the steadier measure on a shared machine; ``paired`` = the median of the per-round ratios
+(runs of one round are close in time, so they share the machine's load); the load average
+before and after.
 
     python bench/audit.py [--messages 1000000] [--value-size 100] [--partitions 4] [--rounds 3]
 """
@@ -17,6 +26,7 @@ machine is shared.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -28,11 +38,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kcons.audit import VersionCheck, audit_topic
+from kcons.audit.topic import _fewer_collections as fewer_collections  # the audit's own GC setting
 from kcons.envelope import Envelope
+from kcons.kafka.reader import reader_config
 from kcons.testing import start_stack
 
 log = logging.getLogger("bench.audit")
@@ -67,53 +79,41 @@ def fill(bootstrap: str, topic: str, messages: int, value_size: int, aggregates:
     assert producer.flush(120) == 0
 
 
-def _consumer(bootstrap: str) -> Consumer:
-    return Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"bench-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "isolation.level": "read_committed",
-            "fetch.queue.backoff.ms": 10,
-        }
-    )
-
-
-def raw(bootstrap: str, topic: str, partitions: int, messages: int, use_map: bool) -> int:
+def raw(bootstrap: str, topic: str, partitions: int, messages: int) -> int:
     """Read every record's value and headers, from the beginning, until ``messages`` were read."""
-    consumer = _consumer(bootstrap)
+    consumer = Consumer(reader_config({"bootstrap.servers": bootstrap}, "read_committed"))
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     read = 0
     try:
         while read < messages:
-            msgs = consumer.consume(BATCH, 1.0)
-            if use_map:
-                data = [m for m in msgs if m.error() is None] if any(map(Message.error, msgs)) else msgs
-                list(map(Message.value, data))
-                list(map(Message.headers, data))
-                read += len(data)
-            else:
-                for msg in msgs:
-                    if msg.error() is not None:
-                        continue
-                    msg.value()
-                    msg.headers()
-                    read += 1
+            for msg in consumer.consume(BATCH, 1.0):
+                if msg.error() is not None:
+                    continue
+                msg.value()
+                msg.headers()
+                read += 1
     finally:
         consumer.close()
     return read
 
 
+def raw_same_gc(bootstrap: str, topic: str, partitions: int, messages: int) -> int:
+    """:func:`raw` under the garbage collector setting the audit reads with."""
+    with fewer_collections():
+        return raw(bootstrap, topic, partitions, messages)
+
+
 def kcons_audit(bootstrap: str, topic: str, messages: int) -> int:
-    report = audit_topic({"bootstrap.servers": bootstrap}, topic, versions=VersionCheck.STRICT, batch_size=BATCH)
+    report = audit_topic(
+        {"bootstrap.servers": bootstrap}, topic, versions=VersionCheck.STRICT, batch_size=BATCH, idle_timeout_s=60
+    )
     assert report.ok and report.records == messages, report.as_dict()
     return report.records
 
 
 def timed(fn: Callable[[], int]) -> tuple[float, float]:
-    """(records/s, CPU µs per record) of one run."""
+    """(records/s, CPU µs per record) of one run, after a full collection (no garbage charged to it)."""
+    gc.collect()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     n = fn()
@@ -139,29 +139,39 @@ def main() -> int:
         fill(bootstrap, topic, args.messages, args.value_size, args.aggregates)
         log.info("produced %d records in %.1fs", args.messages, time.perf_counter() - t0)
         variants: dict[str, Callable[[], int]] = {
-            "baseline": lambda: raw(bootstrap, topic, args.partitions, args.messages, use_map=False),
-            "baseline_map": lambda: raw(bootstrap, topic, args.partitions, args.messages, use_map=True),
+            "baseline": lambda: raw(bootstrap, topic, args.partitions, args.messages),
+            "baseline_gc": lambda: raw_same_gc(bootstrap, topic, args.partitions, args.messages),
             "kcons": lambda: kcons_audit(bootstrap, topic, args.messages),
         }
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
         names = list(variants)
+        load_before = os.getloadavg()
         for r in range(args.rounds):
-            for name in names if r % 2 == 0 else reversed(names):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 results[name].append(timed(variants[name]))
-                log.info("round %d %s: %.0f records/s", r, name, results[name][-1][0])
+                rate, cpu = results[name][-1]
+                log.info("round %d %s: %.0f records/s, %.3f CPU us/record", r, name, rate, cpu)
+        load_after = os.getloadavg()
 
     def summary(name: str) -> dict[str, Any]:
         rates = [x[0] for x in results[name]]
+        cpus = [x[1] for x in results[name]]
         return {
             "records_per_s": round(statistics.median(rates)),
             "runs": [round(x) for x in rates],
-            "cpu_us_per_msg": round(statistics.median(x[1] for x in results[name]), 3),
+            "cpu_us_per_msg": round(statistics.median(cpus), 3),
+            "cpu_runs": [round(x, 3) for x in cpus],
         }
 
-    out = {
+    def paired(base: str, wall: bool) -> float:
+        """Median over rounds of that round's ratio (both runs of a round share the machine's load)."""
+        pairs = zip(results[base], results["kcons"], strict=True)
+        return round(statistics.median(k[0] / b[0] if wall else b[1] / k[1] for b, k in pairs), 3)
+
+    out: dict[str, Any] = {
         "name": "audit",
         "baseline": summary("baseline"),
-        "baseline_map": summary("baseline_map"),
+        "baseline_gc": summary("baseline_gc"),
         "kcons": summary("kcons"),
         "unit": "records/s",
         "settings": {
@@ -173,13 +183,21 @@ def main() -> int:
             "batch": BATCH,
             "versions": "strict",
             "cpus": os.cpu_count(),
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in load_after],
         },
     }
-    k = out["kcons"]["records_per_s"]
-    out["ratio"] = round(k / out["baseline"]["records_per_s"], 3)
-    out["ratio_vs_map"] = round(k / out["baseline_map"]["records_per_s"], 3)
-    # CPU time per record is far steadier than wall-clock throughput on a shared machine.
-    out["ratio_cpu"] = round(out["baseline"]["cpu_us_per_msg"] / out["kcons"]["cpu_us_per_msg"], 3)
+    k = out["kcons"]
+    out["ratio"] = round(k["records_per_s"] / out["baseline"]["records_per_s"], 3)
+    out["ratio_same_gc"] = round(k["records_per_s"] / out["baseline_gc"]["records_per_s"], 3)
+    out["ratio_cpu"] = round(out["baseline"]["cpu_us_per_msg"] / k["cpu_us_per_msg"], 3)
+    out["ratio_cpu_same_gc"] = round(out["baseline_gc"]["cpu_us_per_msg"] / k["cpu_us_per_msg"], 3)
+    out["paired"] = {
+        "ratio": paired("baseline", True),
+        "ratio_cpu": paired("baseline", False),
+        "ratio_same_gc": paired("baseline_gc", True),
+        "ratio_cpu_same_gc": paired("baseline_gc", False),
+    }
     print(json.dumps(out))
     return 0
 

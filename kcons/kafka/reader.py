@@ -23,7 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 from kcons.errors import ConfigError, ErrorClass, TimeoutExceededError, classify_kafka_error, kafka_error_to_exception
 from kcons.kafka.client import close_bounded, shared_client_config
 
-__all__ = ["PartitionRange", "RangeReader", "RangeSpec"]
+__all__ = ["PartitionRange", "RangeReader", "RangeSpec", "reader_config"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,30 @@ class PartitionRange:
         return self.start >= self.end or self.position >= self.end
 
 
+def reader_config(config: Mapping[str, Any], isolation: str = "read_committed") -> dict[str, Any]:
+    """The consumer config of a :class:`RangeReader`: ``config``'s connection, security and fetch sizes.
+
+    A random ``group.id`` (librdkafka insists on one) that is never joined (assign only) nor
+    committed to, no automatic commit or offset store, end-of-partition events on.
+    """
+    cfg = shared_client_config(config)
+    cfg.update(
+        {
+            "group.id": f"kcons-audit-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "isolation.level": isolation,
+            "fetch.queue.backoff.ms": 10,
+        }
+    )
+    for key in ("fetch.max.bytes", "max.partition.fetch.bytes", "queued.max.messages.kbytes", "fetch.wait.max.ms"):
+        if key in config:
+            cfg[key] = config[key]
+    return cfg
+
+
 def _reaching_end(msgs: list[Message], pending: dict[int, PartitionRange]) -> set[int]:
     """The partitions of ``msgs`` not pending, or whose last message in the batch is at or past their end - 1."""
     partitions = list(map(_PARTITION, msgs))
@@ -107,22 +131,7 @@ class RangeReader:
         self.isolation = isolation
         self.batch_size = batch_size
         self.idle_timeout_s = idle_timeout_s
-        cfg = shared_client_config(config)
-        cfg.update(
-            {
-                # librdkafka insists on a group.id; this one is never joined (assign only) nor committed to.
-                "group.id": f"kcons-audit-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "isolation.level": isolation,
-                "fetch.queue.backoff.ms": 10,
-            }
-        )
-        for key in ("fetch.max.bytes", "max.partition.fetch.bytes", "queued.max.messages.kbytes", "fetch.wait.max.ms"):
-            if key in config:
-                cfg[key] = config[key]
+        cfg = reader_config(config, isolation)
         self._consumer = Consumer(cfg)
         self.ranges: dict[int, PartitionRange] = {}
 
