@@ -42,6 +42,7 @@ MESSAGE_TYPES = ("NORMAL", "FIFO", "DELAY", "TRANSACTION")
 
 _UPDATE_AND_CREATE_TOPIC = 17
 _UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
+_GET_ROUTE = 105
 _READY_LINE = b"rocketmq-proxy startup successfully"
 
 
@@ -123,6 +124,11 @@ class RocketMqServer:
     def endpoints(self) -> str:
         """The proxy's gRPC endpoint (``host:port``) for clients."""
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def namesrv_address(self) -> str:
+        """The name server's address."""
+        return f"127.0.0.1:{self.namesrv_port}"
 
     @property
     def broker_address(self) -> str:
@@ -232,6 +238,9 @@ class RocketMqServer:
             "attributes": f"+message.type={message_type}",
         }  # fmt: skip
         remoting_call(self.broker_address, _UPDATE_AND_CREATE_TOPIC, fields)
+        # The broker registers the topic with the name server asynchronously: wait for its route.
+        route = {"topic": topic}
+        _wait(f"the route of topic {topic}", lambda: bool(remoting_call(self.namesrv_address, _GET_ROUTE, route)), 30.0)
         return topic
 
     def create_group(self, group: str, *, fifo: bool = True, max_attempts: int = 16) -> str:

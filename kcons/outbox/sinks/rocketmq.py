@@ -118,7 +118,9 @@ class RocketMqSink:
             return
         from rocketmq import ClientConfiguration, Credentials, Producer
 
-        config = ClientConfiguration(self.endpoints, Credentials(), request_timeout=min(10, self._ack_timeout_s))
+        # The client needs whole seconds (a float breaks its route queries).
+        timeout = max(1, round(min(10.0, self._ack_timeout_s)))
+        config = ClientConfiguration(self.endpoints, Credentials(), request_timeout=timeout)
         producer = Producer(config)
         try:
             producer.startup()

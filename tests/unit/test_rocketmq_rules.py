@@ -1,9 +1,10 @@
-"""The RocketMQ sink's pure rules: topic names, and send waves that keep each aggregate in order."""
+"""RocketMQ pure rules: topic names, send waves that keep each aggregate in order, the check-back answer."""
 
 from __future__ import annotations
 
 import pytest
 
+from kcons.outbox.rocketmq import CheckAnswer, answer_for
 from kcons.outbox.sinks.rocketmq import _waves, rocketmq_topic
 
 
@@ -32,3 +33,11 @@ def test_waves_hold_one_record_per_aggregate_in_batch_order() -> None:
 
 def test_records_without_an_aggregate_each_form_their_own_group() -> None:
     assert _waves([_rec(b""), _rec(b""), _rec(b"a")]) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize(
+    ("trial_inserted", "answer"),
+    [(False, CheckAnswer.COMMIT), (True, CheckAnswer.ROLLBACK), (None, CheckAnswer.UNKNOWN)],
+)
+def test_check_back_commits_only_a_committed_row(trial_inserted: bool | None, answer: CheckAnswer) -> None:
+    assert answer_for(trial_inserted) is answer
