@@ -1,9 +1,10 @@
-"""RocketMQ pure rules: topic names, send waves that keep each aggregate in order, the check-back answer."""
+"""RocketMQ pure rules: topic names, send waves per aggregate, the check-back answer, message groups as partitions."""
 
 from __future__ import annotations
 
 import pytest
 
+from kcons.consumer.rocketmq import group_partitions
 from kcons.outbox.rocketmq import CheckAnswer, answer_for
 from kcons.outbox.sinks.rocketmq import _waves, rocketmq_topic
 
@@ -41,3 +42,9 @@ def test_records_without_an_aggregate_each_form_their_own_group() -> None:
 )
 def test_check_back_commits_only_a_committed_row(trial_inserted: bool | None, answer: CheckAnswer) -> None:
     assert answer_for(trial_inserted) is answer
+
+
+def test_each_message_group_is_one_partition_and_a_lone_message_its_own() -> None:
+    parts = group_partitions(["a", None, "b", "a", None, "b"])
+    assert parts[0] == parts[3] and parts[2] == parts[5]
+    assert len({parts[0], parts[1], parts[2], parts[4]}) == 4
