@@ -39,13 +39,17 @@ _CLOSE_TIMEOUT_S = 2.0
 
 
 def _as_tuples(records: Iterable[OutboxRecord | RecordTuple]) -> Iterable[Record]:
-    """The records as ``(topic, value, key, headers, timestamp_ms)`` tuples; a list of tuples as it is."""
+    """The records as ``(topic, value, key, headers, timestamp_ms)`` tuples, converted as they are consumed.
+
+    Lazily: the relay passes a generator that builds each record just before it is produced, so
+    that a batch's records are never all alive at once (fewer objects for the garbage collector).
+    """
     if isinstance(records, list) and not any(map(isinstance, records, repeat(OutboxRecord))):
-        return records  # the relay's case: no copy, no generator
-    return [
+        return records  # a list of tuples as it is
+    return (
         (rec.topic, rec.value, rec.key, rec.headers, rec.timestamp_ms) if isinstance(rec, OutboxRecord) else rec
         for rec in records
-    ]
+    )
 
 
 class KafkaBatchPublisher:

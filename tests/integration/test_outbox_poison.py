@@ -203,3 +203,32 @@ def test_a_relay_on_a_schema_without_the_dead_letter_table_says_to_run_init(outb
     with pytest.raises(ConfigError, match="kcons outbox init"):
         lite.fetch(10)
     lite.close()
+
+
+def test_reads_hold_an_aggregate_as_soon_as_another_leader_dead_lettered_one_of_its_rows(outbox_db: str) -> None:
+    with psycopg.connect(outbox_db) as conn:
+        for aggregate, version in [("a", 1), ("b", 1), ("b", 2), ("c", 1)]:
+            add(conn, _event(aggregate, version))
+        conn.commit()
+    store, other = PostgresOutboxStore(outbox_db), PostgresOutboxStore(outbox_db)
+    try:
+        store.claim_fence("n", 1, "me")
+        first = store.fetch(1)  # the dead-letter table is empty: this read checks no row
+        assert [(r.aggregateid, r.held) for r in first] == [("a", False)]
+        store.mark_published(first, name="n", token=1, retain=False)
+        other.claim_fence("n", 2, "newer leader")  # a newer leader dead-letters b's first row
+        poison = next(r for r in other.fetch(10) if r.aggregateid == "b")
+        other.dead_letter([(poison, "poison")], name="n", token=2)
+        hinted = store.fetch(10)  # a read above the hint, then one from the start
+        store.forget_position()
+        plain = store.fetch(10)
+        for batch in (hinted, plain):
+            assert [(r.aggregateid, r.version, r.held) for r in batch] == [("b", 2, True), ("c", 1, False)]
+        other.resolve_dead(poison.position, drop=False)  # the aggregate goes back: nothing held any more
+        store.forget_position()
+        assert [(r.aggregateid, r.version, r.held) for r in store.fetch(10)] == [
+            ("b", 1, False), ("b", 2, False), ("c", 1, False)
+        ]  # fmt: skip
+    finally:
+        store.close()
+        other.close()

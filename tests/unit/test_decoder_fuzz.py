@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kcons.cache.events import decode_change_event
 from kcons.envelope import event_id_header, headers_to_dict, read_envelope
 from kcons.errors import DecodeError, PoisonMessageError
-from kcons.outbox.rows import decode_headers, decode_row, poison_reason, record_tuples, row_from_select
+from kcons.outbox.rows import _decode_checked, decode_headers, decode_row, poison_reason, record_tuples, row_from_select
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TYPED = (DecodeError, PoisonMessageError)
@@ -132,6 +132,25 @@ def test_the_outbox_row_decoder_decodes_or_raises_decode_error_naming_the_row(r:
         assert isinstance(record[1], bytes) and all(isinstance(v, bytes) for _, v in record[3])
     else:
         assert f"position={row.position}" in reason
+
+
+@FUZZ
+@given(selected_rows(), st.floats(0, 1e6))
+def test_the_outbox_row_decoders_fast_path_gives_what_the_checked_path_gives(r: Any, age: float) -> None:
+    try:
+        checked = _decode_checked(r, age, 2e9)
+    except DecodeError:
+        with contextlib.suppress(DecodeError):
+            decode_row(r, age, 2e9)
+            raise AssertionError(f"the fast path accepted a row the checked path refuses: {r!r}") from None
+        return
+    assert decode_row(r, age, 2e9) == checked
+
+
+def test_the_fast_path_takes_the_common_row_as_the_checked_path_would() -> None:
+    r = (7, "id-7", "order", "o-1", "Paid", b"{}", None, None, 3, 0.25, True)
+    assert decode_row(r, 0.25, 100.0) == _decode_checked(r, 0.25, 100.0)
+    assert decode_row(r, 0.25, 100.0).held and decode_row(r, 0.25, 100.0).created_ms == 99750
 
 
 @FUZZ

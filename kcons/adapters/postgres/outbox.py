@@ -91,29 +91,45 @@ class PostgresOutboxStore:
         self._housekeeping: Any = None
         self._lock = threading.Lock()
         t = self.table
-        # The last column says whether the row's aggregate is held by a dead row (a hashed
-        # subplan over the dead-letter table, which is normally empty).
-        cols = (
+        # Column 10 says whether the row's aggregate is held by a dead row. Each read also asks,
+        # in its own snapshot, whether the dead-letter table has any row (one index probe): when
+        # it has none, which is the normal case, no row can be held and the read takes the
+        # variant without the per-row check (see :meth:`fetch`).
+        base_cols = (
             "position, id::text, aggregatetype, aggregateid, type, payload, topic, headers, version, "
             "extract(epoch FROM clock_timestamp() - created_at)::float8, "
-            f"(aggregatetype, aggregateid) IN (SELECT d.aggregatetype, d.aggregateid FROM {t}_dead d)"
         )
-        self._fetch_sql = f"SELECT {cols} FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT %(limit)s"
-        # The hinted read (see the module docstring): unpublished committed rows at or below the
-        # hint can only come from transactions that were open at the previous read (txid >= its
-        # horizon); above the hint, the lowest positions. One statement, hence one snapshot, whose
-        # xmin becomes the next horizon.
-        self._hinted_sql = (
-            f"WITH snap AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin) "
-            f"SELECT u.*, snap.xmin FROM snap LEFT JOIN LATERAL ("
-            # ``position + 0``: the late rows are found through the txid index, never by walking positions.
-            f"(SELECT {cols}, 1 AS late FROM {t} WHERE published_at IS NULL AND position + 0 <= %(hint)s "
-            f"AND txid >= %(horizon)s::xid8 LIMIT %(late_limit)s) "
-            f"UNION ALL "
-            f"(SELECT {cols}, 0 AS late FROM {t} WHERE published_at IS NULL AND position > %(hint)s "
-            f"ORDER BY position LIMIT %(limit)s)"
-            f") u ON true ORDER BY u.position"
-        )
+        any_dead = f"EXISTS (SELECT 1 FROM {t}_dead)"
+        self._fetch_sql: dict[bool, str] = {}
+        self._hinted_sql: dict[bool, str] = {}
+        for held in (False, True):
+            cols = base_cols + (
+                f"(aggregatetype, aggregateid) IN (SELECT d.aggregatetype, d.aggregateid FROM {t}_dead d)"
+                if held
+                else "false"
+            )
+            # Column 11: whether the dead-letter table has rows (an InitPlan: evaluated once).
+            self._fetch_sql[held] = (
+                f"SELECT {cols}, ({any_dead}) FROM {t} WHERE published_at IS NULL ORDER BY position LIMIT %(limit)s"
+            )
+            # The hinted read (see the module docstring): unpublished committed rows at or below the
+            # hint can only come from transactions that were open at the previous read (txid >= its
+            # horizon); above the hint, the lowest positions. One statement, hence one snapshot, whose
+            # xmin becomes the next horizon. Columns 11-13: late, xmin, any dead row.
+            self._hinted_sql[held] = (
+                f"WITH snap AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin, "
+                f"{any_dead} AS dead) "
+                f"SELECT u.*, snap.xmin, snap.dead FROM snap LEFT JOIN LATERAL ("
+                # ``position + 0``: the late rows are found through the txid index, never by walking positions.
+                f"(SELECT {cols}, 1 AS late FROM {t} WHERE published_at IS NULL AND position + 0 <= %(hint)s "
+                f"AND txid >= %(horizon)s::xid8 LIMIT %(late_limit)s) "
+                f"UNION ALL "
+                f"(SELECT {cols}, 0 AS late FROM {t} WHERE published_at IS NULL AND position > %(hint)s "
+                f"ORDER BY position LIMIT %(limit)s)"
+                f") u ON true ORDER BY u.position"
+            )
+        #: Whether the last read saw rows in the dead-letter table (then reads check every row).
+        self._dead_seen = True
         self._snapshot_sql = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
         self._hint: tuple[int, int] | None = None  # (position, horizon xid)
         # One statement, one round trip, atomic: advance the fence, and only if that succeeded
@@ -196,6 +212,7 @@ class PostgresOutboxStore:
         # sent as an array parameter (cheaper for large batches).
         skip = set(exclude)
         hint = self._hint
+        held = self._dead_seen
         try:
             with conn.cursor() as cur:
                 if hint is None:
@@ -203,15 +220,18 @@ class PostgresOutboxStore:
                     # transaction open at or started after this snapshot, so its txid >= this xmin.
                     row = cur.execute(self._snapshot_sql).fetchone()
                     horizon = int(row[0]) if row else 0
-                    cur.execute(self._fetch_sql, {"limit": limit + len(skip)}, prepare=True, binary=True)
-                    raw = [r for r in cur.fetchall() if r[0] not in skip][:limit]
+                    cur.execute(self._fetch_sql[held], {"limit": limit + len(skip)}, prepare=True, binary=True)
+                    got = cur.fetchall()
+                    dead = bool(got[0][11]) if got else held
+                    raw = [r for r in got if r[0] not in skip][:limit]
                     overflow = False
                 else:
                     late_limit = limit + 1 + len(skip)
                     params = {"hint": hint[0], "horizon": str(hint[1]), "limit": limit, "late_limit": late_limit}
-                    cur.execute(self._hinted_sql, params, prepare=True, binary=True)
+                    cur.execute(self._hinted_sql[held], params, prepare=True, binary=True)
                     got = cur.fetchall()
                     horizon = int(got[0][12]) if got else hint[1]
+                    dead = bool(got[0][13]) if got else held
                     # All late rows must be in hand (the late query has no order): a full LIMIT means maybe not.
                     overflow = sum(1 for r in got if r[11] == 1) >= late_limit
                     raw = [r for r in got if r[0] is not None and r[0] not in skip]
@@ -219,6 +239,11 @@ class PostgresOutboxStore:
             self._on_error()
             _check_schema(exc, self.table)
             raise
+        self._dead_seen = dead
+        if dead and not held:
+            # The dead-letter table has rows in this read's snapshot (put there by an earlier
+            # leader, or by hand): read again with the per-row check. The hint is unchanged.
+            return self.fetch(limit, exclude)
         if overflow:
             # More late rows than one batch (a huge transaction committed late): read plainly once.
             self._hint = None
@@ -268,7 +293,9 @@ class PostgresOutboxStore:
         """Delete or mark ``rows`` and advance the fence in one transaction; fenced tokens change nothing."""
         if not rows:
             return
-        params = {"token": token, "name": name, "positions": [r.position for r in rows]}
+        # The positions as one array literal: psycopg would dump a list element by element in Python.
+        positions = "{" + ",".join([str(r.position) for r in rows]) + "}"
+        params = {"token": token, "name": name, "positions": positions}
         conn = self._conn()
         try:
             with conn.cursor() as cur:
@@ -290,6 +317,7 @@ class PostgresOutboxStore:
             "positions": [r.position for r, _ in rows],
             "reasons": [reason for _, reason in rows],
         }
+        self._dead_seen = True  # the next read checks every row (even before it sees these in its snapshot)
         conn = self._conn()
         try:
             with conn.cursor() as cur:
