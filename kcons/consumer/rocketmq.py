@@ -18,11 +18,16 @@ and a message's place in the batch its "offset", so a hold stops only its own gr
 4. every decided message is acknowledged (``ack``); a held message is made visible again after
    the hold's pause (``change_invisible_duration``), so it is received again, never lost.
 
-So a message is acknowledged only after its effect and its done record (or its acknowledged
-dead-letter copy). A crash in between lets the message become visible again after
-``invisible_s``; its claim then makes it wait for the lease (at-least-once effect, exactly as on
-Kafka). With a FIFO consumer group (``consumeMessageOrderly``) the broker hands out a group's next
-message only after the previous one was acknowledged, so each aggregate is handled in order.
+The effects run through the consumer's strategies (:mod:`kcons.consumer.effects`):
+:class:`~kcons.consumer.effects.PerMessage` (``handler(delivery)``, the default) or, with
+:meth:`RocketMqIdempotentConsumer.same_transaction`, :class:`~kcons.consumer.effects.SameTransaction`
+(``handler(delivery, conn)`` and the done record commit in one SQL transaction: exactly-once
+effects with the PostgreSQL or SQLite store). So a message is acknowledged only after its effect
+and its done record (or its acknowledged dead-letter copy). A crash in between lets the message
+become visible again after ``invisible_s``; its claim then makes it wait for the lease, and the
+effect runs again (at-least-once) unless it committed with its done record. With a FIFO consumer
+group (``consumeMessageOrderly``) the broker hands out a group's next message only after the
+previous one was acknowledged, so each aggregate is handled in order.
 
 Where it stops: a message held (or crashed on) more often than the group's ``retryMaxTimes`` is
 moved by the broker itself to ``%DLQ%<group>``, without a kcons reason; keep that limit above the
@@ -34,16 +39,23 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
+
+import tenacity
 
 from kcons.config import check_range, check_rocketmq_endpoints
+from kcons.consumer.effects import _NOT_RETRIED, Effects, PerMessage, SameTransaction, run_plan
 from kcons.consumer.ids import reason
-from kcons.consumer.plan import OK, BatchPlan, DeadLetter, Decision, Entry, Outcome, after_dead_letters, hold_all
-from kcons.dedup import BatchDedupStore, unique_in_order
+from kcons.consumer.plan import BatchPlan, Decision, Entry, abandon, after_dead_letters, hold_all
+from kcons.dedup import BatchDedupStore, TransactionalDedupStore, unique_in_order
 
-__all__ = ["RocketMqDelivery", "RocketMqIdempotentConsumer", "group_partitions"]
+__all__ = ["RocketMqDelivery", "RocketMqIdempotentConsumer", "SqlDedupStore", "group_partitions"]
 
 log = logging.getLogger(__name__)
+
+
+class SqlDedupStore(BatchDedupStore, TransactionalDedupStore, Protocol):
+    """A SQL dedup store (PostgreSQL, SQLite): batch claims and done records inside the caller's transaction."""
 
 
 class RocketMqDelivery(NamedTuple):
@@ -70,9 +82,10 @@ class RocketMqIdempotentConsumer:
         endpoints: str,
         topic: str,
         group: str,
-        handler: Callable[[RocketMqDelivery], None],
+        handler: Callable[[RocketMqDelivery], None] | None,
         store: BatchDedupStore,
         *,
+        effects: Effects | None = None,
         dead_letter_topic: str | None = None,
         batch_size: int = 32,
         invisible_s: int = 30,
@@ -85,10 +98,15 @@ class RocketMqIdempotentConsumer:
         self.topic = topic
         self.group = group
         self.dead_letter_topic = dead_letter_topic or f"%DLQ%{group}"
-        self.handler = handler
+        if effects is None and handler is not None:
+            effects = PerMessage(handler)
+        elif effects is None or handler is not None:
+            raise ValueError("pass exactly one of handler or effects=")
+        self.effects: Effects = effects
         self.store = store
         self.batch_size = check_range("batch_size", batch_size, 1, 32)
-        self.invisible_s = check_range("invisible_s", invisible_s, 1, 43200)
+        # The proxy refuses less than 10 s (its minInvisibleTimeMillsForRecv).
+        self.invisible_s = check_range("invisible_s", invisible_s, 10, 43200)
         self.lease_s = check_range("lease_s", lease_s, 0.1, 86400.0)
         self.attempts = check_range("attempts", attempts, 1, 100)
         self.hold_pause_s = hold_pause_s
@@ -99,6 +117,30 @@ class RocketMqIdempotentConsumer:
         self._stop = threading.Event()
         self._consumer: Any = None
         self._producer: Any = None
+        self._retry = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            retry=tenacity.retry_if_not_exception_type(_NOT_RETRIED),
+            reraise=True,
+        )
+
+    @classmethod
+    def same_transaction(
+        cls,
+        endpoints: str,
+        topic: str,
+        group: str,
+        handler: Callable[[RocketMqDelivery, Any], None],
+        store: SqlDedupStore,
+        *,
+        connect: Callable[[], Any],
+        **kw: Any,
+    ) -> RocketMqIdempotentConsumer:
+        """``handler(delivery, conn)`` and each id's done record commit in one transaction (exactly-once effects).
+
+        ``connect`` opens the handler's connection (psycopg in autocommit mode; kcons opens the
+        transactions); ``store`` is the PostgreSQL or SQLite dedup store on that database.
+        """
+        return cls(endpoints, topic, group, None, store, effects=SameTransaction(handler, store, connect=connect), **kw)
 
     def stop(self) -> None:
         """Finish the current batch and return from :meth:`run`."""
@@ -119,13 +161,17 @@ class RocketMqIdempotentConsumer:
 
     def run(self) -> None:
         """Consume until :meth:`stop`; a failed receive is retried (unacknowledged messages come back)."""
+        self.effects.open()
+        failures = 0
         try:
             while not self._stop.is_set():
                 try:
                     self._start()
                     batch = self._consumer.receive(self.batch_size, self.invisible_s)
+                    failures = 0
                 except Exception as exc:  # the client raises bare Exceptions (also before its settings arrived)
-                    log.debug("RocketMQ receive failed (%s); retrying", exc)
+                    failures += 1
+                    (log.warning if failures % 50 == 0 else log.debug)("RocketMQ receive failed (%s); retrying", exc)
                     self._stop.wait(0.2)
                     continue
                 if batch:
@@ -135,6 +181,7 @@ class RocketMqIdempotentConsumer:
 
     def close(self) -> None:
         """Stop the clients (unacknowledged messages become visible again after ``invisible_s``)."""
+        self.effects.close()
         for client in (self._consumer, self._producer):
             if client is not None:
                 try:
@@ -155,20 +202,27 @@ class RocketMqIdempotentConsumer:
             claim = self.store.claim_batch(ids, self.lease_s)
         except Exception as exc:  # store down: nothing decided, everything comes back later
             log.warning("dedup claim failed (%s); batch held", type(exc).__name__)
-            starts = {(e.topic, e.partition): e.offset for e in reversed(entries)}
+            starts = {(e.topic, e.partition): e.offset for e in reversed(entries)}  # first message of each group
             self._settle(batch, entries, hold_all(starts, len(batch), self.hold_pause_s, "store"))
             return
+        deliveries = [
+            RocketMqDelivery(e.event_id, m.body, dict(m.properties or {}), m)
+            for e, m in zip(entries, batch, strict=True)
+        ]
+        starts = {(e.topic, e.partition): e.offset for e in reversed(entries)}
         plan = BatchPlan(entries, claim.claimed, claim.done, self.hold_pause_s)
-        while (i := plan.next()) is not None:
-            msg = batch[i]
-            plan.record(self._attempt(RocketMqDelivery(entries[i].event_id, msg.body, dict(msg.properties or {}), msg)))
-        decision = plan.settle()
         try:
-            if decision.done:
+            with self.effects.unit():
+                decision = run_plan(self.effects, plan, deliveries, self._retry)
+        except Exception as exc:  # the batch did not finish: a failed transaction rolled its effects back
+            log.warning("batch effects failed (%s); batch held", reason(exc))
+            done = [] if self.effects.atomic else plan.done
+            decision = abandon(done, claim.claimed, starts, self.hold_pause_s, "effects_failed")
+        try:
+            if decision.done and self.effects.records_done:
                 self.store.complete(decision.done)
         except Exception as exc:  # effects done, records not: received again, held by the claims until they expire
             log.warning("dedup complete failed (%s); batch held", type(exc).__name__)
-            starts = {(e.topic, e.partition): e.offset for e in reversed(entries)}
             self._settle(batch, entries, hold_all(starts, len(batch), self.hold_pause_s, "store"))
             return
         acknowledged = {n for n, poison in enumerate(decision.dead_letter) if self._dead_letter(batch, poison)}
@@ -182,17 +236,6 @@ class RocketMqIdempotentConsumer:
         self.duplicates += decision.duplicates
         self.dead_lettered += decision.dead_lettered
         self._settle(batch, entries, decision)
-
-    def _attempt(self, delivery: RocketMqDelivery) -> Outcome:
-        last: BaseException | None = None
-        for _ in range(self.attempts):
-            try:
-                self.handler(delivery)
-                return OK
-            except Exception as exc:
-                last = exc
-        assert last is not None
-        return DeadLetter(reason(last))
 
     def _dead_letter(self, batch: list[Any], poison: Any) -> bool:
         from rocketmq import Message

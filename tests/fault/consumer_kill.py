@@ -13,6 +13,7 @@ every partition.
     python tests/fault/consumer_kill.py            # full: 20,000 messages over 90 s, 3 workers, >= 12 kills
     python tests/fault/consumer_kill.py --quick    # ~60 s: 3,000 messages, 2 workers, 4 kills
     python tests/fault/consumer_kill.py --store redis   # the IdempotentConsumer with the Redis store
+    python tests/fault/consumer_kill.py --quick --source rocketmq   # RocketMQ (tests/fault/_rocketmq_consumer_kill.py)
 
 The last line of output is one JSON object; the exit status is 0 only when ``ok`` is true.
 """
@@ -47,8 +48,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class Worker:
     """One consumer process that can be SIGKILLed and restarted."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, script: Path = WORKER) -> None:
         self.name = name
+        self.script = script
         self.args = args
         self.env = env
         self.log_path = log_dir / f"{name}.log"
@@ -59,7 +61,7 @@ class Worker:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            [sys.executable, str(self.script), *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             cwd=str(ROOT),
         )  # fmt: skip
         self.starts += 1
@@ -182,6 +184,10 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--drain-timeout", type=float, default=240.0)
     parser.add_argument(
+        "--source", choices=("kafka", "rocketmq"), default="kafka",
+        help="rocketmq: a local RocketMQ node and the same-transaction RocketMqIdempotentConsumer (PostgreSQL store)",
+    )  # fmt: skip
+    parser.add_argument(
         "--control-unsafe", action="store_true",
         help="negative control: workers commit effects outside the dedup transaction; the run must then fail",
     )  # fmt: skip
@@ -195,6 +201,16 @@ def main() -> int:
     static = args.static_membership if args.static_membership is not None else args.quick
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    if args.source == "rocketmq":
+        sys.path.insert(0, str(WORKER.parent))
+        from _rocketmq_consumer_kill import run as run_rocketmq
+
+        result = run_rocketmq(
+            args, messages=messages, workers_n=workers_n, kills_target=kills_target, produce_s=produce_s,
+            kill_interval=(kill_min, kill_max), lease=lease, seed=seed,
+        )  # fmt: skip
+        print(json.dumps(result))
+        return 0 if result["ok"] else 1
     rng = random.Random(seed)
 
     import psycopg

@@ -97,3 +97,38 @@ def test_unacknowledged_dead_letter_holds_the_message_instead_of_losing_it(
     assert consumer.dead_lettered == 0
     again = drain(kcons_rocketmq.endpoints, topic, group, want=1, idle_s=1, timeout=60)
     assert [m.body for m in again] == [b"no id"] and again[0].delivery_attempt > 1  # received again, not lost
+
+
+def test_same_transaction_effects_commit_with_their_dedup_records(
+    kcons_rocketmq: Any, fresh_database: Any, topology: tuple[str, str, str]
+) -> None:
+    import psycopg
+
+    from kcons.adapters.postgres import PostgresDedupStore
+
+    topic, group, _dlq = topology
+    dsn = fresh_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE effects (event_id text NOT NULL)")
+    ids = [str(uuid.uuid4()) for _ in range(6)]
+    failed_once: set[str] = set()
+
+    def handler(d: RocketMqDelivery, conn: Any) -> None:
+        conn.execute("INSERT INTO effects VALUES (%s)", (d.event_id,))
+        if d.event_id == ids[2] and d.event_id not in failed_once:
+            failed_once.add(d.event_id)
+            raise RuntimeError("transient")  # rolls back this attempt's effect and done record
+
+    messages: list[tuple[str | None, str, bytes]] = [(i, f"acc-{n % 2}", b"x") for n, i in enumerate(ids)]
+    _send(kcons_rocketmq.endpoints, topic, [*messages, (ids[0], "acc-0", b"x")])  # the last one a duplicate
+    consumer = RocketMqIdempotentConsumer.same_transaction(
+        kcons_rocketmq.endpoints, topic, group, handler, PostgresDedupStore(dsn, namespace=group),
+        connect=lambda: psycopg.connect(dsn, autocommit=True),
+    )  # fmt: skip
+    errors: list[BaseException] = []
+    with running(consumer, errors):
+        wait_for("every message to be decided", lambda: consumer.handled + consumer.duplicates >= 7, timeout=60)
+    assert not errors, errors
+    with psycopg.connect(dsn) as conn:
+        rows = sorted(r[0] for r in conn.execute("SELECT event_id FROM effects"))
+    assert rows == sorted(ids)  # one effect per id: the failed attempt's row was rolled back with it
