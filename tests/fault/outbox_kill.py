@@ -9,8 +9,14 @@ rolled-back event did, each aggregate's events appear in version order (``out_of
 judged on first occurrences), and an idempotent consumer (dedup by ``kcons-id``) handles each
 event exactly once (``duplicates``). Prints one JSON object last; exit status 0 only when ok.
 
+With ``--sink rocketmq`` the relays publish to a local RocketMQ node (FIFO topic, one message group
+per aggregate; ``tests/fault/_rocketmq_outbox.py``) whose broker the run also SIGKILLs and
+restarts on its data (``--broker-restarts``); the same checks read the topic as new consumer groups,
+raw and through kcons' RocketMqIdempotentConsumer.
+
     python tests/fault/outbox_kill.py            # full: 20,000 events, 200 aggregates, >= 10 kills
     python tests/fault/outbox_kill.py --quick    # ~1 minute
+    python tests/fault/outbox_kill.py --quick --sink rocketmq
 """
 
 from __future__ import annotations
@@ -198,7 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rnd = random.Random(args.seed)
     logdir = Path(args.logdir or f"/tmp/kcons-outbox-kill-{uuid.uuid4().hex[:6]}")
     logdir.mkdir(parents=True, exist_ok=True)
-    with start_stack(redis=False) as stack:
+    with start_stack(kafka=args.sink == "kafka", redis=False) as stack:
         dsn = _create_database(stack.postgres_dsn)
         try:
             with psycopg.connect(dsn, autocommit=True) as conn:
@@ -209,13 +215,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "FROM generate_series(0, %s - 1) i",
                     (args.aggregates,),
                 )
-            topic = f"outbox-kill-{uuid.uuid4().hex[:8]}"
-            _create_topic(stack.kafka_bootstrap, topic, args.partitions)
             env = child_env(stack, {"PYTHONUNBUFFERED": "1"})
             relay_args = [
-                "--dsn", dsn, "--bootstrap", stack.kafka_bootstrap, "--topic", topic,
-                "--lease-ttl", str(args.lease_ttl), "--batch-size", str(args.batch_size), "--poll-interval", "0.5",
+                "--dsn", dsn, "--lease-ttl", str(args.lease_ttl), "--batch-size", str(args.batch_size),
+                "--poll-interval", "0.5",
             ]  # fmt: skip
+            if args.sink == "rocketmq":
+                sys.path.insert(0, str(HERE))
+                from _rocketmq_outbox import RocketTarget
+
+                target: Any = RocketTarget(args)
+                relay_args += target.relay_args()
+                env.update(target.env())
+            else:
+                target = None
+                topic = f"outbox-kill-{uuid.uuid4().hex[:8]}"
+                _create_topic(stack.kafka_bootstrap, topic, args.partitions)
+                relay_args += ["--bootstrap", stack.kafka_bootstrap, "--topic", topic]
             slots = [RelaySlot(i, relay_args, env, logdir) for i in range(args.relays)]
             for slot in slots:
                 slot.start()
@@ -231,11 +247,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     writers.append(subprocess.Popen(argv, env=env, stdout=err, stderr=err))
             kills = cuts = pauses = rounds = 0
             started = time.monotonic()
-            while any(w.poll() is None for w in writers) or kills < args.kills or pauses < args.pauses:
+            while (
+                any(w.poll() is None for w in writers) or kills < args.kills or pauses < args.pauses
+                or (target is not None and target.pending_faults())
+            ):  # fmt: skip
                 time.sleep(rnd.uniform(args.fault_interval * 0.5, args.fault_interval * 1.5))
                 if time.monotonic() - started > args.max_seconds:
                     log.warning("fault phase hit --max-seconds; stopping faults")
                     break
+                if target is not None and (what := target.fault(rnd)) is not None:
+                    log.info("%s", what)
+                    continue
                 for slot in slots:  # a relay that exited on its own is a crash: restart it
                     if not slot.alive():
                         slot.crashes += 1
@@ -281,18 +303,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             committed = {i for r in results for i in r["committed"]}
             rolled_back = {i for r in results for i in r["rolled_back"]}
             unknown = {i for r in results for i in r["unknown"]}
-            audit, delivered = _audit_topic(stack.kafka_bootstrap, topic, committed, timeout=args.drain_timeout)
-            handled, order = _idempotent_pass(stack.kafka_bootstrap, topic, len(committed), args.drain_timeout)
+            if target is not None:
+                found = target.check(committed, args.drain_timeout)
+                delivered, handled, order = found["ids"], found["handled"], found["order"]
+                raw_out_of_order, malformed, sink_fields = found["regressions"], found["malformed"], found["fields"]
+            else:
+                audit, delivered = _audit_topic(stack.kafka_bootstrap, topic, committed, timeout=args.drain_timeout)
+                handled, order = _idempotent_pass(stack.kafka_bootstrap, topic, len(committed), args.drain_timeout)
+                # First copies of each aggregate's events must rise (kcons.audit: regressions), stay in one
+                # partition, and every record must carry the kcons headers and a version.
+                raw_out_of_order = audit.regressions
+                malformed = (
+                    audit.without_kcons_headers + audit.without_version + audit.split_aggregates + (not audit.complete)
+                )
+                sink_fields = {
+                    "kafka_records": audit.records,
+                    "kafka_duplicates": audit.duplicates,
+                    "split_aggregates": audit.split_aggregates,
+                    "records_without_kcons_headers_or_version": audit.without_kcons_headers + audit.without_version,
+                }
         finally:
+            if target is not None:
+                target.close()
             _drop_database(stack.postgres_dsn, dsn)
     lost = len(committed - delivered)
     phantom = len(delivered & rolled_back)
     unexpected = len(delivered - committed - rolled_back - unknown)
     out_of_order = sum(1 for versions in order.values() for a, b in itertools.pairwise(versions) if b <= a)
-    # First copies of each aggregate's events must rise (kcons.audit: regressions), stay in one
-    # partition, and every record must carry the kcons headers and a version.
-    raw_out_of_order = audit.regressions
-    malformed = audit.without_kcons_headers + audit.without_version + audit.split_aggregates + (not audit.complete)
     gaps = sum(1 for versions in order.values() if versions != list(range(1, len(versions) + 1)))
     duplicates = sum(1 for n in handled.values() if n > 1)
     not_handled = len(committed - set(handled))
@@ -313,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "name": "outbox_kill",
+        "sink": args.sink,
         "runs": 1,
         "faults": kills + cuts + pauses,
         "kills": kills,
@@ -328,10 +366,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lost": lost,
         "rolled_back_published": phantom,
         "unexpected": unexpected,
-        "kafka_records": audit.records,
-        "kafka_duplicates": audit.duplicates,
-        "split_aggregates": audit.split_aggregates,
-        "records_without_kcons_headers_or_version": audit.without_kcons_headers + audit.without_version,
+        **sink_fields,
+        "malformed": malformed,
         "duplicates": duplicates,
         "not_handled": not_handled,
         "out_of_order": out_of_order,
@@ -362,7 +398,12 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--logdir")
+    ap.add_argument("--sink", choices=("kafka", "rocketmq"), default="kafka", help="where the relays publish")
+    ap.add_argument("--broker-restarts", type=int, default=None,
+                    help="broker SIGKILLs + restarts at least (not kafka; default 1 quick, 3 full)")  # fmt: skip
     args = ap.parse_args()
+    if args.broker_restarts is None:
+        args.broker_restarts = 1 if args.quick else 3
     quick = {"events": 2000, "aggregates": 40, "kills": 3, "pauses": 1, "duration": 10.0, "writers": 3}
     full = {"events": 20000, "aggregates": 200, "kills": 12, "pauses": 2, "duration": 45.0}
     for key, value in (quick if args.quick else full).items():
