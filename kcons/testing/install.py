@@ -259,8 +259,10 @@ def ensure_debian_packages(install: bool | None = None, *, rabbitmq: bool = Fals
     return missing
 
 
-def ensure_all(install_system_packages: bool | None = None, *, rabbitmq: bool = False) -> dict[str, float]:
-    """Install everything the local backend needs (RabbitMQ's server when asked); seconds spent per step."""
+def ensure_all(
+    install_system_packages: bool | None = None, *, rabbitmq: bool = False, rocketmq: bool = False
+) -> dict[str, float]:
+    """Install everything the local backend needs (RabbitMQ's server, RocketMQ's jars when asked); seconds per step."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     ensure_debian_packages(install_system_packages, rabbitmq=rabbitmq)
@@ -268,9 +270,10 @@ def ensure_all(install_system_packages: bool | None = None, *, rabbitmq: bool = 
     t1 = time.monotonic()
     ensure_kafka_jars()
     timings["kafka_jars_s"] = round(time.monotonic() - t1, 2)
-    t2 = time.monotonic()
-    ensure_rocketmq_jars()
-    timings["rocketmq_jars_s"] = round(time.monotonic() - t2, 2)
+    if rocketmq:  # else the local RocketMQ node resolves them on its first start
+        t2 = time.monotonic()
+        ensure_rocketmq_jars()
+        timings["rocketmq_jars_s"] = round(time.monotonic() - t2, 2)
     return timings
 
 
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="install missing Debian packages with apt-get without asking")  # fmt: skip
     parser.add_argument("--rabbitmq", action="store_true",
                         help="also install Debian's rabbitmq-server (the RabbitMQ sink's tests)")  # fmt: skip
+    parser.add_argument("--rocketmq", action="store_true",
+                        help="also resolve the RocketMQ node's jars (the RocketMQ tests)")  # fmt: skip
     parser.add_argument("--kafka-jars-only", action="store_true",
                         help="only resolve the Kafka jars and print their folder")  # fmt: skip
     args = parser.parse_args(argv)
@@ -289,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.kafka_jars_only:
             sys.stdout.write(f"{ensure_kafka_jars()}\n")
             return 0
-        timings = ensure_all(True if args.install_system_packages else None, rabbitmq=args.rabbitmq)
+        timings = ensure_all(
+            True if args.install_system_packages else None, rabbitmq=args.rabbitmq, rocketmq=args.rocketmq
+        )
     except ServiceStartError as exc:
         log.error("setup failed: %s", exc)
         return 1
