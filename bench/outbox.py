@@ -17,7 +17,9 @@ producer settings. Two measurements each:
   ``--rate`` events/s for ``--seconds``; latency from each writer commit to the Kafka acknowledgement of that event
   (both on this host's wall clock), p50 and p99.
 
-``ratio`` = kcons events/s / baseline events/s at saturation. Prints one JSON object last.
+``ratio`` = kcons events/s / baseline events/s at saturation. ``latency_p99_ms`` = the kcons
+relay's commit -> Kafka ack p99 in ``--mode`` (transactional by default) at ``--rate`` (issue 17's
+relay row: target 25 ms). Prints one JSON object last.
 
 ``--sink rocketmq`` runs the same comparison on a local RocketMQ node (bench/_outbox_rocketmq.py):
 the naive loop sends each row synchronously, the relay through its RocketMQ sink.
@@ -366,6 +368,9 @@ def main() -> None:
                 "kcons": kcons,
                 **extra,
                 "ratio": round(kcons["events_per_s"] / baseline["events_per_s"], 3),
+                "latency_p99_ms": kcons["p99_ms"],
+                "latency_p50_ms": kcons["p50_ms"],
+                "latency_mode": args.mode,
                 "unit": "events/s at saturation (latency: ms from DB commit to Kafka ack at a steady rate)",
                 "backlog": args.backlog,
                 "repeats": args.repeats,

@@ -330,6 +330,40 @@ def test_leader_cut_off_mid_batch_cannot_publish_after_a_new_leader_took_over(
     assert _unpublished(outbox_db) == 0
 
 
+@pytest.mark.parametrize("batches_before", [0, 1])
+def test_a_new_leaders_publisher_fences_each_transactional_producer_of_the_old_one(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any], batches_before: int
+) -> None:
+    """The batches alternate between two transactional ids; a new leader's start fences the old leader on both."""
+    from kcons.errors import LeadershipLostError
+    from kcons.outbox.publisher import KafkaBatchPublisher
+
+    topic = unique_topic()
+    events = {name: _event(name, 1) for name in ("old", "zombie", "new-0", "new-1")}
+
+    def batch(name: str) -> list[Any]:
+        e = events[name]
+        return [(topic, e.payload, e.key, list(e.headers()), 0)]
+
+    tid = f"kcons-test-fence-{uuid.uuid4().hex[:8]}"
+    old = KafkaBatchPublisher({"bootstrap.servers": kafka_bootstrap}, transactional_id=tid)
+    new = KafkaBatchPublisher({"bootstrap.servers": kafka_bootstrap}, transactional_id=tid)
+    try:
+        old.start()  # the old leader took the lead first
+        for _ in range(batches_before):  # the old leader's next batch goes through its other producer
+            old.publish(batch("old"))
+        new.start()
+        with pytest.raises(LeadershipLostError):
+            old.publish(batch("zombie"))
+        new.publish(batch("new-0"))
+        new.publish(batch("new-1"))
+    finally:
+        old.close()
+        new.close()
+    got = [e.aggregate_id for e in _read_all(make_consumer, topic, want=2 + batches_before)]
+    assert got == ["old"] * batches_before + ["new-0", "new-1"]
+
+
 def test_retention_mode_marks_rows_instead_of_deleting_them(
     outbox_db: str, kafka_bootstrap: str, unique_topic: Callable[..., str]
 ) -> None:
