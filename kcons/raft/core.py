@@ -819,6 +819,23 @@ class RaftCore:
             if pr.next <= last:
                 self._send_append(v)
 
+    def keepalive(self) -> list[Message]:
+        """Heartbeats to every follower as of now, changing no state; empty unless leader.
+
+        The driver sends them while a slow disk write (its own WAL append, a compaction) keeps it
+        from stepping the core, so that a leader's heartbeats never wait for its disk. Safe at any
+        time: the commit index sent is what each follower already may apply, and the tick in
+        ``hint`` is the leader's last counted one, older than the real sending time, so a lease
+        computed from the answers is only shorter.
+        """
+        if self.role is not Role.LEADER:
+            return []
+        committed = self.log.committed
+        return [
+            Message(MsgType.HEARTBEAT, self.id, v, self.term, commit=min(pr.match, committed), hint=self.ticks)
+            for v, pr in self.progress.items()
+        ]
+
     def _bcast_heartbeat(self, context: bytes) -> None:
         for v, pr in self.progress.items():
             self._send(

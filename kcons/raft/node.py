@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,8 +401,8 @@ class RaftNode:
                 self.transport.send(early)  # leader replication overlaps its own disk write
             if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
                 t0 = time.perf_counter()
-                if self.settings.fsync and isinstance(self.storage, WalStorage):
-                    await asyncio.to_thread(self.storage.save, rd.hard_state, rd.entries, rd.snapshot)
+                if self._disk_in_thread():
+                    await self._off_loop(self.storage.save, rd.hard_state, rd.entries, rd.snapshot)
                 else:
                     self.storage.save(rd.hard_state, rd.entries, rd.snapshot)
                 self._m_fsync.observe(time.perf_counter() - t0)
@@ -410,8 +410,30 @@ class RaftNode:
                 self.transport.send(late)
             self._apply(rd)
             core.advance(rd)
-            self._maybe_compact()
+            await self._maybe_compact()
         self._after_round()
+
+    def _disk_in_thread(self) -> bool:
+        """True when storage calls wait for the disk (fsynced WAL): they then run in a worker thread."""
+        return self.settings.fsync and isinstance(self.storage, WalStorage)
+
+    async def _off_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a storage call in a worker thread; a leader keeps sending heartbeats meanwhile.
+
+        The core is not stepped while its Ready is being persisted, so without this a disk that
+        stalls for an election timeout (fsync under I/O load) would silence the leader and make
+        its followers elect another one. Heartbeats go out every heartbeat interval of the wait
+        (:meth:`~kcons.raft.core.RaftCore.keepalive`, which changes no state).
+        """
+        call = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        interval = self.settings.tick_s * self.settings.heartbeat_tick
+        try:
+            while not (await asyncio.wait({call}, timeout=interval))[0]:
+                self.transport.send(self.core.keepalive())
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        call.result()
 
     def _apply(self, rd: Ready) -> None:
         if rd.snapshot is not None:
@@ -503,7 +525,7 @@ class RaftNode:
             last_voters = voters
         self._logged_view = (last_leader, last_voters)
 
-    def _maybe_compact(self) -> None:
+    async def _maybe_compact(self) -> None:
         core = self.core
         base = core.snapshot.meta.index if core.snapshot else 0
         applied = core.log.applied
@@ -511,7 +533,10 @@ class RaftNode:
             return
         core.compact(applied, self.sm.snapshot(), keep=self.settings.snapshot_keep)
         assert core.snapshot is not None
-        self.storage.compact(core.snapshot, core.log.snap_index)
+        if self._disk_in_thread():  # the snapshot file and the rewritten log are fsynced
+            await self._off_loop(self.storage.compact, core.snapshot, core.log.snap_index)
+        else:
+            self.storage.compact(core.snapshot, core.log.snap_index)
         RAFT_SNAPSHOTS.labels(self._label, "taken").inc()
 
     # -- client requests -----------------------------------------------------------------------

@@ -563,6 +563,13 @@ class RaftTransport:
         if self._watchdog is not None:
             self._watchdog.cancel()
             tasks.append(self._watchdog)
+        # A cancellation that lands as a reconnect's wait_for completes can be swallowed (Python
+        # before 3.12), leaving the sender retrying forever: cancel again until every task ended.
+        pending = {t for t in tasks if not t.done()}
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=0.2)
+            for t in pending:
+                t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,44 @@ def test_wal_storage_is_used_when_a_data_dir_is_given(tmp_path: Path) -> None:
     node = RaftNode(settings(tmp_path / "d"))
     assert isinstance(node.storage, WalStorage)
     node.storage.close()
+
+
+def test_a_leader_keeps_its_followers_while_its_disk_stalls(tmp_path: Path) -> None:
+    """A WAL write that takes several election timeouts does not silence the leader: no election."""
+    ports = free_ports(3)
+    peers = {i + 1: PeerAddress("127.0.0.1", p) for i, p in enumerate(ports)}
+
+    async def scenario() -> tuple[int, int, int, dict[str, object]]:
+        nodes = [
+            RaftNode(NodeSettings(i, peers, SECRET, data_dir=tmp_path / str(i), tick_s=0.02, election_tick=10))
+            for i in peers
+        ]
+        for n in nodes:
+            await n.start()
+        try:
+            for _ in range(500):
+                leaders = [n for n in nodes if n.core.is_leader]
+                if leaders and all(n.core.leader == leaders[0].id for n in nodes):
+                    break
+                await asyncio.sleep(0.02)
+            leader = leaders[0]
+            assert (await ask(leader, op="put", key="warm", value="1"))["ok"] is True
+            term = leader.core.term
+            save = leader.storage.save
+
+            def slow_save(*args: object) -> None:
+                time.sleep(1.5)  # about five election timeouts (0.2 to 0.4 s)
+                save(*args)  # type: ignore[arg-type]
+
+            leader.storage.save = slow_save  # type: ignore[method-assign]
+            answer = await ask(leader, op="put", key="k", value="v")
+            leader.storage.save = save  # type: ignore[method-assign]
+            await asyncio.sleep(0.3)
+            return term, leader.core.term, max(n.core.term for n in nodes), answer
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    term_before, term_after, highest, answer = asyncio.run(scenario())
+    assert answer.get("ok") is True
+    assert term_after == term_before == highest, "a follower campaigned while the leader was writing"
