@@ -41,6 +41,7 @@ __all__ = [
     "ProducerFencedError",
     "RetriableKafkaError",
     "ServiceStartError",
+    "SinkConnectionError",
     "SinkError",
     "SinkRowError",
     "SinkUnavailableError",
@@ -97,6 +98,14 @@ class SinkError(KconsError):
 
 class SinkUnavailableError(SinkError):
     """The sink could not confirm the batch for now (connection, broker nack, unroutable): retry it whole."""
+
+
+class SinkConnectionError(SinkUnavailableError):
+    """The broker cannot be reached or dropped the connection: the relay reconnects until it is back.
+
+    Unlike the other unavailable errors it has no retry bound: every replica would fail alike, so
+    exiting would only turn a broker restart into a relay crash. Nothing of the batch is marked.
+    """
 
 
 class SinkRowError(SinkError):

@@ -27,7 +27,9 @@ moved to ``<table>_dead`` with a reason naming it, with the later rows of its ag
 behind it there, and the relay goes on (see :meth:`OutboxRelay._split`). Transient Kafka and
 database errors are retried with bounded exponential backoff
 (tenacity); when the bound is exhausted :meth:`OutboxRelay.run` raises and the process should
-exit, letting another replica lead.
+exit, letting another replica lead. An unreachable broker (a sink's
+:class:`~kcons.errors.SinkConnectionError`) is retried with the same backoff and no bound: the relay
+reconnects when the broker is back and re-sends the unconfirmed batch.
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
-    stop_after_delay,
     wait_exponential,
     wait_random,
 )
+from tenacity.stop import stop_base
 
 from kcons import metrics
 from kcons.config import (
@@ -75,6 +77,7 @@ from kcons.errors import (
     KafkaOperationError,
     KconsError,
     LeadershipLostError,
+    SinkConnectionError,
     SinkUnavailableError,
     StoreError,
     TimeoutExceededError,
@@ -281,6 +284,46 @@ def _is_transient(exc: BaseException) -> bool:
         psycopg.errors.DeadlockDetected,
     )
     return isinstance(exc, transient)
+
+
+def _failure(state: RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome is not None else None
+
+
+class _bounded_while_broker_up(stop_base):
+    """Stop after ``max_s`` of failures, counted from the start or from the broker's last outage.
+
+    An unreachable broker (:class:`~kcons.errors.SinkConnectionError`) never stops the retries
+    (every replica would fail alike) and starts the bound again: the first publishes to a restarted
+    broker may be nacked while its quorum queues elect leaders, and the time spent waiting for the
+    broker must not count against them. One instance per retried call.
+    """
+
+    def __init__(self, max_s: float) -> None:
+        self.max_s = max_s
+        self.since: float | None = None
+        self.broker_down = False
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if isinstance(_failure(retry_state), SinkConnectionError):
+            self.broker_down = True
+            return False
+        if self.broker_down:  # the first other failure once the broker answers again: the bound starts
+            self.broker_down = False
+            self.since = time.monotonic()
+            return False
+        since = retry_state.start_time if self.since is None else self.since
+        return time.monotonic() - since >= self.max_s
+
+
+class _stop_set(stop_base):
+    """Stop retrying once the relay was asked to stop."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.event.is_set()
 
 
 class OutboxRelay:
@@ -693,19 +736,32 @@ class OutboxRelay:
         self._m_published.inc(len(rows))
 
     def _record_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
+        exc = _failure(state)
         kind = type(exc).__name__ if exc is not None else "unknown"
         metrics.OUTBOX_ERRORS_TOTAL.labels(self.name, kind).inc()
+        if isinstance(exc, SinkConnectionError):
+            self._last_loop = time.monotonic()  # alive: waiting for the broker, not stuck
         log.warning("relay batch failed (%s: %s); retry %d", kind, redact_text(str(exc)), state.attempt_number)
 
+    def _sleep(self, seconds: float) -> None:
+        """The retries' sleep: cut short by :meth:`stop`."""
+        self._stop.wait(seconds)
+
     def publish_once(self) -> int:
-        """One pipeline step with bounded retries: publish a batch (0 when there was none; then the
-        previous batch is marked). Raises LeadershipLostError or, past the retry bound, the last error."""
+        """One pipeline step with retries: publish a batch (0 when there was none; then the previous
+        batch is marked). Raises LeadershipLostError or, past the retry bound, the last error.
+
+        An unreachable broker (:class:`~kcons.errors.SinkConnectionError`) is retried with the same
+        backoff but no bound, for as long as this replica leads and is not stopped, and the bound
+        for other failures counts from when it was reachable again: the rows of the unconfirmed
+        batch stay unpublished and are sent again on the new connection.
+        """
         retrying = Retrying(
-            stop=stop_after_delay(self.retry_max_s),
+            stop=_bounded_while_broker_up(self.retry_max_s) | _stop_set(self._stop),
             wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
             retry=retry_if_exception(_is_transient),
             before_sleep=self._record_retry,
+            sleep=self._sleep,
             reraise=True,
         )
         return int(retrying(self._step))
@@ -739,6 +795,9 @@ class OutboxRelay:
                     self._step_down(str(exc))
                     continue
                 except BaseException as exc:
+                    if self._stop.is_set() and _is_transient(exc):  # stopped while retrying: not a failure
+                        log.info("relay stopped while retrying (%s)", type(exc).__name__)
+                        break
                     metrics.OUTBOX_ERRORS_TOTAL.labels(self.name, "gave_up").inc()
                     log.error("relay gives up after retrying for %.0fs: %s", self.retry_max_s, type(exc).__name__)
                     raise

@@ -115,6 +115,30 @@ class RabbitMqServer:
         if self.process is not None:
             self.process.kill()
 
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop the node cleanly (SIGTERM, files closed); its data folder stays for a restart."""
+        if self.process is not None:
+            self.process.stop(timeout=timeout)
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run ``rabbitmqctl`` against this node (its own cookie and epmd); its output, or ServiceStartError."""
+        binary = rabbitmq_server_binary()
+        if binary is None:
+            raise ServiceStartError("rabbitmq-server is not installed")
+        ctl = binary.parent / "rabbitmqctl"
+        try:
+            done = subprocess.run([str(ctl), "-n", self.nodename, *args], env=self._env(), capture_output=True,
+                                  timeout=timeout, check=False, cwd=self.base_dir)  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ServiceStartError(f"rabbitmqctl {args[0] if args else ''} failed: {exc}") from None
+        if done.returncode != 0:
+            raise ServiceStartError(f"rabbitmqctl {' '.join(args)} exited {done.returncode}: {done.stderr[-500:]!r}")
+        return done.stdout.decode(errors="replace")
+
+    def close_connections(self, reason: str = "fault injection") -> None:
+        """Close every client connection from the server side (clients see CONNECTION_FORCED)."""
+        self.ctl("close_all_connections", reason)
+
     def _stop_epmd(self) -> None:
         epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
         with contextlib.suppress(OSError, subprocess.SubprocessError):

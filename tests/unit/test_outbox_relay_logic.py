@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from kcons.errors import LeadershipLostError, RetriableKafkaError, SinkRowError, SinkUnavailableError
+from kcons.errors import (
+    LeadershipLostError,
+    RetriableKafkaError,
+    SinkConnectionError,
+    SinkRowError,
+    SinkUnavailableError,
+)
 from kcons.lease import Lease
 from kcons.outbox.relay import OutboxRelay
 from kcons.outbox.rows import OutboxRecord, OutboxRow
@@ -221,6 +227,47 @@ def test_unavailable_sink_is_retried_and_rows_are_marked_only_after_its_confirm(
     _run_until(relay, lambda: not store.rows)
     assert sink.sent == [f"id-{i}" for i in range(6)]
     assert store.marked == list(range(6))
+
+
+class OutageSink(FailingSink):
+    """A sink whose broker is unreachable for ``outage_s``, then nacks ``nacks`` publishes, then confirms."""
+
+    def __init__(self, outage_s: float, nacks: int) -> None:
+        super().__init__(SinkUnavailableError("nacked"), failures=nacks)
+        self.until = time.monotonic() + outage_s
+
+    def publish(self, records: Iterable[Any], *, still_leader: Callable[[], bool] | None = None,
+                before_commit: Callable[[], None] | None = None) -> None:  # fmt: skip
+        if time.monotonic() < self.until:
+            raise SinkConnectionError("connection refused")
+        super().publish(records, still_leader=still_leader, before_commit=before_commit)
+
+
+def test_unreachable_broker_is_waited_out_past_the_retry_bound_and_the_bound_restarts_when_it_is_back() -> None:
+    store, leases = MemoryStore(6), MemoryLeases()
+    sink = OutageSink(outage_s=4.0, nacks=2)  # an outage longer than the bound, then nacks while queues recover
+    relay = _relay(store, sink, leases, retry_max_s=2.5)  # type: ignore[arg-type]
+    _run_until(relay, lambda: not store.rows, timeout=20)
+    assert sink.sent == [f"id-{i}" for i in range(6)]  # nothing of the failed attempts counted
+    assert store.marked == list(range(6))
+
+
+def test_relay_still_gives_up_when_a_reachable_broker_keeps_refusing() -> None:
+    store, leases = MemoryStore(4), MemoryLeases()
+    sink = OutageSink(outage_s=0.3, nacks=10**6)
+    relay = _relay(store, sink, leases, retry_max_s=0.3)  # type: ignore[arg-type]
+    with pytest.raises(SinkUnavailableError, match="nacked"):
+        _run_until(relay, lambda: False, timeout=20)
+    assert store.marked == []
+
+
+def test_stop_during_an_outage_ends_the_relay_without_an_error() -> None:
+    store, leases = MemoryStore(4), MemoryLeases()
+    sink = OutageSink(outage_s=3600, nacks=0)
+    relay = _relay(store, sink, leases, retry_max_s=0.1)  # type: ignore[arg-type]
+    started = time.monotonic()
+    _run_until(relay, lambda: time.monotonic() - started > 0.5, timeout=5)  # raises if run() raised
+    assert store.marked == [] and relay.stopping
 
 
 class RefusingSink(MemoryPublisher):
