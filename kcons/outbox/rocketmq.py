@@ -82,7 +82,9 @@ class RocketTransactionalOutbox:
 
     ``topics`` are the RocketMQ topics (``message.type=TRANSACTION``) this instance sends to and
     answers check-backs for; every process that publishes to them should start one, so a
-    check-back for a crashed process's half message finds a checker.
+    check-back for a crashed process's half message finds a checker. One instance runs one
+    transaction at a time on its own connection (threads wait for each other); use one instance
+    per worker for parallel transactions.
     """
 
     def __init__(

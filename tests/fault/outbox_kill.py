@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "name": "outbox_kill",
         "sink": args.sink,
         "runs": 1,
-        "faults": kills + cuts + pauses,
+        "faults": kills + cuts + pauses + int(sink_fields.get("broker_restarts", 0)),
         "kills": kills,
         "connection_cuts": cuts,
         "pauses": pauses,
