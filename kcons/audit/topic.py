@@ -19,8 +19,8 @@ same event). Records without a ``kcons-id`` header are counted apart and not che
 
 Speed: a batch whose records carry the kcons header layout (``kcons-id``, ``kcons-type``,
 ``kcons-aggregate-type``, ``kcons-aggregate-id``, ``kcons-version`` first, as kcons producers
-and the outbox relay write them) is checked with C-level loops (``map``, slices and ``sort`` over
-the flattened header pairs, dict and set operations); any other batch, or one in which the fast
+and the outbox relay write them) is checked with C-level loops (``zip`` to split the header
+pairs, ``map``, ``sort``, dict and set operations); any other batch, or one in which the fast
 check finds a violation, is checked again record by record by :meth:`TopicAuditor._feed_slow`,
 the reference implementation, so that violations are reported with their offsets. Both give the
 same result (tests/unit/test_audit_topic.py compares them). Ids are kept as the header's bytes;
@@ -66,8 +66,6 @@ _SHIFT = 20  # location = offset << 20 | partition (fewer than a million partiti
 _MASK = (1 << _SHIFT) - 1
 #: The kcons headers in the order kcons writes them first (positions 0-4).
 _LAYOUT = (HEADER_ID, HEADER_TYPE, HEADER_AGGREGATE_TYPE, HEADER_AGGREGATE_ID, HEADER_VERSION)
-_FIRST_FIVE = operator.itemgetter(0, 1, 2, 3, 4)
-_flat = itertools.chain.from_iterable
 _NOTHING: Mapping[bytes, int] = {}
 
 
@@ -310,26 +308,23 @@ class TopicAuditor:
             return False
         headers = list(map(cls.headers, msgs))
         try:
-            lengths = list(map(len, headers))
+            # The first five header pairs of every record, one tuple per position; zip stops at the
+            # shortest record, so fewer than five columns means a record with fewer headers.
+            columns = list(itertools.islice(zip(*headers, strict=False), len(_LAYOUT)))
         except TypeError:  # a record without headers
             return False
-        width = lengths[0]
-        if lengths.count(width) != n:  # some records carry more headers (traceparent, the caller's)
-            if min(lengths) < len(_LAYOUT):
-                return False
-            headers = list(map(_FIRST_FIVE, headers))
-            width = len(_LAYOUT)
-        elif width < len(_LAYOUT):
+        if len(columns) < len(_LAYOUT):
             return False
-        # name, value, name, value, ...: record i's j-th pair at i * stride + 2 * j.
-        flat = list(_flat(_flat(headers)))
-        stride = 2 * width
-        if len(flat) != stride * n:
-            return False
-        for j, name in enumerate(_LAYOUT):  # every record starts with the five kcons headers, in order
-            if flat[2 * j :: stride].count(name) != n:
+        values: list[tuple[Any, ...]] = []
+        for name, column in zip(_LAYOUT, columns, strict=True):  # the five kcons headers first, in order
+            try:
+                names, found = zip(*column, strict=True)  # (names, values) of the (name, value) pairs
+            except (TypeError, ValueError):
                 return False
-        ids, kinds, aggregates, raw_versions = flat[1::stride], flat[5::stride], flat[7::stride], flat[9::stride]
+            if names.count(name) != n:
+                return False
+            values.append(found)
+        ids, _, kinds, aggregates, raw_versions = values
         if not all(ids) or not all(aggregates):  # an empty id; an empty aggregate id means "use the key"
             return False
         # Duplicates, inside the batch or with earlier batches.
@@ -343,6 +338,7 @@ class TopicAuditor:
         partitions = list(map(cls.partition, msgs))
         single = partitions.count(partitions[0]) == n
         kind = kinds[0]
+        groups: list[tuple[bytes, Sequence[bytes], list[int], list[int]]]
         if kinds.count(kind) == n:
             groups = [(kind or b"", aggregates, versions, partitions)]
         else:
@@ -377,7 +373,7 @@ class TopicAuditor:
         return True
 
     def _group_ok(
-        self, kind: bytes, aggregates: list[bytes], versions: list[int], partitions: list[int], single: bool
+        self, kind: bytes, aggregates: Sequence[bytes], versions: list[int], partitions: list[int], single: bool
     ) -> dict[bytes, int] | None:
         """One aggregate type's records of a batch: their partitions (aggregate -> partition) if clean, else None."""
         known = self.home.get(kind, _NOTHING)
@@ -467,7 +463,7 @@ class _Batch(NamedTuple):
     offset: int | array.array[int]
 
     @classmethod
-    def of(cls, kind: Any, msgs: Sequence[Any], ids: list[bytes], partitions: list[int], single: bool) -> _Batch:
+    def of(cls, kind: Any, msgs: Sequence[Any], ids: Sequence[bytes], partitions: list[int], single: bool) -> _Batch:
         """The locations of a batch of ``kind`` messages (``single``: all in ``partitions[0]``)."""
         first = kind.offset(msgs[0])
         if single and kind.offset(msgs[-1]) - first == len(msgs) - 1:  # offsets rise within a partition
