@@ -14,9 +14,16 @@ per aggregate; ``tests/fault/_rocketmq_outbox.py``) whose broker the run also SI
 restarts on its data (``--broker-restarts``); the same checks read the topic as new consumer groups,
 raw and through kcons' RocketMqIdempotentConsumer.
 
+With ``--sink rabbitmq`` the relays publish to a local RabbitMQ node (consistent-hash exchange,
+quorum queues; ``tests/fault/_rabbitmq_outbox.py``) that the run also SIGKILLs and restarts and
+whose client connections it closes server-side; the queues are drained through kcons'
+AmqpIdempotentConsumer, order is judged per queue, and a relay that exits on its own (instead of
+reconnecting) fails the run.
+
     python tests/fault/outbox_kill.py            # full: 20,000 events, 200 aggregates, >= 10 kills
     python tests/fault/outbox_kill.py --quick    # ~1 minute
     python tests/fault/outbox_kill.py --quick --sink rocketmq
+    python tests/fault/outbox_kill.py --quick --sink rabbitmq
 """
 
 from __future__ import annotations
@@ -220,11 +227,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--dsn", dsn, "--lease-ttl", str(args.lease_ttl), "--batch-size", str(args.batch_size),
                 "--poll-interval", "0.5",
             ]  # fmt: skip
-            if args.sink == "rocketmq":
+            if args.sink in ("rocketmq", "rabbitmq"):
                 sys.path.insert(0, str(HERE))
-                from _rocketmq_outbox import RocketTarget
+                if args.sink == "rocketmq":
+                    from _rocketmq_outbox import RocketTarget
 
-                target: Any = RocketTarget(args)
+                    target: Any = RocketTarget(args)
+                else:
+                    from _rabbitmq_outbox import RabbitTarget
+
+                    target = RabbitTarget(args)
                 relay_args += target.relay_args()
                 env.update(target.env())
             else:
@@ -261,6 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for slot in slots:  # a relay that exited on its own is a crash: restart it
                     if not slot.alive():
                         slot.crashes += 1
+                        code = slot.proc.returncode if slot.proc else None
+                        log.warning("relay %s exited on its own (status %s)", slot.holder, code)
                         slot.start()
                 choice = rnd.random()
                 rounds += 1
@@ -294,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results.append(json.loads((logdir / f"writer-{i}.json").read_text()))
             for slot in slots:
                 if not slot.alive():
+                    slot.crashes += 1
                     slot.start()
             drain_deadline = time.monotonic() + args.drain_timeout
             while _unpublished(dsn) > 0 and time.monotonic() < drain_deadline:
@@ -347,12 +362,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         and kills >= args.kills
         and pauses >= args.pauses
         and len(committed) >= args.events
+        # RabbitMQ: a broker restart or a cut connection must not make a relay exit (it reconnects).
+        and (args.sink != "rabbitmq" or sum(s.crashes for s in slots) == 0)
+        and (target is None or not target.pending_faults())
     )
     return {
         "name": "outbox_kill",
         "sink": args.sink,
         "runs": 1,
-        "faults": kills + cuts + pauses + int(sink_fields.get("broker_restarts", 0)),
+        "faults": kills + cuts + pauses + int(sink_fields.get("broker_restarts", 0))
+        + int(sink_fields.get("broker_connection_cuts", 0)),
         "kills": kills,
         "connection_cuts": cuts,
         "pauses": pauses,
@@ -398,7 +417,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     ap.add_argument("--logdir")
-    ap.add_argument("--sink", choices=("kafka", "rocketmq"), default="kafka", help="where the relays publish")
+    ap.add_argument("--sink", choices=("kafka", "rocketmq", "rabbitmq"), default="kafka",
+                    help="where the relays publish")  # fmt: skip
     ap.add_argument("--broker-restarts", type=int, default=None,
                     help="broker SIGKILLs + restarts at least (not kafka; default 1 quick, 3 full)")  # fmt: skip
     args = ap.parse_args()
