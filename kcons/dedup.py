@@ -43,6 +43,7 @@ __all__ = [
     "ClaimResult",
     "DedupStore",
     "PipelinedDedupStore",
+    "SqlDedupStore",
     "StoreCapabilities",
     "TransactionalDedupStore",
     "capabilities_of",
@@ -124,6 +125,10 @@ class TransactionalDedupStore(DedupStore, Protocol):
     def transaction(self, conn: Any) -> AbstractContextManager[Any]:
         """Open a transaction on ``conn`` (a savepoint when one is already open); commit on exit, roll back on error."""
         ...
+
+
+class SqlDedupStore(BatchDedupStore, TransactionalDedupStore, Protocol):
+    """A SQL dedup store (PostgreSQL, SQLite): batch claims and done records inside the caller's transaction."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ failing is dead-lettered, an id busy in another worker holds the queue there. Th
 
 So a message is acknowledged only after its effect and its done record (or its confirmed
 dead-letter copy). A crash in between redelivers it; its claim then makes it wait for the lease
-(at-least-once effect, exactly as on Kafka). Client: pika (see :mod:`kcons.outbox.sinks.rabbitmq`).
+(at-least-once effect, exactly as on Kafka). With :meth:`AmqpIdempotentConsumer.same_transaction`
+the effects run as :class:`~kcons.consumer.effects.SameTransaction` does on Kafka: the batch's
+``handler(delivery, conn)`` calls and their done records commit in one PostgreSQL or SQLite
+transaction, acknowledged only after that commit; a crash before the commit rolls both back and
+the redelivered messages run again, a crash after it finds them done (exactly-once effects).
+Client: pika (see :mod:`kcons.outbox.sinks.rabbitmq`).
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ import pika
 import pika.exceptions
 
 from kcons.config import check_amqp_url, check_identifier, check_range
+from kcons.consumer.effects import Effects, PerMessage, SameTransaction, attempts_policy, run_plan
 from kcons.consumer.ids import reason
-from kcons.consumer.plan import OK, BatchPlan, DeadLetter, Decision, Entry, Outcome, after_dead_letters, hold_all
-from kcons.dedup import BatchDedupStore, unique_in_order
+from kcons.consumer.plan import BatchPlan, Decision, Entry, abandon, after_dead_letters, hold_all
+from kcons.dedup import BatchDedupStore, SqlDedupStore, unique_in_order
 
-__all__ = ["AmqpDelivery", "AmqpIdempotentConsumer"]
+__all__ = ["AmqpDelivery", "AmqpIdempotentConsumer", "SqlDedupStore"]
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,10 @@ class AmqpIdempotentConsumer:
         self,
         url: str,
         queue: str,
-        handler: Callable[[AmqpDelivery], None],
+        handler: Callable[[AmqpDelivery], None] | None,
         store: BatchDedupStore,
         *,
+        effects: Effects | None = None,
         dead_letter_exchange: str | None = None,
         batch_size: int = 100,
         lease_s: float = 30.0,
@@ -83,7 +90,11 @@ class AmqpIdempotentConsumer:
         self.dead_letter_exchange = check_identifier(
             "dead_letter_exchange", dead_letter_exchange or f"{queue}.dlx", kind="key", max_length=200
         )
-        self.handler = handler
+        if effects is None and handler is not None:
+            effects = PerMessage(handler)
+        elif effects is None or handler is not None:
+            raise ValueError("pass exactly one of handler or effects=")
+        self.effects: Effects = effects
         self.store = store
         self.batch_size = check_range("batch_size", batch_size, 1, 10000)
         self.lease_s = check_range("lease_s", lease_s, 0.1, 86400.0)
@@ -94,6 +105,26 @@ class AmqpIdempotentConsumer:
         self.duplicates = 0
         self.dead_lettered = 0
         self._stop = threading.Event()
+        self._retry = attempts_policy(self.attempts)
+
+    @classmethod
+    def same_transaction(
+        cls,
+        url: str,
+        queue: str,
+        handler: Callable[[AmqpDelivery, Any], None],
+        store: SqlDedupStore,
+        *,
+        connect: Callable[[], Any],
+        **kw: Any,
+    ) -> AmqpIdempotentConsumer:
+        """``handler(delivery, conn)`` and each id's done record commit in one transaction (exactly-once effects).
+
+        ``connect`` opens the handler's connection (psycopg in autocommit mode, or sqlite3 on the
+        store's file; kcons opens the transactions); ``store`` is the PostgreSQL or SQLite dedup
+        store on that database. The batch's deliveries are acknowledged only after the commit.
+        """
+        return cls(url, queue, None, store, effects=SameTransaction(handler, store, connect=connect), **kw)
 
     def stop(self) -> None:
         """Finish the current batch and return from :meth:`run`."""
@@ -101,12 +132,16 @@ class AmqpIdempotentConsumer:
 
     def run(self) -> None:
         """Consume until :meth:`stop`; a lost connection is reopened (unacked deliveries come back)."""
-        while not self._stop.is_set():
-            try:
-                self._run_connection()
-            except _CONNECTION_ERRORS as exc:
-                log.warning("RabbitMQ connection lost (%s); reconnecting", type(exc).__name__)
-                self._stop.wait(1.0)
+        self.effects.open()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._run_connection()
+                except _CONNECTION_ERRORS as exc:
+                    log.warning("RabbitMQ connection lost (%s); reconnecting", type(exc).__name__)
+                    self._stop.wait(1.0)
+        finally:
+            self.effects.close()
 
     def _run_connection(self) -> None:
         connection = pika.BlockingConnection(pika.URLParameters(self._url))
@@ -144,14 +179,20 @@ class AmqpIdempotentConsumer:
             self._settle(channel, batch, hold_all({(self.queue, 0): 0}, len(batch), self.hold_pause_s, "store"))
             time.sleep(self.hold_pause_s)
             return
+        deliveries = [
+            AmqpDelivery(e.event_id, body, dict(props.headers or {}), props, method.delivery_tag)
+            for e, (method, props, body) in zip(entries, batch, strict=True)
+        ]
         plan = BatchPlan(entries, claim.claimed, claim.done, self.hold_pause_s)
-        while (i := plan.next()) is not None:
-            _m, props, body = batch[i]
-            plan.record(self._attempt(AmqpDelivery(entries[i].event_id, body, dict(props.headers or {}), props,
-                                                   batch[i][0].delivery_tag)))  # fmt: skip
-        decision = plan.settle()
         try:
-            if decision.done:
+            with self.effects.unit():
+                decision = run_plan(self.effects, plan, deliveries, self._retry)
+        except Exception as exc:  # the batch did not finish: a failed transaction rolled its effects back
+            log.warning("batch effects failed (%s); batch requeued", reason(exc))
+            done = [] if self.effects.atomic else plan.done
+            decision = abandon(done, claim.claimed, {(self.queue, 0): 0}, self.hold_pause_s, "effects_failed")
+        try:
+            if decision.done and self.effects.records_done:
                 self.store.complete(decision.done)
         except Exception as exc:  # effects done, records not: redelivered, held by the claims until they expire
             log.warning("dedup complete failed (%s); batch requeued", type(exc).__name__)
@@ -168,17 +209,6 @@ class AmqpIdempotentConsumer:
         self.duplicates += decision.duplicates
         self.dead_lettered += decision.dead_lettered
         self._settle(channel, batch, decision)
-
-    def _attempt(self, delivery: AmqpDelivery) -> Outcome:
-        last: BaseException | None = None
-        for _ in range(self.attempts):
-            try:
-                self.handler(delivery)
-                return OK
-            except Exception as exc:
-                last = exc
-        assert last is not None
-        return DeadLetter(reason(last))
 
     def _dead_letter(self, dlq: Any, batch: list[tuple[Any, Any, bytes]], poison: Any) -> bool:
         _m, props, body = batch[poison.position]

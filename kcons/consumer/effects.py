@@ -68,6 +68,15 @@ class RetryLater(KconsError):
 _NOT_RETRIED = (DecodeError, PoisonMessageError, RetryLater, ClaimLostError)
 
 
+def attempts_policy(attempts: int) -> tenacity.Retrying:
+    """``attempts`` attempts, one right after the other; poison errors are not retried."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        retry=tenacity.retry_if_not_exception_type(_NOT_RETRIED),
+        reraise=True,
+    )
+
+
 def default_retry_policy() -> tenacity.Retrying:
     """Three attempts with exponential backoff (0.1 s, 0.2 s, ... at most 2 s); poison errors are not retried."""
     return tenacity.Retrying(

@@ -39,23 +39,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
-
-import tenacity
+from typing import Any, NamedTuple
 
 from kcons.config import check_range, check_rocketmq_endpoints
-from kcons.consumer.effects import _NOT_RETRIED, Effects, PerMessage, SameTransaction, run_plan
+from kcons.consumer.effects import Effects, PerMessage, SameTransaction, attempts_policy, run_plan
 from kcons.consumer.ids import reason
 from kcons.consumer.plan import BatchPlan, Decision, Entry, abandon, after_dead_letters, hold_all
-from kcons.dedup import BatchDedupStore, TransactionalDedupStore, unique_in_order
+from kcons.dedup import BatchDedupStore, SqlDedupStore, unique_in_order
 
 __all__ = ["RocketMqDelivery", "RocketMqIdempotentConsumer", "SqlDedupStore", "group_partitions"]
 
 log = logging.getLogger(__name__)
-
-
-class SqlDedupStore(BatchDedupStore, TransactionalDedupStore, Protocol):
-    """A SQL dedup store (PostgreSQL, SQLite): batch claims and done records inside the caller's transaction."""
 
 
 class RocketMqDelivery(NamedTuple):
@@ -117,11 +111,7 @@ class RocketMqIdempotentConsumer:
         self._stop = threading.Event()
         self._consumer: Any = None
         self._producer: Any = None
-        self._retry = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.attempts),
-            retry=tenacity.retry_if_not_exception_type(_NOT_RETRIED),
-            reraise=True,
-        )
+        self._retry = attempts_policy(self.attempts)
 
     @classmethod
     def same_transaction(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pika
 import pytest
@@ -95,3 +96,39 @@ def test_unconfirmed_dead_letter_write_requeues_the_message_instead_of_losing_it
     method, _props, body = conn.channel().basic_get(work, auto_ack=True)
     conn.close()
     assert method is not None and method.redelivered and body == b"no id"  # consumed, requeued, not lost
+
+
+def test_same_transaction_effects_commit_with_their_dedup_records_before_the_ack(
+    amqp_url: str, fresh_database: Callable[[], str], queues: tuple[str, str]
+) -> None:
+    import psycopg
+
+    from kcons.adapters.postgres import PostgresDedupStore
+
+    work, _dead = queues
+    dsn = fresh_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE effects (event_id text NOT NULL)")
+    ids = [str(uuid.uuid4()) for _ in range(6)]
+    failed_once: set[str] = set()
+
+    def handler(d: AmqpDelivery, conn: Any) -> None:
+        conn.execute("INSERT INTO effects VALUES (%s)", (d.event_id,))
+        if d.event_id == ids[2] and d.event_id not in failed_once:
+            failed_once.add(d.event_id)
+            raise RuntimeError("transient")  # rolls back this attempt's effect and done record
+
+    _send(amqp_url, work, [*((i, b"ok") for i in ids), (ids[0], b"ok")])  # the last one a duplicate
+    consumer = AmqpIdempotentConsumer.same_transaction(
+        amqp_url, work, handler, PostgresDedupStore(dsn, namespace=f"amqp-{work}"),
+        connect=lambda: psycopg.connect(dsn, autocommit=True), batch_size=10, idle_s=0.1,
+    )  # fmt: skip
+    errors: list[BaseException] = []
+    with running(consumer, errors):
+        wait_for("every message to be decided", lambda: consumer.handled + consumer.duplicates >= 7, timeout=60)
+    assert not errors, errors
+    with psycopg.connect(dsn) as conn:
+        rows = sorted(r[0] for r in conn.execute("SELECT event_id FROM effects"))
+    assert rows == sorted(ids)  # one effect per id: the failed attempt's row was rolled back with it
+    assert drain(amqp_url, work) == []  # everything acknowledged after the commit
+
