@@ -55,7 +55,8 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument(
         "--effect-outside-transaction", action="store_true",
-        help="negative control: commit each effect on its own connection, outside the dedup transaction",
+        help="negative control: commit each effect on its own connection, outside the dedup transaction"
+        " (--store redis: a dedup namespace of this process only, so other workers' records are not seen)",
     )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {args.instance or os.getpid()} %(message)s")
@@ -114,11 +115,14 @@ def main() -> int:
         from kcons.adapters.redis import RedisDedupStore
 
         client = redis.Redis.from_url(os.environ["KCONS_REDIS_URL"])
-        r_store = RedisDedupStore(client, namespace=args.group)
+        namespace = f"{args.group}-{os.getpid()}" if args.effect_outside_transaction else args.group
+        r_store = RedisDedupStore(client, namespace=namespace)
 
         def record(msg: Any) -> None:
             maybe_die(msg)
-            client.rpush(f"kcons-test-effects:{args.group}", dict(msg.headers())["kcons-id"])
+            # "<id>|<pid>": the checker tells a kill-explained duplicate (earlier effect by a killed pid) from others
+            entry = dict(msg.headers())["kcons-id"] + f"|{os.getpid()}".encode()
+            client.rpush(f"kcons-test-effects:{args.group}", entry)
 
         consumer = IdempotentConsumer(
             config, [args.topic], record, store=r_store, lease_s=args.lease, batch_size=args.batch_size,
