@@ -352,12 +352,12 @@ class TopicAuditor:
                     (kind, list(itertools.compress(aggregates, mask)), list(itertools.compress(versions, mask)),
                      list(itertools.compress(partitions, mask)))
                 )  # fmt: skip
-        homes = []
+        results = []
         for kind, aggs, vers, parts in groups:
-            home = self._group_ok(kind, aggs, vers, parts, single)
-            if home is None:
+            clean = self._group_ok(kind, aggs, vers, parts, single)
+            if clean is None:
                 return False
-            homes.append(home)
+            results.append(clean)
         # Clean: apply.
         self.seen |= fresh
         self._batches.append(_Batch.of(cls, msgs, ids, partitions, single))
@@ -365,53 +365,63 @@ class TopicAuditor:
             st = self._partition(partition)
             st.records += count
             st.distinct_ids += count
-        track = self.versions is not VersionCheck.OFF
-        for (kind, aggs, vers, _), home in zip(groups, homes, strict=True):
+        for (kind, *_), (home, lasts) in zip(groups, results, strict=True):
             self.home.setdefault(kind, {}).update(home)
-            if track:
-                self.last.setdefault(kind, {}).update(zip(aggs, vers, strict=True))
+            if lasts:
+                self.last.setdefault(kind, {}).update(lasts)
         return True
 
     def _group_ok(
         self, kind: bytes, aggregates: Sequence[bytes], versions: list[int], partitions: list[int], single: bool
-    ) -> dict[bytes, int] | None:
-        """One aggregate type's records of a batch: their partitions (aggregate -> partition) if clean, else None."""
+    ) -> tuple[dict[bytes, int], dict[bytes, int]] | None:
+        """One aggregate type's records of a batch, if clean: (aggregate -> partition, aggregate -> last version).
+
+        None when an aggregate is in another partition than before or in two partitions of the
+        batch, or when its versions do not rise (by one, ``strict``) from the highest one before.
+        """
         known = self.home.get(kind, _NOTHING)
         check = self.versions
-        same: list[bool] = []
-        order: list[int] = []
-        if check is not VersionCheck.OFF or not single:
-            # A stable sort by aggregate puts each aggregate's events side by side, in batch order.
-            order = sorted(range(len(aggregates)), key=aggregates.__getitem__)
-            aggs = list(map(aggregates.__getitem__, order))
-            same = list(map(operator.eq, aggs[1:], aggs[:-1]))
-        if single:
+        if check is VersionCheck.OFF and single:
             p = partitions[0]
             home = dict.fromkeys(aggregates, p)
+            if list(map(known.get, home, itertools.repeat(p))).count(p) != len(home):
+                return None  # an aggregate in another partition than before
+            return home, {}
+        # A stable sort by aggregate puts each aggregate's events side by side, in batch order.
+        order = sorted(range(len(aggregates)), key=aggregates.__getitem__)
+        aggs = list(map(aggregates.__getitem__, order))
+        same = list(map(operator.eq, aggs[1:], aggs[:-1]))  # same[i]: aggs[i + 1] is aggs[i]'s aggregate
+        starts = [True, *map(operator.not_, same)]  # each aggregate's first event in the batch
+        distinct = list(itertools.compress(aggs, starts))
+        if single:
+            p = partitions[0]
+            home = dict.fromkeys(distinct, p)
             if list(map(known.get, home, itertools.repeat(p))).count(p) != len(home):
                 return None  # an aggregate in another partition than before
         else:
             parts = list(map(partitions.__getitem__, order))
             if not all(itertools.compress(map(operator.eq, parts[1:], parts[:-1]), same)):
                 return None  # an aggregate in two partitions of this batch
-            home = dict(zip(aggregates, partitions, strict=True))
+            home = dict(zip(distinct, itertools.compress(parts, starts), strict=True))
             if list(map(operator.eq, map(known.get, home, home.values()), home.values())).count(True) != len(home):
                 return None
         if check is VersionCheck.OFF:
-            return home
+            return home, {}
         vers = list(map(versions.__getitem__, order))
         diffs = list(itertools.compress(map(operator.sub, vers[1:], vers[:-1]), same))
         if diffs and (min(diffs) < 1 if check is VersionCheck.MONOTONIC else diffs.count(1) != len(diffs)):
             return None
         # The first event of each aggregate in the batch against the highest version before it.
-        firsts = dict(zip(reversed(aggregates), reversed(versions), strict=True))
+        firsts = list(itertools.compress(vers, starts))
         last = self.last.get(kind, _NOTHING)
         # An aggregate not seen before gets its own first version minus one: always fine.
-        before = list(map(last.get, firsts, map(operator.sub, firsts.values(), itertools.repeat(1))))
-        steps = list(map(operator.sub, firsts.values(), before))
+        before = list(map(last.get, distinct, map(operator.sub, firsts, itertools.repeat(1))))
+        steps = list(map(operator.sub, firsts, before))
         if min(steps) < 1 if check is VersionCheck.MONOTONIC else steps.count(1) != len(steps):
             return None
-        return home
+        ends = starts[1:]  # each aggregate's last event: the one before the next aggregate's first
+        ends.append(True)
+        return home, dict(zip(distinct, itertools.compress(vers, ends), strict=True))
 
     # --- results --------------------------------------------------------------------------------
 

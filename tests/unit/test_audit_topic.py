@@ -245,3 +245,13 @@ def test_reading_raises_the_young_collection_threshold_and_restores_it() -> None
             assert gc.get_threshold()[0] >= topic_module._READ_THRESHOLD
         assert gc.get_threshold()[0] >= topic_module._READ_THRESHOLD
     assert gc.get_threshold() == before
+
+
+def test_the_highest_version_of_a_batch_is_what_the_next_batch_is_checked_against() -> None:
+    log = Log()
+    for name, v in (("a", 1), ("b", 1), ("a", 3), ("a", 7), ("a", 7), ("a", 8)):
+        log.add(0, event(name, v))
+    auditor = audit(log.msgs, "monotonic", batch=4)
+    report = auditor.report()
+    assert auditor.fast_batches == 1 and report.regressions == 1
+    assert (report.version_list[0].previous, report.version_list[0].offset) == (7, 4)
