@@ -377,7 +377,9 @@ class OutboxRelay:
         self._m_leader.set(0)
         self._next: tuple[list[OutboxRow], float] | None = None  # prefetched batch and when it was read
         self._unmarked: list[OutboxRow] | None = None  # acknowledged by Kafka, not yet marked
-        self._db_worker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kcons-outbox-db")
+        # Two workers: a store that marks on its own connection (``concurrent_mark``) marks the
+        # previous batch while the next one is read.
+        self._db_worker = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kcons-outbox-db")
         self.dead_lettered = 0
         self._isolate = False  # a batch failed with a poison record: publish the next one row by row
         self._topics_ok: set[str] = set()
@@ -702,7 +704,19 @@ class OutboxRelay:
         # While this batch goes to Kafka, mark the previous one and read the next one (excluding
         # this batch's rows): database round trips overlap the wait for Kafka's acknowledgement.
         # The next batch is produced only after this one is acknowledged, so order is kept.
-        background = self._db_worker.submit(self._mark_then_fetch, lease, list(map(_POSITION, rows)))
+        # A store with a connection of its own for marking (``concurrent_mark``) marks the previous
+        # batch while the next one is read: that read excludes both batches' rows, which may still
+        # look unpublished to it.
+        exclude = list(map(_POSITION, rows))
+        background: list[futures.Future[Any]]
+        if self._unmarked and getattr(self.store, "concurrent_mark", False):
+            exclude += map(_POSITION, self._unmarked)
+            background = [
+                self._db_worker.submit(self._mark_unmarked, lease),
+                self._db_worker.submit(self._fetch_next, exclude),
+            ]
+        else:
+            background = [self._db_worker.submit(self._mark_then_fetch, lease, exclude)]
         try:
             self.publisher.publish(
                 records,
@@ -710,9 +724,11 @@ class OutboxRelay:
                 before_commit=(lambda: hook(rows)) if hook is not None else None,
             )
         finally:
-            futures.wait([background])  # the connection must be idle before anything else uses it
+            futures.wait(background)  # the connections must be idle before anything else uses them
         acked = time.monotonic()
-        self._next = background.result()  # re-raises a failed mark or read
+        for done in background[:-1]:
+            done.result()  # re-raises a failed mark
+        self._next = background[-1].result()  # re-raises a failed mark or read
         self._unmarked = rows
         # One observation per batch, for its oldest row (the batch's worst latency): a per-row
         # histogram update would cost more than building the row's record.
@@ -724,6 +740,9 @@ class OutboxRelay:
 
     def _mark_then_fetch(self, lease: Lease, exclude: list[int]) -> tuple[list[OutboxRow], float]:
         self._mark_unmarked(lease)
+        return self._fetch_next(exclude)
+
+    def _fetch_next(self, exclude: list[int]) -> tuple[list[OutboxRow], float]:
         return self.store.fetch(self.batch_size, exclude), time.monotonic()
 
     def _mark_unmarked(self, lease: Lease) -> None:

@@ -70,7 +70,10 @@ def _check_schema(exc: Exception, table: str) -> None:
 
 
 class PostgresOutboxStore:
-    """The outbox table on PostgreSQL via psycopg 3: work, LISTEN and housekeeping connections."""
+    """The outbox table on PostgreSQL via psycopg 3: work, mark, LISTEN and housekeeping connections."""
+
+    #: :meth:`mark_published` has a connection of its own: it may run while :meth:`fetch` runs.
+    concurrent_mark = True
 
     def __init__(
         self,
@@ -87,6 +90,7 @@ class PostgresOutboxStore:
         self._timeout_ms = max(1000, int(session_timeout_s * 1000))
         self._connect_timeout = max(1, int(connect_timeout_s))
         self._work: Any = None
+        self._mark: Any = None
         self._listen: Any = None
         self._housekeeping: Any = None
         self._lock = threading.Lock()
@@ -187,19 +191,32 @@ class PostgresOutboxStore:
             ),
         )
 
+    def _usable(self, conn: Any) -> Any:
+        """``conn`` if it is open, else a new connection (the broken one closed)."""
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            conn = self._connect()
+        return conn
+
     def _conn(self) -> Any:
-        if self._work is None or self._work.closed or self._work.broken:
-            if self._work is not None:
-                self._work.close()
-            self._work = None
-            self._work = self._connect()
+        self._work = self._usable(self._work)
         return self._work
+
+    def _mark_conn(self) -> Any:
+        self._mark = self._usable(self._mark)
+        return self._mark
 
     def _on_error(self) -> None:
         """Forget a connection that failed, so the next call reconnects."""
         if self._work is not None and (self._work.closed or self._work.broken):
             self._work.close()
             self._work = None
+
+    def _on_mark_error(self) -> None:
+        if self._mark is not None and (self._mark.closed or self._mark.broken):
+            self._mark.close()
+            self._mark = None
 
     def fetch(self, limit: int, exclude: Sequence[int] = ()) -> list[OutboxRow]:
         """The lowest-positioned committed, unpublished rows not in ``exclude`` (a fresh snapshot), in order.
@@ -296,13 +313,13 @@ class PostgresOutboxStore:
         # The positions as one array literal: psycopg would dump a list element by element in Python.
         positions = "{" + ",".join([str(r.position) for r in rows]) + "}"
         params = {"token": token, "name": name, "positions": positions}
-        conn = self._conn()
+        conn = self._mark_conn()
         try:
             with conn.cursor() as cur:
                 cur.execute(self._mark_sql if retain else self._delete_sql, params, prepare=True)
                 result = cur.fetchone()
         except Exception:
-            self._on_error()
+            self._on_mark_error()
             raise
         if result is None or int(result[0]) == 0:
             raise LeadershipLostError(f"fence {name}: token {token} was superseded; rows left unmarked")
@@ -429,7 +446,7 @@ class PostgresOutboxStore:
 
     def close(self) -> None:
         """Close every connection."""
-        for conn in (self._work, self._listen, self._housekeeping):
+        for conn in (self._work, self._mark, self._listen, self._housekeeping):
             if conn is not None:
                 conn.close()
-        self._work = self._listen = self._housekeeping = None
+        self._work = self._mark = self._listen = self._housekeeping = None
