@@ -13,13 +13,11 @@ in version order (``out_of_order``).
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import random
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -65,6 +63,7 @@ def run(args: argparse.Namespace, *, messages: int, workers_n: int, kills_target
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     sys.path.insert(0, str(HERE))
+    from _effects_kill import drain_effects, kill_while_producing, plan_events, tally
     from _rocketmq_consumer_worker import EFFECTS_DDL
     from consumer_kill import Worker
 
@@ -72,15 +71,7 @@ def run(args: argparse.Namespace, *, messages: int, workers_n: int, kills_target
     from kcons.testing.rocketmq import RocketMqServer
 
     rng = random.Random(seed)
-    aggregates = max(10, messages // 50)
-    versions: dict[str, int] = {}
-    plan: list[tuple[str, str, int]] = []
-    for _ in range(messages):
-        aggregate = f"acc-{rng.randrange(aggregates)}"
-        versions[aggregate] = versions.get(aggregate, 0) + 1
-        plan.append((str(uuid.uuid4()), aggregate, versions[aggregate]))
-        if rng.random() < args.resend_rate:  # a producer's duplicate: the same id again, right after
-            plan.append(plan[-1])
+    plan, versions = plan_events(rng, messages, args.resend_rate)
     sent = {event_id for event_id, _a, _v in plan}
     with start_stack(kafka=False, redis=False, postgres=True) as stack, RocketMqServer() as server:
         db = f"kcons_fault_{uuid.uuid4().hex[:10]}"
@@ -102,51 +93,16 @@ def run(args: argparse.Namespace, *, messages: int, workers_n: int, kills_target
         workers = [Worker(f"w{i}", [*base, "--name", f"w{i}"], env, log_dir, WORKER) for i in range(workers_n)]
         for w in workers:
             w.start()
-        errors: list[BaseException] = []
-
-        def producer() -> None:
-            try:
-                _produce(server.endpoints, topic, plan, produce_s)
-            except BaseException as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=producer, daemon=True)
         started = time.monotonic()
-        thread.start()
-        kills = 0
-        while thread.is_alive() or kills < kills_target:
-            time.sleep(rng.uniform(*kill_interval))
-            victim = rng.choice(workers)
-            victim.kill()
-            kills += 1
-            log.info("SIGKILLed %s", victim.name)
-            victim.start()
-        thread.join()
-
-        def effect_rows() -> list[tuple[str, str, int]]:
-            with psycopg.connect(dsn) as conn:
-                rows = conn.execute("SELECT event_id, aggregate, version FROM kcons_fault_rmq_effects ORDER BY seq")
-                return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
-
-        deadline = time.monotonic() + args.drain_timeout
-        rows = effect_rows()
-        while {r[0] for r in rows} < sent and time.monotonic() < deadline:
-            time.sleep(1.0)
-            rows = effect_rows()
-        time.sleep(2.0)  # a late duplicate effect would show now
-        exit_codes = [w.stop() for w in workers]
-        rows = effect_rows()
+        kills, errors = kill_while_producing(
+            workers, lambda: _produce(server.endpoints, topic, plan, produce_s), kills_target, kill_interval, rng
+        )
+        rows, exit_codes = drain_effects(dsn, workers, sent, args.drain_timeout)
         with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-    counts: dict[str, int] = {}
-    order: dict[str, list[int]] = {}
-    for event_id, aggregate, version in rows:
-        counts[event_id] = counts.get(event_id, 0) + 1
-        order.setdefault(aggregate, []).append(version)
-    lost = len(sent - set(counts))
-    duplicates = sum(n - 1 for n in counts.values())
-    out_of_order = sum(1 for vs in order.values() for a, b in itertools.pairwise(vs) if b <= a)
-    ok = not errors and lost == 0 and duplicates == 0 and out_of_order == 0 and kills >= kills_target
+    found = tally(rows, sent)
+    ok = not errors and found["lost"] == 0 and found["duplicates"] == 0 and found["out_of_order"] == 0
+    ok = ok and kills >= kills_target
     return {
         "name": "consumer_kill",
         "source": "rocketmq",
@@ -157,10 +113,7 @@ def run(args: argparse.Namespace, *, messages: int, workers_n: int, kills_target
         "resent": len(plan) - len(sent),
         "aggregates": len(versions),
         "workers": workers_n,
-        "lost": lost,
-        "duplicates": duplicates,
-        "out_of_order": out_of_order,
-        "unexpected": len(set(counts) - sent),
+        **found,
         "worker_exit_codes": exit_codes,
         "producer_error": repr(errors[0]) if errors else None,
         "seconds": round(time.monotonic() - started, 1),

@@ -15,6 +15,7 @@ every partition.
     python tests/fault/consumer_kill.py --store redis   # IdempotentConsumer + Redis store (at-least-once effects:
                                                         # a repeat passes only after an effect by a killed worker)
     python tests/fault/consumer_kill.py --quick --source rocketmq   # RocketMQ (tests/fault/_rocketmq_consumer_kill.py)
+    python tests/fault/consumer_kill.py --quick --source rabbitmq   # RabbitMQ (tests/fault/_rabbitmq_consumer_kill.py)
 
 The last line of output is one JSON object; the exit status is 0 only when ``ok`` is true.
 """
@@ -203,8 +204,9 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--drain-timeout", type=float, default=240.0)
     parser.add_argument(
-        "--source", choices=("kafka", "rocketmq"), default="kafka",
-        help="rocketmq: a local RocketMQ node and the same-transaction RocketMqIdempotentConsumer (PostgreSQL store)",
+        "--source", choices=("kafka", "rocketmq", "rabbitmq"), default="kafka",
+        help="rocketmq: a local RocketMQ node and the same-transaction RocketMqIdempotentConsumer (PostgreSQL store); "
+        "rabbitmq: a RabbitMQ quorum queue and the same-transaction AmqpIdempotentConsumer (PostgreSQL store)",
     )  # fmt: skip
     parser.add_argument(
         "--control-unsafe", action="store_true",
@@ -221,11 +223,14 @@ def main() -> int:
     static = args.static_membership if args.static_membership is not None else args.quick
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    if args.source == "rocketmq":
+    if args.source in ("rocketmq", "rabbitmq"):
         sys.path.insert(0, str(WORKER.parent))
-        from _rocketmq_consumer_kill import run as run_rocketmq
+        if args.source == "rocketmq":
+            from _rocketmq_consumer_kill import run as run_source
+        else:
+            from _rabbitmq_consumer_kill import run as run_source
 
-        result = run_rocketmq(
+        result = run_source(
             args, messages=messages, workers_n=workers_n, kills_target=kills_target, produce_s=produce_s,
             kill_interval=(kill_min, kill_max), lease=lease, seed=seed,
         )  # fmt: skip
