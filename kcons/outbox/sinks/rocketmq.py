@@ -16,6 +16,11 @@ What each message carries and why:
 * the envelope's ``kcons-*`` headers as user properties (text), so a consumer dedupes by
   ``kcons-id`` and orders by ``kcons-version`` exactly as on Kafka.
 
+Failures: a proxy that does not accept a TCP connection, or an acknowledgement that does not
+come within ``ack_timeout_s``, is a :class:`~kcons.errors.SinkConnectionError` (the relay
+reconnects until the broker is back, without a retry bound); any other failed send is a
+:class:`~kcons.errors.SinkUnavailableError` (retried within the relay's bound).
+
 Order: within a batch, the messages of one aggregate are sent one after the other, each only
 after the previous one was acknowledged; messages of different aggregates are in flight together
 ("waves": the first record of every aggregate, then the second, ...). A failed send fails the
@@ -34,12 +39,13 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import re
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from kcons.config import check_rocketmq_endpoints
-from kcons.errors import LeadershipLostError, SinkRowError, SinkUnavailableError
+from kcons.errors import LeadershipLostError, SinkConnectionError, SinkRowError, SinkUnavailableError
 from kcons.outbox.rows import RecordTuple
 
 __all__ = ["MAX_IN_FLIGHT", "RocketMqSink", "rocketmq_message", "rocketmq_topic"]
@@ -125,7 +131,8 @@ class RocketMqSink:
         try:
             producer.startup()
         except Exception as exc:  # the client raises bare Exceptions for every failure
-            raise SinkUnavailableError(f"cannot start the RocketMQ producer ({type(exc).__name__}: {exc})") from None
+            kind = SinkUnavailableError if self._reachable() else SinkConnectionError
+            raise kind(f"cannot start the RocketMQ producer ({type(exc).__name__}: {exc})") from None
         self._producer = producer
 
     def wait_txn_gap(self) -> None:
@@ -169,13 +176,25 @@ class RocketMqSink:
                 future.result(timeout=max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
             self.reset()
-            raise SinkUnavailableError(f"RocketMQ did not acknowledge within {self._ack_timeout_s:.0f}s") from None
+            raise SinkConnectionError(f"RocketMQ did not acknowledge within {self._ack_timeout_s:g}s") from None
         except Exception as exc:
             event_id = _text(dict(batch[current][3]).get("kcons-id", ""))
             if "body" in str(exc).lower() and "size" in str(exc).lower():
                 raise SinkRowError(event_id, current, f"RocketMQ refuses it: {exc}") from None
             self.reset()
-            raise SinkUnavailableError(f"RocketMQ send failed ({type(exc).__name__}: {exc})") from None
+            kind = SinkUnavailableError if self._reachable() else SinkConnectionError
+            raise kind(f"RocketMQ send failed ({type(exc).__name__}: {exc})") from None
+
+    def _reachable(self) -> bool:
+        """Whether some proxy accepts a TCP connection (the client's errors do not tell an outage apart)."""
+        for endpoint in self.endpoints.split(";"):
+            host, _, port = endpoint.rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                    return True
+            except OSError:
+                continue
+        return False
 
     def reset(self) -> None:
         """Stop the producer; the next publish starts a new one."""
