@@ -348,13 +348,17 @@ def main() -> None:
         help="skip the extra kcons_idempotent measurement (the relay in idempotent mode)",
     )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--sink", choices=("kafka", "rocketmq"), default="kafka", help="the broker both relays publish to")
+    ap.add_argument("--sink", choices=("kafka", "rocketmq", "rabbitmq"), default="kafka",
+                    help="the broker both relays publish to")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
         args.backlog, args.repeats, args.seconds = 20_000, 2, 5.0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.sink == "rocketmq":
         main_rocketmq(args)
+        return
+    if args.sink == "rabbitmq":
+        main_rabbitmq(args)
         return
     with start_stack(redis=False) as stack:
         results = measure(args, stack.postgres_dsn, stack.kafka_bootstrap)
@@ -397,15 +401,44 @@ def main_rocketmq(args: argparse.Namespace) -> None:
 
     if "--backlog" not in sys.argv:  # smaller than Kafka's: the naive loop sends one message per round trip
         args.backlog = 5_000 if args.quick else 20_000
-    helpers = {"make_db": _make_db, "drop_db": _drop_db, "start": _start, "wait": _wait,
-               "saturation": saturation, "steady": steady}  # fmt: skip
+    helpers = _sink_helpers()
     with start_stack(kafka=False, redis=False) as stack, RocketMqServer() as server:
         results = measure_rocketmq(args, stack.postgres_dsn, server, helpers)
+    _print_sink_result(args, "rocketmq", results, "ms from DB commit to RocketMQ acknowledgement")
+
+
+def main_rabbitmq(args: argparse.Namespace) -> None:
+    """``--sink rabbitmq``: the same runs on a RabbitMQ node (KCONS_AMQP_URL or a local one); prints one JSON object."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _outbox_rabbitmq import measure as measure_rabbitmq
+
+    from kcons.testing import start_rabbitmq
+
+    if "--backlog" not in sys.argv:  # smaller than Kafka's: the naive loop waits for one confirm per message
+        args.backlog = 5_000 if args.quick else 20_000
+    helpers = _sink_helpers()
+    url, close = start_rabbitmq()
+    try:
+        with start_stack(kafka=False, redis=False) as stack:
+            results = measure_rabbitmq(args, stack.postgres_dsn, url, helpers)
+    finally:
+        close()
+    _print_sink_result(args, "rabbitmq", results, "ms from DB commit to RabbitMQ publisher confirm")
+
+
+def _sink_helpers() -> dict[str, Any]:
+    """What the sink modules (bench/_outbox_*.py) measure with: this script's databases and runs."""
+    return {"make_db": _make_db, "drop_db": _drop_db, "start": _start, "wait": _wait,
+            "saturation": saturation, "steady": steady}  # fmt: skip
+
+
+def _print_sink_result(args: argparse.Namespace, sink: str, results: dict[str, Any], latency: str) -> None:
     baseline, kcons = results["baseline"], results["kcons"]
     print(json.dumps({
-        "name": "outbox", "sink": "rocketmq", "baseline": baseline, "kcons": kcons,
+        "name": "outbox", "sink": sink, "baseline": baseline, "kcons": kcons,
         "ratio": round(kcons["events_per_s"] / baseline["events_per_s"], 3),
-        "unit": "events/s at saturation (latency: ms from DB commit to RocketMQ acknowledgement at a steady rate)",
+        "latency_p99_ms": kcons.get("p99_ms"),
+        "unit": f"events/s at saturation (latency: {latency} at a steady rate)",
         "backlog": args.backlog, "repeats": args.repeats, "rate": args.rate, "seconds": args.seconds,
         "writers": args.writers, "partitions": args.partitions, "kcons_batch": args.batch, "baseline_batch": 500,
         "load_average": os.getloadavg(),
