@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import socket
 import struct
@@ -31,7 +32,7 @@ from typing import Any
 
 from kcons.errors import ServiceStartError
 from kcons.testing.install import ensure_rocketmq_jars
-from kcons.testing.local import _LIVE, ManagedProcess, _wait, free_port, stop_together
+from kcons.testing.local import _LIVE, ManagedProcess, _wait, stop_together
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +80,35 @@ def remoting_call(address: str, code: int, fields: dict[str, str], body: bytes =
     return answer, rest[4 + header_len :]
 
 
-def _free_broker_port() -> int:
-    """A port P such that P, P - 2 (the broker's fast port) and P + 1 are free right now."""
-    for _ in range(100):
-        port = free_port()
-        if port < 1030 or port > 65000:
-            continue
-        ok = True
-        for other in (port - 2, port + 1):
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections take their local ports there)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _stable_port(taken: set[int], offsets: tuple[int, ...] = (0,)) -> int:
+    """A port P with every P + offset free now and not in ``taken`` (which then gets them), below the ephemeral range.
+
+    The broker binds its ports again when it restarts: a port in the ephemeral range can meanwhile
+    become the local port of some outgoing connection, and the restart would fail to bind it.
+    """
+    top = _ephemeral_low() - 10
+    for _ in range(200):
+        port = random.randint(max(1100, top - 12000), top)
+        free = not taken.intersection(port + o for o in offsets)
+        for offset in offsets if free else ():
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
-                    s.bind(("127.0.0.1", other))
+                    s.bind(("127.0.0.1", port + offset))
                 except OSError:
-                    ok = False
-        if ok:
+                    free = False
+                    break
+        if free:
+            taken.update(port + o for o in offsets)
             return port
-    raise ServiceStartError("no free port triple for the RocketMQ broker")
+    raise ServiceStartError("no free port below the ephemeral range for the RocketMQ node")
 
 
 class RocketMqServer:
@@ -107,11 +121,13 @@ class RocketMqServer:
 
     def __init__(self, *, base_dir: Path | None = None, transaction_check_s: float = 2.0) -> None:
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="kcons-rocketmq-"))
-        self.namesrv_port = free_port()
-        self.broker_port = _free_broker_port()
+        # The broker also listens on broker_port - 2 (its "fast" port) and broker_port + 1 (HA).
+        taken: set[int] = set()
+        self.namesrv_port = _stable_port(taken)
+        self.broker_port = _stable_port(taken, (-2, 0, 1))
         self.ha_port = self.broker_port + 1
-        self.grpc_port = free_port()
-        self.proxy_remoting_port = free_port()
+        self.grpc_port = _stable_port(taken)
+        self.proxy_remoting_port = _stable_port(taken)
         self.broker_name = f"kcons-{uuid.uuid4().hex[:8]}"
         self.transaction_check_s = transaction_check_s
         self.namesrv: ManagedProcess | None = None
