@@ -152,7 +152,8 @@ def test_a_message_redelivered_after_a_crash_between_effect_and_commit_is_droppe
 
     def effects() -> list[str]:
         if store_kind == "redis":
-            return [v.decode() for v in redis_client.lrange(f"kcons-test-effects:{group}", 0, -1)]
+            # the worker appends "<id>|<pid>"
+            return [v.decode().rpartition("|")[0] for v in redis_client.lrange(f"kcons-test-effects:{group}", 0, -1)]
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             return [r[0] for r in conn.execute("SELECT event_id FROM kcons_fault_effects").fetchall()]
 
@@ -194,7 +195,8 @@ def test_a_crash_inside_the_handler_leaves_a_claim_that_expires_after_its_lease_
     assert state == "claimed" and owner and deadline_ms is not None, "claimed, not done"
     seconds, micros = redis_client.time()
     assert 0 < deadline_ms - (seconds * 1000 + micros // 1000) <= 10_000, "in progress under its lease"
-    assert redis_client.lrange(f"kcons-test-effects:{group}", 0, -1) == [b"before"]
+    effects = redis_client.lrange(f"kcons-test-effects:{group}", 0, -1)
+    assert [e.rpartition(b"|")[0] for e in effects] == [b"before"]  # the worker appends "<id>|<pid>"
 
     handled: list[str] = []
     store = RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
