@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import argparse
 import statistics
 import threading
@@ -32,7 +33,7 @@ def delete_batch(conn: Any, rows: Sequence[OutboxRow]) -> None:
     conn.commit()
 
 
-class NaiveLoop:
+class NaiveLoop(abc.ABC):
     """The naive relay: lock a batch with SKIP LOCKED, publish it row by row (``publish_rows``), delete, commit."""
 
     def __init__(self, dsn: str, batch: int = 500, idle_sleep_s: float = 0.05) -> None:
@@ -44,15 +45,15 @@ class NaiveLoop:
         self.record_acks = False
         self._stop = threading.Event()
 
+    @abc.abstractmethod
     def publish_rows(self, rows: Sequence[OutboxRow]) -> None:
         """Publish ``rows`` and return when the broker acknowledged every one."""
-        raise NotImplementedError
 
     def idle(self) -> None:
         """Wait a little when the table is empty."""
         self._stop.wait(self.idle_sleep_s)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: loops without a client to close keep it empty
         """Close the broker client (on the loop's thread)."""
 
     def run(self) -> None:

@@ -37,7 +37,7 @@ import pika
 import pika.exceptions
 
 from kcons.config import check_amqp_url, check_identifier, check_range
-from kcons.consumer.effects import Effects, PerMessage, SameTransaction, attempts_policy, run_plan
+from kcons.consumer.effects import Effects, SameTransaction, attempts_policy, effects_for, run_plan
 from kcons.consumer.ids import reason
 from kcons.consumer.plan import BatchPlan, Decision, Entry, abandon, after_dead_letters, hold_all
 from kcons.dedup import BatchDedupStore, SqlDedupStore, unique_in_order
@@ -90,11 +90,7 @@ class AmqpIdempotentConsumer:
         self.dead_letter_exchange = check_identifier(
             "dead_letter_exchange", dead_letter_exchange or f"{queue}.dlx", kind="key", max_length=200
         )
-        if effects is None and handler is not None:
-            effects = PerMessage(handler)
-        elif effects is None or handler is not None:
-            raise ValueError("pass exactly one of handler or effects=")
-        self.effects: Effects = effects
+        self.effects: Effects = effects_for(handler, effects)
         self.store = store
         self.batch_size = check_range("batch_size", batch_size, 1, 10000)
         self.lease_s = check_range("lease_s", lease_s, 0.1, 86400.0)

@@ -298,6 +298,15 @@ class SameTransaction(Effects):
             self.handler(msg, conn)
 
 
+def effects_for(handler: Callable[[Any], Any] | None, effects: Effects | None) -> Effects:
+    """The effect strategy of a consumer given ``handler=`` (one message at a time) or ``effects=``; exactly one."""
+    if effects is None and handler is not None:
+        return PerMessage(handler)
+    if effects is None or handler is not None:
+        raise ValueError("pass exactly one of handler or effects=")
+    return effects
+
+
 def run_plan(
     effects: Effects, plan: BatchPlan, msgs: list[Any], retry: tenacity.Retrying, first: FirstPass | None = None
 ) -> Decision:

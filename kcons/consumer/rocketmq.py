@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from kcons.config import check_range, check_rocketmq_endpoints
-from kcons.consumer.effects import Effects, PerMessage, SameTransaction, attempts_policy, run_plan
+from kcons.consumer.effects import Effects, SameTransaction, attempts_policy, effects_for, run_plan
 from kcons.consumer.ids import reason
 from kcons.consumer.plan import BatchPlan, Decision, Entry, abandon, after_dead_letters, hold_all
 from kcons.dedup import BatchDedupStore, SqlDedupStore, unique_in_order
@@ -92,11 +92,7 @@ class RocketMqIdempotentConsumer:
         self.topic = topic
         self.group = group
         self.dead_letter_topic = dead_letter_topic or f"%DLQ%{group}"
-        if effects is None and handler is not None:
-            effects = PerMessage(handler)
-        elif effects is None or handler is not None:
-            raise ValueError("pass exactly one of handler or effects=")
-        self.effects: Effects = effects
+        self.effects: Effects = effects_for(handler, effects)
         self.store = store
         self.batch_size = check_range("batch_size", batch_size, 1, 32)
         # The proxy refuses less than 10 s (its minInvisibleTimeMillsForRecv).
