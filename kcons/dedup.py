@@ -24,7 +24,7 @@ Implementations: :mod:`kcons.adapters.memory`, :mod:`kcons.adapters.redis`,
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_RETENTION_S",
     "MAX_LEASE_S",
     "MAX_RETENTION_S",
+    "AheadDedupStore",
     "BatchDedupStore",
     "ClaimLostError",
     "ClaimResult",
@@ -115,6 +116,17 @@ class PipelinedDedupStore(BatchDedupStore, Protocol):
 
 
 @runtime_checkable
+class AheadDedupStore(PipelinedDedupStore, Protocol):
+    """A networked store whose pipelined call can be sent now and answered later (claim ahead)."""
+
+    def send_complete_and_claim(
+        self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float
+    ) -> Callable[[], ClaimResult]:
+        """Send :meth:`complete_and_claim` now; the returned function waits for its answer (call it once)."""
+        ...
+
+
+@runtime_checkable
 class TransactionalDedupStore(DedupStore, Protocol):
     """A SQL store whose *done* record can commit inside the caller's own transaction."""
 
@@ -139,19 +151,22 @@ class StoreCapabilities:
     it every unclaimed id counts as busy). ``pipelined``: :meth:`PipelinedDedupStore.complete_and_claim`
     (one round trip per batch). ``transactional``: :class:`TransactionalDedupStore` (done records
     in the caller's DB transaction). ``in_process``: calls cost no network round trip (nothing to
-    overlap them with).
+    overlap them with). ``claim_ahead``: :meth:`AheadDedupStore.send_complete_and_claim` (the
+    consumer claims the next batch while it handles the current one).
     """
 
     batch_claim: bool = False
     pipelined: bool = False
     transactional: bool = False
     in_process: bool = False
+    claim_ahead: bool = False
 
 
 _NEEDS = {
     "batch_claim": ("claim_batch",),
     "pipelined": ("claim_batch", "complete_and_claim"),
     "transactional": ("complete_in", "transaction"),
+    "claim_ahead": ("claim_batch", "complete_and_claim", "send_complete_and_claim"),
 }
 
 

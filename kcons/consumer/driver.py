@@ -44,7 +44,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +147,13 @@ class IdempotentConsumer:
     into the next; idle, revocation and close commit synchronously). With
     ``async_commit=False`` the commit waits, and ``overlap_commit`` runs it on a helper thread
     during the next store round trip (default: on, unless the store declares ``in_process``).
+    ``claim_ahead`` (default: on when the store declares it, as :class:`~kcons.adapters.redis.RedisDedupStore`
+    does): before a batch is handled, the next batch is read (only what is already fetched) and
+    its claim sent, so the store works while the handlers run; the answer is read when that batch's
+    turn comes. Ids the first batch also holds wait for its outcome (a duplicate if it did them,
+    tried again after ``pause_s`` if not); the read-ahead batch's messages of partitions rewound
+    meanwhile, revoked or lost are dropped and their claims given back; on close its claims are
+    given back. Done records then ride two store calls later, and offsets are committed after them.
     ``consumer_factory``/``producer_factory`` build the Kafka clients (confluent-kafka by default).
     """
 
@@ -170,6 +177,7 @@ class IdempotentConsumer:
         store_retry: tenacity.Retrying | None = None,
         overlap_commit: bool | None = None,
         async_commit: bool = True,
+        claim_ahead: bool | None = None,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
     ) -> None:
@@ -216,6 +224,15 @@ class IdempotentConsumer:
         # One store call per batch: a batch's done records ride on the next batch's claim, and its
         # offsets are committed right after that call (never before its done records are written).
         self._pipelined = caps.pipelined and self._effects.records_done
+        # Claim ahead: the next batch is read (only what is already fetched) and its store call sent
+        # before the current batch is handled, so the store works while the handlers run.
+        if claim_ahead is None:
+            claim_ahead = caps.claim_ahead and self._pipelined
+        if claim_ahead and not (caps.claim_ahead and self._pipelined):
+            raise ConfigError("claim_ahead", "needs a store that declares claim_ahead (RedisDedupStore) and a handler")
+        self._claim_ahead = bool(claim_ahead)
+        self._ahead: _Batch | None = None  # read ahead, its store call in flight
+        self._current: _Batch | None = None  # claimed, being read ahead of (a revocation drops from it)
         self._batch_claim = caps.batch_claim
         self._records_done = store is not None and self._effects.records_done
         self._fast_path = self._effects.fast_path
@@ -264,12 +281,16 @@ class IdempotentConsumer:
             raise KconsError("the consumer is closed")
         self._pauses.resume_due()
         self._retry_leftovers()
-        msgs = self._source.poll()
-        if not msgs:
-            self._flush()
-            return 0
+        batch, self._ahead = self._ahead, None
+        if batch is None:
+            msgs = self._source.poll()
+            if not msgs:
+                self._flush()
+                return 0
+            if self._claim_ahead:
+                batch = self._send(self._read(msgs), frozenset())
         started = time.perf_counter()
-        stats = self._process(msgs)
+        stats = self._process_ahead(batch) if batch is not None else self._process(msgs)
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self.stats.add(stats)
         self.last_batch = stats
@@ -303,6 +324,7 @@ class IdempotentConsumer:
             return
         self._closed = True
         try:
+            self._drop_ahead()
             self._retry_leftovers()
             self._flush()
         finally:
@@ -368,20 +390,144 @@ class IdempotentConsumer:
             self._metrics.fallback_ids.inc(fallback)
         return None, entries, list(dict.fromkeys([e.event_id for e in entries if e.event_id is not None]))
 
-    def _process(self, msgs: list[Any]) -> BatchStats:
-        n = len(msgs)
-        stats = BatchStats(consumed=n)
-        self._metrics.consumed.inc(n)
+    def _read(self, msgs: list[Any]) -> _Batch:
+        """A batch's messages with their ids read (no store call yet)."""
+        stats = BatchStats()
         raw, entries, ids = self._read_ids(msgs, stats)
+        return _Batch(msgs, raw, entries, ids, stats)
+
+    def _process(self, msgs: list[Any]) -> BatchStats:
+        """Claim and handle one batch (the store call made and answered here)."""
+        batch = self._read(msgs)
         try:
-            claim = self._claim(ids)
+            claim = self._claim(batch.ids)
         except StoreError as exc:
-            if self._store_failing_since is None:
-                self._store_failing_since = time.monotonic()
-            self._log.warning("dedup store claim failed, pausing the batch's partitions: %s", exc)
-            self._finish(hold_all(_starts(msgs), n, self._pause_s, "store_error"), entries, msgs, stats)
-            return stats
+            return self._store_failed(batch, exc)
         self._store_failing_since = None
+        return self._handle(batch, claim)
+
+    def _store_failed(self, batch: _Batch, exc: StoreError) -> BatchStats:
+        """The batch's claim failed: nothing of it is decided; every partition is rewound to its first message."""
+        if self._store_failing_since is None:
+            self._store_failing_since = time.monotonic()
+        self._log.warning("dedup store claim failed, pausing the batch's partitions: %s", exc)
+        msgs, stats = batch.msgs, batch.stats
+        stats.consumed = len(msgs)
+        self._metrics.consumed.inc(len(msgs))
+        self._finish(hold_all(_starts(msgs), len(msgs), self._pause_s, "store_error"), batch.entries, msgs, stats)
+        return stats
+
+    def _process_ahead(self, batch: _Batch) -> BatchStats:
+        """Claim ahead: read the next batch and send its claim, then take this batch's answer and handle it.
+
+        Redis runs the two calls one after the other while this thread reads, decodes and handles,
+        so the store's work overlaps the consumer's. No read happens while a call other than this
+        batch's is in flight (a revocation during the read first takes this batch's answer).
+        """
+        if not self._stopping.is_set():
+            self._current = batch  # a revocation while reading ahead drops its partitions from this batch
+            try:
+                following = self._source.poll(timeout_s=0)  # only what is already fetched
+            finally:
+                self._current = None
+            if following:
+                self._ahead = self._send(self._read(following), frozenset(batch.ids))
+        try:
+            claim = self._receive(batch)
+        except StoreError as exc:
+            if self._ahead is not None:  # its done records count only after this batch's are written
+                self._ahead.stage_waits = True
+            return self._store_failed(batch, exc)
+        if self._ledger.has_ready:  # the done records the answer confirmed make offsets committable
+            self._ledger.commit()
+        try:
+            stats, decision = self._handle_deciding(batch, claim)
+        except BaseException:
+            if self._ahead is not None:  # this batch's partitions were rewound: the batch read after it goes too
+                self._ahead.drop.update(_starts(batch.msgs))
+            raise
+        ahead = self._ahead
+        if ahead is not None:
+            ahead.prior_done = frozenset(decision.done)
+            ahead.drop.update(decision.holds)
+        return stats
+
+    def _send(self, batch: _Batch, overlap: frozenset[str]) -> _Batch:
+        """Send the batch's claim, carrying the deferred done records (their offsets ride with it)."""
+        store: Any = self._store
+        batch.done_sent, self._deferred_done = self._deferred_done, []
+        batch.stage = self._ledger.take_awaiting()  # committable once this call's done records are written
+        batch.overlap = overlap
+        try:
+            batch.answer = store.send_complete_and_claim(batch.done_sent, batch.ids, self._lease_s)
+        except StoreError as exc:
+            batch.error = exc  # retried when the answer is wanted
+        return batch
+
+    def _receive(self, batch: _Batch) -> ClaimResult:
+        """The answer to the batch's claim (retried at once under the store policy when it failed).
+
+        On success the offsets whose done records rode on the call become committable. An id the
+        batch handled just before also claimed (the call was sent before that batch finished) is
+        a duplicate when that batch did it; otherwise that batch gave it back, perhaps after this
+        call claimed it, so it is claimed anew (one more store call, for those ids only). The
+        messages of partitions rewound since the call was sent are dropped and their claims given back.
+        """
+        if batch.claim is not None:  # taken already (by a revocation during the read ahead)
+            return batch.claim
+        if batch.answer is None and batch.error is not None and batch.failed:
+            raise batch.error
+        store: Any = self._store
+        answer, batch.answer = batch.answer, None
+        try:
+            if answer is None:
+                raise batch.error or StoreError("the claim was never sent")
+            claim: ClaimResult = answer()
+        except StoreError as exc:
+            self._log.info("claim ahead failed, claiming again: %s", exc)
+            try:
+                claim = self._store_retry(store.complete_and_claim, batch.done_sent, batch.ids, self._lease_s)
+            except StoreError as final:
+                self._deferred_done[:0] = batch.done_sent  # written with the next store call
+                self._ledger.decide(batch.stage, awaiting_done=True)
+                batch.done_sent, batch.stage = [], {}
+                batch.error, batch.failed = final, True
+                raise
+        self._store_failing_since = None
+        self._ledger.decide(batch.stage, awaiting_done=bool(self._uncompleted) or batch.stage_waits)
+        batch.done_sent, batch.stage = [], {}
+        both = batch.overlap & claim.claimed
+        if both:  # also claimed by the batch before, which has finished since: did it do them?
+            did = both & batch.prior_done
+            again = both - did  # given back since, maybe after this call claimed them: claim them anew
+            fresh = ClaimResult(frozenset(), busy=again)
+            if again:
+                with contextlib.suppress(StoreError):  # busy, tried again later
+                    fresh = self._store_retry(store.claim_batch, sorted(again), self._lease_s)
+            unknown = again - fresh.claimed - fresh.done
+            claim = ClaimResult(
+                (claim.claimed - both) | fresh.claimed, claim.done | did | fresh.done, claim.busy | unknown
+            )
+        batch.claim = claim
+        if batch.drop:
+            self._give_back(batch, batch.drop)
+        return batch.claim
+
+    def _give_back(self, batch: _Batch, partitions: Collection[TP]) -> None:
+        """Drop the batch's messages of ``partitions`` and release the claims no message left carries."""
+        gone = batch.without(partitions) - batch.overlap
+        if gone and self._store is not None:
+            self._release(gone)
+
+    def _handle(self, batch: _Batch, claim: ClaimResult) -> BatchStats:
+        """Run the effects of a claimed batch and carry out the decision."""
+        return self._handle_deciding(batch, claim)[0]
+
+    def _handle_deciding(self, batch: _Batch, claim: ClaimResult) -> tuple[BatchStats, Decision]:
+        msgs, raw, entries, ids, stats = batch.msgs, batch.raw, batch.entries, batch.ids, batch.stats
+        n = len(msgs)
+        stats.consumed = n
+        self._metrics.consumed.inc(n)
         claimed = claim.claimed
         effects = self._effects
         plan: BatchPlan | None = None
@@ -414,7 +560,7 @@ class IdempotentConsumer:
             self._abandon(abandon(done, claimed, _starts(msgs), 0.0, "interrupted"))
             raise
         self._finish(decision, entries, msgs, stats)
-        return stats
+        return stats, decision
 
     def _finish(self, d: Decision, entries: list[Entry] | None, msgs: list[Any], stats: BatchStats) -> None:
         """Carry out a decision: record done, dead-letter, give back claims, rewind held partitions, commit."""
@@ -556,6 +702,7 @@ class IdempotentConsumer:
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
         """Commit what is done for the revoked partitions and forget them."""
         self._log.info("revoked %s", _describe(partitions))
+        self._drop_current(partitions)
         try:
             self._flush()
         except KconsError as exc:
@@ -565,10 +712,38 @@ class IdempotentConsumer:
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         """Partitions were lost (session expired): nothing can be committed for them any more."""
         self._log.warning("lost %s", _describe(partitions))
+        self._drop_current(partitions)
         if self._deferred_done:  # the effects happened: record them, but commit nothing for lost partitions
             done, self._deferred_done = self._deferred_done, []
             self._record_done(done)
         self._forget({(tp.topic, tp.partition) for tp in partitions})
+
+    def _drop_current(self, partitions: list[Any]) -> None:
+        """Claim ahead: the batch claimed, not handled yet, leaves revoked or lost partitions to their new owner."""
+        batch = self._current
+        if batch is None:
+            return
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        try:
+            self._receive(batch)
+        except StoreError:  # nothing claimed: drop the messages, the batch is held as a store outage
+            batch.without(gone)
+            return
+        self._give_back(batch, gone)
+
+    def _drop_ahead(self) -> None:
+        """Claim ahead, on close: take the read-ahead batch's answer (it carries done records), give back its claims."""
+        batch, self._ahead = self._ahead, None
+        if batch is None:
+            return
+        try:
+            claim = self._receive(batch)
+        except StoreError as exc:
+            self._log.warning("claim ahead failed on close; its claims expire after their lease: %s", exc)
+            return
+        gone = set(claim.claimed) - batch.overlap
+        if gone:
+            self._release(gone)
 
     def _forget(self, partitions: set[TP]) -> None:
         self._ledger.forget(partitions)
@@ -622,6 +797,58 @@ class TransactionalIdempotentConsumer(IdempotentConsumer):
     def connection(self) -> Any:
         """The DB connection the handlers run on."""
         return self._tx.connection
+
+
+class _Batch:
+    """One batch on its way through the driver: messages, ids and, with claim ahead, its store call.
+
+    ``overlap``: the ids of the batch handled before it (not finished when this batch's call was
+    sent); ``prior_done``: which of them that batch did; ``drop``: partitions rewound since the call
+    was sent.
+    """
+
+    __slots__ = (
+        "answer", "claim", "done_sent", "drop", "entries", "error", "failed", "ids", "msgs", "overlap", "prior_done",
+        "raw", "stage", "stage_waits", "stats",
+    )  # fmt: skip
+
+    def __init__(
+        self, msgs: list[Any], raw: list[str] | None, entries: list[Entry] | None, ids: list[str], stats: BatchStats
+    ) -> None:
+        self.msgs = msgs
+        self.raw = raw
+        self.entries = entries
+        self.ids = ids
+        self.stats = stats
+        self.answer: Callable[[], ClaimResult] | None = None
+        self.error: StoreError | None = None
+        self.failed = False  # the answer was taken and the call failed (after retries)
+        self.claim: ClaimResult | None = None
+        self.done_sent: list[str] = []  # done records carried by this batch's store call
+        self.stage: dict[TP, int] = {}  # the offsets those done records make committable
+        self.stage_waits = False  # an earlier call failed: the stage waits for its done records too
+        self.overlap: frozenset[str] = frozenset()
+        self.prior_done: frozenset[str] = frozenset()
+        self.drop: set[TP] = set()
+
+    def without(self, partitions: Collection[TP]) -> set[str]:
+        """Drop the messages of ``partitions``; return the claimed ids no message left carries."""
+        keep = [i for i, m in enumerate(self.msgs) if (m.topic(), m.partition()) not in partitions]
+        if len(keep) == len(self.msgs):
+            return set()
+        self.msgs = [self.msgs[i] for i in keep]
+        if self.raw is not None:
+            self.raw = [self.raw[i] for i in keep]
+            self.ids = list(dict.fromkeys(self.raw))
+        if self.entries is not None:
+            self.entries = [self.entries[i] for i in keep]
+            self.ids = list(dict.fromkeys([e.event_id for e in self.entries if e.event_id is not None]))
+        if self.claim is None:
+            return set()
+        left = set(self.ids)
+        gone = set(self.claim.claimed) - left
+        self.claim = ClaimResult(self.claim.claimed & left, self.claim.done & left, self.claim.busy & left)
+        return gone
 
 
 def _drain(call: Callable[[list[str]], None], pending: set[str], what: str) -> bool:

@@ -85,6 +85,11 @@ class OffsetLedger:
             _merge(self._ready, self._awaiting)
             self._awaiting = {}
 
+    def take_awaiting(self) -> dict[TP, int]:
+        """Hand over the offsets awaiting done records (the caller decides them again once those are written)."""
+        awaiting, self._awaiting = self._awaiting, {}
+        return awaiting
+
     def commit(self, *, sync: bool = False) -> None:
         """Commit the ready offsets (and failed ones again); ``sync`` waits for the broker and settles earlier
         asynchronous commits too. A failure is kept and retried with the next commit; a fatal one raises."""

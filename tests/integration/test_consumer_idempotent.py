@@ -404,6 +404,43 @@ def test_two_consumers_in_one_group_handle_every_event_once_across_a_rebalance(
     assert sum(committed(kafka_bootstrap, group, topic, 4)) == 4 * 330
 
 
+@pytest.mark.parametrize("claim_ahead", [True, False])
+def test_with_redis_ids_repeated_in_the_next_batches_are_handled_once_and_everything_is_committed(
+    kafka_bootstrap: str,
+    unique_topic: Callable[..., str],
+    make_producer: Callable[..., Any],
+    redis_url: str,
+    group: str,
+    claim_ahead: bool,
+) -> None:
+    topic = unique_topic(partitions=2)
+    producer = make_producer()
+    for p in range(2):  # every id again a few messages later, and on the other partition
+        events = [(f"e-{p}-{i}", b"v") for i in range(400)]
+        events = [e for i, e in enumerate(events) for e in ([e, (f"e-{p}-{i - 3}", b"resend")] if i >= 3 else [e])]
+        events += [(f"e-{1 - p}-{i}", b"resend") for i in range(0, 400, 7)]
+        produce(producer, topic, events, partition=p)
+    sent = 2 * (400 + 397 + len(range(0, 400, 7)))
+    handled: list[str] = []
+    store = RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
+    consumer = IdempotentConsumer(
+        config(kafka_bootstrap, group),
+        [topic],
+        lambda m: handled.append(dict(m.headers())["kcons-id"].decode()),
+        store=store,
+        batch_size=16,
+        claim_ahead=claim_ahead,
+    )
+    try:
+        drive(consumer, lambda: consumer.stats.handled + consumer.stats.duplicates >= sent)
+    finally:
+        consumer.close()
+    assert sorted(handled) == sorted(f"e-{p}-{i}" for p in range(2) for i in range(400))
+    assert consumer.stats.duplicates == sent - 800
+    assert committed(kafka_bootstrap, group, topic, 2) == [400 + 397 + 58, 400 + 397 + 58]
+    assert store.claim_batch(handled, lease_s=30).done == set(handled)
+
+
 def test_sigterm_stops_run_through_stop_on_signals_and_run_installs_no_handler_itself(
     kafka_bootstrap: str, unique_topic: Callable[..., str], make_producer: Callable[..., Any], group: str
 ) -> None:

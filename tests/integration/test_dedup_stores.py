@@ -343,3 +343,40 @@ def test_redis_store_works_on_a_3_node_redis_cluster(redis_cluster: Any, namespa
     node = redis_cluster.get_node_from_key(first.root)
     keys = list(redis_cluster.scan_iter(match=f"{first.root}:*", target_nodes=node))
     assert keys and {key_slot(k) for k in keys} == {key_slot(first.root.encode())}
+
+
+def test_redis_two_claims_in_flight_are_answered_in_order_and_carry_their_done_records(
+    redis_url: str, namespace: str
+) -> None:
+    worker = _redis_store(redis_url, namespace)
+    other = _redis_store(redis_url, namespace)
+    assert worker.claim(["d1", "d2"], lease_s=30) == {"d1", "d2"}
+    first = worker.send_complete_and_claim(["d1", "d2"], ["a", "b"], lease_s=30)
+    second = worker.send_complete_and_claim([], ["b", "c", "d1"], lease_s=30)  # sent before the first's answer
+    assert first().claimed == {"a", "b"}
+    answer = second()
+    assert answer.claimed == {"b", "c"}, "its own claim of b is claimed again"
+    assert answer.done == {"d1"}, "the first call's done records were written before the second ran"
+    seen = other.claim_batch(["a", "b", "c", "d1", "d2"], lease_s=30)
+    assert seen.done == {"d1", "d2"} and seen.busy == {"a", "b", "c"}
+    worker.complete(["a", "b", "c"])
+    assert other.claim_batch(["a", "b", "c"], lease_s=30).done == {"a", "b", "c"}
+
+
+def test_redis_a_claim_sent_ahead_fails_as_a_store_error_when_redis_goes_away(namespace: str) -> None:
+    dead = RedisDedupStore(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5), namespace=namespace)
+    with pytest.raises(StoreError) as err:
+        dead.send_complete_and_claim([], ["x"], lease_s=30)()
+    assert "ConnectionError" in str(err.value)
+
+
+def test_redis_an_id_completed_while_a_call_in_flight_claims_it_again_is_done(redis_url: str, namespace: str) -> None:
+    worker = _redis_store(redis_url, namespace)
+    other = _redis_store(redis_url, namespace)
+    assert worker.claim(["x"], lease_s=30) == {"x"}
+    again = worker.send_complete_and_claim([], ["x", "y"], lease_s=30)  # its own claim of x, taken again
+    done = worker.send_complete_and_claim(["x"], [], lease_s=30)  # x done while that call is in flight
+    assert again().claimed == {"x", "y"}
+    done()
+    assert other.claim_batch(["x"], lease_s=30).done == {"x"}
+    assert worker.claim_batch(["x"], lease_s=30).done == {"x"}, "not handed out again, even to its own worker"

@@ -180,6 +180,20 @@ class JournalStore(MemoryDedupStore):
         super().complete(ids)
 
 
+def commits_after_done_records(journal: list[str]) -> int:
+    """Check that each "commit 0:N" of the journal comes after the done records of e0..e(N-1); count them."""
+    recorded: set[str] = set()
+    commits = 0
+    for entry in journal:
+        if entry.startswith("store done="):
+            recorded |= set(ast.literal_eval(entry.split("done=")[1].split(" claim=")[0]))
+        elif entry.startswith("commit 0:"):
+            upto = int(entry.split(":")[1])
+            assert {f"e{i}" for i in range(upto)} <= recorded, f"{entry} before its done records"
+            commits += 1
+    return commits
+
+
 def make(kafka: FakeKafka, handler: Callable[[Any], None], store: Any = None, **kw: Any) -> IdempotentConsumer:
     kw.setdefault("producer_factory", FakeProducer())
     return IdempotentConsumer(
@@ -245,16 +259,7 @@ def test_offsets_are_committed_only_after_their_messages_are_recorded_done() -> 
             kafka.add(0, f"e{batch * 3 + i}")
         consumer.poll_once()
     consumer.close()
-    recorded: set[str] = set()
-    commits = 0
-    for entry in kafka.journal:
-        if entry.startswith("store done="):
-            recorded |= set(ast.literal_eval(entry.split("done=")[1].split(" claim=")[0]))
-        elif entry.startswith("commit 0:"):
-            upto = int(entry.split(":")[1])
-            assert {f"e{i}" for i in range(upto)} <= recorded, f"{entry} before its done records"
-            commits += 1
-    assert commits >= 2
+    assert commits_after_done_records(kafka.journal) >= 2
     assert kafka.committed_offsets() == {0: 12}
     assert kafka.journal.index("handle 0") < kafka.journal.index(
         "store done=['e0', 'e1', 'e2'] claim=['e3', 'e4', 'e5']"
@@ -918,6 +923,22 @@ MESSAGE = st.tuples(
 Batches = list[list[tuple[int, str | None, bytes]]]
 
 
+def generated_behaviour() -> Callable[[Any], None]:
+    """The generated messages' handler: b"boom" fails, b"decode" is poison, b"later" asks once to be retried later."""
+    later: set[tuple[int, int]] = set()
+
+    def behave(msg: Any) -> None:
+        if msg.value() == b"boom":
+            raise ValueError("boom")
+        if msg.value() == b"decode":
+            raise DecodeError("bad payload")
+        if msg.value() == b"later" and (msg.partition(), msg.offset()) not in later:
+            later.add((msg.partition(), msg.offset()))
+            raise RetryLater(0)
+
+    return behave
+
+
 def _outcome_run(batches: Batches, done_before: list[str], busy: list[str], *, batched: bool, fast: bool) -> Any:
     kafka = FakeKafka(partitions=3)
     store = MemoryDedupStore()
@@ -926,17 +947,11 @@ def _outcome_run(batches: Batches, done_before: list[str], busy: list[str], *, b
     if busy:
         store.claim(busy, lease_s=60)  # held by another worker: busy
     calls: list[tuple[int, int]] = []
-    later: set[tuple[int, int]] = set()
+    behave = generated_behaviour()
 
     def effect(msg: Any) -> None:
         calls.append((msg.partition(), msg.offset()))
-        if msg.value() == b"boom":
-            raise ValueError("boom")
-        if msg.value() == b"decode":
-            raise DecodeError("bad payload")
-        if msg.value() == b"later" and (msg.partition(), msg.offset()) not in later:
-            later.add((msg.partition(), msg.offset()))
-            raise RetryLater(0)
+        behave(msg)
 
     def batch_handler(msgs: list[Any]) -> None:
         for msg in msgs:

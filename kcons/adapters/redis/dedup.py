@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from importlib import resources
 from typing import Any, NamedTuple
 
@@ -114,7 +114,7 @@ class RedisDedupStore:
     namespace should use the same ``retention_s`` (it sets the bucket width).
     """
 
-    capabilities = StoreCapabilities(batch_claim=True, pipelined=True)
+    capabilities = StoreCapabilities(batch_claim=True, pipelined=True, claim_ahead=True)
 
     def __init__(
         self,
@@ -144,6 +144,7 @@ class RedisDedupStore:
         # The last ``max_tracked`` claim calls, so a complete can set their ids' bits in their
         # bitmaps; ids claimed longer ago are completed as plain "d" fields.
         self._claims: deque[_Claim] = deque(maxlen=max(1, max_tracked))
+        self._flying: dict[str, frozenset[str]] = {}  # claim calls sent and not answered yet: tag -> ids
         self._lock = threading.Lock()
 
     @property
@@ -200,15 +201,89 @@ class RedisDedupStore:
 
     def complete_and_claim(self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float) -> ClaimResult:
         """Mark ``done_ids`` done, then claim ``ids``, atomically in one script call (one round trip)."""
+        lease_ms, unique, tag, groups = self._prepare(done_ids, ids, lease_s)
+        if not unique and not groups:
+            return ClaimResult(frozenset())
+        return self._answer(unique, lease_ms, tag, groups, self._batch(unique, lease_ms, tag, groups))
+
+    def send_complete_and_claim(
+        self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float
+    ) -> Callable[[], ClaimResult]:
+        """:meth:`complete_and_claim` in two halves: send the call now, read its answer later.
+
+        The returned function waits for the answer and returns the :class:`ClaimResult` (call it
+        once; it raises :class:`StoreError` like the one-call form). The caller can work while
+        Redis runs the script. The request is written on the calling thread, on a connection
+        taken from the client's pool until the answer is read; a client without such a pool
+        (Redis Cluster) makes the whole call at once.
+        """
+        lease_ms, unique, tag, groups = self._prepare(done_ids, ids, lease_s)
+        pool = getattr(self._client, "connection_pool", None)
+        if not unique and not groups:
+            empty = ClaimResult(frozenset())
+            return lambda: empty
+        if pool is None or not hasattr(pool, "release") or not hasattr(pool, "get_connection"):
+            result = self._answer(unique, lease_ms, tag, groups, self._batch(unique, lease_ms, tag, groups))
+            return lambda: result
+        args = self._args("batch", unique, lease_ms, tag, groups)
+        started = time.perf_counter()
+        try:
+            conn = pool.get_connection()
+        except Exception as exc:
+            raise self._error("batch", unique, exc) from exc
+        try:
+            conn.send_command("EVALSHA", self._script.sha, 1, self._root, *args)
+        except Exception as exc:
+            conn.disconnect()
+            pool.release(conn)
+            raise self._error("batch", unique, exc) from exc
+        with self._lock:
+            self._flying[tag] = frozenset(unique)
+
+        def answer() -> ClaimResult:
+            try:
+                reply = conn.read_response()
+            except Exception as exc:
+                if type(exc).__name__ == "NoScriptError":  # the server lost its scripts: the usual way loads it
+                    pool.release(conn)
+                    return self._answer(unique, lease_ms, tag, groups, self._batch(unique, lease_ms, tag, groups))
+                conn.disconnect()
+                pool.release(conn)
+                raise self._error("batch", unique, exc) from exc
+            finally:
+                with self._lock:
+                    self._flying.pop(tag, None)
+                self._latency["claim" if unique else "complete"].observe(time.perf_counter() - started)
+            pool.release(conn)
+            raw = reply.encode() if isinstance(reply, str) else bytes(reply)
+            return self._answer(unique, lease_ms, tag, groups, raw)
+
+        return answer
+
+    def _prepare(
+        self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float
+    ) -> tuple[int, list[str], str, list[_Done]]:
+        """A batch call's lease (ms), distinct ids, tag and done groups (the done ids leave the tracked claims)."""
         lease_ms = max(1, int(check_lease(lease_s) * 1000))
         unique = list(dict.fromkeys(ids))
         with self._lock:
             self._seq += 1
             tag = f"{self._nonce}{self._seq:x}"
-            groups = self._take(done_ids, bitmaps=True)
-        if not unique and not groups:
-            return ClaimResult(frozenset())
-        reply = self._batch(unique, lease_ms, tag, groups)
+            # An id a call still in flight also claims: which claim call's tag its field holds is
+            # decided by the order the two scripts run in, so it is written "d" by id instead.
+            unsure: set[str] = set()
+            for flying in self._flying.values():
+                unsure.update(flying.intersection(done_ids))
+            if unsure:
+                self._take(list(unsure), bitmaps=False)
+                groups = self._take([i for i in done_ids if i not in unsure], bitmaps=True)
+                groups.append(_Done("", b"", b"", unsure, True))
+            else:
+                groups = self._take(done_ids, bitmaps=True)
+        return lease_ms, unique, tag, groups
+
+    def _answer(self, unique: list[str], lease_ms: int, tag: str, groups: list[_Done], reply: bytes) -> ClaimResult:
+        """The ClaimResult of a batch call's reply; the claimed ids are tracked for their done records."""
         if reply[:1] == b"L":  # the rare case: groups completed after their lease are written "d", by id
             for number in reply[1:].split(b","):
                 groups[int(number) - 1] = groups[int(number) - 1]._replace(with_ids=True)
@@ -293,15 +368,24 @@ class RedisDedupStore:
         reply = self._run("batch", ids, lease_ms, tag, groups)
         return reply.encode() if isinstance(reply, str) else bytes(reply)
 
-    def _run(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> Any:
+    def _args(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> list[Any]:
+        """The script's arguments (see dedup_claim.lua)."""
         args: list[Any] = [op, self._owner, lease_ms, self._retention_ms, tag, self._join(ids), self._width_ms]
         for done in groups:
             args += [done.tag, done.deadline, done.bitmap, self._join(done.ids) if done.with_ids else ""]
+        return args
+
+    @staticmethod
+    def _error(op: str, ids: list[str], exc: Exception) -> StoreError:
+        return StoreError(f"redis dedup {op} of {len(ids)} ids failed: {type(exc).__name__}: {exc}")
+
+    def _run(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> Any:
+        args = self._args(op, ids, lease_ms, tag, groups)
         started = time.perf_counter()
         try:
             result = self._script(keys=[self._root], args=args)
         except Exception as exc:  # redis.RedisError and connection errors
-            raise StoreError(f"redis dedup {op} of {len(ids)} ids failed: {type(exc).__name__}: {exc}") from exc
+            raise self._error(op, ids, exc) from exc
         finally:
             self._latency["release" if op == "release" else "claim" if ids else "complete"].observe(
                 time.perf_counter() - started
