@@ -113,11 +113,20 @@ def run_writer(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any
     lock = threading.Lock()
     commit_log: list[tuple[int, int, float]] = []
 
+    # Every thread connects first and they all start writing together: connecting (a server
+    # process per connection) is start-up work, not part of the steady writing being measured.
+    ready = threading.Barrier(args.threads)
+
     def body(seed: int) -> None:
         rng = random.Random(seed)
         interval = args.threads / args.rate if args.rate > 0 else 0.0
-        next_at = time.monotonic()
         with psycopg.connect(dsn) as conn:
+            try:
+                ready.wait(60.0)
+            except threading.BrokenBarrierError:
+                log.warning("a writer thread did not connect in time; starting anyway")
+            stop.wait(interval * (seed % 1000) / args.threads)  # the threads' writes spread over one interval
+            next_at = time.monotonic()
             while not stop.is_set():
                 item = pick_id(rng, args.rows)
                 try:
