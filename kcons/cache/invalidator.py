@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AppliedInvalidation", "CacheInvalidator", "OnApplied", "plan_writes"]
 
+#: The invalidator's default least time between two offset commits (see :meth:`CacheInvalidator.consumer`).
+COMMIT_INTERVAL_S = 0.5
+
 
 def plan_writes(
     cache: ConsistentCache,
@@ -204,7 +207,11 @@ class CacheInvalidator:
         keeps no dedup store: every record is applied, which is harmless since the version guard
         makes a replayed event a no-op. Otherwise the dedup ``store`` defaults to an in-memory one
         (100,000 ids), which only saves Redis round trips. Batches default to 1,000 records and
-        50 ms; other keyword arguments go to the consumer (``dlq_topic``, ``dlq_timeout_s``...).
+        50 ms, and offsets are committed at most every ``commit_interval_s`` (default 0.5 s, and
+        at once when idle): still only after Redis acknowledged, and a restart replays at most
+        that stretch, which the version guard makes harmless, while the broker writes one offset
+        record per interval instead of one per batch. Other keyword arguments go to the consumer
+        (``dlq_topic``, ``dlq_timeout_s``...).
         """
         from kcons.consumer import IdempotentConsumer
 
@@ -212,6 +219,7 @@ class CacheInvalidator:
         merged.update(config)
         kwargs.setdefault("batch_timeout_s", 0.05)
         kwargs.setdefault("batch_size", 1000)
+        kwargs.setdefault("commit_interval_s", COMMIT_INTERVAL_S)
         if dedup and store is None:
             from kcons.adapters.memory import MemoryDedupStore
 

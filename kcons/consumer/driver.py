@@ -154,6 +154,11 @@ class IdempotentConsumer:
     tried again after ``pause_s`` if not); the read-ahead batch's messages of partitions rewound
     meanwhile, revoked or lost are dropped and their claims given back; on close its claims are
     given back. Done records then ride two store calls later, and offsets are committed after them.
+    ``commit_interval_s`` (default 0: after every batch) spaces the commit requests: the offsets
+    of the batches finished meanwhile go with the next commit past the interval, or at once on
+    idle, revocation and close; offsets are never committed earlier, only later (a crash
+    replays at most that long a stretch of messages, which the dedup store or idempotent
+    effects absorb), and the broker writes one offset record per interval instead of one per batch.
     ``consumer_factory``/``producer_factory`` build the Kafka clients (confluent-kafka by default).
     """
 
@@ -178,6 +183,7 @@ class IdempotentConsumer:
         overlap_commit: bool | None = None,
         async_commit: bool = True,
         claim_ahead: bool | None = None,
+        commit_interval_s: float = 0.0,
         consumer_factory: Callable[[dict[str, Any]], Any] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
     ) -> None:
@@ -193,6 +199,8 @@ class IdempotentConsumer:
             raise ConfigError("batch_timeout_s", f"must be in (0, 60], got {batch_timeout_s!r}")
         if not 0 <= pause_s <= 3600:
             raise ConfigError("pause_s", f"must be in [0, 3600], got {pause_s!r}")
+        if not 0 <= commit_interval_s <= 60:
+            raise ConfigError("commit_interval_s", f"must be in [0, 60], got {commit_interval_s!r}")
         if not 0 < dlq_timeout_s <= 3600:
             raise ConfigError("dlq_timeout_s", f"must be in (0, 3600], got {dlq_timeout_s!r}")
         for name, policy in (("retry", retry), ("store_retry", store_retry)):
@@ -209,7 +217,10 @@ class IdempotentConsumer:
         self._config = with_logger(config)  # librdkafka's lines through Python logging
         self._config["enable.auto.commit"] = False
         self._ledger = OffsetLedger(
-            asynchronous=async_commit, user_on_commit=self._config.get("on_commit"), group=self._metrics.group
+            asynchronous=async_commit,
+            user_on_commit=self._config.get("on_commit"),
+            group=self._metrics.group,
+            min_interval_s=commit_interval_s,
         )
         self._config["on_commit"] = self._ledger.on_commit
         self._dlq = DeadLetterWriter(
@@ -630,7 +641,7 @@ class IdempotentConsumer:
         """
         ledger = self._ledger
         commit = None
-        if ledger.has_ready:
+        if ledger.commit_due:
             if not self._overlap_commit:
                 ledger.commit()
             else:

@@ -7,6 +7,11 @@ records not written to the dedup store *awaits* them (:meth:`OffsetLedger.decide
 offset never moves past a message whose done record is not written (a committed offset implies
 the dedup store knows every message before it), and a crash before that replays the message.
 
+With ``min_interval_s`` an ordinary commit sends at most one request per interval: offsets
+decided meanwhile stay ready and go out with the next commit past the interval or with
+:meth:`OffsetLedger.flush`. A commit is only ever later, never earlier, than without it (a crash
+replays at most that interval's messages), and the broker writes far fewer offset records.
+
 Commits are asynchronous between batches (unless ``asynchronous=False``): the outcome arrives
 through :meth:`OffsetLedger.on_commit` (give it to the consumer as its ``on_commit``); a failed
 commit is merged into the next one, unless a higher offset of that partition was sent since
@@ -18,6 +23,7 @@ settled. :meth:`OffsetLedger.forget` drops everything about partitions revoked o
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -47,11 +53,25 @@ class OffsetLedger:
     ``asynchronous``: commit between batches without waiting (the outcome comes through
     :meth:`on_commit`). ``user_on_commit``: the application's own ``on_commit`` callback,
     still called with every commit result. ``group``: the consumer group, the metrics' label.
-    Call :meth:`attach` with the consumer before committing.
+    ``min_interval_s``: the least time between two commit requests (0: every :meth:`commit`
+    sends; :meth:`flush` always does). Call :meth:`attach` with the consumer before committing.
     """
 
-    def __init__(self, *, asynchronous: bool = True, user_on_commit: OnCommit | None = None, group: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        asynchronous: bool = True,
+        user_on_commit: OnCommit | None = None,
+        group: str = "",
+        min_interval_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0.0 <= min_interval_s <= 60.0:
+            raise ValueError(f"min_interval_s must be in [0, 60], got {min_interval_s!r}")
         self._commit_failures = CONSUMER_COMMIT_FAILURES.labels(group=group)
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._last_sent = -float("inf")  # clock time of the last commit request
         self._asynchronous = asynchronous
         self._user_on_commit = user_on_commit
         self._consumer: Any = None
@@ -69,6 +89,13 @@ class OffsetLedger:
     def has_ready(self) -> bool:
         """True when something is decided and safe to commit, or a failed commit waits to be repeated."""
         return bool(self._ready or self._failed)
+
+    @property
+    def commit_due(self) -> bool:
+        """True when :meth:`commit` would send a request now (something is ready and the interval has passed)."""
+        if not (self._ready or self._failed):
+            return False
+        return not self._min_interval_s or self._clock() - self._last_sent >= self._min_interval_s
 
     @property
     def uncommitted(self) -> int:
@@ -92,7 +119,12 @@ class OffsetLedger:
 
     def commit(self, *, sync: bool = False) -> None:
         """Commit the ready offsets (and failed ones again); ``sync`` waits for the broker and settles earlier
-        asynchronous commits too. A failure is kept and retried with the next commit; a fatal one raises."""
+        asynchronous commits too. A failure is kept and retried with the next commit; a fatal one raises.
+        Within ``min_interval_s`` of the last request an unsynchronised commit sends nothing: the
+        offsets stay ready for the next one."""
+        now = self._clock() if self._min_interval_s else 0.0
+        if not sync and now - self._last_sent < self._min_interval_s:
+            return
         offsets, self._ready = self._ready, {}
         if sync:
             _merge(offsets, self._unsettled)
@@ -101,6 +133,7 @@ class OffsetLedger:
         _merge(pending, offsets)
         if not pending:
             return
+        self._last_sent = now
         parts = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
         try:
             if self._asynchronous and not sync:

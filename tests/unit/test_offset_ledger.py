@@ -83,6 +83,45 @@ def test_a_failed_commit_is_merged_into_the_next_unless_a_newer_one_superseded_i
     assert kafka.sent[-1] == ({2: 1}, True)
 
 
+def test_commits_within_the_interval_wait_for_the_next_one_and_flush_sends_at_once() -> None:
+    kafka = Commits()
+    now = [100.0]
+    book = OffsetLedger(min_interval_s=0.5, clock=lambda: now[0])
+    book.attach(kafka)
+    book.decide({("t", 0): 3})
+    assert book.commit_due
+    book.commit()
+    assert kafka.sent == [({0: 3}, True)], "the first commit goes out at once"
+    now[0] += 0.2
+    book.decide({("t", 0): 5})
+    book.decide({("t", 1): 2})
+    assert not book.commit_due
+    book.commit()
+    assert len(kafka.sent) == 1, "within the interval nothing is sent"
+    now[0] += 0.3
+    assert book.commit_due
+    book.commit()
+    assert kafka.sent[-1] == ({0: 5, 1: 2}, True), "the waiting offsets go with the next commit"
+    now[0] += 0.1
+    book.decide({("t", 2): 7})
+    book.flush()
+    assert kafka.sent[-1][1] is False and kafka.sent[-1][0][2] == 7, "flush does not wait for the interval"
+
+
+def test_an_interval_never_lets_awaiting_offsets_out_before_their_done_records() -> None:
+    kafka = Commits()
+    book = OffsetLedger(min_interval_s=0.5, clock=lambda: 0.0)
+    book.attach(kafka)
+    book.decide({("t", 0): 4}, awaiting_done=True)
+    assert not book.commit_due
+    book.flush()
+    assert kafka.sent == [], "awaiting offsets stay out, interval or not"
+    book.done_recorded()
+    assert book.commit_due
+    book.commit()
+    assert kafka.sent == [({0: 4}, True)]
+
+
 def test_forgotten_partitions_are_never_committed() -> None:
     book, kafka = ledger(asynchronous=False)
     book.decide({("t", 0): 3, ("t", 1): 4}, awaiting_done=True)
