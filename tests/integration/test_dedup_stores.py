@@ -141,7 +141,7 @@ def test_redis_claims_a_batch_in_one_script_call_with_every_key_in_one_slot_and_
     store.complete_and_claim(ids, [f"n{i}" for i in range(500)], lease_s=30)
     assert evalsha_calls() - before == 2, "one round trip per batch"
     keys = [k.decode() for k in client.scan_iter(match=f"{store.root}:*")]
-    assert any(":b:" in k for k in keys), "the batch was recorded done in its claim call's bitmap"
+    assert any(":b:" in k for k in keys), "the batch was recorded done with one key for its claim call"
     assert any(":h:" in k for k in keys), "the ids are fields of a bucket hash"
     assert len({key_slot(k.encode()) for k in keys}) == 1, "one hash slot for the whole namespace"
     bound_ms = (3600 + store.bucket_s + 30) * 1000
@@ -380,3 +380,17 @@ def test_redis_an_id_completed_while_a_call_in_flight_claims_it_again_is_done(re
     done()
     assert other.claim_batch(["x"], lease_s=30).done == {"x"}
     assert worker.claim_batch(["x"], lease_s=30).done == {"x"}, "not handed out again, even to its own worker"
+
+
+def test_redis_reads_claims_and_done_bits_written_in_the_previous_layout(redis_url: str, namespace: str) -> None:
+    store = _redis_store(redis_url, namespace, retention_s=3600)
+    store.claim(["warm-up"], lease_s=30)  # creates the current bucket and registers it
+    client = store._client
+    bucket = next(k for k in client.scan_iter(match=f"{store.root}:h:*"))
+    # the previous layout: a field held "<tag>:<index>", and :b:<tag> was a bitmap of done indices
+    client.hset(bucket, mapping={"old-done": "oldtag:1", "old-open": "oldtag:2", "\noldtag": "someone-else|1"})
+    client.set(f"{store.root}:b:oldtag", bytes([0b01000000]), px=60_000)  # bit 1 set: index 1 is done
+    result = store.claim_batch(["old-done", "old-open", "new"], lease_s=30)
+    assert result.done == {"old-done"}
+    assert result.claimed == {"old-open", "new"}, "an expired claim of the old layout is taken over"
+    assert store.describe("old-done") == ("done", None, None)

@@ -2,20 +2,21 @@
 
 Ids are fields of a few time-bucketed hashes ``{<prefix>:<namespace>}:h:<bucket>`` (the bucket
 is the server time at the write divided by ``retention / BUCKETS_PER_RETENTION``); a field holds
-its claim (owner, claim call, index in that call, lease deadline on the server clock) or ``d``
-(done). A lookup reads every live bucket with one variadic HMGET, and new ids are written with
-one variadic HSET, so a batch costs a few Redis commands rather than one or two per id. A claim
-becomes *done* when its bit is set in its claim call's bitmap
-``{<prefix>:<namespace>}:b:<owner>|<seq>``: the client sends, per claim call, the bitmap of the
-ids it completed (exact per id), and the script ORs it in. Ids whose claim the client no longer
-tracks, or completed after their lease deadline, are written ``d`` one field each (rare).
+the tag of the claim call that claimed it (whose owner and lease deadline, on the server clock,
+are one more field of the bucket) or ``d`` (done). A lookup reads every live bucket with one
+variadic HMGET, and new ids are written with one variadic HSET of the same value, so a batch
+costs a few Redis commands rather than one or two per id. When every id a claim call claimed is
+completed at once (the common case), one key ``{<prefix>:<namespace>}:b:<tag>`` marks them all
+done. Ids completed apart from the rest of their call, whose claim the client no longer tracks,
+or completed after their lease deadline, are written ``d`` one field each.
 
 The braces are a hash tag: every key of one namespace (the consumer group) lands in one hash
 slot, so a batch is handled by one atomic script on a single node of a Redis Cluster. The script
 (``dedup_claim.lua``) is registered once (``register_script``) and called with the namespace root
 as its only key and the ids as newline-separated arguments, which keeps a 500-id call cheap to
 encode. :meth:`RedisDedupStore.complete_and_claim` records one batch done and claims the next in
-the same call: one round trip per batch. Needs Redis 4.0 or later (variadic HSET).
+the same call: one round trip per batch; :meth:`RedisDedupStore.send_complete_and_claim` sends
+it and reads the answer later. Needs Redis 4.0 or later (variadic HSET).
 
 Retention: a done id stays a duplicate for at least ``retention_s`` after its completion and is
 forgotten at most ``retention_s + retention_s / BUCKETS_PER_RETENTION + lease`` after it
@@ -23,8 +24,11 @@ forgotten at most ``retention_s + retention_s / BUCKETS_PER_RETENTION + lease`` 
 still counts as in progress until its lease deadline, if that is later. Every key has a TTL
 within that bound, so the store stays bounded.
 
-The key layout changed after kcons 0.1.0 (it was one key per id): keys of the old layout are not
-read, so dedup state written by 0.1.0 is forgotten on upgrade (pre-1.0: no migration).
+The key layout changed after kcons 0.1.0 (it was one key per id): keys of that layout are not
+read, so dedup state written by 0.1.0 is forgotten on upgrade (pre-1.0: no migration). The
+layout before this one (a field held ``<tag>:<index>`` and ``:b:<tag>`` was a bitmap of done
+indices) is still read, but workers of that version read this one's claims as busy: stop every
+worker of a consumer group before starting the new version.
 """
 
 from __future__ import annotations
@@ -60,48 +64,25 @@ CLAIM_SCRIPT = resources.files("kcons.adapters.redis").joinpath("dedup_claim.lua
 #: up to ``retention / BUCKETS_PER_RETENTION`` (plus a lease) longer than the retention.
 BUCKETS_PER_RETENTION = 4
 
-# Claim codes to the bits of a claim call's bitmap: "1" (claimed) is a set bit, "0"/"2" are not.
-_CLAIMED_BITS = bytes.maketrans(b"2", b"0")
-
-
 class _Done(NamedTuple):
-    """Ids to record done: of one tracked claim call (its tag, lease deadline, bitmap), or of none (tag "")."""
+    """Ids to record done: every id of one tracked claim call (its tag, lease deadline), or ids one by one (tag "")."""
 
     tag: str
     deadline: bytes
-    bitmap: bytes
     ids: Collection[str]
-    with_ids: bool  # send the ids (written "d" one by one); a tracked claim's bitmap is enough in time
+    with_ids: bool  # send the ids (written "d" one by one); a whole tracked claim call needs only its tag in time
 
 
 class _Claim:
-    """One tracked claim call: its tag, lease deadline (server clock), ids and answer codes."""
+    """One tracked claim call: its tag, lease deadline (server clock) and the claimed ids not completed yet."""
 
-    __slots__ = ("claimed", "codes", "deadline", "ids", "intact", "tag")
+    __slots__ = ("claimed", "deadline", "intact", "tag")
 
-    def __init__(self, tag: str, deadline: bytes, ids: list[str], codes: bytes, claimed: frozenset[str]) -> None:
+    def __init__(self, tag: str, deadline: bytes, claimed: frozenset[str]) -> None:
         self.tag = tag
         self.deadline = deadline
-        self.ids = ids
-        self.codes = codes
         self.claimed = claimed  # the claimed ids not completed or released yet
         self.intact = True  # no id of the call was completed or released yet
-
-    def bitmap(self, completed: frozenset[str]) -> bytes:
-        """The bitmap of the indices of ``completed`` (a subset of the claimed ids), bit 0 first."""
-        if self.intact and len(completed) == len(self.claimed):
-            return _bits(self.codes.translate(_CLAIMED_BITS))
-        chars = bytearray(b"0" * len(self.ids))
-        index = {event_id: i for i, event_id in enumerate(self.ids)}
-        for event_id in completed:
-            chars[index[event_id]] = 49  # "1"
-        return _bits(bytes(chars))
-
-
-def _bits(chars: bytes) -> bytes:
-    """Redis bitmap of a string of "0"/"1" characters: character i is bit i (the high bit of byte 0 first)."""
-    pad = -len(chars) % 8
-    return int(chars + b"0" * pad, 2).to_bytes((len(chars) + pad) // 8, "big") if chars else b""
 
 
 class RedisDedupStore:
@@ -141,8 +122,8 @@ class RedisDedupStore:
         # namespace (a restarted worker with a fixed owner never reuses a tag of its previous life).
         self._nonce = secrets.token_hex(6)
         self._seq = 0
-        # The last ``max_tracked`` claim calls, so a complete can set their ids' bits in their
-        # bitmaps; ids claimed longer ago are completed as plain "d" fields.
+        # The last ``max_tracked`` claim calls, so a complete of a whole call is one key; ids
+        # claimed longer ago are completed as plain "d" fields.
         self._claims: deque[_Claim] = deque(maxlen=max(1, max_tracked))
         self._flying: dict[str, frozenset[str]] = {}  # claim calls sent and not answered yet: tag -> ids
         self._lock = threading.Lock()
@@ -172,7 +153,7 @@ class RedisDedupStore:
         client = self._client
         now_s, _now_us = client.time()
         live = [int(b) for b, at in client.zrange(f"{self._root}:r", 0, -1, withscores=True) if at > now_s * 1000]
-        claims: list[tuple[str, str, str]] = []
+        claims: list[tuple[str, str]] = []
         for bucket in sorted(live, reverse=True):
             key = f"{self._root}:h:{bucket}"
             value = client.hget(key, stored)
@@ -180,13 +161,14 @@ class RedisDedupStore:
                 continue
             if value == b"d":
                 return ("done", None, None)
-            tag, _, index = value.decode().partition(":")
-            if client.getbit(f"{self._root}:b:{tag}", int(index)):
+            tag, older, index = value.decode().partition(":")  # "<tag>", or the older "<tag>:<index>"
+            call = f"{self._root}:b:{tag}"
+            if client.getbit(call, int(index)) if older else client.exists(call):
                 return ("done", None, None)
-            claims.append((key, tag, index))
+            claims.append((key, tag))
         if not claims:
             return ("absent", None, None)
-        key, tag, _ = claims[0]
+        key, tag = claims[0]
         meta = (client.hget(key, "\n" + tag) or b"|0").decode()
         owner, _, deadline = meta.rpartition("|")
         return ("claimed", owner, int(deadline))
@@ -275,11 +257,11 @@ class RedisDedupStore:
             for flying in self._flying.values():
                 unsure.update(flying.intersection(done_ids))
             if unsure:
-                self._take(list(unsure), bitmaps=False)
-                groups = self._take([i for i in done_ids if i not in unsure], bitmaps=True)
-                groups.append(_Done("", b"", b"", unsure, True))
+                self._take(list(unsure), complete=False)
+                groups = self._take([i for i in done_ids if i not in unsure], complete=True)
+                groups.append(_Done("", b"", unsure, True))
             else:
-                groups = self._take(done_ids, bitmaps=True)
+                groups = self._take(done_ids, complete=True)
         return lease_ms, unique, tag, groups
 
     def _answer(self, unique: list[str], lease_ms: int, tag: str, groups: list[_Done], reply: bytes) -> ClaimResult:
@@ -295,7 +277,7 @@ class RedisDedupStore:
             return ClaimResult(frozenset())
         if codes.count(b"1") == len(codes):  # the common case: every id is new
             claimed_all = frozenset(unique)
-            self._track(_Claim(tag, deadline, unique, codes, claimed_all))
+            self._track(_Claim(tag, deadline, claimed_all))
             return ClaimResult(claimed_all)
         claimed: list[str] = []
         done: list[str] = []
@@ -309,7 +291,7 @@ class RedisDedupStore:
                 busy.append(event_id)
         result = ClaimResult(frozenset(claimed), frozenset(done), frozenset(busy))
         if claimed:
-            self._track(_Claim(tag, deadline, unique, codes, result.claimed))
+            self._track(_Claim(tag, deadline, result.claimed))
         return result
 
     def complete(self, ids: Sequence[str]) -> None:
@@ -323,20 +305,22 @@ class RedisDedupStore:
             return
         unique = list(dict.fromkeys(ids))
         with self._lock:
-            self._take(unique, bitmaps=False)
+            self._take(unique, complete=False)
         self._run("release", unique, 1, "", [])
 
     def _track(self, claim: _Claim) -> None:
         with self._lock:
             self._claims.append(claim)
 
-    def _take(self, ids: Sequence[str], *, bitmaps: bool) -> list[_Done]:
-        """Remove ids from the tracked claims; group them by claim call, newest first (for a complete).
+    def _take(self, ids: Sequence[str], *, complete: bool) -> list[_Done]:
+        """Remove ids from the tracked claims; with ``complete``, the groups that record them done.
 
-        Ids of no tracked claim come last, with an empty tag. Called with the lock held.
+        A tracked claim call whose every claimed id is completed at once is one group (its tag);
+        the other ids come last, in one group written "d" by id. Called with the lock held.
         """
         rest = set(ids)
         groups: list[_Done] = []
+        apart: set[str] = set()
         claims = self._claims
         for i in range(len(claims) - 1, -1, -1):
             if not rest:
@@ -344,14 +328,16 @@ class RedisDedupStore:
             claim = claims[i]
             mine = claim.claimed & rest
             if mine:
-                if bitmaps:
-                    groups.append(_Done(claim.tag, claim.deadline, claim.bitmap(mine), mine, False))
+                if claim.intact and len(mine) == len(claim.claimed):
+                    groups.append(_Done(claim.tag, claim.deadline, mine, False))
+                else:
+                    apart |= mine
                 claim.claimed -= mine
                 claim.intact = False
                 rest -= mine
-        if rest:
-            groups.append(_Done("", b"", b"", rest, True))
-        return groups
+        if complete and (rest or apart):
+            groups.append(_Done("", b"", rest | apart, True))
+        return groups if complete else []
 
     @staticmethod
     def _join(ids: Collection[str]) -> str:
@@ -372,7 +358,7 @@ class RedisDedupStore:
         """The script's arguments (see dedup_claim.lua)."""
         args: list[Any] = [op, self._owner, lease_ms, self._retention_ms, tag, self._join(ids), self._width_ms]
         for done in groups:
-            args += [done.tag, done.deadline, done.bitmap, self._join(done.ids) if done.with_ids else ""]
+            args += [done.tag, done.deadline, self._join(done.ids) if done.with_ids else ""]
         return args
 
     @staticmethod

@@ -4,27 +4,29 @@
 --          the script touches starts with KEYS[1], so all of them live in KEYS[1]'s hash slot
 --          and the script runs on one node of a Redis Cluster.
 --   <root>:h:<bucket>  hash of the ids written while floor(now / width) was <bucket> (server
---                      clock, ms): field = id, value "<tag>:<index>" (claimed by the claim call
---                      <tag>, as its <index>th id, 0-based) or "d" (done); plus one field
---                      "\n<tag>" = "<owner>|<lease deadline ms>" per claim call that wrote there
---                      (no id contains "\n"). Expires at (bucket + 1) * width + lease + retention
---                      (the longest lease written in it): a claim completed within its lease stays
---                      findable for at least the retention after its completion.
+--                      clock, ms): field = id, value "<tag>" (claimed by the claim call <tag>) or
+--                      "d" (done); plus one field "\n<tag>" = "<owner>|<lease deadline ms>" per
+--                      claim call that wrote there (no id contains "\n"). Expires at
+--                      (bucket + 1) * width + lease + retention (the longest lease written in it):
+--                      a claim completed within its lease stays findable for at least the
+--                      retention after its completion.
 --   <root>:r           sorted set of the buckets, scored by their expiry: the live buckets, which
 --                      a lookup reads (one variadic HMGET each).
---   <root>:b:<tag>     bitmap of the claim call: bit <index> is set when that id is done (bit 0 is
---                      the high bit of byte 0). Expires a retention after its last update.
--- A claim call's ids are marked done with one bitmap write, however many they are. Ids completed
--- after their lease deadline, or whose claim the caller no longer tracks, are written "d" in the
--- current bucket (one field each: rare). Every key has a TTL, so the store stays bounded.
+--   <root>:b:<tag>     present when every id the claim call <tag> claimed is done (written once,
+--                      when they are completed together). Expires a retention after it is written.
+-- A claim call's ids are marked done with one key, however many they are. Ids completed apart
+-- from the rest of their claim call, after their lease deadline, or whose claim the caller no
+-- longer tracks, are written "d" in the current bucket (one field each: the rare case). Every
+-- key has a TTL, so the store stays bounded. Values "<tag>:<index>" (the layout before this one,
+-- where <root>:b:<tag> was a bitmap of the call's done indices) are still read.
 --
 -- ARGV[1]: "batch" or "release"; ARGV[2]: the caller's owner token; ARGV[3]: lease in ms;
--- ARGV[4]: retention in ms; ARGV[5]: tag of this claim call (unique in the namespace, no ":");
--- ARGV[6]: ids to claim (batch) or release, separated by "\n" (the client hashes ids that
---          contain "\n", are empty or are long); ARGV[7]: bucket width in ms;
--- ARGV[8], ARGV[9], ...: groups of four, ids to record done before the claim: (tag of their claim
---          call, its lease deadline, bitmap of their indices, ids separated by "\n" or ""); an
---          empty tag marks ids whose claim is unknown: they are written "d". A group whose
+-- ARGV[4]: retention in ms; ARGV[5]: tag of this claim call (unique in the namespace, hex, no
+--          ":"); ARGV[6]: ids to claim (batch) or release, separated by "\n" (the client hashes
+--          ids that contain "\n", are empty or are long); ARGV[7]: bucket width in ms;
+-- ARGV[8], ARGV[9], ...: groups of three, ids to record done before the claim: (tag of their
+--          claim call, its lease deadline, ids separated by "\n" or ""): a group with a tag marks
+--          its whole claim call done; an empty tag marks ids written "d" one by one. A group whose
 --          deadline has passed is written "d" too, which needs its ids: when one comes without
 --          them, nothing is written and the answer is "L" and the numbers of such groups (1 = the
 --          first group), comma-separated; the client sends the call again with their ids.
@@ -152,21 +154,33 @@ local function lookup(ids, n)
   return found
 end
 
-local function parse(value)
-  return string.match(value, "^([^:]+):(%d+)$")
+-- Whether each claim call's ids are all done (its key exists); the older layout's bitmaps too.
+local calls = {}
+local function call_key(tag)
+  local v = calls[tag]
+  if v == nil then
+    v = redis.call("GET", root .. ":b:" .. tag) or false
+    calls[tag] = v
+  end
+  return v
 end
 
--- Whether the id at index of claim call tag is done (its bit set); bitmaps read once per call.
-local bitmaps = {}
-local function done_bit(tag, index)
-  local bits = bitmaps[tag]
-  if bits == nil then
-    bits = redis.call("GET", root .. ":b:" .. tag) or ""
-    bitmaps[tag] = bits
+-- A found value: whether its id is done, and the tag of the claim call that wrote it (nil for a
+-- value that is neither "d" nor a claim: busy is the safe answer for it).
+local function is_done(value)
+  if value == "d" then
+    return true, "d"
+  end
+  if not string.find(value, ":", 1, true) then
+    return call_key(value) ~= false, value
+  end
+  local tag, index = string.match(value, "^([^:]+):(%d+)$") -- the older layout: a bit per index
+  if tag == nil then
+    return false, nil
   end
   local i = tonumber(index)
-  local byte = string.byte(bits, math.floor(i / 8) + 1)
-  return byte ~= nil and bit.band(byte, bit.rshift(128, i % 8)) ~= 0
+  local byte = string.byte(call_key(tag) or "", math.floor(i / 8) + 1)
+  return byte ~= nil and bit.band(byte, bit.rshift(128, i % 8)) ~= 0, tag
 end
 
 -- The owner and lease deadline of claim call tag, from the bucket its ids were written to.
@@ -181,15 +195,11 @@ end
 local function state(f)
   local newest
   for k = 2, #f, 2 do
-    local value = f[k]
-    if value == "d" then
-      return "0"
-    end
-    local tag, index = parse(value)
+    local done, tag = is_done(f[k])
     if tag == nil then
       return "2" -- unknown value: busy is the safe answer
     end
-    if done_bit(tag, index) then
+    if done then
       return "0"
     end
     if newest == nil then
@@ -206,8 +216,8 @@ if op == "release" then
   for i, f in pairs(lookup(ids, n) or {}) do
     local mine = false
     for k = 2, #f, 2 do
-      local tag, index = parse(f[k])
-      if tag == nil or done_bit(tag, index) then
+      local done, tag = is_done(f[k])
+      if tag == nil or done then
         mine = false
         break
       end
@@ -225,28 +235,22 @@ end
 
 -- Record done ids first. A group past its deadline is written "d", which needs its ids.
 local late = {}
-for g = 8, #ARGV, 4 do
-  if ARGV[g] ~= "" and tonumber(ARGV[g + 1]) < now and ARGV[g + 3] == "" then
-    late[#late + 1] = (g - 4) / 4
+for g = 8, #ARGV, 3 do
+  if ARGV[g] ~= "" and tonumber(ARGV[g + 1]) < now and ARGV[g + 2] == "" then
+    late[#late + 1] = (g - 5) / 3
   end
 end
 if #late > 0 then
   return "L" .. table.concat(late, ",")
 end
-for g = 8, #ARGV, 4 do
+for g = 8, #ARGV, 3 do
   local tag = ARGV[g]
   if tag ~= "" and tonumber(ARGV[g + 1]) >= now then
-    local key = root .. ":b:" .. tag
-    if not redis.call("SET", key, ARGV[g + 2], "NX", "PX", retention) then
-      local scratch = root .. ":t"
-      redis.call("SET", scratch, ARGV[g + 2], "PX", 60000)
-      redis.call("BITOP", "OR", key, key, scratch)
-      redis.call("DEL", scratch)
-      redis.call("PEXPIRE", key, retention)
-    end
+    redis.call("SET", root .. ":b:" .. tag, "1", "PX", retention)
   else
-    -- Unknown claim, or completed after its lease (its bucket may expire too soon): "d".
-    local list, count = split(ARGV[g + 3])
+    -- Ids completed apart from their claim call, unknown claims, or completed after their lease
+    -- (their bucket may expire too soon): "d".
+    local list, count = split(ARGV[g + 2])
     local args = {}
     for i = 1, count do
       args[2 * i - 1] = list[i]
@@ -264,18 +268,7 @@ if ARGV[6] == "" then
 end
 local ids, n = split(ARGV[6])
 local deadline = num(now + lease)
-local head = ARGV[5] .. ":"
--- Index strings from digit pairs: formatting a number per id would cost more than the HSET.
-local digits = {}
-for k = 0, 99 do
-  digits[k] = string.format("%02d", k)
-end
-local function value(i)
-  if i < 10000 then
-    return head .. digits[math.floor(i / 100)] .. digits[i % 100]
-  end
-  return head .. num(i)
-end
+local tag = ARGV[5]
 local found = lookup(ids, n)
 local args = {}
 local m = 0
@@ -283,7 +276,7 @@ local out
 if found == nil then
   for i = 1, n do
     args[2 * i - 1] = ids[i]
-    args[2 * i] = value(i - 1)
+    args[2 * i] = tag
   end
   m = 2 * n
 else
@@ -303,14 +296,14 @@ else
     end
     if code == "1" then
       args[m + 1] = ids[i]
-      args[m + 2] = value(i - 1)
+      args[m + 2] = tag
       m = m + 2
     end
     out[i] = code
   end
 end
 if m > 0 then
-  args[m + 1] = "\n" .. ARGV[5]
+  args[m + 1] = "\n" .. tag
   args[m + 2] = owner .. "|" .. deadline
   hset(current, args, m + 2)
   touch_current()
