@@ -439,6 +439,9 @@ class IdempotentConsumer:
             self._current = batch  # a revocation while reading ahead drops its partitions from this batch
             try:
                 following = self._source.poll(timeout_s=0)  # only what is already fetched
+            except BaseException:
+                self._ahead = batch  # not handled: close() takes its answer and gives its claims back
+                raise
             finally:
                 self._current = None
             if following:

@@ -368,3 +368,26 @@ def test_every_message_is_decided_once_and_every_id_has_one_effect_with_or_witho
     log: Log, done_before: list[str], size: int, claim: str
 ) -> None:
     _drain(log, done_before, claim=claim, size=size)
+
+
+def test_a_fatal_error_while_reading_ahead_leaves_the_claimed_batch_for_close_to_give_back() -> None:
+    class FailingRead(FakeKafka):
+        def __init__(self) -> None:
+            super().__init__(partitions=1)
+            self.reads = 0
+
+        def poll(self, timeout: float) -> Any:
+            self.reads += 1
+            if self.reads == 2:
+                raise RuntimeError("the read ahead failed")
+            return super().poll(timeout)
+
+    kafka = FailingRead()
+    kafka.add(0, "a")
+    store = AheadStore(kafka.journal)
+    consumer = ahead(kafka, lambda m: None, store)
+    with pytest.raises(RuntimeError):
+        consumer.poll_once()
+    consumer.close()
+    assert store.in_flight == 0 and store.state("a") == "absent", "its answer was taken and its claim given back"
+    assert kafka.commits == []
