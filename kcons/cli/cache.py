@@ -22,6 +22,7 @@ from kcons.cli.errors import click_error
 from kcons.cli.settings import PortSetting, start_metrics
 from kcons.cli.signals import stop_on_signals
 from kcons.errors import ConfigError
+from kcons.runtime import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def invalidator_command(
         group,
         "idempotent-consumer" if per_event else "batched",
     )
+    freeze_startup_heap()  # no full collection walks the imports and clients mid-batch
     try:
         with stop_on_signals(SimpleNamespace(stop=stop.set)):
             inv.run(kafka.client_config(**{"group.id": group}), list(topics), stop=stop, batched=not per_event)

@@ -18,6 +18,7 @@ from kcons.config import check_postgres_dsn, check_range, env_str, redact, redac
 from kcons.errors import ConfigError, KconsError
 from kcons.lease import LeaseBackend
 from kcons.outbox.schema import DEFAULT_LOCK_TIMEOUT_S, DEFAULT_TABLE, SCHEMA_VERSION, install_schema, postgres_ddl
+from kcons.runtime import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def relay(
     if server is not None:
         server.add_health_check("relay", runner.health)
     log.info("relay %r", settings)
+    freeze_startup_heap()  # no full collection walks the imports and clients mid-batch
     try:
         with stop_on_signals(runner):
             runner.run()

@@ -50,6 +50,7 @@ from kcons.cache.redis import RedisCacheBackend
 from kcons.config import KafkaSettings
 from kcons.envelope import Envelope
 from kcons.outbox import OutboxRelay, RelaySettings, add
+from kcons.runtime import freeze_startup_heap
 
 log = logging.getLogger("cache_worker")
 
@@ -103,6 +104,7 @@ def run_relay(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]
         relay.stop()
 
     threading.Thread(target=stop_on_signal, daemon=True).start()
+    freeze_startup_heap()  # as `kcons outbox relay` does
     relay.run()
     return {"role": "relay", "published": relay.published}
 
@@ -259,6 +261,7 @@ def run_invalidator(args: argparse.Namespace, stop: threading.Event) -> dict[str
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 500,
     }
+    freeze_startup_heap()  # as `kcons cache invalidator` does
     invalidator.run(config, [args.topic], stop=stop, batched=args.batched)  # both loops are exercised
     client.close()
     if args.applied_log is not None:
