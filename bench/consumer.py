@@ -7,8 +7,10 @@ sends the commit after the batch's effects and goes on (its ``async_commit``), s
 waiting for every commit (the raw consumer with ``asynchronous=False``, kcons with
 ``async_commit=False``). Throughput is measured from the first to the last message (group
 join excluded). Rounds alternate the order of the variants and the median of each is
-reported; ``ratio`` = Redis store / baseline. ``baseline_read_id`` is the baseline that also
-reads each message's ``kcons-id`` header (what the id alone costs, apart from kcons).
+reported; ``ratio`` = Redis store / baseline. ``redis_in_turn`` is the Redis store with
+``claim_ahead=False`` (each batch's claim answered before the batch is handled), in the same
+run. ``baseline_read_id`` is the baseline that also reads each message's ``kcons-id`` header
+(what the id alone costs, apart from kcons).
 ``cpu_us_per_msg`` is this process's CPU time (Python and librdkafka's threads) per message over
 the whole run, the steadier measure of cost.
 
@@ -193,6 +195,15 @@ def main() -> int:
             "redis": lambda: run_kcons(
                 bootstrap, topic, args.messages, args.batch_size, lambda g: RedisDedupStore(client, namespace=g)
             ),
+            # The same store with claim_ahead=False: each batch's claim answered before it is handled.
+            "redis_in_turn": lambda: run_kcons(
+                bootstrap,
+                topic,
+                args.messages,
+                args.batch_size,
+                lambda g: RedisDedupStore(client, namespace=g),
+                claim_ahead=False,
+            ),
             "memory": lambda: run_kcons(
                 bootstrap, topic, args.messages, args.batch_size, lambda g: MemoryDedupStore(max_entries=1_000_000)
             ),
@@ -212,7 +223,7 @@ def main() -> int:
             variants = {name: run for name, run in variants.items() if name in wanted}
         results: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}
-        redis_cpu: list[float] = []  # the Redis server's CPU per message, over the Redis store's runs
+        redis_cpu: dict[str, list[float]] = {"redis": [], "redis_in_turn": []}  # Redis server CPU per message
         order = list(variants)
         for r in range(args.rounds):
             for name in order[r % len(order) :] + order[: r % len(order)]:
@@ -223,8 +234,8 @@ def main() -> int:
                 used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                 results[name].append(rate)
                 cpu[name].append(used / args.messages * 1e6)
-                if name == "redis":
-                    redis_cpu.append((redis_cpu_s(client) - server_before) / args.messages * 1e6)
+                if name in redis_cpu:
+                    redis_cpu[name].append((redis_cpu_s(client) - server_before) / args.messages * 1e6)
                 log.warning("round %d %s: %.0f msgs/s, %.2f us CPU/msg", r + 1, name, rate, cpu[name][-1])
         client.close()
 
@@ -249,7 +260,15 @@ def main() -> int:
         "kcons": {"redis_store": side("redis"), "memory_store": side("memory")},
         # The Redis server's own CPU time (INFO used_cpu_sys + used_cpu_user deltas) per message
         # over the Redis store's runs: the store's cost on the shared cores, apart from this process.
-        "redis_server_cpu_us_per_msg": round(statistics.median(redis_cpu), 2),
+        "redis_server_cpu_us_per_msg": round(statistics.median(redis_cpu["redis"]), 2),
+        # claim_ahead=False (each batch's claim answered before the batch is handled), same store.
+        "redis_in_turn": {
+            **side("redis_in_turn"),
+            "redis_server_cpu_us_per_msg": round(statistics.median(redis_cpu["redis_in_turn"]), 2),
+            "ratio_vs_baseline_read_id": ratio("redis_in_turn", "baseline_read_id"),
+        }
+        if redis_cpu["redis_in_turn"]
+        else None,
         "ratio": ratio("redis", "baseline_async_commit"),
         "ratio_memory": ratio("memory", "baseline_async_commit"),
         # The raw consumer that also reads every message's kcons-id header (the least a dedup
