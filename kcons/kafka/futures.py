@@ -12,7 +12,12 @@ every Python version.
 A future made by a producer is registered in the producer's :class:`DeliveryTracker` and is
 itself the message's delivery callback. Whoever takes it out of the tracker's pending set (an
 atomic ``set.remove``/``set.pop``) settles it: the delivery report, or the producer failing
-what is still pending (abort, close, re-creation). So every such future completes exactly once.
+what is still pending (abort, close, re-creation). So every such future completes exactly once,
+and once settled only its caller holds it: a future nobody keeps is freed with its report.
+
+The Message a future keeps is the delivery report itself, with one change: when the message was
+produced with a bytes value, that object replaces the report's copy of it (``result().value()``
+is the object passed to ``produce``), so keeping many futures keeps no second copy of every payload.
 
 ``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future`` need a standard future:
 pass them ``fut.as_future()``.
@@ -29,7 +34,7 @@ from confluent_kafka import KafkaError, Message
 
 from kcons.errors import DeliveryError
 
-__all__ = ["DeliveryFuture", "DeliveryTracker"]
+__all__ = ["CallbackDeliveryFuture", "DeliveryFuture", "DeliveryTracker"]
 
 #: Guards the hand-over from the recorded outcome to the standard future (uncontended in practice).
 _link_lock = threading.Lock()
@@ -102,14 +107,15 @@ class DeliveryFuture:
     while other threads wait.
 
     It is also the message's delivery callback (``__call__(err, msg)``), so a produced message
-    allocates one object, not a future plus a closure.
+    allocates one object, not a future plus a closure. A message with a user delivery callback
+    gets a :class:`CallbackDeliveryFuture` instead.
     """
 
-    __slots__ = ("_callback", "_future", "_outcome", "_tracker")
+    __slots__ = ("_future", "_outcome", "_tracker", "_value")
 
-    def __init__(self, tracker: DeliveryTracker | None = None, callback: DeliveryCallback | None = None) -> None:
+    def __init__(self, tracker: DeliveryTracker | None = None, value: object = None) -> None:
         self._tracker = tracker
-        self._callback = callback
+        self._value = value  # the produced value until the report (see settle_delivered)
         self._outcome: Any = _UNSET
         self._future: Future[Message] | None = None  # the standard future, once something waits
 
@@ -129,9 +135,13 @@ class DeliveryFuture:
             tracker.pending.discard(self)
             self._report(tracker, err, msg)
             raise
-        if err is None and self._callback is None:
+        if err is None:
             self._tracker = None  # let the producer go once delivered
             tracker.delivered += 1
+            value = self._value
+            if type(value) is bytes:
+                msg.set_value(value)  # the report's copy of it is freed now, not when the future is
+                self._value = None
             self._outcome = msg
             # A waiter links after writing _future and reads _outcome after: one of the two sees the other.
             fut = self._future
@@ -141,20 +151,30 @@ class DeliveryFuture:
             self._report(tracker, err, msg)
 
     def _report(self, tracker: DeliveryTracker, err: KafkaError | None, msg: Message) -> None:
-        """Settle the claimed future from its report; a report the tracker fails to handle fails the future."""
-        if err is None and self._callback is None:
-            tracker.delivered += 1
-            self.settle(msg)
-            return
+        """Settle the claimed future through the tracker; a report the tracker fails to handle fails the future."""
         try:
-            tracker.on_report(self, err, msg, self._callback)
+            tracker.on_report(self, err, msg, self._user_callback())
         finally:
             if self._outcome is _UNSET:  # on_report raised before settling it (e.g. called in the bad state)
                 self.settle(None, DeliveryError(f"the delivery report could not be handled: {err}"))
 
+    def _user_callback(self) -> DeliveryCallback | None:
+        """The user's delivery callback of this message (only a CallbackDeliveryFuture has one)."""
+        return None
+
     def settle(self, result: Message | None, exception: BaseException | None = None) -> None:
-        """Record the outcome of a future its caller took out of the tracker (a cancelled future ignores it)."""
-        outcome = result if exception is None else _Failed(exception)
+        """Record the outcome of a future its caller took out of the tracker (a cancelled future ignores it).
+
+        A successful report ``result`` gets the produced bytes value in place of its copy, as in ``__call__``.
+        """
+        if exception is None:
+            value = self._value
+            if type(value) is bytes and result is not None:
+                result.set_value(value)
+            outcome: Any = result
+        else:
+            outcome = _Failed(exception)
+        self._value = None
         self._tracker = None
         self._outcome = outcome
         fut = self._future
@@ -258,3 +278,34 @@ class DeliveryFuture:
         """Always False: a delivery is either pending or done (as for a Future nobody runs)."""
         fut = self._future
         return False if fut is None else fut.running()
+
+
+class CallbackDeliveryFuture(DeliveryFuture):
+    """A DeliveryFuture whose message has a user delivery callback: each report goes to the tracker.
+
+    The tracker's ``on_report`` settles the future, then calls the callback once.
+    """
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, tracker: DeliveryTracker | None, value: object, callback: DeliveryCallback) -> None:
+        super().__init__(tracker, value)
+        self._callback = callback
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        """confluent-kafka's delivery callback: claim the future, then the tracker settles it and calls back."""
+        tracker = self._tracker
+        if tracker is None:
+            return
+        try:
+            tracker.pending.remove(self)
+        except KeyError:
+            return
+        except BaseException:  # see DeliveryFuture.__call__
+            tracker.pending.discard(self)
+            self._report(tracker, err, msg)
+            raise
+        self._report(tracker, err, msg)
+
+    def _user_callback(self) -> DeliveryCallback | None:
+        return self._callback

@@ -48,7 +48,7 @@ from kcons.errors import (
 )
 from kcons.ids import fast_event_id
 from kcons.kafka.client import check_producer_config, close_bounded
-from kcons.kafka.futures import DeliveryCallback, DeliveryFuture, DeliveryTracker
+from kcons.kafka.futures import CallbackDeliveryFuture, DeliveryCallback, DeliveryFuture, DeliveryTracker
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,8 @@ class _ProducerBase:
         if client.closed:
             raise FatalKafkaError("the producer is closed; create a new one")
         tracker = self._tracker
-        fut = DeliveryFuture(tracker, on_delivery or self._user_delivery_cb)
+        callback = on_delivery or self._user_delivery_cb
+        fut = DeliveryFuture(tracker, value) if callback is None else CallbackDeliveryFuture(tracker, value, callback)
         pending = tracker.pending
         pending.add(fut)
         if self.event_ids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from kcons.errors import (
     ProducerFencedError,
     TimeoutExceededError,
 )
+from kcons.kafka.futures import DeliveryFuture
 from kcons.kafka.producer import IdempotentProducer, TransactionalProducer, wrap
 
 pytestmark = [pytest.mark.integration, pytest.mark.backends]
@@ -284,3 +286,36 @@ def test_idempotent_producer_resolves_futures_and_calls_the_configured_delivery_
     assert from_config == [None] * 50 and per_message == [None]
     got = read_all(make_consumer, topic, "read_uncommitted", 51)
     assert len(got) == 51 and len({dict(m.headers())[HEADER_ID] for m in got}) == 51
+
+
+def _live_futures() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, DeliveryFuture))
+
+
+def test_futures_nobody_keeps_are_freed_once_delivered_and_a_kept_one_holds_the_produced_value(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    topic = unique_topic(partitions=3)
+    payload = b"p" * 1024
+    txn = txn_producer(kafka_bootstrap)
+    idem = IdempotentProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    before = _live_futures()
+    with txn.transaction():
+        for i in range(3000):
+            txn.produce(topic, payload, key=b"%d" % (i % 10))  # fire and forget
+        kept = txn.produce(topic, payload)
+    for i in range(3000):
+        idem.produce(topic, payload, key=b"%d" % (i % 10))
+    idem.flush()
+    assert not txn._tracker.pending and not idem._tracker.pending
+    assert _live_futures() - before == 1, "only the future kept by the caller is alive"
+    msg = kept.result(0)
+    assert msg.topic() == topic and msg.offset() >= 0 and msg.value() is payload, "the produced bytes, not a copy"
+    with pytest.raises(RuntimeError), txn.transaction():
+        for _ in range(500):
+            txn.produce(topic, payload)
+        raise RuntimeError("abort")
+    assert not txn._tracker.pending and _live_futures() - before == 1, "aborted futures are released too"
+    txn.close()
+    idem.close()

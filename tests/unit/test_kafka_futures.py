@@ -11,8 +11,9 @@ import threading
 from typing import Any
 
 import pytest
+from confluent_kafka import Message
 
-from kcons.kafka.futures import DeliveryFuture, DeliveryTracker
+from kcons.kafka.futures import CallbackDeliveryFuture, DeliveryFuture, DeliveryTracker
 
 
 def test_result_set_before_anyone_waits_is_returned() -> None:
@@ -156,7 +157,7 @@ def test_a_failure_or_a_user_callback_goes_to_the_tracker_which_settles_the_futu
 
     tracker = DeliveryTracker(on_report)
     seen: list[Any] = []
-    failed, called = DeliveryFuture(tracker), DeliveryFuture(tracker, lambda err, msg: seen.append(msg))
+    failed, called = DeliveryFuture(tracker), CallbackDeliveryFuture(tracker, None, lambda err, msg: seen.append(msg))
     tracker.pending.update((failed, called))
     failed("boom", "m1")  # type: ignore[arg-type]
     called(None, "m2")  # type: ignore[arg-type]
@@ -234,3 +235,66 @@ def test_a_future_nobody_waits_on_links_no_standard_future() -> None:
     threading.Timer(0.1, lambda: other.set_result("b")).start()  # type: ignore[arg-type]
     done = [f.result() for f in concurrent.futures.as_completed([fut.as_future(), other.as_future()], timeout=5)]
     assert done == ["m", "b"] and seen == ["m"]
+
+
+def _report(value: bytes | None, offset: int = 7) -> Message:
+    """A delivery report as confluent-kafka hands it over: its own copy of the value."""
+    copy = None if value is None else bytes(bytearray(value))
+    return Message(topic="t", partition=2, offset=offset, key=b"k", value=copy, timestamp=(1, 1_700_000_000_000))
+
+
+def test_a_delivered_future_keeps_the_report_with_the_produced_value_instead_of_its_copy() -> None:
+    tracker = DeliveryTracker(lambda *a: None)
+    produced = b"x" * 1024
+    fut = DeliveryFuture(tracker, produced)
+    tracker.pending.add(fut)
+    report = _report(produced)
+    assert report.value() is not produced
+    fut(None, report)
+    msg = fut.result(0)
+    assert msg is report, "result() is the delivery report itself"
+    assert msg.value() is produced, "the report's copy of the value is dropped, the produced bytes kept"
+    assert (msg.topic(), msg.partition(), msg.offset(), msg.key()) == ("t", 2, 7, b"k")
+    assert fut._value is None and fut._tracker is None, "nothing else is held once delivered"
+
+
+def test_a_str_value_leaves_the_reports_bytes_in_place() -> None:
+    tracker = DeliveryTracker(lambda *a: None)
+    fut = DeliveryFuture(tracker, "text")
+    tracker.pending.add(fut)
+    fut(None, _report(b"text"))
+    assert fut.result(0).value() == b"text", "value() stays bytes, as confluent-kafka reports it"
+
+
+def test_a_future_with_a_user_callback_is_settled_by_the_tracker_once_and_the_callback_runs_once() -> None:
+    calls: list[Any] = []
+
+    def on_report(fut: DeliveryFuture, err: Any, msg: Any, cb: Any) -> None:
+        fut.settle(msg)
+        cb(err, msg)
+
+    tracker = DeliveryTracker(on_report)
+    produced = b"payload"
+    fut = CallbackDeliveryFuture(tracker, produced, lambda err, msg: calls.append((err, msg.value())))
+    tracker.pending.add(fut)
+    fut(None, _report(produced))
+    fut(None, _report(produced, offset=8))  # a second report is ignored
+    assert calls == [(None, produced)] and fut.result(0).offset() == 7
+    assert calls[0][1] is produced, "the callback sees the produced value too"
+
+
+def test_a_failed_future_does_not_hold_its_value() -> None:
+    tracker = DeliveryTracker(lambda fut, err, msg, cb: fut.settle(None, RuntimeError(err)))
+    fut = DeliveryFuture(tracker, b"v")
+    tracker.pending.add(fut)
+    fut("boom", _report(b"v"))  # type: ignore[arg-type]
+    assert isinstance(fut.exception(0), RuntimeError) and fut._value is None
+
+
+def test_futures_failed_by_the_tracker_release_their_values_and_the_tracker_holds_nothing() -> None:
+    tracker = DeliveryTracker(lambda *a: None)
+    futs = [DeliveryFuture(tracker, b"v%d" % i) for i in range(100)]
+    tracker.pending.update(futs)
+    assert tracker.fail_pending(lambda: RuntimeError("aborted")) == 100
+    assert not tracker.pending
+    assert all(isinstance(f.exception(0), RuntimeError) and f._value is None for f in futs)
