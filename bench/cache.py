@@ -6,8 +6,11 @@
    see the same noise from other processes; ``ratio`` is kcons reads per second over baseline
    reads per second, over all chunks (``best_chunk_ratio`` compares the best chunk of each).
 2. **Commit to invalidation.** Writer threads update rows at ``--rate`` writes per second, each
-   with its change event added to the kcons outbox in the same transaction; the outbox relay
-   publishes to Kafka; two ``CacheInvalidator`` processes write tombstones, one on the batched
+   with its change event added to the kcons outbox in the same transaction (every thread
+   connects before the first write, so start-up work is outside the measured window); the
+   outbox relay (default polling, woken by the outbox trigger's NOTIFY) publishes to Kafka;
+   the relay and invalidator processes freeze their start-up heap as the ``kcons`` commands
+   do; two ``CacheInvalidator`` processes write tombstones, one on the batched
    path (no dedup store) and one through ``IdempotentConsumer`` with a dedup store, each in its
    own consumer group and Redis prefix, reading the same records at the same time. Latency per
    write = Redis acknowledged the tombstone - the writer's commit returned (same machine clock).
