@@ -249,6 +249,7 @@ class IdempotentConsumer:
         self._fast_path = self._effects.fast_path
         self._deferred_done: list[str] = []  # handled, done records to write with the next claim
         self._uncompleted: set[str] = set()  # handled ids whose done record failed; retried, treated as done
+        self._unconfirmed: set[str] = set()  # claim ahead: done records of a failed call, sent again; treated as done
         self._unreleased: set[str] = set()  # claims whose release failed; retried
         self._committer: concurrent.futures.ThreadPoolExecutor | None = None
         # Overlapping the offset commit with the store round trip pays off for a networked store
@@ -449,8 +450,9 @@ class IdempotentConsumer:
         try:
             claim = self._receive(batch)
         except StoreError as exc:
-            if self._ahead is not None:  # its done records count only after this batch's are written
-                self._ahead.stage_waits = True
+            if self._ahead is not None:  # read after this batch, which is rewound: it goes too
+                self._ahead.stage_waits = True  # and its done records count only after this batch's
+                self._ahead.drop.update(_starts(batch.msgs))
             return self._store_failed(batch, exc)
         if self._ledger.has_ready:  # the done records the answer confirmed make offsets committable
             self._ledger.commit()
@@ -493,6 +495,7 @@ class IdempotentConsumer:
             raise batch.error
         store: Any = self._store
         answer, batch.answer = batch.answer, None
+        retried = False
         try:
             if answer is None:
                 raise batch.error or StoreError("the claim was never sent")
@@ -501,15 +504,30 @@ class IdempotentConsumer:
             self._log.info("claim ahead failed, claiming again: %s", exc)
             try:
                 claim = self._store_retry(store.complete_and_claim, batch.done_sent, batch.ids, self._lease_s)
+                retried = True
             except StoreError as final:
                 self._deferred_done[:0] = batch.done_sent  # written with the next store call
+                self._unconfirmed.update(batch.done_sent)  # calls sent meanwhile may claim them again
                 self._ledger.decide(batch.stage, awaiting_done=True)
                 batch.done_sent, batch.stage = [], {}
                 batch.error, batch.failed = final, True
+                batch.without(batch.drop)  # rewound since: not held here, at offsets past the rewind
                 raise
         self._store_failing_since = None
         self._ledger.decide(batch.stage, awaiting_done=bool(self._uncompleted) or batch.stage_waits)
+        if self._unconfirmed:
+            self._unconfirmed.difference_update(batch.done_sent)
+        if retried and batch.done_sent and self._ahead is not None:
+            # The call sent after this one may have run before the retry wrote these: it may claim them.
+            self._unconfirmed.update(batch.done_sent)
+            self._ahead.confirms = batch.done_sent
         batch.done_sent, batch.stage = [], {}
+        if self._unconfirmed or self._uncompleted:  # handled here, done records not written yet: duplicates
+            handled = claim.claimed & (self._unconfirmed | self._uncompleted)
+            if handled:
+                claim = ClaimResult(claim.claimed - handled, claim.done | handled, claim.busy)
+            if batch.confirms:  # written by a retry while this call was in flight: later calls see them done
+                self._unconfirmed.difference_update(batch.confirms)
         both = batch.overlap & claim.claimed
         if both:  # also claimed by the batch before, which has finished since: did it do them?
             did = both & batch.prior_done
@@ -674,6 +692,8 @@ class IdempotentConsumer:
         except StoreError as exc:
             self._log.error("recording %d handled ids done failed; retrying before each batch: %s", len(ids), exc)
             self._uncompleted.update(ids)
+        if self._unconfirmed:
+            self._unconfirmed.difference_update(ids)  # written, or now among the uncompleted
 
     def _release(self, ids: set[str]) -> None:
         assert self._store is not None
@@ -822,8 +842,8 @@ class _Batch:
     """
 
     __slots__ = (
-        "answer", "claim", "done_sent", "drop", "entries", "error", "failed", "ids", "msgs", "overlap", "prior_done",
-        "raw", "stage", "stage_waits", "stats",
+        "answer", "claim", "confirms", "done_sent", "drop", "entries", "error", "failed", "ids", "msgs", "overlap",
+        "prior_done", "raw", "stage", "stage_waits", "stats",
     )  # fmt: skip
 
     def __init__(
@@ -839,6 +859,7 @@ class _Batch:
         self.failed = False  # the answer was taken and the call failed (after retries)
         self.claim: ClaimResult | None = None
         self.done_sent: list[str] = []  # done records carried by this batch's store call
+        self.confirms: list[str] = []  # done records a retry wrote while this call was in flight
         self.stage: dict[TP, int] = {}  # the offsets those done records make committable
         self.stage_waits = False  # an earlier call failed: the stage waits for its done records too
         self.overlap: frozenset[str] = frozenset()

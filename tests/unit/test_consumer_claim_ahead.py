@@ -40,6 +40,9 @@ class AheadStore(MemoryDedupStore):
         self.slow = slow
         self.mine: set[str] = set()
         self.fail_answers = 0
+        self.fail_calls: set[int] = set()  # the numbers of the claim-ahead calls that fail (1 = the first)
+        self.calls = 0
+        self.fail_retry = False
         self.in_flight = 0
         self.most_in_flight = 0
 
@@ -52,6 +55,9 @@ class AheadStore(MemoryDedupStore):
         return result
 
     def complete_and_claim(self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float) -> ClaimResult:
+        if self.fail_retry:
+            self.fail_retry = False
+            raise StoreError("store still down")
         self.journal.append(f"store done={sorted(done_ids)} claim={sorted(ids)}")
         return super().complete_and_claim(done_ids, ids, lease_s)
 
@@ -74,8 +80,12 @@ class AheadStore(MemoryDedupStore):
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
 
         def run() -> ClaimResult:
-            if self.fail_answers:
-                self.fail_answers -= 1
+            self.calls += 1
+            if self.fail_answers or self.calls in self.fail_calls:
+                self.fail_answers = max(0, self.fail_answers - 1)
+                if self.calls % 3 == 0:  # every third failing call ran, and its answer was lost
+                    self.complete_and_claim(done_ids, ids, lease_s)
+                self.fail_retry = self.calls % 2 == 0  # even calls: the retry fails too (the batch is held)
                 raise StoreError("store down")
             return self.complete_and_claim(done_ids, ids, lease_s)
 
@@ -303,10 +313,14 @@ MESSAGE = st.tuples(
 Log = list[tuple[int, str | None, bytes]]
 
 
-def _drain(log: Log, done_before: list[str], *, claim: str, size: int) -> None:
-    """Drain ``log`` and check the outcome: every message decided once, one effect per id, nothing left claimed."""
+def _drain(log: Log, done_before: list[str], *, claim: str, size: int, fail: set[int] | None = None) -> None:
+    """Drain ``log`` and check the outcome: every message decided once, one effect per id, nothing left claimed.
+
+    ``fail``: the claim-ahead calls that fail (the store is down for them, retries included).
+    """
     kafka = FakeKafka(partitions=3)
     store = AheadStore(slow=claim == "slow")
+    store.fail_calls = fail or set()
     if done_before:
         store.complete(done_before)
     effects: list[tuple[int, int]] = []
@@ -363,11 +377,12 @@ def _drain(log: Log, done_before: list[str], *, claim: str, size: int) -> None:
     done_before=st.lists(st.sampled_from([f"id-{i}" for i in range(8)]), max_size=2),
     size=st.integers(1, 4),
     claim=st.sampled_from(["slow", "fast", "off"]),
+    fail=st.sets(st.integers(1, 12), max_size=4),
 )
 def test_every_message_is_decided_once_and_every_id_has_one_effect_with_or_without_claim_ahead(
-    log: Log, done_before: list[str], size: int, claim: str
+    log: Log, done_before: list[str], size: int, claim: str, fail: set[int]
 ) -> None:
-    _drain(log, done_before, claim=claim, size=size)
+    _drain(log, done_before, claim=claim, size=size, fail=fail)
 
 
 def test_a_fatal_error_while_reading_ahead_leaves_the_claimed_batch_for_close_to_give_back() -> None:
