@@ -323,7 +323,7 @@ def test_redis_ids_in_two_buckets_are_all_found(redis_url: str, namespace: str) 
     assert result.claimed == set(second)
     assert result.done == set(first[:10])
     buckets = list(store._client.scan_iter(match=f"{store.root}:h:*"))
-    assert len(buckets) == 2
+    assert len(buckets) >= 2  # 3 when the partial completion's "d" fields landed in a bucket of their own
     seen = other.claim_batch(first + second, lease_s=30)
     assert seen.done == set(first)
     assert seen.busy == set(second)
