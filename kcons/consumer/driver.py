@@ -25,6 +25,11 @@ written is retried before each batch and counts as done meanwhile; until it is w
 offset is committed past it. On idle, on revocation and on close, pending done records are
 written and offsets committed at once.
 
+With a store that can send that call and read its answer later (declared ``claim_ahead``:
+Redis), the next batch is read (only what is already fetched) and its call sent before the
+current batch is handled, so the store runs the script while this thread reads and handles; the
+done records then ride two calls later. See :class:`IdempotentConsumer` (``claim_ahead``).
+
 Guarantees: every message is handled at least once or dead-lettered (offsets never move past a
 message that is not done and recorded); a message whose id is done is never handled again while
 the store keeps it (retention TTL). With :class:`IdempotentConsumer` a crash after a handler ran
@@ -782,8 +787,9 @@ class IdempotentConsumer:
     def _forget(self, partitions: set[TP]) -> None:
         self._ledger.forget(partitions)
         self._pauses.forget(partitions)
-        # Claims are never held between batches (released or completed after each batch); the ones
-        # whose release failed are given back now so the partitions' new owner need not wait.
+        # Claims are not held between batches (released or completed after each batch; with claim
+        # ahead, the batch read ahead loses these partitions when its answer comes); the ones whose
+        # release failed are given back now so the partitions' new owner need not wait.
         self._retry_leftovers()
 
 
