@@ -788,8 +788,9 @@ class IdempotentConsumer:
         self._ledger.forget(partitions)
         self._pauses.forget(partitions)
         # Claims are not held between batches (released or completed after each batch; with claim
-        # ahead, the batch read ahead loses these partitions when its answer comes); the ones whose
-        # release failed are given back now so the partitions' new owner need not wait.
+        # ahead, the batch claimed while the next is read gives these partitions' claims back in
+        # _drop_current); the ones whose release failed are given back now, so the partitions' new
+        # owner need not wait.
         self._retry_leftovers()
 
 
