@@ -44,6 +44,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from kcons.cache import CacheSettings, ConsistentCache, Versioned
 from kcons.envelope import read_envelope
 from kcons.outbox import install_schema
+from kcons.runtime import freeze_startup_heap
 from kcons.testing import child_env, start_stack
 
 log = logging.getLogger("bench.cache")
@@ -199,6 +200,7 @@ def invalidation_latency(
         applied_logs = {mode: workdir / f"applied-{mode}.json" for mode in modes}
         tail_seen: dict[tuple[str, int], float] = {}
         tail_stop = threading.Event()
+        freeze_startup_heap()  # the reference consumer's process, like the services: no full collection mid-run
         tail = threading.Thread(target=_tail_topic, args=(stack.kafka_bootstrap, topic, tail_stop, tail_seen))
         tail.start()
         relay = _spawn("relay", env, [*common, "--prefix", prefix], "--relay-mode", relay_mode)
