@@ -394,3 +394,39 @@ def test_redis_reads_claims_and_done_bits_written_in_the_previous_layout(redis_u
     assert result.done == {"old-done"}
     assert result.claimed == {"old-open", "new"}, "an expired claim of the old layout is taken over"
     assert store.describe("old-done") == ("done", None, None)
+
+
+def test_redis_a_new_namespace_keeps_uuids_as_16_bytes_and_tells_every_other_id_apart(
+    redis_url: str, namespace: str
+) -> None:
+    store = _redis_store(redis_url, namespace)
+    other = _redis_store(redis_url, namespace)
+    lower = str(uuid.uuid4())
+    ids = [lower, lower.upper(), "sixteen-chars-id", "\u00e9t\u00e9-" + "x" * 10, "", "a\nb", "x" * 300, "plain"]
+    assert len("sixteen-chars-id") == 16 and len(("\u00e9t\u00e9-" + "x" * 10).encode()) == 16
+    assert store.claim(ids, lease_s=30) == set(ids), "an uppercase UUID is another id than its lowercase form"
+    store.complete(ids)
+    extra = str(uuid.uuid4())
+    assert other.claim_batch([*ids, extra], lease_s=30).done == set(ids)
+    client = store._client
+    (bucket,) = list(client.scan_iter(match=f"{store.root}:h:*"))
+    fields = set(client.hkeys(bucket))
+    assert uuid.UUID(lower).bytes in fields, "a canonical UUID is kept as its 16 bytes"
+    assert lower.upper().encode() in fields and b"plain" in fields
+    uuids = {uuid.UUID(lower).bytes, uuid.UUID(extra).bytes}
+    assert all(len(f) != 16 for f in fields - uuids if not f.startswith(b"\n")), "no other field is 16 bytes long"
+    assert client.get(f"{store.root}:v") == b"2"
+    assert store.describe(lower) == ("done", None, None)
+
+
+def test_redis_a_namespace_with_data_from_before_compact_ids_keeps_text_ids(redis_url: str, namespace: str) -> None:
+    older = _redis_store(redis_url, namespace)
+    older._format = b"1"  # a release that wrote UUIDs as text (and no format key)
+    ids = [str(uuid.uuid4()) for _ in range(50)]
+    older.claim(ids, lease_s=30)
+    older.complete(ids)
+    client = older._client
+    client.delete(f"{older.root}:v")
+    newer = _redis_store(redis_url, namespace)
+    assert newer.claim_batch([*ids, "fresh"], lease_s=30).done == set(ids)
+    assert client.get(f"{newer.root}:v") == b"1", "text ids kept while the namespace holds older data"

@@ -12,6 +12,10 @@
 --                      retention after its completion.
 --   <root>:r           sorted set of the buckets, scored by their expiry: the live buckets, which
 --                      a lookup reads (one variadic HMGET each).
+--   <root>:v           the namespace's id format: "2" compact (a canonical lowercase UUID is kept
+--                      as its 16 bytes, other ids as text, never 16 bytes long), "1" text only
+--                      (a namespace with data from before compact ids). Lives as long as the
+--                      newest bucket; written by the "format" operation.
 --   <root>:b:<tag>     present when every id the claim call <tag> claimed is done (written once,
 --                      when they are completed together). Expires a retention after it is written.
 -- A claim call's ids are marked done with one key, however many they are. Ids completed apart
@@ -20,12 +24,13 @@
 -- key has a TTL, so the store stays bounded. Values "<tag>:<index>" (the layout before this one,
 -- where <root>:b:<tag> was a bitmap of the call's done indices) are still read.
 --
--- ARGV[1]: "batch" or "release"; ARGV[2]: the caller's owner token; ARGV[3]: lease in ms;
+-- ARGV[1]: "batch", "release" or "format"; ARGV[2]: the caller's owner token; ARGV[3]: lease in ms;
 -- ARGV[4]: retention in ms; ARGV[5]: tag of this claim call (unique in the namespace, hex, no
---          ":"); ARGV[6]: ids to claim (batch) or release, separated by "\n" (the client hashes
---          ids that contain "\n", are empty or are long); ARGV[7]: bucket width in ms;
+--          ":"); ARGV[6]: ids to claim (batch) or release, in one of the forms split() reads
+--          (the client hashes ids that contain "\n", are empty or are long); ARGV[7]: bucket
+--          width in ms;
 -- ARGV[8], ARGV[9], ...: groups of three, ids to record done before the claim: (tag of their
---          claim call, its lease deadline, ids separated by "\n" or ""): a group with a tag marks
+--          claim call, its lease deadline, ids as in ARGV[6] or ""): a group with a tag marks
 --          its whole claim call done; an empty tag marks ids written "d" one by one. A group whose
 --          deadline has passed is written "d" too, which needs its ids: when one comes without
 --          them, nothing is written and the answer is "L" and the numbers of such groups (1 = the
@@ -44,6 +49,16 @@ local retention = tonumber(ARGV[4])
 local width = tonumber(ARGV[7])
 local CHUNK = 4000 -- arguments of one variadic call: well below Lua's unpack limit
 
+if op == "format" then
+  -- The namespace's id format, fixed by the first worker: text when data from before exists.
+  local v = redis.call("GET", root .. ":v")
+  if not v then
+    v = redis.call("EXISTS", root .. ":r") == 1 and "1" or "2"
+    redis.call("SET", root .. ":v", v, "PX", ARGV[4])
+  end
+  return v
+end
+
 if op ~= "batch" and op ~= "release" then
   return redis.error_reply("kcons dedup: unknown operation " .. tostring(op))
 end
@@ -58,13 +73,34 @@ local function num(x)
   return string.format("%.0f", x)
 end
 
--- The "\n"-separated ids of s (plain find: much cheaper than a pattern per character).
+-- The ids of an argument: "" (none), or a mode byte then the ids: "u" 16-byte ids back to back
+-- (compact UUIDs), "l" each id after its length in two bytes (big-endian), "n" ids separated by
+-- "\n" (plain find: much cheaper than a pattern per character).
 local function split(s)
-  local ids, n, p = {}, 0, 1
+  local ids, n = {}, 0
   if s == "" then
     return ids, 0
   end
-  local find, sub = string.find, string.sub
+  local byte, find, sub = string.byte, string.find, string.sub
+  local mode, size = byte(s, 1), #s
+  if mode == 117 then -- "u"
+    for p = 2, size, 16 do
+      n = n + 1
+      ids[n] = sub(s, p, p + 15)
+    end
+    return ids, n
+  end
+  if mode == 108 then -- "l"
+    local p = 2
+    while p < size do
+      local len = byte(s, p) * 256 + byte(s, p + 1)
+      n = n + 1
+      ids[n] = sub(s, p + 2, p + 1 + len)
+      p = p + 2 + len
+    end
+    return ids, n
+  end
+  local p = 2
   while true do
     local q = find(s, "\n", p, true)
     if not q then
@@ -96,6 +132,7 @@ local function touch_current()
     expire_no_sooner(registry, at)
   end
   expire_no_sooner(current, at)
+  expire_no_sooner(root .. ":v", at)
 end
 
 -- HSET key with the flat field/value list, CHUNK arguments per call.
