@@ -122,7 +122,11 @@ class AheadDedupStore(PipelinedDedupStore, Protocol):
     def send_complete_and_claim(
         self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float
     ) -> Callable[[], ClaimResult]:
-        """Send :meth:`complete_and_claim` now; the returned function waits for its answer (call it once)."""
+        """Send :meth:`complete_and_claim` now; the returned function waits for its answer (call it once).
+
+        Calls run in the order they are sent (an earlier call's done records are written before a
+        later call claims), and their answers are read in that order.
+        """
         ...
 
 

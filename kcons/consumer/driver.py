@@ -77,7 +77,7 @@ from kcons.dedup import (
     check_lease,
 )
 from kcons.errors import ConfigError, KconsError, StoreError
-from kcons.kafka import Consumer, Producer
+from kcons.kafka import Consumer, Producer, TopicPartition
 from kcons.kafka.client import with_logger
 from kcons.kafka.dlq import DeadLetterWriter
 from kcons.kafka.ledger import OffsetLedger
@@ -249,6 +249,9 @@ class IdempotentConsumer:
         self._claim_ahead = bool(claim_ahead)
         self._ahead: _Batch | None = None  # read ahead, its store call in flight
         self._current: _Batch | None = None  # claimed, being read ahead of (a revocation drops from it)
+        # Partitions revoked or lost during the read ahead: the lowest offset dropped from the batch claimed.
+        self._revoked_during_read: dict[TP, int] = {}
+        self._ahead_unhandled: list[_Batch] = []  # batches whose answer an interrupt left unread
         self._batch_claim = caps.batch_claim
         self._records_done = store is not None and self._effects.records_done
         self._fast_path = self._effects.fast_path
@@ -450,17 +453,24 @@ class IdempotentConsumer:
                 raise
             finally:
                 self._current = None
+            if self._revoked_during_read:
+                following = self._after_rebalance(following)
             if following:
                 self._ahead = self._send(self._read(following), frozenset(batch.ids))
         try:
             claim = self._receive(batch)
-        except StoreError as exc:
+        except BaseException as exc:
+            if not isinstance(exc, StoreError):  # an interrupt: close() takes the answer and gives the claims back
+                self._ahead_unhandled.append(batch)
+                raise
             if self._ahead is not None:  # read after this batch, which is rewound: it goes too
                 self._ahead.stage_waits = True  # and its done records count only after this batch's
                 self._ahead.drop.update(_starts(batch.msgs))
             return self._store_failed(batch, exc)
         if self._ledger.has_ready:  # the done records the answer confirmed make offsets committable
             self._ledger.commit()
+        if not batch.msgs:  # every message dropped (rewound, revoked or lost since it was read)
+            return batch.stats
         try:
             stats, decision = self._handle_deciding(batch, claim)
         except BaseException:
@@ -472,6 +482,38 @@ class IdempotentConsumer:
             ahead.prior_done = frozenset(decision.done)
             ahead.drop.update(decision.holds)
         return stats
+
+    def _after_rebalance(self, following: list[Any]) -> list[Any]:
+        """The read ahead saw partitions revoked or lost; those handed back start again from the committed offset.
+
+        Messages of such a partition read before the rebalance would come ahead of the ones read
+        from the committed offset after it: all of the partition's messages are dropped, and it is
+        rewound to the lowest of its committed offset, its messages just read and those the batch
+        being handled dropped (reading again is safe: the store drops what is done).
+        """
+        revoked, self._revoked_during_read = self._revoked_during_read, {}
+        try:
+            assigned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        except Exception:  # unknown assignment: rewind every revoked partition (a seek of one not ours fails)
+            assigned = set(revoked)
+        back = {tp: offset for tp, offset in revoked.items() if tp in assigned}
+        for msg in following:
+            tp = (msg.topic(), msg.partition())
+            if tp in back:
+                back[tp] = min(back[tp], msg.offset())
+        if not back:
+            return following
+        try:
+            committed = self._consumer.committed([TopicPartition(t, p) for t, p in back], timeout=10)
+            for tp in committed or []:
+                if tp.offset >= 0 and (tp.topic, tp.partition) in back:
+                    back[(tp.topic, tp.partition)] = min(back[(tp.topic, tp.partition)], tp.offset)
+        except Exception as exc:  # the lowest offset seen is the one the new assignment starts from
+            self._log.warning("reading committed offsets after a rebalance failed: %s", exc)
+        for tp, offset in back.items():
+            if offset < _NO_OFFSET:  # else nothing of it was read or dropped: it starts from the committed offset
+                self._pauses.rewind(tp, offset)
+        return [m for m in following if (m.topic(), m.partition()) not in back]
 
     def _send(self, batch: _Batch, overlap: frozenset[str]) -> _Batch:
         """Send the batch's claim, carrying the deferred done records (their offsets ride with it)."""
@@ -552,7 +594,7 @@ class IdempotentConsumer:
 
     def _give_back(self, batch: _Batch, partitions: Collection[TP]) -> None:
         """Drop the batch's messages of ``partitions`` and release the claims no message left carries."""
-        gone = batch.without(partitions) - batch.overlap
+        gone = batch.without(partitions)  # overlapping ids were sorted out by _receive: these are ours
         if gone and self._store is not None:
             self._release(gone)
 
@@ -627,7 +669,8 @@ class IdempotentConsumer:
             self._pauses.hold(tp, hold.offset, hold.pause_s)
             self._metrics.hold(hold.reason).inc()
         if d.commit:
-            self._ledger.decide(d.commit, awaiting_done=bool(self._deferred_done or self._uncompleted))
+            waits = bool(self._deferred_done or self._uncompleted) or self._done_in_flight()
+            self._ledger.decide(d.commit, awaiting_done=waits)
             if not self._pipelined:
                 self._ledger.commit()
 
@@ -689,6 +732,11 @@ class IdempotentConsumer:
             ledger.done_recorded()
         return result
 
+    def _done_in_flight(self) -> bool:
+        """Claim ahead: a call not answered yet carries done records (offsets decided now must wait for them)."""
+        ahead = self._ahead
+        return ahead is not None and bool(ahead.done_sent)
+
     def _record_done(self, ids: list[str]) -> None:
         """Mark handled ids done; on failure keep them to retry (treated as done, no commit past them meanwhile)."""
         assert self._store is not None
@@ -714,7 +762,7 @@ class IdempotentConsumer:
         if store is None:
             return
         recorded = bool(self._uncompleted) and _drain(store.complete, self._uncompleted, "recording ids done")
-        if recorded and not self._deferred_done:
+        if recorded and not self._deferred_done and not self._done_in_flight():
             self._ledger.done_recorded()
         if self._unreleased:
             _drain(store.release, self._unreleased, "releasing claims")
@@ -763,6 +811,13 @@ class IdempotentConsumer:
         if batch is None:
             return
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        lowest = self._revoked_during_read
+        for tp in gone:
+            lowest.setdefault(tp, _NO_OFFSET)
+        for msg in batch.msgs:
+            tp = (msg.topic(), msg.partition())
+            if tp in gone:
+                lowest[tp] = min(lowest[tp], msg.offset())
         try:
             self._receive(batch)
         except StoreError:  # nothing claimed: drop the messages, the batch is held as a store outage
@@ -771,7 +826,18 @@ class IdempotentConsumer:
         self._give_back(batch, gone)
 
     def _drop_ahead(self) -> None:
-        """Claim ahead, on close: take the read-ahead batch's answer (it carries done records), give back its claims."""
+        """Claim ahead, on close: take the read-ahead batch's answer (it carries done records), give back its claims.
+
+        A batch whose answer an interrupt left unread gives back every id it asked for (a release
+        leaves done ids alone), and its done records are written again with the rest.
+        """
+        for lost in self._ahead_unhandled:
+            self._deferred_done[:0] = lost.done_sent
+            self._ledger.decide(lost.stage, awaiting_done=True)
+            lost.done_sent, lost.stage = [], {}
+            if lost.ids:
+                self._release(set(lost.ids))
+        self._ahead_unhandled = []
         batch, self._ahead = self._ahead, None
         if batch is None:
             return
@@ -780,7 +846,7 @@ class IdempotentConsumer:
         except StoreError as exc:
             self._log.warning("claim ahead failed on close; its claims expire after their lease: %s", exc)
             return
-        gone = set(claim.claimed) - batch.overlap
+        gone = set(claim.claimed)
         if gone:
             self._release(gone)
 
@@ -838,6 +904,9 @@ class TransactionalIdempotentConsumer(IdempotentConsumer):
     def connection(self) -> Any:
         """The DB connection the handlers run on."""
         return self._tx.connection
+
+
+_NO_OFFSET = 1 << 62  # no message of the partition seen (higher than any offset)
 
 
 class _Batch:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import tenacity
 from confluent_kafka import TopicPartition
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_consumer_logic import FakeKafka, FakeProducer, commits_after_done_records, generated_behaviour, make
 
@@ -406,3 +406,376 @@ def test_a_fatal_error_while_reading_ahead_leaves_the_claimed_batch_for_close_to
     consumer.close()
     assert store.in_flight == 0 and store.state("a") == "absent", "its answer was taken and its claim given back"
     assert kafka.commits == []
+
+
+# ---------------------------------------------------------------- rebalances, interrupts, store failures
+
+
+class DownStore(AheadStore):
+    """An AheadStore that can go down as a whole (every call fails while ``down``), or have one answer
+    interrupted after its call ran (a KeyboardInterrupt while the client reads the reply)."""
+
+    def __init__(self, journal: list[str] | None = None, *, slow: bool = True) -> None:
+        super().__init__(journal, slow=slow)
+        self.down = False
+        self.interrupt_answer = False
+
+    def complete_and_claim(self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float) -> ClaimResult:
+        if self.down:
+            raise StoreError("store down")
+        return super().complete_and_claim(done_ids, ids, lease_s)
+
+    def complete(self, ids: Sequence[str]) -> None:
+        if self.down:
+            raise StoreError("store down")
+        super().complete(ids)
+
+    def release(self, ids: Sequence[str]) -> None:
+        if self.down:
+            raise StoreError("store down")
+        super().release(ids)
+
+    def send_complete_and_claim(
+        self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float
+    ) -> Callable[[], ClaimResult]:
+        answer = super().send_complete_and_claim(done_ids, ids, lease_s)
+
+        def interrupted() -> ClaimResult:
+            result = answer()  # the call ran (Redis ran the script) ...
+            if self.interrupt_answer:
+                self.interrupt_answer = False
+                raise KeyboardInterrupt  # ... and the reply's read was interrupted
+            return result
+
+        return interrupted
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_a_batch_of_duplicates_is_not_committed_past_done_records_still_in_flight(slow: bool) -> None:
+    """e0 is handled; its done record rides on the call of the batch after next (e2's). The batch in
+    between (e1, a duplicate) handles nothing, and its offset must wait for e0's done record too: when
+    that call fails and the store stays down, nothing may be committed past e0."""
+    kafka = FakeKafka(partitions=1)
+    for i in range(3):
+        kafka.add(0, f"e{i}")
+    store = DownStore(kafka.journal, slow=slow)
+    store.complete(["e1"])  # e1 is a duplicate: its batch handles nothing
+    consumer = ahead(kafka, lambda m: None, store, batch_size=1)
+    consumer.poll_once()  # e0 handled (its done record deferred); e1's claim was sent before
+    store.down = not slow  # a fast store runs e2's call when it is sent
+    consumer.poll_once()  # e2's claim sent with e0's done record; e1 decided a duplicate
+    store.down = True  # e2's call (carrying e0's done record) fails, and so does its retry
+    consumer.poll_once()
+    consumer.close()  # the done record of e0 cannot be written either
+    assert store.state("e0") != "done"
+    assert kafka.committed_offsets().get(0, 0) == 0, "committed past e0, whose done record is not written"
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_a_dropped_read_ahead_message_gives_back_an_id_the_batch_before_did_not_do(slow: bool) -> None:
+    """x is held by the first batch (RetryLater, partition paused for a minute) and given back; the
+    read-ahead batch's copy of x, on the same partition, is dropped. Its claim of x must be given back
+    too (x is not done): nothing of this consumer's may be left claimed after close."""
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "x", value=b"later")
+    kafka.add(0, "x")
+
+    def handler(msg: Any) -> None:
+        if msg.value() == b"later":
+            raise RetryLater(60)
+
+    store = AheadStore(kafka.journal, slow=slow)
+    consumer = ahead(kafka, handler, store, batch_size=1)
+    consumer.poll_once()  # x@0 held and given back; x@1 read ahead, its claim sent
+    consumer.poll_once()  # x@1 dropped (its partition was rewound)
+    consumer.close()
+    assert consumer.stats.handled == 0
+    assert kafka.committed_offsets() == {}
+    assert not store.mine, f"claims left behind: {sorted(store.mine)}"
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_an_interrupt_while_reading_a_claims_answer_leaves_no_claim_behind_after_close(slow: bool) -> None:
+    """A KeyboardInterrupt (Ctrl-C, default SIGINT handler) while the consumer waits for a batch's answer:
+    the call ran and claimed the batch. close() must give those claims back, as it does for an
+    interrupt in a handler."""
+    kafka = FakeKafka(partitions=1)
+    for i in range(4):
+        kafka.add(0, f"e{i}")
+    store = DownStore(kafka.journal, slow=slow)
+    consumer = ahead(kafka, lambda m: None, store, batch_size=2)
+    consumer.poll_once()  # e0, e1 handled; e2, e3 read ahead, their claim sent
+    store.interrupt_answer = True
+    with pytest.raises(KeyboardInterrupt):
+        consumer.poll_once()  # the answer for e2, e3 is being read
+    consumer.close()
+    assert not store.mine, f"claims left behind: {sorted(store.mine)}"
+    assert store.in_flight == 0
+
+
+class RebalancingKafka(FakeKafka):
+    """Takes one partition away during chosen consume calls (a revocation or a loss) and gives it back
+    at once, from its committed offset (as a group rebalance that hands it back to this consumer)."""
+
+    def __init__(self, rebalances: dict[int, tuple[int, bool]]) -> None:
+        super().__init__(partitions=3)
+        self.rebalances = rebalances  # consume call number -> (partition, lost)
+        self.reads = 0
+
+    def consume(self, n: int, timeout: float) -> list[Any]:
+        self.reads += 1
+        if self.assigned and self.reads in self.rebalances:
+            partition, lost = self.rebalances[self.reads]
+            tps = [TopicPartition("t", partition)]
+            self.callbacks["on_lost" if lost else "on_revoke"](self, tps)
+            self.position[partition] = self.committed_offsets().get(partition, 0)
+            self.paused.discard(partition)
+            self.callbacks["on_assign"](self, tps)
+        return super().consume(n, timeout)
+
+
+def _drain_rebalancing(
+    log: Log,
+    done_before: list[str],
+    *,
+    claim: str,
+    size: int,
+    batched: bool,
+    rebalances: dict[int, tuple[int, bool]],
+    busy: tuple[list[str], int] = ([], 0),
+    fail: set[int] | None = None,
+) -> None:
+    """Drain ``log`` with rebalances; every message decided, at most one effect per id, no claim left behind.
+
+    ``busy``: ids another worker holds, and after how many batches it gives them back."""
+    kafka = RebalancingKafka(rebalances)
+    store = AheadStore(slow=claim == "slow")
+    store.fail_calls = fail or set()
+    if done_before:
+        store.complete(done_before)
+    held, until = busy
+    if held:
+        MemoryDedupStore.claim_batch(store, held, 60)  # another owner's claims (not among store.mine)
+    effects: list[tuple[int, int]] = []
+    behave = generated_behaviour()
+
+    def effect(msg: Any) -> None:
+        behave(msg)
+        effects.append((msg.partition(), msg.offset()))
+
+    def batch_effect(msgs: list[Any]) -> None:  # all or nothing: nothing applied when one fails
+        for msg in msgs:
+            behave(msg)
+        effects.extend((m.partition(), m.offset()) for m in msgs)
+
+    by_position: dict[tuple[int, int], tuple[str | None, bytes]] = {}
+    for partition, event_id, value in log:
+        by_position[(partition, len(kafka.logs[partition]))] = (event_id, value)
+        if event_id == "\xff":
+            kafka.add(partition, None, value, headers=[("kcons-id", b"\xff")])
+        else:
+            kafka.add(partition, event_id, value)
+    producer = FakeProducer()
+    policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
+    consumer = IdempotentConsumer(
+        {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"}, ["t"], None if batched else effect,
+        batch_handler=batch_effect if batched else None, store=store, consumer_factory=kafka, pause_s=0,
+        store_retry=tenacity.Retrying(stop=tenacity.stop_after_attempt(1), reraise=True), retry=policy,
+        producer_factory=producer, batch_size=size, claim_ahead=claim != "off",
+    )  # fmt: skip
+    for n in range(len(log) * 4 + 10):
+        if held and n == until:
+            MemoryDedupStore.release(store, held)
+        consumer.poll_once()
+    consumer.close()
+
+    assert kafka.committed_offsets() == {p: len(m) for p, m in kafka.logs.items() if m}, "every message decided"
+    per_id = Counter(by_position[p][0] for p in effects)
+    for event_id, count in per_id.items():
+        if event_id is not None and event_id != "\xff":
+            assert event_id not in done_before and count == 1, f"{event_id}: {count} effects"
+    for position, (event_id, _) in by_position.items():
+        if event_id is not None and event_id != "\xff":
+            continue
+        lettered = [s for s in producer.sent if int(dict(s["headers"])["kcons-dlq-offset"]) == position[1]
+                    and int(dict(s["headers"])["kcons-dlq-partition"]) == position[0]]  # fmt: skip
+        assert effects.count(position) + len(lettered) >= 1, f"{position} lost"
+    assert not store.mine, f"claims left behind: {sorted(store.mine)}"
+    assert store.in_flight == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    log=st.lists(MESSAGE, min_size=1, max_size=14),
+    done_before=st.lists(st.sampled_from([f"id-{i}" for i in range(8)]), max_size=2),
+    size=st.integers(1, 4),
+    claim=st.sampled_from(["slow", "fast", "off"]),
+    batched=st.booleans(),
+    rebalances=st.dictionaries(st.integers(2, 12), st.tuples(st.integers(0, 2), st.booleans()), max_size=3),
+    busy=st.tuples(
+        st.lists(st.sampled_from([f"id-{i}" for i in range(8)]), max_size=2, unique=True), st.integers(0, 6)
+    ),
+    fail=st.sets(st.integers(1, 12), max_size=4),
+)
+@example(  # found by this test: the read ahead straddles a rebalance that hands partition 0 back (loses 5, 6)
+    log=[(0, None, b"ok")] * 8, done_before=[], size=2, claim="fast", batched=False,
+    rebalances={2: (0, False), 10: (0, False)}, busy=([], 0), fail={1, 5, 6},
+)  # fmt: skip
+def test_rebalances_and_batch_handlers_keep_every_message_decided_and_one_effect_per_id(
+    log: Log,
+    done_before: list[str],
+    size: int,
+    claim: str,
+    batched: bool,
+    rebalances: dict[int, tuple[int, bool]],
+    busy: tuple[list[str], int],
+    fail: set[int],
+) -> None:
+    busy = ([i for i in busy[0] if i not in done_before], busy[1])
+    _drain_rebalancing(
+        log, done_before, claim=claim, size=size, batched=batched, rebalances=rebalances, busy=busy, fail=fail
+    )
+
+
+def _drain_interrupted(log: Log, *, claim: str, size: int, batched: bool, interrupt_at: int) -> None:
+    """Drain ``log``; the ``interrupt_at``-th handler call raises KeyboardInterrupt: the consumer is closed
+    and a new one (a restart) drains the rest. Every message decided, one effect per id, no claim left."""
+    kafka = FakeKafka(partitions=3)
+    store = AheadStore(slow=claim == "slow")
+    effects: list[tuple[int, int]] = []
+    behave = generated_behaviour()
+    calls = [0]
+
+    def effect(msg: Any) -> None:
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        behave(msg)
+        effects.append((msg.partition(), msg.offset()))
+
+    def batch_effect(msgs: list[Any]) -> None:
+        calls[0] += 1
+        if calls[0] == interrupt_at:
+            raise KeyboardInterrupt
+        for msg in msgs:
+            behave(msg)
+        effects.extend((m.partition(), m.offset()) for m in msgs)
+
+    by_position: dict[tuple[int, int], tuple[str | None, bytes]] = {}
+    for partition, event_id, value in log:
+        by_position[(partition, len(kafka.logs[partition]))] = (event_id, value)
+        if event_id == "\xff":
+            kafka.add(partition, None, value, headers=[("kcons-id", b"\xff")])
+        else:
+            kafka.add(partition, event_id, value)
+    producer = FakeProducer()
+    policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
+
+    def start() -> IdempotentConsumer:
+        return IdempotentConsumer(
+            {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"}, ["t"], None if batched else effect,
+            batch_handler=batch_effect if batched else None, store=store, consumer_factory=kafka, pause_s=0,
+            store_retry=tenacity.Retrying(stop=tenacity.stop_after_attempt(1), reraise=True), retry=policy,
+            producer_factory=producer, batch_size=size, claim_ahead=claim != "off",
+        )  # fmt: skip
+
+    consumer = start()
+    for _ in range(2):
+        try:
+            for _ in range(len(log) * 3 + 6):
+                consumer.poll_once()
+        except KeyboardInterrupt:
+            consumer.close()
+            assert not store.mine, f"claims left behind after an interrupt: {sorted(store.mine)}"
+            committed = kafka.committed_offsets()
+            kafka.position = {p: committed.get(p, 0) for p in kafka.logs}
+            kafka.paused.clear()
+            kafka.assigned = False
+            consumer = start()
+    consumer.close()
+
+    assert kafka.committed_offsets() == {p: len(m) for p, m in kafka.logs.items() if m}, "every message decided"
+    per_id = Counter(by_position[p][0] for p in effects)
+    for event_id, count in per_id.items():
+        if event_id is not None and event_id != "\xff":
+            assert count == 1, f"{event_id}: {count} effects"
+    assert not store.mine, f"claims left behind: {sorted(store.mine)}"
+    assert store.in_flight == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    log=st.lists(MESSAGE, min_size=1, max_size=14),
+    size=st.integers(1, 4),
+    claim=st.sampled_from(["slow", "fast", "off"]),
+    batched=st.booleans(),
+    interrupt_at=st.integers(1, 8),
+)
+def test_an_interrupt_in_a_handler_and_a_restart_keep_every_message_decided_and_one_effect_per_id(
+    log: Log, size: int, claim: str, batched: bool, interrupt_at: int
+) -> None:
+    _drain_interrupted(log, claim=claim, size=size, batched=batched, interrupt_at=interrupt_at)
+
+
+def test_a_batch_handler_is_not_called_with_a_read_ahead_batch_emptied_by_a_rewind() -> None:
+    """The read-ahead batch holds only messages of a partition the batch before rewound: every message
+    is dropped, and the batch handler must not be called with an empty list."""
+    kafka = FakeKafka(partitions=1)
+    kafka.add(0, "a", value=b"later")
+    kafka.add(0, "b")
+    calls: list[list[str]] = []
+
+    def batch_handler(msgs: list[Any]) -> None:
+        calls.append(ids_of(msgs))
+        if any(m.value() == b"later" for m in msgs):
+            raise RetryLater(60)
+
+    consumer = IdempotentConsumer(
+        {"bootstrap.servers": "127.0.0.1:9", "group.id": "g"}, ["t"], None, batch_handler=batch_handler,
+        store=AheadStore(), consumer_factory=kafka, pause_s=0, batch_size=1, producer_factory=FakeProducer(),
+    )  # fmt: skip
+    consumer.poll_once()  # "a" asks to be retried later; "b" was read ahead
+    consumer.poll_once()  # "b" is dropped: its partition was rewound to "a"
+    consumer.close()
+    assert calls == [["a"]]
+
+
+def test_a_read_ahead_batch_read_across_a_rebalance_that_gives_the_partition_back_is_in_order() -> None:
+    """The read ahead reads e2, then (in its second consume call) the group rebalances and hands
+    partition 0 back. The current batch (e0, e1) leaves the partition and is not committed, so the
+    partition is read again from e0: the read-ahead batch is [e2, e0]. e2 asks to be retried later,
+    which rewinds the partition to e2: e0 and e1 must still be handled, and in order."""
+
+    class GiveBack(FakeKafka):
+        def __init__(self) -> None:
+            super().__init__(partitions=1)
+            self.reads = 0
+
+        def consume(self, n: int, timeout: float) -> list[Any]:
+            self.reads += 1
+            if self.reads == 4:  # the read ahead's second call: revoke partition 0 and assign it again
+                tps = [TopicPartition("t", 0)]
+                self.callbacks["on_revoke"](self, tps)
+                self.position[0] = self.committed_offsets().get(0, 0)
+                self.paused.discard(0)
+                self.callbacks["on_assign"](self, tps)
+            return super().consume(n, timeout)
+
+    kafka = GiveBack()
+    for i in range(4):
+        kafka.add(0, f"e{i}", value=b"later" if i == 2 else b"v")
+    seen: list[str] = []
+    later: set[int] = set()
+
+    def handler(msg: Any) -> None:
+        if msg.value() == b"later" and msg.offset() not in later:
+            later.add(msg.offset())
+            raise RetryLater(0)
+        seen.append(default_event_id(msg) or "")
+
+    consumer = ahead(kafka, handler, AheadStore(kafka.journal), batch_size=2)
+    for _ in range(8):
+        consumer.poll_once()
+    consumer.close()
+    assert kafka.committed_offsets() == {0: 4}
+    assert seen == ["e0", "e1", "e2", "e3"], "every message handled, in order"

@@ -73,8 +73,9 @@ CLAIM_SCRIPT = resources.files("kcons.adapters.redis").joinpath("dedup_claim.lua
 #: up to ``retention / BUCKETS_PER_RETENTION`` (plus a lease) longer than the retention.
 BUCKETS_PER_RETENTION = 4
 
-#: A canonical UUID: lowercase hex, dashes at 8, 13, 18 and 23 (kept as its 16 bytes in a compact namespace).
-CANONICAL_UUID = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: A canonical RFC 9562 UUID: lowercase hex, dashes at 8, 13, 18 and 23, variant bits 10 (kept as its 16 bytes in
+#: a compact namespace; its byte 8 is never ASCII, so it never equals a claim call's text field).
+CANONICAL_UUID = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
 def uuid_blob(ids: Collection[str]) -> bytes | None:
@@ -91,6 +92,8 @@ def uuid_blob(ids: Collection[str]) -> bytes | None:
         return None
     dashes = "-" * n
     if joined[8::37] != dashes or joined[13::37] != dashes or joined[18::37] != dashes or joined[23::37] != dashes:
+        return None
+    if joined[19::37].strip("89ab"):  # the variant
         return None
     text = joined.encode()
     if len(text) != len(joined):  # not ASCII
@@ -166,6 +169,8 @@ class RedisDedupStore:
         # The last ``max_tracked`` claim calls, so a complete of a whole call is one key; ids
         # claimed longer ago are completed as plain "d" fields.
         self._claims: deque[_Claim] = deque(maxlen=max(1, max_tracked))
+        self._ahead_conn: Any = None  # the connection of the calls sent ahead (answers read in order)
+        self._ahead_generation = 0  # bumped when that connection is reset: answers sent before are lost
         self._format: bytes | None = None  # the namespace's id format ("2" compact, "1" text), asked once
         self._flying: dict[str, frozenset[str]] = {}  # claim calls sent and not answered yet: tag -> ids
         self._lock = threading.Lock()
@@ -236,10 +241,11 @@ class RedisDedupStore:
         """:meth:`complete_and_claim` in two halves: send the call now, read its answer later.
 
         The returned function waits for the answer and returns the :class:`ClaimResult` (call it
-        once; it raises :class:`StoreError` like the one-call form). The caller can work while
-        Redis runs the script. The request is written on the calling thread, on a connection
-        taken from the client's pool until the answer is read; a client without such a pool
-        (Redis Cluster) makes the whole call at once.
+        once, and in the order the calls were sent; it raises :class:`StoreError` like the
+        one-call form). The caller can work while Redis runs the script. Every call sent this way
+        goes on one connection kept for them, so Redis runs them in the order they were sent (a
+        call's done records are written before a later call claims); answers are read in that
+        order. A client without a connection pool (Redis Cluster) makes the whole call at once.
         """
         lease_ms, unique, tag, groups = self._prepare(done_ids, ids, lease_s)
         pool = getattr(self._client, "connection_pool", None)
@@ -251,38 +257,56 @@ class RedisDedupStore:
             return lambda: result
         args = self._args("batch", unique, lease_ms, tag, groups)
         started = time.perf_counter()
-        try:
-            conn = pool.get_connection()
-        except Exception as exc:
-            raise self._error("batch", unique, exc) from exc
+        conn = self._ahead_conn
+        if conn is None:
+            try:
+                conn = self._ahead_conn = pool.get_connection()
+            except Exception as exc:
+                raise self._error("batch", unique, exc) from exc
+        generation = self._ahead_generation
         try:
             conn.send_command("EVALSHA", self._script.sha, 1, self._root, *args)
-        except Exception as exc:
-            conn.disconnect()
-            pool.release(conn)
+        except BaseException as exc:
+            self._reset_ahead(pool, conn)
+            if not isinstance(exc, Exception):
+                raise
             raise self._error("batch", unique, exc) from exc
         with self._lock:
             self._flying[tag] = frozenset(unique)
 
         def answer() -> ClaimResult:
             try:
+                if generation != self._ahead_generation:  # the connection was reset: this answer is gone
+                    raise StoreError("redis dedup batch: the connection was reset before the answer was read")
                 reply = conn.read_response()
-            except Exception as exc:
+            except BaseException as exc:
                 if type(exc).__name__ == "NoScriptError":  # the server lost its scripts: the usual way loads it
-                    pool.release(conn)
                     return self._answer(unique, lease_ms, tag, groups, self._batch(unique, lease_ms, tag, groups))
-                conn.disconnect()
-                pool.release(conn)
+                if generation == self._ahead_generation:
+                    self._reset_ahead(pool, conn)
+                if isinstance(exc, StoreError) or not isinstance(exc, Exception):
+                    raise
                 raise self._error("batch", unique, exc) from exc
             finally:
                 with self._lock:
                     self._flying.pop(tag, None)
                 self._latency["claim" if unique else "complete"].observe(time.perf_counter() - started)
-            pool.release(conn)
             raw = reply.encode() if isinstance(reply, str) else bytes(reply)
+            if raw[:1] == b"F":  # another id format in the namespace: encoded again, called at once
+                self._format = raw[1:]
+                raw = self._batch(unique, lease_ms, tag, groups)
             return self._answer(unique, lease_ms, tag, groups, raw)
 
         return answer
+
+    def _reset_ahead(self, pool: Any, conn: Any) -> None:
+        """Drop the connection of the calls sent ahead (its unread answers are lost with it)."""
+        self._ahead_generation += 1
+        self._ahead_conn = None
+        try:
+            conn.disconnect()
+        finally:
+            pool.release(conn)
 
     def _prepare(
         self, done_ids: Sequence[str], ids: Sequence[str], lease_s: float
@@ -430,9 +454,19 @@ class RedisDedupStore:
         reply = self._run("batch", ids, lease_ms, tag, groups)
         return reply.encode() if isinstance(reply, str) else bytes(reply)
 
+    def _run(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> Any:
+        """One script call; called again, encoded anew, when the namespace's id format is not the one cached."""
+        reply = self._call(op, ids, lease_ms, tag, groups)
+        if isinstance(reply, (bytes, str)) and reply[:1] in (b"F", "F"):
+            self._format = (reply.encode() if isinstance(reply, str) else bytes(reply))[1:]
+            reply = self._call(op, ids, lease_ms, tag, groups)
+        return reply
+
     def _args(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> list[Any]:
         """The script's arguments (see dedup_claim.lua)."""
-        args: list[Any] = [op, self._owner, lease_ms, self._retention_ms, tag, self._encode(ids), self._width_ms]
+        fmt = "2" if self._compact() else "1"  # the script checks it against the namespace's
+        args: list[Any] = [f"{op}:{fmt}", self._owner, lease_ms, self._retention_ms, tag, self._encode(ids),
+                           self._width_ms]  # fmt: skip
         for done in groups:
             args += [done.tag, done.deadline, self._encode(done.ids) if done.with_ids else ""]
         return args
@@ -441,7 +475,7 @@ class RedisDedupStore:
     def _error(op: str, ids: list[str], exc: Exception) -> StoreError:
         return StoreError(f"redis dedup {op} of {len(ids)} ids failed: {type(exc).__name__}: {exc}")
 
-    def _run(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> Any:
+    def _call(self, op: str, ids: list[str], lease_ms: int, tag: str, groups: list[_Done]) -> Any:
         args = self._args(op, ids, lease_ms, tag, groups)
         started = time.perf_counter()
         try:

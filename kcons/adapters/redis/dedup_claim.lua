@@ -24,7 +24,8 @@
 -- key has a TTL, so the store stays bounded. Values "<tag>:<index>" (the layout before this one,
 -- where <root>:b:<tag> was a bitmap of the call's done indices) are still read.
 --
--- ARGV[1]: "batch", "release" or "format"; ARGV[2]: the caller's owner token; ARGV[3]: lease in ms;
+-- ARGV[1]: "batch", "release" or "format", then ":" and the caller's id format for the first two
+--          (the answer is "F<format>" when the namespace's differs: nothing was done); ARGV[2]: the caller's owner token; ARGV[3]: lease in ms;
 -- ARGV[4]: retention in ms; ARGV[5]: tag of this claim call (unique in the namespace, hex, no
 --          ":"); ARGV[6]: ids to claim (batch) or release, in one of the forms split() reads
 --          (the client hashes ids that contain "\n", are empty or are long); ARGV[7]: bucket
@@ -42,7 +43,7 @@
 -- caller's own claims that are not done and answers their count.
 
 local root = KEYS[1]
-local op = ARGV[1]
+local op, fmt = string.match(ARGV[1], "^(%a+):?(%d*)$")
 local owner = ARGV[2]
 local lease = tonumber(ARGV[3])
 local retention = tonumber(ARGV[4])
@@ -60,7 +61,18 @@ if op == "format" then
 end
 
 if op ~= "batch" and op ~= "release" then
-  return redis.error_reply("kcons dedup: unknown operation " .. tostring(op))
+  return redis.error_reply("kcons dedup: unknown operation " .. tostring(ARGV[1]))
+end
+
+-- The caller's id format must be the namespace's: a namespace whose keys all expired is written
+-- again by whoever comes first, and a caller that cached the other format is told to ask again.
+if fmt ~= "" then
+  local v = redis.call("GET", root .. ":v")
+  if not v then
+    redis.call("SET", root .. ":v", fmt, "PX", ARGV[4])
+  elseif v ~= fmt then
+    return "F" .. v
+  end
 end
 
 local t = redis.call("TIME")
