@@ -424,7 +424,7 @@ class IdempotentConsumer:
         except StoreError as exc:
             return self._store_failed(batch, exc)
         self._store_failing_since = None
-        return self._handle(batch, claim)
+        return self._handle_deciding(batch, claim)[0]
 
     def _store_failed(self, batch: _Batch, exc: StoreError) -> BatchStats:
         """The batch's claim failed: nothing of it is decided; every partition is rewound to its first message."""
@@ -538,7 +538,7 @@ class IdempotentConsumer:
         """
         if batch.claim is not None:  # taken already (by a revocation during the read ahead)
             return batch.claim
-        if batch.answer is None and batch.error is not None and batch.failed:
+        if batch.failed and batch.error is not None:  # answered (failed) already, during the read ahead
             raise batch.error
         store: Any = self._store
         answer, batch.answer = batch.answer, None
@@ -598,11 +598,8 @@ class IdempotentConsumer:
         if gone and self._store is not None:
             self._release(gone)
 
-    def _handle(self, batch: _Batch, claim: ClaimResult) -> BatchStats:
-        """Run the effects of a claimed batch and carry out the decision."""
-        return self._handle_deciding(batch, claim)[0]
-
     def _handle_deciding(self, batch: _Batch, claim: ClaimResult) -> tuple[BatchStats, Decision]:
+        """Run the effects of a claimed batch and carry out the decision; its stats and the decision."""
         msgs, raw, entries, ids, stats = batch.msgs, batch.raw, batch.entries, batch.ids, batch.stats
         n = len(msgs)
         stats.consumed = n

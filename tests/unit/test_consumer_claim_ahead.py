@@ -313,6 +313,18 @@ MESSAGE = st.tuples(
 Log = list[tuple[int, str | None, bytes]]
 
 
+def _load(kafka: FakeKafka, log: Log) -> dict[tuple[int, int], tuple[str | None, bytes]]:
+    """Append the generated messages to the fake broker's logs; each one's (id, behaviour) by position."""
+    by_position: dict[tuple[int, int], tuple[str | None, bytes]] = {}
+    for partition, event_id, value in log:
+        by_position[(partition, len(kafka.logs[partition]))] = (event_id, value)
+        if event_id == "\xff":  # poison: an id header that is not UTF-8
+            kafka.add(partition, None, value, headers=[("kcons-id", b"\xff")])
+        else:
+            kafka.add(partition, event_id, value)
+    return by_position
+
+
 def _drain(log: Log, done_before: list[str], *, claim: str, size: int, fail: set[int] | None = None) -> None:
     """Drain ``log`` and check the outcome: every message decided once, one effect per id, nothing left claimed.
 
@@ -330,13 +342,7 @@ def _drain(log: Log, done_before: list[str], *, claim: str, size: int, fail: set
         behave(msg)
         effects.append((msg.partition(), msg.offset()))
 
-    by_position: dict[tuple[int, int], tuple[str | None, bytes]] = {}
-    for partition, event_id, value in log:
-        by_position[(partition, len(kafka.logs[partition]))] = (event_id, value)
-        if event_id == "\xff":
-            kafka.add(partition, None, value, headers=[("kcons-id", b"\xff")])
-        else:
-            kafka.add(partition, event_id, value)
+    by_position = _load(kafka, log)
     producer = FakeProducer()
     policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
     consumer = make(
@@ -568,13 +574,7 @@ def _drain_rebalancing(
             behave(msg)
         effects.extend((m.partition(), m.offset()) for m in msgs)
 
-    by_position: dict[tuple[int, int], tuple[str | None, bytes]] = {}
-    for partition, event_id, value in log:
-        by_position[(partition, len(kafka.logs[partition]))] = (event_id, value)
-        if event_id == "\xff":
-            kafka.add(partition, None, value, headers=[("kcons-id", b"\xff")])
-        else:
-            kafka.add(partition, event_id, value)
+    by_position = _load(kafka, log)
     producer = FakeProducer()
     policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
     consumer = IdempotentConsumer(
@@ -661,13 +661,7 @@ def _drain_interrupted(log: Log, *, claim: str, size: int, batched: bool, interr
             behave(msg)
         effects.extend((m.partition(), m.offset()) for m in msgs)
 
-    by_position: dict[tuple[int, int], tuple[str | None, bytes]] = {}
-    for partition, event_id, value in log:
-        by_position[(partition, len(kafka.logs[partition]))] = (event_id, value)
-        if event_id == "\xff":
-            kafka.add(partition, None, value, headers=[("kcons-id", b"\xff")])
-        else:
-            kafka.add(partition, event_id, value)
+    by_position = _load(kafka, log)
     producer = FakeProducer()
     policy = tenacity.Retrying(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none(), reraise=True)
 
