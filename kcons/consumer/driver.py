@@ -142,7 +142,8 @@ class IdempotentConsumer:
     rest of their batch applied.
 
     Claims are taken per batch, so ``lease_s`` should exceed the time one batch takes to
-    handle; a slower batch lets another worker take its ids over (handled twice, never lost).
+    handle (with ``claim_ahead``, two batches: a batch is claimed while the one before it is
+    handled); a slower batch lets another worker take its ids over (handled twice, never lost).
     A batch is up to ``batch_size`` messages: after waiting up to ``batch_timeout_s`` for the
     first one, whatever is already fetched (never waiting for more), so latency stays at one
     batch's handling time and batches grow by themselves under load.
@@ -151,7 +152,9 @@ class IdempotentConsumer:
     finished batch are committed without waiting for the broker (a failed commit is merged
     into the next; idle, revocation and close commit synchronously). With
     ``async_commit=False`` the commit waits, and ``overlap_commit`` runs it on a helper thread
-    during the next store round trip (default: on, unless the store declares ``in_process``).
+    during the next store round trip (default: on, unless the store declares ``in_process``;
+    it applies to the one-call-per-batch path: with ``claim_ahead`` the store call is already
+    in flight while the commit runs).
     ``claim_ahead`` (default: on when the store declares it, as :class:`~kcons.adapters.redis.RedisDedupStore`
     does): before a batch is handled, the next batch is read (only what is already fetched) and
     its claim sent, so the store works while the handlers run; the answer is read when that batch's
