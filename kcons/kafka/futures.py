@@ -15,9 +15,14 @@ atomic ``set.remove``/``set.pop``) settles it: the delivery report, or the produ
 what is still pending (abort, close, re-creation). So every such future completes exactly once,
 and once settled only its caller holds it: a future nobody keeps is freed with its report.
 
-The Message a future keeps is the delivery report itself, with one change: when the message was
-produced with a bytes value, that object replaces the report's copy of it (``result().value()``
-is the object passed to ``produce``), so keeping many futures keeps no second copy of every payload.
+A delivered future keeps no delivery report: it records the report's partition, offset and
+timestamp next to what was produced (topic, key, value, headers), and :meth:`~DeliveryFuture.result`
+builds the ``Message`` from them once, on first use, and returns that same object from then on.
+Its ``value()`` is the object passed to ``produce`` when that was ``bytes`` (a ``str`` value or key
+is returned UTF-8 encoded, as Kafka stores it), ``headers()`` are the headers as sent (``kcons-id``
+included) in the list-of-tuples form a consumer reads (read from the list or dict given to
+``produce`` when the Message is built), and ``latency()`` and ``leader_epoch()`` are None.
+Keeping many futures thus keeps one small object per message and no second copy of any payload.
 
 ``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future`` need a standard future:
 pass them ``fut.as_future()``.
@@ -26,26 +31,34 @@ pass them ``fut.as_future()``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
+from kcons.envelope import HEADER_ID
 from kcons.errors import DeliveryError
 
 __all__ = ["CallbackDeliveryFuture", "DeliveryFuture", "DeliveryTracker"]
 
-#: Guards the hand-over from the recorded outcome to the standard future (uncontended in practice).
+#: Guards the hand-over from the recorded outcome to the standard future, and the one-time
+#: building of a delivered future's Message (uncontended in practice).
 _link_lock = threading.Lock()
 
 #: The outcome slot of a future whose outcome is not known yet.
 _UNSET: Any = object()
+#: The outcome slot of a future delivered whose Message is not built yet (partition, offset and
+#: timestamp are in their slots).
+_DELIVERED: Any = object()
 
 #: A user's delivery callback, as confluent-kafka calls it.
 DeliveryCallback = Callable[["KafkaError | None", Message], None]
 #: What a tracker does with a report that is not a plain success: ``(future, err, msg, user callback)``.
 Report = Callable[["DeliveryFuture", "KafkaError | None", Message, "DeliveryCallback | None"], None]
+#: Headers as a future keeps them: as passed to ``produce``, or only the ``kcons-id`` value
+#: (bytes) when that was the one header (what the producer's fast path sends).
+KeptHeaders = bytes | Mapping[str, "bytes | str | None"] | Iterable[tuple[str, "bytes | str | None"]] | None
 
 
 class _Failed:
@@ -55,6 +68,28 @@ class _Failed:
 
     def __init__(self, exception: BaseException) -> None:
         self.exception = exception
+
+
+def _as_stored(data: Any) -> bytes | None:
+    """A key or value as Kafka stores it: bytes kept as they are, str UTF-8 encoded, other buffers copied."""
+    if data is None or type(data) is bytes:
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    return bytes(data)
+
+
+def _as_read(headers: KeptHeaders) -> list[tuple[str, bytes | str | None]] | None:
+    """Headers as a consumer reads them back: a list of ``(name, bytes or None)``, None when there were none."""
+    if headers is None:
+        return None
+    if isinstance(headers, bytes):
+        return [(HEADER_ID, headers)]
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out: list[tuple[str, bytes | str | None]] = [
+        (name, value.encode() if isinstance(value, str) else value) for name, value in items
+    ]
+    return out or None
 
 
 def _publish(outcome: Any, fut: Future[Message]) -> None:
@@ -108,14 +143,37 @@ class DeliveryFuture:
 
     It is also the message's delivery callback (``__call__(err, msg)``), so a produced message
     allocates one object, not a future plus a closure. A message with a user delivery callback
-    gets a :class:`CallbackDeliveryFuture` instead.
+    gets a :class:`CallbackDeliveryFuture` instead. ``topic``, ``value``, ``key`` and ``headers``
+    are what was produced: the Message that ``result()`` returns is built from them and the report.
     """
 
-    __slots__ = ("_future", "_outcome", "_tracker", "_value")
+    __slots__ = (
+        "_future",
+        "_headers",
+        "_key",
+        "_offset",
+        "_outcome",
+        "_partition",
+        "_timestamp",
+        "_timestamp_type",
+        "_topic",
+        "_tracker",
+        "_value",
+    )
 
-    def __init__(self, tracker: DeliveryTracker | None = None, value: object = None) -> None:
+    def __init__(
+        self,
+        tracker: DeliveryTracker | None = None,
+        value: object = None,
+        topic: str | None = None,
+        key: object = None,
+        headers: KeptHeaders = None,
+    ) -> None:
         self._tracker = tracker
-        self._value = value  # the produced value until the report (see settle_delivered)
+        self._topic = topic
+        self._value = value
+        self._key = key
+        self._headers = headers
         self._outcome: Any = _UNSET
         self._future: Future[Message] | None = None  # the standard future, once something waits
 
@@ -138,15 +196,14 @@ class DeliveryFuture:
         if err is None:
             self._tracker = None  # let the producer go once delivered
             tracker.delivered += 1
-            value = self._value
-            if type(value) is bytes:
-                msg.set_value(value)  # the report's copy of it is freed now, not when the future is
-                self._value = None
-            self._outcome = msg
+            # Only what the report adds is kept; the report itself is freed on return.
+            self._partition = msg.partition()
+            self._offset = msg.offset()
+            self._timestamp_type, self._timestamp = msg.timestamp()
+            self._outcome = _DELIVERED
             # A waiter links after writing _future and reads _outcome after: one of the two sees the other.
-            fut = self._future
-            if fut is not None:
-                _publish(msg, fut)
+            if self._future is not None:
+                self._publish_delivered()
         else:
             self._report(tracker, err, msg)
 
@@ -165,21 +222,54 @@ class DeliveryFuture:
     def settle(self, result: Message | None, exception: BaseException | None = None) -> None:
         """Record the outcome of a future its caller took out of the tracker (a cancelled future ignores it).
 
-        A successful report ``result`` gets the produced bytes value in place of its copy, as in ``__call__``.
+        A successful delivery report ``result`` is recorded as in ``__call__``: its partition,
+        offset and timestamp, not the report itself.
         """
-        if exception is None:
-            value = self._value
-            if type(value) is bytes and result is not None:
-                result.set_value(value)
-            outcome: Any = result
-        else:
-            outcome = _Failed(exception)
-        self._value = None
         self._tracker = None
-        self._outcome = outcome
-        fut = self._future
+        if exception is None and result is not None:
+            if type(self._value) is bytes:
+                result.set_value(self._value)  # a user callback given the report sees the produced bytes too
+            self._partition = result.partition()
+            self._offset = result.offset()
+            self._timestamp_type, self._timestamp = result.timestamp()
+            self._outcome = _DELIVERED
+        else:
+            self._value = self._key = self._headers = None  # a failed future holds nothing it was given
+            self._outcome = _Failed(exception if exception is not None else DeliveryError("no delivery report"))
+        if self._future is not None:
+            self._publish_delivered()
+
+    def _publish_delivered(self) -> None:
+        """Copy the outcome into the linked standard future (building the Message first)."""
+        with _link_lock:
+            outcome = self._built_locked()
+            fut = self._future
         if fut is not None:
             _publish(outcome, fut)
+
+    def _built_locked(self) -> Any:
+        """The outcome, with a delivered future's Message built and cached first; ``_link_lock`` is held."""
+        outcome = self._outcome
+        if outcome is _DELIVERED:
+            outcome = self._outcome = Message(
+                self._topic,
+                self._partition,
+                self._offset,
+                _as_stored(self._key),
+                _as_stored(self._value),
+                _as_read(self._headers),
+                None,
+                (self._timestamp_type, self._timestamp),
+            )
+        return outcome
+
+    def _known(self) -> Any:
+        """The outcome, with a delivered future's Message built (once) if it was not yet."""
+        outcome = self._outcome
+        if outcome is _DELIVERED:
+            with _link_lock:
+                outcome = self._built_locked()
+        return outcome
 
     def __repr__(self) -> str:
         if self._future is not None:
@@ -203,7 +293,7 @@ class DeliveryFuture:
                 if fut is None:
                     fut = Future()
                     self._future = fut  # first: a report settling now sees it (see __call__)
-                    outcome = self._outcome
+                    outcome = self._built_locked()
                     if outcome is not _UNSET:
                         _publish(outcome, fut)
         return fut
@@ -244,9 +334,12 @@ class DeliveryFuture:
         return self._outcome is not _UNSET if fut is None else fut.done()
 
     def result(self, timeout: float | None = None) -> Message:
-        """The acknowledged message; raises the delivery failure, TimeoutError, or CancelledError."""
+        """The acknowledged message, the same object on every call.
+
+        Raises the delivery failure, TimeoutError or CancelledError.
+        """
         if self._future is None:
-            outcome = self._outcome
+            outcome = self._known()
             if outcome is not _UNSET:
                 if type(outcome) is _Failed:
                     raise outcome.exception
@@ -288,8 +381,16 @@ class CallbackDeliveryFuture(DeliveryFuture):
 
     __slots__ = ("_callback",)
 
-    def __init__(self, tracker: DeliveryTracker | None, value: object, callback: DeliveryCallback) -> None:
-        super().__init__(tracker, value)
+    def __init__(
+        self,
+        tracker: DeliveryTracker | None,
+        value: object,
+        callback: DeliveryCallback,
+        topic: str | None = None,
+        key: object = None,
+        headers: KeptHeaders = None,
+    ) -> None:
+        super().__init__(tracker, value, topic, key, headers)
         self._callback = callback
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:

@@ -48,7 +48,13 @@ from kcons.errors import (
 )
 from kcons.ids import fast_event_id
 from kcons.kafka.client import check_producer_config, close_bounded
-from kcons.kafka.futures import CallbackDeliveryFuture, DeliveryCallback, DeliveryFuture, DeliveryTracker
+from kcons.kafka.futures import (
+    CallbackDeliveryFuture,
+    DeliveryCallback,
+    DeliveryFuture,
+    DeliveryTracker,
+    KeptHeaders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -353,11 +359,19 @@ class _ProducerBase:
             raise FatalKafkaError("the producer is closed; create a new one")
         tracker = self._tracker
         callback = on_delivery or self._user_delivery_cb
-        fut = DeliveryFuture(tracker, value) if callback is None else CallbackDeliveryFuture(tracker, value, callback)
+        kept: KeptHeaders = headers
+        if self.event_ids:
+            if headers is None:
+                kept = event_id = fast_event_id()  # the future keeps the id alone, not the dict
+                headers = {HEADER_ID: event_id}
+            else:
+                kept = headers = _with_event_id(headers)
+        if callback is None:
+            fut = DeliveryFuture(tracker, value, topic, key, kept)
+        else:
+            fut = CallbackDeliveryFuture(tracker, value, callback, topic, key, kept)
         pending = tracker.pending
         pending.add(fut)
-        if self.event_ids:
-            headers = {HEADER_ID: fast_event_id()} if headers is None else _with_event_id(headers)
         try:
             part = _UNASSIGNED if partition is None else partition
             # All positional (partition, callback, on_delivery, timestamp, headers): confluent-kafka

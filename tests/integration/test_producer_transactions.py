@@ -319,3 +319,37 @@ def test_futures_nobody_keeps_are_freed_once_delivered_and_a_kept_one_holds_the_
     assert not txn._tracker.pending and _live_futures() - before == 1, "aborted futures are released too"
     txn.close()
     idem.close()
+
+
+@pytest.mark.parametrize("timestamp_type", ["CreateTime", "LogAppendTime"])
+def test_a_futures_message_matches_what_a_consumer_reads_back(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_consumer: Callable[..., Any], timestamp_type: str
+) -> None:
+    topic = unique_topic(partitions=3, config={"message.timestamp.type": timestamp_type})
+    txn = txn_producer(kafka_bootstrap)
+    plain = IdempotentProducer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5}, event_ids=False)
+    payload = b"p" * 100
+    with txn.transaction():
+        futures = [
+            txn.produce(topic, payload, b"bytes-key"),  # the id header alone
+            txn.produce(topic, "text value", "text key", headers=[("a", "é"), ("b", b"\x00\x01"), ("c", None)]),
+            txn.produce(topic, None, b"tombstone", headers={"d": b"dict header"}),
+            txn.produce(topic, payload, b"k", headers=[(HEADER_ID, b"caller-id")], partition=2),
+            txn.produce(topic, payload, b"cb", on_delivery=lambda err, msg: None),
+        ]
+    futures.append(plain.produce(topic, b"no headers at all", b"plain"))
+    plain.flush()
+    got = {(m.partition(), m.offset()): m for m in read_all(make_consumer, topic, "read_committed", len(futures))}
+    assert len(got) == len(futures)
+    for fut in futures:
+        msg = fut.result(0)
+        assert msg is fut.result(0), "the same Message on every call"
+        read = got[(msg.partition(), msg.offset())]
+        assert msg.topic() == read.topic() == topic and msg.error() is None
+        assert (msg.key(), msg.value(), msg.headers()) == (read.key(), read.value(), read.headers())
+        assert msg.timestamp() == read.timestamp()
+    assert futures[0].result(0).value() is payload, "the produced bytes, not a copy"
+    assert futures[3].result(0).partition() == 2
+    assert {futures[0].result(0).timestamp()[0]} == {1 if timestamp_type == "CreateTime" else 2}
+    txn.close()
+    plain.close()

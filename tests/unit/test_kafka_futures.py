@@ -16,6 +16,21 @@ from confluent_kafka import Message
 from kcons.kafka.futures import CallbackDeliveryFuture, DeliveryFuture, DeliveryTracker
 
 
+def _report(value: bytes | None = b"v", offset: int = 7, partition: int = 2) -> Message:
+    """A delivery report as confluent-kafka hands it over: its own copies of the key and value."""
+    copy = None if value is None else bytes(bytearray(value))
+    return Message(
+        topic="t", partition=partition, offset=offset, key=b"k", value=copy, timestamp=(1, 1_700_000_000_000 + offset)
+    )
+
+
+def _future(tracker: DeliveryTracker, value: object = b"v", headers: Any = None) -> DeliveryFuture:
+    """A future as the producer makes it for topic "t", key b"k", registered as pending."""
+    fut = DeliveryFuture(tracker, value, "t", b"k", headers)
+    tracker.pending.add(fut)
+    return fut
+
+
 def test_result_set_before_anyone_waits_is_returned() -> None:
     fut = DeliveryFuture()
     fut.set_result("msg")  # type: ignore[arg-type]
@@ -140,11 +155,10 @@ def test_nothing_of_concurrent_futures_private_state_is_touched() -> None:
 def test_the_future_is_its_own_delivery_callback_and_settles_once() -> None:
     reports: list[tuple[Any, Any, Any, Any]] = []
     tracker = DeliveryTracker(lambda fut, err, msg, cb: reports.append((fut, err, msg, cb)))
-    fut = DeliveryFuture(tracker)
-    tracker.pending.add(fut)
-    fut(None, "msg")  # type: ignore[arg-type]
-    fut(None, "again")  # type: ignore[arg-type]  # a second report is ignored
-    assert fut.result(0) == "msg" and tracker.delivered == 1 and not tracker.pending
+    fut = _future(tracker)
+    fut(None, _report(offset=7))
+    fut(None, _report(offset=8))  # a second report is ignored
+    assert fut.result(0).offset() == 7 and tracker.delivered == 1 and not tracker.pending
     assert reports == [], "a plain success is settled by the future itself"
     assert fut._tracker is None, "the producer is released once delivered"
 
@@ -157,38 +171,38 @@ def test_a_failure_or_a_user_callback_goes_to_the_tracker_which_settles_the_futu
 
     tracker = DeliveryTracker(on_report)
     seen: list[Any] = []
-    failed, called = DeliveryFuture(tracker), CallbackDeliveryFuture(tracker, None, lambda err, msg: seen.append(msg))
-    tracker.pending.update((failed, called))
-    failed("boom", "m1")  # type: ignore[arg-type]
-    called(None, "m2")  # type: ignore[arg-type]
-    assert isinstance(failed.exception(0), ValueError) and called.result(0) == "m2" and seen == ["m2"]
+    failed = _future(tracker)
+    called = CallbackDeliveryFuture(tracker, b"v", lambda err, msg: seen.append(msg.offset()), "t", b"k")
+    tracker.pending.add(called)
+    failed("boom", _report(offset=1))  # type: ignore[arg-type]
+    called(None, _report(offset=2))
+    assert isinstance(failed.exception(0), ValueError) and called.result(0).offset() == 2 and seen == [2]
 
 
 def test_a_report_after_the_pending_futures_were_failed_is_ignored() -> None:
     tracker = DeliveryTracker(lambda *a: None)
-    futs = [DeliveryFuture(tracker) for _ in range(3)]
-    tracker.pending.update(futs)
-    futs[0](None, "delivered")  # type: ignore[arg-type]
+    futs = [_future(tracker) for _ in range(3)]
+    futs[0](None, _report(offset=0))
     assert tracker.fail_pending(lambda: RuntimeError("aborted")) == 2
-    futs[1](None, "late")  # type: ignore[arg-type]
-    assert futs[0].result(0) == "delivered"
+    futs[1](None, _report(offset=1))
+    assert futs[0].result(0).offset() == 0
     assert all(isinstance(f.exception(0), RuntimeError) for f in futs[1:])
     with pytest.raises(concurrent.futures.InvalidStateError):
-        futs[2].set_result("again")  # type: ignore[arg-type]
+        futs[2].set_result(_report())
 
 
 def test_reports_racing_fail_pending_settle_every_future_exactly_once() -> None:
+    report = _report()
     for _ in range(50):
         tracker = DeliveryTracker(lambda *a: None)
-        futs = [DeliveryFuture(tracker) for _ in range(2000)]
-        tracker.pending.update(futs)
+        futs = [_future(tracker) for _ in range(2000)]
         waiter = futs[-1].as_future()  # one linked future in the race too
         barrier = threading.Barrier(2)
 
         def deliver(barrier: threading.Barrier = barrier, futs: list[DeliveryFuture] = futs) -> None:
             barrier.wait()
             for f in futs:
-                f(None, "ok")  # type: ignore[arg-type]
+                f(None, report)
 
         t = threading.Thread(target=deliver)
         t.start()
@@ -204,8 +218,7 @@ def test_reports_racing_fail_pending_settle_every_future_exactly_once() -> None:
 def test_a_waiter_linking_while_the_report_arrives_always_gets_the_outcome() -> None:
     for _ in range(300):
         tracker = DeliveryTracker(lambda *a: None)
-        futs = [DeliveryFuture(tracker) for _ in range(8)]
-        tracker.pending.update(futs)
+        futs = [_future(tracker) for _ in range(8)]
         got: list[Any] = []
         barrier = threading.Barrier(len(futs) + 1)
 
@@ -218,10 +231,11 @@ def test_a_waiter_linking_while_the_report_arrives_always_gets_the_outcome() -> 
             t.start()
         barrier.wait()
         for i, f in enumerate(futs):
-            f(None, i)  # type: ignore[arg-type]
+            f(None, _report(offset=i))
         for t in threads:
             t.join(10)
-        assert sorted(got) == list(range(len(futs)))
+        assert sorted(m.offset() for m in got) == list(range(len(futs)))
+        assert all(f.result(0) is f.as_future().result(0) for f in futs), "one Message per future"
 
 
 def test_a_future_nobody_waits_on_links_no_standard_future() -> None:
@@ -237,33 +251,41 @@ def test_a_future_nobody_waits_on_links_no_standard_future() -> None:
     assert done == ["m", "b"] and seen == ["m"]
 
 
-def _report(value: bytes | None, offset: int = 7) -> Message:
-    """A delivery report as confluent-kafka hands it over: its own copy of the value."""
-    copy = None if value is None else bytes(bytearray(value))
-    return Message(topic="t", partition=2, offset=offset, key=b"k", value=copy, timestamp=(1, 1_700_000_000_000))
-
-
-def test_a_delivered_future_keeps_the_report_with_the_produced_value_instead_of_its_copy() -> None:
+def test_a_delivered_future_keeps_no_report_and_builds_one_message_with_the_produced_value() -> None:
     tracker = DeliveryTracker(lambda *a: None)
     produced = b"x" * 1024
-    fut = DeliveryFuture(tracker, produced)
-    tracker.pending.add(fut)
+    fut = _future(tracker, produced, headers=b"the-id")
     report = _report(produced)
-    assert report.value() is not produced
     fut(None, report)
+    assert fut._outcome is not report and fut._tracker is None, "the report is not kept, nor the producer"
     msg = fut.result(0)
-    assert msg is report, "result() is the delivery report itself"
-    assert msg.value() is produced, "the report's copy of the value is dropped, the produced bytes kept"
+    assert msg is fut.result(0) and msg is fut.as_future().result(0), "the same Message on every call"
+    assert msg.value() is produced, "the produced bytes, not the report's copy"
     assert (msg.topic(), msg.partition(), msg.offset(), msg.key()) == ("t", 2, 7, b"k")
-    assert fut._value is None and fut._tracker is None, "nothing else is held once delivered"
+    assert msg.timestamp() == report.timestamp() and msg.error() is None
+    assert msg.headers() == [("kcons-id", b"the-id")], "the id alone stands for the one kcons-id header"
 
 
-def test_a_str_value_leaves_the_reports_bytes_in_place() -> None:
+def test_a_str_value_key_and_headers_come_back_as_kafka_stores_them() -> None:
     tracker = DeliveryTracker(lambda *a: None)
-    fut = DeliveryFuture(tracker, "text")
+    fut = DeliveryFuture(tracker, "text", "t", "ключ", [("a", "é"), ("b", b"\x00"), ("c", None)])
     tracker.pending.add(fut)
     fut(None, _report(b"text"))
-    assert fut.result(0).value() == b"text", "value() stays bytes, as confluent-kafka reports it"
+    msg = fut.result(0)
+    assert msg.value() == b"text" and msg.key() == "ключ".encode(), "str is sent UTF-8 encoded"
+    assert msg.headers() == [("a", "é".encode()), ("b", b"\x00"), ("c", None)]
+    as_dict = DeliveryFuture(tracker, None, "t", None, {"kcons-id": b"i", "x": "y"})
+    tracker.pending.add(as_dict)
+    as_dict(None, _report(None))
+    got = as_dict.result(0)
+    assert got.headers() == [("kcons-id", b"i"), ("x", b"y")] and got.value() is None and got.key() is None
+
+
+def test_a_delivered_future_records_a_log_append_timestamp_as_reported() -> None:
+    tracker = DeliveryTracker(lambda *a: None)
+    fut = _future(tracker)
+    fut(None, Message(topic="t", partition=0, offset=1, key=b"k", value=b"v", timestamp=(2, 1_800_000_000_000)))
+    assert fut.result(0).timestamp() == (2, 1_800_000_000_000)
 
 
 def test_a_future_with_a_user_callback_is_settled_by_the_tracker_once_and_the_callback_runs_once() -> None:

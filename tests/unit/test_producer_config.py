@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from kcons.errors import ConfigError
 from kcons.kafka.futures import DeliveryFuture
@@ -195,10 +195,10 @@ def test_a_cancelled_future_does_not_break_the_delivery_of_the_others() -> None:
     cancelled, failed_cancelled, kept = (DeliveryFuture(tracker) for _ in range(3))
     tracker.pending.update((cancelled, failed_cancelled, kept))
     assert cancelled.cancel() and failed_cancelled.cancel()
-    cancelled(None, "msg")  # type: ignore[arg-type]
+    report = Message(topic="t", partition=0, offset=3, key=None, value=b"v", timestamp=(1, 1_700_000_000_000))
+    cancelled(None, report)
     err = KafkaError(KafkaError._MSG_TIMED_OUT, "timed out")
-    msg = type("Msg", (), {"topic": lambda self: "t"})()
-    failed_cancelled(err, msg)
-    kept(None, "msg")  # type: ignore[arg-type]
-    assert cancelled.cancelled() and failed_cancelled.cancelled() and kept.result(0) == "msg"
+    failed_cancelled(err, report)
+    kept(None, report)
+    assert cancelled.cancelled() and failed_cancelled.cancelled() and kept.result(0).offset() == 3
     producer.close(0.1)
