@@ -49,6 +49,7 @@ from kcons.errors import (
 from kcons.ids import fast_event_id
 from kcons.kafka.client import check_producer_config, close_bounded
 from kcons.kafka.futures import (
+    _UNSET,  # the fast path of produce() builds futures itself
     CallbackDeliveryFuture,
     DeliveryCallback,
     DeliveryFuture,
@@ -78,6 +79,8 @@ T = TypeVar("T")
 TXN_RETRY_BACKOFF_MS = 10
 #: librdkafka's RD_KAFKA_PARTITION_UA: let the partitioner choose (by key).
 _UNASSIGNED = -1
+#: ``object.__new__``: an instance without its ``__init__`` call (see produce).
+_bare_future = object.__new__
 #: Message headers as confluent-kafka takes them: a list of (name, value) pairs or a dict.
 HeaderList = list[tuple[str, bytes | str | None]] | dict[str, bytes | str | None]
 #: One record for the bulk paths: ``(topic, value, key, headers, timestamp_ms)``; a timestamp of 0 means "now".
@@ -367,7 +370,16 @@ class _ProducerBase:
             else:
                 kept = headers = _with_event_id(headers)
         if callback is None:
-            fut = DeliveryFuture(tracker, value, topic, key, kept)
+            # DeliveryFuture(tracker, value, topic, key, kept) without the Python-level __init__ call
+            # (a frame per message); test_producer_futures_are_built_like_the_public_constructor pins it.
+            fut = _bare_future(DeliveryFuture)
+            fut._tracker = tracker
+            fut._topic = topic
+            fut._value = value
+            fut._key = key
+            fut._headers = kept
+            fut._outcome = _UNSET
+            fut._future = None
         else:
             fut = CallbackDeliveryFuture(tracker, value, callback, topic, key, kept)
         pending = tracker.pending

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message
 
-from kcons.errors import ConfigError
+from kcons.errors import ConfigError, DeliveryError
 from kcons.kafka.futures import DeliveryFuture
 from kcons.kafka.producer import IdempotentProducer, _kafka_exception_of, check_producer_config, fast_event_id, wrap
 
@@ -202,3 +202,20 @@ def test_a_cancelled_future_does_not_break_the_delivery_of_the_others() -> None:
     kept(None, report)
     assert cancelled.cancelled() and failed_cancelled.cancelled() and kept.result(0).offset() == 3
     producer.close(0.1)
+
+
+def test_producer_futures_are_built_like_the_public_constructor() -> None:
+    """produce() fills a future's slots itself (no __init__ call per message): the same state as the constructor."""
+    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
+    fut = producer.produce("t", b"value", b"key", block=False)
+    event_id = fut._headers
+    assert isinstance(event_id, bytes)
+    built = DeliveryFuture(producer._tracker, b"value", "t", b"key", event_id)
+    assert {s: getattr(fut, s) for s in _set_slots(fut)} == {s: getattr(built, s) for s in _set_slots(built)}
+    assert type(fut) is DeliveryFuture and fut in producer._tracker.pending
+    producer.close(0.1)
+    assert isinstance(fut.exception(0), DeliveryError)
+
+
+def _set_slots(obj: object) -> list[str]:
+    return [s for s in type(obj).__slots__ if hasattr(obj, s)]
