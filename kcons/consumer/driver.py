@@ -23,7 +23,9 @@ costs one store round trip; its offsets are committed after that call (overlappi
 following one), never before the done records are written. A done record that fails to be
 written is retried before each batch and counts as done meanwhile; until it is written no
 offset is committed past it. On idle, on revocation and on close, pending done records are
-written and offsets committed at once.
+written and offsets committed at once: synchronously on revocation and close and once the
+consumer has been idle for ``IDLE_SETTLE_S``; when it has just gone idle without waiting for the
+broker, so that a batch arriving meanwhile is not held up by the commit's round trip.
 
 With a store that can send that call and read its answer later (declared ``claim_ahead``:
 Redis), the next batch is read (only what is already fetched) and its call sent before the
@@ -90,6 +92,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BatchStats", "IdempotentConsumer", "TransactionalIdempotentConsumer", "default_store_retry_policy"]
 
+#: Idle this long (no message in any poll), a consumer committing asynchronously settles its offsets
+#: synchronously; before that an idle poll sends them without waiting for the broker.
+IDLE_SETTLE_S = 1.0
+
 
 def default_store_retry_policy() -> tenacity.Retrying:
     """Retries of dedup store calls: four attempts within about a second, StoreError only."""
@@ -150,7 +156,8 @@ class IdempotentConsumer:
     ``pause_s`` is how long a partition stays paused after it was rewound (busy id, store
     outage, failed dead-letter write). With ``async_commit`` (the default) the offsets of a
     finished batch are committed without waiting for the broker (a failed commit is merged
-    into the next; idle, revocation and close commit synchronously). With
+    into the next; revocation, close and an idle stretch of ``IDLE_SETTLE_S`` commit
+    synchronously, a poll that just found nothing sends the offsets without waiting). With
     ``async_commit=False`` the commit waits, and ``overlap_commit`` runs it on a helper thread
     during the next store round trip (default: on, unless the store declares ``in_process``;
     it applies to the one-call-per-batch path: with ``claim_ahead`` the store call is already
@@ -276,6 +283,7 @@ class IdempotentConsumer:
         self._stopping = threading.Event()
         self._closed = False
         self._store_failing_since: float | None = None
+        self._idle_since: float | None = None  # monotonic time of the first empty poll in a row
         self.stats = BatchStats()
         self.last_batch = BatchStats()
         self._effects.open()  # every check above passed: now take the effects' resources
@@ -308,8 +316,12 @@ class IdempotentConsumer:
         if batch is None:
             msgs = self._source.poll()
             if not msgs:
-                self._flush()
+                now = time.monotonic()
+                if self._idle_since is None:
+                    self._idle_since = now
+                self._flush(wait=now - self._idle_since >= IDLE_SETTLE_S)
                 return 0
+            self._idle_since = None
             if self._claim_ahead:
                 batch = self._send(self._read(msgs), frozenset())
         started = time.perf_counter()
@@ -767,14 +779,17 @@ class IdempotentConsumer:
         if self._unreleased:
             _drain(store.release, self._unreleased, "releasing claims")
 
-    def _flush(self) -> None:
-        """Write deferred done records, then commit every decided offset (on idle, rebalance and close)."""
+    def _flush(self, *, wait: bool = True) -> None:
+        """Write deferred done records, then commit every decided offset (on idle, rebalance and close).
+
+        ``wait=False`` (just idle): the commit does not wait for the broker when commits are asynchronous.
+        """
         if self._deferred_done:
             done, self._deferred_done = self._deferred_done, []
             self._record_done(done)
         if not self._uncompleted:
             self._ledger.done_recorded()
-        self._ledger.flush()
+        self._ledger.flush(wait=wait)
 
     def _decided(self) -> int:
         s = self.stats

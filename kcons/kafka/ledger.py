@@ -15,9 +15,11 @@ replays at most that interval's messages), and the broker writes far fewer offse
 Commits are asynchronous between batches (unless ``asynchronous=False``): the outcome arrives
 through :meth:`OffsetLedger.on_commit` (give it to the consumer as its ``on_commit``); a failed
 commit is merged into the next one, unless a higher offset of that partition was sent since
-(the newer commit supersedes it). :meth:`OffsetLedger.flush` (idle, revocation, close) commits
-synchronously, repeating asynchronous commits still unanswered, so the group's offsets are
-settled. :meth:`OffsetLedger.forget` drops everything about partitions revoked or lost.
+(the newer commit supersedes it). :meth:`OffsetLedger.flush` (revocation, close, a consumer idle
+for a while) commits synchronously, repeating asynchronous commits still unanswered, so the
+group's offsets are settled; ``flush(wait=False)`` (a consumer that just went idle) sends what is
+ready at once without waiting for the broker, so a batch arriving meanwhile is not held up.
+:meth:`OffsetLedger.forget` drops everything about partitions revoked or lost.
 """
 
 from __future__ import annotations
@@ -117,13 +119,13 @@ class OffsetLedger:
         awaiting, self._awaiting = self._awaiting, {}
         return awaiting
 
-    def commit(self, *, sync: bool = False) -> None:
+    def commit(self, *, sync: bool = False, now: bool = False) -> None:
         """Commit the ready offsets (and failed ones again); ``sync`` waits for the broker and settles earlier
         asynchronous commits too. A failure is kept and retried with the next commit; a fatal one raises.
-        Within ``min_interval_s`` of the last request an unsynchronised commit sends nothing: the
-        offsets stay ready for the next one."""
-        now = self._clock() if self._min_interval_s else 0.0
-        if not sync and now - self._last_sent < self._min_interval_s:
+        Within ``min_interval_s`` of the last request an unsynchronised commit sends nothing (the
+        offsets stay ready for the next one), unless ``now`` is set."""
+        sent_at = self._clock() if self._min_interval_s else 0.0
+        if not (sync or now) and sent_at - self._last_sent < self._min_interval_s:
             return
         offsets, self._ready = self._ready, {}
         if sync:
@@ -133,7 +135,7 @@ class OffsetLedger:
         _merge(pending, offsets)
         if not pending:
             return
-        self._last_sent = now
+        self._last_sent = sent_at
         parts = [TopicPartition(t, p, o) for (t, p), o in pending.items()]
         try:
             if self._asynchronous and not sync:
@@ -157,10 +159,18 @@ class OffsetLedger:
             log.warning("offset commit failed for %d partitions, will retry", len(failed))
         self._failed = self.still_assigned(failed) if failed else {}
 
-    def flush(self) -> None:
-        """Commit what is ready synchronously, with asynchronous commits not answered yet (idle, rebalance, close)."""
-        if self._ready or self._failed or self._unsettled:
-            self.commit(sync=True)
+    def flush(self, *, wait: bool = True) -> None:
+        """Commit what is ready now, whatever the interval.
+
+        ``wait`` (revocation, close, a consumer idle for a while): synchronously, with the
+        asynchronous commits not answered yet. ``wait=False`` (a consumer that just went idle):
+        asynchronously when the ledger is, so the caller's next batch does not wait for the broker.
+        """
+        if wait or not self._asynchronous:
+            if self._ready or self._failed or self._unsettled:
+                self.commit(sync=True)
+        elif self._ready or self._failed:
+            self.commit(now=True)
 
     def on_commit(self, err: Any, partitions: list[Any]) -> None:
         """librdkafka's commit result (served in poll/consume): keep failed offsets for the next commit.

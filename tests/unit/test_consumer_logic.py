@@ -583,6 +583,38 @@ def test_idle_and_close_commit_synchronously_and_sync_mode_never_commits_asynchr
         assert any(modes) is async_commit
 
 
+def test_a_poll_that_just_went_idle_commits_without_waiting_and_a_longer_idle_stretch_settles_synchronously(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kcons.consumer import driver
+
+    kafka = FakeKafka(partitions=1)
+    sent: list[tuple[bool, dict[int, int]]] = []
+    original = kafka.commit
+
+    def commit(offsets: list[Any], asynchronous: bool) -> Any:
+        sent.append((asynchronous, {tp.partition: tp.offset for tp in offsets}))
+        return original(offsets, asynchronous)
+
+    kafka.commit = commit  # type: ignore[method-assign]
+    kafka.add(0, "x")
+    # A long commit interval: the batch's offset stays ready until the consumer goes idle.
+    consumer = make(kafka, lambda _m: None, store=OneCallPerStep(), commit_interval_s=60.0)
+    assert consumer.poll_once() == 1
+    kafka.add(0, "y")
+    assert consumer.poll_once() == 1
+    assert sent == [(True, {0: 1})]  # the first batch's commit; the second one waits for the interval
+    assert consumer.poll_once() == 0  # just idle: sent at once, without waiting for the broker
+    assert sent[-1] == (True, {0: 2})
+    assert consumer.poll_once() == 0  # still idle, nothing new: nothing sent
+    assert len(sent) == 2
+    monkeypatch.setattr(driver, "IDLE_SETTLE_S", 0.0)
+    assert consumer.poll_once() == 0  # idle long enough: the asynchronous commits are settled synchronously
+    assert sent[-1] == (False, {0: 2})
+    consumer.close()
+    assert kafka.committed_offsets() == {0: 2}
+
+
 def make_batched(kafka: FakeKafka, batch_handler: Callable[[list[Any]], None], **kw: Any) -> IdempotentConsumer:
     kw.setdefault("producer_factory", FakeProducer())
     return IdempotentConsumer(
