@@ -59,7 +59,10 @@ def main() -> int:
         " (--store redis: a dedup namespace of this process only, so other workers' records are not seen)",
     )  # fmt: skip
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {args.instance or os.getpid()} %(message)s")
+    # INFO: the consumer's assignments and revocations go to the run's worker logs (a few lines per
+    # rebalance), so a failed run shows which worker held a stuck partition and when.
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {args.instance or os.getpid()} %(message)s")
+    logging.getLogger("kcons.metrics").setLevel(logging.WARNING)
 
     from kcons.consumer import IdempotentConsumer, TransactionalIdempotentConsumer
 
