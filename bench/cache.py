@@ -17,6 +17,10 @@
    A plain ``read_committed`` consumer on the same topic records when each event became
    readable from Kafka (commit-to-consumable): the relay's and Kafka's share, reported apart as
    ``kafka_commit_to_consumable_p99_ms``; ``invalidator_share_p99_ms`` is consumable-to-invalidated.
+   Kafka's share is split at the moment the relay's transaction commit returned (its
+   ``on_published`` hook): ``kafka_share_p99_ms.commit_to_relay_committed`` (waiting in the
+   outbox, the relay's read, produce and commit) and ``kafka_share_p99_ms.relay_committed_to_consumable``
+   (the broker's transaction markers and the read_committed fetch).
 
 The last line of output is one JSON object (see docs/architecture.md, "Benchmarks and fault runs").
 """
@@ -203,7 +207,9 @@ def invalidation_latency(
         freeze_startup_heap()  # the reference consumer's process, like the services: no full collection mid-run
         tail = threading.Thread(target=_tail_topic, args=(stack.kafka_bootstrap, topic, tail_stop, tail_seen))
         tail.start()
-        relay = _spawn("relay", env, [*common, "--prefix", prefix], "--relay-mode", relay_mode)
+        published_log = workdir / "published.json"
+        relay_args = ["--relay-mode", relay_mode, "--published-log", str(published_log)]
+        relay = _spawn("relay", env, [*common, "--prefix", prefix], *relay_args)
         invalidators = [
             _spawn(
                 "invalidator",
@@ -238,11 +244,19 @@ def invalidation_latency(
         tail.join(30)
         commits = {(str(i), int(v)): float(t) for i, v, t in json.loads(commit_log.read_text())}
         ref = [tail_seen[k] - t for k, t in commits.items() if k in tail_seen]
+        published: dict[tuple[str, int], float] = {}
+        for i, v, t in json.loads(published_log.read_text()):
+            published.setdefault((str(i), int(v)), float(t))
         out: dict[str, Any] = {
             "writes": len(commits),
             # Over the span of the commits: the writer process's start-up is not writing time.
             "writes_per_s": round((len(commits) - 1) / (max(commits.values()) - min(commits.values())), 1),
             "commit_to_consumable_reference": _percentiles(ref),
+            # Kafka's share split where the relay's commit_transaction returned.
+            "commit_to_relay_committed": _percentiles([published[k] - t for k, t in commits.items() if k in published]),
+            "relay_committed_to_consumable": _percentiles(
+                [tail_seen[k] - published[k] for k in commits if k in published and k in tail_seen]
+            ),
         }
         for mode in modes:
             applied = _applied_times(applied_logs[mode])
@@ -298,7 +312,12 @@ def main() -> int:
     p99 = {mode: lat["commit_to_invalidated"].get("p99_ms") for mode, lat in paths.items()}
     result = {
         "name": "cache",
-        "baseline": {"hit_path": hits["baseline"] if hits else None, "commit_to_consumable": ref},
+        "baseline": {
+            "hit_path": hits["baseline"] if hits else None,
+            "commit_to_consumable": ref,
+            "commit_to_relay_committed": latency["commit_to_relay_committed"],
+            "relay_committed_to_consumable": latency["relay_committed_to_consumable"],
+        },
         "kcons": {
             "hit_path": hits["kcons"] if hits else None,
             "invalidation": paths,
@@ -313,6 +332,10 @@ def main() -> int:
         # setting can remove.
         "commit_to_invalidated_p99_ms": p99,
         "kafka_commit_to_consumable_p99_ms": ref.get("p99_ms"),
+        "kafka_share_p99_ms": {
+            "commit_to_relay_committed": latency["commit_to_relay_committed"].get("p99_ms"),
+            "relay_committed_to_consumable": latency["relay_committed_to_consumable"].get("p99_ms"),
+        },
         "invalidator_share_p99_ms": {
             mode: lat["consumable_to_invalidated"].get("p99_ms") for mode, lat in paths.items()
         },

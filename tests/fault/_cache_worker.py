@@ -2,7 +2,9 @@
 
 Roles (first argument):
 
-* ``relay``: the kcons outbox relay publishing the ``items`` outbox to ``--topic``.
+* ``relay``: the kcons outbox relay publishing the ``items`` outbox to ``--topic``; with
+  ``--published-log`` it records when each row's batch was committed to Kafka (its
+  ``on_published`` hook, wall clock).
 * ``writer``: ``--threads`` threads update random rows of ``items`` (version + 1) and add the
   change event to the outbox in the same transaction, at about ``--rate`` writes per second.
 * ``reader``: reads random keys through ``ConsistentCache`` with a PostgreSQL loader and checks
@@ -96,7 +98,12 @@ def run_relay(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]
         mode=args.relay_mode,
         lease_ttl_s=5.0,
     )  # the documented polling default (1 s): the insert trigger's NOTIFY wakes the relay, not the poll
-    relay = OutboxRelay.for_postgres(settings)
+    published: list[tuple[Any, float]] = []
+
+    def on_published(rows: Any, _acked: float) -> None:
+        published.append((rows, time.time()))  # wall clock, comparable with the writer's commit times
+
+    relay = OutboxRelay.for_postgres(settings, on_published=on_published if args.published_log else None)
 
     def stop_on_signal() -> None:
         stop.wait()
@@ -105,6 +112,9 @@ def run_relay(args: argparse.Namespace, stop: threading.Event) -> dict[str, Any]
     threading.Thread(target=stop_on_signal, daemon=True).start()
     freeze_startup_heap()  # as `kcons outbox relay` does
     relay.run()
+    if args.published_log:
+        with open(args.published_log, "w") as f:
+            json.dump([(r.aggregateid, r.version, t) for rows, t in published for r in rows], f)
     return {"role": "relay", "published": relay.published}
 
 
@@ -281,6 +291,7 @@ def main() -> None:
     parser.add_argument("--relay-mode", default="transactional")
     parser.add_argument("--commit-log", default=None)
     parser.add_argument("--applied-log", default=None)
+    parser.add_argument("--published-log", default=None, help="relay: when each row's batch was committed to Kafka")
     parser.add_argument("--batched", action="store_true", help="invalidator: the batched loop")
     parser.add_argument("--no-floors", action="store_true", help="benchmark: do not record floors")
     parser.add_argument("--unguarded-fills", action="store_true", help="negative control: break the fill guard")
