@@ -20,8 +20,8 @@ timestamp next to what was produced (topic, key, value, headers), and :meth:`~De
 builds the ``Message`` from them once, on first use, and returns that same object from then on.
 Its ``value()`` is the object passed to ``produce`` when that was ``bytes`` (a ``str`` value or key
 is returned UTF-8 encoded, as Kafka stores it), ``headers()`` are the headers as sent (``kcons-id``
-included) in the list-of-tuples form a consumer reads (read from the list or dict given to
-``produce`` when the Message is built), and ``latency()`` and ``leader_epoch()`` are None.
+included) in the list-of-tuples form a consumer reads (``produce`` keeps a copy of a caller's
+list or dict, which the caller may reuse at once), and ``latency()`` and ``leader_epoch()`` are None.
 Keeping many futures thus keeps one small object per message and no second copy of any payload.
 
 ``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future`` need a standard future:

@@ -104,6 +104,11 @@ def _with_event_id(headers: HeaderList | None) -> HeaderList:
     return [(HEADER_ID, fast_event_id()), *headers]
 
 
+def _snapshot(headers: HeaderList) -> KeptHeaders:
+    """The caller's headers as sent, for the future to keep: the caller may reuse its list or dict after produce."""
+    return tuple(headers.items()) if isinstance(headers, dict) else tuple(headers)
+
+
 # --- producers ---------------------------------------------------------------------------
 
 
@@ -368,7 +373,11 @@ class _ProducerBase:
                 kept = event_id = fast_event_id()  # the future keeps the id alone, not the dict
                 headers = {HEADER_ID: event_id}
             else:
-                kept = headers = _with_event_id(headers)
+                with_id = _with_event_id(headers)
+                kept = with_id if with_id is not headers else _snapshot(headers)
+                headers = with_id
+        elif headers is not None:
+            kept = _snapshot(headers)
         if callback is None:
             # DeliveryFuture(tracker, value, topic, key, kept) without the Python-level __init__ call
             # (a frame per message); test_producer_futures_are_built_like_the_public_constructor pins it.

@@ -219,3 +219,22 @@ def test_producer_futures_are_built_like_the_public_constructor() -> None:
 
 def _set_slots(obj: object) -> list[str]:
     return [s for s in type(obj).__slots__ if hasattr(obj, s)]
+
+
+@pytest.mark.parametrize("event_ids", [True, False])
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_result_headers_are_those_sent_even_when_the_caller_reuses_its_headers(event_ids: bool, as_dict: bool) -> None:
+    """The Message of result() carries the headers produce() sent, not what the caller's list or dict holds later."""
+    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5, event_ids=event_ids)
+    sent: list[tuple[str, bytes | str | None]] = [("kcons-id", b"0190-caller-id"), ("trace", b"one")]
+    headers: Any = dict(sent) if as_dict else list(sent)
+    fut = producer.produce("t", b"v", headers=headers, block=False)
+    if as_dict:
+        headers["trace"] = b"two"  # the caller reuses its headers for the next message
+        headers["extra"] = b"x"
+    else:
+        headers[1] = ("trace", b"two")
+        headers.append(("extra", b"x"))
+    fut(None, Message(topic="t", partition=0, offset=7, key=None, value=b"v", timestamp=(1, 1_700_000_000_000)))
+    assert fut.result(0).headers() == sent
+    producer.close(0.1)
