@@ -75,3 +75,11 @@ def test_ci_and_setup_install_the_lint_extra_where_they_lint() -> None:
     setup = (ROOT / "deploy" / "local" / "setup.sh").read_text()
     assert "KCONS_SETUP_EXTRAS=lint" in ci and ci.index("KCONS_SETUP_EXTRAS=lint") < ci.index("ruff check")
     assert '".[dev${KCONS_SETUP_EXTRAS:+,$KCONS_SETUP_EXTRAS}]"' in setup
+
+
+def test_the_confluent_kafka_floor_lets_delivery_futures_build_their_message() -> None:
+    """Delivered futures build their Message with ``confluent_kafka.Message(...)``, possible from 2.13 on."""
+    (requirement,) = [r for r in _project()["project"]["dependencies"] if _name(r) == "confluent-kafka"]
+    floor = re.search(r">=\s*(\d+)\.(\d+)", requirement)
+    assert floor is not None, requirement
+    assert (int(floor.group(1)), int(floor.group(2))) >= (2, 13), requirement
