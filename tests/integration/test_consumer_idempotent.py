@@ -404,6 +404,52 @@ def test_two_consumers_in_one_group_handle_every_event_once_across_a_rebalance(
     assert sum(committed(kafka_bootstrap, group, topic, 4)) == 4 * 330
 
 
+@pytest.mark.parametrize("then", ["close", "revoke"])
+def test_offsets_sent_by_the_first_idle_poll_are_settled_by_an_immediate_close_or_revocation(
+    kafka_bootstrap: str,
+    unique_topic: Callable[..., str],
+    make_producer: Callable[..., Any],
+    redis_url: str,
+    group: str,
+    then: str,
+) -> None:
+    topic = unique_topic(partitions=2)
+    producer = make_producer()
+    for p in range(2):
+        produce(producer, topic, [(f"e-{p}-{i}", b"v") for i in range(50)], partition=p)
+    handled: list[str] = []
+
+    def make() -> IdempotentConsumer:
+        store = RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
+        return IdempotentConsumer(
+            config(kafka_bootstrap, group),
+            [topic],
+            lambda m: handled.append(dict(m.headers())["kcons-id"].decode()),
+            store=store,
+            batch_size=20,
+            commit_interval_s=60.0,  # nothing is committed between batches: only the idle poll sends
+        )
+
+    first = make()
+    drive(first, lambda: len(handled) >= 100)
+    while first.poll_once() != 0:  # the first empty poll sends the offsets without waiting for the broker
+        pass
+    if then == "revoke":
+        second = make()
+        deadline = time.monotonic() + 60
+        while not second.kafka_consumer.assignment():  # the first consumer's revocation comes at once
+            assert time.monotonic() < deadline
+            first.poll_once()
+            second.poll_once()
+        for _ in range(10):
+            first.poll_once()
+            second.poll_once()
+        second.close()
+    first.close()
+    assert len(handled) == len(set(handled)) == 100
+    assert committed(kafka_bootstrap, group, topic, 2) == [50, 50]
+
+
 @pytest.mark.parametrize("claim_ahead", [True, False])
 def test_with_redis_ids_repeated_in_the_next_batches_are_handled_once_and_everything_is_committed(
     kafka_bootstrap: str,
