@@ -91,6 +91,20 @@ def read_all(make_consumer: Callable[..., Any], topic: str, expected: int, timeo
     return out
 
 
+def redis_consumer(
+    bootstrap: str, redis_url: str, group: str, topic: str, handled: list[str], **settings: Any
+) -> IdempotentConsumer:
+    """A consumer of ``topic`` with the group's Redis store; each handled message's kcons-id goes to ``handled``."""
+    store = RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
+    return IdempotentConsumer(
+        config(bootstrap, group),
+        [topic],
+        lambda m: handled.append(dict(m.headers())["kcons-id"].decode()),
+        store=store,
+        **settings,
+    )
+
+
 @pytest.fixture
 def group() -> str:
     return f"g-{uuid.uuid4().hex[:10]}"
@@ -377,17 +391,9 @@ def test_two_consumers_in_one_group_handle_every_event_once_across_a_rebalance(
         produce(producer, topic, [(f"e-{p}-{i}", b"v") for i in range(300)], partition=p)
         produce(producer, topic, [(f"e-{(p + 1) % 4}-{i}", b"resend") for i in range(0, 300, 10)], partition=p)
     handled: list[str] = []
-
-    def handler(msg: Any) -> None:
-        handled.append(dict(msg.headers())["kcons-id"].decode())
-
-    def make() -> IdempotentConsumer:
-        store = RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
-        return IdempotentConsumer(config(kafka_bootstrap, group), [topic], handler, store=store, batch_size=50)
-
-    first = make()
+    first = redis_consumer(kafka_bootstrap, redis_url, group, topic, handled, batch_size=50)
     drive(first, lambda: len(handled) >= 200)
-    second = make()
+    second = redis_consumer(kafka_bootstrap, redis_url, group, topic, handled, batch_size=50)
     try:
         deadline = time.monotonic() + 60
         while len(set(handled)) < 1200:
@@ -418,24 +424,14 @@ def test_offsets_sent_by_the_first_idle_poll_are_settled_by_an_immediate_close_o
     for p in range(2):
         produce(producer, topic, [(f"e-{p}-{i}", b"v") for i in range(50)], partition=p)
     handled: list[str] = []
-
-    def make() -> IdempotentConsumer:
-        store = RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
-        return IdempotentConsumer(
-            config(kafka_bootstrap, group),
-            [topic],
-            lambda m: handled.append(dict(m.headers())["kcons-id"].decode()),
-            store=store,
-            batch_size=20,
-            commit_interval_s=60.0,  # nothing is committed between batches: only the idle poll sends
-        )
-
-    first = make()
+    # A long commit interval: nothing is committed between batches, only the idle poll sends offsets.
+    settings: dict[str, Any] = {"batch_size": 20, "commit_interval_s": 60.0}
+    first = redis_consumer(kafka_bootstrap, redis_url, group, topic, handled, **settings)
     drive(first, lambda: len(handled) >= 100)
     while first.poll_once() != 0:  # the first empty poll sends the offsets without waiting for the broker
         pass
     if then == "revoke":
-        second = make()
+        second = redis_consumer(kafka_bootstrap, redis_url, group, topic, handled, **settings)
         deadline = time.monotonic() + 60
         while not second.kafka_consumer.assignment():  # the first consumer's revocation comes at once
             assert time.monotonic() < deadline
