@@ -391,8 +391,18 @@ class _ProducerBase:
             fut._future = None
         else:
             fut = CallbackDeliveryFuture(tracker, value, callback, topic, key, kept)
-        pending = tracker.pending
-        pending.add(fut)
+        while True:
+            pending = tracker.pending
+            pending.add(fut)
+            if tracker.pending is pending:
+                break
+            # Another thread's fail_pending (abort, close, re-creation) swapped the set out meanwhile:
+            # take the future back and register it again, unless that call already failed it (the
+            # abort or close came first: the message is not produced).
+            try:
+                pending.remove(fut)
+            except KeyError:
+                return fut
         try:
             part = _UNASSIGNED if partition is None else partition
             # All positional (partition, callback, on_delivery, timestamp, headers): confluent-kafka

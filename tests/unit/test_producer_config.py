@@ -238,3 +238,42 @@ def test_result_headers_are_those_sent_even_when_the_caller_reuses_its_headers(e
     fut(None, Message(topic="t", partition=0, offset=7, key=None, value=b"v", timestamp=(1, 1_700_000_000_000)))
     assert fut.result(0).headers() == sent
     producer.close(0.1)
+
+
+class _SwappedDuringAdd(set[Any]):
+    """The pending set as another thread's fail_pending leaves it: swapped out (and drained) around ``add``."""
+
+    def __init__(self, tracker: Any, *, fail_first: bool) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.fail_first = fail_first  # True: the swap drains the set before the add lands; False: after it
+
+    def add(self, item: Any) -> None:
+        if not self.fail_first:
+            super().add(item)
+        self.tracker.fail_pending(lambda: DeliveryError("aborted by another thread"))
+        if self.fail_first:
+            super().add(item)
+
+
+def test_a_future_registered_while_another_thread_swaps_the_pending_set_still_completes() -> None:
+    """produce() racing fail_pending: a future added to the set just swapped out is registered again and completes."""
+    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
+    tracker = producer._tracker
+    tracker.pending = _SwappedDuringAdd(tracker, fail_first=True)
+    fut = producer.produce("t", b"value", block=False)
+    assert not fut.done() and fut in tracker.pending  # in the set the next fail_pending (or its report) settles
+    assert len(producer.raw) == 1
+    producer.close(0.1)
+    assert isinstance(fut.exception(0), DeliveryError)
+
+
+def test_a_future_failed_by_a_concurrent_abort_before_it_was_produced_is_not_produced() -> None:
+    """produce() racing fail_pending that failed the future first: it stays failed and nothing goes to librdkafka."""
+    producer = IdempotentProducer({"bootstrap.servers": "127.0.0.1:9"}, close_timeout_s=0.5)
+    tracker = producer._tracker
+    tracker.pending = _SwappedDuringAdd(tracker, fail_first=False)
+    fut = producer.produce("t", b"value", block=False)
+    assert "aborted by another thread" in str(fut.exception(0))
+    assert len(producer.raw) == 0 and not tracker.pending
+    producer.close(0.1)
