@@ -305,9 +305,18 @@ def test_a_failed_answer_holds_the_batch_and_commits_nothing_past_the_done_recor
 
 # A generated log drained by a consumer with claim ahead (slow or fast store) or without: which copy
 # of a repeated id is handled may differ (the batches interleave differently), what must hold may not.
+#: The event ids the property tests draw from (few, so that copies and done-before ids collide).
+EVENT_ID = st.sampled_from([f"id-{i}" for i in range(8)])
+#: Claim-ahead modes of the consumer under test: a slow store, a fast one, or claim ahead off.
+CLAIM = st.sampled_from(["slow", "fast", "off"])
+#: Ids done before the consumer starts, and how many messages a batch holds.
+DONE_BEFORE = st.lists(EVENT_ID, max_size=2)
+BATCH_SIZE = st.integers(1, 4)
+#: Positions (1-based) whose handling raises.
+FAILING = st.sets(st.integers(1, 12), max_size=4)
 MESSAGE = st.tuples(
     st.integers(0, 2),  # partition
-    st.one_of(st.none(), st.sampled_from([f"id-{i}" for i in range(8)]), st.just("\xff")),  # id (\xff: poison)
+    st.one_of(st.none(), EVENT_ID, st.just("\xff")),  # id (\xff: poison)
     st.sampled_from([b"ok", b"ok", b"ok", b"boom", b"decode", b"later"]),  # handler behaviour
 )
 Log = list[tuple[int, str | None, bytes]]
@@ -380,10 +389,10 @@ def _drain(log: Log, done_before: list[str], *, claim: str, size: int, fail: set
 @settings(max_examples=200, deadline=None)
 @given(
     log=st.lists(MESSAGE, min_size=1, max_size=14),
-    done_before=st.lists(st.sampled_from([f"id-{i}" for i in range(8)]), max_size=2),
-    size=st.integers(1, 4),
-    claim=st.sampled_from(["slow", "fast", "off"]),
-    fail=st.sets(st.integers(1, 12), max_size=4),
+    done_before=DONE_BEFORE,
+    size=BATCH_SIZE,
+    claim=CLAIM,
+    fail=FAILING,
 )
 def test_every_message_is_decided_once_and_every_id_has_one_effect_with_or_without_claim_ahead(
     log: Log, done_before: list[str], size: int, claim: str, fail: set[int]
@@ -607,15 +616,13 @@ def _drain_rebalancing(
 @settings(max_examples=300, deadline=None)
 @given(
     log=st.lists(MESSAGE, min_size=1, max_size=14),
-    done_before=st.lists(st.sampled_from([f"id-{i}" for i in range(8)]), max_size=2),
-    size=st.integers(1, 4),
-    claim=st.sampled_from(["slow", "fast", "off"]),
+    done_before=DONE_BEFORE,
+    size=BATCH_SIZE,
+    claim=CLAIM,
     batched=st.booleans(),
     rebalances=st.dictionaries(st.integers(2, 12), st.tuples(st.integers(0, 2), st.booleans()), max_size=3),
-    busy=st.tuples(
-        st.lists(st.sampled_from([f"id-{i}" for i in range(8)]), max_size=2, unique=True), st.integers(0, 6)
-    ),
-    fail=st.sets(st.integers(1, 12), max_size=4),
+    busy=st.tuples(st.lists(EVENT_ID, max_size=2, unique=True), st.integers(0, 6)),
+    fail=FAILING,
 )
 @example(  # found by this test: the read ahead straddles a rebalance that hands partition 0 back (loses 5, 6)
     log=[(0, None, b"ok")] * 8, done_before=[], size=2, claim="fast", batched=False,
@@ -700,8 +707,8 @@ def _drain_interrupted(log: Log, *, claim: str, size: int, batched: bool, interr
 @settings(max_examples=300, deadline=None)
 @given(
     log=st.lists(MESSAGE, min_size=1, max_size=14),
-    size=st.integers(1, 4),
-    claim=st.sampled_from(["slow", "fast", "off"]),
+    size=BATCH_SIZE,
+    claim=CLAIM,
     batched=st.booleans(),
     interrupt_at=st.integers(1, 8),
 )
