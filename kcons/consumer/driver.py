@@ -799,7 +799,7 @@ class IdempotentConsumer:
 
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         self._log.info("assigned %s", _describe(partitions))
-        self._pauses.forget([(tp.topic, tp.partition) for tp in partitions])  # a new assignment starts unpaused
+        self._pauses.start([(tp.topic, tp.partition) for tp in partitions])  # a new assignment starts unpaused
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
         """Commit what is done for the revoked partitions and forget them."""
@@ -867,7 +867,7 @@ class IdempotentConsumer:
 
     def _forget(self, partitions: set[TP]) -> None:
         self._ledger.forget(partitions)
-        self._pauses.forget(partitions)
+        self._pauses.release(partitions)
         # Claims are not held between batches (released or completed after each batch; with claim
         # ahead, the batch claimed while the next is read gives these partitions' claims back in
         # _drop_current); the ones whose release failed are given back now, so the partitions' new

@@ -1,8 +1,13 @@
 """Partition holds: rewind a partition to a message and pause it until a due time (back-pressure, never skipping).
 
 :class:`PauseSchedule` seeks a held partition back to the first message not decided, pauses it
-for a number of seconds, and resumes the partitions that are due before each batch. A new
-assignment starts unpaused; revoked or lost partitions are forgotten. The clock is injectable.
+for a number of seconds, and resumes the partitions that are due before each batch.
+
+librdkafka keeps a partition's pause across a rebalance: a partition paused here, revoked, and
+later assigned back to the same consumer would come back paused, with nothing left to resume
+it, and its messages would never be read again. So a held partition is resumed when it is
+revoked or lost (:meth:`release`), and every newly assigned partition is resumed as well
+(:meth:`start`), in case the first did not reach librdkafka. The clock is injectable.
 """
 
 from __future__ import annotations
@@ -79,8 +84,25 @@ class PauseSchedule:
             log.warning("resuming %d partitions failed: %s", len(due), exc)
         self._paused_gauge.set(len(self._due))
 
-    def forget(self, partitions: Collection[TP]) -> None:
-        """Drop the pauses of ``partitions`` (newly assigned, revoked or lost)."""
+    def release(self, partitions: Collection[TP]) -> None:
+        """Resume and forget the held ones of ``partitions`` (revoked or lost), so none comes back paused."""
+        held = [tp for tp in partitions if tp in self._due]
+        for tp in held:
+            del self._due[tp]
+        self._resume(held, "revoked")
+        self._paused_gauge.set(len(self._due))
+
+    def start(self, partitions: Collection[TP]) -> None:
+        """A new assignment of ``partitions``: each starts unpaused, whatever librdkafka kept from before."""
         for tp in partitions:
             self._due.pop(tp, None)
+        self._resume(list(partitions), "assigned")
         self._paused_gauge.set(len(self._due))
+
+    def _resume(self, partitions: list[TP], what: str) -> None:
+        if not partitions or self._consumer is None:
+            return
+        try:
+            self._consumer.resume([TopicPartition(t, p) for t, p in partitions])
+        except KafkaException as exc:
+            log.warning("resuming %d %s partitions failed: %s", len(partitions), what, exc)

@@ -378,6 +378,43 @@ def test_retry_later_pauses_the_partition_and_handles_the_message_once_afterward
     assert committed(kafka_bootstrap, group, topic, 2) == [2, 1]
 
 
+def test_a_partition_paused_by_back_pressure_when_revoked_is_read_again_when_assigned_back(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_producer: Callable[..., Any], group: str
+) -> None:
+    """librdkafka keeps a partition's pause across a rebalance: the consumer must resume it, or it stalls."""
+    from confluent_kafka import Consumer
+
+    topic = unique_topic(partitions=1)
+    produce(make_producer(), topic, [("e-1", b"a"), ("e-2", b"b")])
+    calls: list[bytes] = []
+
+    def handler(msg: Any) -> None:
+        calls.append(msg.value())
+        if len(calls) == 1:
+            raise RetryLater(600, "downstream saturated")  # held far beyond this test
+
+    cfg = config(kafka_bootstrap, group)
+    with IdempotentConsumer(cfg, [topic], handler, store=MemoryDedupStore()) as consumer:
+        drive(consumer, lambda: consumer.paused_partitions == [(topic, 0)])
+        # A second member joins (the partition is revoked, and maybe given to it), then leaves: the
+        # partition comes back to the first consumer, which must read it again (it reads nothing else).
+        other = Consumer({**cfg, "enable.auto.commit": False})
+        assigned: list[int] = []
+        other.subscribe([topic], on_assign=lambda _c, ps: assigned.append(len(ps)))
+        try:
+            deadline = time.monotonic() + 60
+            while not assigned:
+                assert time.monotonic() < deadline, "the second member never joined"
+                consumer.poll_once()
+                other.poll(0.1)
+        finally:
+            other.close()  # it commits nothing: the messages wait for the first consumer
+        drive(consumer, lambda: consumer.stats.handled >= 2)
+        assert consumer.paused_partitions == []
+    assert calls[1:] == [b"a", b"b"], "the held message first, then the next, each once"
+    assert committed(kafka_bootstrap, group, topic) == [2]
+
+
 def test_two_consumers_in_one_group_handle_every_event_once_across_a_rebalance(
     kafka_bootstrap: str,
     unique_topic: Callable[..., str],

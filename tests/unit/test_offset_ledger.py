@@ -147,5 +147,24 @@ def test_a_held_partition_is_rewound_paused_and_resumed_when_due() -> None:
     pauses.resume_due()
     assert kafka.paused == set() and len(pauses) == 0
     pauses.hold(("t", 3), 1, 5.0)
-    pauses.forget([("t", 3)])
-    assert pauses.paused == []
+    pauses.release([("t", 3)])
+    assert pauses.paused == [] and kafka.paused == set()
+
+
+def test_a_partition_held_when_revoked_is_not_paused_when_assigned_back() -> None:
+    """librdkafka keeps a partition's pause across a rebalance (the fake's ``paused`` outlives the
+    assignment, as librdkafka's does): revoked while held, then assigned back, it must be read again."""
+    now = [100.0]
+    kafka = Commits()
+    pauses = PauseSchedule(clock=lambda: now[0])
+    pauses.attach(kafka)
+    pauses.hold(("t", 1), 7, 60.0)
+    pauses.hold(("t", 2), 3, 60.0)
+    pauses.release([("t", 1), ("t", 3)])  # revoked: 1 (held) and 3 (not held)
+    assert kafka.paused == {2} and pauses.paused == [("t", 2)]
+    kafka.paused.add(1)  # as if that resume had not reached librdkafka (e.g. the partition was lost)
+    pauses.start([("t", 1)])  # assigned back
+    assert kafka.paused == {2} and pauses.paused == [("t", 2)]
+    now[0] = 161.0
+    pauses.resume_due()
+    assert kafka.paused == set() and len(pauses) == 0
