@@ -331,11 +331,13 @@ class TransactionalProcessor:
     def _give_up(self, partitions: list[TopicPartition], why: str) -> None:
         """Partitions are leaving: no transaction may span the move, and their unprocessed records are dropped."""
         log.info("%s %s", why, _describe(partitions))
-        if why == "revoked" and self._open is not None and not self.producer.closed and self.producer.in_transaction:
-            # As Kafka Streams does: what was handled commits before the partitions move (during
-            # the revocation this member's generation is still current). If the commit fails,
-            # it aborts and rewinds like any other.
-            self._commit_open()
+        committing = why == "revoked" and self._open is not None and not self.producer.closed
+        # As Kafka Streams does: what was handled commits before the partitions move (during the
+        # revocation this member's generation is still current). If the commit fails, it aborts
+        # and rewinds like any other, and what this read returned before the callback for the
+        # partitions that stay is dropped too: they were rewound under it, so it comes again.
+        if committing and self.producer.in_transaction and not self._commit_open():
+            self._aborted_in_call = True
         self._open = None
         if not self.producer.closed and self.producer.in_transaction:
             # Lost partitions (this member is out of the group; its commit would be refused):
@@ -471,11 +473,14 @@ class TransactionalProcessor:
             txn.outputs += produced
             txn.dead += dead
 
-    def _commit_open(self) -> None:
-        """Commit the open transaction (if any) with the positions after every record handled in it."""
+    def _commit_open(self) -> bool:
+        """Commit the open transaction (if any) with the positions after every record handled in it.
+
+        False when it was aborted instead (and the partitions rewound to their committed offsets).
+        """
         txn = self._open
         if txn is None:
-            return
+            return True
         committed = False
         with self._settling():
             producer = self.producer
@@ -490,7 +495,7 @@ class TransactionalProcessor:
             self._open = None
             committed = True
         if not committed:
-            return  # _settling aborted the transaction and rewound
+            return False  # _settling aborted the transaction and rewound
         self._fatal_recoveries = 0
         self.stats.records += txn.records
         self.stats.outputs += txn.outputs
@@ -503,6 +508,7 @@ class TransactionalProcessor:
         metrics.PROCESSOR_BATCH_SIZE.observe(txn.records)
         if self.on_commit is not None:
             self.on_commit(self.stats)
+        return True
 
     @contextlib.contextmanager
     def _settling(self) -> Iterator[None]:

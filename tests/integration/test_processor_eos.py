@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import signal
 import subprocess
@@ -331,6 +332,86 @@ def test_rebalancing_between_two_workers_keeps_exactly_once(
     assert done["a"].records > 0 and done["b"].records > 0
     assert done["a"].records + done["b"].records == n
     assert_exactly_once(values, n)
+
+
+def test_a_commit_failing_at_a_cooperative_revocation_rewinds_and_keeps_exactly_once(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The commit made in the revoke callback fails (an output the broker refuses): every partition is rewound.
+
+    What the read running the callback returned before it for the partition that stays is dropped
+    with it (handled, it would come again from the rewind and its outputs commit twice; that
+    happens when the revocation lands inside the read's consume call, in some runs).
+    """
+    caplog.set_level(logging.INFO, logger="kcons.processor")
+    for _attempt in range(3):  # until the revocation comes while the first transaction is open
+        caplog.clear()
+        values, n = _revoke_while_the_commit_must_fail(kafka_bootstrap, unique_topic)
+        events = [r.getMessage() for r in caplog.records]
+        revoked = next((i for i, e in enumerate(events) if e.startswith("revoked ")), len(events))
+        aborted = next(i for i, e in enumerate(events) if e.startswith("transaction aborted"))
+        counts = collections.Counter(values)
+        assert {v: c for v, c in counts.items() if c > 1} == {}
+        assert len(counts) == n
+        if revoked < aborted:
+            return
+    pytest.fail("the revocation never came while the failing transaction was open")
+
+
+def _revoke_while_the_commit_must_fail(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], n: int = 300_000
+) -> tuple[list[bytes], int]:
+    """A processor's first transaction holds an output the broker refuses when another member takes a partition."""
+    topic_in, topic_out = unique_topic(partitions=2), unique_topic(partitions=1)
+    refusing = unique_topic(partitions=1, config={"max.message.bytes": "1000"})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 50, "queue.buffering.max.messages": n})
+    for i in range(n):
+        producer.produce(topic_in, b"v", partition=i % 2)
+        if i % 50_000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    poisoned: list[bool] = []
+    procs: list[TransactionalProcessor] = []
+
+    def handler(m: Message) -> list[Output]:
+        if procs[0].stats.rewinds == 0:  # the first transaction: one record the broker refuses, then nothing
+            if not poisoned:
+                poisoned.append(True)
+                return [Output(refusing, b"x" * 5000)]
+            return []
+        return [Output(topic_out, f"{m.partition()}:{m.offset()}".encode())]
+
+    extra = {"heartbeat.interval.ms": 200, "partition.assignment.strategy": "cooperative-sticky"}
+    # A transaction commits only when a read finds nothing: the first is open when the revocation comes.
+    proc = processor(
+        kafka_bootstrap, group, f"{group}-a", topic_in, handler, consumer_extra=extra,
+        batch_size=50_000, commit_interval_s=60, commit_max_records=10**8,
+    )  # fmt: skip
+    procs.append(proc)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            proc.run(max_records=n)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    other = Consumer({**proc._consumer_config, "enable.auto.commit": False})
+    try:
+        while not poisoned and worker.is_alive():
+            time.sleep(0.01)
+        other.subscribe([topic_in])  # a partition moves to it: the revoke callback's commit fails
+        deadline = time.monotonic() + 30
+        while proc.stats.rewinds == 0 and time.monotonic() < deadline:
+            other.poll(0.1)
+    finally:
+        other.close()  # it commits nothing: its partition comes back
+    worker.join(120)
+    assert errors == [] and proc.stats.rewinds >= 1
+    return read_committed_values(kafka_bootstrap, topic_out, n, 1.0), n
 
 
 def test_handler_error_aborts_the_batch_and_a_restart_resumes_exactly_once(

@@ -205,3 +205,19 @@ def test_a_partition_assigned_and_revoked_again_in_one_call_is_dropped_not_rewou
     proc._on_revoke(None, [TopicPartition("a", 0), TopicPartition("a", 2)])  # type: ignore[arg-type]
     kept = proc._after_rebalance_in_call([FakeMessage("a", 2, 280), FakeMessage("a", 0, 5)])  # type: ignore[list-item]
     assert kept == [] and rewound == []  # a partition no longer assigned cannot be sought
+
+
+def test_a_commit_failing_in_the_revoke_callback_drops_the_reads_records_of_the_partitions_that_stay() -> None:
+    """The failed commit rewound every partition: records the read returned before the callback would come twice."""
+    proc = bare_processor(FailingCommitProducer(in_transaction=True), [])
+    proc.consumer = FakeConsumer([TopicPartition("a", 1)])  # type: ignore[assignment]
+    proc.stats = ProcessorStats()
+    proc.on_commit = None
+    proc.commit_timeout_s = 1.0
+    rewound: list[tuple[str, set[tuple[str, int]] | None]] = []
+    proc._rewind = lambda reason, only=None: rewound.append((reason, only))  # type: ignore[method-assign]
+    proc._open = _OpenTransaction(0.0, {("a", 0): 3, ("a", 1): 6}, records=4)
+    proc._on_revoke(None, [TopicPartition("a", 0)])  # type: ignore[arg-type]
+    kept = proc._after_rebalance_in_call([FakeMessage("a", 1, 6), FakeMessage("a", 1, 7)])  # type: ignore[list-item]
+    assert kept == [] and proc._open is None and proc.stats.records == 0
+    assert rewound[0] == ("aborted", None) and ("rebalanced", {("a", 1)}) in rewound
