@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -378,12 +379,57 @@ def test_retry_later_pauses_the_partition_and_handles_the_message_once_afterward
     assert committed(kafka_bootstrap, group, topic, 2) == [2, 1]
 
 
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
 def test_a_partition_paused_by_back_pressure_when_revoked_is_read_again_when_assigned_back(
-    kafka_bootstrap: str, unique_topic: Callable[..., str], make_producer: Callable[..., Any], group: str
+    kafka_bootstrap: str, unique_topic: Callable[..., str], make_producer: Callable[..., Any], group: str, strategy: str
 ) -> None:
     """librdkafka keeps a partition's pause across a rebalance: the consumer must resume it, or it stalls."""
     from confluent_kafka import Consumer
 
+    topic = unique_topic(partitions=2)
+    producer = make_producer()
+    for p in (0, 1):
+        produce(producer, topic, [(f"e-{p}-1", b"a"), (f"e-{p}-2", b"b")], partition=p)
+    calls: dict[int, list[bytes]] = {0: [], 1: []}
+
+    def handler(msg: Any) -> None:
+        seen = calls[msg.partition()]
+        seen.append(msg.value())
+        if len(seen) == 1:
+            raise RetryLater(600, "downstream saturated")  # held far beyond this test
+
+    cfg = config(kafka_bootstrap, group, **{"partition.assignment.strategy": strategy})
+    with IdempotentConsumer(cfg, [topic], handler, store=MemoryDedupStore()) as consumer:
+        drive(consumer, lambda: consumer.paused_partitions == [(topic, 0), (topic, 1)])
+        # A second member joins and takes a partition (revoked from the first consumer), then
+        # leaves: the partition comes back to the first consumer, which must read it again.
+        other = Consumer({**cfg, "enable.auto.commit": False})
+        moved: list[int] = []
+        other.subscribe([topic], on_assign=lambda _c, ps: moved.extend(tp.partition for tp in ps))
+        try:
+            deadline = time.monotonic() + 60
+            while not moved:
+                assert time.monotonic() < deadline, "the second member never got a partition"
+                consumer.poll_once()
+                other.poll(0.1)
+        finally:
+            other.close()  # it commits nothing: the messages wait for the first consumer
+        assert len(moved) == 1
+        back = moved[0]
+        drive(consumer, lambda: len(calls[back]) == 3)
+        assert (topic, back) not in consumer.paused_partitions
+    assert calls[back] == [b"a", b"a", b"b"], "the held message first, then the next, each once"
+    assert committed(kafka_bootstrap, group, topic, 2)[back] == 2
+
+
+def test_a_partition_paused_by_back_pressure_when_lost_is_read_again_when_assigned_back(
+    kafka_bootstrap: str,
+    unique_topic: Callable[..., str],
+    make_producer: Callable[..., Any],
+    group: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A consumer that stopped polling past max.poll.interval.ms loses its held partition, rejoins, reads it again."""
     topic = unique_topic(partitions=1)
     produce(make_producer(), topic, [("e-1", b"a"), ("e-2", b"b")])
     calls: list[bytes] = []
@@ -393,24 +439,14 @@ def test_a_partition_paused_by_back_pressure_when_revoked_is_read_again_when_ass
         if len(calls) == 1:
             raise RetryLater(600, "downstream saturated")  # held far beyond this test
 
-    cfg = config(kafka_bootstrap, group)
+    cfg = config(kafka_bootstrap, group, **{"max.poll.interval.ms": 6000})
     with IdempotentConsumer(cfg, [topic], handler, store=MemoryDedupStore()) as consumer:
         drive(consumer, lambda: consumer.paused_partitions == [(topic, 0)])
-        # A second member joins (the partition is revoked, and maybe given to it), then leaves: the
-        # partition comes back to the first consumer, which must read it again (it reads nothing else).
-        other = Consumer({**cfg, "enable.auto.commit": False})
-        assigned: list[int] = []
-        other.subscribe([topic], on_assign=lambda _c, ps: assigned.append(len(ps)))
-        try:
-            deadline = time.monotonic() + 60
-            while not assigned:
-                assert time.monotonic() < deadline, "the second member never joined"
-                consumer.poll_once()
-                other.poll(0.1)
-        finally:
-            other.close()  # it commits nothing: the messages wait for the first consumer
+        caplog.set_level(logging.INFO, logger="kcons.consumer.driver")
+        time.sleep(8)  # past max.poll.interval.ms: the member leaves the group, its partition is lost
         drive(consumer, lambda: consumer.stats.handled >= 2)
         assert consumer.paused_partitions == []
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("lost ")] == [f"lost {topic}[0]"]
     assert calls[1:] == [b"a", b"b"], "the held message first, then the next, each once"
     assert committed(kafka_bootstrap, group, topic) == [2]
 
