@@ -379,11 +379,22 @@ def test_retry_later_pauses_the_partition_and_handles_the_message_once_afterward
     assert committed(kafka_bootstrap, group, topic, 2) == [2, 1]
 
 
-@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+@pytest.mark.parametrize(
+    ("strategy", "store"), [("range", "memory"), ("cooperative-sticky", "memory"), ("cooperative-sticky", "redis")]
+)
 def test_a_partition_paused_by_back_pressure_when_revoked_is_read_again_when_assigned_back(
-    kafka_bootstrap: str, unique_topic: Callable[..., str], make_producer: Callable[..., Any], group: str, strategy: str
+    kafka_bootstrap: str,
+    unique_topic: Callable[..., str],
+    make_producer: Callable[..., Any],
+    redis_url: str,
+    group: str,
+    strategy: str,
+    store: str,
 ) -> None:
-    """librdkafka keeps a partition's pause across a rebalance: the consumer must resume it, or it stalls."""
+    """librdkafka keeps a partition's pause across a rebalance: the consumer must resume it, or it stalls.
+
+    With the Redis store the consumer claims ahead (the next batch is read while one is handled).
+    """
     from confluent_kafka import Consumer
 
     topic = unique_topic(partitions=2)
@@ -399,7 +410,10 @@ def test_a_partition_paused_by_back_pressure_when_revoked_is_read_again_when_ass
             raise RetryLater(600, "downstream saturated")  # held far beyond this test
 
     cfg = config(kafka_bootstrap, group, **{"partition.assignment.strategy": strategy})
-    with IdempotentConsumer(cfg, [topic], handler, store=MemoryDedupStore()) as consumer:
+    dedup: DedupStore = (
+        MemoryDedupStore() if store == "memory" else RedisDedupStore(redis.Redis.from_url(redis_url), namespace=group)
+    )
+    with IdempotentConsumer(cfg, [topic], handler, store=dedup) as consumer:
         drive(consumer, lambda: consumer.paused_partitions == [(topic, 0), (topic, 1)])
         # A second member joins and takes a partition (revoked from the first consumer), then
         # leaves: the partition comes back to the first consumer, which must read it again.
