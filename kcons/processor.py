@@ -242,6 +242,7 @@ class TransactionalProcessor:
         self._revoked_in_call: set[tuple[str, int]] = set()  # partitions revoked during the current read
         self._assigned_in_call: set[tuple[str, int]] = set()
         self._aborted_in_call = False  # a rebalance callback aborted the open transaction during the current read
+        self._leaving: set[tuple[str, int]] = set()  # partitions being revoked while their callback commits
         self._open: _OpenTransaction | None = None  # the transaction spanning reads, if one is open
         # The producer first: init_transactions fences an older incarnation of this worker and
         # settles its open transaction before this consumer fetches any committed offset.
@@ -332,12 +333,20 @@ class TransactionalProcessor:
         """Partitions are leaving: no transaction may span the move, and their unprocessed records are dropped."""
         log.info("%s %s", why, _describe(partitions))
         committing = why == "revoked" and self._open is not None and not self.producer.closed
+        gone = {(tp.topic, tp.partition) for tp in partitions}
         # As Kafka Streams does: what was handled commits before the partitions move (during the
         # revocation this member's generation is still current). If the commit fails, it aborts
-        # and rewinds like any other, and what this read returned before the callback for the
-        # partitions that stay is dropped too: they were rewound under it, so it comes again.
-        if committing and self.producer.in_transaction and not self._commit_open():
-            self._aborted_in_call = True
+        # and rewinds the partitions that stay, and what this read returned before the callback
+        # for them is dropped too: they were rewound under it, so it comes again. The leaving
+        # ones are not sought: librdkafka would carry that seek over to a later assignment of
+        # the partition to this member, which would then read it twice.
+        if committing and self.producer.in_transaction:
+            self._leaving = gone
+            try:
+                if not self._commit_open():
+                    self._aborted_in_call = True
+            finally:
+                self._leaving = set()
         self._open = None
         if not self.producer.closed and self.producer.in_transaction:
             # Lost partitions (this member is out of the group; its commit would be refused):
@@ -345,7 +354,6 @@ class TransactionalProcessor:
             # The read that runs this callback then rewinds what is still ours.
             self.producer.abort_transaction(reason=why)
             self._aborted_in_call = True
-        gone = {(tp.topic, tp.partition) for tp in partitions}
         self._revoked_in_call.update(gone)
         self._assigned_in_call -= gone  # assigned and then revoked within one read: not ours
         self._buffer[:] = [m for m in self._buffer if (m.topic(), m.partition()) not in gone]
@@ -577,7 +585,7 @@ class TransactionalProcessor:
         metrics.PROCESSOR_REWINDS.labels(reason).inc()
 
         def fetch() -> list[TopicPartition]:
-            assignment = self.consumer.assignment()
+            assignment = [tp for tp in self.consumer.assignment() if (tp.topic, tp.partition) not in self._leaving]
             if only is not None:
                 assignment = [tp for tp in assignment if (tp.topic, tp.partition) in only]
             if not assignment:

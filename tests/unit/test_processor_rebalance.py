@@ -47,6 +47,7 @@ def bare_processor(producer: FakeProducer, buffered: list[Any]) -> Transactional
     proc._revoked_in_call = set()
     proc._assigned_in_call = set()
     proc._aborted_in_call = False
+    proc._leaving = set()
     proc._open = None
     return proc
 
@@ -221,3 +222,29 @@ def test_a_commit_failing_in_the_revoke_callback_drops_the_reads_records_of_the_
     kept = proc._after_rebalance_in_call([FakeMessage("a", 1, 6), FakeMessage("a", 1, 7)])  # type: ignore[list-item]
     assert kept == [] and proc._open is None and proc.stats.records == 0
     assert rewound[0] == ("aborted", None) and ("rebalanced", {("a", 1)}) in rewound
+
+
+@dataclass
+class SeekingConsumer(FakeConsumer):
+    sought: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def committed(self, partitions: list[Any], timeout: float) -> list[Any]:
+        return [TopicPartition(tp.topic, tp.partition, 5) for tp in partitions]
+
+    def seek(self, tp: Any) -> None:
+        self.sought.append((tp.topic, tp.partition, tp.offset))
+
+
+def test_a_commit_failing_in_the_revoke_callback_seeks_only_the_partitions_that_stay() -> None:
+    """A seek of a leaving partition would outlive its revocation and act when it is assigned back."""
+    consumer = SeekingConsumer([TopicPartition("a", 0), TopicPartition("a", 1)])
+    proc = bare_processor(FailingCommitProducer(in_transaction=True), [])
+    proc.consumer = consumer  # type: ignore[assignment]
+    proc.stats = ProcessorStats()
+    proc.on_commit = None
+    proc.commit_timeout_s = 1.0
+    proc.rewind_timeout_s = 1.0
+    proc._reset_offset = 0
+    proc._open = _OpenTransaction(0.0, {("a", 0): 3, ("a", 1): 6}, records=4)
+    proc._on_revoke(None, [TopicPartition("a", 0)])  # type: ignore[arg-type]
+    assert consumer.sought == [("a", 1, 5)] and proc._aborted_in_call and proc._leaving == set()
