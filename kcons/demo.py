@@ -437,14 +437,15 @@ def _count_topic(bootstrap: str, topic: str, timeout_s: float = 60.0) -> tuple[i
     try:
         md = consumer.list_topics(topic, timeout=10)
         parts = [TopicPartition(topic, p) for p in md.topics[topic].partitions]
-        ends = {}
+        starts, ends = {}, {}
         for tp in parts:
-            _low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            ends[tp.partition] = high
-        consumer.assign([TopicPartition(topic, tp.partition, 0) for tp in parts])
+            starts[tp.partition], ends[tp.partition] = consumer.get_watermark_offsets(tp, timeout=10)
+        # From the first offset still there (0 unless retention removed records): a fixed 0 would
+        # fall back to auto.offset.reset (latest) once it is gone, and read nothing.
+        consumer.assign([TopicPartition(topic, tp.partition, starts[tp.partition]) for tp in parts])
         records = 0
         ids: set[str] = set()
-        done: set[int] = {p for p, h in ends.items() if h == 0}
+        done: set[int] = {p for p, h in ends.items() if h == starts[p]}  # empty partitions
         deadline = time.monotonic() + timeout_s
         while len(done) < len(parts) and time.monotonic() < deadline:
             for msg in consumer.consume(1000, 0.5):
