@@ -74,32 +74,21 @@ class PauseSchedule:
             return
         now = self._clock()
         due = [tp for tp, at in self._due.items() if at <= now]
-        if not due:
-            return
-        for tp in due:
-            del self._due[tp]
-        try:
-            self._consumer.resume([TopicPartition(t, p) for t, p in due])
-        except KafkaException as exc:
-            log.warning("resuming %d partitions failed: %s", len(due), exc)
-        self._paused_gauge.set(len(self._due))
+        self._resume(due, "due")
 
     def release(self, partitions: Collection[TP]) -> None:
         """Resume and forget the held ones of ``partitions`` (revoked or lost), so none comes back paused."""
-        held = [tp for tp in partitions if tp in self._due]
-        for tp in held:
-            del self._due[tp]
-        self._resume(held, "revoked")
-        self._paused_gauge.set(len(self._due))
+        self._resume([tp for tp in partitions if tp in self._due], "revoked")
 
     def start(self, partitions: Collection[TP]) -> None:
         """A new assignment of ``partitions``: each starts unpaused, whatever librdkafka kept from before."""
-        for tp in partitions:
-            self._due.pop(tp, None)
         self._resume(list(partitions), "assigned")
-        self._paused_gauge.set(len(self._due))
 
     def _resume(self, partitions: list[TP], what: str) -> None:
+        """Forget the pauses of ``partitions`` and resume them in the consumer (best effort)."""
+        for tp in partitions:
+            self._due.pop(tp, None)
+        self._paused_gauge.set(len(self._due))
         if not partitions or self._consumer is None:
             return
         try:
