@@ -26,21 +26,63 @@ Keeping many futures thus keeps one small object per message and no second copy 
 
 ``concurrent.futures.wait``/``as_completed`` and ``asyncio.wrap_future`` need a standard future:
 pass them ``fut.as_future()``.
+
+When the package's optional C extension ``kcons.kafka._speedups`` is built, ``DeliveryFuture`` is
+its type: the same slots and methods (copied from the Python class below), with the delivery
+callback in C, and ``DeliveryTracker`` keeps its fields in C; the producers then also produce
+through the extension (:mod:`kcons.kafka.producer`). A future that holds only atoms (str, bytes,
+ints) and a weak reference to its tracker is not tracked by the garbage collector, so keeping many
+futures costs no collection time; anything that may hold a container tracks it.
+``KCONS_PURE_PYTHON=1`` in the environment keeps the Python classes. :data:`ACCELERATED` says
+which ones are in use.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import types
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, InvalidStateError
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, Message
 
 from kcons.envelope import HEADER_ID
 from kcons.errors import DeliveryError
 
-__all__ = ["CallbackDeliveryFuture", "DeliveryFuture", "DeliveryTracker"]
+log = logging.getLogger(__name__)
+
+__all__ = ["ACCELERATED", "CallbackDeliveryFuture", "DeliveryFuture", "DeliveryTracker"]
+
+
+#: The interface version of kcons.kafka._speedups this module is written for (its ``API`` constant).
+SPEEDUPS_API = 1
+
+
+def _load_speedups() -> Any:
+    """The C extension module, or None when it is not built or ``KCONS_PURE_PYTHON`` asks for the Python classes."""
+    if os.environ.get("KCONS_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from kcons.kafka import _speedups  # type: ignore[attr-defined]  # built from _speedups.c
+    except ImportError:
+        return None
+    if getattr(_speedups, "API", None) != SPEEDUPS_API:
+        # An editable install keeps the extension built from an older _speedups.c until it is rebuilt.
+        log.warning("kcons.kafka._speedups is a stale build; using the Python classes (rebuild: pip install -e .)")
+        return None
+    return _speedups
+
+
+#: kcons.kafka._speedups, or None (see the module docstring).
+speedups: Any = _load_speedups()
+# DeliveryTracker's base: the C fields when the extension is in use.
+if TYPE_CHECKING:
+    _TrackerBase = object
+else:
+    _TrackerBase = object if speedups is None else speedups.TrackerBase
 
 #: Guards the hand-over from the recorded outcome to the standard future, and the one-time
 #: building of a delivered future's Message (uncontended in practice).
@@ -103,7 +145,7 @@ def _publish(outcome: Any, fut: Future[Message]) -> None:
         pass
 
 
-class DeliveryTracker:
+class DeliveryTracker(_TrackerBase):
     """The futures of one producer still waiting for their delivery report, and the successes not yet counted.
 
     ``on_report(future, err, msg, callback)`` receives every report that is not a plain success
@@ -111,7 +153,8 @@ class DeliveryTracker:
     out of ``pending``; it must settle the future (:meth:`DeliveryFuture.settle`).
     """
 
-    __slots__ = ("delivered", "on_report", "pending")
+    # The fields are TrackerBase's when the C extension is in use.
+    __slots__ = ("delivered", "on_report", "pending") if _TrackerBase is object else ()
 
     def __init__(self, on_report: Report) -> None:
         self.pending: set[DeliveryFuture] = set()
@@ -371,6 +414,34 @@ class DeliveryFuture:
         """Always False: a delivery is either pending or done (as for a Future nobody runs)."""
         fut = self._future
         return False if fut is None else fut.running()
+
+
+#: The Python DeliveryFuture (the one in use unless the C type is; tests run both).
+PyDeliveryFuture = DeliveryFuture
+#: Attributes of the Python class that the C type has of its own (layout, construction, callback).
+_C_OWN = frozenset({"__init__", "__call__", "__slots__", "__dict__", "__weakref__", "__module__", "__qualname__"})
+
+
+def _c_future_type() -> tuple[type[DeliveryFuture], Callable[..., DeliveryFuture]] | None:
+    """The C DeliveryFuture type with the Python class's methods, and its fast constructor; None when not built."""
+    if speedups is None:
+        return None
+    ctype: type[DeliveryFuture] = speedups.make_type(_UNSET, _DELIVERED)
+    for name, attr in vars(PyDeliveryFuture).items():
+        if name not in _C_OWN and not isinstance(attr, types.MemberDescriptorType):
+            setattr(ctype, name, attr)
+    ctype.__slots__ = PyDeliveryFuture.__slots__  # what the getters mirror
+    return ctype, speedups.new_future
+
+
+_C = _c_future_type()
+#: Whether DeliveryFuture and DeliveryTracker are the C types (kcons.kafka._speedups) rather than the Python classes.
+ACCELERATED = _C is not None
+#: ``new_future(tracker, value, topic, key, headers)``: a pending C DeliveryFuture in one call (what
+#: produce() makes per message); None with the Python class.
+new_future: Callable[[DeliveryTracker, object, str, object, KeptHeaders], DeliveryFuture] | None = None
+if not TYPE_CHECKING and _C is not None:
+    DeliveryFuture, new_future = _C
 
 
 class CallbackDeliveryFuture(DeliveryFuture):

@@ -56,6 +56,8 @@ from kcons.kafka.futures import (
     DeliveryTracker,
     KeptHeaders,
 )
+from kcons.kafka.futures import new_future as _new_future
+from kcons.kafka.futures import speedups as _speedups
 
 log = logging.getLogger(__name__)
 
@@ -322,13 +324,43 @@ class _ProducerBase:
         self._client = client
         self.flush_timeout_s = flush_timeout_s
         self.close_timeout_s = client.close_timeout_s
-        self.event_ids = event_ids
+        self._event_ids = event_ids
         self._user_delivery_cb = on_delivery
         #: Per-message callback of future-less writes: the user's callback, so it runs once per message.
         self._plain_cb: DeliveryCallback | None = None if on_delivery is None else _safe(on_delivery)
         self._failed = 0  # delivery failures reported so far
         #: The futures awaiting a report, and the successes not yet counted in metrics (kept out of the hot path).
         self._tracker = DeliveryTracker(self._on_report)
+        self._install_fast_produce()
+
+    @property
+    def event_ids(self) -> bool:
+        """Whether produce() adds a ``kcons-id`` header to a message that has none."""
+        return self._event_ids
+
+    @event_ids.setter
+    def event_ids(self, on: bool) -> None:
+        self._event_ids = on
+        self._install_fast_produce()
+
+    def _install_fast_produce(self) -> None:
+        """Give this producer the C produce() (kcons.kafka._speedups) when it is built and applies.
+
+        It covers the common case (no caller headers, no delivery callback) and hands every other
+        call to the Python method below, which stays the reference. The class attribute
+        ``produce`` (a FastMethod) finds it in ``_fast_produce``; a subclass that defines produce,
+        or a patch of it on the class, is found first.
+        """
+        self.__dict__.pop("_fast_produce", None)
+        if _speedups is not None and self._user_delivery_cb is None:
+            self.__dict__["_fast_produce"] = _speedups.FastProduce(
+                _python_produce.__get__(self),
+                self._produce_failed,
+                self._client,
+                self._tracker,
+                fast_event_id if self._event_ids else None,
+                HEADER_ID,
+            )
 
     @property
     def raw(self) -> Producer:
@@ -368,7 +400,7 @@ class _ProducerBase:
         tracker = self._tracker
         callback = on_delivery or self._user_delivery_cb
         kept: KeptHeaders = headers
-        if self.event_ids:
+        if self._event_ids:
             if headers is None:
                 kept = event_id = fast_event_id()  # the future keeps the id alone, not the dict
                 headers = {HEADER_ID: event_id}
@@ -378,7 +410,9 @@ class _ProducerBase:
                 headers = with_id
         elif headers is not None:
             kept = _snapshot(headers)
-        if callback is None:
+        if callback is None and _new_future is not None:
+            fut = _new_future(tracker, value, topic, key, kept)  # the C type (kcons.kafka._speedups)
+        elif callback is None:
             # DeliveryFuture(tracker, value, topic, key, kept) without the Python-level __init__ call
             # (a frame per message); test_producer_futures_are_built_like_the_public_constructor pins it.
             fut = _bare_future(DeliveryFuture)
@@ -409,19 +443,38 @@ class _ProducerBase:
             # resolves keyword arguments by building a str per keyword name on every call. The
             # callback goes in the first callback slot: a None there makes it ignore on_delivery.
             client.raw.produce(topic, value, key, part, fut, None, 0, headers)
-        except BufferError:
-            if not block:
-                pending.discard(fut)
-                raise
+        except Exception as exc:
+            return self._produce_failed(exc, fut, pending, topic, value, key, headers, partition, block)
+        return fut
+
+    def _produce_failed(
+        self,
+        exc: Exception,
+        fut: DeliveryFuture,
+        pending: set[DeliveryFuture],
+        topic: str,
+        value: bytes | str | None,
+        key: bytes | str | None,
+        headers: HeaderList | None,
+        partition: int | None,
+        block: bool,
+    ) -> DeliveryFuture:
+        """What produce() does when the raw producer refused ``fut``'s message (also the C fast path's).
+
+        A full queue is waited out (bounded) unless ``block`` is False; anything else takes the
+        future back out of ``pending`` and raises: a KafkaException as a typed error, the rest as it is.
+        """
+        if isinstance(exc, BufferError) and block:
             try:
                 self._produce_when_room(topic, value, key, headers, partition, fut)
             except BaseException:
                 pending.discard(fut)
                 raise
-        except KafkaException as exc:
-            pending.discard(fut)
+            return fut
+        pending.discard(fut)
+        if isinstance(exc, KafkaException):
             self._raise_kafka(exc, "produce")
-        return fut
+        raise exc
 
     def _produce_when_room(
         self,
@@ -457,7 +510,7 @@ class _ProducerBase:
         """Queue ``records`` with ``callback`` as each one's delivery callback; returns how many were queued."""
         produce = self._client.raw.produce
         n = 0
-        add_ids = self.event_ids
+        add_ids = self._event_ids
         for topic, value, key, headers, timestamp_ms in records:
             if add_ids:
                 headers = _with_event_id(headers)
@@ -598,6 +651,12 @@ def _producer_timeouts(flush_timeout_s: float, close_timeout_s: float) -> None:
         raise ConfigError("flush_timeout_s", f"must be > 0, got {flush_timeout_s}")
     if close_timeout_s <= 0:
         raise ConfigError("close_timeout_s", f"must be > 0, got {close_timeout_s}")
+
+
+#: The Python produce(): the reference, and what the C one hands every case it does not cover to.
+_python_produce = _ProducerBase.produce
+if _speedups is not None:
+    _ProducerBase.produce = _speedups.FastMethod(_python_produce)  # type: ignore[method-assign]
 
 
 class IdempotentProducer(_ProducerBase):
@@ -857,7 +916,7 @@ class TransactionalProducer(_ProducerBase):
         """
         if not self._in_txn:
             raise KafkaOperationError("enqueue needs an open transaction; use produce() outside transactions")
-        if self.event_ids:
+        if self._event_ids:
             headers = {HEADER_ID: fast_event_id()} if headers is None else _with_event_id(headers)
         try:
             # All positional (partition, callback, on_delivery, timestamp, headers): confluent-kafka

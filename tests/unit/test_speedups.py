@@ -1,0 +1,223 @@
+"""The optional C extension (kcons.kafka._speedups) against the Python classes it stands for.
+
+The futures and producer unit tests run on whichever classes are in use (the C ones when the
+extension is built, as in CI); one test here runs them again on the Python classes. The others
+pin what only the C path does: produce() in C for the common case, futures the garbage collector
+does not track, and a fallback to the Python method for everything else.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from confluent_kafka import Message
+
+from kcons.errors import DeliveryError
+from kcons.kafka import futures
+from kcons.kafka.futures import DeliveryFuture, DeliveryTracker
+from kcons.kafka.producer import IdempotentProducer
+
+ROOT = Path(__file__).resolve().parents[2]
+UNREACHABLE = {"bootstrap.servers": "127.0.0.1:9"}
+needs_c = pytest.mark.skipif(not futures.ACCELERATED, reason="the C extension is not built here (CI requires it)")
+
+
+def _report(offset: int = 7, partition: int = 2) -> Message:
+    stamp = (1, 1_700_000_000_123)
+    return Message(topic="t", partition=partition, offset=offset, key=b"k", value=b"copy", timestamp=stamp)
+
+
+def test_ci_builds_the_c_extension() -> None:
+    """CI installs with a compiler: the C path is what its tests and benchmarks exercise."""
+    if os.environ.get("CI") != "true":
+        pytest.skip("outside CI an install without a compiler keeps the Python classes")
+    assert futures.ACCELERATED, "kcons.kafka._speedups was not built (see the pip install output)"
+
+
+def test_the_futures_and_producer_tests_pass_on_the_python_classes() -> None:
+    """The Python classes stay the reference: the same tests, with KCONS_PURE_PYTHON=1."""
+    tests = ["test_kafka_futures.py", "test_producer_config.py", "test_kafka_layer.py"]
+    env = {**os.environ, "KCONS_PURE_PYTHON": "1"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "from kcons.kafka import futures; print(futures.ACCELERATED)"],
+        env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert probe.stdout.strip() == "False"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(f"tests/unit/{t}" for t in tests)],
+        env=env, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+@needs_c
+def test_produce_is_the_c_path_and_its_futures_are_not_tracked_by_the_collector() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    try:
+        assert type(producer.produce).__name__ == "FastProduce"
+        fut = producer.produce("t", b"v", b"k")
+        assert type(fut) is DeliveryFuture and fut in producer._tracker.pending
+        assert not gc.is_tracked(fut)
+        fut(None, _report())  # the delivery report, as confluent-kafka calls it
+        assert not gc.is_tracked(fut) and fut not in producer._tracker.pending
+        msg = fut.result(0)
+        assert (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()) == ("t", 2, 7, b"k", b"v")
+        assert msg.timestamp() == (1, 1_700_000_000_123)
+        assert msg.headers() == [("kcons-id", fut._headers)]
+    finally:
+        producer.close(0.1)
+
+
+@needs_c
+def test_keyword_arguments_of_the_common_case_stay_on_the_c_path() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    try:
+        fut = producer.produce("t", b"v", key=b"k", partition=1, headers=None, on_delivery=None, block=True)
+        assert not gc.is_tracked(fut) and fut._key == b"k"
+        # headers of the caller's, or block=False: the Python method (its futures are tracked at first)
+        with_headers = producer.produce("t", b"v", b"k", headers=[("a", b"1")])
+        assert gc.is_tracked(with_headers)
+        assert with_headers._headers[1] == ("a", b"1")  # type: ignore[index]
+        with pytest.raises(TypeError):
+            producer.produce("t", b"v", b"k", key=b"again")  # type: ignore[misc]
+        with pytest.raises(TypeError):
+            producer.produce("t")  # type: ignore[call-arg]
+        with pytest.raises(TypeError):
+            producer.produce("t", b"v", b"k", unknown=1)  # type: ignore[call-arg]
+    finally:
+        producer.close(0.1)
+
+
+@needs_c
+def test_a_value_the_raw_producer_refuses_raises_and_leaves_nothing_pending() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    try:
+        with pytest.raises(TypeError):
+            producer.produce("t", 12345)  # type: ignore[arg-type]
+        assert not producer._tracker.pending
+    finally:
+        producer.close(0.1)
+
+
+@needs_c
+def test_a_future_that_links_a_callback_is_tracked_so_its_cycle_is_collected() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    try:
+        fut = producer.produce("t", b"v")
+        seen: list[DeliveryFuture] = []
+        fut.add_done_callback(seen.append)  # a standard future whose callback refers back to fut
+        assert gc.is_tracked(fut)
+        fut(None, _report())
+        assert seen == [fut]
+        marker = _Marker()
+        fut.add_done_callback(lambda f, m=marker: f)  # type: ignore[misc]
+        probe = weakref.ref(marker)
+        del fut, seen, marker
+        gc.collect()
+        assert probe() is None
+    finally:
+        producer.close(0.1)
+
+
+class _Marker:
+    """An object to watch with a weak reference."""
+
+
+@needs_c
+def test_a_producer_dropped_with_messages_pending_is_collected() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    futs = [producer.produce("t", b"v") for _ in range(3)]
+    assert all(not gc.is_tracked(f) for f in futs)
+    probe = weakref.ref(producer)
+    del producer
+    gc.collect()
+    assert probe() is None
+    for fut in futs:
+        fut(None, _report())  # a late report after the producer is gone settles nothing and does not fail
+        assert not fut.done()
+
+
+@needs_c
+def test_a_subclass_that_overrides_produce_keeps_its_own() -> None:
+    class Counting(IdempotentProducer):
+        calls = 0
+
+        def produce(self, *args: object, **kwargs: object) -> DeliveryFuture:  # type: ignore[override]
+            Counting.calls += 1
+            return super().produce(*args, **kwargs)  # type: ignore[arg-type]
+
+    producer = Counting(dict(UNREACHABLE), close_timeout_s=0.5)
+    try:
+        producer.produce("t", b"v")
+        assert Counting.calls == 1
+    finally:
+        producer.close(0.1)
+
+
+@needs_c
+def test_closing_fails_what_the_c_path_produced() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    fut = producer.produce("t", b"v")
+    producer.close(0.1)
+    assert isinstance(fut.exception(0), DeliveryError)
+    with pytest.raises(Exception, match="closed"):
+        producer.produce("t", b"v")
+
+
+@needs_c
+def test_turning_event_ids_off_after_construction_is_respected() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    try:
+        assert isinstance(producer.produce("t", b"v")._headers, bytes)
+        producer.event_ids = False
+        assert producer.produce("t", b"v")._headers is None
+        producer.event_ids = True
+        assert isinstance(producer.produce("t", b"v")._headers, bytes)
+    finally:
+        producer.close(0.1)
+
+
+@needs_c
+def test_a_patch_of_produce_on_the_class_reaches_instances_made_before_it() -> None:
+    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    try:
+        with mock.patch.object(IdempotentProducer, "produce", return_value="patched") as patched:
+            assert producer.produce("t", b"v") == "patched"
+        patched.assert_called_once_with("t", b"v")
+        assert type(producer.produce).__name__ == "FastProduce"
+    finally:
+        producer.close(0.1)
+
+
+@needs_c
+def test_a_report_to_a_future_with_unset_slots_settles_it() -> None:
+    tracker = DeliveryTracker(lambda *_: None)
+    bare = DeliveryFuture.__new__(DeliveryFuture)
+    bare._tracker = tracker
+    tracker.pending.add(bare)
+    bare(None, _report())
+    assert bare._outcome is not None and bare not in tracker.pending
+    built = DeliveryFuture(tracker, b"v", "t", b"k")
+    tracker.pending.add(built)
+    del built._topic
+    built(None, _report())
+    assert built.done()
+
+
+@needs_c
+def test_a_future_holding_a_container_is_tracked_even_while_the_container_is_not() -> None:
+    """An empty dict is untracked until it holds a container: the future must not count on that."""
+    tracker = DeliveryTracker(lambda *_: None)
+    value: dict[str, object] = {}
+    assert not gc.is_tracked(value)
+    fut = futures.speedups.new_future(tracker, value, "t", b"k", None)
+    assert gc.is_tracked(fut)
+    assert not gc.is_tracked(futures.speedups.new_future(tracker, b"v", "t", b"k", b"id"))
