@@ -94,7 +94,7 @@ static PyType_Spec tracker_spec = {
 #define HAS_TIMESTAMP 4
 #define TIMESTAMP_NONE 8
 
-typedef struct {
+typedef struct Fut {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *future;
@@ -109,6 +109,10 @@ typedef struct {
     long long offset;
     long long timestamp;
     int has;
+    /* Membership of a PendingSet (which holds a reference to each member): borrowed pointers. */
+    struct PendingSet *owner;
+    struct Fut *prev;
+    struct Fut *next;
 } Fut;
 
 /* Set once by make_type(): the type, the two outcome sentinels. */
@@ -119,6 +123,287 @@ static PyObject *UNSET = NULL;
 static PyObject *DELIVERED = NULL;
 static PyObject *s_pending, *s_delivered, *s_partition, *s_offset, *s_timestamp, *s_report, *s_publish, *s_closed,
     *s_raw, *s_produce, *s_partition_kw, *s_headers_kw, *s_on_delivery_kw, *s_block_kw, *s_key_kw, *minus_one, *zero, *one;
+
+
+/* ---- PendingSet -------------------------------------------------------------------------- */
+
+/* The futures of a tracker awaiting their report: the operations of a set that the tracker and the
+ * producer use (add, remove, discard, pop, update, in, len, iteration over a copy), as a list
+ * threaded through the futures themselves. Adding and taking out touch only the future and its
+ * neighbours (made one after the other, so next to each other in memory), where a hash set
+ * touches a slot of a table as large as the number of messages in flight. */
+typedef struct PendingSet {
+    PyObject_HEAD
+    Fut *head;
+    Fut *tail;
+    Py_ssize_t size;
+} PendingSet;
+
+static PyTypeObject *pending_type = NULL;
+static PyObject *s_add, *s_remove;
+
+/* Take ``fut`` (a member) out of the set; the set's reference to it is returned to the caller. */
+static Fut *
+pending_unlink(PendingSet *set, Fut *fut)
+{
+    if (fut->prev != NULL) {
+        fut->prev->next = fut->next;
+    } else {
+        set->head = fut->next;
+    }
+    if (fut->next != NULL) {
+        fut->next->prev = fut->prev;
+    } else {
+        set->tail = fut->prev;
+    }
+    fut->prev = fut->next = NULL;
+    fut->owner = NULL;
+    set->size--;
+    return fut;
+}
+
+static int
+pending_append(PendingSet *set, PyObject *obj)
+{
+    if (fut_type == NULL || !PyObject_TypeCheck(obj, fut_type)) {
+        PyErr_Format(PyExc_TypeError, "a PendingSet holds DeliveryFutures, not %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Fut *fut = (Fut *)obj;
+    if (fut->owner == set) {
+        return 0;
+    }
+    if (fut->owner != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the future is pending in another tracker's set");
+        return -1;
+    }
+    Py_INCREF(fut);
+    fut->owner = set;
+    fut->prev = set->tail;
+    fut->next = NULL;
+    if (set->tail != NULL) {
+        set->tail->next = fut;
+    } else {
+        set->head = fut;
+    }
+    set->tail = fut;
+    set->size++;
+    return 0;
+}
+
+static int
+pending_has(PendingSet *set, PyObject *obj)
+{
+    return fut_type != NULL && PyObject_TypeCheck(obj, fut_type) && ((Fut *)obj)->owner == set;
+}
+
+/* Add ``fut`` to a tracker's pending container: a PendingSet, a set, or anything with add(). */
+static int
+pending_add(PyObject *pending, PyObject *fut)
+{
+    if (Py_IS_TYPE(pending, pending_type)) {
+        return pending_append((PendingSet *)pending, fut);
+    }
+    if (PyAnySet_Check(pending)) {
+        return PySet_Add(pending, fut);
+    }
+    PyObject *r = PyObject_CallMethodOneArg(pending, s_add, fut);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* Take ``fut`` out of a tracker's pending container: 1 when it was there, 0 when not, -1 on error. */
+static int
+pending_discard(PyObject *pending, PyObject *fut)
+{
+    if (Py_IS_TYPE(pending, pending_type)) {
+        if (!pending_has((PendingSet *)pending, fut)) {
+            return 0;
+        }
+        Py_DECREF(pending_unlink((PendingSet *)pending, (Fut *)fut));
+        return 1;
+    }
+    if (PyAnySet_Check(pending)) {
+        return PySet_Discard(pending, fut);
+    }
+    PyObject *r = PyObject_CallMethodOneArg(pending, s_remove, fut);
+    if (r != NULL) {
+        Py_DECREF(r);
+        return 1;
+    }
+    if (PyErr_ExceptionMatches(PyExc_KeyError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
+
+static PyObject *
+ps_add(PendingSet *self, PyObject *fut)
+{
+    if (pending_append(self, fut) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ps_remove(PendingSet *self, PyObject *fut)
+{
+    if (!pending_has(self, fut)) {
+        PyErr_SetObject(PyExc_KeyError, fut);
+        return NULL;
+    }
+    Py_DECREF(pending_unlink(self, (Fut *)fut));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ps_discard(PendingSet *self, PyObject *fut)
+{
+    if (pending_has(self, fut)) {
+        Py_DECREF(pending_unlink(self, (Fut *)fut));
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ps_pop(PendingSet *self, PyObject *unused)
+{
+    if (self->head == NULL) {
+        PyErr_SetString(PyExc_KeyError, "pop from an empty set");
+        return NULL;
+    }
+    return (PyObject *)pending_unlink(self, self->head);
+}
+
+static PyObject *
+ps_update(PendingSet *self, PyObject *iterable)
+{
+    PyObject *it = PyObject_GetIter(iterable);
+    if (it == NULL) {
+        return NULL;
+    }
+    PyObject *item;
+    while ((item = PyIter_Next(it)) != NULL) {
+        int r = pending_append(self, item);
+        Py_DECREF(item);
+        if (r < 0) {
+            Py_DECREF(it);
+            return NULL;
+        }
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The members, oldest first, as a new list. */
+static PyObject *
+ps_members(PendingSet *self)
+{
+    PyObject *list = PyList_New(self->size);
+    if (list == NULL) {
+        return NULL;
+    }
+    Py_ssize_t i = 0;
+    for (Fut *f = self->head; f != NULL && i < self->size; f = f->next, i++) {
+        Py_INCREF(f);
+        PyList_SET_ITEM(list, i, (PyObject *)f);
+    }
+    return list;
+}
+
+static PyObject *
+ps_iter(PendingSet *self)
+{
+    PyObject *list = ps_members(self);
+    if (list == NULL) {
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(list);
+    Py_DECREF(list);
+    return it;
+}
+
+static Py_ssize_t
+ps_len(PendingSet *self)
+{
+    return self->size;
+}
+
+static int
+ps_contains(PendingSet *self, PyObject *obj)
+{
+    return pending_has(self, obj);
+}
+
+static int
+ps_traverse(PendingSet *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    for (Fut *f = self->head; f != NULL; f = f->next) {
+        Py_VISIT(f);
+    }
+    return 0;
+}
+
+static int
+ps_clear(PendingSet *self)
+{
+    while (self->head != NULL) {
+        Py_DECREF(pending_unlink(self, self->head));
+    }
+    return 0;
+}
+
+static void
+ps_dealloc(PendingSet *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    ps_clear(self);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+ps_repr(PendingSet *self)
+{
+    return PyUnicode_FromFormat("<PendingSet of %zd>", self->size);
+}
+
+static PyMethodDef ps_methods[] = {
+    {"add", (PyCFunction)ps_add, METH_O, "Add a pending future (once)."},
+    {"remove", (PyCFunction)ps_remove, METH_O, "Take a future out; KeyError when it is not in the set."},
+    {"discard", (PyCFunction)ps_discard, METH_O, "Take a future out if it is in the set."},
+    {"pop", (PyCFunction)ps_pop, METH_NOARGS, "Take the oldest future out; KeyError when the set is empty."},
+    {"update", (PyCFunction)ps_update, METH_O, "Add every future of an iterable."},
+    {NULL},
+};
+
+static PyType_Slot ps_slots[] = {
+    {Py_tp_dealloc, ps_dealloc},
+    {Py_tp_traverse, ps_traverse},
+    {Py_tp_clear, ps_clear},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_iter, ps_iter},
+    {Py_tp_repr, ps_repr},
+    {Py_tp_methods, ps_methods},
+    {Py_sq_length, ps_len},
+    {Py_sq_contains, ps_contains},
+    {Py_tp_doc, "The futures of a DeliveryTracker awaiting their delivery report (a set of futures)."},
+    {0, NULL},
+};
+
+static PyType_Spec ps_spec = {
+    .name = "kcons.kafka._speedups.PendingSet",
+    .basicsize = sizeof(PendingSet),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = ps_slots,
+};
 
 static int
 fut_traverse(Fut *self, visitproc visit, void *arg)
@@ -290,6 +575,8 @@ make_future(PyObject *tracker_ref, PyObject *value, PyObject *topic, PyObject *k
     self->partition = self->timestamp_type = NULL;
     self->offset = self->timestamp = 0;
     self->has = 0;
+    self->owner = NULL;
+    self->prev = self->next = NULL;
     if (!holds_only_atoms(self)) {
         PyObject_GC_Track(self);
     }
@@ -324,7 +611,7 @@ claim_failed(Fut *self, PyObject *tracker, PyObject *pending, PyObject *err, PyO
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
     int claimed = 1; /* without the set, report anyway: _report settles a future at most once */
-    if (pending != NULL && (claimed = PySet_Discard(pending, (PyObject *)self)) < 0) {
+    if (pending != NULL && (claimed = pending_discard(pending, (PyObject *)self)) < 0) {
         PyErr_Clear();
         claimed = 1;
     }
@@ -342,15 +629,44 @@ claim_failed(Fut *self, PyObject *tracker, PyObject *pending, PyObject *err, PyO
     return NULL;
 }
 
+/* The partition, offset and timestamp methods of the last report type seen (confluent-kafka's
+ * Message): called directly, without a method lookup per report. */
+static PyTypeObject *report_type = NULL;
+static PyObject *report_methods[3] = {NULL, NULL, NULL};
+
+static PyObject *
+report_call(PyObject *msg, int which)
+{
+    if (Py_TYPE(msg) != report_type) {
+        PyObject *names[3] = {s_partition, s_offset, s_timestamp};
+        PyObject *found[3];
+        for (int i = 0; i < 3; i++) {
+            found[i] = PyObject_GetAttr((PyObject *)Py_TYPE(msg), names[i]);
+            if (found[i] == NULL) {
+                for (int j = 0; j < i; j++) {
+                    Py_DECREF(found[j]);
+                }
+                return NULL;
+            }
+        }
+        for (int i = 0; i < 3; i++) {
+            Py_XSETREF(report_methods[i], found[i]);
+        }
+        Py_INCREF(Py_TYPE(msg));
+        Py_XSETREF(report_type, Py_TYPE(msg));
+    }
+    return PyObject_Vectorcall(report_methods[which], &msg, 1, NULL);
+}
+
 /* Record a successful report's partition, offset and timestamp (not the report itself). */
 static int
 record_report(Fut *self, PyObject *msg)
 {
-    PyObject *partition = PyObject_CallMethodNoArgs(msg, s_partition);
+    PyObject *partition = report_call(msg, 0);
     if (partition == NULL) {
         return -1;
     }
-    PyObject *offset = PyObject_CallMethodNoArgs(msg, s_offset);
+    PyObject *offset = report_call(msg, 1);
     if (offset == NULL) {
         Py_DECREF(partition);
         return -1;
@@ -367,7 +683,7 @@ record_report(Fut *self, PyObject *msg)
         Py_DECREF(partition);
         return -1;
     }
-    PyObject *ts = PyObject_CallMethodNoArgs(msg, s_timestamp);
+    PyObject *ts = report_call(msg, 2);
     if (ts == NULL || !PyTuple_Check(ts) || PyTuple_GET_SIZE(ts) != 2) {
         if (ts != NULL) {
             PyErr_SetString(PyExc_TypeError, "Message.timestamp() must return a (type, timestamp) pair");
@@ -437,13 +753,8 @@ fut_report(Fut *self, PyObject *err, PyObject *msg)
         result = claim_failed(self, tracker, NULL, err, msg);
         goto done;
     }
-    if (!PyAnySet_Check(pending)) {
-        PyErr_SetString(PyExc_TypeError, "DeliveryTracker.pending must be a set");
-        result = claim_failed(self, tracker, NULL, err, msg);
-        goto done;
-    }
     /* The claim: exactly one of the report and fail_pending takes the future out of the set. */
-    int claimed = PySet_Discard(pending, (PyObject *)self);
+    int claimed = pending_discard(pending, (PyObject *)self);
     if (claimed < 0) {
         result = claim_failed(self, tracker, pending, err, msg);
         goto done;
@@ -743,12 +1054,12 @@ register_pending(Tracker *tracker, Fut *fut, PyObject **pending_out)
 {
     for (;;) {
         PyObject *pending = tracker->pending;
-        if (pending == NULL || !PyAnySet_Check(pending)) {
-            PyErr_SetString(PyExc_TypeError, "DeliveryTracker.pending must be a set");
+        if (pending == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "pending");
             return -1;
         }
         Py_INCREF(pending);
-        if (PySet_Add(pending, (PyObject *)fut) < 0) {
+        if (pending_add(pending, (PyObject *)fut) < 0) {
             Py_DECREF(pending);
             return -1;
         }
@@ -758,7 +1069,7 @@ register_pending(Tracker *tracker, Fut *fut, PyObject **pending_out)
         }
         /* Another thread's fail_pending swapped the set out meanwhile: take the future back and
          * register it again, unless that call already took (and failed) it. */
-        int removed = PySet_Discard(pending, (PyObject *)fut);
+        int removed = pending_discard(pending, (PyObject *)fut);
         Py_DECREF(pending);
         if (removed < 0) {
             return -1;
@@ -1116,13 +1427,13 @@ PyInit__speedups(void)
         intern(&s_raw, "raw") < 0 || intern(&s_produce, "produce") < 0 || intern(&s_partition_kw, "partition") < 0 ||
         intern(&s_headers_kw, "headers") < 0 || intern(&s_on_delivery_kw, "on_delivery") < 0 ||
         intern(&s_block_kw, "block") < 0 || intern(&s_key_kw, "key") < 0 ||
-        intern(&s_fast_produce, "_fast_produce") < 0 ||
+        intern(&s_fast_produce, "_fast_produce") < 0 || intern(&s_add, "add") < 0 || intern(&s_remove, "remove") < 0 ||
         (minus_one = PyLong_FromLong(-1)) == NULL || (zero = PyLong_FromLong(0)) == NULL || (one = PyLong_FromLong(1)) == NULL) {
         Py_DECREF(m);
         return NULL;
     }
     /* What kcons.kafka.futures expects (SPEEDUPS_API there): a stale build of an older source is not used. */
-    if (PyModule_AddIntConstant(m, "API", 1) < 0) {
+    if (PyModule_AddIntConstant(m, "API", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }
@@ -1141,6 +1452,18 @@ PyInit__speedups(void)
     PyObject *fp = PyType_FromModuleAndSpec(m, &fp_spec, NULL);
     if (fp == NULL || PyModule_AddObject(m, "FastProduce", fp) < 0) {
         Py_XDECREF(fp);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *pst = PyType_FromModuleAndSpec(m, &ps_spec, NULL);
+    if (pst == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(pst);
+    pending_type = (PyTypeObject *)pst;
+    if (PyModule_AddObject(m, "PendingSet", pst) < 0) {
+        Py_DECREF(pst);
         Py_DECREF(m);
         return NULL;
     }

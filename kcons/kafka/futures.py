@@ -58,7 +58,7 @@ __all__ = ["ACCELERATED", "CallbackDeliveryFuture", "DeliveryFuture", "DeliveryT
 
 
 #: The interface version of kcons.kafka._speedups this module is written for (its ``API`` constant).
-SPEEDUPS_API = 1
+SPEEDUPS_API = 2
 
 
 def _load_speedups() -> Any:
@@ -78,11 +78,13 @@ def _load_speedups() -> Any:
 
 #: kcons.kafka._speedups, or None (see the module docstring).
 speedups: Any = _load_speedups()
-# DeliveryTracker's base: the C fields when the extension is in use.
+# DeliveryTracker's base and its pending container: the C ones when the extension is in use.
 if TYPE_CHECKING:
     _TrackerBase = object
 else:
     _TrackerBase = object if speedups is None else speedups.TrackerBase
+#: A new, empty pending container: a set, or the C PendingSet (the same operations, linked through the futures).
+_new_pending: Callable[[], set[DeliveryFuture]] = set if speedups is None else speedups.PendingSet
 
 #: Guards the hand-over from the recorded outcome to the standard future, and the one-time
 #: building of a delivered future's Message (uncontended in practice).
@@ -157,13 +159,13 @@ class DeliveryTracker(_TrackerBase):
     __slots__ = ("delivered", "on_report", "pending") if _TrackerBase is object else ()
 
     def __init__(self, on_report: Report) -> None:
-        self.pending: set[DeliveryFuture] = set()
+        self.pending: set[DeliveryFuture] = _new_pending()
         self.delivered = 0
         self.on_report = on_report
 
     def fail_pending(self, make_error: Callable[[], BaseException]) -> int:
         """Fail every future still pending with ``make_error()``; returns how many. Later reports are ignored."""
-        pending, self.pending = self.pending, set()
+        pending, self.pending = self.pending, _new_pending()
         failed = 0
         while True:
             try:

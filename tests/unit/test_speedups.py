@@ -221,3 +221,29 @@ def test_a_future_holding_a_container_is_tracked_even_while_the_container_is_not
     fut = futures.speedups.new_future(tracker, value, "t", b"k", None)
     assert gc.is_tracked(fut)
     assert not gc.is_tracked(futures.speedups.new_future(tracker, b"v", "t", b"k", b"id"))
+
+
+@needs_c
+def test_the_pending_set_has_the_set_operations_the_tracker_uses() -> None:
+    tracker = DeliveryTracker(lambda *_: None)
+    pending = tracker.pending
+    assert type(pending).__name__ == "PendingSet" and not pending and len(pending) == 0
+    a, b, c = (DeliveryFuture(tracker, b"v", "t", b"k") for _ in range(3))
+    pending.add(a)
+    pending.update([b, c, a])  # a second add of a member changes nothing
+    assert len(pending) == 3 and a in pending and list(pending) == [a, b, c]
+    pending.remove(b)
+    assert b not in pending and list(pending) == [a, c]
+    with pytest.raises(KeyError):
+        pending.remove(b)
+    pending.discard(b)
+    assert pending.pop() is a and pending.pop() is c
+    with pytest.raises(KeyError):
+        pending.pop()
+    with pytest.raises(TypeError):
+        pending.add("not a future")  # type: ignore[arg-type]
+    other = DeliveryTracker(lambda *_: None)
+    other.pending.add(a)
+    with pytest.raises(RuntimeError):
+        pending.add(a)  # a future is pending in one tracker at most
+    assert other.fail_pending(lambda: DeliveryError("aborted")) == 1 and isinstance(a.exception(0), DeliveryError)
