@@ -304,16 +304,24 @@ ps_update(PendingSet *self, PyObject *iterable)
 static PyObject *
 ps_members(PendingSet *self)
 {
-    PyObject *list = PyList_New(self->size);
-    if (list == NULL) {
-        return NULL;
+    for (;;) {
+        Py_ssize_t n = self->size;
+        PyObject *list = PyList_New(n);
+        if (list == NULL) {
+            return NULL;
+        }
+        if (self->size != n) {
+            /* The allocation ran a collection whose finalizers changed the set: size it again. */
+            Py_DECREF(list);
+            continue;
+        }
+        Py_ssize_t i = 0;
+        for (Fut *f = self->head; f != NULL; f = f->next, i++) {
+            Py_INCREF(f);
+            PyList_SET_ITEM(list, i, (PyObject *)f);
+        }
+        return list;
     }
-    Py_ssize_t i = 0;
-    for (Fut *f = self->head; f != NULL && i < self->size; f = f->next, i++) {
-        Py_INCREF(f);
-        PyList_SET_ITEM(list, i, (PyObject *)f);
-    }
-    return list;
 }
 
 static PyObject *
@@ -629,33 +637,42 @@ claim_failed(Fut *self, PyObject *tracker, PyObject *pending, PyObject *err, PyO
     return NULL;
 }
 
-/* The partition, offset and timestamp methods of the last report type seen (confluent-kafka's
- * Message): called directly, without a method lookup per report. */
+/* The partition, offset and timestamp method descriptors of confluent-kafka's Message, found on
+ * the first report of an immutable type whose three methods are method descriptors (a type that
+ * cannot change and is never freed): called directly, without a lookup per report. Any other
+ * report type is asked by name, as Python would. */
 static PyTypeObject *report_type = NULL;
 static PyObject *report_methods[3] = {NULL, NULL, NULL};
 
 static PyObject *
 report_call(PyObject *msg, int which)
 {
-    if (Py_TYPE(msg) != report_type) {
-        PyObject *names[3] = {s_partition, s_offset, s_timestamp};
-        PyObject *found[3];
-        for (int i = 0; i < 3; i++) {
-            found[i] = PyObject_GetAttr((PyObject *)Py_TYPE(msg), names[i]);
-            if (found[i] == NULL) {
-                for (int j = 0; j < i; j++) {
-                    Py_DECREF(found[j]);
-                }
-                return NULL;
+    PyObject *names[3] = {s_partition, s_offset, s_timestamp};
+    PyTypeObject *tp = Py_TYPE(msg);
+    if (report_type == NULL && PyType_HasFeature(tp, Py_TPFLAGS_IMMUTABLETYPE) &&
+        !PyType_HasFeature(tp, Py_TPFLAGS_HEAPTYPE)) {
+        PyObject *found[3] = {NULL, NULL, NULL};
+        int ok = 1;
+        for (int i = 0; i < 3 && ok; i++) {
+            found[i] = PyObject_GetAttr((PyObject *)tp, names[i]);
+            ok = found[i] != NULL && Py_IS_TYPE(found[i], &PyMethodDescr_Type);
+        }
+        if (ok) {
+            for (int i = 0; i < 3; i++) {
+                report_methods[i] = found[i];
             }
+            report_type = tp;
+        } else {
+            for (int i = 0; i < 3; i++) {
+                Py_XDECREF(found[i]);
+            }
+            PyErr_Clear();
         }
-        for (int i = 0; i < 3; i++) {
-            Py_XSETREF(report_methods[i], found[i]);
-        }
-        Py_INCREF(Py_TYPE(msg));
-        Py_XSETREF(report_type, Py_TYPE(msg));
     }
-    return PyObject_Vectorcall(report_methods[which], &msg, 1, NULL);
+    if (tp == report_type) {
+        return PyObject_Vectorcall(report_methods[which], &msg, 1, NULL);
+    }
+    return PyObject_CallMethodNoArgs(msg, names[which]);
 }
 
 /* Record a successful report's partition, offset and timestamp (not the report itself). */
@@ -768,6 +785,11 @@ fut_report(Fut *self, PyObject *err, PyObject *msg)
         result = PyObject_CallMethodObjArgs((PyObject *)self, s_report, tracker, err, msg, NULL);
         goto done;
     }
+    if (record_report(self, msg) < 0) {
+        /* An unreadable report: _report settles the future (failed) and the error is passed on. */
+        result = claim_failed(self, tracker, NULL, err, msg);
+        goto done;
+    }
     Py_CLEAR(self->tracker); /* let the producer go once delivered */
     if (fast) {
         ((Tracker *)tracker)->delivered++;
@@ -780,9 +802,6 @@ fut_report(Fut *self, PyObject *err, PyObject *msg)
         if (set < 0) {
             goto done;
         }
-    }
-    if (record_report(self, msg) < 0) {
-        goto done;
     }
     set_slot(&self->outcome, DELIVERED);
     /* A waiter links after writing _future and reads _outcome after: one of the two sees the other. */

@@ -39,6 +39,7 @@ which ones are in use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -239,12 +240,18 @@ class DeliveryFuture:
             self._report(tracker, err, msg)
             raise
         if err is None:
+            # Only what the report adds is kept; the report itself is freed on return.
+            try:
+                self._partition = msg.partition()
+                self._offset = msg.offset()
+                self._timestamp_type, self._timestamp = msg.timestamp()
+            except BaseException:
+                # An unreadable report: the future is settled (failed), and this error passed on.
+                with contextlib.suppress(Exception):
+                    self._report(tracker, err, msg)
+                raise
             self._tracker = None  # let the producer go once delivered
             tracker.delivered += 1
-            # Only what the report adds is kept; the report itself is freed on return.
-            self._partition = msg.partition()
-            self._offset = msg.offset()
-            self._timestamp_type, self._timestamp = msg.timestamp()
             self._outcome = _DELIVERED
             # A waiter links after writing _future and reads _outcome after: one of the two sees the other.
             if self._future is not None:

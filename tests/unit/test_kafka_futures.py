@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Message
 
+from kcons.errors import DeliveryError
 from kcons.kafka.futures import CallbackDeliveryFuture, DeliveryFuture, DeliveryTracker
 
 
@@ -320,3 +321,19 @@ def test_futures_failed_by_the_tracker_release_their_values_and_the_tracker_hold
     assert tracker.fail_pending(lambda: RuntimeError("aborted")) == 100
     assert not tracker.pending
     assert all(isinstance(f.exception(0), RuntimeError) and f._value is None for f in futs)
+
+
+class _UnreadableReport:
+    """A delivery report whose fields cannot be read."""
+
+    def partition(self) -> int:
+        raise RuntimeError("unreadable report")
+
+
+def test_a_success_report_that_cannot_be_read_fails_the_future_instead_of_leaving_it_pending() -> None:
+    tracker = DeliveryTracker(lambda fut, err, msg, cb: fut.settle(msg))
+    fut = _future(tracker)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        fut(None, _UnreadableReport())  # type: ignore[arg-type]
+    assert fut.done() and fut not in tracker.pending
+    assert isinstance(fut.exception(0), DeliveryError)

@@ -247,3 +247,27 @@ def test_the_pending_set_has_the_set_operations_the_tracker_uses() -> None:
     with pytest.raises(RuntimeError):
         pending.add(a)  # a future is pending in one tracker at most
     assert other.fail_pending(lambda: DeliveryError("aborted")) == 1 and isinstance(a.exception(0), DeliveryError)
+
+
+@needs_c
+def test_iterating_the_pending_set_while_a_collection_changes_it_gives_every_member_once() -> None:
+    """Listing the members allocates, which may run a collection whose finalizers add or take futures."""
+    tracker = DeliveryTracker(lambda *_: None)
+    pending = tracker.pending
+    pending.update(DeliveryFuture(tracker, b"v", "t", b"k") for _ in range(50))
+
+    class Grows:
+        def __del__(self) -> None:
+            pending.update(DeliveryFuture(tracker, b"v", "t", b"k") for _ in range(10))
+
+    old = gc.get_threshold()
+    try:
+        gc.set_threshold(1)
+        for _ in range(20):
+            cycle = Grows()
+            cycle.self = cycle  # type: ignore[attr-defined]
+            del cycle
+            members = list(pending)
+            assert len(members) == len(set(map(id, members))) and all(type(m) is DeliveryFuture for m in members)
+    finally:
+        gc.set_threshold(*old)
