@@ -44,6 +44,14 @@ from kcons.testing import start_stack
 log = logging.getLogger("bench.producer")
 
 
+def _drop(admin: AdminClient, topic: str) -> None:
+    """Delete a round's topic: a run writes about 1.4 GB at 1 KiB, which a reused broker would keep."""
+    try:
+        admin.delete_topics([topic])[topic].result(timeout=60)
+    except Exception as exc:  # the measurement is done; a topic left behind only costs disk
+        log.warning("could not delete %s: %s", topic, exc)
+
+
 def _topic(admin: AdminClient, partitions: int) -> str:
     name = f"bench-prod-{uuid.uuid4().hex[:10]}"
     futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
@@ -267,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if rnd == 0:
                     for _ in range(args.warmup):  # the broker's JIT and page cache warm up; not measured
-                        run_baseline(bootstrap, _topic(admin, args.partitions), n, payload, linger)
+                        warm = _topic(admin, args.partitions)
+                        run_baseline(bootstrap, warm, n, payload, linger)
+                        _drop(admin, warm)
                 # Rotate the order every round so that no side always runs right after the same neighbour.
                 shift = (rnd * 2 + sizes.index(size)) % len(sides)
                 for side in sides[shift:] + sides[:shift]:
-                    result = runs[side](_topic(admin, args.partitions))
+                    topic = _topic(admin, args.partitions)
+                    result = runs[side](topic)
+                    _drop(admin, topic)
                     log.info("round %d size %d %s: %s", rnd, size, side, result)
                     results[size][side].append(result)
 
