@@ -44,12 +44,13 @@ from kcons.testing import start_stack
 log = logging.getLogger("bench.producer")
 
 
-def _drop(admin: AdminClient, topic: str) -> None:
-    """Delete a round's topic: a run writes about 1.4 GB at 1 KiB, which a reused broker would keep."""
-    try:
-        admin.delete_topics([topic])[topic].result(timeout=60)
-    except Exception as exc:  # the measurement is done; a topic left behind only costs disk
-        log.warning("could not delete %s: %s", topic, exc)
+def _drop(admin: AdminClient, topics: list[str]) -> None:
+    """Delete the run's topics once it is measured: about 7 GB at the defaults, which a reused broker would keep."""
+    for topic, future in admin.delete_topics(topics).items() if topics else ():
+        try:
+            future.result(timeout=60)
+        except Exception as exc:  # the measurement is done; a topic left behind only costs disk
+            log.warning("could not delete %s: %s", topic, exc)
 
 
 def _topic(admin: AdminClient, partitions: int) -> str:
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     with start_stack(redis=False, postgres=False) as stack:
         admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
         bootstrap, n, linger, commit = stack.kafka_bootstrap, args.messages, args.linger_ms, args.commit_ms
+        made: list[str] = []  # every topic of the run, deleted at its end
         for rnd in range(args.repeat):
             for size in sizes:
                 payload = os.urandom(size)
@@ -275,17 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if rnd == 0:
                     for _ in range(args.warmup):  # the broker's JIT and page cache warm up; not measured
-                        warm = _topic(admin, args.partitions)
-                        run_baseline(bootstrap, warm, n, payload, linger)
-                        _drop(admin, warm)
+                        made.append(_topic(admin, args.partitions))
+                        run_baseline(bootstrap, made[-1], n, payload, linger)
                 # Rotate the order every round so that no side always runs right after the same neighbour.
                 shift = (rnd * 2 + sizes.index(size)) % len(sides)
                 for side in sides[shift:] + sides[:shift]:
-                    topic = _topic(admin, args.partitions)
-                    result = runs[side](topic)
-                    _drop(admin, topic)
+                    made.append(_topic(admin, args.partitions))
+                    result = runs[side](made[-1])
                     log.info("round %d size %d %s: %s", rnd, size, side, result)
                     results[size][side].append(result)
+        _drop(admin, made)
 
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return max(runs, key=lambda r: float(r["msgs_per_s"]))
