@@ -1023,6 +1023,7 @@ typedef struct {
     PyObject *slow;        /* the Python produce method, bound: every case this does not handle */
     PyObject *failed;      /* the producer's _produce_failed(exc, fut, pending, topic, value, key, headers, partition, block) */
     PyObject *client;      /* .closed and .raw */
+    PyObject *client_dict; /* the client's __dict__, where those two are read without an attribute lookup */
     PyObject *tracker;     /* the DeliveryTracker (a TrackerBase) */
     PyObject *tracker_ref; /* a weak reference to it, shared by the futures */
     PyObject *event_id;    /* the kcons-id source, or None when the producer adds no ids */
@@ -1036,6 +1037,7 @@ fp_traverse(FastProduce *self, visitproc visit, void *arg)
     Py_VISIT(self->slow);
     Py_VISIT(self->failed);
     Py_VISIT(self->client);
+    Py_VISIT(self->client_dict);
     Py_VISIT(self->tracker);
     Py_VISIT(self->tracker_ref);
     Py_VISIT(self->event_id);
@@ -1049,6 +1051,7 @@ fp_clear(FastProduce *self)
     Py_CLEAR(self->slow);
     Py_CLEAR(self->failed);
     Py_CLEAR(self->client);
+    Py_CLEAR(self->client_dict);
     Py_CLEAR(self->tracker);
     Py_CLEAR(self->tracker_ref);
     Py_CLEAR(self->event_id);
@@ -1099,6 +1102,48 @@ register_pending(Tracker *tracker, Fut *fut, PyObject **pending_out)
     }
 }
 
+/* The client's attribute ``name`` (a new reference): from its __dict__ when it is there. */
+static PyObject *
+client_attr(FastProduce *self, PyObject *name)
+{
+    if (self->client_dict != NULL) {
+        PyObject *v = PyDict_GetItemWithError(self->client_dict, name);
+        if (v != NULL) {
+            Py_INCREF(v);
+            return v;
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    return PyObject_GetAttr(self->client, name);
+}
+
+/* confluent-kafka's Producer.produce, found on the first raw producer of a static immutable type:
+ * called without a method lookup per message. A subclass is asked by name. */
+static PyTypeObject *raw_type = NULL;
+static PyObject *raw_produce = NULL;
+
+static PyObject *
+call_produce(PyObject *const *pargs, size_t n)
+{
+    PyTypeObject *tp = Py_TYPE(pargs[0]);
+    if (raw_type == NULL && PyType_HasFeature(tp, Py_TPFLAGS_IMMUTABLETYPE) && !PyType_HasFeature(tp, Py_TPFLAGS_HEAPTYPE)) {
+        PyObject *found = PyObject_GetAttr((PyObject *)tp, s_produce);
+        if (found != NULL && Py_IS_TYPE(found, &PyMethodDescr_Type)) {
+            raw_produce = found;
+            raw_type = tp;
+        } else {
+            Py_XDECREF(found);
+            PyErr_Clear();
+        }
+    }
+    if (tp == raw_type) {
+        return PyObject_Vectorcall(raw_produce, pargs, n, NULL);
+    }
+    return PyObject_VectorcallMethod(s_produce, (PyObject *const *)pargs, n, NULL);
+}
+
 static PyObject *
 fp_vectorcall(FastProduce *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1126,7 +1171,7 @@ fp_vectorcall(FastProduce *self, PyObject *const *args, size_t nargsf, PyObject 
             }
         }
     }
-    PyObject *closed = PyObject_GetAttr(self->client, s_closed);
+    PyObject *closed = client_attr(self, s_closed);
     if (closed == NULL) {
         return NULL;
     }
@@ -1167,12 +1212,12 @@ fp_vectorcall(FastProduce *self, PyObject *const *args, size_t nargsf, PyObject 
         }
         return (PyObject *)fut; /* failed by the abort or close that came first: not produced */
     }
-    PyObject *raw = PyObject_GetAttr(self->client, s_raw);
+    PyObject *raw = client_attr(self, s_raw);
     PyObject *r = NULL;
     if (raw != NULL) {
         /* All positional (partition, callback, on_delivery, timestamp, headers), as in produce(). */
         PyObject *pargs[9] = {raw, topic, value, key, partition, (PyObject *)fut, Py_None, zero, headers};
-        r = PyObject_VectorcallMethod(s_produce, pargs, 9 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        r = call_produce(pargs, 9);
         Py_DECREF(raw);
     }
     if (r != NULL) {
@@ -1236,6 +1281,10 @@ fp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->failed = failed;
     Py_INCREF(client);
     self->client = client;
+    self->client_dict = PyObject_GenericGetDict(client, NULL); /* NULL (no __dict__): attribute lookups */
+    if (self->client_dict == NULL) {
+        PyErr_Clear();
+    }
     Py_INCREF(tracker);
     self->tracker = tracker;
     self->tracker_ref = ref;
