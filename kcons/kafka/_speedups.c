@@ -316,7 +316,7 @@ ps_members(PendingSet *self)
             continue;
         }
         Py_ssize_t i = 0;
-        for (Fut *f = self->head; f != NULL; f = f->next, i++) {
+        for (Fut *f = self->head; f != NULL && i < n; f = f->next, i++) {
             Py_INCREF(f);
             PyList_SET_ITEM(list, i, (PyObject *)f);
         }

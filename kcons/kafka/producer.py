@@ -147,6 +147,8 @@ class _Client:
     the probe for a fatal error that confluent-kafka failed to report, re-creation with the
     same config (or the user's factory), and the bounded close. Knows nothing of futures or
     transactions: the producers that have a client decide what an error means for them.
+    ``closed`` and ``raw`` stay plain instance attributes: the C produce() reads them from the
+    instance's ``__dict__`` (kcons/kafka/_speedups.c, ``client_attr``).
     """
 
     def __init__(
