@@ -31,13 +31,13 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kcons.errors import IndefiniteOutcomeError, KafkaOperationError, TimeoutExceededError
 from kcons.kafka import futures as kfutures
 from kcons.kafka.futures import DeliveryFuture
 from kcons.kafka.producer import TransactionalProducer
+from kcons.kafka.reader import RangeReader, RangeSpec
 from kcons.testing import start_stack
 from kcons.testing.local import KafkaCluster
 from kcons.testing.plugin import create_topic
@@ -49,33 +49,11 @@ class _Abort(Exception):
     """The application aborts this transaction on purpose."""
 
 
-def read_positions(bootstrap: str, topic: str, partitions: int) -> list[tuple[int, int, bytes | None]]:
-    """Every (partition, offset, value) of ``topic`` visible to read_committed, up to its end."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"verify-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    out: list[tuple[int, int, bytes | None]] = []
-    at_eof: set[int] = set()
-    deadline = time.monotonic() + 300
-    while len(at_eof) < partitions and time.monotonic() < deadline:
-        for msg in consumer.consume(1000, 1.0):
-            err = msg.error()
-            if err is None:
-                out.append((msg.partition(), msg.offset(), msg.value()))
-                at_eof.discard(msg.partition())
-            elif err.code() == -191:  # _PARTITION_EOF
-                at_eof.add(msg.partition())
-    consumer.close()
-    if len(at_eof) < partitions:
-        raise RuntimeError("could not read the output to its end within 300 s")
-    return out
+def read_positions(bootstrap: str, topic: str) -> list[tuple[int, int, bytes | None]]:
+    """Every (partition, offset, value) of ``topic`` visible to read_committed, up to its last stable offset."""
+    with RangeReader({"bootstrap.servers": bootstrap}, topic, RangeSpec(), isolation="read_committed") as reader:
+        reader.plan()
+        return [(m.partition(), m.offset(), m.value()) for batch in reader.batches() for m in batch]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fault.join(timeout=300)
         producer.close()
 
-        records = read_positions(bootstrap, topic, args.partitions)
+        records = read_positions(bootstrap, topic)
     seen: collections.defaultdict[int, list[tuple[int, int]]] = collections.defaultdict(list)
     unexpected = 0
     for partition, offset, value in records:

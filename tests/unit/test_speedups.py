@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -27,6 +28,14 @@ from kcons.kafka.producer import IdempotentProducer
 ROOT = Path(__file__).resolve().parents[2]
 UNREACHABLE = {"bootstrap.servers": "127.0.0.1:9"}
 needs_c = pytest.mark.skipif(not futures.ACCELERATED, reason="the C extension is not built here (CI requires it)")
+
+
+@pytest.fixture
+def producer() -> Iterator[IdempotentProducer]:
+    """A producer whose broker is unreachable: produce() queues, nothing is delivered, close() fails the rest."""
+    made = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
+    yield made
+    made.close(0.1)
 
 
 def _report(offset: int = 7, partition: int = 2) -> Message:
@@ -59,72 +68,56 @@ def test_the_futures_and_producer_tests_pass_on_the_python_classes() -> None:
 
 
 @needs_c
-def test_produce_is_the_c_path_and_its_futures_are_not_tracked_by_the_collector() -> None:
-    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
-    try:
-        assert type(producer.produce).__name__ == "FastProduce"
-        fut = producer.produce("t", b"v", b"k")
-        assert type(fut) is DeliveryFuture and fut in producer._tracker.pending
-        assert not gc.is_tracked(fut)
-        fut(None, _report())  # the delivery report, as confluent-kafka calls it
-        assert not gc.is_tracked(fut) and fut not in producer._tracker.pending
-        msg = fut.result(0)
-        assert (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()) == ("t", 2, 7, b"k", b"v")
-        assert msg.timestamp() == (1, 1_700_000_000_123)
-        assert msg.headers() == [("kcons-id", fut._headers)]
-    finally:
-        producer.close(0.1)
+def test_produce_is_the_c_path_and_its_futures_are_not_tracked_by_the_collector(producer: IdempotentProducer) -> None:
+    assert type(producer.produce).__name__ == "FastProduce"
+    fut = producer.produce("t", b"v", b"k")
+    assert type(fut) is DeliveryFuture and fut in producer._tracker.pending
+    assert not gc.is_tracked(fut)
+    fut(None, _report())  # the delivery report, as confluent-kafka calls it
+    assert not gc.is_tracked(fut) and fut not in producer._tracker.pending
+    msg = fut.result(0)
+    assert (msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value()) == ("t", 2, 7, b"k", b"v")
+    assert msg.timestamp() == (1, 1_700_000_000_123)
+    assert msg.headers() == [("kcons-id", fut._headers)]
 
 
 @needs_c
-def test_keyword_arguments_of_the_common_case_stay_on_the_c_path() -> None:
-    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
-    try:
-        fut = producer.produce("t", b"v", key=b"k", partition=1, headers=None, on_delivery=None, block=True)
-        assert not gc.is_tracked(fut) and fut._key == b"k"
-        # headers of the caller's, or block=False: the Python method (its futures are tracked at first)
-        with_headers = producer.produce("t", b"v", b"k", headers=[("a", b"1")])
-        assert gc.is_tracked(with_headers)
-        assert with_headers._headers[1] == ("a", b"1")  # type: ignore[index]
-        with pytest.raises(TypeError):
-            producer.produce("t", b"v", b"k", key=b"again")  # type: ignore[misc]
-        with pytest.raises(TypeError):
-            producer.produce("t")  # type: ignore[call-arg]
-        with pytest.raises(TypeError):
-            producer.produce("t", b"v", b"k", unknown=1)  # type: ignore[call-arg]
-    finally:
-        producer.close(0.1)
+def test_keyword_arguments_of_the_common_case_stay_on_the_c_path(producer: IdempotentProducer) -> None:
+    fut = producer.produce("t", b"v", key=b"k", partition=1, headers=None, on_delivery=None, block=True)
+    assert not gc.is_tracked(fut) and fut._key == b"k"
+    # headers of the caller's, or block=False: the Python method (its futures are tracked at first)
+    with_headers = producer.produce("t", b"v", b"k", headers=[("a", b"1")])
+    assert gc.is_tracked(with_headers)
+    assert with_headers._headers[1] == ("a", b"1")  # type: ignore[index]
+    with pytest.raises(TypeError):
+        producer.produce("t", b"v", b"k", key=b"again")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        producer.produce("t")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        producer.produce("t", b"v", b"k", unknown=1)  # type: ignore[call-arg]
 
 
 @needs_c
-def test_a_value_the_raw_producer_refuses_raises_and_leaves_nothing_pending() -> None:
-    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
-    try:
-        with pytest.raises(TypeError):
-            producer.produce("t", 12345)  # type: ignore[arg-type]
-        assert not producer._tracker.pending
-    finally:
-        producer.close(0.1)
+def test_a_value_the_raw_producer_refuses_raises_and_leaves_nothing_pending(producer: IdempotentProducer) -> None:
+    with pytest.raises(TypeError):
+        producer.produce("t", 12345)  # type: ignore[arg-type]
+    assert not producer._tracker.pending
 
 
 @needs_c
-def test_a_future_that_links_a_callback_is_tracked_so_its_cycle_is_collected() -> None:
-    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
-    try:
-        fut = producer.produce("t", b"v")
-        seen: list[DeliveryFuture] = []
-        fut.add_done_callback(seen.append)  # a standard future whose callback refers back to fut
-        assert gc.is_tracked(fut)
-        fut(None, _report())
-        assert seen == [fut]
-        marker = _Marker()
-        fut.add_done_callback(lambda f, m=marker: f)  # type: ignore[misc]
-        probe = weakref.ref(marker)
-        del fut, seen, marker
-        gc.collect()
-        assert probe() is None
-    finally:
-        producer.close(0.1)
+def test_a_future_that_links_a_callback_is_tracked_so_its_cycle_is_collected(producer: IdempotentProducer) -> None:
+    fut = producer.produce("t", b"v")
+    seen: list[DeliveryFuture] = []
+    fut.add_done_callback(seen.append)  # a standard future whose callback refers back to fut
+    assert gc.is_tracked(fut)
+    fut(None, _report())
+    assert seen == [fut]
+    marker = _Marker()
+    fut.add_done_callback(lambda f, m=marker: f)  # type: ignore[misc]
+    probe = weakref.ref(marker)
+    del fut, seen, marker
+    gc.collect()
+    assert probe() is None
 
 
 class _Marker:
@@ -173,28 +166,20 @@ def test_closing_fails_what_the_c_path_produced() -> None:
 
 
 @needs_c
-def test_turning_event_ids_off_after_construction_is_respected() -> None:
-    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
-    try:
-        assert isinstance(producer.produce("t", b"v")._headers, bytes)
-        producer.event_ids = False
-        assert producer.produce("t", b"v")._headers is None
-        producer.event_ids = True
-        assert isinstance(producer.produce("t", b"v")._headers, bytes)
-    finally:
-        producer.close(0.1)
+def test_turning_event_ids_off_after_construction_is_respected(producer: IdempotentProducer) -> None:
+    assert isinstance(producer.produce("t", b"v")._headers, bytes)
+    producer.event_ids = False
+    assert producer.produce("t", b"v")._headers is None
+    producer.event_ids = True
+    assert isinstance(producer.produce("t", b"v")._headers, bytes)
 
 
 @needs_c
-def test_a_patch_of_produce_on_the_class_reaches_instances_made_before_it() -> None:
-    producer = IdempotentProducer(dict(UNREACHABLE), close_timeout_s=0.5)
-    try:
-        with mock.patch.object(IdempotentProducer, "produce", return_value="patched") as patched:
-            assert producer.produce("t", b"v") == "patched"
-        patched.assert_called_once_with("t", b"v")
-        assert type(producer.produce).__name__ == "FastProduce"
-    finally:
-        producer.close(0.1)
+def test_a_patch_of_produce_on_the_class_reaches_instances_made_before_it(producer: IdempotentProducer) -> None:
+    with mock.patch.object(IdempotentProducer, "produce", return_value="patched") as patched:
+        assert producer.produce("t", b"v") == "patched"
+    patched.assert_called_once_with("t", b"v")
+    assert type(producer.produce).__name__ == "FastProduce"
 
 
 @needs_c
