@@ -34,12 +34,11 @@ import resource
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
+from _topics import BenchTopics
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from kcons.audit import VersionCheck, audit_topic
 from kcons.audit.topic import _fewer_collections as fewer_collections  # the audit's own GC setting
@@ -49,13 +48,6 @@ from kcons.testing import start_stack
 
 log = logging.getLogger("bench.audit")
 BATCH = 10_000
-
-
-def create_topic(bootstrap: str, partitions: int) -> str:
-    name = f"bench-audit-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(60)
-    return name
 
 
 def fill(bootstrap: str, topic: str, messages: int, value_size: int, aggregates: int) -> None:
@@ -132,9 +124,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    with start_stack(kafka=True, redis=False, postgres=False) as stack:
+    with start_stack(kafka=True, redis=False, postgres=False) as stack, BenchTopics(stack.kafka_bootstrap) as topics:
         bootstrap = stack.kafka_bootstrap
-        topic = create_topic(bootstrap, args.partitions)
+        topic = topics.new("bench-audit", args.partitions)
         t0 = time.perf_counter()
         fill(bootstrap, topic, args.messages, args.value_size, args.aggregates)
         log.info("produced %d records in %.1fs", args.messages, time.perf_counter() - t0)

@@ -43,6 +43,7 @@ from typing import Any
 
 import psycopg
 import redis
+from _topics import BenchTopics
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from kcons.cache import CacheSettings, ConsistentCache, Versioned
@@ -179,9 +180,6 @@ def invalidation_latency(
     time (each invalidator in its own group and Redis prefix), so the paths are compared on the
     very same events and the same machine noise.
     """
-    from confluent_kafka.admin import AdminClient
-    from confluent_kafka.cimpl import NewTopic
-
     name = f"bench_cache_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -189,14 +187,13 @@ def invalidation_latency(
     params["dbname"] = name
     dsn = make_conninfo("", **params)
     workdir = Path(tempfile.mkdtemp(prefix="kcons-bench-cache-"))
+    topics = BenchTopics(stack.kafka_bootstrap)
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             install_schema(conn)
             conn.execute("CREATE TABLE items (id int PRIMARY KEY, version bigint NOT NULL, name text NOT NULL)")
             conn.execute("INSERT INTO items SELECT g, 1, 'v1' FROM generate_series(1, %s) g", (rows,))
-        topic = f"bench-cache-{uuid.uuid4().hex[:8]}"
-        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-        admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=-1)])[topic].result(60)
+        topic = topics.new("bench-cache", 3, replication_factor=-1)
         prefix = f"benchinv{uuid.uuid4().hex[:6]}"
         env = child_env(stack, {"KCONS_POSTGRES_DSN": dsn})
         common = ["--topic", topic, "--rows", str(rows)]
@@ -279,6 +276,7 @@ def invalidation_latency(
             }
         return out
     finally:
+        topics.drop()
         with psycopg.connect(stack.postgres_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -38,8 +38,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from _topics import BenchTopics
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from kcons.adapters.memory import MemoryDedupStore
 from kcons.adapters.redis import RedisDedupStore
@@ -48,13 +48,6 @@ from kcons.envelope import new_event_id
 from kcons.testing import start_stack
 
 log = logging.getLogger("bench.consumer")
-
-
-def create_topic(bootstrap: str, partitions: int) -> str:
-    name = f"bench-consumer-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(60)
-    return name
 
 
 def fill(bootstrap: str, topic: str, messages: int, value_size: int) -> None:
@@ -177,10 +170,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     import redis
 
-    with start_stack(kafka=True, redis=True, postgres=False) as stack:
+    with start_stack(kafka=True, redis=True, postgres=False) as stack, BenchTopics(stack.kafka_bootstrap) as topics:
         bootstrap = stack.kafka_bootstrap
         client = redis.Redis.from_url(stack.redis_url)
-        topic = create_topic(bootstrap, args.partitions)
+        topic = topics.new("bench-consumer", args.partitions)
         t0 = time.perf_counter()
         fill(bootstrap, topic, args.messages, args.value_size)
         log.warning("produced %d messages in %.1fs", args.messages, time.perf_counter() - t0)

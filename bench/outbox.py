@@ -279,29 +279,25 @@ def _drop_db(server_dsn: str, dsn: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
 
 
-def _topic(bootstrap: str, partitions: int) -> str:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    name = f"bench-outbox-{uuid.uuid4().hex[:8]}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(60)
-    return name
-
-
 def measure(args: argparse.Namespace, server_dsn: str, bootstrap: str) -> dict[str, dict[str, Any]]:
     """Both relays side by side (each on its own database and topic); saturation runs alternate."""
+    from _topics import BenchTopics
+
     kinds = ["baseline", "kcons"] + (["kcons_idempotent"] if args.also_idempotent else [])
     dbs = {kind: _make_db(server_dsn) for kind in kinds}
+    topics = BenchTopics(bootstrap)
     runners: dict[str, Any] = {
         "baseline": PollingLoop(
-            dbs["baseline"], bootstrap, _topic(bootstrap, args.partitions), batch=500,
+            dbs["baseline"], bootstrap, topics.new("bench-outbox", args.partitions), batch=500,
             idle_sleep_s=args.baseline_idle_sleep,
         ),
-        "kcons": KconsRunner(dbs["kcons"], bootstrap, _topic(bootstrap, args.partitions), args.mode, args.batch),
+        "kcons": KconsRunner(
+            dbs["kcons"], bootstrap, topics.new("bench-outbox", args.partitions), args.mode, args.batch
+        ),
     }  # fmt: skip
     if args.also_idempotent:
         runners["kcons_idempotent"] = KconsRunner(
-            dbs["kcons_idempotent"], bootstrap, _topic(bootstrap, args.partitions), "idempotent", args.batch
+            dbs["kcons_idempotent"], bootstrap, topics.new("bench-outbox", args.partitions), "idempotent", args.batch
         )
     threads = {kind: _start(runner) for kind, runner in runners.items()}
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -326,6 +322,7 @@ def measure(args: argparse.Namespace, server_dsn: str, bootstrap: str) -> dict[s
             runner.stop()
             threads[kind].join(60)
             _drop_db(server_dsn, dbs[kind])
+        topics.drop()
     return results
 
 

@@ -22,20 +22,13 @@ import time
 import uuid
 from typing import Any
 
+from _topics import BenchTopics
 from confluent_kafka import Consumer, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from kcons.processor import Output, ProcessorStats, TransactionalProcessor
 from kcons.testing import start_stack
 
 log = logging.getLogger("bench.processor")
-
-
-def _topic(admin: AdminClient, partitions: int, prefix: str) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
-    admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name].result(timeout=60)
-    time.sleep(0.5)
-    return name
 
 
 def fill_input(bootstrap: str, topic: str, n: int, size: int) -> None:
@@ -149,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
 
     rounds: dict[str, list[dict[str, Any]]] = {"baseline": [], "kcons": []}
-    with start_stack(redis=False, postgres=False) as stack:
-        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
-        topic_in = _topic(admin, args.partitions, "bench-proc-in")
+    with start_stack(redis=False, postgres=False) as stack, BenchTopics(stack.kafka_bootstrap) as topics:
+        topic_in = topics.new("bench-proc-in", args.partitions, settle_s=0.5)
+        # The output topics the two loops write (auto-created by the broker): deleted with the rest.
+        topics.made += [f"{topic_in}-base-out", f"{topic_in}-kcons-out"]
         fill_input(stack.kafka_bootstrap, topic_in, args.records, args.size)
         for rnd in range(args.repeat):
             base = run_baseline(stack.kafka_bootstrap, topic_in, args.records, args.batch)

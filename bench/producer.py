@@ -20,6 +20,10 @@ round of each side counts (noise from other processes only ever slows a round do
 
 A warm-up run of the baseline per size precedes the first round and is not measured.
 
+Every side runs the same loop: chunks of ``POLL_EVERY`` messages, one call per message (plus
+the ``BufferError`` retry the raw producer needs), then ``poll(0)``; the transactional sides
+check their commit interval between chunks. No side pays for loop bookkeeping another does not.
+
 The last line of output is one JSON object (see docs/architecture.md, "Benchmarks and fault runs").
 """
 
@@ -32,11 +36,11 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from _topics import BenchTopics
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from kcons.kafka.producer import IdempotentProducer, TransactionalProducer, fast_event_id
 from kcons.testing import start_stack
@@ -44,21 +48,14 @@ from kcons.testing import start_stack
 log = logging.getLogger("bench.producer")
 
 
-def _drop(admin: AdminClient, topics: list[str]) -> None:
-    """Delete the run's topics once it is measured: about 7 GB at the defaults, which a reused broker would keep."""
-    for topic, future in admin.delete_topics(topics).items() if topics else ():
-        try:
-            future.result(timeout=60)
-        except Exception as exc:  # the measurement is done; a topic left behind only costs disk
-            log.warning("could not delete %s: %s", topic, exc)
+#: Messages per chunk: each side serves its delivery reports (``poll(0)``) between chunks.
+POLL_EVERY = 256
 
 
-def _topic(admin: AdminClient, partitions: int) -> str:
-    name = f"bench-prod-{uuid.uuid4().hex[:10]}"
-    futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-    futures[name].result(timeout=60)
-    time.sleep(0.5)
-    return name
+def _chunks(n: int) -> Iterator[range]:
+    """The message numbers 0..n-1 in chunks of POLL_EVERY: the loop every side runs."""
+    for low in range(0, n, POLL_EVERY):
+        yield range(low, min(low + POLL_EVERY, n))
 
 
 def _rates(n: int, elapsed: float, cpu: float) -> dict[str, Any]:
@@ -70,6 +67,21 @@ def _rates(n: int, elapsed: float, cpu: float) -> dict[str, Any]:
 
 def _common(bootstrap: str, linger_ms: int) -> dict[str, Any]:
     return {"bootstrap.servers": bootstrap, "linger.ms": linger_ms, "enable.idempotence": True, "acks": "all"}
+
+
+def _produce_raw(p: Producer, topic: str, payload: bytes, chunk: range, id_header: bool) -> None:
+    """One chunk through a raw producer, waiting out a full local queue as its users must."""
+    for i in chunk:
+        key = str(i % 1000).encode()
+        while True:
+            try:
+                if id_header:
+                    p.produce(topic, payload, key, headers={"kcons-id": fast_event_id()})
+                else:
+                    p.produce(topic, payload, key)
+                break
+            except BufferError:
+                p.poll(0.01)
 
 
 def run_baseline(
@@ -89,19 +101,9 @@ def run_baseline(
     p = Producer({**_common(bootstrap, linger_ms), "on_delivery": on_delivery})
     p.list_topics(topic, timeout=10)
     start, cpu_start = time.perf_counter(), time.process_time()
-    for i in range(n):
-        key = str(i % 1000).encode()
-        while True:
-            try:
-                if id_header:
-                    p.produce(topic, payload, key, headers={"kcons-id": fast_event_id()})
-                else:
-                    p.produce(topic, payload, key)
-                break
-            except BufferError:
-                p.poll(0.01)
-        if i % 256 == 0:
-            p.poll(0)
+    for chunk in _chunks(n):
+        _produce_raw(p, topic, payload, chunk, id_header)
+        p.poll(0)
     left = p.flush(120)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if left or failed[0]:
@@ -132,23 +134,17 @@ def run_raw_transactional(
     interval = commit_ms / 1000.0
     transactions = 0
     start, cpu_start = time.perf_counter(), time.process_time()
-    i = 0
-    while i < n:
+    chunks = _chunks(n)
+    chunk = next(chunks, None)
+    while chunk is not None:
         p.begin_transaction()
         txn_end = time.perf_counter() + interval
-        while i < n:
-            key = str(i % 1000).encode()
-            while True:
-                try:
-                    p.produce(topic, payload, key)
-                    break
-                except BufferError:
-                    p.poll(0.01)
-            i += 1
-            if i % 256 == 0:
-                p.poll(0)
-                if time.perf_counter() >= txn_end:
-                    break
+        while chunk is not None:
+            _produce_raw(p, topic, payload, chunk, False)
+            p.poll(0)
+            chunk = next(chunks, None)
+            if time.perf_counter() >= txn_end:
+                break
         p.commit_transaction(60)
         transactions += 1
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -181,20 +177,22 @@ def run_kcons(
     futures = []
     transactions = 0
     start, cpu_start = time.perf_counter(), time.process_time()
-    i = 0
-    while i < n:
+    chunks = _chunks(n)
+    chunk = next(chunks, None)
+    while chunk is not None:
         with p.transaction():
             txn_end = time.perf_counter() + interval
-            while i < n:
+            while chunk is not None:
                 if futures_mode:
-                    futures.append(p.produce(topic, payload, str(i % 1000).encode()))
+                    for i in chunk:
+                        futures.append(p.produce(topic, payload, str(i % 1000).encode()))
                 else:
-                    p.enqueue(topic, payload, str(i % 1000).encode())
-                i += 1
-                if i % 256 == 0:
-                    p.poll(0)
-                    if time.perf_counter() >= txn_end:
-                        break
+                    for i in chunk:
+                        p.enqueue(topic, payload, str(i % 1000).encode())
+                p.poll(0)
+                chunk = next(chunks, None)
+                if time.perf_counter() >= txn_end:
+                    break
         transactions += 1
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     failed = sum(1 for f in futures if f.exception(0) is not None)
@@ -213,10 +211,10 @@ def run_idempotent_futures(bootstrap: str, topic: str, n: int, payload: bytes, l
     p.raw.list_topics(topic, timeout=10)
     futures = []
     start, cpu_start = time.perf_counter(), time.process_time()
-    for i in range(n):
-        futures.append(p.produce(topic, payload, str(i % 1000).encode()))
-        if i % 256 == 0:
-            p.poll(0)
+    for chunk in _chunks(n):
+        for i in chunk:
+            futures.append(p.produce(topic, payload, str(i % 1000).encode()))
+        p.poll(0)
     p.flush(120)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     failed = sum(1 for f in futures if f.exception(0) is not None)
@@ -257,10 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
 
     results: dict[int, dict[str, list[dict[str, Any]]]] = {s: {side: [] for side in sides} for s in sizes}
-    with start_stack(redis=False, postgres=False) as stack:
-        admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap})
+    with start_stack(redis=False, postgres=False) as stack, BenchTopics(stack.kafka_bootstrap) as topics:
+
+        def new_topic() -> str:  # a fresh topic per run, its leaders known before the clock starts
+            return topics.new("bench-prod", args.partitions, settle_s=0.5)
+
         bootstrap, n, linger, commit = stack.kafka_bootstrap, args.messages, args.linger_ms, args.commit_ms
-        made: list[str] = []  # every topic of the run, deleted at its end
         for rnd in range(args.repeat):
             for size in sizes:
                 payload = os.urandom(size)
@@ -277,16 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if rnd == 0:
                     for _ in range(args.warmup):  # the broker's JIT and page cache warm up; not measured
-                        made.append(_topic(admin, args.partitions))
-                        run_baseline(bootstrap, made[-1], n, payload, linger)
+                        run_baseline(bootstrap, new_topic(), n, payload, linger)
                 # Rotate the order every round so that no side always runs right after the same neighbour.
                 shift = (rnd * 2 + sizes.index(size)) % len(sides)
                 for side in sides[shift:] + sides[:shift]:
-                    made.append(_topic(admin, args.partitions))
-                    result = runs[side](made[-1])
+                    result = runs[side](new_topic())
                     log.info("round %d size %d %s: %s", rnd, size, side, result)
                     results[size][side].append(result)
-        _drop(admin, made)
 
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return max(runs, key=lambda r: float(r["msgs_per_s"]))

@@ -675,6 +675,19 @@ report_call(PyObject *msg, int which)
     return PyObject_CallMethodNoArgs(msg, names[which]);
 }
 
+/* A report's offset or timestamp as a C integer. PyLong_AsLong where long is 64 bits: in this
+ * CPython PyLong_AsLongLong goes through a byte-array conversion for every value above 2**30,
+ * and every timestamp (milliseconds since 1970) is one. */
+static long long
+as_long_long(PyObject *v)
+{
+#if LONG_MAX == LLONG_MAX
+    return PyLong_AsLong(v);
+#else
+    return PyLong_AsLongLong(v);
+#endif
+}
+
 /* Record a successful report's partition, offset and timestamp (not the report itself). */
 static int
 record_report(Fut *self, PyObject *msg)
@@ -693,7 +706,7 @@ record_report(Fut *self, PyObject *msg)
     if (offset == Py_None) {
         has |= OFFSET_NONE;
     } else {
-        off = PyLong_AsLongLong(offset);
+        off = as_long_long(offset);
     }
     Py_DECREF(offset);
     if (off == -1 && PyErr_Occurred()) {
@@ -714,7 +727,7 @@ record_report(Fut *self, PyObject *msg)
     if (stamp_obj == Py_None) {
         has |= TIMESTAMP_NONE;
     } else {
-        stamp = PyLong_AsLongLong(stamp_obj);
+        stamp = as_long_long(stamp_obj);
         if (stamp == -1 && PyErr_Occurred()) {
             Py_DECREF(ts);
             Py_DECREF(partition);
@@ -1340,7 +1353,11 @@ static PyType_Spec fp_spec = {
 typedef struct {
     PyObject_HEAD
     PyObject *function;
+    vectorcallfunc vectorcall;
 } FastMethod;
+
+/* The FastProduce type, so that FastMethod calls one without a second dispatch. */
+static PyTypeObject *fp_type = NULL;
 
 static PyObject *s_fast_produce;
 
@@ -1389,6 +1406,40 @@ fm_descr_get(FastMethod *self, PyObject *obj, PyObject *type)
     return PyMethod_New(self->function, obj);
 }
 
+/* FastMethod(obj, *args): the call the interpreter makes for ``obj.produce(*args)``. The type is a
+ * method descriptor (Py_TPFLAGS_METHOD_DESCRIPTOR), so the interpreter neither calls __get__ nor
+ * builds a bound object per call: it passes the instance as the first argument, and this finds
+ * its FastProduce. Equivalent to ``fm_descr_get(self, obj)(*args)``, as that flag requires. */
+static PyObject *
+fm_vectorcall(FastMethod *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs >= 1) {
+        PyObject *dict = PyObject_GenericGetDict(args[0], NULL);
+        if (dict == NULL) {
+            PyErr_Clear(); /* no __dict__: the plain function decides */
+        } else {
+            PyObject *fast = PyDict_GetItemWithError(dict, s_fast_produce);
+            Py_XINCREF(fast);
+            Py_DECREF(dict);
+            if (fast != NULL) {
+                PyObject *out;
+                if (Py_IS_TYPE(fast, fp_type)) {
+                    out = fp_vectorcall((FastProduce *)fast, args + 1, (size_t)(nargs - 1), kwnames);
+                } else {
+                    out = PyObject_Vectorcall(fast, args + 1, (size_t)(nargs - 1), kwnames);
+                }
+                Py_DECREF(fast);
+                return out;
+            }
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+        }
+    }
+    return PyObject_Vectorcall(self->function, args, nargsf, kwnames);
+}
+
 static PyObject *
 fm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -1402,6 +1453,7 @@ fm_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     Py_INCREF(function);
     self->function = function;
+    self->vectorcall = (vectorcallfunc)fm_vectorcall;
     return (PyObject *)self;
 }
 
@@ -1425,8 +1477,15 @@ static PyGetSetDef fm_getset[] = {
     {NULL},
 };
 
+static PyMemberDef fm_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(FastMethod, vectorcall), READONLY},
+    {NULL},
+};
+
 static PyType_Slot fm_slots[] = {
     {Py_tp_dealloc, fm_dealloc},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_members, fm_members},
     {Py_tp_traverse, fm_traverse},
     {Py_tp_clear, fm_clear},
     {Py_tp_new, fm_new},
@@ -1438,7 +1497,7 @@ static PyType_Slot fm_slots[] = {
 static PyType_Spec fm_spec = {
     .name = "kcons.kafka._speedups.FastMethod",
     .basicsize = sizeof(FastMethod),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
     .slots = fm_slots,
 };
 
@@ -1501,7 +1560,7 @@ PyInit__speedups(void)
         return NULL;
     }
     /* What kcons.kafka.futures expects (SPEEDUPS_API there): a stale build of an older source is not used. */
-    if (PyModule_AddIntConstant(m, "API", 2) < 0) {
+    if (PyModule_AddIntConstant(m, "API", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }
@@ -1518,8 +1577,13 @@ PyInit__speedups(void)
         return NULL;
     }
     PyObject *fp = PyType_FromModuleAndSpec(m, &fp_spec, NULL);
-    if (fp == NULL || PyModule_AddObject(m, "FastProduce", fp) < 0) {
-        Py_XDECREF(fp);
+    if (fp == NULL) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_XSETREF(fp_type, (PyTypeObject *)Py_NewRef(fp));
+    if (PyModule_AddObject(m, "FastProduce", fp) < 0) {
+        Py_DECREF(fp);
         Py_DECREF(m);
         return NULL;
     }

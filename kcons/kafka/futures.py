@@ -59,7 +59,7 @@ __all__ = ["ACCELERATED", "CallbackDeliveryFuture", "DeliveryFuture", "DeliveryT
 
 
 #: The interface version of kcons.kafka._speedups this module is written for (its ``API`` constant).
-SPEEDUPS_API = 2
+SPEEDUPS_API = 3
 
 
 def _load_speedups() -> Any:

@@ -23,7 +23,7 @@ from confluent_kafka import Message
 from kcons.errors import DeliveryError
 from kcons.kafka import futures
 from kcons.kafka.futures import DeliveryFuture, DeliveryTracker
-from kcons.kafka.producer import IdempotentProducer
+from kcons.kafka.producer import IdempotentProducer, _ProducerBase
 
 ROOT = Path(__file__).resolve().parents[2]
 UNREACHABLE = {"bootstrap.servers": "127.0.0.1:9"}
@@ -180,6 +180,22 @@ def test_a_patch_of_produce_on_the_class_reaches_instances_made_before_it(produc
         assert producer.produce("t", b"v") == "patched"
     patched.assert_called_once_with("t", b"v")
     assert type(producer.produce).__name__ == "FastProduce"
+
+
+@needs_c
+def test_produce_is_a_method_descriptor_that_calls_the_c_path_with_the_instance(producer: IdempotentProducer) -> None:
+    """The interpreter calls ``produce(instance, *args)`` on it (no bound object per call): the same
+    C path as ``instance.produce``; on the class it is the Python function, called with the instance."""
+    descriptor = _ProducerBase.__dict__["produce"]
+    assert type(descriptor).__name__ == "FastMethod"
+    fut = descriptor(producer, "t", b"v", b"k")
+    assert type(fut) is type(producer.produce("t", b"v"))
+    assert fut._topic == "t" and fut._key == b"k" and isinstance(fut._headers, bytes)
+    assert descriptor.__get__(None, IdempotentProducer) is descriptor.__func__ is _ProducerBase.produce
+    python_fut = IdempotentProducer.produce(producer, "t", b"v", headers={"h": b"1"})
+    assert python_fut._topic == "t"
+    with pytest.raises(TypeError):
+        descriptor()
 
 
 @needs_c
