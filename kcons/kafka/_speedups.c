@@ -1041,6 +1041,8 @@ typedef struct {
     PyObject *tracker_ref; /* a weak reference to it, shared by the futures */
     PyObject *event_id;    /* the kcons-id source, or None when the producer adds no ids */
     PyObject *header_name;
+    PyCFunction id_function; /* event_id's C function when it is a builtin without arguments (kcons._idgen's) */
+    PyObject *id_self;
 } FastProduce;
 
 static int
@@ -1195,7 +1197,7 @@ fp_vectorcall(FastProduce *self, PyObject *const *args, size_t nargsf, PyObject 
     PyObject *topic = args[0], *value = args[1];
     PyObject *eid = Py_None, *headers = Py_None;
     if (self->event_id != Py_None) {
-        eid = PyObject_CallNoArgs(self->event_id);
+        eid = self->id_function != NULL ? self->id_function(self->id_self, NULL) : PyObject_CallNoArgs(self->event_id);
         if (eid == NULL) {
             return NULL;
         }
@@ -1303,6 +1305,11 @@ fp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->tracker_ref = ref;
     Py_INCREF(event_id);
     self->event_id = event_id;
+    /* A builtin taking no arguments is called as the interpreter would, without the call protocol. */
+    if (PyCFunction_Check(event_id) && PyCFunction_GET_FLAGS(event_id) == METH_NOARGS) {
+        self->id_function = PyCFunction_GET_FUNCTION(event_id);
+        self->id_self = PyCFunction_GET_SELF(event_id); /* borrowed: event_id holds it */
+    }
     Py_INCREF(header_name);
     self->header_name = header_name;
     return (PyObject *)self;
@@ -1501,6 +1508,7 @@ static PyType_Spec fm_spec = {
     .slots = fm_slots,
 };
 
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 static PyObject *
@@ -1560,7 +1568,7 @@ PyInit__speedups(void)
         return NULL;
     }
     /* What kcons.kafka.futures expects (SPEEDUPS_API there): a stale build of an older source is not used. */
-    if (PyModule_AddIntConstant(m, "API", 3) < 0) {
+    if (PyModule_AddIntConstant(m, "API", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, Message
 
+from kcons._native import load
 from kcons.envelope import HEADER_ID
 from kcons.errors import DeliveryError
 
@@ -59,26 +59,9 @@ __all__ = ["ACCELERATED", "CallbackDeliveryFuture", "DeliveryFuture", "DeliveryT
 
 
 #: The interface version of kcons.kafka._speedups this module is written for (its ``API`` constant).
-SPEEDUPS_API = 3
-
-
-def _load_speedups() -> Any:
-    """The C extension module, or None when it is not built or ``KCONS_PURE_PYTHON`` asks for the Python classes."""
-    if os.environ.get("KCONS_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from kcons.kafka import _speedups  # type: ignore[attr-defined]  # built from _speedups.c
-    except ImportError:
-        return None
-    if getattr(_speedups, "API", None) != SPEEDUPS_API:
-        # An editable install keeps the extension built from an older _speedups.c until it is rebuilt.
-        log.warning("kcons.kafka._speedups is a stale build; using the Python classes (rebuild: pip install -e .)")
-        return None
-    return _speedups
-
-
-#: kcons.kafka._speedups, or None (see the module docstring).
-speedups: Any = _load_speedups()
+SPEEDUPS_API = 4
+#: kcons.kafka._speedups, or None (see the module docstring and kcons._native).
+speedups: Any = load("kcons.kafka._speedups", SPEEDUPS_API)
 # DeliveryTracker's base and its pending container: the C ones when the extension is in use.
 if TYPE_CHECKING:
     _TrackerBase = object

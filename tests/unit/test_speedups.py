@@ -9,9 +9,13 @@ does not track, and a fallback to the Python method for everything else.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import re
 import subprocess
 import sys
+import time
+import uuid
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +24,7 @@ from unittest import mock
 import pytest
 from confluent_kafka import Message
 
+from kcons import ids
 from kcons.errors import DeliveryError
 from kcons.kafka import futures
 from kcons.kafka.futures import DeliveryFuture, DeliveryTracker
@@ -48,23 +53,53 @@ def test_ci_builds_the_c_extension() -> None:
     if os.environ.get("CI") != "true":
         pytest.skip("outside CI an install without a compiler keeps the Python classes")
     assert futures.ACCELERATED, "kcons.kafka._speedups was not built (see the pip install output)"
+    assert type(ids.fast_event_id).__name__ == "builtin_function_or_method", "kcons._idgen was not built"
 
 
 def test_the_futures_and_producer_tests_pass_on_the_python_classes() -> None:
     """The Python classes stay the reference: the same tests, with KCONS_PURE_PYTHON=1."""
-    tests = ["test_kafka_futures.py", "test_producer_config.py", "test_kafka_layer.py"]
+    tests = ["test_kafka_futures.py", "test_producer_config.py", "test_kafka_layer.py", "test_envelope.py"]
     env = {**os.environ, "KCONS_PURE_PYTHON": "1"}
     probe = subprocess.run(
-        [sys.executable, "-c", "from kcons.kafka import futures; print(futures.ACCELERATED)"],
+        [sys.executable, "-c", "from kcons.kafka import futures; from kcons import ids;"
+         "print(futures.ACCELERATED, type(ids.fast_event_id).__name__)"],
         env=env, capture_output=True, text=True, check=True, cwd=ROOT,
     )  # fmt: skip
-    assert probe.stdout.strip() == "False"
+    assert probe.stdout.split() == ["False", "function"]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(f"tests/unit/{t}" for t in tests)],
         env=env, capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+UUID7_TEXT = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+@needs_c
+def test_the_event_ids_are_the_c_generator_with_the_python_ones_layout() -> None:
+    """One generator for the package: the C one when built, drawing ids laid out as the Python one's."""
+    from kcons import _idgen  # type: ignore[attr-defined]
+
+    assert ids.fast_event_id is _idgen.event_id
+    python_source = ids._event_id_source()
+    c_ids = [ids.fast_event_id() for _ in range(10_000)]  # more than 4096: at least one borrowed millisecond
+    py_ids = [python_source() for _ in range(10_000)]
+    for drawn in (c_ids, py_ids):
+        assert all(UUID7_TEXT.fullmatch(i) for i in drawn)
+        assert len(set(drawn)) == len(drawn) and drawn == sorted(drawn)
+        # Within one millisecond the ids differ only in the three sequence digits, counting up by one;
+        # a new millisecond starts at 000 with new random bits.
+        for before, after in itertools.pairwise(drawn):
+            if after[:13] == before[:13]:
+                assert after[:15] + after[18:] == before[:15] + before[18:]
+                assert int(after[15:18], 16) == int(before[15:18], 16) + 1
+            else:
+                assert after[15:18] == b"000" and after[19:] != before[19:]
+    now_ms = time.time_ns() // 1_000_000
+    first_ms = uuid.UUID(c_ids[0].decode()).int >> 80
+    assert now_ms - 1_000 < first_ms <= now_ms + 50
 
 
 @needs_c
