@@ -8,6 +8,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <time.h>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 
 /* event_id(): a fresh UUIDv7 in canonical text, as bytes: the same ids as kcons.ids' Python
  * generator (RFC 9562 layout: 48-bit Unix milliseconds, version 7, a 12-bit sequence within the
@@ -82,6 +85,14 @@ draw:
 }
 
 
+/* In a forked child the next id starts a new millisecond with its own random bits: without that,
+ * parent and child would draw the same ids for the rest of the millisecond of the fork. */
+static void
+forget_after_fork(void)
+{
+    id_seq = 4096;
+}
+
 static PyMethodDef module_methods[] = {
     {"event_id", (PyCFunction)draw_event_id, METH_NOARGS, "Return a fresh UUIDv7 (canonical text, as header bytes)."},
     {NULL, NULL, 0, NULL},
@@ -111,7 +122,14 @@ PyInit__idgen(void)
             return NULL;
         }
     }
-    /* What kcons._native expects (IDGEN_API there): a stale build of an older source is not used. */
+#ifndef _WIN32
+    if (pthread_atfork(NULL, NULL, forget_after_fork) != 0) {
+        Py_DECREF(m);
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return NULL;
+    }
+#endif
+    /* What kcons.ids expects (IDGEN_API there): a stale build of an older source is not used. */
     if (PyModule_AddIntConstant(m, "API", 1) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -42,6 +42,9 @@ def _event_id_source() -> Callable[[], bytes]:
     immutable tuple swapped as a whole, and ``next()`` on that iterator runs in C under the
     GIL, so two threads never draw the same id. Only the start of a new millisecond takes the
     lock; when the 4096 ids of one millisecond are used up, the next millisecond is borrowed.
+
+    A forked child starts a new millisecond with its own random bits: without that, parent and
+    child would draw the same ids for the rest of the millisecond of the fork.
     """
     lock = threading.Lock()
     join = b"".join
@@ -69,6 +72,13 @@ def _event_id_source() -> Callable[[], bytes]:
             first = next(ids)
             state = ((now + 1) * 1_000_000, now, ids)
             return first
+
+    def forget_after_fork() -> None:
+        nonlocal state, lock
+        lock = threading.Lock()  # another thread of the parent may have held it
+        state = (0, -1, iter(()))
+
+    os.register_at_fork(after_in_child=forget_after_fork)
 
     def fast_event_id(_time_ns: Callable[[], int] = time.time_ns, _next: Any = next) -> bytes:
         """Return a fresh UUIDv7 (canonical text, as header bytes): the ``kcons-id`` of a produced message."""

@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -100,6 +100,41 @@ def test_the_event_ids_are_the_c_generator_with_the_python_ones_layout() -> None
     now_ms = time.time_ns() // 1_000_000
     first_ms = uuid.UUID(c_ids[0].decode()).int >> 80
     assert now_ms - 1_000 < first_ms <= now_ms + 50
+
+
+def _ids_of_a_forked_child(draw: Callable[[], bytes], n: int) -> list[bytes]:
+    """``n`` ids drawn by a child forked now (each id is 36 bytes)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: draw, report, leave without running the parent's cleanup
+        try:
+            os.write(write_end, b"".join(draw() for _ in range(n)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return [data[i : i + 36] for i in range(0, len(data), 36)]
+
+
+def test_a_forked_child_does_not_draw_its_parents_ids() -> None:
+    """The Python generator, with the clock held still: parent and child are in the same millisecond."""
+    source = ids._event_id_source()
+    now = time.time_ns()
+    source(lambda: now)  # the parent's millisecond has started
+    child = _ids_of_a_forked_child(lambda: source(lambda: now), 3)  # type: ignore[call-arg]
+    parent = [source(lambda: now) for _ in range(3)]  # type: ignore[call-arg]
+    assert len(child) == 3 and not set(child) & set(parent)
+
+
+@needs_c
+def test_a_forked_child_does_not_draw_its_parents_ids_from_the_c_generator() -> None:
+    last = ids.fast_event_id()
+    child = _ids_of_a_forked_child(ids.fast_event_id, 3)
+    parent = [ids.fast_event_id() for _ in range(3)]
+    assert len(child) == 3 and not set(child) & set(parent)
+    assert child[0][15:18] == b"000" and child[0][19:] != last[19:]  # a millisecond of its own
 
 
 @needs_c
