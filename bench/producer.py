@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--sizes", default="1024,100", help="comma-separated payload sizes in bytes")
     # Rounds per side (the best counts): a round takes under a second, and on two shared cores a
-    # round of either side is often twice as slow as its best; five give each side a quiet one.
-    parser.add_argument("--repeat", type=int, default=5)
+    # round of either side is often twice as slow as its best, several rounds in a row (one run of
+    # five rounds had a single quiet one); nine give each side a fair chance of a quiet one.
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured baseline runs per size before round 0")
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--linger-ms", type=int, default=5)
