@@ -27,6 +27,9 @@ def load(name: str, api: int) -> Any:
         module = importlib.import_module(name)
     except ImportError:
         return None
+    except Exception:  # a build whose initialisation fails: the Python code still works
+        log.warning("%s failed to load; using the Python code", name, exc_info=True)
+        return None
     if getattr(module, "API", None) != api:
         # An editable install keeps an extension built from an older source until it is rebuilt.
         log.warning("%s is a stale build; using the Python code (rebuild: pip install -e .)", name)

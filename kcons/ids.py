@@ -76,7 +76,7 @@ def _event_id_source() -> Callable[[], bytes]:
     def forget_after_fork() -> None:
         nonlocal state, lock
         lock = threading.Lock()  # another thread of the parent may have held it
-        state = (0, -1, iter(()))
+        state = (0, state[1], iter(()))  # the next id starts a millisecond after the parent's last
 
     os.register_at_fork(after_in_child=forget_after_fork)
 

@@ -1071,6 +1071,8 @@ fp_clear(FastProduce *self)
     Py_CLEAR(self->tracker_ref);
     Py_CLEAR(self->event_id);
     Py_CLEAR(self->header_name);
+    self->id_function = NULL; /* its self belonged to event_id */
+    self->id_self = NULL;
     return 0;
 }
 
@@ -1402,7 +1404,11 @@ fm_descr_get(FastMethod *self, PyObject *obj, PyObject *type)
     }
     PyObject *dict = PyObject_GenericGetDict(obj, NULL);
     if (dict == NULL) {
-        return NULL;
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear(); /* no __dict__: the plain function, as fm_vectorcall does */
+        return PyMethod_New(self->function, obj);
     }
     PyObject *fast = PyDict_GetItemWithError(dict, s_fast_produce);
     Py_XINCREF(fast);
@@ -1424,6 +1430,9 @@ fm_vectorcall(FastMethod *self, PyObject *const *args, size_t nargsf, PyObject *
     if (nargs >= 1) {
         PyObject *dict = PyObject_GenericGetDict(args[0], NULL);
         if (dict == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                return NULL;
+            }
             PyErr_Clear(); /* no __dict__: the plain function decides */
         } else {
             PyObject *fast = PyDict_GetItemWithError(dict, s_fast_produce);

@@ -40,7 +40,6 @@ which ones are in use.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -52,8 +51,6 @@ from confluent_kafka import KafkaError, Message
 from kcons._native import load
 from kcons.envelope import HEADER_ID
 from kcons.errors import DeliveryError
-
-log = logging.getLogger(__name__)
 
 __all__ = ["ACCELERATED", "CallbackDeliveryFuture", "DeliveryFuture", "DeliveryTracker"]
 
