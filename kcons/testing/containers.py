@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from urllib.parse import quote, urlparse
 
 from kcons.config import env_float
 from kcons.errors import ServiceStartError
+from kcons.testing.local import free_port
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def _tracked(container: Any) -> Callable[[], None]:
         container.stop()
 
     return stop
+
 
 #: Placeholders in a spec that are filled in once the host and port are known.
 HOST = "{host}"
@@ -254,12 +255,6 @@ def _ensure_image(client: Any, image: str, timeout: float) -> None:
     log.info("pulled %s in %.1fs", image, time.monotonic() - started)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _host_ip(host: str) -> str:
     """The address clients use for the engine's host; ``localhost`` becomes 127.0.0.1 (IPv4, as published)."""
     return "127.0.0.1" if host in ("localhost", "") else host
@@ -355,7 +350,7 @@ def start_container(spec: ContainerSpec, environ: Mapping[str, str] | None = Non
     attempts = 3 if spec.fixed_host_port else 1
     for attempt in range(1, attempts + 1):
         container = _make_container(spec)
-        host_port = _free_port() if spec.fixed_host_port else None
+        host_port = free_port() if spec.fixed_host_port else None
         binding: Any = host_port
         if local:
             binding = ("127.0.0.1", host_port) if host_port is not None else ("127.0.0.1",)

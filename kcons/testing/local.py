@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "KafkaCluster", "ManagedProcess", "PostgresServer", "RedisServer", "broker_settings", "free_port",
-    "stop_together",
+    "free_ports", "stop_together",
 ]  # fmt: skip
 
 #: Strong references: a service whose start() was interrupted (a signal raised in it) must still be
@@ -49,11 +49,37 @@ def _close_live() -> None:
 atexit.register(_close_live)
 
 
+#: Ports free_ports handed out in this process: a service may not have bound its port yet when
+#: the next one is asked for, and the kernel can offer the same free port again.
+_ISSUED: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """Return ``n`` distinct TCP ports on 127.0.0.1, free right now and not handed out before here.
+
+    The sockets stay bound until all ``n`` are chosen, so one call never returns a port twice (a
+    3-node cluster once got the same controller port for two nodes and never formed).
+    """
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in _ISSUED:
+                ports.append(port)
+        _ISSUED.update(ports)
+        return ports
+    finally:
+        for s in held:
+            s.close()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that is free right now (and not handed out before here)."""
+    return free_ports(1)[0]
 
 
 def _wait(what: str, check: Any, timeout: float, proc: ManagedProcess | None = None) -> None:
@@ -232,8 +258,8 @@ class KafkaCluster:
         self.extra_config = dict(extra_config or {})
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="kcons-kafka-"))
         self.cluster_id = ""
-        self.broker_ports = [free_port() for _ in range(size)]
-        self.controller_ports = [free_port() for _ in range(size)]
+        ports = free_ports(2 * size)
+        self.broker_ports, self.controller_ports = ports[:size], ports[size:]
         self.nodes: list[ManagedProcess] = []
         self._jars: Path | None = None
         self._closed = False

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from kcons.testing.local import free_ports
 
 
 def test_raft_serve_answers_healthz_on_kcons_metrics_port(tmp_path: Path) -> None:
-    raft_port, metrics_port = _free_port(), _free_port()
+    raft_port, metrics_port = free_ports(2)
     env = {**os.environ, "KCONS_RAFT_SECRET": "0123456789abcdef0123456789abcdef",
            "KCONS_METRICS_PORT": str(metrics_port)}  # fmt: skip
     argv = [sys.executable, "-m", "kcons.cli", "raft", "serve", "--id", "1", "--peers", f"1=127.0.0.1:{raft_port}",
