@@ -34,6 +34,10 @@ class BenchTopics:
             time.sleep(settle_s)
         return name
 
+    def adopt(self, *names: str) -> None:
+        """Delete these topics too on exit (topics the run's clients made, e.g. auto-created outputs)."""
+        self.made.extend(names)
+
     def drop(self) -> None:
         """Delete every topic made so far (a topic left behind is logged: it only costs disk)."""
         made, self.made = self.made, []

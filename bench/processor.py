@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     with start_stack(redis=False, postgres=False) as stack, BenchTopics(stack.kafka_bootstrap) as topics:
         topic_in = topics.new("bench-proc-in", args.partitions, settle_s=0.5)
         # The output topics the two loops write (auto-created by the broker): deleted with the rest.
-        topics.made += [f"{topic_in}-base-out", f"{topic_in}-kcons-out"]
+        topics.adopt(f"{topic_in}-base-out", f"{topic_in}-kcons-out")
         fill_input(stack.kafka_bootstrap, topic_in, args.records, args.size)
         for rnd in range(args.repeat):
             base = run_baseline(stack.kafka_bootstrap, topic_in, args.records, args.batch)

@@ -1395,6 +1395,25 @@ fm_dealloc(FastMethod *self)
     Py_DECREF(tp);
 }
 
+/* The FastProduce ``obj`` keeps in its ``__dict__`` under ``_fast_produce`` (a new reference), or
+ * NULL: with no error when it has none (or no ``__dict__``), with one set on a failure. The one
+ * lookup of both ways in (__get__ and the call), so that they never disagree. */
+static PyObject *
+instance_fast(PyObject *obj)
+{
+    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
+    if (dict == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear(); /* no __dict__: the plain function decides */
+        }
+        return NULL;
+    }
+    PyObject *fast = PyDict_GetItemWithError(dict, s_fast_produce);
+    Py_XINCREF(fast);
+    Py_DECREF(dict);
+    return fast;
+}
+
 static PyObject *
 fm_descr_get(FastMethod *self, PyObject *obj, PyObject *type)
 {
@@ -1402,17 +1421,7 @@ fm_descr_get(FastMethod *self, PyObject *obj, PyObject *type)
         Py_INCREF(self->function);
         return self->function;
     }
-    PyObject *dict = PyObject_GenericGetDict(obj, NULL);
-    if (dict == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            return NULL;
-        }
-        PyErr_Clear(); /* no __dict__: the plain function, as fm_vectorcall does */
-        return PyMethod_New(self->function, obj);
-    }
-    PyObject *fast = PyDict_GetItemWithError(dict, s_fast_produce);
-    Py_XINCREF(fast);
-    Py_DECREF(dict);
+    PyObject *fast = instance_fast(obj);
     if (fast != NULL || PyErr_Occurred()) {
         return fast;
     }
@@ -1428,29 +1437,19 @@ fm_vectorcall(FastMethod *self, PyObject *const *args, size_t nargsf, PyObject *
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs >= 1) {
-        PyObject *dict = PyObject_GenericGetDict(args[0], NULL);
-        if (dict == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-                return NULL;
+        PyObject *fast = instance_fast(args[0]);
+        if (fast != NULL) {
+            PyObject *out;
+            if (Py_IS_TYPE(fast, fp_type)) {
+                out = fp_vectorcall((FastProduce *)fast, args + 1, (size_t)(nargs - 1), kwnames);
+            } else {
+                out = PyObject_Vectorcall(fast, args + 1, (size_t)(nargs - 1), kwnames);
             }
-            PyErr_Clear(); /* no __dict__: the plain function decides */
-        } else {
-            PyObject *fast = PyDict_GetItemWithError(dict, s_fast_produce);
-            Py_XINCREF(fast);
-            Py_DECREF(dict);
-            if (fast != NULL) {
-                PyObject *out;
-                if (Py_IS_TYPE(fast, fp_type)) {
-                    out = fp_vectorcall((FastProduce *)fast, args + 1, (size_t)(nargs - 1), kwnames);
-                } else {
-                    out = PyObject_Vectorcall(fast, args + 1, (size_t)(nargs - 1), kwnames);
-                }
-                Py_DECREF(fast);
-                return out;
-            }
-            if (PyErr_Occurred()) {
-                return NULL;
-            }
+            Py_DECREF(fast);
+            return out;
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
         }
     }
     return PyObject_Vectorcall(self->function, args, nargsf, kwnames);

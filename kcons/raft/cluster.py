@@ -25,23 +25,11 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 from kcons.errors import KconsError, ServiceStartError
 from kcons.raft.client import RaftClient
 from kcons.raft.transport import PeerAddress, TlsFiles
+from kcons.testing.local import free_ports
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LocalRaftCluster", "RecordingProxy", "free_ports", "replay"]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` currently free TCP ports on 127.0.0.1."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class _NoLeaderYet(Exception):

@@ -39,11 +39,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from _kafka import kafka_for_run
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from kcons.testing import start_stack
-from kcons.testing.local import KafkaCluster
 from kcons.testing.plugin import create_topic
 
 log = logging.getLogger("eos_kill")
@@ -214,12 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("logs in %s, seed %d", logdir, args.seed)
     started = time.monotonic()
     with contextlib.ExitStack() as services:
-        cluster: KafkaCluster | None = None
-        if args.brokers == 3:
-            cluster = services.enter_context(KafkaCluster(3))
-            bootstrap = cluster.bootstrap
-        else:
-            bootstrap = services.enter_context(start_stack(redis=False, postgres=False)).kafka_bootstrap
+        bootstrap, cluster = kafka_for_run(services, args.brokers)
         admin = AdminClient({"bootstrap.servers": bootstrap})
         run_id = uuid.uuid4().hex[:8]
         replication = 3 if cluster is not None else 1

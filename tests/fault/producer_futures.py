@@ -31,6 +31,7 @@ import time
 import uuid
 from typing import Any
 
+from _kafka import kafka_for_run
 from confluent_kafka.admin import AdminClient
 
 from kcons.errors import IndefiniteOutcomeError, KafkaOperationError, TimeoutExceededError
@@ -38,8 +39,6 @@ from kcons.kafka import futures as kfutures
 from kcons.kafka.futures import DeliveryFuture
 from kcons.kafka.producer import TransactionalProducer
 from kcons.kafka.reader import RangeReader, RangeSpec
-from kcons.testing import start_stack
-from kcons.testing.local import KafkaCluster
 from kcons.testing.plugin import create_topic
 
 log = logging.getLogger("producer_futures")
@@ -59,12 +58,7 @@ def read_positions(bootstrap: str, topic: str) -> list[tuple[int, int, bytes | N
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     with contextlib.ExitStack() as services:
-        cluster: KafkaCluster | None = None
-        if args.brokers == 3:
-            cluster = services.enter_context(KafkaCluster(3))
-            bootstrap = cluster.bootstrap
-        else:
-            bootstrap = services.enter_context(start_stack(redis=False, postgres=False)).kafka_bootstrap
+        bootstrap, cluster = kafka_for_run(services, args.brokers)
         admin = AdminClient({"bootstrap.servers": bootstrap})
         run_id = uuid.uuid4().hex[:8]
         topic = create_topic(admin, f"futures-{run_id}", args.partitions, replication=3 if cluster else 1)
