@@ -1,7 +1,7 @@
 """The package's optional C extensions, each loaded once: the module, or None.
 
-pip builds them when a C compiler is present (see pyproject.toml). ``KCONS_PURE_PYTHON=1`` in the
-environment, a missing build, or a stale one (its ``API`` constant is not the one the Python
+pip builds them when a C compiler is present (see pyproject.toml). ``KCONS_PURE_PYTHON=1`` (a boolean)
+in the environment, a missing build, or a stale one (its ``API`` constant is not the one the Python
 side is written for) all give None, and the Python implementation, which stays the reference,
 is used: :mod:`kcons.kafka.futures` for ``kcons.kafka._speedups`` (the delivery future, tracker
 and produce path), :mod:`kcons.ids` for ``kcons._idgen`` (the event-id generator).
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from typing import Any
+
+from kcons.config import env_bool
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ __all__ = ["load"]
 
 def load(name: str, api: int) -> Any:
     """The extension module ``name`` if it is built, current (``API == api``) and allowed; else None."""
-    if os.environ.get("KCONS_PURE_PYTHON", "") not in ("", "0"):
+    if env_bool("KCONS_PURE_PYTHON", False):  # a value that is not a boolean raises ConfigError naming it
         return None
     try:
         module = importlib.import_module(name)

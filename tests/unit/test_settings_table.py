@@ -122,7 +122,7 @@ EXEMPT = {
     "KCONS_POSTGRES_POOL_MIN": "no longer read (named in the README's upgrade notes only)",
     "KCONS_POSTGRES_POOL_MAX": "no longer read (named in the README's upgrade notes only)",
     "KCONS_TEST_BACKEND": "test harness (kcons.testing), read by the pytest plugin only",
-    "KCONS_PURE_PYTHON": "read at import by kcons.kafka.futures (not empty, not 0: the Python classes); no command",
+    "KCONS_PURE_PYTHON": "read at import by kcons._native (a boolean; true: the Python code); no command",
     "KCONS_TC_KAFKA_IMAGE": "test harness: testcontainers image",
     "KCONS_TC_REDIS_IMAGE": "test harness: testcontainers image",
     "KCONS_TC_POSTGRES_IMAGE": "test harness: testcontainers image",

@@ -56,6 +56,15 @@ def test_ci_builds_the_c_extension() -> None:
     assert type(ids.fast_event_id).__name__ == "builtin_function_or_method", "kcons._idgen was not built"
 
 
+def test_a_pure_python_setting_that_is_not_a_boolean_fails_at_import_naming_it() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", "import kcons.ids"],
+        env={**os.environ, "KCONS_PURE_PYTHON": "nan"}, capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "ConfigError" in run.stderr and "KCONS_PURE_PYTHON" in run.stderr and "'nan'" in run.stderr
+
+
 def test_the_futures_and_producer_tests_pass_on_the_python_classes() -> None:
     """The Python classes stay the reference: the same tests, with KCONS_PURE_PYTHON=1."""
     tests = ["test_kafka_futures.py", "test_producer_config.py", "test_kafka_layer.py", "test_envelope.py"]
